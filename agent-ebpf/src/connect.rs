@@ -1,0 +1,197 @@
+//! Connect holds: the LSM hook (before anything is sent), and in fallback mode a tracepoint
+//! that stops the task plus cgroup programs that make its connect restart or fail.
+use aya_ebpf::{
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
+    programs::{SockAddrContext, TracePointContext},
+};
+use countersign_ebpf::{
+    KIND_CANARY_CONNECT, KIND_CONNECT, LABEL_CANARY, MODE_FALLBACK, MODE_LSM, STATE_ALLOWED,
+    STATE_DENIED, STATE_IDLE, STATE_PENDING, connect_hash,
+};
+
+use crate::{
+    hold::{self, Verdict},
+    label, maps,
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// A destination: what a connect is bound to.
+#[derive(Clone, Copy)]
+struct Dest {
+    family: u16,
+    port: u16,
+    addr: [u8; 16],
+}
+
+/// Reads a `sockaddr_in`/`sockaddr_in6` (UAPI layouts) through `read`; `None` for other
+/// families, which countersign does not hold.
+#[inline(always)]
+fn read_dest(sa: *const u8, read: impl Fn(*const u8) -> Option<[u8; 8]>) -> Option<Dest> {
+    let head = read(sa)?;
+    let family = u16::from_ne_bytes([head[0], head[1]]);
+    let port = u16::from_be_bytes([head[2], head[3]]);
+    let mut addr = [0u8; 16];
+    match family {
+        AF_INET => {
+            addr[0] = head[4];
+            addr[1] = head[5];
+            addr[2] = head[6];
+            addr[3] = head[7];
+        }
+        AF_INET6 => {
+            // SAFETY: stays inside a sockaddr_in6 (28 bytes): address at 8..24.
+            let lo = read(unsafe { sa.add(8) })?;
+            let hi = read(unsafe { sa.add(16) })?;
+            addr[..8].copy_from_slice(&lo);
+            addr[8..].copy_from_slice(&hi);
+        }
+        _ => return None,
+    }
+    Some(Dest { family, port, addr })
+}
+
+#[inline(always)]
+fn fill(ev: &mut countersign_ebpf::Event, d: &Dest, sock_type: u16) {
+    ev.family = d.family;
+    ev.port = d.port;
+    ev.addr = d.addr;
+    ev.sock_type = sock_type;
+}
+
+/// `socket_connect(struct socket *sock, struct sockaddr *address, int addrlen)`.
+#[inline(always)]
+pub fn lsm_connect(sock: *const u8, address: *const u8) -> Verdict {
+    let Some(state) = label::current_task() else {
+        return Verdict::Allow;
+    };
+    // SAFETY: the pointer comes from the map lookup and is valid for this run.
+    let state = unsafe { &mut *state };
+    // SAFETY: the kernel's copy of the caller's sockaddr, read with the checked helper.
+    let Some(dest) = read_dest(address, |p| unsafe { bpf_probe_read_kernel(p.cast::<[u8; 8]>()) }.ok())
+    else {
+        return Verdict::Allow;
+    };
+    // `struct socket` starts with `socket_state state; short type;`.
+    // SAFETY: read with the checked helper.
+    let sock_type = unsafe { bpf_probe_read_kernel(sock.add(4).cast::<u16>()) }.unwrap_or(0);
+    let mut ev = hold::event(KIND_CONNECT, state.label);
+    fill(&mut ev, &dest, sock_type);
+    if state.label == LABEL_CANARY {
+        ev.kind = KIND_CANARY_CONNECT;
+        maps::emit(&ev);
+        return Verdict::Deny;
+    }
+    if maps::config().mode != MODE_LSM {
+        return Verdict::Allow;
+    }
+    let hash = connect_hash(dest.family, dest.port, &dest.addr);
+    hold::decide(state, KIND_CONNECT, hash, &mut ev)
+}
+
+/// Fallback: `sys_enter_connect(int fd, struct sockaddr *uservaddr, int addrlen)`.
+#[inline(always)]
+pub fn sys_enter_connect(ctx: &TracePointContext) {
+    let Some(state) = label::current_task() else {
+        return;
+    };
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    if maps::config().mode != MODE_FALLBACK || state.label == LABEL_CANARY {
+        return;
+    }
+    // SAFETY: fixed offset of the second syscall argument in the record.
+    let Ok(uaddr) = (unsafe { ctx.read_at::<u64>(24) }) else {
+        return;
+    };
+    // SAFETY: user memory of the current task, read with the checked helper.
+    let Some(dest) = read_dest(uaddr as *const u8, |p| unsafe { bpf_probe_read_user(p.cast::<[u8; 8]>()) }.ok())
+    else {
+        return;
+    };
+    let hash = connect_hash(dest.family, dest.port, &dest.addr);
+    if state.kind == KIND_CONNECT && state.action_hash == hash {
+        match state.state {
+            // A restart while pending: stop again; the cgroup program restarts the syscall.
+            STATE_PENDING => {
+                hold::stop_current();
+                return;
+            }
+            // Decided: the cgroup program consumes the decision.
+            STATE_ALLOWED | STATE_DENIED => return,
+            _ => {}
+        }
+    }
+    let mut ev = hold::event(KIND_CONNECT, state.label);
+    fill(&mut ev, &dest, 0);
+    if hold::request(state, KIND_CONNECT, hash, &mut ev) {
+        hold::stop_current();
+    } else {
+        // The cgroup program refuses what is not pending or decided.
+        state.state = STATE_IDLE;
+        state.kind = 0;
+    }
+}
+
+/// Fallback: the cgroup `connect4`/`connect6` programs, on the kernel's copy of the address.
+#[inline(always)]
+pub fn cgroup_connect(ctx: &SockAddrContext, v6: bool) -> Verdict {
+    let Some(state) = label::current_task() else {
+        return Verdict::Allow;
+    };
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    if state.label == LABEL_CANARY {
+        let mut ev = hold::event(KIND_CANARY_CONNECT, state.label);
+        ev.family = if v6 { AF_INET6 } else { AF_INET };
+        maps::emit(&ev);
+        return Verdict::Deny;
+    }
+    if maps::config().mode != MODE_FALLBACK {
+        return Verdict::Allow;
+    }
+    // SAFETY: the context pointer is valid for this run; these are direct context loads.
+    let sa = unsafe { &*ctx.sock_addr };
+    let port = u16::from_be(sa.user_port as u16);
+    let mut addr = [0u8; 16];
+    let family = if v6 {
+        let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        let mut i = 0;
+        while i < 4 {
+            let b = words[i].to_ne_bytes();
+            addr[i * 4] = b[0];
+            addr[i * 4 + 1] = b[1];
+            addr[i * 4 + 2] = b[2];
+            addr[i * 4 + 3] = b[3];
+            i += 1;
+        }
+        AF_INET6
+    } else {
+        let b = sa.user_ip4.to_ne_bytes();
+        addr[0] = b[0];
+        addr[1] = b[1];
+        addr[2] = b[2];
+        addr[3] = b[3];
+        AF_INET
+    };
+    let hash = connect_hash(family, port, &addr);
+    if state.kind == KIND_CONNECT && state.action_hash == hash {
+        match state.state {
+            STATE_PENDING => return Verdict::Held,
+            STATE_ALLOWED => {
+                state.state = STATE_IDLE;
+                return Verdict::Allow;
+            }
+            STATE_DENIED => {
+                state.state = STATE_IDLE;
+                return Verdict::Deny;
+            }
+            _ => {}
+        }
+    }
+    // A labelled connect that did not pass the tracepoint (io_uring, TCP Fast Open, a
+    // rewritten address): nobody was asked, so it is refused.
+    hold::report_error(state.label, -(countersign_ebpf::EPERM));
+    Verdict::Deny
+}

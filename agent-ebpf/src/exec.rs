@@ -1,0 +1,137 @@
+//! Exec holds. LSM mode: `bprm_check_security` holds before the new image is loaded, and an
+//! approved exec is verified once more when its image is loaded. Fallback mode: the image is
+//! held when loaded, before its first instruction.
+use aya_ebpf::programs::TracePointContext;
+use countersign_ebpf::{
+    FLAG_EXEC_LOADED, FLAG_VERIFY, KIND_CANARY_EXEC, KIND_EXEC, KIND_EXEC_LOADED, LABEL_CANARY,
+    MODE_FALLBACK, MODE_LSM, STATE_ALLOWED, STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE,
+    STATE_PENDING,
+};
+
+use crate::{
+    hold::{self, Verdict},
+    label, maps,
+};
+
+/// Offsets of `filename` and `argv` in the `sys_enter_execve` record (the syscall ABI's
+/// argument slots, stable across kernels).
+pub const EXECVE_ARGS: (usize, usize) = (16, 24);
+/// The same for `sys_enter_execveat` (after the dirfd).
+pub const EXECVEAT_ARGS: (usize, usize) = (24, 32);
+
+#[inline(always)]
+pub fn sys_enter_exec(ctx: &TracePointContext, (filename_at, argv_at): (usize, usize)) {
+    let Some(state) = label::current_task() else {
+        return;
+    };
+    // SAFETY: the pointer comes from the map lookup and is valid for this run.
+    let state = unsafe { &mut *state };
+    // SAFETY: fixed offsets inside the tracepoint record.
+    state.exec_filename = unsafe { ctx.read_at::<u64>(filename_at) }.unwrap_or(0);
+    state.exec_argv = unsafe { ctx.read_at::<u64>(argv_at) }.unwrap_or(0);
+    state.flags &= !FLAG_EXEC_LOADED;
+    // A new execve (not the restart of an approved one) ends an earlier release.
+    if state.state == STATE_EXEC_RELEASED {
+        state.state = STATE_IDLE;
+    }
+}
+
+#[inline(always)]
+pub fn bprm_check() -> Verdict {
+    let Some(state) = label::current_task() else {
+        return Verdict::Allow;
+    };
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    if state.label == LABEL_CANARY {
+        let ev = hold::event(KIND_CANARY_EXEC, state.label);
+        maps::emit(&ev);
+        return Verdict::Deny;
+    }
+    if maps::config().mode != MODE_LSM {
+        return Verdict::Allow;
+    }
+    if state.kind == KIND_EXEC {
+        match state.state {
+            STATE_PENDING => {
+                hold::stop_current();
+                return Verdict::Held;
+            }
+            STATE_ALLOWED => {
+                // The image is verified again once loaded (see `sched_exec`).
+                state.state = STATE_EXEC_RELEASED;
+                return Verdict::Allow;
+            }
+            STATE_DENIED => {
+                state.state = STATE_IDLE;
+                return Verdict::Deny;
+            }
+            _ => {}
+        }
+    }
+    if state.state == STATE_EXEC_RELEASED {
+        // The interpreter of an approved script: same execve, let it load.
+        return Verdict::Allow;
+    }
+    let mut ev = hold::event(KIND_EXEC, state.label);
+    if hold::request(state, KIND_EXEC, 0, &mut ev) {
+        hold::stop_current();
+        Verdict::Held
+    } else {
+        Verdict::Deny
+    }
+}
+
+/// Offsets of `pid` and `old_pid` in the `sched_process_exec` record.
+const EXEC_PID_AT: usize = 12;
+const EXEC_OLD_PID_AT: usize = 16;
+
+#[inline(always)]
+pub fn sched_exec(ctx: &TracePointContext) {
+    // An exec from a non-leader thread takes over the leader's pid: move the state along.
+    // SAFETY: fixed offsets inside the tracepoint record.
+    let pid = unsafe { ctx.read_at::<i32>(EXEC_PID_AT) }.unwrap_or(0) as u32;
+    let old_pid = unsafe { ctx.read_at::<i32>(EXEC_OLD_PID_AT) }.unwrap_or(0) as u32;
+    if pid != old_pid && pid != 0 {
+        // SAFETY: reading a plain value out of the map.
+        if let Some(old) = unsafe { maps::TASKS.get(old_pid) } {
+            let moved = *old;
+            if maps::TASKS.insert(pid, moved, 0).is_err() {
+                hold::kill_current();
+                return;
+            }
+            let _ = maps::TASKS.remove(old_pid);
+        }
+    }
+    let Some(state) = label::current_task() else {
+        return;
+    };
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    state.flags |= FLAG_EXEC_LOADED;
+    let mode = maps::config().mode;
+    if state.label == LABEL_CANARY {
+        // Only reached in fallback mode (the LSM hook refuses the canary's exec).
+        let ev = hold::event(KIND_CANARY_EXEC, state.label);
+        maps::emit(&ev);
+        hold::kill_current();
+        return;
+    }
+    let verify = mode == MODE_LSM && state.state == STATE_EXEC_RELEASED;
+    if !verify && mode != MODE_FALLBACK {
+        return;
+    }
+    if verify {
+        state.flags |= FLAG_VERIFY;
+    } else {
+        state.flags &= !FLAG_VERIFY;
+    }
+    let mut ev = hold::event(KIND_EXEC_LOADED, state.label);
+    ev.detail = (state.flags & FLAG_VERIFY) as i32;
+    if hold::request(state, KIND_EXEC_LOADED, 0, &mut ev) {
+        hold::stop_current();
+    } else {
+        // Nobody would decide it: fail closed before the first instruction.
+        hold::kill_current();
+    }
+}

@@ -1,0 +1,123 @@
+//! The hold itself: the per-task state machine shared by the exec and connect hooks.
+use aya_ebpf::helpers::{
+    bpf_get_current_uid_gid, bpf_ktime_get_ns, generated::bpf_get_current_cgroup_id,
+    generated::bpf_send_signal,
+};
+use countersign_ebpf::{
+    Event, KIND_ERROR, STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING, STAT_EVENTS_DROPPED,
+    STAT_HOLDS, TaskState,
+};
+
+use crate::{
+    label::{current_tgid, current_tid},
+    maps,
+};
+
+pub const SIGKILL: u32 = 9;
+pub const SIGSTOP: u32 = 19;
+
+/// What a hook does with the action in front of it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let it run.
+    Allow,
+    /// Refuse it (`EPERM`).
+    Deny,
+    /// The task is stopping and the syscall restarts once it is continued.
+    Held,
+}
+
+/// The event skeleton for the current task.
+#[inline(always)]
+pub fn event(kind: u32, label: u32) -> Event {
+    Event {
+        kind,
+        label,
+        tgid: current_tgid(),
+        tid: current_tid(),
+        uid: bpf_get_current_uid_gid() as u32,
+        // SAFETY: helper without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        ..Event::default()
+    }
+}
+
+#[inline(always)]
+pub fn stop_current() {
+    // SAFETY: helper call with a plain integer; it signals the current thread group.
+    unsafe { bpf_send_signal(SIGSTOP) };
+}
+
+#[inline(always)]
+pub fn kill_current() {
+    // SAFETY: as above.
+    unsafe { bpf_send_signal(SIGKILL) };
+}
+
+/// Decides an action of kind `kind` and hash `hash` by the task's state:
+/// - the same action already pending: held again, silently (a spurious `SIGCONT`);
+/// - the same action decided: the decision is consumed (allowed or denied once);
+/// - anything else: a new request is recorded, reported and held.
+///
+/// `ev` is the filled event used if a new request is made.
+#[inline(always)]
+pub fn decide(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) -> Verdict {
+    let same = state.kind == kind && state.action_hash == hash;
+    if same {
+        match state.state {
+            STATE_PENDING => {
+                stop_current();
+                return Verdict::Held;
+            }
+            STATE_ALLOWED => {
+                state.state = STATE_IDLE;
+                return Verdict::Allow;
+            }
+            STATE_DENIED => {
+                state.state = STATE_IDLE;
+                return Verdict::Deny;
+            }
+            _ => {}
+        }
+    }
+    if request(state, kind, hash, ev) {
+        stop_current();
+        Verdict::Held
+    } else {
+        Verdict::Deny
+    }
+}
+
+/// Records a new pending request in `state` and reports it. Returns false (and leaves the
+/// state idle) when the report cannot be delivered: the caller must refuse the action, since
+/// nobody would ever decide it.
+#[inline(always)]
+pub fn request(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) -> bool {
+    // SAFETY: helper without arguments.
+    let id = unsafe { bpf_ktime_get_ns() } | 1;
+    ev.request_id = id;
+    ev.action_hash = hash;
+    ev.exec_filename = state.exec_filename;
+    ev.exec_argv = state.exec_argv;
+    if !maps::emit(ev) {
+        maps::count(STAT_EVENTS_DROPPED);
+        state.state = STATE_IDLE;
+        return false;
+    }
+    maps::count(STAT_HOLDS);
+    state.kind = kind;
+    state.action_hash = hash;
+    state.request_id = id;
+    state.state = STATE_PENDING;
+    true
+}
+
+/// Reports a kernel-side failure to the daemon (best effort).
+#[inline(always)]
+pub fn report_error(label: u32, detail: i32) {
+    let mut ev = event(KIND_ERROR, label);
+    ev.detail = detail;
+    if !maps::emit(&ev) {
+        maps::count(STAT_EVENTS_DROPPED);
+    }
+}

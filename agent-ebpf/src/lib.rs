@@ -1,0 +1,200 @@
+//! The types and names that the eBPF programs and the daemon share.
+//!
+//! Everything here is `#[repr(C)]` with explicit padding and a pinned size, so the two sides
+//! cannot drift apart silently. Map and program names are constants used by both sides.
+#![no_std]
+
+use core::mem::size_of;
+
+/// Per-thread state of every labelled task, keyed by thread id (the kernel's `pid`).
+pub const MAP_TASKS: &str = "CS_TASKS";
+/// Cgroup v2 ids whose tasks (and everything below them) carry a label.
+pub const MAP_CGROUP_LABELS: &str = "CS_CGROUPS";
+/// Ring buffer of [`Event`]s from the kernel to the daemon.
+pub const MAP_EVENTS: &str = "CS_EVENTS";
+/// One [`Config`] at index 0.
+pub const MAP_CONFIG: &str = "CS_CONFIG";
+/// Counters (see the `STAT_*` indexes), one `u64` each.
+pub const MAP_STATS: &str = "CS_STATS";
+
+/// Capacity of [`MAP_TASKS`]: the number of labelled threads alive at once.
+pub const MAX_LABELLED_TASKS: u32 = 65_536;
+/// Capacity of [`MAP_CGROUP_LABELS`].
+pub const MAX_CGROUP_LABELS: u32 = 1_024;
+/// Deepest cgroup level searched for a cgroup label.
+pub const MAX_CGROUP_DEPTH: i32 = 16;
+/// Size of the event ring buffer in bytes (a power of two, multiple of the page size).
+pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+
+pub const PROG_LSM_BPRM_CHECK: &str = "cs_lsm_bprm_check";
+pub const PROG_LSM_SOCKET_CONNECT: &str = "cs_lsm_socket_connect";
+pub const PROG_TP_SYS_ENTER_EXECVE: &str = "cs_tp_sys_enter_execve";
+pub const PROG_TP_SYS_ENTER_EXECVEAT: &str = "cs_tp_sys_enter_execveat";
+pub const PROG_TP_SCHED_EXEC: &str = "cs_tp_sched_exec";
+pub const PROG_TP_SCHED_FORK: &str = "cs_tp_sched_fork";
+pub const PROG_TP_SCHED_EXIT: &str = "cs_tp_sched_exit";
+pub const PROG_TP_SYS_ENTER_CONNECT: &str = "cs_tp_sys_enter_connect";
+pub const PROG_CG_CONNECT4: &str = "cs_cg_connect4";
+pub const PROG_CG_CONNECT6: &str = "cs_cg_connect6";
+
+/// Global set at load time: offset of `child_pid` in the `sched_process_fork` tracepoint
+/// record, read from the kernel's own format file (it moved between kernel versions).
+pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+
+/// The label id the daemon gives its start-up canary; hooks deny its actions at once and
+/// report them, which proves the hooks run.
+pub const LABEL_CANARY: u32 = u32::MAX;
+/// No label: the task is not an agent.
+pub const LABEL_NONE: u32 = 0;
+
+/// Enforcement mode, in [`Config::mode`].
+pub const MODE_OFF: u32 = 0;
+/// BPF LSM hooks hold execs before the new image loads and connects before anything is sent.
+pub const MODE_LSM: u32 = 1;
+/// Tracepoints and cgroup programs: connects are held as in LSM mode; execs are held after the
+/// new image is loaded but before its first instruction, so a deny kills.
+pub const MODE_FALLBACK: u32 = 2;
+
+/// [`TaskState::state`]: nothing is pending.
+pub const STATE_IDLE: u32 = 0;
+/// A request is waiting for a decision; the task is stopped and its syscall restarts into
+/// another hold until the decision is written.
+pub const STATE_PENDING: u32 = 1;
+/// The pending action may run once (if it is still the same action).
+pub const STATE_ALLOWED: u32 = 2;
+/// The pending action fails with `EPERM` once.
+pub const STATE_DENIED: u32 = 3;
+/// An approved exec passed its pre-exec hook; further binfmt passes of the same `execve`
+/// (interpreters) are let through, and the new image is held once more to be verified.
+pub const STATE_EXEC_RELEASED: u32 = 4;
+
+/// [`TaskState::kind`] and [`Event::kind`] values.
+pub const KIND_NONE: u32 = 0;
+/// An exec held before the new image is loaded (LSM mode).
+pub const KIND_EXEC: u32 = 1;
+/// An exec held after the new image is loaded, before its first instruction: the fallback
+/// hold, and the verification of an approved exec in LSM mode.
+pub const KIND_EXEC_LOADED: u32 = 2;
+/// An outbound `connect`.
+pub const KIND_CONNECT: u32 = 3;
+/// The canary's exec or connect was seen by a hook and denied.
+pub const KIND_CANARY_EXEC: u32 = 4;
+pub const KIND_CANARY_CONNECT: u32 = 5;
+/// Reports a failure in the kernel (for example a full ring buffer); see [`Event::detail`].
+pub const KIND_ERROR: u32 = 6;
+
+/// [`TaskState::flags`]: the task passed `sched_process_exec` since its last `execve` entry.
+pub const FLAG_EXEC_LOADED: u32 = 1;
+/// The exec that is pending is the verification of an approved one (LSM mode).
+pub const FLAG_VERIFY: u32 = 2;
+
+/// Stats indexes in [`MAP_STATS`].
+pub const STAT_EVENTS_DROPPED: u32 = 0;
+pub const STAT_LABEL_INHERIT_FAILED: u32 = 1;
+pub const STAT_HOLDS: u32 = 2;
+pub const STAT_COUNT: u32 = 4;
+
+/// `-ERESTARTNOINTR`: the syscall restarts after the stop, whatever the signal disposition.
+pub const ERESTARTNOINTR: i32 = 513;
+pub const EPERM: i32 = 1;
+
+/// State of one labelled thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskState {
+    /// Label id (never [`LABEL_NONE`] for an entry in the map).
+    pub label: u32,
+    /// One of the `STATE_*` values.
+    pub state: u32,
+    /// One of the `KIND_*` values for the pending or decided action.
+    pub kind: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+    /// Id of the pending or decided request (0: none).
+    pub request_id: u64,
+    /// Hash of the exact action the request is about (0 for execs: they are bound by the
+    /// verification of the loaded image instead, see `KIND_EXEC_LOADED`).
+    pub action_hash: u64,
+    /// User pointers given to the last `execve`/`execveat`, for the daemon to read the
+    /// filename and argv of a held exec from the stopped task's memory.
+    pub exec_filename: u64,
+    pub exec_argv: u64,
+}
+const _: () = assert!(size_of::<TaskState>() == 48);
+
+/// Global settings, written by the daemon at start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// One of the `MODE_*` values; `MODE_OFF` makes every hook return at once.
+    pub mode: u32,
+    /// Thread-group id of the daemon: never held, whatever its label.
+    pub daemon_tgid: u32,
+    /// Non-zero when [`MAP_CGROUP_LABELS`] has entries, so that unlabelled tasks skip the
+    /// cgroup walk otherwise.
+    pub cgroup_labels: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<Config>() == 16);
+
+/// An event from a hook to the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// One of the `KIND_*` values.
+    pub kind: u32,
+    pub label: u32,
+    /// Thread-group id (the user-space pid) and thread id.
+    pub tgid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    /// `AF_INET` or `AF_INET6` for connects.
+    pub family: u16,
+    /// `SOCK_STREAM`, `SOCK_DGRAM`, … where known (0 otherwise).
+    pub sock_type: u16,
+    /// Destination port (host byte order) for connects.
+    pub port: u16,
+    pub _pad: [u8; 2],
+    /// Kind-specific detail: for [`KIND_ERROR`] a negative errno or a reason code.
+    pub detail: i32,
+    pub request_id: u64,
+    pub action_hash: u64,
+    /// Destination address: 4 bytes for IPv4 (the rest zero) or 16 for IPv6, network order.
+    pub addr: [u8; 16],
+    /// User pointers of the exec's filename and argv (see [`TaskState::exec_filename`]).
+    pub exec_filename: u64,
+    pub exec_argv: u64,
+    pub cgroup_id: u64,
+}
+const _: () = assert!(size_of::<Event>() == 88);
+
+/// FNV-1a over the fields that make a connect the same connect: family, port and address.
+/// Both the tracepoint (reading the user's sockaddr) and the cgroup program (reading the
+/// kernel's copy) compute it, so a restarted connect to elsewhere does not match.
+#[inline(always)]
+#[must_use]
+pub fn connect_hash(family: u16, port: u16, addr: &[u8; 16]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    h = (h ^ u64::from(family)).wrapping_mul(PRIME);
+    h = (h ^ u64::from(port)).wrapping_mul(PRIME);
+    let mut i = 0;
+    while i < 16 {
+        h = (h ^ u64::from(addr[i])).wrapping_mul(PRIME);
+        i += 1;
+    }
+    // Never 0: 0 means "no hash".
+    h | 1
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain old data: `#[repr(C)]`, no padding (sizes pinned above), every bit
+    // pattern valid.
+    unsafe impl aya::Pod for super::TaskState {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Event {}
+}

@@ -1,0 +1,148 @@
+//! countersign's eBPF programs: entry shims only. The logic lives in `hold`, `label`, `exec`
+//! and `connect`; each shim maps a [`hold::Verdict`] to what its hook returns.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod connect;
+#[cfg(target_arch = "bpf")]
+mod exec;
+#[cfg(target_arch = "bpf")]
+mod hold;
+#[cfg(target_arch = "bpf")]
+mod label;
+#[cfg(target_arch = "bpf")]
+mod maps;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        macros::{cgroup_sock_addr, lsm, tracepoint},
+        programs::{LsmContext, SockAddrContext, TracePointContext},
+    };
+
+    use crate::{connect, exec, hold::Verdict, label};
+
+    /// `bprm_check_security`: holds a labelled task's exec before the new image is loaded.
+    /// Fails closed: an exec it cannot record is denied.
+    #[lsm(hook = "bprm_check_security")]
+    pub fn cs_lsm_bprm_check(ctx: LsmContext) -> i32 {
+        // The last argument is what an earlier BPF LSM program returned: keep its refusal.
+        let previous: i32 = ctx.arg(1);
+        if previous != 0 {
+            return previous;
+        }
+        exec::bprm_check().lsm_return()
+    }
+
+    /// `socket_connect`: holds a labelled task's IPv4/IPv6 connect before anything is sent.
+    /// Fails closed: a connect it cannot record is denied.
+    #[lsm(hook = "socket_connect")]
+    pub fn cs_lsm_socket_connect(ctx: LsmContext) -> i32 {
+        let previous: i32 = ctx.arg(3);
+        if previous != 0 {
+            return previous;
+        }
+        connect::lsm_connect(ctx.arg(0), ctx.arg(1)).lsm_return()
+    }
+
+    /// Records the filename and argv pointers of a labelled task's exec, for the daemon to
+    /// read while the task is held. Cannot refuse anything (a tracepoint).
+    #[tracepoint(category = "syscalls", name = "sys_enter_execve")]
+    pub fn cs_tp_sys_enter_execve(ctx: TracePointContext) -> u32 {
+        exec::sys_enter_exec(&ctx, exec::EXECVE_ARGS);
+        0
+    }
+
+    #[tracepoint(category = "syscalls", name = "sys_enter_execveat")]
+    pub fn cs_tp_sys_enter_execveat(ctx: TracePointContext) -> u32 {
+        exec::sys_enter_exec(&ctx, exec::EXECVEAT_ARGS);
+        0
+    }
+
+    /// The new image is loaded and has not run an instruction: the fallback exec hold, and
+    /// the verification of an approved exec in LSM mode. Fails closed by SIGKILL.
+    #[tracepoint(category = "sched", name = "sched_process_exec")]
+    pub fn cs_tp_sched_exec(ctx: TracePointContext) -> u32 {
+        exec::sched_exec(&ctx);
+        0
+    }
+
+    /// Children inherit their parent's label before they first run.
+    #[tracepoint(category = "sched", name = "sched_process_fork")]
+    pub fn cs_tp_sched_fork(ctx: TracePointContext) -> u32 {
+        label::inherit(&ctx);
+        0
+    }
+
+    #[tracepoint(category = "sched", name = "sched_process_exit")]
+    pub fn cs_tp_sched_exit(_ctx: TracePointContext) -> u32 {
+        label::forget_current();
+        0
+    }
+
+    /// Fallback mode: stops a labelled task that enters `connect`; the cgroup programs below
+    /// make the syscall restart while it is pending.
+    #[tracepoint(category = "syscalls", name = "sys_enter_connect")]
+    pub fn cs_tp_sys_enter_connect(ctx: TracePointContext) -> u32 {
+        connect::sys_enter_connect(&ctx);
+        0
+    }
+
+    /// Fallback mode: decides a labelled task's connect. Fails closed: a labelled connect
+    /// that did not come through `sys_enter_connect` (io_uring, TCP Fast Open) is refused.
+    #[cgroup_sock_addr(connect4)]
+    pub fn cs_cg_connect4(ctx: SockAddrContext) -> i32 {
+        connect::cgroup_connect(&ctx, false).cgroup_return()
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn cs_cg_connect6(ctx: SockAddrContext) -> i32 {
+        connect::cgroup_connect(&ctx, true).cgroup_return()
+    }
+
+    impl Verdict {
+        /// LSM hooks: 0 lets the action run; a negative errno refuses it.
+        fn lsm_return(self) -> i32 {
+            match self {
+                Verdict::Allow => 0,
+                Verdict::Deny => -countersign_ebpf::EPERM,
+                Verdict::Held => -countersign_ebpf::ERESTARTNOINTR,
+            }
+        }
+
+        /// cgroup sock_addr programs: 1 lets the connect go on, 0 refuses it with the retval
+        /// (EPERM unless set otherwise).
+        fn cgroup_return(self) -> i32 {
+            match self {
+                Verdict::Allow => 1,
+                Verdict::Deny => 0,
+                Verdict::Held => {
+                    // SAFETY: helper call with a plain integer.
+                    unsafe {
+                        aya_ebpf::helpers::generated::bpf_set_retval(
+                            -countersign_ebpf::ERESTARTNOINTR,
+                        )
+                    };
+                    0
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+/// On the host this binary is empty: the real one is built for the bpf target by
+/// `agent/build.rs`.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

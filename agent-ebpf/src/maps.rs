@@ -1,0 +1,58 @@
+//! The maps, and small typed accessors around them.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, RingBuf},
+};
+use countersign_ebpf::{
+    Config, EVENTS_RING_BYTES, Event, MAX_CGROUP_LABELS, MAX_LABELLED_TASKS, STAT_COUNT,
+    TaskState,
+};
+
+#[map(name = "CS_TASKS")]
+pub static TASKS: HashMap<u32, TaskState> = HashMap::with_max_entries(MAX_LABELLED_TASKS, 0);
+
+#[map(name = "CS_CGROUPS")]
+pub static CGROUP_LABELS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_CGROUP_LABELS, 0);
+
+#[map(name = "CS_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+
+#[map(name = "CS_CONFIG")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+#[map(name = "CS_STATS")]
+pub static STATS: Array<u64> = Array::with_max_entries(STAT_COUNT, 0);
+
+/// Offset of `child_pid` in the `sched_process_fork` record (set by the loader).
+#[unsafe(no_mangle)]
+pub static FORK_CHILD_PID_OFFSET: u32 = 44;
+
+/// The daemon's settings; an unset map reads as "off".
+#[inline(always)]
+pub fn config() -> Config {
+    match CONFIG.get(0) {
+        Some(c) => *c,
+        None => Config::default(),
+    }
+}
+
+#[inline(always)]
+pub fn count(stat: u32) {
+    if let Some(p) = STATS.get_ptr_mut(stat) {
+        // SAFETY: the pointer comes from the map lookup and stays valid for this program run.
+        // Counters are diagnostics: a rare lost update across CPUs is acceptable.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn fork_child_pid_offset() -> usize {
+    // SAFETY: a plain read of a global the loader may have rewritten; volatile so the
+    // compiler does not fold the default in.
+    unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) as usize }
+}
+
+#[inline(always)]
+pub fn emit(event: &Event) -> bool {
+    EVENTS.output::<Event>(event, 0).is_ok()
+}

@@ -1,0 +1,5 @@
+//! The client subcommands: `status`, `exec`, `requests`. They talk to the local daemon.
+pub mod client;
+pub mod exec;
+pub mod requests;
+pub mod status;

@@ -1,0 +1,103 @@
+//! `countersign requests list|approve|deny|kill`.
+use std::path::Path;
+
+use crate::{
+    cli::client,
+    paths,
+    proto::{Decision, Request, RequestView, Response},
+};
+
+pub fn list(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let Response::List { requests } = client::call(socket_dir, paths::CONTROL_SOCKET, &Request::List)? else {
+        anyhow::bail!("unexpected answer to list");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&requests)?);
+        return Ok(());
+    }
+    if requests.is_empty() {
+        println!("no held requests");
+    }
+    for r in &requests {
+        print!("{}", render(r));
+    }
+    Ok(())
+}
+
+/// The human-readable form of one request.
+#[must_use]
+pub fn render(r: &RequestView) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let user = r.user.as_deref().unwrap_or("?");
+    let _ = writeln!(
+        s,
+        "#{:<5} {:<11} label={} pid={} user={}({}) held {}s, {}s left",
+        r.id,
+        r.kind,
+        r.label,
+        r.pid,
+        user,
+        r.uid,
+        r.age_ms / 1000,
+        r.expires_in_ms / 1000
+    );
+    if let Some(d) = &r.destination {
+        let _ = writeln!(s, "       destination: {d} {}", r.protocol.as_deref().unwrap_or(""));
+    }
+    if let Some(b) = &r.binary {
+        let _ = writeln!(s, "       binary:      {b}");
+    }
+    let _ = writeln!(s, "       argv:        {}{}", shell_words(&r.argv), if r.argv_truncated { " …(truncated)" } else { "" });
+    if let Some(c) = &r.cwd {
+        let _ = writeln!(s, "       cwd:         {c}");
+    }
+    if !r.parents.is_empty() {
+        let chain: Vec<String> = r.parents.iter().map(|p| format!("{}({})", p.comm, p.pid)).collect();
+        let _ = writeln!(s, "       parents:     {}", chain.join(" <- "));
+    }
+    if let Some(n) = &r.note {
+        let _ = writeln!(s, "       note:        {n}");
+    }
+    if r.kind == "exec-loaded" {
+        let _ = writeln!(s, "       (held after loading: deny kills the process)");
+    }
+    s
+}
+
+/// argv quoted so that what is shown is unambiguous (spaces, quotes, control characters).
+fn shell_words(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c)) {
+                a.clone()
+            } else {
+                format!("{a:?}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn decide(socket_dir: &Path, id: u64, decision: Decision) -> anyhow::Result<()> {
+    let Response::Decided { id, outcome } =
+        client::call(socket_dir, paths::CONTROL_SOCKET, &Request::Decide { id, decision })?
+    else {
+        anyhow::bail!("unexpected answer to {decision}");
+    };
+    println!("request #{id}: {outcome}");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_words;
+
+    #[test]
+    fn quotes_what_could_mislead() {
+        assert_eq!(shell_words(&["ls".into(), "-la".into()]), "ls -la");
+        assert_eq!(shell_words(&["echo".into(), "a b".into()]), "echo \"a b\"");
+        assert_eq!(shell_words(&["x\u{1b}[2K".into()]), "\"x\\u{1b}[2K\"");
+        assert_eq!(shell_words(&[String::new()]), "\"\"");
+    }
+}

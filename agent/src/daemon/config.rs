@@ -1,0 +1,194 @@
+//! The daemon's configuration file (YAML) and its defaults.
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{ebpf::ModeRequest, paths};
+
+/// What happens to a request nobody decides in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutAction {
+    Deny,
+    Kill,
+    Allow,
+}
+
+impl std::fmt::Display for TimeoutAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TimeoutAction::Deny => "deny",
+            TimeoutAction::Kill => "kill",
+            TimeoutAction::Allow => "allow",
+        })
+    }
+}
+
+/// A cgroup whose tasks, and everything below it, carry a label.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CgroupLabel {
+    pub label: String,
+    /// The cgroup as `/proc/PID/cgroup` shows it (e.g. `/agents.slice`), under the cgroup v2
+    /// mount.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    pub socket_dir: PathBuf,
+    pub decision_log: PathBuf,
+    pub mode: ModeRequest,
+    pub request_timeout_secs: u64,
+    pub timeout_action: TimeoutAction,
+    pub cgroup_labels: Vec<CgroupLabel>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            socket_dir: PathBuf::from(paths::DEFAULT_SOCKET_DIR),
+            decision_log: PathBuf::from(paths::DEFAULT_DECISION_LOG),
+            // BPF LSM where the kernel runs it; most hosts do not boot with it.
+            mode: ModeRequest::Auto,
+            // Long enough for a human to read a prompt; short enough that nothing hangs.
+            request_timeout_secs: 120,
+            // Fail closed.
+            timeout_action: TimeoutAction::Deny,
+            cgroup_labels: Vec::new(),
+        }
+    }
+}
+
+/// Longest accepted request timeout: nothing is held for more than a day.
+pub const MAX_REQUEST_TIMEOUT_SECS: u64 = 24 * 3600;
+/// Label names: short, printable, safe in logs and chat messages.
+pub const MAX_LABEL_LEN: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: serde_yaml::Error },
+    #[error("{path}: {field}: {message}")]
+    Invalid { path: PathBuf, field: String, message: String },
+}
+
+impl DaemonConfig {
+    /// Reads `path`; `None` uses the default file if it exists, else the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(paths::DEFAULT_CONFIG), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default());
+            }
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        let config: Self = if text.trim().is_empty() {
+            Self::default()
+        } else {
+            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.clone(), source })?
+        };
+        config.validate(&path)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid { path: path.to_path_buf(), field, message };
+        if self.request_timeout_secs == 0 || self.request_timeout_secs > MAX_REQUEST_TIMEOUT_SECS {
+            return Err(invalid(
+                "request_timeout_secs".into(),
+                format!("must be between 1 and {MAX_REQUEST_TIMEOUT_SECS}, not {}", self.request_timeout_secs),
+            ));
+        }
+        for (i, c) in self.cgroup_labels.iter().enumerate() {
+            if let Err(m) = validate_label(&c.label) {
+                return Err(invalid(format!("cgroup_labels[{i}].label"), m));
+            }
+            if !c.path.is_absolute() {
+                return Err(invalid(
+                    format!("cgroup_labels[{i}].path"),
+                    format!("`{}` must start with / (as in /proc/PID/cgroup)", c.path.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A label name: 1 to 64 of `a-z A-Z 0-9 - _ .`.
+pub fn validate_label(label: &str) -> Result<(), String> {
+    if label.is_empty() || label.len() > MAX_LABEL_LEN {
+        return Err(format!("label must be 1 to {MAX_LABEL_LEN} characters"));
+    }
+    if let Some(c) = label.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("label `{label}` has the character {c:?}; use letters, digits, - _ ."));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("daemon.yaml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn defaults_fail_closed() {
+        let c = DaemonConfig::default();
+        assert_eq!(c.timeout_action, TimeoutAction::Deny);
+        assert_eq!(c.mode, ModeRequest::Auto);
+    }
+
+    #[test]
+    fn reads_a_full_file() {
+        let (_d, p) = write(
+            "socket_dir: /tmp/x\nmode: fallback\nrequest_timeout_secs: 5\ntimeout_action: kill\ncgroup_labels:\n  - label: ci\n    path: /ci.slice\n",
+        );
+        let c = DaemonConfig::load(Some(&p)).unwrap();
+        assert_eq!(c.socket_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.mode, ModeRequest::Fallback);
+        assert_eq!(c.request_timeout_secs, 5);
+        assert_eq!(c.timeout_action, TimeoutAction::Kill);
+        assert_eq!(c.cgroup_labels[0].label, "ci");
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let (_d, p) = write("socket_dir: /tmp/x\ntimeout: 5\n");
+        let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("daemon.yaml"), "{e}");
+        assert!(e.contains("unknown field `timeout`"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let (_d, p) = write("request_timeout_secs: 0\n");
+        let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("request_timeout_secs"), "{e}");
+        let (_d, p) = write("cgroup_labels:\n  - label: 'a b'\n    path: /x\n");
+        let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("cgroup_labels[0].label"), "{e}");
+        let (_d, p) = write("cgroup_labels:\n  - label: ok\n    path: rel\n");
+        let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("cgroup_labels[0].path"), "{e}");
+    }
+
+    #[test]
+    fn missing_named_file_is_an_error() {
+        let e = DaemonConfig::load(Some(Path::new("/nonexistent/daemon.yaml"))).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/daemon.yaml"), "{e}");
+    }
+}

@@ -1,0 +1,258 @@
+//! The context of a held action, read from /proc and the stopped task's memory: what the
+//! approver needs to decide (binary, argv, cwd, user, parent chain, destination).
+//!
+//! Every read is bounded; a field that cannot be read is left empty rather than guessed.
+use std::{
+    io::IoSliceMut,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use nix::{
+    sys::uio::{RemoteIoVec, process_vm_readv},
+    unistd::Pid,
+};
+
+use crate::proto::ProcInfo;
+
+/// At most this many argv entries are read.
+pub const MAX_ARGS: usize = 256;
+/// At most this many bytes of one argument or path.
+pub const MAX_ARG_BYTES: usize = 4096;
+/// At most this many bytes of argv in all.
+pub const MAX_ARGV_BYTES: usize = 64 * 1024;
+/// At most this many ancestors are listed.
+pub const MAX_PARENTS: usize = 16;
+
+/// A file as the kernel knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+pub fn file_id(path: &Path) -> Option<FileId> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileId { dev: m.dev(), ino: m.ino() })
+}
+
+/// `comm`, state letter and parent pid from `/proc/PID/stat`.
+pub fn stat(pid: u32) -> Option<(String, char, u32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let comm = text.get(open + 1..close)?.to_owned();
+    let mut rest = text.get(close + 2..)?.split_whitespace();
+    let state = rest.next()?.chars().next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some((comm, state, ppid))
+}
+
+pub fn exists(tid: u32) -> bool {
+    Path::new(&format!("/proc/{tid}")).exists()
+}
+
+pub fn readlink(pid: u32, what: &str) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/{what}")).ok().map(|p| p.to_string_lossy().into_owned())
+}
+
+/// The chain of ancestors, nearest first.
+pub fn parents(pid: u32) -> Vec<ProcInfo> {
+    let mut out = Vec::new();
+    let mut cur = stat(pid).map(|(_, _, ppid)| ppid);
+    while let Some(p) = cur {
+        if p == 0 || out.len() >= MAX_PARENTS {
+            break;
+        }
+        let Some((comm, _, ppid)) = stat(p) else { break };
+        out.push(ProcInfo { pid: p, comm, exe: readlink(p, "exe") });
+        cur = Some(ppid);
+    }
+    out
+}
+
+/// The user name of `uid` from /etc/passwd.
+pub fn user_name(uid: u32) -> Option<String> {
+    let text = std::fs::read_to_string("/etc/passwd").ok()?;
+    text.lines().find_map(|line| {
+        let mut f = line.split(':');
+        let name = f.next()?;
+        let _pw = f.next()?;
+        (f.next()?.parse::<u32>().ok()? == uid).then(|| name.to_owned())
+    })
+}
+
+/// The argv of a task from `/proc/PID/cmdline` (the loaded image's own copy).
+pub fn cmdline(pid: u32) -> Option<(Vec<String>, bool)> {
+    use std::io::Read as _;
+    let mut buf = Vec::new();
+    let f = std::fs::File::open(format!("/proc/{pid}/cmdline")).ok()?;
+    f.take(MAX_ARGV_BYTES as u64 + 1).read_to_end(&mut buf).ok()?;
+    let truncated = buf.len() > MAX_ARGV_BYTES;
+    buf.truncate(MAX_ARGV_BYTES);
+    let mut args: Vec<String> = buf
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if args.last().is_some_and(String::is_empty) {
+        args.pop();
+    }
+    Some((args, truncated))
+}
+
+fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> Option<usize> {
+    let remote = [RemoteIoVec { base: usize::try_from(addr).ok()?, len: buf.len() }];
+    let mut local = [IoSliceMut::new(buf)];
+    process_vm_readv(Pid::from_raw(i32::try_from(pid).ok()?), &mut local, &remote).ok()
+}
+
+/// A NUL-terminated string in the task's memory, at most [`MAX_ARG_BYTES`] long; the bool
+/// says whether it was cut.
+pub fn read_cstring(pid: u32, addr: u64) -> Option<(String, bool)> {
+    let mut out = Vec::new();
+    let mut chunk = [0u8; 256];
+    let mut at = addr;
+    while out.len() < MAX_ARG_BYTES {
+        // Do not cross a page boundary in one read: the next page may be unmapped.
+        let to_page_end = 4096 - (at % 4096) as usize;
+        let want = chunk.len().min(to_page_end);
+        let n = read_remote(pid, at, &mut chunk[..want])?;
+        if n == 0 {
+            return None;
+        }
+        if let Some(end) = chunk[..n].iter().position(|b| *b == 0) {
+            out.extend_from_slice(&chunk[..end]);
+            return Some((String::from_utf8_lossy(&out).into_owned(), false));
+        }
+        out.extend_from_slice(&chunk[..n]);
+        at += n as u64;
+    }
+    out.truncate(MAX_ARG_BYTES);
+    Some((String::from_utf8_lossy(&out).into_owned(), true))
+}
+
+/// The argv array at `argv` in the task's memory (bounded by the `MAX_*` limits).
+pub fn read_argv(pid: u32, argv: u64) -> Option<(Vec<String>, bool)> {
+    let mut args = Vec::new();
+    let mut total = 0;
+    for i in 0..MAX_ARGS as u64 {
+        let mut ptr = [0u8; 8];
+        if read_remote(pid, argv + 8 * i, &mut ptr)? != 8 {
+            return None;
+        }
+        let ptr = u64::from_ne_bytes(ptr);
+        if ptr == 0 {
+            return Some((args, false));
+        }
+        let (arg, cut) = read_cstring(pid, ptr)?;
+        total += arg.len();
+        args.push(arg);
+        if cut || total > MAX_ARGV_BYTES {
+            return Some((args, true));
+        }
+    }
+    Some((args, true))
+}
+
+/// The file a pre-exec filename names, seen from the task (its root and cwd).
+pub fn resolve_in_task(pid: u32, filename: &str) -> PathBuf {
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
+    if filename.starts_with('/') {
+        root.join(filename.trim_start_matches('/'))
+    } else {
+        PathBuf::from(format!("/proc/{pid}/cwd")).join(filename)
+    }
+}
+
+/// The interpreter named by a `#!` line, if `path` is a script.
+pub fn shebang(path: &Path) -> Option<(String, Option<String>)> {
+    use std::io::Read as _;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(path).ok()?.read(&mut head).ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|b| *b == b'\n').unwrap_or(line.len())];
+    let line = String::from_utf8_lossy(line);
+    let line = line.trim();
+    let (interp, arg) = match line.split_once([' ', '\t']) {
+        Some((i, a)) => (i.to_owned(), Some(a.trim().to_owned()).filter(|a| !a.is_empty())),
+        None => (line.to_owned(), None),
+    };
+    (!interp.is_empty()).then_some((interp, arg))
+}
+
+/// `address:port` for display (`[v6]:port` for IPv6).
+pub fn destination(family: u16, addr: &[u8; 16], port: u16) -> String {
+    if family == libc::AF_INET6 as u16 {
+        format!("[{}]:{port}", std::net::Ipv6Addr::from(*addr))
+    } else {
+        format!("{}:{port}", std::net::Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+    }
+}
+
+pub fn protocol(sock_type: u16) -> Option<String> {
+    match i32::from(sock_type) {
+        0 => None,
+        libc::SOCK_STREAM => Some("tcp".into()),
+        libc::SOCK_DGRAM => Some("udp".into()),
+        t => Some(format!("type {t}")),
+    }
+}
+
+/// The cgroup v2 path of a task, as in `/proc/PID/cgroup` (`0::/path`).
+pub fn cgroup_path(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_destinations() {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&[10, 1, 2, 3]);
+        assert_eq!(destination(libc::AF_INET as u16, &a, 443), "10.1.2.3:443");
+        let v6 = std::net::Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(destination(libc::AF_INET6 as u16, &v6, 80), "[::1]:80");
+    }
+
+    #[test]
+    fn reads_own_argv_from_memory() {
+        // Build a C-style argv in our own memory and read it back through process_vm_readv.
+        let args = [c"/bin/echo", c"hello world", c""];
+        let ptrs: Vec<u64> =
+            args.iter().map(|a| a.as_ptr() as u64).chain(std::iter::once(0)).collect();
+        let (argv, cut) = read_argv(std::process::id(), ptrs.as_ptr() as u64).unwrap();
+        assert_eq!(argv, ["/bin/echo", "hello world", ""]);
+        assert!(!cut);
+    }
+
+    #[test]
+    fn long_argument_is_cut_and_flagged() {
+        let long = std::ffi::CString::new(vec![b'a'; MAX_ARG_BYTES + 100]).unwrap();
+        let ptrs = [long.as_ptr() as u64, 0];
+        let (argv, cut) = read_argv(std::process::id(), ptrs.as_ptr() as u64).unwrap();
+        assert!(cut);
+        assert_eq!(argv[0].len(), MAX_ARG_BYTES);
+    }
+
+    #[test]
+    fn own_stat_and_cmdline() {
+        let (_, state, ppid) = stat(std::process::id()).unwrap();
+        assert!(ppid > 0);
+        assert!(state == 'R' || state == 'S');
+        let (argv, _) = cmdline(std::process::id()).unwrap();
+        assert!(!argv.is_empty());
+    }
+
+    #[test]
+    fn parses_shebang() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        std::fs::write(&p, "#!/bin/sh -e\necho\n").unwrap();
+        assert_eq!(shebang(&p), Some(("/bin/sh".into(), Some("-e".into()))));
+        std::fs::write(&p, "echo\n").unwrap();
+        assert_eq!(shebang(&p), None);
+    }
+}

@@ -1,0 +1,644 @@
+//! The host daemon: loads the hooks, turns kernel events into held requests with their full
+//! context, serves decisions over the local sockets, applies them (write-ahead logged), and
+//! applies the timeout outcome to anything nobody decides.
+//!
+//! One task (the main loop below) owns the kernel state, the request table and the log; the
+//! socket handlers talk to it through [`control::Command`] messages.
+pub mod config;
+mod control;
+pub mod enrich;
+mod log;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use countersign_ebpf as shared;
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use tokio::sync::mpsc;
+
+use self::{
+    config::{DaemonConfig, TimeoutAction, validate_label},
+    control::{Command, Peer, Socket},
+    enrich::FileId,
+    log::DecisionLog,
+};
+use crate::{
+    ebpf::{self, Kernel},
+    proto::{Decision, RequestView, Response, StatusInfo},
+};
+
+/// How often deadlines and vanished tasks are checked.
+const TICK: Duration = Duration::from_millis(100);
+/// At shutdown, how long denied tasks get to consume their denial before they are killed.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Most requests held at once; beyond it new ones are denied at once.
+const MAX_PENDING: usize = 4096;
+
+/// What kind of hold a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeldKind {
+    /// LSM mode: before the new image loads; deny is EPERM.
+    Exec,
+    /// The image is loaded, not yet run; deny kills.
+    ExecLoaded,
+    Connect,
+}
+
+/// What an approved exec is bound to: the image that runs must be this one.
+#[derive(Debug, Clone)]
+struct ExecBinding {
+    request: u64,
+    filename: String,
+    exe: Option<FileId>,
+    /// For a `#!` script: the interpreter's file.
+    interp: Option<FileId>,
+    argv: Vec<String>,
+}
+
+struct Held {
+    view: RequestView,
+    kind: HeldKind,
+    tid: u32,
+    tgid: u32,
+    kernel_id: u64,
+    created: Instant,
+    deadline: Instant,
+    binding: Option<ExecBinding>,
+}
+
+struct Daemon {
+    kernel: Kernel,
+    config: DaemonConfig,
+    log: DecisionLog,
+    labels: Vec<String>,
+    /// (cgroup path as in /proc/PID/cgroup, label id), for refusing labelled callers.
+    cgroup_labels: Vec<(String, u32)>,
+    requests: BTreeMap<u64, Held>,
+    next_id: u64,
+    approved_execs: HashMap<u32, ExecBinding>,
+    started: Instant,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_async(config))
+}
+
+async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
+    let mut labels = Vec::new();
+    let mut cgroup_ids = Vec::new();
+    let mut cgroup_labels = Vec::new();
+    if !config.cgroup_labels.is_empty() {
+        let root = ebpf::cgroup2_root().context("cgroup_labels need a cgroup v2 mount; none in /proc/mounts")?;
+        for (i, c) in config.cgroup_labels.iter().enumerate() {
+            let dir = root.join(c.path.strip_prefix("/").unwrap_or(&c.path));
+            let id = ebpf::cgroup_id(&dir)
+                .with_context(|| format!("cgroup_labels[{i}].path: cgroup {} ({})", c.path.display(), dir.display()))?;
+            let label = label_id(&mut labels, &c.label);
+            cgroup_ids.push((id, label));
+            cgroup_labels.push((c.path.to_string_lossy().into_owned(), label));
+        }
+    }
+    let log = DecisionLog::open(&config.decision_log)?;
+    let (kernel, ring) = Kernel::load(config.mode, &cgroup_ids).context("loading the eBPF hooks")?;
+    tracing::info!(mode = %kernel.mode(), reason = kernel.reason(), "enforcing");
+
+    let (tx, mut rx) = mpsc::channel::<Command>(64);
+    control::serve(&config.socket_dir, tx)?;
+    let mut ring = ebpf::watch_ring(ring).context("watching the event ring buffer")?;
+    let mut daemon = Daemon {
+        kernel,
+        config,
+        log,
+        labels,
+        cgroup_labels,
+        requests: BTreeMap::new(),
+        next_id: 1,
+        approved_execs: HashMap::new(),
+        started: Instant::now(),
+    };
+    eprintln!(
+        "countersign: enforcing in {} mode ({}); sockets in {}",
+        daemon.kernel.mode(),
+        daemon.kernel.reason(),
+        daemon.config.socket_dir.display()
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting on the event ring buffer")?;
+                drain(guard.get_inner_mut(), &mut daemon);
+                guard.clear_ready();
+            }
+            Some(cmd) = rx.recv() => {
+                let response = daemon.command(cmd.request, cmd.peer);
+                let _ = cmd.reply.send(response);
+            }
+            _ = tick.tick() => daemon.tick(),
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    daemon.shutdown(ring.get_mut());
+    Ok(())
+}
+
+fn drain(ring: &mut RingBuf<MapData>, daemon: &mut Daemon) {
+    while let Some(item) = ring.next() {
+        let event = ebpf::parse_event(&item);
+        drop(item);
+        if let Some(event) = event {
+            daemon.event(&event);
+        }
+    }
+}
+
+fn label_id(labels: &mut Vec<String>, name: &str) -> u32 {
+    if let Some(i) = labels.iter().position(|l| l == name) {
+        return i as u32 + 1;
+    }
+    labels.push(name.to_owned());
+    labels.len() as u32
+}
+
+impl Daemon {
+    fn label_name(&self, id: u32) -> String {
+        self.labels.get((id as usize).wrapping_sub(1)).cloned().unwrap_or_else(|| format!("#{id}"))
+    }
+
+    fn event(&mut self, ev: &shared::Event) {
+        match ev.kind {
+            shared::KIND_EXEC => self.hold(ev, HeldKind::Exec, None),
+            shared::KIND_CONNECT => self.hold(ev, HeldKind::Connect, None),
+            shared::KIND_EXEC_LOADED if ev.detail as u32 & shared::FLAG_VERIFY != 0 => self.verify_exec(ev),
+            shared::KIND_EXEC_LOADED => self.hold(ev, HeldKind::ExecLoaded, None),
+            shared::KIND_ERROR => {
+                tracing::warn!(pid = ev.tgid, label = %self.label_name(ev.label), detail = ev.detail,
+                    "a labelled task's connect did not pass the connect hold (io_uring or TCP Fast Open?) and was refused");
+            }
+            _ => {}
+        }
+    }
+
+    /// A new held request.
+    fn hold(&mut self, ev: &shared::Event, kind: HeldKind, note: Option<String>) {
+        // A task has at most one request: a new one supersedes the old.
+        let old: Vec<u64> = self.requests.iter().filter(|(_, h)| h.tid == ev.tid).map(|(id, _)| *id).collect();
+        for id in old {
+            if let Some(h) = self.requests.remove(&id) {
+                self.log_or_warn("superseded", "none", "kernel", &h.view);
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let (view, binding) = self.describe(id, ev, kind, note);
+        if self.requests.len() >= MAX_PENDING {
+            tracing::error!(pending = self.requests.len(), "too many held requests; denying");
+            let held = self.held(view, kind, ev, binding);
+            self.apply(held, Decision::Deny, "daemon (too many pending)");
+            return;
+        }
+        tracing::info!(id, pid = ev.tgid, label = %view.label, kind = %view.kind,
+            binary = view.binary.as_deref().unwrap_or(""), destination = view.destination.as_deref().unwrap_or(""),
+            "held");
+        let held = self.held(view, kind, ev, binding);
+        self.requests.insert(id, held);
+    }
+
+    fn held(&self, view: RequestView, kind: HeldKind, ev: &shared::Event, binding: Option<ExecBinding>) -> Held {
+        let now = Instant::now();
+        Held {
+            view,
+            kind,
+            tid: ev.tid,
+            tgid: ev.tgid,
+            kernel_id: ev.request_id,
+            created: now,
+            deadline: now + Duration::from_secs(self.config.request_timeout_secs),
+            binding,
+        }
+    }
+
+    /// The request's context, and for execs what an approval binds to.
+    fn describe(&self, id: u64, ev: &shared::Event, kind: HeldKind, note: Option<String>) -> (RequestView, Option<ExecBinding>) {
+        let pid = ev.tgid;
+        let mut view = RequestView {
+            id,
+            kind: match kind {
+                HeldKind::Exec => "exec",
+                HeldKind::ExecLoaded => "exec-loaded",
+                HeldKind::Connect => "connect",
+            }
+            .into(),
+            label: self.label_name(ev.label),
+            pid,
+            tid: ev.tid,
+            uid: ev.uid,
+            user: enrich::user_name(ev.uid),
+            binary: None,
+            argv: Vec::new(),
+            argv_truncated: false,
+            cwd: enrich::readlink(pid, "cwd"),
+            parents: enrich::parents(pid),
+            destination: None,
+            protocol: None,
+            age_ms: 0,
+            expires_in_ms: self.config.request_timeout_secs * 1000,
+            note,
+        };
+        let mut binding = None;
+        match kind {
+            HeldKind::Exec => {
+                let filename = if ev.exec_filename == 0 { None } else { enrich::read_cstring(ev.tid, ev.exec_filename) };
+                if let Some((argv, cut)) = (ev.exec_argv != 0).then(|| enrich::read_argv(ev.tid, ev.exec_argv)).flatten() {
+                    view.argv = argv;
+                    view.argv_truncated = cut;
+                }
+                if let Some((filename, _)) = filename {
+                    let path = enrich::resolve_in_task(pid, &filename);
+                    let interp = enrich::shebang(&path).and_then(|(i, _)| enrich::file_id(&enrich::resolve_in_task(pid, &i)));
+                    binding = Some(ExecBinding {
+                        request: id,
+                        filename: filename.clone(),
+                        exe: enrich::file_id(&path),
+                        interp,
+                        argv: view.argv.clone(),
+                    });
+                    view.binary = Some(filename);
+                }
+            }
+            HeldKind::ExecLoaded => {
+                view.binary = enrich::readlink(pid, "exe");
+                if let Some((argv, cut)) = enrich::cmdline(pid) {
+                    view.argv = argv;
+                    view.argv_truncated = cut;
+                }
+            }
+            HeldKind::Connect => {
+                view.destination = Some(enrich::destination(ev.family, &ev.addr, ev.port));
+                view.protocol = enrich::protocol(ev.sock_type);
+                view.binary = enrich::readlink(pid, "exe");
+                if let Some((argv, cut)) = enrich::cmdline(pid) {
+                    view.argv = argv;
+                    view.argv_truncated = cut;
+                }
+            }
+        }
+        (view, binding)
+    }
+
+    /// LSM mode: an approved exec's image is loaded; it runs only if it is what was approved.
+    fn verify_exec(&mut self, ev: &shared::Event) {
+        let binding = self.approved_execs.remove(&ev.tid);
+        let exe = enrich::file_id(std::path::Path::new(&format!("/proc/{}/exe", ev.tgid)));
+        let argv = enrich::cmdline(ev.tgid).map(|(a, _)| a).unwrap_or_default();
+        let verdict = binding.as_ref().map(|b| exec_matches(b, exe, &argv));
+        match (binding, verdict) {
+            (Some(b), Some(Ok(()))) => {
+                let (view, _) = self.describe(b.request, ev, HeldKind::ExecLoaded, None);
+                if let Err(e) = self.log.write("exec-verified", "released", "daemon", &view) {
+                    tracing::error!(error = %e, "cannot record; killing the unverified exec");
+                    let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
+                    return;
+                }
+                match self.kernel.decide(ev.tid, ev.request_id, shared::STATE_IDLE) {
+                    Ok(true) => {
+                        let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGCONT);
+                    }
+                    _ => tracing::warn!(pid = ev.tgid, "verified exec vanished before release"),
+                }
+            }
+            (b, v) => {
+                let why = match (&b, v) {
+                    (Some(b), Some(Err(why))) => format!("replaces approved request #{}: {why}", b.request),
+                    _ => "an exec released without a recorded approval".to_owned(),
+                };
+                tracing::warn!(pid = ev.tgid, why, "approved exec did not match what loaded; held again");
+                self.hold(ev, HeldKind::ExecLoaded, Some(why));
+            }
+        }
+    }
+
+    fn command(&mut self, request: crate::proto::Request, peer: Peer) -> Response {
+        use crate::proto::Request as R;
+        match (request, peer.socket) {
+            (R::Status, _) => Response::Status(self.status()),
+            (R::Label { label }, _) => self.label(&label, peer),
+            (R::List, Socket::Control) => Response::List { requests: self.list() },
+            (R::Decide { id, decision }, Socket::Control) => {
+                if let Err(message) = self.may_decide(peer) {
+                    return Response::Error { message };
+                }
+                let by = format!("cli uid={} pid={}", peer.uid, peer.pid);
+                match self.decide(id, decision, &by) {
+                    Ok(outcome) => Response::Decided { id, outcome },
+                    Err(message) => Response::Error { message },
+                }
+            }
+            (_, Socket::Launch) => Response::Error {
+                message: "this socket only labels and reports status; decisions need the root-only control socket".into(),
+            },
+        }
+    }
+
+    /// Refuses callers that are not root or that are (inside) a labelled process tree.
+    fn may_decide(&self, peer: Peer) -> Result<(), String> {
+        if peer.uid != 0 {
+            return Err(format!("only root may decide requests (caller uid {})", peer.uid));
+        }
+        if let Some(t) = self.kernel.task(peer.pid) {
+            return Err(format!(
+                "refused: the caller (pid {}) is a labelled process (label {}); an agent cannot approve its own requests",
+                peer.pid,
+                self.label_name(t.label)
+            ));
+        }
+        if let Some(path) = enrich::cgroup_path(peer.pid) {
+            for (cg, label) in &self.cgroup_labels {
+                if path == *cg || path.starts_with(&format!("{}/", cg.trim_end_matches('/'))) {
+                    return Err(format!(
+                        "refused: the caller (pid {}) runs in cgroup {path}, labelled {}; an agent cannot approve its own requests",
+                        peer.pid,
+                        self.label_name(*label)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn label(&mut self, label: &str, peer: Peer) -> Response {
+        if let Err(message) = validate_label(label) {
+            return Response::Error { message };
+        }
+        let id = label_id(&mut self.labels, label);
+        if let Some(existing) = self.kernel.task(peer.pid) {
+            if existing.label != id {
+                return Response::Error {
+                    message: format!(
+                        "pid {} already carries label {}; a label cannot be changed",
+                        peer.pid,
+                        self.label_name(existing.label)
+                    ),
+                };
+            }
+            return Response::Labelled { label: label.to_owned(), pid: peer.pid };
+        }
+        match self.kernel.label_task(peer.pid, id) {
+            Ok(()) => {
+                tracing::info!(pid = peer.pid, label, "labelled");
+                Response::Labelled { label: label.to_owned(), pid: peer.pid }
+            }
+            Err(e) => Response::Error { message: format!("labelling pid {}: {e}", peer.pid) },
+        }
+    }
+
+    fn list(&self) -> Vec<RequestView> {
+        let now = Instant::now();
+        self.requests
+            .values()
+            .map(|h| {
+                let mut v = h.view.clone();
+                v.age_ms = now.duration_since(h.created).as_millis() as u64;
+                v.expires_in_ms = h.deadline.saturating_duration_since(now).as_millis() as u64;
+                v
+            })
+            .collect()
+    }
+
+    fn status(&self) -> StatusInfo {
+        let stats = self.kernel.stats();
+        StatusInfo {
+            mode: self.kernel.mode().to_string(),
+            reason: self.kernel.reason().to_owned(),
+            daemon_pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            pending: self.requests.len(),
+            labels: self.labels.clone(),
+            cgroup_labels: self.kernel.cgroup_label_count(),
+            request_timeout_secs: self.config.request_timeout_secs,
+            timeout_action: self.config.timeout_action.to_string(),
+            holds: stats[shared::STAT_HOLDS as usize],
+            events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
+            label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
+        }
+    }
+
+    /// Decides request `id`; the outcome text, or why nothing was done.
+    fn decide(&mut self, id: u64, decision: Decision, by: &str) -> Result<String, String> {
+        let Some(held) = self.requests.remove(&id) else {
+            return Err(format!("no held request #{id} (see `countersign requests list`)"));
+        };
+        match self.kernel.task(held.tid) {
+            Some(t) if t.request_id == held.kernel_id && t.state == shared::STATE_PENDING => {}
+            _ => {
+                self.log_or_warn("task-exited", "none", by, &held.view);
+                return Err(format!("request #{id} is no longer pending: its task exited"));
+            }
+        }
+        Ok(self.apply(held, decision, by))
+    }
+
+    /// Records, then applies, a decision. A decision that cannot be recorded is not applied:
+    /// the request stays held (and its timeout still applies).
+    fn apply(&mut self, held: Held, decision: Decision, by: &str) -> String {
+        // (kernel state to write, signal, what the caller sees)
+        let (state, signal, applied) = match (held.kind, decision) {
+            (HeldKind::Exec | HeldKind::Connect, Decision::Approve) => (Some(shared::STATE_ALLOWED), Signal::SIGCONT, "released"),
+            (HeldKind::Exec | HeldKind::Connect, Decision::Deny) => (Some(shared::STATE_DENIED), Signal::SIGCONT, "eperm"),
+            (HeldKind::ExecLoaded, Decision::Approve) => (Some(shared::STATE_IDLE), Signal::SIGCONT, "released"),
+            (HeldKind::ExecLoaded, Decision::Deny) | (_, Decision::Kill) => (None, Signal::SIGKILL, "sigkill"),
+        };
+        let word = match decision {
+            Decision::Approve => "approved",
+            Decision::Deny => "denied",
+            Decision::Kill => "killed",
+        };
+        let word = if by == "timeout" { format!("expired-{word}") } else { word.to_owned() };
+        if let Err(e) = self.log.write(&word, applied, by, &held.view) {
+            tracing::error!(error = %e, id = held.view.id, "cannot record the decision; the request stays held");
+            let id = held.view.id;
+            self.requests.insert(id, held);
+            return format!("not applied: {e}");
+        }
+        if let Some(state) = state {
+            match self.kernel.decide(held.tid, held.kernel_id, state) {
+                Ok(true) => {}
+                Ok(false) => return "the task exited before the decision was applied".into(),
+                Err(e) => {
+                    // Never release on an error path.
+                    tracing::error!(error = %e, pid = held.tgid, "writing the decision failed; killing the task");
+                    let _ = kill(Pid::from_raw(held.tgid as i32), Signal::SIGKILL);
+                    return format!("killed: writing the decision failed ({e})");
+                }
+            }
+        }
+        if decision == Decision::Approve && held.kind == HeldKind::Exec {
+            if let Some(b) = held.binding.clone() {
+                self.approved_execs.insert(held.tid, b);
+            }
+        }
+        let _ = kill(Pid::from_raw(held.tgid as i32), signal);
+        tracing::info!(id = held.view.id, pid = held.tgid, decision = %word, applied, by, "decided");
+        format!("{word} ({applied})")
+    }
+
+    fn timeout_decision(&self) -> Decision {
+        match self.config.timeout_action {
+            TimeoutAction::Deny => Decision::Deny,
+            TimeoutAction::Kill => Decision::Kill,
+            TimeoutAction::Allow => Decision::Approve,
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<u64> = self.requests.keys().copied().collect();
+        for id in ids {
+            let Some(held) = self.requests.get(&id) else { continue };
+            let alive = enrich::exists(held.tid)
+                && self.kernel.task(held.tid).is_some_and(|t| t.request_id == held.kernel_id && t.state == shared::STATE_PENDING);
+            if !alive {
+                if let Some(h) = self.requests.remove(&id) {
+                    self.log_or_warn("task-exited", "none", "daemon", &h.view);
+                }
+            } else if now >= held.deadline {
+                if let Some(h) = self.requests.remove(&id) {
+                    let d = self.timeout_decision();
+                    self.apply(h, d, "timeout");
+                }
+            }
+        }
+        // Approvals whose exec never loaded (the exec failed) are dropped with their task.
+        self.approved_execs.retain(|tid, _| enrich::exists(*tid));
+    }
+
+    fn log_or_warn(&mut self, decision: &str, applied: &str, by: &str, view: &RequestView) {
+        if let Err(e) = self.log.write(decision, applied, by, view) {
+            tracing::error!(error = %e, "cannot write the decision log");
+        }
+    }
+
+    /// Denies everything held, waits briefly for the denials to be consumed, kills what is
+    /// still held, then turns the hooks off.
+    fn shutdown(&mut self, ring: &mut RingBuf<MapData>) {
+        let held: Vec<Held> = std::mem::take(&mut self.requests).into_values().collect();
+        let mut waiting = Vec::new();
+        for h in held {
+            let (tid, tgid, kernel_id) = (h.tid, h.tgid, h.kernel_id);
+            self.apply(h, Decision::Deny, "daemon shutdown");
+            waiting.push((tid, tgid, kernel_id));
+        }
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while Instant::now() < deadline {
+            waiting.retain(|&(tid, _, id)| {
+                self.kernel.task(tid).is_some_and(|t| t.request_id == id && t.state == shared::STATE_DENIED)
+            });
+            // Requests raised meanwhile are denied at once too.
+            while let Some(item) = ring.next() {
+                if let Some(ev) = ebpf::parse_event(&item) {
+                    if matches!(ev.kind, shared::KIND_EXEC | shared::KIND_CONNECT | shared::KIND_EXEC_LOADED) {
+                        let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
+                    }
+                }
+            }
+            if waiting.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for (_, tgid, _) in waiting {
+            let _ = kill(Pid::from_raw(tgid as i32), Signal::SIGKILL);
+        }
+        self.kernel.disable();
+        let _ = std::fs::remove_file(self.config.socket_dir.join(crate::paths::CONTROL_SOCKET));
+        let _ = std::fs::remove_file(self.config.socket_dir.join(crate::paths::LAUNCH_SOCKET));
+        eprintln!("countersign: stopped");
+    }
+}
+
+/// Whether the loaded image (`exe`, `argv`) is the approved exec.
+fn exec_matches(b: &ExecBinding, exe: Option<FileId>, argv: &[String]) -> Result<(), String> {
+    let Some(exe) = exe else {
+        return Err("the loaded image cannot be identified".into());
+    };
+    if Some(exe) == b.exe {
+        return if argv == b.argv.as_slice() {
+            Ok(())
+        } else {
+            Err(format!("argv is {argv:?}, approved {:?}", b.argv))
+        };
+    }
+    if Some(exe) == b.interp {
+        // A script: the interpreter runs with [interp, (arg), script, approved argv[1..]].
+        let rest = b.argv.get(1..).unwrap_or(&[]);
+        let n = rest.len() + 1;
+        if argv.len() >= n && argv[argv.len() - n] == b.filename && argv[argv.len() - rest.len()..] == *rest {
+            return Ok(());
+        }
+        return Err(format!("script argv is {argv:?}, approved {:?}", b.argv));
+    }
+    Err(format!("the loaded binary (dev {} inode {}) is not the approved {}", exe.dev, exe.ino, b.filename))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding() -> ExecBinding {
+        ExecBinding {
+            request: 1,
+            filename: "/tmp/s.sh".into(),
+            exe: Some(FileId { dev: 1, ino: 10 }),
+            interp: Some(FileId { dev: 1, ino: 20 }),
+            argv: vec!["s.sh".into(), "a".into()],
+        }
+    }
+
+    #[test]
+    fn exact_binary_and_argv_match() {
+        let b = binding();
+        assert!(exec_matches(&b, Some(FileId { dev: 1, ino: 10 }), &["s.sh".into(), "a".into()]).is_ok());
+    }
+
+    #[test]
+    fn changed_argv_or_binary_does_not_match() {
+        let b = binding();
+        assert!(exec_matches(&b, Some(FileId { dev: 1, ino: 10 }), &["s.sh".into(), "b".into()]).is_err());
+        assert!(exec_matches(&b, Some(FileId { dev: 2, ino: 10 }), &["s.sh".into(), "a".into()]).is_err());
+        assert!(exec_matches(&b, None, &["s.sh".into(), "a".into()]).is_err());
+    }
+
+    #[test]
+    fn script_runs_under_its_interpreter() {
+        let b = binding();
+        let sh = Some(FileId { dev: 1, ino: 20 });
+        assert!(exec_matches(&b, sh, &["/bin/sh".into(), "/tmp/s.sh".into(), "a".into()]).is_ok());
+        assert!(exec_matches(&b, sh, &["/bin/sh".into(), "-e".into(), "/tmp/s.sh".into(), "a".into()]).is_ok());
+        assert!(exec_matches(&b, sh, &["/bin/sh".into(), "/tmp/other.sh".into(), "a".into()]).is_err());
+        assert!(exec_matches(&b, sh, &["/bin/sh".into(), "/tmp/s.sh".into(), "x".into()]).is_err());
+    }
+
+    #[test]
+    fn label_ids_are_stable_and_start_at_one() {
+        let mut labels = Vec::new();
+        assert_eq!(label_id(&mut labels, "a"), 1);
+        assert_eq!(label_id(&mut labels, "b"), 2);
+        assert_eq!(label_id(&mut labels, "a"), 1);
+    }
+}

@@ -1,0 +1,391 @@
+//! The only code that touches aya: loading the programs, choosing LSM or fallback mode,
+//! proving the hooks run (the canary), and reading/writing the maps.
+//!
+//! One [`Kernel`] value owns all of it; the daemon's main loop is its only user.
+mod canary;
+mod format;
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, RingBuf},
+    programs::{CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint},
+};
+use countersign_ebpf as shared;
+use shared::{Config, Event, TaskState};
+
+pub use canary::{CanaryError, canary_exec_main, canary_main};
+
+/// The compiled eBPF object, built by `build.rs`.
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/countersign-ebpf"));
+
+/// Which enforcement the daemon asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeRequest {
+    /// BPF LSM where the kernel runs it, else the fallback.
+    Auto,
+    /// BPF LSM or nothing.
+    Lsm,
+    /// The fallback even where BPF LSM would work.
+    Fallback,
+}
+
+/// The enforcement in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Lsm,
+    Fallback,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Lsm => "lsm",
+            Mode::Fallback => "fallback",
+        })
+    }
+}
+
+/// Errors of the kernel side.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The object could not be loaded at all.
+    #[error("loading the eBPF object: {0}")]
+    Load(aya::EbpfError),
+    /// A program could not be loaded or attached.
+    #[error("program {name}: {error}")]
+    Program { name: &'static str, error: aya::programs::ProgramError },
+    /// A map is missing or could not be used.
+    #[error("map {name}: {detail}")]
+    Map { name: &'static str, detail: String },
+    /// A tracepoint format could not be read.
+    #[error("{0}")]
+    Format(String),
+    /// LSM mode was required and is not available.
+    #[error("BPF LSM is required (--mode lsm) but not available: {0}")]
+    LsmUnavailable(String),
+    /// No cgroup v2 hierarchy to attach the fallback connect programs to.
+    #[error("no cgroup v2 mount found in /proc/mounts (the fallback needs one)")]
+    NoCgroup2,
+    /// Opening a file the loader needs.
+    #[error("{path}: {error}")]
+    Io { path: PathBuf, error: std::io::Error },
+    /// The canary did not prove enforcement.
+    #[error("the hooks did not prove they run: {0}")]
+    Canary(CanaryError),
+}
+
+type Result<T> = std::result::Result<T, KernelError>;
+
+/// The loaded programs and maps.
+pub struct Kernel {
+    ebpf: Ebpf,
+    tasks: HashMap<MapData, u32, TaskState>,
+    cgroups: HashMap<MapData, u64, u32>,
+    config: Array<MapData, Config>,
+    stats: Array<MapData, u64>,
+    mode: Mode,
+    /// Why this mode (for `countersign status`).
+    reason: String,
+}
+
+impl Kernel {
+    /// Loads everything, picks the mode, and proves the hooks run with the canary.
+    /// `cgroup_labels` are (cgroup v2 id, label id) pairs to install before enforcing.
+    pub fn load(request: ModeRequest, cgroup_labels: &[(u64, u32)]) -> Result<(Self, RingBuf<MapData>)> {
+        raise_memlock();
+        format::ensure_tracefs().map_err(KernelError::Format)?;
+        let fork_offset = format::field_offset("sched", "sched_process_fork", "child_pid")
+            .map_err(KernelError::Format)?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(shared::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
+            .load(EBPF_OBJECT)
+            .map_err(KernelError::Load)?;
+        // aya-log is deliberately not used: its logger made loads fail on some kernels.
+        let tasks = HashMap::try_from(take_map(&mut ebpf, shared::MAP_TASKS)?)
+            .map_err(|e| map_err(shared::MAP_TASKS, &e))?;
+        let cgroups: HashMap<MapData, u64, u32> =
+            HashMap::try_from(take_map(&mut ebpf, shared::MAP_CGROUP_LABELS)?)
+                .map_err(|e| map_err(shared::MAP_CGROUP_LABELS, &e))?;
+        let config = Array::try_from(take_map(&mut ebpf, shared::MAP_CONFIG)?)
+            .map_err(|e| map_err(shared::MAP_CONFIG, &e))?;
+        let stats = Array::try_from(take_map(&mut ebpf, shared::MAP_STATS)?)
+            .map_err(|e| map_err(shared::MAP_STATS, &e))?;
+        let ring = RingBuf::try_from(take_map(&mut ebpf, shared::MAP_EVENTS)?)
+            .map_err(|e| map_err(shared::MAP_EVENTS, &e))?;
+
+        for (name, category, tp) in [
+            (shared::PROG_TP_SCHED_FORK, "sched", "sched_process_fork"),
+            (shared::PROG_TP_SCHED_EXIT, "sched", "sched_process_exit"),
+            (shared::PROG_TP_SCHED_EXEC, "sched", "sched_process_exec"),
+            (shared::PROG_TP_SYS_ENTER_EXECVE, "syscalls", "sys_enter_execve"),
+            (shared::PROG_TP_SYS_ENTER_EXECVEAT, "syscalls", "sys_enter_execveat"),
+        ] {
+            attach_tracepoint(&mut ebpf, name, category, tp)?;
+        }
+
+        let mut kernel = Kernel {
+            ebpf,
+            tasks,
+            cgroups,
+            config,
+            stats,
+            mode: Mode::Fallback,
+            reason: String::new(),
+        };
+        let mut ring = ring;
+        if request != ModeRequest::Fallback {
+            match kernel.try_lsm(&mut ring) {
+                Ok(()) => {
+                    kernel.install_cgroup_labels(cgroup_labels)?;
+                    return Ok((kernel, ring));
+                }
+                Err(why) if request == ModeRequest::Lsm => {
+                    return Err(KernelError::LsmUnavailable(why));
+                }
+                Err(why) => {
+                    tracing::warn!(reason = %why, "BPF LSM is not available; using the fallback hooks");
+                    kernel.reason = format!("fallback: BPF LSM not available ({why})");
+                }
+            }
+        } else {
+            kernel.reason = "fallback: requested by configuration".to_owned();
+        }
+        kernel.attach_fallback()?;
+        kernel.set_config(shared::MODE_FALLBACK, 0)?;
+        kernel.mode = Mode::Fallback;
+        canary::prove(&mut kernel, &mut ring, Mode::Fallback).map_err(KernelError::Canary)?;
+        kernel.install_cgroup_labels(cgroup_labels)?;
+        Ok((kernel, ring))
+    }
+
+    /// Loads and attaches the LSM programs and runs the canary; on failure everything LSM is
+    /// unloaded again and the reason returned.
+    fn try_lsm(&mut self, ring: &mut RingBuf<MapData>) -> std::result::Result<(), String> {
+        let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
+        for (name, hook) in [
+            (shared::PROG_LSM_BPRM_CHECK, "bprm_check_security"),
+            (shared::PROG_LSM_SOCKET_CONNECT, "socket_connect"),
+        ] {
+            let prog: &mut Lsm = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("program {name} missing from the object"))?
+                .try_into()
+                .map_err(|e| format!("program {name}: {e}"))?;
+            if let Err(e) = prog.load(hook, &btf).and_then(|()| prog.attach().map(drop)) {
+                self.unload_lsm();
+                return Err(format!("{hook}: {}", error_chain(&e)));
+            }
+        }
+        self.set_config(shared::MODE_LSM, 0).map_err(|e| e.to_string())?;
+        self.mode = Mode::Lsm;
+        match canary::prove(self, ring, Mode::Lsm) {
+            Ok(()) => {
+                self.reason = "lsm: BPF LSM hooks attached and proven by the canary".to_owned();
+                Ok(())
+            }
+            Err(e) => {
+                self.unload_lsm();
+                let _ = self.set_config(shared::MODE_OFF, 0);
+                Err(format!("LSM programs attached but {e} (is `bpf` in the kernel's lsm= list?)"))
+            }
+        }
+    }
+
+    fn unload_lsm(&mut self) {
+        for name in [shared::PROG_LSM_BPRM_CHECK, shared::PROG_LSM_SOCKET_CONNECT] {
+            if let Some(prog) = self.ebpf.program_mut(name) {
+                let prog: std::result::Result<&mut Lsm, _> = prog.try_into();
+                if let Ok(prog) = prog {
+                    let _ = prog.unload();
+                }
+            }
+        }
+    }
+
+    fn attach_fallback(&mut self) -> Result<()> {
+        attach_tracepoint(&mut self.ebpf, shared::PROG_TP_SYS_ENTER_CONNECT, "syscalls", "sys_enter_connect")?;
+        let root = cgroup2_root().ok_or(KernelError::NoCgroup2)?;
+        let cgroup = File::open(&root).map_err(|error| KernelError::Io { path: root.clone(), error })?;
+        for name in [shared::PROG_CG_CONNECT4, shared::PROG_CG_CONNECT6] {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(KernelError::Map { name, detail: "program missing from the object".into() })?
+                .try_into()
+                .map_err(|error| KernelError::Program { name, error })?;
+            prog.load().map_err(|error| KernelError::Program { name, error })?;
+            // A bpf_link is always "multi" for cgroups; the kernel refuses the flag on links.
+            prog.attach(&cgroup, CgroupAttachMode::Single)
+                .map_err(|error| KernelError::Program { name, error })?;
+        }
+        Ok(())
+    }
+
+    /// Installs the cgroup labels, after the canary (so that no agent is held before the
+    /// daemon is ready to hear about it).
+    fn install_cgroup_labels(&mut self, labels: &[(u64, u32)]) -> Result<()> {
+        for &(id, label) in labels {
+            self.cgroups.insert(id, label, 0).map_err(|e| map_err(shared::MAP_CGROUP_LABELS, &e))?;
+        }
+        let mode = match self.mode {
+            Mode::Lsm => shared::MODE_LSM,
+            Mode::Fallback => shared::MODE_FALLBACK,
+        };
+        self.set_config(mode, u32::from(!labels.is_empty()))
+    }
+
+    fn set_config(&mut self, mode: u32, cgroup_labels: u32) -> Result<()> {
+        let config = Config { mode, daemon_tgid: std::process::id(), cgroup_labels, _pad: 0 };
+        self.config.set(0, config, 0).map_err(|e| map_err(shared::MAP_CONFIG, &e))
+    }
+
+    /// Stops all enforcement (hooks return at once). Used only at shutdown, after every held
+    /// task was decided.
+    pub fn disable(&mut self) {
+        let _ = self.set_config(shared::MODE_OFF, 0);
+    }
+
+    #[must_use]
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    #[must_use]
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+
+    /// The state of a labelled thread, if any.
+    #[must_use]
+    pub fn task(&self, tid: u32) -> Option<TaskState> {
+        self.tasks.get(&tid, 0).ok()
+    }
+
+    /// Labels a thread (and, through the fork hook, everything it starts from now on).
+    pub fn label_task(&mut self, tid: u32, label: u32) -> Result<()> {
+        let state = TaskState { label, ..TaskState::default() };
+        self.tasks.insert(tid, state, 0).map_err(|e| map_err(shared::MAP_TASKS, &e))
+    }
+
+    /// Writes a decision for the pending request `request_id` of `tid`. Returns false when the
+    /// task no longer has that request pending (it exited, or its request was superseded).
+    pub fn decide(&mut self, tid: u32, request_id: u64, new_state: u32) -> Result<bool> {
+        let Ok(mut state) = self.tasks.get(&tid, 0) else {
+            return Ok(false);
+        };
+        if state.request_id != request_id || state.state != shared::STATE_PENDING {
+            return Ok(false);
+        }
+        state.state = new_state;
+        self.tasks.insert(tid, state, 0).map_err(|e| map_err(shared::MAP_TASKS, &e))?;
+        Ok(true)
+    }
+
+    /// Removes a thread's entry (the canary, once done).
+    pub fn forget_task(&mut self, tid: u32) {
+        let _ = self.tasks.remove(&tid);
+    }
+
+    /// Counter values by `STAT_*` index.
+    #[must_use]
+    pub fn stats(&self) -> [u64; shared::STAT_COUNT as usize] {
+        let mut out = [0; shared::STAT_COUNT as usize];
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = self.stats.get(&(i as u32), 0).unwrap_or(0);
+        }
+        out
+    }
+
+    /// Number of entries in the cgroup label map (for status).
+    #[must_use]
+    pub fn cgroup_label_count(&self) -> usize {
+        self.cgroups.keys().count()
+    }
+}
+
+/// Parses one ring buffer item into an [`Event`]; `None` for a short item.
+#[must_use]
+pub fn parse_event(bytes: &[u8]) -> Option<Event> {
+    if bytes.len() < std::mem::size_of::<Event>() {
+        return None;
+    }
+    // SAFETY: the length is checked above; Event is plain old data and read unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name).ok_or(KernelError::Map { name, detail: "missing from the object".into() })
+}
+
+fn map_err(name: &'static str, e: &dyn std::fmt::Display) -> KernelError {
+    KernelError::Map { name, detail: e.to_string() }
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &str) -> Result<()> {
+    let prog: &mut TracePoint = ebpf
+        .program_mut(name)
+        .ok_or(KernelError::Map { name, detail: "program missing from the object".into() })?
+        .try_into()
+        .map_err(|error| KernelError::Program { name, error })?;
+    prog.load().map_err(|error| KernelError::Program { name, error })?;
+    prog.attach(category, tp).map_err(|error| KernelError::Program { name, error })?;
+    Ok(())
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+fn raise_memlock() {
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid pointer to a local struct.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) };
+    if rc != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}
+
+/// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on most hosts).
+#[must_use]
+pub fn cgroup2_root() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_dev, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// The cgroup v2 id of a cgroup directory (its inode number).
+pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a cgroup directory"));
+    }
+    Ok(meta.ino())
+}
+
+/// Registers the ring buffer with the async runtime.
+pub fn watch_ring(ring: RingBuf<MapData>) -> std::io::Result<tokio::io::unix::AsyncFd<RingBuf<MapData>>> {
+    // SAFETY: the ring buffer owns its map fd; it stays open and unchanged for as long as the
+    // AsyncFd owns the ring buffer.
+    unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
+}

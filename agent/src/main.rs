@@ -1,0 +1,153 @@
+//! `countersign`: one binary for the host daemon and the tools around it.
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+mod cli;
+mod daemon;
+mod ebpf;
+mod paths;
+mod proto;
+
+use daemon::config::{DaemonConfig, TimeoutAction};
+use proto::Decision;
+
+#[derive(Parser)]
+#[command(name = "countersign", version, about = "Hold an AI agent's privileged actions until a human countersigns them")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the host daemon (root): load the hooks and hold labelled processes' execs and connects.
+    Daemon(DaemonArgs),
+    /// Show the daemon's enforcement mode, why, and its counters.
+    Status {
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run CMD labelled as an agent: its execs and connects (and its children's) are held.
+    Exec {
+        /// The label (letters, digits, - _ .).
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+        /// The command and its arguments.
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// List and decide held requests (root).
+    Requests {
+        #[command(subcommand)]
+        action: RequestsCmd,
+        #[arg(long, global = true)]
+        socket_dir: Option<PathBuf>,
+    },
+    #[command(name = "internal-canary", hide = true)]
+    InternalCanary { port: u16 },
+    #[command(name = "internal-canary-exec", hide = true)]
+    InternalCanaryExec,
+}
+
+#[derive(clap::Args)]
+struct DaemonArgs {
+    /// Configuration file (default /etc/countersign/daemon.yaml if it exists).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    socket_dir: Option<PathBuf>,
+    #[arg(long)]
+    decision_log: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    mode: Option<ebpf::ModeRequest>,
+    /// Seconds a request waits for a decision.
+    #[arg(long)]
+    request_timeout: Option<u64>,
+    /// What a request nobody decides gets.
+    #[arg(long, value_enum)]
+    timeout_action: Option<TimeoutAction>,
+}
+
+#[derive(Subcommand)]
+enum RequestsCmd {
+    /// Every held request with its full context.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let exactly the held action run.
+    Approve { id: u64 },
+    /// Refuse it: the syscall fails with EPERM (an exec held after loading is killed).
+    Deny { id: u64 },
+    /// Kill the process with SIGKILL.
+    Kill { id: u64 },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Cmd::InternalCanary { port } => ebpf::canary_main(port),
+        Cmd::InternalCanaryExec => ebpf::canary_exec_main(),
+        Cmd::Exec { label, socket_dir, command } => cli::exec::run(&paths::socket_dir(socket_dir), &label, &command),
+        Cmd::Daemon(args) => report(daemon(args)),
+        Cmd::Status { socket_dir, json } => report(cli::status::run(&paths::socket_dir(socket_dir), json)),
+        Cmd::Requests { action, socket_dir } => {
+            let dir = paths::socket_dir(socket_dir);
+            report(match action {
+                RequestsCmd::List { json } => cli::requests::list(&dir, json),
+                RequestsCmd::Approve { id } => cli::requests::decide(&dir, id, Decision::Approve),
+                RequestsCmd::Deny { id } => cli::requests::decide(&dir, id, Decision::Deny),
+                RequestsCmd::Kill { id } => cli::requests::decide(&dir, id, Decision::Kill),
+            })
+        }
+    };
+    std::process::exit(code);
+}
+
+fn report(result: anyhow::Result<()>) -> i32 {
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("countersign: {e:#}");
+            1
+        }
+    }
+}
+
+fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COUNTERSIGN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("the daemon must run as root (it loads eBPF programs)");
+    }
+    let mut config = DaemonConfig::load(args.config.as_deref())?;
+    if let Some(d) = args.socket_dir.or_else(|| std::env::var_os(paths::ENV_SOCKET_DIR).map(PathBuf::from)) {
+        config.socket_dir = d;
+    }
+    if let Some(l) = args.decision_log {
+        config.decision_log = l;
+    }
+    if let Some(m) = args.mode {
+        config.mode = m;
+    }
+    if let Some(t) = args.request_timeout {
+        config.request_timeout_secs = t;
+    }
+    if let Some(a) = args.timeout_action {
+        config.timeout_action = a;
+    }
+    config.validate(std::path::Path::new("command line")).context("invalid settings")?;
+    daemon::run(config)
+}

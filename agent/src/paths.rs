@@ -1,0 +1,26 @@
+//! Every path countersign uses on disk, in one place.
+use std::path::PathBuf;
+
+/// Where the daemon's sockets live (`control.sock`, `launch.sock`).
+pub const DEFAULT_SOCKET_DIR: &str = "/run/countersign";
+/// The daemon's configuration file.
+pub const DEFAULT_CONFIG: &str = "/etc/countersign/daemon.yaml";
+/// One JSON line per decision.
+pub const DEFAULT_DECISION_LOG: &str = "/var/log/countersign/decisions.jsonl";
+/// Environment variable that overrides the socket directory for every subcommand.
+pub const ENV_SOCKET_DIR: &str = "COUNTERSIGN_SOCKET_DIR";
+
+/// Root-only socket: deciding requests, listing them, status.
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// World-connectable socket: `countersign exec` labels itself here; status.
+pub const LAUNCH_SOCKET: &str = "launch.sock";
+
+/// Where tracepoint formats are read from (tracefs, or the debugfs copy on older hosts).
+pub const TRACEFS_ROOTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// The socket directory: the flag, else `$COUNTERSIGN_SOCKET_DIR`, else the default.
+#[must_use]
+pub fn socket_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os(ENV_SOCKET_DIR).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_DIR))
+}

@@ -1,0 +1,103 @@
+//! The daemon's local protocol: one JSON request line, one JSON response line, over the
+//! Unix sockets in the socket directory. The CLI and the daemon share these types.
+use serde::{Deserialize, Serialize};
+
+/// Longest request line the daemon reads.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Mode, reason, counters.
+    Status,
+    /// Every held request with its context.
+    List,
+    /// Decide a held request.
+    Decide { id: u64, decision: Decision },
+    /// Label the calling process (used by `countersign exec`).
+    Label { label: String },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// Let exactly the held action run.
+    Approve,
+    /// The held syscall fails with EPERM (for an exec held after loading: the task is killed).
+    Deny,
+    /// The task is killed with SIGKILL.
+    Kill,
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Decision::Approve => "approve",
+            Decision::Deny => "deny",
+            Decision::Kill => "kill",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    Status(StatusInfo),
+    List { requests: Vec<RequestView> },
+    Decided { id: u64, outcome: String },
+    Labelled { label: String, pid: u32 },
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// `lsm` or `fallback`.
+    pub mode: String,
+    /// Why this mode was chosen.
+    pub reason: String,
+    pub daemon_pid: u32,
+    pub uptime_secs: u64,
+    pub pending: usize,
+    /// Label names known to the daemon.
+    pub labels: Vec<String>,
+    pub cgroup_labels: usize,
+    pub request_timeout_secs: u64,
+    pub timeout_action: String,
+    pub holds: u64,
+    pub events_dropped: u64,
+    pub label_inherit_failed: u64,
+}
+
+/// One parent in a request's process chain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+}
+
+/// A held request as the approver sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestView {
+    pub id: u64,
+    /// `exec`, `exec-loaded` (held after the image loaded: deny kills) or `connect`.
+    pub kind: String,
+    pub label: String,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub user: Option<String>,
+    pub binary: Option<String>,
+    pub argv: Vec<String>,
+    pub argv_truncated: bool,
+    pub cwd: Option<String>,
+    pub parents: Vec<ProcInfo>,
+    /// `address:port` for connects.
+    pub destination: Option<String>,
+    /// `tcp`, `udp` or the socket type number.
+    pub protocol: Option<String>,
+    pub age_ms: u64,
+    pub expires_in_ms: u64,
+    /// Extra facts, e.g. that this exec replaced an approved one.
+    pub note: Option<String>,
+}
