@@ -7,7 +7,9 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("agent crate has no parent directory"))?
         .join("agent-ebpf");
-    let root = root.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", root.display()))?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "countersign-ebpf",
@@ -16,5 +18,7 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
-    .context("building the eBPF programs (run `cargo xtask setup` if bpf-linker or rust-src is missing)")
+    .context(
+        "building the eBPF programs (run `cargo xtask setup` if bpf-linker or rust-src is missing)",
+    )
 }

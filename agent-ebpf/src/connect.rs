@@ -69,8 +69,9 @@ pub fn lsm_connect(sock: *const u8, address: *const u8) -> Verdict {
     // SAFETY: the pointer comes from the map lookup and is valid for this run.
     let state = unsafe { &mut *state };
     // SAFETY: the kernel's copy of the caller's sockaddr, read with the checked helper.
-    let Some(dest) = read_dest(address, |p| unsafe { bpf_probe_read_kernel(p.cast::<[u8; 8]>()) }.ok())
-    else {
+    let Some(dest) = read_dest(address, |p| {
+        unsafe { bpf_probe_read_kernel(p.cast::<[u8; 8]>()) }.ok()
+    }) else {
         return Verdict::Allow;
     };
     // `struct socket` starts with `socket_state state; short type;`.
@@ -106,8 +107,9 @@ pub fn sys_enter_connect(ctx: &TracePointContext) {
         return;
     };
     // SAFETY: user memory of the current task, read with the checked helper.
-    let Some(dest) = read_dest(uaddr as *const u8, |p| unsafe { bpf_probe_read_user(p.cast::<[u8; 8]>()) }.ok())
-    else {
+    let Some(dest) = read_dest(uaddr as *const u8, |p| {
+        unsafe { bpf_probe_read_user(p.cast::<[u8; 8]>()) }.ok()
+    }) else {
         return;
     };
     let hash = connect_hash(dest.family, dest.port, &dest.addr);
@@ -156,7 +158,12 @@ pub fn cgroup_connect(ctx: &SockAddrContext, v6: bool) -> Verdict {
     let port = u16::from_be(sa.user_port as u16);
     let mut addr = [0u8; 16];
     let family = if v6 {
-        let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+        let words = [
+            sa.user_ip6[0],
+            sa.user_ip6[1],
+            sa.user_ip6[2],
+            sa.user_ip6[3],
+        ];
         let mut i = 0;
         while i < 4 {
             let b = words[i].to_ne_bytes();

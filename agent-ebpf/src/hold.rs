@@ -4,8 +4,8 @@ use aya_ebpf::helpers::{
     generated::bpf_send_signal,
 };
 use countersign_ebpf::{
-    Event, KIND_ERROR, STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING, STAT_EVENTS_DROPPED,
-    STAT_HOLDS, TaskState,
+    Event, KIND_ERROR, STAT_EVENTS_DROPPED, STAT_HOLDS, STATE_ALLOWED, STATE_DENIED, STATE_IDLE,
+    STATE_PENDING, TaskState,
 };
 
 use crate::{

@@ -3,7 +3,9 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_ancestor_cgroup_id},
     programs::TracePointContext,
 };
-use countersign_ebpf::{LABEL_NONE, MAX_CGROUP_DEPTH, MODE_OFF, STAT_LABEL_INHERIT_FAILED, TaskState};
+use countersign_ebpf::{
+    LABEL_NONE, MAX_CGROUP_DEPTH, MODE_OFF, STAT_LABEL_INHERIT_FAILED, TaskState,
+};
 
 use crate::maps::{self, CGROUP_LABELS, TASKS};
 
@@ -37,7 +39,10 @@ pub fn current_task() -> Option<*mut TaskState> {
         return None;
     }
     let label = cgroup_label()?;
-    let state = TaskState { label, ..TaskState::default() };
+    let state = TaskState {
+        label,
+        ..TaskState::default()
+    };
     // A full map leaves the task unlabelled here; the cgroup walk finds it again next time.
     TASKS.insert(tid, state, 0).ok()?;
     TASKS.get_ptr_mut(tid)
@@ -79,7 +84,10 @@ pub fn inherit(ctx: &TracePointContext) {
         maps::count(STAT_LABEL_INHERIT_FAILED);
         return;
     };
-    let child_state = TaskState { label, ..TaskState::default() };
+    let child_state = TaskState {
+        label,
+        ..TaskState::default()
+    };
     if TASKS.insert(child as u32, child_state, 0).is_err() {
         maps::count(STAT_LABEL_INHERIT_FAILED);
     }

@@ -4,8 +4,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, RingBuf},
 };
 use countersign_ebpf::{
-    Config, EVENTS_RING_BYTES, Event, MAX_CGROUP_LABELS, MAX_LABELLED_TASKS, STAT_COUNT,
-    TaskState,
+    Config, EVENTS_RING_BYTES, Event, MAX_CGROUP_LABELS, MAX_LABELLED_TASKS, STAT_COUNT, TaskState,
 };
 
 #[map(name = "CS_TASKS")]

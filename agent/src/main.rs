@@ -14,7 +14,11 @@ use daemon::config::{DaemonConfig, TimeoutAction};
 use proto::Decision;
 
 #[derive(Parser)]
-#[command(name = "countersign", version, about = "Hold an AI agent's privileged actions until a human countersigns them")]
+#[command(
+    name = "countersign",
+    version,
+    about = "Hold an AI agent's privileged actions until a human countersigns them"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -95,9 +99,15 @@ fn main() {
     let code = match cli.command {
         Cmd::InternalCanary { port } => ebpf::canary_main(port),
         Cmd::InternalCanaryExec => ebpf::canary_exec_main(),
-        Cmd::Exec { label, socket_dir, command } => cli::exec::run(&paths::socket_dir(socket_dir), &label, &command),
+        Cmd::Exec {
+            label,
+            socket_dir,
+            command,
+        } => cli::exec::run(&paths::socket_dir(socket_dir), &label, &command),
         Cmd::Daemon(args) => report(daemon(args)),
-        Cmd::Status { socket_dir, json } => report(cli::status::run(&paths::socket_dir(socket_dir), json)),
+        Cmd::Status { socket_dir, json } => {
+            report(cli::status::run(&paths::socket_dir(socket_dir), json))
+        }
         Cmd::Requests { action, socket_dir } => {
             let dir = paths::socket_dir(socket_dir);
             report(match action {
@@ -133,7 +143,10 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         anyhow::bail!("the daemon must run as root (it loads eBPF programs)");
     }
     let mut config = DaemonConfig::load(args.config.as_deref())?;
-    if let Some(d) = args.socket_dir.or_else(|| std::env::var_os(paths::ENV_SOCKET_DIR).map(PathBuf::from)) {
+    if let Some(d) = args
+        .socket_dir
+        .or_else(|| std::env::var_os(paths::ENV_SOCKET_DIR).map(PathBuf::from))
+    {
         config.socket_dir = d;
     }
     if let Some(l) = args.decision_log {
@@ -148,6 +161,8 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     if let Some(a) = args.timeout_action {
         config.timeout_action = a;
     }
-    config.validate(std::path::Path::new("command line")).context("invalid settings")?;
+    config
+        .validate(std::path::Path::new("command line"))
+        .context("invalid settings")?;
     daemon::run(config)
 }

@@ -21,13 +21,18 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn call(dir: &Path, socket: &str, request: &Request) -> anyhow::Result<Response> {
     let path: PathBuf = dir.join(socket);
     let mut stream = UnixStream::connect(&path).with_context(|| {
-        format!("cannot reach the countersign daemon at {} (is it running? `countersign daemon`)", path.display())
+        format!(
+            "cannot reach the countersign daemon at {} (is it running? `countersign daemon`)",
+            path.display()
+        )
     })?;
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
     let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
-    stream.write_all(&line).with_context(|| format!("sending to {}", path.display()))?;
+    stream
+        .write_all(&line)
+        .with_context(|| format!("sending to {}", path.display()))?;
     let mut answer = String::new();
     BufReader::new(stream)
         .read_line(&mut answer)
@@ -42,5 +47,9 @@ pub fn call(dir: &Path, socket: &str, request: &Request) -> anyhow::Result<Respo
 
 /// Status is served on both sockets: root uses the control socket, others the launch one.
 pub fn status_socket() -> &'static str {
-    if nix::unistd::geteuid().is_root() { paths::CONTROL_SOCKET } else { paths::LAUNCH_SOCKET }
+    if nix::unistd::geteuid().is_root() {
+        paths::CONTROL_SOCKET
+    } else {
+        paths::LAUNCH_SOCKET
+    }
 }

@@ -8,7 +8,9 @@ use crate::{
 };
 
 pub fn list(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
-    let Response::List { requests } = client::call(socket_dir, paths::CONTROL_SOCKET, &Request::List)? else {
+    let Response::List { requests } =
+        client::call(socket_dir, paths::CONTROL_SOCKET, &Request::List)?
+    else {
         anyhow::bail!("unexpected answer to list");
     };
     if json {
@@ -43,17 +45,34 @@ pub fn render(r: &RequestView) -> String {
         r.expires_in_ms / 1000
     );
     if let Some(d) = &r.destination {
-        let _ = writeln!(s, "       destination: {d} {}", r.protocol.as_deref().unwrap_or(""));
+        let _ = writeln!(
+            s,
+            "       destination: {d} {}",
+            r.protocol.as_deref().unwrap_or("")
+        );
     }
     if let Some(b) = &r.binary {
         let _ = writeln!(s, "       binary:      {b}");
     }
-    let _ = writeln!(s, "       argv:        {}{}", shell_words(&r.argv), if r.argv_truncated { " …(truncated)" } else { "" });
+    let _ = writeln!(
+        s,
+        "       argv:        {}{}",
+        shell_words(&r.argv),
+        if r.argv_truncated {
+            " …(truncated)"
+        } else {
+            ""
+        }
+    );
     if let Some(c) = &r.cwd {
         let _ = writeln!(s, "       cwd:         {c}");
     }
     if !r.parents.is_empty() {
-        let chain: Vec<String> = r.parents.iter().map(|p| format!("{}({})", p.comm, p.pid)).collect();
+        let chain: Vec<String> = r
+            .parents
+            .iter()
+            .map(|p| format!("{}({})", p.comm, p.pid))
+            .collect();
         let _ = writeln!(s, "       parents:     {}", chain.join(" <- "));
     }
     if let Some(n) = &r.note {
@@ -69,7 +88,10 @@ pub fn render(r: &RequestView) -> String {
 fn shell_words(argv: &[String]) -> String {
     argv.iter()
         .map(|a| {
-            if !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c)) {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+            {
                 a.clone()
             } else {
                 format!("{a:?}")
@@ -80,8 +102,11 @@ fn shell_words(argv: &[String]) -> String {
 }
 
 pub fn decide(socket_dir: &Path, id: u64, decision: Decision) -> anyhow::Result<()> {
-    let Response::Decided { id, outcome } =
-        client::call(socket_dir, paths::CONTROL_SOCKET, &Request::Decide { id, decision })?
+    let Response::Decided { id, outcome } = client::call(
+        socket_dir,
+        paths::CONTROL_SOCKET,
+        &Request::Decide { id, decision },
+    )?
     else {
         anyhow::bail!("unexpected answer to {decision}");
     };

@@ -7,23 +7,40 @@ use crate::{
 };
 
 pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
-    let Response::Status(s) = client::call(socket_dir, client::status_socket(), &Request::Status)? else {
+    let Response::Status(s) = client::call(socket_dir, client::status_socket(), &Request::Status)?
+    else {
         anyhow::bail!("unexpected answer to status");
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
-    println!("countersign daemon (pid {}) enforcing in {} mode", s.daemon_pid, s.mode);
+    println!(
+        "countersign daemon (pid {}) enforcing in {} mode",
+        s.daemon_pid, s.mode
+    );
     println!("  why:            {}", s.reason);
     println!("  uptime:         {}s", s.uptime_secs);
     println!("  held requests:  {}", s.pending);
-    println!("  labels:         {}", if s.labels.is_empty() { "-".to_owned() } else { s.labels.join(", ") });
+    println!(
+        "  labels:         {}",
+        if s.labels.is_empty() {
+            "-".to_owned()
+        } else {
+            s.labels.join(", ")
+        }
+    );
     println!("  cgroup labels:  {}", s.cgroup_labels);
-    println!("  timeout:        {}s, then {}", s.request_timeout_secs, s.timeout_action);
+    println!(
+        "  timeout:        {}s, then {}",
+        s.request_timeout_secs, s.timeout_action
+    );
     println!("  holds so far:   {}", s.holds);
     if s.events_dropped > 0 || s.label_inherit_failed > 0 {
-        println!("  ALARM: {} events dropped (those actions were refused), {} children not labelled", s.events_dropped, s.label_inherit_failed);
+        println!(
+            "  ALARM: {} events dropped (those actions were refused), {} children not labelled",
+            s.events_dropped, s.label_inherit_failed
+        );
     }
     Ok(())
 }

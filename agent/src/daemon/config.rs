@@ -69,11 +69,21 @@ pub const MAX_LABEL_LEN: usize = 64;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
     #[error("{path}: {field}: {message}")]
-    Invalid { path: PathBuf, field: String, message: String },
+    Invalid {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
 }
 
 impl DaemonConfig {
@@ -93,18 +103,28 @@ impl DaemonConfig {
         let config: Self = if text.trim().is_empty() {
             Self::default()
         } else {
-            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.clone(), source })?
+            serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: path.clone(),
+                source,
+            })?
         };
         config.validate(&path)?;
         Ok(config)
     }
 
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |field: String, message: String| ConfigError::Invalid { path: path.to_path_buf(), field, message };
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            message,
+        };
         if self.request_timeout_secs == 0 || self.request_timeout_secs > MAX_REQUEST_TIMEOUT_SECS {
             return Err(invalid(
                 "request_timeout_secs".into(),
-                format!("must be between 1 and {MAX_REQUEST_TIMEOUT_SECS}, not {}", self.request_timeout_secs),
+                format!(
+                    "must be between 1 and {MAX_REQUEST_TIMEOUT_SECS}, not {}",
+                    self.request_timeout_secs
+                ),
             ));
         }
         for (i, c) in self.cgroup_labels.iter().enumerate() {
@@ -114,7 +134,10 @@ impl DaemonConfig {
             if !c.path.is_absolute() {
                 return Err(invalid(
                     format!("cgroup_labels[{i}].path"),
-                    format!("`{}` must start with / (as in /proc/PID/cgroup)", c.path.display()),
+                    format!(
+                        "`{}` must start with / (as in /proc/PID/cgroup)",
+                        c.path.display()
+                    ),
                 ));
             }
         }
@@ -127,8 +150,13 @@ pub fn validate_label(label: &str) -> Result<(), String> {
     if label.is_empty() || label.len() > MAX_LABEL_LEN {
         return Err(format!("label must be 1 to {MAX_LABEL_LEN} characters"));
     }
-    if let Some(c) = label.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
-        return Err(format!("label `{label}` has the character {c:?}; use letters, digits, - _ ."));
+    if let Some(c) = label
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "label `{label}` has the character {c:?}; use letters, digits, - _ ."
+        ));
     }
     Ok(())
 }
@@ -188,7 +216,9 @@ mod tests {
 
     #[test]
     fn missing_named_file_is_an_error() {
-        let e = DaemonConfig::load(Some(Path::new("/nonexistent/daemon.yaml"))).unwrap_err().to_string();
+        let e = DaemonConfig::load(Some(Path::new("/nonexistent/daemon.yaml")))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/daemon.yaml"), "{e}");
     }
 }

@@ -46,7 +46,10 @@ pub struct Command {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}: another countersign daemon is already serving this socket")]
     InUse(PathBuf),
 }
@@ -72,7 +75,8 @@ pub fn serve(dir: &Path, tx: mpsc::Sender<Command>) -> Result<(), ControlError> 
             Err(e) => return Err(io(&path)(e)),
         }
         let listener = UnixListener::bind(&path).map_err(io(&path))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(io(&path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(io(&path))?;
         tokio::spawn(accept_loop(listener, socket, tx.clone()));
     }
     Ok(())
@@ -96,10 +100,22 @@ async fn handle(mut stream: UnixStream, socket: Socket, tx: mpsc::Sender<Command
     let response = match request(&mut stream, socket).await {
         Ok((request, peer)) => {
             let (reply, rx) = oneshot::channel();
-            if tx.send(Command { request, peer, reply }).await.is_err() {
-                Response::Error { message: "the daemon is shutting down".into() }
+            if tx
+                .send(Command {
+                    request,
+                    peer,
+                    reply,
+                })
+                .await
+                .is_err()
+            {
+                Response::Error {
+                    message: "the daemon is shutting down".into(),
+                }
             } else {
-                rx.await.unwrap_or(Response::Error { message: "the daemon is shutting down".into() })
+                rx.await.unwrap_or(Response::Error {
+                    message: "the daemon is shutting down".into(),
+                })
             }
         }
         Err(message) => Response::Error { message },
@@ -110,9 +126,18 @@ async fn handle(mut stream: UnixStream, socket: Socket, tx: mpsc::Sender<Command
 }
 
 async fn request(stream: &mut UnixStream, socket: Socket) -> Result<(Request, Peer), String> {
-    let cred = stream.peer_cred().map_err(|e| format!("reading the caller's credentials: {e}"))?;
-    let pid = cred.pid().and_then(|p| u32::try_from(p).ok()).ok_or("the caller has no pid")?;
-    let peer = Peer { pid, uid: cred.uid(), socket };
+    let cred = stream
+        .peer_cred()
+        .map_err(|e| format!("reading the caller's credentials: {e}"))?;
+    let pid = cred
+        .pid()
+        .and_then(|p| u32::try_from(p).ok())
+        .ok_or("the caller has no pid")?;
+    let peer = Peer {
+        pid,
+        uid: cred.uid(),
+        socket,
+    };
     let mut line = String::new();
     let mut reader = BufReader::new(&mut *stream).take(MAX_REQUEST_BYTES as u64 + 1);
     match tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await {
@@ -123,6 +148,7 @@ async fn request(stream: &mut UnixStream, socket: Socket) -> Result<(Request, Pe
     if line.len() > MAX_REQUEST_BYTES {
         return Err(format!("request longer than {MAX_REQUEST_BYTES} bytes"));
     }
-    let request = serde_json::from_str(line.trim()).map_err(|e| format!("malformed request: {e}"))?;
+    let request =
+        serde_json::from_str(line.trim()).map_err(|e| format!("malformed request: {e}"))?;
     Ok((request, peer))
 }

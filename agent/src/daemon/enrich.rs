@@ -33,7 +33,10 @@ pub struct FileId {
 
 pub fn file_id(path: &Path) -> Option<FileId> {
     let m = std::fs::metadata(path).ok()?;
-    Some(FileId { dev: m.dev(), ino: m.ino() })
+    Some(FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+    })
 }
 
 /// `comm`, state letter and parent pid from `/proc/PID/stat`.
@@ -53,7 +56,9 @@ pub fn exists(tid: u32) -> bool {
 }
 
 pub fn readlink(pid: u32, what: &str) -> Option<String> {
-    std::fs::read_link(format!("/proc/{pid}/{what}")).ok().map(|p| p.to_string_lossy().into_owned())
+    std::fs::read_link(format!("/proc/{pid}/{what}"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
 }
 
 /// The chain of ancestors, nearest first.
@@ -64,8 +69,14 @@ pub fn parents(pid: u32) -> Vec<ProcInfo> {
         if p == 0 || out.len() >= MAX_PARENTS {
             break;
         }
-        let Some((comm, _, ppid)) = stat(p) else { break };
-        out.push(ProcInfo { pid: p, comm, exe: readlink(p, "exe") });
+        let Some((comm, _, ppid)) = stat(p) else {
+            break;
+        };
+        out.push(ProcInfo {
+            pid: p,
+            comm,
+            exe: readlink(p, "exe"),
+        });
         cur = Some(ppid);
     }
     out
@@ -87,7 +98,9 @@ pub fn cmdline(pid: u32) -> Option<(Vec<String>, bool)> {
     use std::io::Read as _;
     let mut buf = Vec::new();
     let f = std::fs::File::open(format!("/proc/{pid}/cmdline")).ok()?;
-    f.take(MAX_ARGV_BYTES as u64 + 1).read_to_end(&mut buf).ok()?;
+    f.take(MAX_ARGV_BYTES as u64 + 1)
+        .read_to_end(&mut buf)
+        .ok()?;
     let truncated = buf.len() > MAX_ARGV_BYTES;
     buf.truncate(MAX_ARGV_BYTES);
     let mut args: Vec<String> = buf
@@ -101,7 +114,10 @@ pub fn cmdline(pid: u32) -> Option<(Vec<String>, bool)> {
 }
 
 fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> Option<usize> {
-    let remote = [RemoteIoVec { base: usize::try_from(addr).ok()?, len: buf.len() }];
+    let remote = [RemoteIoVec {
+        base: usize::try_from(addr).ok()?,
+        len: buf.len(),
+    }];
     let mut local = [IoSliceMut::new(buf)];
     process_vm_readv(Pid::from_raw(i32::try_from(pid).ok()?), &mut local, &remote).ok()
 }
@@ -174,7 +190,10 @@ pub fn shebang(path: &Path) -> Option<(String, Option<String>)> {
     let line = String::from_utf8_lossy(line);
     let line = line.trim();
     let (interp, arg) = match line.split_once([' ', '\t']) {
-        Some((i, a)) => (i.to_owned(), Some(a.trim().to_owned()).filter(|a| !a.is_empty())),
+        Some((i, a)) => (
+            i.to_owned(),
+            Some(a.trim().to_owned()).filter(|a| !a.is_empty()),
+        ),
         None => (line.to_owned(), None),
     };
     (!interp.is_empty()).then_some((interp, arg))
@@ -185,7 +204,10 @@ pub fn destination(family: u16, addr: &[u8; 16], port: u16) -> String {
     if family == libc::AF_INET6 as u16 {
         format!("[{}]:{port}", std::net::Ipv6Addr::from(*addr))
     } else {
-        format!("{}:{port}", std::net::Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+        format!(
+            "{}:{port}",
+            std::net::Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3])
+        )
     }
 }
 
@@ -201,7 +223,8 @@ pub fn protocol(sock_type: u16) -> Option<String> {
 /// The cgroup v2 path of a task, as in `/proc/PID/cgroup` (`0::/path`).
 pub fn cgroup_path(pid: u32) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
 }
 
 #[cfg(test)]
@@ -221,8 +244,11 @@ mod tests {
     fn reads_own_argv_from_memory() {
         // Build a C-style argv in our own memory and read it back through process_vm_readv.
         let args = [c"/bin/echo", c"hello world", c""];
-        let ptrs: Vec<u64> =
-            args.iter().map(|a| a.as_ptr() as u64).chain(std::iter::once(0)).collect();
+        let ptrs: Vec<u64> = args
+            .iter()
+            .map(|a| a.as_ptr() as u64)
+            .chain(std::iter::once(0))
+            .collect();
         let (argv, cut) = read_argv(std::process::id(), ptrs.as_ptr() as u64).unwrap();
         assert_eq!(argv, ["/bin/echo", "hello world", ""]);
         assert!(!cut);

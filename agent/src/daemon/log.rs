@@ -45,29 +45,57 @@ pub struct DecisionLog {
 
 impl DecisionLog {
     pub fn open(path: &Path) -> Result<Self, LogError> {
-        let err = |source| LogError { path: path.to_path_buf(), source };
+        let err = |source| LogError {
+            path: path.to_path_buf(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
         let host = nix::unistd::gethostname()
             .map(|h| h.to_string_lossy().into_owned())
             .unwrap_or_else(|_| "unknown".into());
-        Ok(Self { path: path.to_path_buf(), file, host })
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            host,
+        })
     }
 
     /// Appends one entry and syncs it to disk.
-    pub fn write(&mut self, decision: &str, applied: &str, by: &str, request: &RequestView) -> Result<(), LogError> {
+    pub fn write(
+        &mut self,
+        decision: &str,
+        applied: &str,
+        by: &str,
+        request: &RequestView,
+    ) -> Result<(), LogError> {
         let time = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        let entry = Entry { v: LOG_VERSION, time, host: &self.host, decision, applied, by, request };
+        let entry = Entry {
+            v: LOG_VERSION,
+            time,
+            host: &self.host,
+            decision,
+            applied,
+            by,
+            request,
+        };
         let mut line = serde_json::to_vec(&entry).map_err(|e| LogError {
             path: self.path.clone(),
             source: std::io::Error::other(e),
         })?;
         line.push(b'\n');
-        let err = |source| LogError { path: self.path.clone(), source };
+        let err = |source| LogError {
+            path: self.path.clone(),
+            source,
+        };
         self.file.write_all(&line).map_err(err)?;
         self.file.sync_data().map_err(err)
     }

@@ -100,18 +100,25 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     let mut cgroup_ids = Vec::new();
     let mut cgroup_labels = Vec::new();
     if !config.cgroup_labels.is_empty() {
-        let root = ebpf::cgroup2_root().context("cgroup_labels need a cgroup v2 mount; none in /proc/mounts")?;
+        let root = ebpf::cgroup2_root()
+            .context("cgroup_labels need a cgroup v2 mount; none in /proc/mounts")?;
         for (i, c) in config.cgroup_labels.iter().enumerate() {
             let dir = root.join(c.path.strip_prefix("/").unwrap_or(&c.path));
-            let id = ebpf::cgroup_id(&dir)
-                .with_context(|| format!("cgroup_labels[{i}].path: cgroup {} ({})", c.path.display(), dir.display()))?;
+            let id = ebpf::cgroup_id(&dir).with_context(|| {
+                format!(
+                    "cgroup_labels[{i}].path: cgroup {} ({})",
+                    c.path.display(),
+                    dir.display()
+                )
+            })?;
             let label = label_id(&mut labels, &c.label);
             cgroup_ids.push((id, label));
             cgroup_labels.push((c.path.to_string_lossy().into_owned(), label));
         }
     }
     let log = DecisionLog::open(&config.decision_log)?;
-    let (kernel, ring) = Kernel::load(config.mode, &cgroup_ids).context("loading the eBPF hooks")?;
+    let (kernel, ring) =
+        Kernel::load(config.mode, &cgroup_ids).context("loading the eBPF hooks")?;
     tracing::info!(mode = %kernel.mode(), reason = kernel.reason(), "enforcing");
 
     let (tx, mut rx) = mpsc::channel::<Command>(64);
@@ -178,14 +185,19 @@ fn label_id(labels: &mut Vec<String>, name: &str) -> u32 {
 
 impl Daemon {
     fn label_name(&self, id: u32) -> String {
-        self.labels.get((id as usize).wrapping_sub(1)).cloned().unwrap_or_else(|| format!("#{id}"))
+        self.labels
+            .get((id as usize).wrapping_sub(1))
+            .cloned()
+            .unwrap_or_else(|| format!("#{id}"))
     }
 
     fn event(&mut self, ev: &shared::Event) {
         match ev.kind {
             shared::KIND_EXEC => self.hold(ev, HeldKind::Exec, None),
             shared::KIND_CONNECT => self.hold(ev, HeldKind::Connect, None),
-            shared::KIND_EXEC_LOADED if ev.detail as u32 & shared::FLAG_VERIFY != 0 => self.verify_exec(ev),
+            shared::KIND_EXEC_LOADED if ev.detail as u32 & shared::FLAG_VERIFY != 0 => {
+                self.verify_exec(ev)
+            }
             shared::KIND_EXEC_LOADED => self.hold(ev, HeldKind::ExecLoaded, None),
             shared::KIND_ERROR => {
                 tracing::warn!(pid = ev.tgid, label = %self.label_name(ev.label), detail = ev.detail,
@@ -198,7 +210,12 @@ impl Daemon {
     /// A new held request.
     fn hold(&mut self, ev: &shared::Event, kind: HeldKind, note: Option<String>) {
         // A task has at most one request: a new one supersedes the old.
-        let old: Vec<u64> = self.requests.iter().filter(|(_, h)| h.tid == ev.tid).map(|(id, _)| *id).collect();
+        let old: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, h)| h.tid == ev.tid)
+            .map(|(id, _)| *id)
+            .collect();
         for id in old {
             if let Some(h) = self.requests.remove(&id) {
                 self.log_or_warn("superseded", "none", "kernel", &h.view);
@@ -208,7 +225,10 @@ impl Daemon {
         self.next_id += 1;
         let (view, binding) = self.describe(id, ev, kind, note);
         if self.requests.len() >= MAX_PENDING {
-            tracing::error!(pending = self.requests.len(), "too many held requests; denying");
+            tracing::error!(
+                pending = self.requests.len(),
+                "too many held requests; denying"
+            );
             let held = self.held(view, kind, ev, binding);
             self.apply(held, Decision::Deny, "daemon (too many pending)");
             return;
@@ -220,7 +240,13 @@ impl Daemon {
         self.requests.insert(id, held);
     }
 
-    fn held(&self, view: RequestView, kind: HeldKind, ev: &shared::Event, binding: Option<ExecBinding>) -> Held {
+    fn held(
+        &self,
+        view: RequestView,
+        kind: HeldKind,
+        ev: &shared::Event,
+        binding: Option<ExecBinding>,
+    ) -> Held {
         let now = Instant::now();
         Held {
             view,
@@ -235,7 +261,13 @@ impl Daemon {
     }
 
     /// The request's context, and for execs what an approval binds to.
-    fn describe(&self, id: u64, ev: &shared::Event, kind: HeldKind, note: Option<String>) -> (RequestView, Option<ExecBinding>) {
+    fn describe(
+        &self,
+        id: u64,
+        ev: &shared::Event,
+        kind: HeldKind,
+        note: Option<String>,
+    ) -> (RequestView, Option<ExecBinding>) {
         let pid = ev.tgid;
         let mut view = RequestView {
             id,
@@ -264,14 +296,22 @@ impl Daemon {
         let mut binding = None;
         match kind {
             HeldKind::Exec => {
-                let filename = if ev.exec_filename == 0 { None } else { enrich::read_cstring(ev.tid, ev.exec_filename) };
-                if let Some((argv, cut)) = (ev.exec_argv != 0).then(|| enrich::read_argv(ev.tid, ev.exec_argv)).flatten() {
+                let filename = if ev.exec_filename == 0 {
+                    None
+                } else {
+                    enrich::read_cstring(ev.tid, ev.exec_filename)
+                };
+                if let Some((argv, cut)) = (ev.exec_argv != 0)
+                    .then(|| enrich::read_argv(ev.tid, ev.exec_argv))
+                    .flatten()
+                {
                     view.argv = argv;
                     view.argv_truncated = cut;
                 }
                 if let Some((filename, _)) = filename {
                     let path = enrich::resolve_in_task(pid, &filename);
-                    let interp = enrich::shebang(&path).and_then(|(i, _)| enrich::file_id(&enrich::resolve_in_task(pid, &i)));
+                    let interp = enrich::shebang(&path)
+                        .and_then(|(i, _)| enrich::file_id(&enrich::resolve_in_task(pid, &i)));
                     binding = Some(ExecBinding {
                         request: id,
                         filename: filename.clone(),
@@ -316,7 +356,10 @@ impl Daemon {
                     let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
                     return;
                 }
-                match self.kernel.decide(ev.tid, ev.request_id, shared::STATE_IDLE) {
+                match self
+                    .kernel
+                    .decide(ev.tid, ev.request_id, shared::STATE_IDLE)
+                {
                     Ok(true) => {
                         let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGCONT);
                     }
@@ -325,10 +368,16 @@ impl Daemon {
             }
             (b, v) => {
                 let why = match (&b, v) {
-                    (Some(b), Some(Err(why))) => format!("replaces approved request #{}: {why}", b.request),
+                    (Some(b), Some(Err(why))) => {
+                        format!("replaces approved request #{}: {why}", b.request)
+                    }
                     _ => "an exec released without a recorded approval".to_owned(),
                 };
-                tracing::warn!(pid = ev.tgid, why, "approved exec did not match what loaded; held again");
+                tracing::warn!(
+                    pid = ev.tgid,
+                    why,
+                    "approved exec did not match what loaded; held again"
+                );
                 self.hold(ev, HeldKind::ExecLoaded, Some(why));
             }
         }
@@ -359,7 +408,10 @@ impl Daemon {
     /// Refuses callers that are not root or that are (inside) a labelled process tree.
     fn may_decide(&self, peer: Peer) -> Result<(), String> {
         if peer.uid != 0 {
-            return Err(format!("only root may decide requests (caller uid {})", peer.uid));
+            return Err(format!(
+                "only root may decide requests (caller uid {})",
+                peer.uid
+            ));
         }
         if let Some(t) = self.kernel.task(peer.pid) {
             return Err(format!(
@@ -397,14 +449,22 @@ impl Daemon {
                     ),
                 };
             }
-            return Response::Labelled { label: label.to_owned(), pid: peer.pid };
+            return Response::Labelled {
+                label: label.to_owned(),
+                pid: peer.pid,
+            };
         }
         match self.kernel.label_task(peer.pid, id) {
             Ok(()) => {
                 tracing::info!(pid = peer.pid, label, "labelled");
-                Response::Labelled { label: label.to_owned(), pid: peer.pid }
+                Response::Labelled {
+                    label: label.to_owned(),
+                    pid: peer.pid,
+                }
             }
-            Err(e) => Response::Error { message: format!("labelling pid {}: {e}", peer.pid) },
+            Err(e) => Response::Error {
+                message: format!("labelling pid {}: {e}", peer.pid),
+            },
         }
     }
 
@@ -442,13 +502,17 @@ impl Daemon {
     /// Decides request `id`; the outcome text, or why nothing was done.
     fn decide(&mut self, id: u64, decision: Decision, by: &str) -> Result<String, String> {
         let Some(held) = self.requests.remove(&id) else {
-            return Err(format!("no held request #{id} (see `countersign requests list`)"));
+            return Err(format!(
+                "no held request #{id} (see `countersign requests list`)"
+            ));
         };
         match self.kernel.task(held.tid) {
             Some(t) if t.request_id == held.kernel_id && t.state == shared::STATE_PENDING => {}
             _ => {
                 self.log_or_warn("task-exited", "none", by, &held.view);
-                return Err(format!("request #{id} is no longer pending: its task exited"));
+                return Err(format!(
+                    "request #{id} is no longer pending: its task exited"
+                ));
             }
         }
         Ok(self.apply(held, decision, by))
@@ -459,17 +523,29 @@ impl Daemon {
     fn apply(&mut self, held: Held, decision: Decision, by: &str) -> String {
         // (kernel state to write, signal, what the caller sees)
         let (state, signal, applied) = match (held.kind, decision) {
-            (HeldKind::Exec | HeldKind::Connect, Decision::Approve) => (Some(shared::STATE_ALLOWED), Signal::SIGCONT, "released"),
-            (HeldKind::Exec | HeldKind::Connect, Decision::Deny) => (Some(shared::STATE_DENIED), Signal::SIGCONT, "eperm"),
-            (HeldKind::ExecLoaded, Decision::Approve) => (Some(shared::STATE_IDLE), Signal::SIGCONT, "released"),
-            (HeldKind::ExecLoaded, Decision::Deny) | (_, Decision::Kill) => (None, Signal::SIGKILL, "sigkill"),
+            (HeldKind::Exec | HeldKind::Connect, Decision::Approve) => {
+                (Some(shared::STATE_ALLOWED), Signal::SIGCONT, "released")
+            }
+            (HeldKind::Exec | HeldKind::Connect, Decision::Deny) => {
+                (Some(shared::STATE_DENIED), Signal::SIGCONT, "eperm")
+            }
+            (HeldKind::ExecLoaded, Decision::Approve) => {
+                (Some(shared::STATE_IDLE), Signal::SIGCONT, "released")
+            }
+            (HeldKind::ExecLoaded, Decision::Deny) | (_, Decision::Kill) => {
+                (None, Signal::SIGKILL, "sigkill")
+            }
         };
         let word = match decision {
             Decision::Approve => "approved",
             Decision::Deny => "denied",
             Decision::Kill => "killed",
         };
-        let word = if by == "timeout" { format!("expired-{word}") } else { word.to_owned() };
+        let word = if by == "timeout" {
+            format!("expired-{word}")
+        } else {
+            word.to_owned()
+        };
         if let Err(e) = self.log.write(&word, applied, by, &held.view) {
             tracing::error!(error = %e, id = held.view.id, "cannot record the decision; the request stays held");
             let id = held.view.id;
@@ -488,10 +564,11 @@ impl Daemon {
                 }
             }
         }
-        if decision == Decision::Approve && held.kind == HeldKind::Exec {
-            if let Some(b) = held.binding.clone() {
-                self.approved_execs.insert(held.tid, b);
-            }
+        if decision == Decision::Approve
+            && held.kind == HeldKind::Exec
+            && let Some(b) = held.binding.clone()
+        {
+            self.approved_execs.insert(held.tid, b);
         }
         let _ = kill(Pid::from_raw(held.tgid as i32), signal);
         tracing::info!(id = held.view.id, pid = held.tgid, decision = %word, applied, by, "decided");
@@ -510,18 +587,22 @@ impl Daemon {
         let now = Instant::now();
         let ids: Vec<u64> = self.requests.keys().copied().collect();
         for id in ids {
-            let Some(held) = self.requests.get(&id) else { continue };
+            let Some(held) = self.requests.get(&id) else {
+                continue;
+            };
             let alive = enrich::exists(held.tid)
-                && self.kernel.task(held.tid).is_some_and(|t| t.request_id == held.kernel_id && t.state == shared::STATE_PENDING);
+                && self.kernel.task(held.tid).is_some_and(|t| {
+                    t.request_id == held.kernel_id && t.state == shared::STATE_PENDING
+                });
             if !alive {
                 if let Some(h) = self.requests.remove(&id) {
                     self.log_or_warn("task-exited", "none", "daemon", &h.view);
                 }
-            } else if now >= held.deadline {
-                if let Some(h) = self.requests.remove(&id) {
-                    let d = self.timeout_decision();
-                    self.apply(h, d, "timeout");
-                }
+            } else if now >= held.deadline
+                && let Some(h) = self.requests.remove(&id)
+            {
+                let d = self.timeout_decision();
+                self.apply(h, d, "timeout");
             }
         }
         // Approvals whose exec never loaded (the exec failed) are dropped with their task.
@@ -547,14 +628,19 @@ impl Daemon {
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         while Instant::now() < deadline {
             waiting.retain(|&(tid, _, id)| {
-                self.kernel.task(tid).is_some_and(|t| t.request_id == id && t.state == shared::STATE_DENIED)
+                self.kernel
+                    .task(tid)
+                    .is_some_and(|t| t.request_id == id && t.state == shared::STATE_DENIED)
             });
             // Requests raised meanwhile are denied at once too.
             while let Some(item) = ring.next() {
-                if let Some(ev) = ebpf::parse_event(&item) {
-                    if matches!(ev.kind, shared::KIND_EXEC | shared::KIND_CONNECT | shared::KIND_EXEC_LOADED) {
-                        let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
-                    }
+                if let Some(ev) = ebpf::parse_event(&item)
+                    && matches!(
+                        ev.kind,
+                        shared::KIND_EXEC | shared::KIND_CONNECT | shared::KIND_EXEC_LOADED
+                    )
+                {
+                    let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
                 }
             }
             if waiting.is_empty() {
@@ -588,12 +674,18 @@ fn exec_matches(b: &ExecBinding, exe: Option<FileId>, argv: &[String]) -> Result
         // A script: the interpreter runs with [interp, (arg), script, approved argv[1..]].
         let rest = b.argv.get(1..).unwrap_or(&[]);
         let n = rest.len() + 1;
-        if argv.len() >= n && argv[argv.len() - n] == b.filename && argv[argv.len() - rest.len()..] == *rest {
+        if argv.len() >= n
+            && argv[argv.len() - n] == b.filename
+            && argv[argv.len() - rest.len()..] == *rest
+        {
             return Ok(());
         }
         return Err(format!("script argv is {argv:?}, approved {:?}", b.argv));
     }
-    Err(format!("the loaded binary (dev {} inode {}) is not the approved {}", exe.dev, exe.ino, b.filename))
+    Err(format!(
+        "the loaded binary (dev {} inode {}) is not the approved {}",
+        exe.dev, exe.ino, b.filename
+    ))
 }
 
 #[cfg(test)]
@@ -613,14 +705,35 @@ mod tests {
     #[test]
     fn exact_binary_and_argv_match() {
         let b = binding();
-        assert!(exec_matches(&b, Some(FileId { dev: 1, ino: 10 }), &["s.sh".into(), "a".into()]).is_ok());
+        assert!(
+            exec_matches(
+                &b,
+                Some(FileId { dev: 1, ino: 10 }),
+                &["s.sh".into(), "a".into()]
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn changed_argv_or_binary_does_not_match() {
         let b = binding();
-        assert!(exec_matches(&b, Some(FileId { dev: 1, ino: 10 }), &["s.sh".into(), "b".into()]).is_err());
-        assert!(exec_matches(&b, Some(FileId { dev: 2, ino: 10 }), &["s.sh".into(), "a".into()]).is_err());
+        assert!(
+            exec_matches(
+                &b,
+                Some(FileId { dev: 1, ino: 10 }),
+                &["s.sh".into(), "b".into()]
+            )
+            .is_err()
+        );
+        assert!(
+            exec_matches(
+                &b,
+                Some(FileId { dev: 2, ino: 10 }),
+                &["s.sh".into(), "a".into()]
+            )
+            .is_err()
+        );
         assert!(exec_matches(&b, None, &["s.sh".into(), "a".into()]).is_err());
     }
 
@@ -629,8 +742,27 @@ mod tests {
         let b = binding();
         let sh = Some(FileId { dev: 1, ino: 20 });
         assert!(exec_matches(&b, sh, &["/bin/sh".into(), "/tmp/s.sh".into(), "a".into()]).is_ok());
-        assert!(exec_matches(&b, sh, &["/bin/sh".into(), "-e".into(), "/tmp/s.sh".into(), "a".into()]).is_ok());
-        assert!(exec_matches(&b, sh, &["/bin/sh".into(), "/tmp/other.sh".into(), "a".into()]).is_err());
+        assert!(
+            exec_matches(
+                &b,
+                sh,
+                &[
+                    "/bin/sh".into(),
+                    "-e".into(),
+                    "/tmp/s.sh".into(),
+                    "a".into()
+                ]
+            )
+            .is_ok()
+        );
+        assert!(
+            exec_matches(
+                &b,
+                sh,
+                &["/bin/sh".into(), "/tmp/other.sh".into(), "a".into()]
+            )
+            .is_err()
+        );
         assert!(exec_matches(&b, sh, &["/bin/sh".into(), "/tmp/s.sh".into(), "x".into()]).is_err());
     }
 

@@ -42,7 +42,11 @@ pub enum CanaryError {
 }
 
 /// Runs the canary against the hooks of `mode`.
-pub fn prove(kernel: &mut Kernel, ring: &mut RingBuf<MapData>, mode: Mode) -> Result<(), CanaryError> {
+pub fn prove(
+    kernel: &mut Kernel,
+    ring: &mut RingBuf<MapData>,
+    mode: Mode,
+) -> Result<(), CanaryError> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(CanaryError::Spawn)?;
     listener.set_nonblocking(true).map_err(CanaryError::Spawn)?;
     let port = listener.local_addr().map_err(CanaryError::Spawn)?.port();
@@ -72,7 +76,10 @@ fn run(
     listener: &TcpListener,
 ) -> Result<(), CanaryError> {
     // Read the canary's output on a thread, so that every wait below is bounded.
-    let stdout = child.stdout.take().ok_or(CanaryError::Timeout(Duration::ZERO))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or(CanaryError::Timeout(Duration::ZERO))?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut text = String::new();
@@ -88,25 +95,27 @@ fn run(
     // that exec the canary's.
     match rx.recv_timeout(CANARY_TIMEOUT) {
         Ok(line) if line.trim() == "ready" => {}
-        Ok(line) => return Err(CanaryError::Connect(format!("unexpected start line {line:?}"))),
+        Ok(line) => {
+            return Err(CanaryError::Connect(format!(
+                "unexpected start line {line:?}"
+            )));
+        }
         Err(_) => return Err(CanaryError::Timeout(CANARY_TIMEOUT)),
     }
-    kernel.label_task(pid, shared::LABEL_CANARY).map_err(|e| CanaryError::Label(e.to_string()))?;
-    let mut stdin = child.stdin.take().ok_or(CanaryError::Timeout(Duration::ZERO))?;
+    kernel
+        .label_task(pid, shared::LABEL_CANARY)
+        .map_err(|e| CanaryError::Label(e.to_string()))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or(CanaryError::Timeout(Duration::ZERO))?;
     stdin.write_all(b"go\n").map_err(CanaryError::Spawn)?;
     drop(stdin);
 
     let deadline = Instant::now() + CANARY_TIMEOUT;
     let (mut saw_connect, mut saw_exec) = (false, false);
     let status = loop {
-        while let Some(item) = ring.next() {
-            if let Some(ev) = parse_event(&item) {
-                if ev.tgid == pid {
-                    saw_connect |= ev.kind == shared::KIND_CANARY_CONNECT;
-                    saw_exec |= ev.kind == shared::KIND_CANARY_EXEC;
-                }
-            }
-        }
+        drain_canary_events(ring, pid, &mut saw_connect, &mut saw_exec);
         if let Some(status) = child.try_wait().map_err(CanaryError::Spawn)? {
             break status;
         }
@@ -116,14 +125,7 @@ fn run(
         std::thread::sleep(Duration::from_millis(10));
     };
     // Events submitted just before the exit.
-    while let Some(item) = ring.next() {
-        if let Some(ev) = parse_event(&item) {
-            if ev.tgid == pid {
-                saw_connect |= ev.kind == shared::KIND_CANARY_CONNECT;
-                saw_exec |= ev.kind == shared::KIND_CANARY_EXEC;
-            }
-        }
-    }
+    drain_canary_events(ring, pid, &mut saw_connect, &mut saw_exec);
     let report = rx.recv_timeout(CANARY_TIMEOUT).unwrap_or_default();
     if listener.accept().is_ok() {
         return Err(CanaryError::Reached);
@@ -137,7 +139,10 @@ fn run(
         Mode::Fallback => status.signal() == Some(libc::SIGKILL) && !report.contains("exec=RAN"),
     };
     if !exec_refused {
-        return Err(CanaryError::Exec(report.trim().to_owned(), status.to_string()));
+        return Err(CanaryError::Exec(
+            report.trim().to_owned(),
+            status.to_string(),
+        ));
     }
     if !saw_connect {
         return Err(CanaryError::NoEvent("connect"));
@@ -146,6 +151,16 @@ fn run(
         return Err(CanaryError::NoEvent("exec"));
     }
     Ok(())
+}
+
+/// Notes which canary events of `pid` the ring buffer holds.
+fn drain_canary_events(ring: &mut RingBuf<MapData>, pid: u32, connect: &mut bool, exec: &mut bool) {
+    while let Some(item) = ring.next() {
+        if let Some(ev) = parse_event(&item).filter(|ev| ev.tgid == pid) {
+            *connect |= ev.kind == shared::KIND_CANARY_CONNECT;
+            *exec |= ev.kind == shared::KIND_CANARY_EXEC;
+        }
+    }
 }
 
 /// The canary process: waits for "go", then tries a connect and an exec; each must be refused.

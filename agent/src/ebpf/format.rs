@@ -5,12 +5,21 @@ use crate::paths::TRACEFS_ROOTS;
 /// Mounts tracefs at its usual place when no tracefs is mounted: attaching tracepoints needs
 /// it, and minimal hosts (and VMs) do not always mount it.
 pub fn ensure_tracefs() -> Result<(), String> {
-    if TRACEFS_ROOTS.iter().any(|r| std::path::Path::new(r).join("events").is_dir()) {
+    if TRACEFS_ROOTS
+        .iter()
+        .any(|r| std::path::Path::new(r).join("events").is_dir())
+    {
         return Ok(());
     }
     let target = TRACEFS_ROOTS[0];
-    nix::mount::mount(Some("tracefs"), target, Some("tracefs"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| format!("no tracefs mounted and mounting it at {target} failed: {e}"))
+    nix::mount::mount(
+        Some("tracefs"),
+        target,
+        Some("tracefs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| format!("no tracefs mounted and mounting it at {target} failed: {e}"))
 }
 
 /// Offset of `field` in the record of tracepoint `category/name`.
@@ -26,7 +35,10 @@ pub fn field_offset(category: &str, name: &str, field: &str) -> Result<u32, Stri
             Err(e) => tried.push(format!("{path}: {e}")),
         }
     }
-    Err(format!("tracepoint format not readable (is tracefs mounted?): {}", tried.join("; ")))
+    Err(format!(
+        "tracepoint format not readable (is tracefs mounted?): {}",
+        tried.join("; ")
+    ))
 }
 
 fn parse_offset(format: &str, field: &str) -> Option<u32> {
@@ -38,7 +50,9 @@ fn parse_offset(format: &str, field: &str) -> Option<u32> {
         if ident != field {
             return None;
         }
-        let offset = rest.split(';').find_map(|p| p.trim().strip_prefix("offset:"))?;
+        let offset = rest
+            .split(';')
+            .find_map(|p| p.trim().strip_prefix("offset:"))?;
         offset.trim().parse().ok()
     })
 }

@@ -25,7 +25,9 @@ static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/countersign-ebpf"));
 
 /// Which enforcement the daemon asks for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ModeRequest {
     /// BPF LSM where the kernel runs it, else the fallback.
@@ -61,7 +63,10 @@ pub enum KernelError {
     Load(aya::EbpfError),
     /// A program could not be loaded or attached.
     #[error("program {name}: {error}")]
-    Program { name: &'static str, error: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        error: aya::programs::ProgramError,
+    },
     /// A map is missing or could not be used.
     #[error("map {name}: {detail}")]
     Map { name: &'static str, detail: String },
@@ -76,7 +81,10 @@ pub enum KernelError {
     NoCgroup2,
     /// Opening a file the loader needs.
     #[error("{path}: {error}")]
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     /// The canary did not prove enforcement.
     #[error("the hooks did not prove they run: {0}")]
     Canary(CanaryError),
@@ -99,7 +107,10 @@ pub struct Kernel {
 impl Kernel {
     /// Loads everything, picks the mode, and proves the hooks run with the canary.
     /// `cgroup_labels` are (cgroup v2 id, label id) pairs to install before enforcing.
-    pub fn load(request: ModeRequest, cgroup_labels: &[(u64, u32)]) -> Result<(Self, RingBuf<MapData>)> {
+    pub fn load(
+        request: ModeRequest,
+        cgroup_labels: &[(u64, u32)],
+    ) -> Result<(Self, RingBuf<MapData>)> {
         raise_memlock();
         format::ensure_tracefs().map_err(KernelError::Format)?;
         let fork_offset = format::field_offset("sched", "sched_process_fork", "child_pid")
@@ -125,8 +136,16 @@ impl Kernel {
             (shared::PROG_TP_SCHED_FORK, "sched", "sched_process_fork"),
             (shared::PROG_TP_SCHED_EXIT, "sched", "sched_process_exit"),
             (shared::PROG_TP_SCHED_EXEC, "sched", "sched_process_exec"),
-            (shared::PROG_TP_SYS_ENTER_EXECVE, "syscalls", "sys_enter_execve"),
-            (shared::PROG_TP_SYS_ENTER_EXECVEAT, "syscalls", "sys_enter_execveat"),
+            (
+                shared::PROG_TP_SYS_ENTER_EXECVE,
+                "syscalls",
+                "sys_enter_execve",
+            ),
+            (
+                shared::PROG_TP_SYS_ENTER_EXECVEAT,
+                "syscalls",
+                "sys_enter_execveat",
+            ),
         ] {
             attach_tracepoint(&mut ebpf, name, category, tp)?;
         }
@@ -185,7 +204,8 @@ impl Kernel {
                 return Err(format!("{hook}: {}", error_chain(&e)));
             }
         }
-        self.set_config(shared::MODE_LSM, 0).map_err(|e| e.to_string())?;
+        self.set_config(shared::MODE_LSM, 0)
+            .map_err(|e| e.to_string())?;
         self.mode = Mode::Lsm;
         match canary::prove(self, ring, Mode::Lsm) {
             Ok(()) => {
@@ -195,7 +215,9 @@ impl Kernel {
             Err(e) => {
                 self.unload_lsm();
                 let _ = self.set_config(shared::MODE_OFF, 0);
-                Err(format!("LSM programs attached but {e} (is `bpf` in the kernel's lsm= list?)"))
+                Err(format!(
+                    "LSM programs attached but {e} (is `bpf` in the kernel's lsm= list?)"
+                ))
             }
         }
     }
@@ -212,17 +234,29 @@ impl Kernel {
     }
 
     fn attach_fallback(&mut self) -> Result<()> {
-        attach_tracepoint(&mut self.ebpf, shared::PROG_TP_SYS_ENTER_CONNECT, "syscalls", "sys_enter_connect")?;
+        attach_tracepoint(
+            &mut self.ebpf,
+            shared::PROG_TP_SYS_ENTER_CONNECT,
+            "syscalls",
+            "sys_enter_connect",
+        )?;
         let root = cgroup2_root().ok_or(KernelError::NoCgroup2)?;
-        let cgroup = File::open(&root).map_err(|error| KernelError::Io { path: root.clone(), error })?;
+        let cgroup = File::open(&root).map_err(|error| KernelError::Io {
+            path: root.clone(),
+            error,
+        })?;
         for name in [shared::PROG_CG_CONNECT4, shared::PROG_CG_CONNECT6] {
             let prog: &mut CgroupSockAddr = self
                 .ebpf
                 .program_mut(name)
-                .ok_or(KernelError::Map { name, detail: "program missing from the object".into() })?
+                .ok_or(KernelError::Map {
+                    name,
+                    detail: "program missing from the object".into(),
+                })?
                 .try_into()
                 .map_err(|error| KernelError::Program { name, error })?;
-            prog.load().map_err(|error| KernelError::Program { name, error })?;
+            prog.load()
+                .map_err(|error| KernelError::Program { name, error })?;
             // A bpf_link is always "multi" for cgroups; the kernel refuses the flag on links.
             prog.attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|error| KernelError::Program { name, error })?;
@@ -234,7 +268,9 @@ impl Kernel {
     /// daemon is ready to hear about it).
     fn install_cgroup_labels(&mut self, labels: &[(u64, u32)]) -> Result<()> {
         for &(id, label) in labels {
-            self.cgroups.insert(id, label, 0).map_err(|e| map_err(shared::MAP_CGROUP_LABELS, &e))?;
+            self.cgroups
+                .insert(id, label, 0)
+                .map_err(|e| map_err(shared::MAP_CGROUP_LABELS, &e))?;
         }
         let mode = match self.mode {
             Mode::Lsm => shared::MODE_LSM,
@@ -244,8 +280,15 @@ impl Kernel {
     }
 
     fn set_config(&mut self, mode: u32, cgroup_labels: u32) -> Result<()> {
-        let config = Config { mode, daemon_tgid: std::process::id(), cgroup_labels, _pad: 0 };
-        self.config.set(0, config, 0).map_err(|e| map_err(shared::MAP_CONFIG, &e))
+        let config = Config {
+            mode,
+            daemon_tgid: std::process::id(),
+            cgroup_labels,
+            _pad: 0,
+        };
+        self.config
+            .set(0, config, 0)
+            .map_err(|e| map_err(shared::MAP_CONFIG, &e))
     }
 
     /// Stops all enforcement (hooks return at once). Used only at shutdown, after every held
@@ -272,8 +315,13 @@ impl Kernel {
 
     /// Labels a thread (and, through the fork hook, everything it starts from now on).
     pub fn label_task(&mut self, tid: u32, label: u32) -> Result<()> {
-        let state = TaskState { label, ..TaskState::default() };
-        self.tasks.insert(tid, state, 0).map_err(|e| map_err(shared::MAP_TASKS, &e))
+        let state = TaskState {
+            label,
+            ..TaskState::default()
+        };
+        self.tasks
+            .insert(tid, state, 0)
+            .map_err(|e| map_err(shared::MAP_TASKS, &e))
     }
 
     /// Writes a decision for the pending request `request_id` of `tid`. Returns false when the
@@ -286,7 +334,9 @@ impl Kernel {
             return Ok(false);
         }
         state.state = new_state;
-        self.tasks.insert(tid, state, 0).map_err(|e| map_err(shared::MAP_TASKS, &e))?;
+        self.tasks
+            .insert(tid, state, 0)
+            .map_err(|e| map_err(shared::MAP_TASKS, &e))?;
         Ok(true)
     }
 
@@ -323,21 +373,32 @@ pub fn parse_event(bytes: &[u8]) -> Option<Event> {
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
-    ebpf.take_map(name).ok_or(KernelError::Map { name, detail: "missing from the object".into() })
+    ebpf.take_map(name).ok_or(KernelError::Map {
+        name,
+        detail: "missing from the object".into(),
+    })
 }
 
 fn map_err(name: &'static str, e: &dyn std::fmt::Display) -> KernelError {
-    KernelError::Map { name, detail: e.to_string() }
+    KernelError::Map {
+        name,
+        detail: e.to_string(),
+    }
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &str) -> Result<()> {
     let prog: &mut TracePoint = ebpf
         .program_mut(name)
-        .ok_or(KernelError::Map { name, detail: "program missing from the object".into() })?
+        .ok_or(KernelError::Map {
+            name,
+            detail: "program missing from the object".into(),
+        })?
         .try_into()
         .map_err(|error| KernelError::Program { name, error })?;
-    prog.load().map_err(|error| KernelError::Program { name, error })?;
-    prog.attach(category, tp).map_err(|error| KernelError::Program { name, error })?;
+    prog.load()
+        .map_err(|error| KernelError::Program { name, error })?;
+    prog.attach(category, tp)
+        .map_err(|error| KernelError::Program { name, error })?;
     Ok(())
 }
 
@@ -354,7 +415,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn raise_memlock() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit with a valid pointer to a local struct.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) };
     if rc != 0 {
@@ -378,13 +442,18 @@ pub fn cgroup_id(path: &Path) -> std::io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path)?;
     if !meta.is_dir() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a cgroup directory"));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a cgroup directory",
+        ));
     }
     Ok(meta.ino())
 }
 
 /// Registers the ring buffer with the async runtime.
-pub fn watch_ring(ring: RingBuf<MapData>) -> std::io::Result<tokio::io::unix::AsyncFd<RingBuf<MapData>>> {
+pub fn watch_ring(
+    ring: RingBuf<MapData>,
+) -> std::io::Result<tokio::io::unix::AsyncFd<RingBuf<MapData>>> {
     // SAFETY: the ring buffer owns its map fd; it stays open and unchanged for as long as the
     // AsyncFd owns the ring buffer.
     unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)

@@ -1,0 +1,193 @@
+//! The process the end-to-end scenarios run under a label: it performs one action and prints
+//! what happened, so the tests can tell a held, approved, denied or killed action apart.
+//!
+//! Usage:
+//!   cs-probe connect ADDR:PORT                 TCP connect; prints `connected` or `error ERRNO`
+//!   cs-probe connect-changing ADDR:P1 P2       connect to P1; a SIGCONT handler switches the
+//!                                              address to P2 before the syscall restarts
+//!   cs-probe exec PATH ARGS...                 execv; prints `exec-error ERRNO` if it returns
+//!   cs-probe exec-changing PATH A B            execv(PATH, [PATH, A]); a SIGCONT handler turns
+//!                                              A into B (same length) before the restart
+//!   cs-probe double-fork PATH ARGS...          fork, setsid, fork, exec in the grandchild;
+//!                                              prints the grandchild's pid
+//!   cs-probe touch FILE                        creates FILE (proof that an exec ran)
+use std::{
+    ffi::CString,
+    io::Write as _,
+    net::SocketAddr,
+    sync::atomic::{AtomicPtr, AtomicU16, Ordering},
+};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let code = match args.get(1).map(String::as_str) {
+        Some("connect") => connect(&args[2], None),
+        Some("connect-changing") => connect(&args[2], Some(args[3].parse().expect("port"))),
+        Some("exec") => exec(&args[2..], None),
+        Some("exec-changing") => exec(&args[2..4], Some(&args[4])),
+        Some("double-fork") => double_fork(&args[2..]),
+        Some("touch") => {
+            std::fs::write(&args[2], b"ran\n").expect("touch");
+            0
+        }
+        _ => {
+            eprintln!("cs-probe: unknown usage {args:?}");
+            2
+        }
+    };
+    std::process::exit(code);
+}
+
+fn say(s: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{s}");
+    let _ = out.flush();
+}
+
+/// The sockaddr the SIGCONT handler rewrites, and the port it writes.
+static SOCKADDR: AtomicPtr<libc::sockaddr_in> = AtomicPtr::new(std::ptr::null_mut());
+static NEW_PORT: AtomicU16 = AtomicU16::new(0);
+static ARG: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+static NEW_ARG: AtomicPtr<u8> = AtomicPtr::new(std::ptr::null_mut());
+
+extern "C" fn on_sigcont_port(_: libc::c_int) {
+    let sa = SOCKADDR.load(Ordering::SeqCst);
+    if !sa.is_null() {
+        // SAFETY: points at the live sockaddr in `connect`'s frame, which is blocked in the
+        // syscall this handler interrupts.
+        unsafe { (*sa).sin_port = NEW_PORT.load(Ordering::SeqCst).to_be() };
+    }
+}
+
+extern "C" fn on_sigcont_arg(_: libc::c_int) {
+    let (dst, src) = (ARG.load(Ordering::SeqCst), NEW_ARG.load(Ordering::SeqCst));
+    if !dst.is_null() && !src.is_null() {
+        // SAFETY: both are NUL-terminated strings of the same length, alive in `exec`'s frame.
+        unsafe {
+            let mut i = 0;
+            while *src.add(i) != 0 {
+                *dst.add(i) = *src.add(i);
+                i += 1;
+            }
+        }
+    }
+}
+
+fn install(handler: extern "C" fn(libc::c_int)) {
+    // SAFETY: installing an async-signal-safe handler with a zeroed, then filled, sigaction.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = handler as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGCONT, &sa, std::ptr::null_mut());
+    }
+}
+
+fn connect(target: &str, change_to: Option<u16>) -> i32 {
+    let addr: SocketAddr = target.parse().expect("ADDR:PORT");
+    let SocketAddr::V4(v4) = addr else {
+        return connect_std(addr);
+    };
+    // A raw connect, so that the SIGCONT handler can rewrite the address it passes.
+    // SAFETY: plain socket calls on a sockaddr that lives across the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_port = v4.port().to_be();
+        sa.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+        if let Some(p) = change_to {
+            SOCKADDR.store(&raw mut sa, Ordering::SeqCst);
+            NEW_PORT.store(p, Ordering::SeqCst);
+            install(on_sigcont_port);
+        }
+        let rc = libc::connect(
+            fd,
+            (&raw const sa).cast(),
+            size_of::<libc::sockaddr_in>() as u32,
+        );
+        SOCKADDR.store(std::ptr::null_mut(), Ordering::SeqCst);
+        if rc == 0 {
+            say("connected");
+            0
+        } else {
+            say(&format!("error {}", *libc::__errno_location()));
+            1
+        }
+    }
+}
+
+fn connect_std(addr: SocketAddr) -> i32 {
+    match std::net::TcpStream::connect(addr) {
+        Ok(_) => {
+            say("connected");
+            0
+        }
+        Err(e) => {
+            say(&format!("error {}", e.raw_os_error().unwrap_or(-1)));
+            1
+        }
+    }
+}
+
+fn exec(argv: &[String], change_to: Option<&String>) -> i32 {
+    let cargs: Vec<CString> = argv
+        .iter()
+        .map(|a| CString::new(a.as_str()).expect("arg"))
+        .collect();
+    let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    let new = change_to.map(|b| CString::new(b.as_str()).expect("arg"));
+    if let Some(new) = &new {
+        assert_eq!(
+            new.as_bytes().len(),
+            cargs[1].as_bytes().len(),
+            "A and B must be the same length"
+        );
+        ARG.store(cargs[1].as_ptr().cast_mut().cast(), Ordering::SeqCst);
+        NEW_ARG.store(new.as_ptr().cast_mut().cast(), Ordering::SeqCst);
+        install(on_sigcont_arg);
+    }
+    // SAFETY: NULL-terminated argv of live CStrings.
+    unsafe { libc::execv(cargs[0].as_ptr(), ptrs.as_ptr()) };
+    let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+    say(&format!("exec-error {errno}"));
+    126
+}
+
+fn double_fork(argv: &[String]) -> i32 {
+    let (rd, wr) = {
+        let mut fds = [0; 2];
+        // SAFETY: pipe with a valid array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        (fds[0], fds[1])
+    };
+    // SAFETY: fork in a single-threaded program; the child only calls async-signal-safe
+    // functions before exec.
+    match unsafe { libc::fork() } {
+        0 => unsafe {
+            libc::setsid();
+            match libc::fork() {
+                0 => {
+                    let pid = libc::getpid();
+                    let bytes = pid.to_ne_bytes();
+                    libc::write(wr, bytes.as_ptr().cast(), 4);
+                    exec(argv, None);
+                    libc::_exit(126);
+                }
+                _ => libc::_exit(0),
+            }
+        },
+        child => {
+            // SAFETY: waiting for our own child; reading 4 bytes from our pipe.
+            unsafe {
+                libc::close(wr);
+                libc::waitpid(child, std::ptr::null_mut(), 0);
+                let mut buf = [0u8; 4];
+                libc::read(rd, buf.as_mut_ptr().cast(), 4);
+                say(&format!("grandchild {}", i32::from_ne_bytes(buf)));
+            }
+            0
+        }
+    }
+}

@@ -1,0 +1,402 @@
+//! Harness for the end-to-end scenarios: starts a real `countersign daemon` in a private
+//! socket directory, runs labelled processes through `countersign exec`, and decides their
+//! requests through the real CLI. Everything started here is stopped on drop, also when a
+//! test fails (and then the daemon's log is printed).
+//!
+//! Environment:
+//! - `COUNTERSIGN_BIN`: the countersign binary (default: target/debug/countersign).
+//! - `COUNTERSIGN_PROBE`: the cs-probe binary (default: the one cargo built).
+//! - `COUNTERSIGN_E2E_MODE`: `lsm` or `fallback`: the mode the daemon must report. The VM runs
+//!   set `lsm`, so a kernel without working BPF LSM fails the suite instead of passing it in
+//!   fallback mode.
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// How long any wait in a scenario may take (TCG-emulated VMs are slow).
+pub const WAIT: Duration = Duration::from_secs(60);
+
+#[must_use]
+pub fn countersign_bin() -> PathBuf {
+    std::env::var_os("COUNTERSIGN_BIN").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/countersign"),
+        PathBuf::from,
+    )
+}
+
+#[must_use]
+pub fn probe_bin() -> PathBuf {
+    // Test executables live in target/<profile>/deps; cargo puts cs-probe in target/<profile>.
+    std::env::var_os("COUNTERSIGN_PROBE").map_or_else(
+        || {
+            let exe = std::env::current_exe().expect("current_exe");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .join("cs-probe")
+        },
+        PathBuf::from,
+    )
+}
+
+/// The mode the suite expects, if it was told.
+#[must_use]
+pub fn expected_mode() -> Option<String> {
+    std::env::var("COUNTERSIGN_E2E_MODE")
+        .ok()
+        .filter(|m| !m.is_empty())
+}
+
+/// A child process killed (by its pid) when dropped.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the exit, at most `timeout`; panics (after killing it) if it does not exit.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pid {} did not exit within {timeout:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether it is still running after `d`.
+    pub fn still_running_after(&mut self, d: Duration) -> bool {
+        std::thread::sleep(d);
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// Everything it printed on stdout (after it exited).
+    pub fn stdout(&mut self) -> String {
+        use std::io::Read as _;
+        let mut s = String::new();
+        if let Some(mut out) = self.child.stdout.take() {
+            let _ = out.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The first line it printed on stdout (children may keep the pipe open).
+    pub fn first_line(&mut self) -> String {
+        use std::io::BufRead as _;
+        let mut s = String::new();
+        if let Some(out) = self.child.stdout.take() {
+            let _ = std::io::BufReader::new(out).read_line(&mut s);
+        }
+        s
+    }
+
+    pub fn stderr(&mut self) -> String {
+        use std::io::Read as _;
+        let mut s = String::new();
+        if let Some(mut err) = self.child.stderr.take() {
+            let _ = err.read_to_string(&mut s);
+        }
+        s
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A running daemon in its own directory.
+pub struct Daemon {
+    proc: Proc,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts a daemon with a 60 s request timeout and waits until it serves.
+    #[must_use]
+    pub fn start() -> Self {
+        Self::start_with(&["--request-timeout", "60"])
+    }
+
+    #[must_use]
+    pub fn start_with(args: &[&str]) -> Self {
+        assert!(
+            // SAFETY: geteuid has no preconditions.
+            unsafe { libc::geteuid() } == 0,
+            "the end-to-end scenarios need root (they load eBPF programs): run them through `cargo xtask test`"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("countersign-e2e")
+            .tempdir()
+            .expect("tempdir");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("daemon log");
+        let mode: Vec<String> = expected_mode()
+            .map(|m| vec!["--mode".to_owned(), m])
+            .unwrap_or_default();
+        let child = Command::new(countersign_bin())
+            .arg("daemon")
+            .args(&mode)
+            .arg("--socket-dir")
+            .arg(dir.path())
+            .arg("--decision-log")
+            .arg(dir.path().join("decisions.jsonl"))
+            .args(args)
+            .env("COUNTERSIGN_LOG", "info,countersign=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", countersign_bin().display()));
+        let mut daemon = Daemon {
+            proc: Proc { child },
+            dir,
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = daemon.cli(&["status", "--json"]);
+            if out.status.success() {
+                let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+                if let Some(want) = expected_mode() {
+                    assert_eq!(
+                        status["mode"],
+                        want.as_str(),
+                        "daemon runs in the wrong mode: {status}"
+                    );
+                }
+                break;
+            }
+            if let Some(s) = daemon.proc.child.try_wait().expect("try_wait") {
+                panic!("the daemon exited ({s}) during start:\n{}", daemon.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not start serving:\n{}",
+                daemon.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The daemon's own log.
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The mode the daemon enforces in.
+    #[must_use]
+    pub fn mode(&self) -> String {
+        let out = self.cli(&["status", "--json"]);
+        let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        status["mode"].as_str().expect("mode").to_owned()
+    }
+
+    #[must_use]
+    pub fn is_lsm(&self) -> bool {
+        self.mode() == "lsm"
+    }
+
+    /// The kind an exec is held as in this mode.
+    #[must_use]
+    pub fn exec_kind(&self) -> &'static str {
+        if self.is_lsm() { "exec" } else { "exec-loaded" }
+    }
+
+    /// Runs the countersign CLI against this daemon.
+    #[must_use]
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(countersign_bin())
+            .args(args)
+            .env("COUNTERSIGN_SOCKET_DIR", self.dir.path())
+            .output()
+            .expect("running countersign")
+    }
+
+    /// Starts `cmd` under `label` (through `countersign exec`), stdout and stderr piped.
+    #[must_use]
+    pub fn labelled(&self, label: &str, cmd: &[&str]) -> Proc {
+        let child = Command::new(countersign_bin())
+            .args(["exec", "--label", label, "--"])
+            .args(cmd)
+            .env("COUNTERSIGN_SOCKET_DIR", self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("countersign exec");
+        Proc { child }
+    }
+
+    /// Starts `cmd` without a label.
+    #[must_use]
+    pub fn unlabelled(&self, cmd: &[&str]) -> Proc {
+        let child = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        Proc { child }
+    }
+
+    /// The held requests.
+    #[must_use]
+    pub fn list(&self) -> Vec<Value> {
+        let out = self.cli(&["requests", "list", "--json"]);
+        assert!(
+            out.status.success(),
+            "requests list failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout)
+            .expect("list JSON")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits for a held request matching `pred`.
+    pub fn wait_request(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(r) = self.list().into_iter().find(|r| pred(r)) {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no held request for {what} within {WAIT:?}; held: {:?}\n{}",
+                self.list(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
+    /// Waits for the held exec of `pid` whose argv contains `needle`.
+    pub fn wait_exec(&self, pid: u32, needle: &str) -> Value {
+        let kind = self.exec_kind();
+        self.wait_request(&format!("exec of {needle} by pid {pid}"), |r| {
+            r["pid"] == pid
+                && r["kind"] == kind
+                && r["argv"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|x| x.as_str().is_some_and(|s| s.contains(needle)))
+                })
+        })
+    }
+
+    /// Runs `countersign exec --label L -- cs-probe ARGS` and approves the probe's own exec,
+    /// so that the probe runs labelled; returns it.
+    pub fn labelled_probe(&self, label: &str, args: &[&str]) -> Proc {
+        let probe = probe_bin();
+        let mut cmd = vec![probe.to_str().expect("utf-8 path")];
+        cmd.extend_from_slice(args);
+        let p = self.labelled(label, &cmd);
+        let r = self.wait_exec(p.pid(), args[0]);
+        self.decide(&r, "approve");
+        p
+    }
+
+    /// Decides a request through the CLI; panics if the CLI fails.
+    pub fn decide(&self, request: &Value, decision: &str) -> String {
+        let id = request["id"].to_string();
+        let out = self.cli(&["requests", decision, &id]);
+        assert!(
+            out.status.success(),
+            "requests {decision} {id} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The decision log's entries.
+    #[must_use]
+    pub fn decisions(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("decisions.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("decision log line is JSON"))
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: signalling the daemon we started, by its pid.
+        unsafe { libc::kill(self.proc.pid() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.proc.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- daemon log ----\n{}\n---- end of daemon log ----",
+                self.log()
+            );
+        }
+    }
+}
+
+/// A TCP listener on loopback that must (or must not) see a connection.
+pub struct Listener {
+    inner: std::net::TcpListener,
+}
+
+impl Listener {
+    #[must_use]
+    pub fn new() -> Self {
+        let inner = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        inner.set_nonblocking(true).expect("nonblocking");
+        Self { inner }
+    }
+
+    #[must_use]
+    pub fn addr(&self) -> String {
+        self.inner.local_addr().expect("addr").to_string()
+    }
+
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.inner.local_addr().expect("addr").port()
+    }
+
+    /// Whether a connection has arrived (without waiting).
+    #[must_use]
+    pub fn accepted(&self) -> bool {
+        self.inner.accept().is_ok()
+    }
+}
+
+impl Default for Listener {
+    fn default() -> Self {
+        Self::new()
+    }
+}

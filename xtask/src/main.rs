@@ -1,0 +1,104 @@
+//! `cargo xtask <task>`: the command line over the tasks in the `xtask` library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use xtask::kernels::KernelId;
+use xtask::{setup, test, vm};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "countersign's developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and the tests need (nightly rust-src, bpf-linker, qemu,
+    /// busybox, test kernels); quick when everything is there already.
+    Setup,
+    /// Boot a test kernel under qemu and run one command in it (runs setup first).
+    VmRun(VmRunArgs),
+    /// Run the project's checks and tests (runs setup first).
+    Test,
+    /// Run the benchmarks (not implemented yet).
+    Bench,
+}
+
+#[derive(Args)]
+struct VmRunArgs {
+    /// The kernel to boot.
+    #[arg(long, value_enum)]
+    kernel: KernelId,
+    /// Kill the VM and fail after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+    /// A host file or folder to copy into the guest, with its shared libraries:
+    /// HOST_PATH[:GUEST_PATH] (the guest path defaults to the absolute host path).
+    #[arg(long = "file", value_name = "HOST_PATH[:GUEST_PATH]")]
+    files: Vec<String>,
+    /// An environment variable for the guest command.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// The command to run in the guest, after `--`.
+    #[arg(last = true, required = true, value_name = "GUEST_COMMAND")]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.task {
+        Task::Setup => setup::setup()?,
+        Task::VmRun(args) => return vm_run(args),
+        Task::Test => {
+            setup::setup()?;
+            test::run_tests()?;
+        }
+        Task::Bench => bail!("bench: not implemented yet"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cargo xtask vm-run`: exits with the guest command's exit code.
+fn vm_run(args: VmRunArgs) -> Result<ExitCode> {
+    let files: Vec<(PathBuf, String)> = args
+        .files
+        .iter()
+        .map(|f| vm::parse_file_arg(f))
+        .collect::<Result<_>>()?;
+    let env: Vec<(String, String)> = args
+        .env
+        .iter()
+        .map(|e| vm::parse_env_arg(e))
+        .collect::<Result<_>>()?;
+    setup::setup()?;
+    let outcome = vm::run_in_vm(
+        args.kernel,
+        &files,
+        &args.command,
+        &env,
+        Duration::from_secs(args.timeout_secs),
+    )?;
+    eprintln!(
+        "xtask vm-run: kernel {} ({}), LSMs {}, exit code {}",
+        args.kernel,
+        outcome.kernel_release.as_deref().unwrap_or("?"),
+        outcome.lsm.as_deref().unwrap_or("?"),
+        outcome.exit_code
+    );
+    Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1)))
+}

@@ -1,0 +1,210 @@
+//! `cargo xtask test`: the project's checks and tests, in the order CI runs them.
+//!
+//! 1. `cargo fmt --check` and `cargo clippy -D warnings`;
+//! 2. the unit tests of every crate;
+//! 3. the end-to-end scenarios (`tests/`) three ways: natively on this machine in fallback
+//!    mode, and in qemu VMs booting the Debian 12 and Debian 13 kernels with BPF LSM, where
+//!    the daemon must run in LSM mode.
+//!
+//! Every step has a timeout; the first failure stops the run.
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{
+    kernels::KernelId,
+    paths,
+    process::{run_ok, run_streaming},
+    vm,
+};
+
+/// Where the end-to-end binaries are put inside the VM.
+const GUEST_DIR: &str = "/opt/countersign";
+/// Longest a VM run of the whole suite may take.
+const VM_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+/// Runs every check; stops at the first failure.
+pub fn run_tests() -> Result<()> {
+    cargo_step("cargo fmt", &["fmt", "--all", "--check"], 10 * 60)?;
+    cargo_step(
+        "cargo clippy",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        60 * 60,
+    )?;
+    cargo_step(
+        "unit tests",
+        &["test", "--workspace", "--exclude", "countersign-tests"],
+        60 * 60,
+    )?;
+    let bins = build_e2e()?;
+    let mut summary = Vec::new();
+    summary.push(format!("native (fallback): {}", run_native(&bins)?));
+    for kernel in KernelId::ALL {
+        summary.push(format!("{kernel} (lsm): {}", run_vm(&bins, kernel)?));
+    }
+    println!("xtask test: all passed");
+    for line in summary {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+/// The binaries the end-to-end suite needs.
+struct E2eBins {
+    countersign: PathBuf,
+    probe: PathBuf,
+    suite: PathBuf,
+}
+
+fn build_e2e() -> Result<E2eBins> {
+    cargo_step(
+        "build countersign and cs-probe",
+        &[
+            "build",
+            "-p",
+            "countersign",
+            "-p",
+            "countersign-tests",
+            "--bins",
+        ],
+        60 * 60,
+    )?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = run_ok(
+        Command::new(cargo)
+            .args([
+                "test",
+                "-p",
+                "countersign-tests",
+                "--test",
+                "e2e",
+                "--no-run",
+                "--message-format=json",
+            ])
+            .current_dir(paths::workspace_root()),
+        Duration::from_secs(60 * 60),
+        "building the end-to-end suite",
+    )?;
+    // The suite's executable is named in the compiler-artifact message of target "e2e".
+    let suite = out
+        .lines()
+        .filter(|l| {
+            l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"name\":\"e2e\"")
+        })
+        .find_map(|l| json_string(l, "executable"))
+        .context("cargo did not report the e2e test executable")?;
+    let debug = paths::target_dir().join("debug");
+    Ok(E2eBins {
+        countersign: debug.join("countersign"),
+        probe: debug.join("cs-probe"),
+        suite: PathBuf::from(suite),
+    })
+}
+
+/// The string value of `"key":"…"` in one line of cargo's JSON (paths have no escapes here).
+fn json_string(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let end = start + line[start..].find('"')?;
+    Some(line[start..end].to_owned())
+}
+
+fn run_native(bins: &E2eBins) -> Result<String> {
+    println!("xtask test: end-to-end, natively (fallback mode)");
+    run_streaming(
+        Command::new(&bins.suite)
+            .args(["--test-threads", "2"])
+            .env("COUNTERSIGN_E2E_MODE", "fallback")
+            .env("COUNTERSIGN_BIN", &bins.countersign)
+            .env("COUNTERSIGN_PROBE", &bins.probe)
+            .env("RUST_BACKTRACE", "1"),
+        Duration::from_secs(30 * 60),
+        "the end-to-end suite (native, fallback mode)",
+    )?;
+    Ok("passed".to_owned())
+}
+
+fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
+    println!("xtask test: end-to-end in a VM booting {kernel} (LSM mode)");
+    let guest = |name: &str| format!("{GUEST_DIR}/{name}");
+    let files = [
+        (bins.countersign.clone(), guest("countersign")),
+        (bins.probe.clone(), guest("cs-probe")),
+        (bins.suite.clone(), guest("e2e")),
+    ];
+    let env = [
+        ("COUNTERSIGN_E2E_MODE", "lsm".to_owned()),
+        ("COUNTERSIGN_BIN", guest("countersign")),
+        ("COUNTERSIGN_PROBE", guest("cs-probe")),
+        ("RUST_BACKTRACE", "1".to_owned()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v));
+    let command = [guest("e2e"), "--test-threads".into(), "1".into()];
+    let outcome = vm::run_in_vm(kernel, &files, &command, &env, VM_TIMEOUT)
+        .with_context(|| format!("end-to-end suite in the {kernel} VM"))?;
+    if outcome.exit_code != 0 {
+        bail!(
+            "end-to-end suite failed in the {kernel} VM (exit code {}); the guest printed:\n{}",
+            outcome.exit_code,
+            outcome.output
+        );
+    }
+    Ok(result_line(&outcome.output))
+}
+
+/// libtest's closing line, for the summary.
+fn result_line(output: &str) -> String {
+    output
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("test result:"))
+        .unwrap_or("no result line")
+        .trim()
+        .to_owned()
+}
+
+/// Runs `cargo ARGS` at the workspace root, with its output on the terminal.
+fn cargo_step(what: &str, args: &[&str], timeout_secs: u64) -> Result<()> {
+    println!("xtask test: {what}");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run_streaming(
+        Command::new(cargo)
+            .args(args)
+            .current_dir(paths::workspace_root()),
+        Duration::from_secs(timeout_secs),
+        what,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_executable_in_cargo_json() {
+        let line = r#"{"reason":"compiler-artifact","target":{"name":"e2e"},"executable":"/w/target/debug/deps/e2e-1234","fresh":true}"#;
+        assert_eq!(
+            json_string(line, "executable").as_deref(),
+            Some("/w/target/debug/deps/e2e-1234")
+        );
+        assert_eq!(json_string(line, "nothing"), None);
+    }
+
+    #[test]
+    fn picks_the_last_result_line() {
+        let out = "test a ... ok\ntest result: ok. 1 passed; 0 failed\n";
+        assert_eq!(result_line(out), "test result: ok. 1 passed; 0 failed");
+        assert_eq!(result_line(""), "no result line");
+    }
+
+    #[test]
+    fn guest_paths_are_absolute() {
+        assert!(std::path::Path::new(GUEST_DIR).is_absolute());
+    }
+}
