@@ -138,6 +138,7 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("the daemon must run as root (it loads eBPF programs)");

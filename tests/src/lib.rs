@@ -84,6 +84,13 @@ impl Proc {
         self.child.try_wait().expect("try_wait").is_none()
     }
 
+    /// Lets a `cs-probe wait …` go on.
+    pub fn go(&mut self) {
+        use std::io::Write as _;
+        let mut stdin = self.child.stdin.take().expect("stdin piped");
+        stdin.write_all(b"go\n").expect("write to stdin");
+    }
+
     /// Everything it printed on stdout (after it exited).
     pub fn stdout(&mut self) -> String {
         use std::io::Read as _;
@@ -250,6 +257,19 @@ impl Daemon {
         Proc { child }
     }
 
+    /// Starts `cmd` without a label, with its stdin piped (see `cs-probe wait`).
+    #[must_use]
+    pub fn unlabelled_waiting(&self, cmd: &[&str]) -> Proc {
+        let child = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        Proc { child }
+    }
+
     /// Starts `cmd` without a label.
     #[must_use]
     pub fn unlabelled(&self, cmd: &[&str]) -> Proc {
@@ -398,5 +418,64 @@ impl Listener {
 impl Default for Listener {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The cgroup v2 mount point.
+#[must_use]
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("a cgroup v2 mount")
+}
+
+/// A cgroup made for one test, removed (once empty) on drop.
+pub struct TestCgroup {
+    pub path: PathBuf,
+    /// As `/proc/PID/cgroup` shows it.
+    pub name: String,
+}
+
+impl TestCgroup {
+    #[must_use]
+    pub fn new(name: &str) -> Self {
+        let name = format!("/{name}-{}", std::process::id());
+        let path = cgroup2_root().join(name.trim_start_matches('/'));
+        std::fs::create_dir(&path)
+            .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+        Self { path, name }
+    }
+
+    /// A child cgroup (removed with this one).
+    #[must_use]
+    pub fn child(&self, name: &str) -> PathBuf {
+        let p = self.path.join(name);
+        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", p.display()));
+        p
+    }
+
+    /// Moves `pid` into the cgroup at `dir`.
+    pub fn enter(dir: &Path, pid: u32) {
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving {pid} into {}: {e}", dir.display()));
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Children first; a cgroup can only be removed once its processes are gone.
+        if let Ok(entries) = std::fs::read_dir(&self.path) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.path);
     }
 }

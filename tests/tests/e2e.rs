@@ -2,7 +2,7 @@
 //! test` natively (fallback mode) and in VMs booting kernels with BPF LSM (LSM mode).
 use std::time::Duration;
 
-use countersign_tests::{Daemon, Listener, probe_bin};
+use countersign_tests::{Daemon, Listener, TestCgroup, probe_bin};
 
 const EPERM: i32 = 1;
 
@@ -334,9 +334,9 @@ fn changed_exec_after_approval_is_held_again_in_lsm_mode() {
     }
     let dir = d.dir().to_str().unwrap().to_owned();
     let (a, b) = (format!("{dir}/AAAA"), format!("{dir}/BBBB"));
-    let mut p = d.labelled_probe("coder", &["exec-changing", &probe(), "touch", &a, &b]);
-    // execv(probe, [probe, "touch"...]) — exec-changing passes [PATH, A]: A is argv[1].
-    let r = d.wait_exec(p.pid(), "touch");
+    // The probe execs itself with argv [probe, A]; its SIGCONT handler turns A into B.
+    let mut p = d.labelled_probe("coder", &["exec-changing", &probe(), &a, &b]);
+    let r = d.wait_exec(p.pid(), "AAAA");
     d.decide(&r, "approve");
     let again = d.wait_request("the changed exec", |x| {
         x["pid"] == p.pid() && x["id"] != r["id"]
@@ -387,4 +387,74 @@ fn unknown_request_id_is_a_clear_error() {
     let out = d.cli(&["requests", "approve", "424242"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no held request #424242"));
+}
+
+/// A cgroup label holds tasks in that cgroup and below it, also ones moved in after the
+/// daemon started.
+#[test]
+fn cgroup_label_holds_tasks_in_the_cgroup_and_below() {
+    let cg = TestCgroup::new("countersign-e2e");
+    let job = cg.child("job");
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        cfg.path(),
+        format!("cgroup_labels:\n  - label: ci\n    path: {}\n", cg.name),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&[
+        "--config",
+        cfg.path().to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    let l = Listener::new();
+    let mut p = d.unlabelled_waiting(&[&probe(), "wait", "connect", &l.addr()]);
+    TestCgroup::enter(&job, p.pid());
+    p.go();
+    let r = d.wait_request("connect from the cgroup", |r| {
+        r["pid"] == p.pid() && r["kind"] == "connect"
+    });
+    assert_eq!(r["label"], "ci");
+    assert!(!l.accepted());
+    d.decide(&r, "deny");
+    assert_eq!(p.wait(countersign_tests::WAIT).code(), Some(1));
+    assert_eq!(p.stdout().trim(), format!("error {EPERM}"));
+    let status: serde_json::Value =
+        serde_json::from_slice(&d.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["cgroup_labels"], 1);
+}
+
+/// Bad configuration stops the daemon with an error naming the file and the field.
+#[test]
+fn bad_config_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "cgroup_labels:\n  - label: ci\n    path: /no-such-cgroup-countersign\n",
+            "cgroup_labels[0].path",
+        ),
+        ("request_timeout: 5\n", "unknown field `request_timeout`"),
+        ("mode: sometimes\n", "mode"),
+    ];
+    for (text, expect) in cases {
+        let cfg = dir.path().join("daemon.yaml");
+        std::fs::write(&cfg, text).unwrap();
+        let out = std::process::Command::new(countersign_tests::countersign_bin())
+            .args([
+                "daemon",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--socket-dir",
+                dir.path().to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(err.contains(expect), "{text}: {err}");
+        if !expect.starts_with("cgroup") {
+            assert!(err.contains("daemon.yaml"), "names the file: {err}");
+        }
+        assert!(!dir.path().join("control.sock").exists(), "nothing served");
+    }
 }

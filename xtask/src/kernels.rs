@@ -1,9 +1,9 @@
-//! The test kernels: Debian's cloud kernels with BPF LSM, cached under `target/vm/kernels`.
+//! The test kernels: Debian's cloud kernels with BPF LSM, cached per machine under `~/.cache/countersign/kernels`.
 //!
 //! The host's own kernel refuses BPF LSM programs, so the LSM tests run under qemu on real
 //! distribution kernels: Debian 12 "bookworm" (6.1) and Debian 13 "trixie" (6.12). Each is
 //! fetched once with apt (signatures checked by the machine's Debian archive keyring) and
-//! kept as `target/vm/kernels/<id>/vmlinuz` next to a `version` file.
+//! kept as `<cache>/kernels/<id>/vmlinuz` next to a `version` file.
 //!
 //! bookworm comes from the machine's own apt configuration (the machine is Debian 12).
 //! trixie comes from a private apt configuration under `target/vm/apt-trixie` whose only
@@ -66,9 +66,9 @@ impl KernelId {
         }
     }
 
-    /// `target/vm/kernels/<id>`.
+    /// `<cache>/kernels/<id>`.
     pub fn cache_dir(self) -> PathBuf {
-        paths::vm_dir().join("kernels").join(self.name())
+        paths::cache_dir().join("kernels").join(self.name())
     }
 }
 

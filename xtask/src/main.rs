@@ -28,6 +28,13 @@ enum Task {
     Test,
     /// Run the benchmarks (not implemented yet).
     Bench,
+    /// Build countersign (release) and run it with ARGS, e.g. `cargo xtask run -- daemon`
+    /// (runs setup first).
+    Run {
+        /// Arguments for countersign, after `--`.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -69,6 +76,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             test::run_tests()?;
         }
         Task::Bench => bail!("bench: not implemented yet"),
+        Task::Run { args } => {
+            setup::setup()?;
+            return run_countersign(&args);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -101,4 +112,23 @@ fn vm_run(args: VmRunArgs) -> Result<ExitCode> {
         outcome.exit_code
     );
     Ok(ExitCode::from(u8::try_from(outcome.exit_code).unwrap_or(1)))
+}
+
+/// `cargo xtask run -- ARGS`: builds the release binary and runs it in the foreground.
+fn run_countersign(args: &[String]) -> Result<ExitCode> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "countersign"])
+        .current_dir(xtask::paths::workspace_root())
+        .status()?;
+    if !status.success() {
+        bail!("building countersign failed");
+    }
+    let bin = xtask::paths::target_dir()
+        .join("release")
+        .join("countersign");
+    let status = std::process::Command::new(&bin).args(args).status()?;
+    Ok(ExitCode::from(
+        u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
+    ))
 }

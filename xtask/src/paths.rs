@@ -1,8 +1,9 @@
 //! Where xtask keeps things: the workspace root and the cargo target folder.
 //!
-//! Everything xtask downloads or builds (LLVM prefix for bpf-linker, test kernels, VM
-//! scratch folders) lives under the target folder, so `cargo clean` resets it and nothing
-//! escapes the work tree.
+//! VM scratch folders live under the target folder. What must outlive a checkout lives in the
+//! user's cache folder (`$XDG_CACHE_HOME/countersign`, else `~/.cache/countersign`): the test
+//! kernels (downloaded once per machine, not once per clone) and the LLVM prefix that the
+//! installed `bpf-linker` loads its libLLVM through.
 
 use std::path::{Path, PathBuf};
 
@@ -26,4 +27,15 @@ pub fn target_dir() -> PathBuf {
 /// `<target>/vm`: kernels, private apt state and per-run scratch folders.
 pub fn vm_dir() -> PathBuf {
     target_dir().join("vm")
+}
+
+/// The per-user cache that outlives checkouts.
+pub fn cache_dir() -> PathBuf {
+    let base = match (std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME")) {
+        (Some(x), _) if !x.is_empty() => PathBuf::from(x),
+        (_, Some(h)) if !h.is_empty() => Path::new(&h).join(".cache"),
+        // No home: keep it in the work tree rather than fail.
+        _ => target_dir().join("cache"),
+    };
+    base.join("countersign")
 }

@@ -88,7 +88,7 @@ pub struct LlvmPrefix {
     pub major: u32,
 }
 
-/// Makes `<target>/xtask/llvm-prefix/lib/{libLLVM.so, <real name>}` point at the
+/// Makes `<cache>/llvm-prefix/lib/{libLLVM.so, <real name>}` point at the
 /// `libLLVM.so.*` of the nightly sysroot.
 ///
 /// bpf-linker is linked against these symlinks and finds the library through them at run
@@ -116,7 +116,7 @@ pub fn ensure_llvm_prefix(sysroot: &Path) -> Result<LlvmPrefix> {
         .with_context(|| format!("llvm prefix: no LLVM version in file name {real_name}"))?;
     let real = sys_lib.join(&real_name);
 
-    let prefix = paths::target_dir().join("xtask/llvm-prefix");
+    let prefix = paths::cache_dir().join("llvm-prefix");
     let lib = prefix.join("lib");
     fs::create_dir_all(&lib).with_context(|| format!("llvm prefix: creating {}", lib.display()))?;
     for link_name in ["libLLVM.so", real_name.as_str()] {

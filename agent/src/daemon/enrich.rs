@@ -128,7 +128,8 @@ pub fn read_cstring(pid: u32, addr: u64) -> Option<(String, bool)> {
     let mut out = Vec::new();
     let mut chunk = [0u8; 256];
     let mut at = addr;
-    while out.len() < MAX_ARG_BYTES {
+    // Read past the limit by one chunk at most, to see whether the terminator follows.
+    while out.len() <= MAX_ARG_BYTES {
         // Do not cross a page boundary in one read: the next page may be unmapped.
         let to_page_end = 4096 - (at % 4096) as usize;
         let want = chunk.len().min(to_page_end);
@@ -138,7 +139,10 @@ pub fn read_cstring(pid: u32, addr: u64) -> Option<(String, bool)> {
         }
         if let Some(end) = chunk[..n].iter().position(|b| *b == 0) {
             out.extend_from_slice(&chunk[..end]);
-            return Some((String::from_utf8_lossy(&out).into_owned(), false));
+            // The terminator can lie past the limit within the last chunk.
+            let cut = out.len() > MAX_ARG_BYTES;
+            out.truncate(MAX_ARG_BYTES);
+            return Some((String::from_utf8_lossy(&out).into_owned(), cut));
         }
         out.extend_from_slice(&chunk[..n]);
         at += n as u64;
@@ -254,13 +258,22 @@ mod tests {
         assert!(!cut);
     }
 
+    /// Regression: a terminator within the last chunk but past the limit was reported as
+    /// not cut, and the argument returned whole.
     #[test]
     fn long_argument_is_cut_and_flagged() {
-        let long = std::ffi::CString::new(vec![b'a'; MAX_ARG_BYTES + 100]).unwrap();
-        let ptrs = [long.as_ptr() as u64, 0];
+        for extra in [1, 100, 255, 256, 5000] {
+            let long = std::ffi::CString::new(vec![b'a'; MAX_ARG_BYTES + extra]).unwrap();
+            let ptrs = [long.as_ptr() as u64, 0];
+            let (argv, cut) = read_argv(std::process::id(), ptrs.as_ptr() as u64).unwrap();
+            assert!(cut, "{extra} bytes over");
+            assert_eq!(argv[0].len(), MAX_ARG_BYTES);
+        }
+        let exact = std::ffi::CString::new(vec![b'a'; MAX_ARG_BYTES]).unwrap();
+        let ptrs = [exact.as_ptr() as u64, 0];
         let (argv, cut) = read_argv(std::process::id(), ptrs.as_ptr() as u64).unwrap();
-        assert!(cut);
         assert_eq!(argv[0].len(), MAX_ARG_BYTES);
+        assert!(!cut, "exactly at the limit is whole");
     }
 
     #[test]

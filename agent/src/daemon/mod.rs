@@ -546,7 +546,13 @@ impl Daemon {
         } else {
             word.to_owned()
         };
-        if let Err(e) = self.log.write(&word, applied, by, &held.view) {
+        let mut view = held.view.clone();
+        view.age_ms = held.created.elapsed().as_millis() as u64;
+        view.expires_in_ms = held
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis() as u64;
+        if let Err(e) = self.log.write(&word, applied, by, &view) {
             tracing::error!(error = %e, id = held.view.id, "cannot record the decision; the request stays held");
             let id = held.view.id;
             self.requests.insert(id, held);

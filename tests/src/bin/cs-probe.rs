@@ -11,6 +11,7 @@
 //!   cs-probe double-fork PATH ARGS...          fork, setsid, fork, exec in the grandchild;
 //!                                              prints the grandchild's pid
 //!   cs-probe touch FILE                        creates FILE (proof that an exec ran)
+//!   cs-probe wait SUBCOMMAND ARGS...           reads a line from stdin, then runs SUBCOMMAND
 use std::{
     ffi::CString,
     io::Write as _,
@@ -19,7 +20,12 @@ use std::{
 };
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("wait") {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        args.remove(1);
+    }
     let code = match args.get(1).map(String::as_str) {
         Some("connect") => connect(&args[2], None),
         Some("connect-changing") => connect(&args[2], Some(args[3].parse().expect("port"))),
