@@ -108,6 +108,12 @@ pub fn request(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) -> b
     state.kind = kind;
     state.action_hash = hash;
     state.request_id = id;
+    state.family = ev.family;
+    state.port = ev.port;
+    state.sock_type = ev.sock_type;
+    state.addr = ev.addr;
+    // The daemon writes its id for the request once it has seen it.
+    state.user_id = 0;
     state.state = STATE_PENDING;
     true
 }

@@ -16,6 +16,23 @@ pub const MAP_EVENTS: &str = "CS_EVENTS";
 pub const MAP_CONFIG: &str = "CS_CONFIG";
 /// Counters (see the `STAT_*` indexes), one `u64` each.
 pub const MAP_STATS: &str = "CS_STATS";
+/// Label id → name. Only the daemon reads and writes it; it lives in the kernel so that a
+/// restarted daemon knows the names behind the ids in [`MAP_TASKS`].
+pub const MAP_LABELS: &str = "CS_LABELS";
+/// Every map above is pinned by name in the daemon's pin directory, so that holds and labels
+/// survive a daemon restart.
+pub const PINNED_MAPS: [&str; 6] = [
+    MAP_TASKS,
+    MAP_CGROUP_LABELS,
+    MAP_EVENTS,
+    MAP_CONFIG,
+    MAP_STATS,
+    MAP_LABELS,
+];
+/// Capacity of [`MAP_LABELS`].
+pub const MAX_LABELS: u32 = 4_096;
+/// Longest label name.
+pub const LABEL_NAME_LEN: usize = 64;
 
 /// Capacity of [`MAP_TASKS`]: the number of labelled threads alive at once.
 pub const MAX_LABELLED_TASKS: u32 = 65_536;
@@ -119,8 +136,18 @@ pub struct TaskState {
     /// filename and argv of a held exec from the stopped task's memory.
     pub exec_filename: u64,
     pub exec_argv: u64,
+    /// The destination of a pending connect (as in [`Event`]), so that a restarted daemon
+    /// can show what it adopts.
+    pub family: u16,
+    pub port: u16,
+    pub sock_type: u16,
+    pub _pad: u16,
+    pub addr: [u8; 16],
+    /// The id the daemon showed for the pending request (written by the daemon only), so
+    /// that a restarted daemon shows the same id.
+    pub user_id: u64,
 }
-const _: () = assert!(size_of::<TaskState>() == 48);
+const _: () = assert!(size_of::<TaskState>() == 80);
 
 /// Global settings, written by the daemon at start.
 #[repr(C)]
@@ -136,6 +163,14 @@ pub struct Config {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<Config>() == 16);
+
+/// A label's name, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LabelName {
+    pub name: [u8; LABEL_NAME_LEN],
+}
+const _: () = assert!(size_of::<LabelName>() == LABEL_NAME_LEN);
 
 /// An event from a hook to the daemon.
 #[repr(C)]
@@ -197,4 +232,6 @@ mod user {
     unsafe impl aya::Pod for super::Config {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above (a byte array).
+    unsafe impl aya::Pod for super::LabelName {}
 }

@@ -4,23 +4,31 @@ use aya_ebpf::{
     maps::{Array, HashMap, RingBuf},
 };
 use countersign_ebpf::{
-    Config, EVENTS_RING_BYTES, Event, MAX_CGROUP_LABELS, MAX_LABELLED_TASKS, STAT_COUNT, TaskState,
+    Config, EVENTS_RING_BYTES, Event, LabelName, MAX_CGROUP_LABELS, MAX_LABELLED_TASKS, MAX_LABELS,
+    STAT_COUNT, TaskState,
 };
 
+// Every map is pinned by name (see `countersign_ebpf::PINNED_MAPS`): a restarted daemon
+// reuses them, so held tasks stay held and labelled tasks stay labelled across restarts.
+
 #[map(name = "CS_TASKS")]
-pub static TASKS: HashMap<u32, TaskState> = HashMap::with_max_entries(MAX_LABELLED_TASKS, 0);
+pub static TASKS: HashMap<u32, TaskState> = HashMap::pinned(MAX_LABELLED_TASKS, 0);
 
 #[map(name = "CS_CGROUPS")]
-pub static CGROUP_LABELS: HashMap<u64, u32> = HashMap::with_max_entries(MAX_CGROUP_LABELS, 0);
+pub static CGROUP_LABELS: HashMap<u64, u32> = HashMap::pinned(MAX_CGROUP_LABELS, 0);
 
 #[map(name = "CS_EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_RING_BYTES, 0);
 
 #[map(name = "CS_CONFIG")]
-pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map(name = "CS_STATS")]
-pub static STATS: Array<u64> = Array::with_max_entries(STAT_COUNT, 0);
+pub static STATS: Array<u64> = Array::pinned(STAT_COUNT, 0);
+
+/// Written and read by the daemon only.
+#[map(name = "CS_LABELS")]
+pub static LABELS: HashMap<u32, LabelName> = HashMap::pinned(MAX_LABELS, 0);
 
 /// Offset of `child_pid` in the `sched_process_fork` record (set by the loader).
 #[unsafe(no_mangle)]

@@ -67,6 +67,9 @@ struct DaemonArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     socket_dir: Option<PathBuf>,
+    /// Where maps and links are pinned (on bpffs).
+    #[arg(long)]
+    bpf_pin_dir: Option<PathBuf>,
     #[arg(long)]
     decision_log: Option<PathBuf>,
     #[arg(long, value_enum)]
@@ -149,6 +152,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .or_else(|| std::env::var_os(paths::ENV_SOCKET_DIR).map(PathBuf::from))
     {
         config.socket_dir = d;
+    }
+    if let Some(p) = args.bpf_pin_dir {
+        config.bpf_pin_dir = p;
     }
     if let Some(l) = args.decision_log {
         config.decision_log = l;

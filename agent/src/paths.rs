@@ -7,6 +7,11 @@ pub const DEFAULT_SOCKET_DIR: &str = "/run/countersign";
 pub const DEFAULT_CONFIG: &str = "/etc/countersign/daemon.yaml";
 /// One JSON line per decision.
 pub const DEFAULT_DECISION_LOG: &str = "/var/log/countersign/decisions.jsonl";
+/// Where the maps and links are pinned (on bpffs), so that enforcement and held requests
+/// outlive a daemon restart.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/countersign";
+/// Held by the running daemon (flock) in the socket directory.
+pub const LOCK_FILE: &str = "daemon.lock";
 /// Environment variable that overrides the socket directory for every subcommand.
 pub const ENV_SOCKET_DIR: &str = "COUNTERSIGN_SOCKET_DIR";
 

@@ -58,6 +58,8 @@ pub struct StatusInfo {
     pub daemon_pid: u32,
     pub uptime_secs: u64,
     pub pending: usize,
+    /// Held requests taken over from a daemon that did not stop cleanly.
+    pub adopted: usize,
     /// Label names known to the daemon.
     pub labels: Vec<String>,
     pub cgroup_labels: usize,

@@ -130,10 +130,13 @@ impl Drop for Proc {
     }
 }
 
-/// A running daemon in its own directory.
+/// A running daemon in its own directories (sockets, log, pins).
 pub struct Daemon {
     proc: Proc,
     dir: tempfile::TempDir,
+    /// This daemon's pin directory on bpffs (unique per test).
+    pin_dir: PathBuf,
+    args: Vec<String>,
 }
 
 impl Daemon {
@@ -154,7 +157,31 @@ impl Daemon {
             .prefix("countersign-e2e")
             .tempdir()
             .expect("tempdir");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).expect("daemon log");
+        let unique = dir
+            .path()
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique);
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let proc = Self::spawn(dir.path(), &pin_dir, &args);
+        let mut daemon = Daemon {
+            proc,
+            dir,
+            pin_dir,
+            args,
+        };
+        daemon.wait_serving();
+        daemon
+    }
+
+    fn spawn(dir: &Path, pin_dir: &Path, args: &[String]) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .expect("daemon log");
         let mode: Vec<String> = expected_mode()
             .map(|m| vec!["--mode".to_owned(), m])
             .unwrap_or_default();
@@ -162,22 +189,36 @@ impl Daemon {
             .arg("daemon")
             .args(&mode)
             .arg("--socket-dir")
-            .arg(dir.path())
+            .arg(dir)
+            .arg("--bpf-pin-dir")
+            .arg(pin_dir)
             .arg("--decision-log")
-            .arg(dir.path().join("decisions.jsonl"))
+            .arg(dir.join("decisions.jsonl"))
             .args(args)
             .env("COUNTERSIGN_LOG", "info,countersign=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", countersign_bin().display()));
-        let mut daemon = Daemon {
-            proc: Proc { child },
-            dir,
-        };
+        Proc { child }
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would.
+    pub fn crash(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    /// Starts the daemon again with the same directories and arguments.
+    pub fn restart(&mut self) {
+        self.proc = Self::spawn(self.dir.path(), &self.pin_dir, &self.args);
+        self.wait_serving();
+    }
+
+    fn wait_serving(&mut self) {
         let deadline = Instant::now() + WAIT;
         loop {
-            let out = daemon.cli(&["status", "--json"]);
+            let out = self.cli(&["status", "--json"]);
             if out.status.success() {
                 let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
                 if let Some(want) = expected_mode() {
@@ -187,19 +228,30 @@ impl Daemon {
                         "daemon runs in the wrong mode: {status}"
                     );
                 }
-                break;
+                return;
             }
-            if let Some(s) = daemon.proc.child.try_wait().expect("try_wait") {
-                panic!("the daemon exited ({s}) during start:\n{}", daemon.log());
+            if let Some(s) = self.proc.child.try_wait().expect("try_wait") {
+                panic!("the daemon exited ({s}) during start:\n{}", self.log());
             }
             assert!(
                 Instant::now() < deadline,
                 "the daemon did not start serving:\n{}",
-                daemon.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        daemon
+    }
+
+    /// `countersign status --json`.
+    #[must_use]
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status JSON")
     }
 
     #[must_use]
@@ -382,6 +434,10 @@ impl Drop for Daemon {
                 self.log()
             );
         }
+        // A clean stop removed the pins; after a crash (or a failed stop) they go here.
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
 

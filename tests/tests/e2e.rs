@@ -50,10 +50,16 @@ fn labelled_exec_held_then_approved_runs() {
         "the approved program ran"
     );
     let log = d.decisions();
+    let e = log
+        .iter()
+        .find(|e| e["request"]["id"] == r["id"])
+        .unwrap_or_else(|| panic!("{log:?}"));
+    assert_eq!(e["decision"], "approved");
+    assert_eq!(e["applied"], "released");
+    assert!(e["by"].as_str().unwrap().starts_with("cli uid=0"), "{e}");
     assert!(
-        log.iter()
-            .any(|e| e["decision"] == "approved" && e["request"]["id"] == r["id"]),
-        "{log:?}"
+        e["request"]["age_ms"].as_u64().unwrap() >= 300,
+        "the record says how long it was held: {e}"
     );
 }
 
@@ -457,4 +463,51 @@ fn bad_config_is_a_clear_error() {
         }
         assert!(!dir.path().join("control.sock").exists(), "nothing served");
     }
+}
+
+/// The daemon killed with SIGKILL while a request is held: the task stays held (a SIGCONT
+/// does not release it), the restarted daemon takes the request over, and its approval runs
+/// exactly the held connect. A clean stop afterwards leaves no pins behind.
+#[test]
+fn daemon_crash_keeps_held_requests_held_and_a_restart_takes_them_over() {
+    let mut d = Daemon::start();
+    let l = Listener::new();
+    let mut p = d.labelled_probe("coder", &["connect", &l.addr()]);
+    let r = d.wait_request("connect", |r| r["pid"] == p.pid() && r["kind"] == "connect");
+    d.crash();
+    // SAFETY: signalling the probe we started.
+    unsafe { libc::kill(p.pid() as i32, libc::SIGCONT) };
+    assert!(
+        p.still_running_after(Duration::from_millis(500)),
+        "still held without a daemon"
+    );
+    assert!(!l.accepted(), "nothing sent without a daemon");
+    d.restart();
+    let adopted = d.wait_request("the adopted connect", |x| {
+        x["pid"] == p.pid() && x["kind"] == "connect"
+    });
+    assert_eq!(adopted["destination"], l.addr().as_str());
+    assert_eq!(adopted["label"], "coder", "label names survive the restart");
+    assert!(
+        adopted["note"]
+            .as_str()
+            .unwrap_or("")
+            .contains("taken over"),
+        "{adopted}"
+    );
+    assert_eq!(
+        adopted["id"], r["id"],
+        "the approver sees the same request id"
+    );
+    assert_eq!(d.status()["adopted"], 1);
+    d.decide(&adopted, "approve");
+    assert!(p.wait(countersign_tests::WAIT).success());
+    assert_eq!(p.stdout().trim(), "connected");
+    assert!(l.accepted());
+    // New requests after the restart get new ids.
+    let mut q = d.labelled("coder", &[&probe(), "touch", "/nonexistent/x"]);
+    let r2 = d.wait_exec(q.pid(), "touch");
+    assert!(r2["id"].as_u64() > r["id"].as_u64(), "{r2} after {r}");
+    d.decide(&r2, "kill");
+    q.wait(countersign_tests::WAIT);
 }

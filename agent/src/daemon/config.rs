@@ -38,6 +38,7 @@ pub struct CgroupLabel {
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
     pub socket_dir: PathBuf,
+    pub bpf_pin_dir: PathBuf,
     pub decision_log: PathBuf,
     pub mode: ModeRequest,
     pub request_timeout_secs: u64,
@@ -49,6 +50,8 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
             socket_dir: PathBuf::from(paths::DEFAULT_SOCKET_DIR),
+            // On bpffs: holds and labels outlive a daemon restart.
+            bpf_pin_dir: PathBuf::from(paths::DEFAULT_PIN_DIR),
             decision_log: PathBuf::from(paths::DEFAULT_DECISION_LOG),
             // BPF LSM where the kernel runs it; most hosts do not boot with it.
             mode: ModeRequest::Auto,

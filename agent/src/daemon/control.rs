@@ -50,8 +50,29 @@ pub enum ControlError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{0}: another countersign daemon is already serving this socket")]
+    #[error("{0}: another countersign daemon is already running here")]
     InUse(PathBuf),
+}
+
+/// Takes the daemon lock in `dir` (created if needed): one daemon per socket directory. The
+/// lock is held for as long as the returned file lives.
+pub fn lock(dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, ControlError> {
+    std::fs::create_dir_all(dir).map_err(|source| ControlError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let path = dir.join(paths::LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ControlError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| ControlError::InUse(path))
 }
 
 /// Binds both sockets in `dir` and serves them until the returned tasks are dropped.

@@ -30,6 +30,57 @@ pub struct Entry<'a> {
     pub request: &'a RequestView,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::RequestView;
+
+    fn view(id: u64) -> RequestView {
+        RequestView {
+            id,
+            kind: "connect".into(),
+            label: "l".into(),
+            pid: 1,
+            tid: 1,
+            uid: 0,
+            user: None,
+            binary: None,
+            argv: vec![],
+            argv_truncated: false,
+            cwd: None,
+            parents: vec![],
+            destination: Some("10.0.0.1:443".into()),
+            protocol: None,
+            age_ms: 0,
+            expires_in_ms: 0,
+            note: None,
+        }
+    }
+
+    #[test]
+    fn entries_are_json_lines_and_ids_continue_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/decisions.jsonl");
+        let mut log = DecisionLog::open(&path).unwrap();
+        assert_eq!(log.last_request_id(), 0);
+        log.write("approved", "released", "cli uid=0 pid=1", &view(7))
+            .unwrap();
+        log.write("denied", "eperm", "timeout", &view(3)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["v"], LOG_VERSION);
+        assert_eq!(lines[0]["decision"], "approved");
+        assert_eq!(lines[1]["by"], "timeout");
+        assert_eq!(lines[1]["request"]["destination"], "10.0.0.1:443");
+        drop(log);
+        assert_eq!(DecisionLog::open(&path).unwrap().last_request_id(), 7);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("decision log {path}: {source}")]
 pub struct LogError {
@@ -65,6 +116,30 @@ impl DecisionLog {
             file,
             host,
         })
+    }
+
+    /// The highest request id in the log's last entries, so that a restarted daemon does not
+    /// hand out the same ids again (0 for an empty log).
+    pub fn last_request_id(&self) -> u64 {
+        use std::io::{Read as _, Seek as _, SeekFrom};
+        const TAIL: u64 = 256 * 1024;
+        let Ok(mut f) = File::open(&self.path) else {
+            return 0;
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        if f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).is_err() {
+            return 0;
+        }
+        let mut tail = Vec::new();
+        if f.read_to_end(&mut tail).is_err() {
+            return 0;
+        }
+        String::from_utf8_lossy(&tail)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["request"]["id"].as_u64())
+            .max()
+            .unwrap_or(0)
     }
 
     /// Appends one entry and syncs it to disk.

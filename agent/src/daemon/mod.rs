@@ -84,6 +84,8 @@ struct Daemon {
     next_id: u64,
     approved_execs: HashMap<u32, ExecBinding>,
     started: Instant,
+    /// Requests taken over from a daemon that did not stop cleanly.
+    adopted: usize,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -96,9 +98,9 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
 }
 
 async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
-    let mut labels = Vec::new();
-    let mut cgroup_ids = Vec::new();
-    let mut cgroup_labels = Vec::new();
+    let _lock = control::lock(&config.socket_dir)?;
+    // Resolve the cgroups first: a configuration error must not touch the kernel.
+    let mut cgroups = Vec::new();
     if !config.cgroup_labels.is_empty() {
         let root = ebpf::cgroup2_root()
             .context("cgroup_labels need a cgroup v2 mount; none in /proc/mounts")?;
@@ -111,14 +113,35 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
                     dir.display()
                 )
             })?;
-            let label = label_id(&mut labels, &c.label);
-            cgroup_ids.push((id, label));
-            cgroup_labels.push((c.path.to_string_lossy().into_owned(), label));
+            cgroups.push((id, c));
         }
     }
     let log = DecisionLog::open(&config.decision_log)?;
-    let (kernel, ring) =
-        Kernel::load(config.mode, &cgroup_ids).context("loading the eBPF hooks")?;
+    let next_id = log.last_request_id() + 1;
+    let (mut kernel, ring) =
+        Kernel::load(config.mode, &config.bpf_pin_dir).context("loading the eBPF hooks")?;
+    // Label ids are kept in the kernel with their names, so that a restarted daemon reads
+    // the same table.
+    let mut labels: Vec<String> = Vec::new();
+    for (id, name) in kernel.label_names() {
+        let i = id as usize;
+        if i == 0 {
+            continue;
+        }
+        if labels.len() < i {
+            labels.resize_with(i, String::new);
+        }
+        labels[i - 1] = name;
+    }
+    let mut cgroup_ids = Vec::new();
+    let mut cgroup_labels = Vec::new();
+    for (id, c) in cgroups {
+        let label = label_id(&mut labels, &c.label);
+        kernel.set_label_name(label, &c.label)?;
+        cgroup_ids.push((id, label));
+        cgroup_labels.push((c.path.to_string_lossy().into_owned(), label));
+    }
+    kernel.install_cgroup_labels(&cgroup_ids)?;
     tracing::info!(mode = %kernel.mode(), reason = kernel.reason(), "enforcing");
 
     let (tx, mut rx) = mpsc::channel::<Command>(64);
@@ -131,10 +154,12 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         labels,
         cgroup_labels,
         requests: BTreeMap::new(),
-        next_id: 1,
+        next_id,
         approved_execs: HashMap::new(),
         started: Instant::now(),
+        adopted: 0,
     };
+    daemon.adopt();
     eprintln!(
         "countersign: enforcing in {} mode ({}); sockets in {}",
         daemon.kernel.mode(),
@@ -144,6 +169,8 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    // SIGHUP will reload the policy; until there is one, it must not kill the daemon.
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut tick = tokio::time::interval(TICK);
     loop {
         tokio::select! {
@@ -157,6 +184,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
                 let _ = cmd.reply.send(response);
             }
             _ = tick.tick() => daemon.tick(),
+                        _ = hup.recv() => tracing::info!("SIGHUP: nothing to reload"),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -175,6 +203,7 @@ fn drain(ring: &mut RingBuf<MapData>, daemon: &mut Daemon) {
     }
 }
 
+/// The id of label `name` (its index + 1), adding it if new.
 fn label_id(labels: &mut Vec<String>, name: &str) -> u32 {
     if let Some(i) = labels.iter().position(|l| l == name) {
         return i as u32 + 1;
@@ -183,7 +212,88 @@ fn label_id(labels: &mut Vec<String>, name: &str) -> u32 {
     labels.len() as u32
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of the kernel's request ids.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Thread-group id and uid of a thread, from `/proc/TID/status`.
+fn tgid_uid(tid: u32) -> Option<(u32, u32)> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+    Some((field("Tgid:")?, field("Uid:")?))
+}
+
 impl Daemon {
+    /// Takes over what a daemon that did not stop cleanly left held: pending requests come
+    /// back with their original deadlines; decisions written but not yet taken are released
+    /// (they were logged before they were written).
+    fn adopt(&mut self) {
+        if !self.kernel.adopted() {
+            return;
+        }
+        let now_ns = monotonic_ns();
+        for (tid, st) in self.kernel.held_tasks() {
+            let Some((tgid, uid)) = tgid_uid(tid) else {
+                continue;
+            };
+            if st.state != shared::STATE_PENDING {
+                let _ = kill(Pid::from_raw(tgid as i32), Signal::SIGCONT);
+                continue;
+            }
+            let ev = shared::Event {
+                kind: st.kind,
+                label: st.label,
+                tgid,
+                tid,
+                uid,
+                family: st.family,
+                sock_type: st.sock_type,
+                port: st.port,
+                request_id: st.request_id,
+                action_hash: st.action_hash,
+                addr: st.addr,
+                exec_filename: st.exec_filename,
+                exec_argv: st.exec_argv,
+                ..shared::Event::default()
+            };
+            let kind = match st.kind {
+                shared::KIND_EXEC => HeldKind::Exec,
+                shared::KIND_CONNECT => HeldKind::Connect,
+                _ => HeldKind::ExecLoaded,
+            };
+            self.hold_as(
+                &ev,
+                kind,
+                Some("taken over from a daemon that did not stop cleanly".into()),
+                st.user_id,
+            );
+            // The deadline counts from when the kernel raised the request.
+            let age = Duration::from_nanos(now_ns.saturating_sub(st.request_id));
+            let timeout = Duration::from_secs(self.config.request_timeout_secs);
+            if let Some(h) = self
+                .requests
+                .values_mut()
+                .find(|h| h.tid == tid && h.kernel_id == st.request_id)
+            {
+                h.created = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                h.deadline = h.created + timeout;
+            }
+            self.adopted += 1;
+        }
+        tracing::warn!(
+            adopted = self.adopted,
+            "an earlier daemon did not stop cleanly; its held requests were taken over"
+        );
+    }
+
     fn label_name(&self, id: u32) -> String {
         self.labels
             .get((id as usize).wrapping_sub(1))
@@ -209,6 +319,25 @@ impl Daemon {
 
     /// A new held request.
     fn hold(&mut self, ev: &shared::Event, kind: HeldKind, note: Option<String>) {
+        self.hold_as(ev, kind, note, 0);
+    }
+
+    /// A held request; `adopted_id` is the id an earlier daemon gave it (0: a new one).
+    fn hold_as(
+        &mut self,
+        ev: &shared::Event,
+        kind: HeldKind,
+        note: Option<String>,
+        adopted_id: u64,
+    ) {
+        // Already known (adopted at start, then reported again by the ring buffer).
+        if self
+            .requests
+            .values()
+            .any(|h| h.tid == ev.tid && h.kernel_id == ev.request_id)
+        {
+            return;
+        }
         // A task has at most one request: a new one supersedes the old.
         let old: Vec<u64> = self
             .requests
@@ -221,8 +350,15 @@ impl Daemon {
                 self.log_or_warn("superseded", "none", "kernel", &h.view);
             }
         }
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = if adopted_id > 0 {
+            self.next_id = self.next_id.max(adopted_id + 1);
+            adopted_id
+        } else {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.kernel.set_user_id(ev.tid, ev.request_id, id);
+            id
+        };
         let (view, binding) = self.describe(id, ev, kind, note);
         if self.requests.len() >= MAX_PENDING {
             tracing::error!(
@@ -439,6 +575,11 @@ impl Daemon {
             return Response::Error { message };
         }
         let id = label_id(&mut self.labels, label);
+        if let Err(e) = self.kernel.set_label_name(id, label) {
+            return Response::Error {
+                message: format!("recording label {label}: {e}"),
+            };
+        }
         if let Some(existing) = self.kernel.task(peer.pid) {
             if existing.label != id {
                 return Response::Error {
@@ -489,6 +630,7 @@ impl Daemon {
             daemon_pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
             pending: self.requests.len(),
+            adopted: self.adopted,
             labels: self.labels.clone(),
             cgroup_labels: self.kernel.cgroup_label_count(),
             request_timeout_secs: self.config.request_timeout_secs,
@@ -657,7 +799,7 @@ impl Daemon {
         for (_, tgid, _) in waiting {
             let _ = kill(Pid::from_raw(tgid as i32), Signal::SIGKILL);
         }
-        self.kernel.disable();
+        self.kernel.teardown();
         let _ = std::fs::remove_file(self.config.socket_dir.join(crate::paths::CONTROL_SOCKET));
         let _ = std::fs::remove_file(self.config.socket_dir.join(crate::paths::LAUNCH_SOCKET));
         eprintln!("countersign: stopped");

@@ -4,6 +4,7 @@
 //! One [`Kernel`] value owns all of it; the daemon's main loop is its only user.
 mod canary;
 mod format;
+mod pin;
 
 use std::{
     fs::File,
@@ -13,10 +14,16 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint,
+        cgroup_sock_addr::CgroupSockAddrLinkId,
+        links::{FdLink, PinnedLink},
+        lsm::LsmLinkId,
+        trace_point::TracePointLinkId,
+    },
 };
 use countersign_ebpf as shared;
-use shared::{Config, Event, TaskState};
+use shared::{Config, Event, LabelName, TaskState};
 
 pub use canary::{CanaryError, canary_exec_main, canary_main};
 
@@ -99,24 +106,41 @@ pub struct Kernel {
     cgroups: HashMap<MapData, u64, u32>,
     config: Array<MapData, Config>,
     stats: Array<MapData, u64>,
+    labels: HashMap<MapData, u32, LabelName>,
     mode: Mode,
     /// Why this mode (for `countersign status`).
     reason: String,
+    pin_dir: PathBuf,
+    /// Links attached by this daemon, not pinned yet.
+    attached: Vec<(&'static str, AttachedLink)>,
+    /// Links pinned by this daemon.
+    pinned: Vec<PinnedLink>,
+    /// The mode an earlier daemon left in the (pinned) config, `MODE_OFF` if none.
+    previous_mode: u32,
+    /// An earlier daemon did not stop cleanly: its state was adopted.
+    adopted: bool,
+}
+
+/// A link attached by this daemon, by program type.
+enum AttachedLink {
+    TracePoint(TracePointLinkId),
+    Lsm(LsmLinkId),
+    Cgroup(CgroupSockAddrLinkId),
 }
 
 impl Kernel {
     /// Loads everything, picks the mode, and proves the hooks run with the canary.
-    /// `cgroup_labels` are (cgroup v2 id, label id) pairs to install before enforcing.
-    pub fn load(
-        request: ModeRequest,
-        cgroup_labels: &[(u64, u32)],
-    ) -> Result<(Self, RingBuf<MapData>)> {
+    /// Maps and links are pinned in `pin_dir`; state an earlier daemon left there is adopted.
+    pub fn load(request: ModeRequest, pin_dir: &Path) -> Result<(Self, RingBuf<MapData>)> {
         raise_memlock();
+        pin::prepare(pin_dir)?;
+        let adopted = pin::has_previous_links(pin_dir);
         format::ensure_tracefs().map_err(KernelError::Format)?;
         let fork_offset = format::field_offset("sched", "sched_process_fork", "child_pid")
             .map_err(KernelError::Format)?;
         let mut ebpf = EbpfLoader::new()
             .override_global(shared::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
+            .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
         // aya-log is deliberately not used: its logger made loads fail on some kernels.
@@ -131,6 +155,9 @@ impl Kernel {
             .map_err(|e| map_err(shared::MAP_STATS, &e))?;
         let ring = RingBuf::try_from(take_map(&mut ebpf, shared::MAP_EVENTS)?)
             .map_err(|e| map_err(shared::MAP_EVENTS, &e))?;
+        let labels = HashMap::try_from(take_map(&mut ebpf, shared::MAP_LABELS)?)
+            .map_err(|e| map_err(shared::MAP_LABELS, &e))?;
+        let mut attached = Vec::new();
 
         for (name, category, tp) in [
             (shared::PROG_TP_SCHED_FORK, "sched", "sched_process_fork"),
@@ -147,23 +174,36 @@ impl Kernel {
                 "sys_enter_execveat",
             ),
         ] {
-            attach_tracepoint(&mut ebpf, name, category, tp)?;
+            let id = attach_tracepoint(&mut ebpf, name, category, tp)?;
+            attached.push((name, AttachedLink::TracePoint(id)));
         }
 
+        let previous_mode = config
+            .get(&0, 0)
+            .map_or(shared::MODE_OFF, |c: Config| c.mode);
         let mut kernel = Kernel {
             ebpf,
             tasks,
             cgroups,
             config,
             stats,
+            labels,
             mode: Mode::Fallback,
             reason: String::new(),
+            pin_dir: pin_dir.to_path_buf(),
+            attached,
+            pinned: Vec::new(),
+            previous_mode,
+            adopted,
         };
+        // An earlier daemon's programs may still be attached: from now on they must not hold
+        // this daemon. Its mode stays in force until ours is proven.
+        kernel.set_config(previous_mode, 0)?;
         let mut ring = ring;
         if request != ModeRequest::Fallback {
             match kernel.try_lsm(&mut ring) {
                 Ok(()) => {
-                    kernel.install_cgroup_labels(cgroup_labels)?;
+                    kernel.pin_links()?;
                     return Ok((kernel, ring));
                 }
                 Err(why) if request == ModeRequest::Lsm => {
@@ -181,7 +221,7 @@ impl Kernel {
         kernel.set_config(shared::MODE_FALLBACK, 0)?;
         kernel.mode = Mode::Fallback;
         canary::prove(&mut kernel, &mut ring, Mode::Fallback).map_err(KernelError::Canary)?;
-        kernel.install_cgroup_labels(cgroup_labels)?;
+        kernel.pin_links()?;
         Ok((kernel, ring))
     }
 
@@ -199,9 +239,12 @@ impl Kernel {
                 .ok_or_else(|| format!("program {name} missing from the object"))?
                 .try_into()
                 .map_err(|e| format!("program {name}: {e}"))?;
-            if let Err(e) = prog.load(hook, &btf).and_then(|()| prog.attach().map(drop)) {
-                self.unload_lsm();
-                return Err(format!("{hook}: {}", error_chain(&e)));
+            match prog.load(hook, &btf).and_then(|()| prog.attach()) {
+                Ok(id) => self.attached.push((name, AttachedLink::Lsm(id))),
+                Err(e) => {
+                    self.unload_lsm();
+                    return Err(format!("{hook}: {}", error_chain(&e)));
+                }
             }
         }
         self.set_config(shared::MODE_LSM, 0)
@@ -214,7 +257,7 @@ impl Kernel {
             }
             Err(e) => {
                 self.unload_lsm();
-                let _ = self.set_config(shared::MODE_OFF, 0);
+                let _ = self.set_config(self.previous_mode, 0);
                 Err(format!(
                     "LSM programs attached but {e} (is `bpf` in the kernel's lsm= list?)"
                 ))
@@ -223,6 +266,8 @@ impl Kernel {
     }
 
     fn unload_lsm(&mut self) {
+        self.attached
+            .retain(|(_, l)| !matches!(l, AttachedLink::Lsm(_)));
         for name in [shared::PROG_LSM_BPRM_CHECK, shared::PROG_LSM_SOCKET_CONNECT] {
             if let Some(prog) = self.ebpf.program_mut(name) {
                 let prog: std::result::Result<&mut Lsm, _> = prog.try_into();
@@ -234,12 +279,16 @@ impl Kernel {
     }
 
     fn attach_fallback(&mut self) -> Result<()> {
-        attach_tracepoint(
+        let id = attach_tracepoint(
             &mut self.ebpf,
             shared::PROG_TP_SYS_ENTER_CONNECT,
             "syscalls",
             "sys_enter_connect",
         )?;
+        self.attached.push((
+            shared::PROG_TP_SYS_ENTER_CONNECT,
+            AttachedLink::TracePoint(id),
+        ));
         let root = cgroup2_root().ok_or(KernelError::NoCgroup2)?;
         let cgroup = File::open(&root).map_err(|error| KernelError::Io {
             path: root.clone(),
@@ -258,15 +307,27 @@ impl Kernel {
             prog.load()
                 .map_err(|error| KernelError::Program { name, error })?;
             // A bpf_link is always "multi" for cgroups; the kernel refuses the flag on links.
-            prog.attach(&cgroup, CgroupAttachMode::Single)
+            let id = prog
+                .attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|error| KernelError::Program { name, error })?;
+            self.attached.push((name, AttachedLink::Cgroup(id)));
         }
         Ok(())
     }
 
-    /// Installs the cgroup labels, after the canary (so that no agent is held before the
-    /// daemon is ready to hear about it).
-    fn install_cgroup_labels(&mut self, labels: &[(u64, u32)]) -> Result<()> {
+    /// Installs the cgroup labels (after the canary, so that no agent is held before the
+    /// daemon is ready to hear about it), replacing what an earlier daemon installed.
+    pub fn install_cgroup_labels(&mut self, labels: &[(u64, u32)]) -> Result<()> {
+        // Entries an earlier daemon installed that this configuration no longer has.
+        let stale: Vec<u64> = self
+            .cgroups
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|id| !labels.iter().any(|(l, _)| l == id))
+            .collect();
+        for id in stale {
+            let _ = self.cgroups.remove(&id);
+        }
         for &(id, label) in labels {
             self.cgroups
                 .insert(id, label, 0)
@@ -291,10 +352,114 @@ impl Kernel {
             .map_err(|e| map_err(shared::MAP_CONFIG, &e))
     }
 
-    /// Stops all enforcement (hooks return at once). Used only at shutdown, after every held
+    /// Pins this daemon's links in place of an earlier daemon's.
+    fn pin_links(&mut self) -> Result<()> {
+        let mut links = Vec::new();
+        for (name, id) in std::mem::take(&mut self.attached) {
+            let link = self.take_fd_link(name, id)?;
+            links.push((name, link));
+        }
+        let names: Vec<&str> = links.iter().map(|(n, _)| *n).collect();
+        self.pinned = pin::pin_links(&self.pin_dir, links)?;
+        pin::remove_other_links(&self.pin_dir, &names);
+        Ok(())
+    }
+
+    fn take_fd_link(&mut self, name: &'static str, id: AttachedLink) -> Result<FdLink> {
+        let missing = || KernelError::Map {
+            name,
+            detail: "program missing from the object".into(),
+        };
+        let invalid = |e: &dyn std::fmt::Display| KernelError::Map {
+            name,
+            detail: format!("cannot pin its link: {e}"),
+        };
+        let prog = self.ebpf.program_mut(name).ok_or_else(missing)?;
+        Ok(match id {
+            AttachedLink::TracePoint(id) => {
+                let p: &mut TracePoint = prog
+                    .try_into()
+                    .map_err(|error| KernelError::Program { name, error })?;
+                let link = p
+                    .take_link(id)
+                    .map_err(|error| KernelError::Program { name, error })?;
+                FdLink::try_from(link).map_err(|e| invalid(&e))?
+            }
+            AttachedLink::Lsm(id) => {
+                let p: &mut Lsm = prog
+                    .try_into()
+                    .map_err(|error| KernelError::Program { name, error })?;
+                FdLink::from(
+                    p.take_link(id)
+                        .map_err(|error| KernelError::Program { name, error })?,
+                )
+            }
+            AttachedLink::Cgroup(id) => {
+                let p: &mut CgroupSockAddr = prog
+                    .try_into()
+                    .map_err(|error| KernelError::Program { name, error })?;
+                let link = p
+                    .take_link(id)
+                    .map_err(|error| KernelError::Program { name, error })?;
+                FdLink::try_from(link).map_err(|e| invalid(&e))?
+            }
+        })
+    }
+
+    /// Stops all enforcement and removes every pin: only at a clean stop, after every held
     /// task was decided.
-    pub fn disable(&mut self) {
+    pub fn teardown(&mut self) {
         let _ = self.set_config(shared::MODE_OFF, 0);
+        pin::remove_all(&self.pin_dir, std::mem::take(&mut self.pinned));
+    }
+
+    /// Whether an earlier daemon's state was adopted at start.
+    #[must_use]
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// Every labelled thread that has a request pending or decided (for adoption).
+    #[must_use]
+    pub fn held_tasks(&self) -> Vec<(u32, TaskState)> {
+        self.tasks
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .filter(|(_, t)| {
+                matches!(
+                    t.state,
+                    shared::STATE_PENDING | shared::STATE_ALLOWED | shared::STATE_DENIED
+                )
+            })
+            .collect()
+    }
+
+    /// Records a label's name in the kernel, for a daemon that restarts.
+    pub fn set_label_name(&mut self, id: u32, name: &str) -> Result<()> {
+        let mut value = LabelName {
+            name: [0; shared::LABEL_NAME_LEN],
+        };
+        let n = name.len().min(shared::LABEL_NAME_LEN);
+        value.name[..n].copy_from_slice(&name.as_bytes()[..n]);
+        self.labels
+            .insert(id, value, 0)
+            .map_err(|e| map_err(shared::MAP_LABELS, &e))
+    }
+
+    /// The label names an earlier daemon recorded, by id.
+    #[must_use]
+    pub fn label_names(&self) -> Vec<(u32, String)> {
+        let mut out: Vec<(u32, String)> = self
+            .labels
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .map(|(id, l)| {
+                let end = l.name.iter().position(|b| *b == 0).unwrap_or(l.name.len());
+                (id, String::from_utf8_lossy(&l.name[..end]).into_owned())
+            })
+            .collect();
+        out.sort();
+        out
     }
 
     #[must_use]
@@ -338,6 +503,18 @@ impl Kernel {
             .insert(tid, state, 0)
             .map_err(|e| map_err(shared::MAP_TASKS, &e))?;
         Ok(true)
+    }
+
+    /// Records the daemon's id for the pending request `request_id` of `tid` (best effort:
+    /// only a restarted daemon reads it).
+    pub fn set_user_id(&mut self, tid: u32, request_id: u64, user_id: u64) {
+        if let Ok(mut state) = self.tasks.get(&tid, 0)
+            && state.request_id == request_id
+            && state.state == shared::STATE_PENDING
+        {
+            state.user_id = user_id;
+            let _ = self.tasks.insert(tid, state, 0);
+        }
     }
 
     /// Removes a thread's entry (the canary, once done).
@@ -386,7 +563,12 @@ fn map_err(name: &'static str, e: &dyn std::fmt::Display) -> KernelError {
     }
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &str) -> Result<()> {
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    category: &str,
+    tp: &str,
+) -> Result<TracePointLinkId> {
     let prog: &mut TracePoint = ebpf
         .program_mut(name)
         .ok_or(KernelError::Map {
@@ -398,8 +580,7 @@ fn attach_tracepoint(ebpf: &mut Ebpf, name: &'static str, category: &str, tp: &s
     prog.load()
         .map_err(|error| KernelError::Program { name, error })?;
     prog.attach(category, tp)
-        .map_err(|error| KernelError::Program { name, error })?;
-    Ok(())
+        .map_err(|error| KernelError::Program { name, error })
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

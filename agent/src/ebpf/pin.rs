@@ -1,0 +1,107 @@
+//! The pin directory on bpffs: maps pinned by name (aya does that at load), and the links,
+//! so that the hooks and the held tasks' state outlive the daemon process. A daemon killed
+//! with SIGKILL leaves enforcement in place and held tasks held; the next daemon adopts
+//! them. Only a clean stop removes the pins.
+use std::path::{Path, PathBuf};
+
+use aya::programs::links::{FdLink, PinnedLink};
+
+use super::KernelError;
+
+/// Where bpffs is mounted when nothing is.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// Makes sure `dir` exists on a bpf filesystem, mounting bpffs at its usual place if needed.
+pub fn prepare(dir: &Path) -> Result<(), KernelError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |error| KernelError::Io { path, error }
+    };
+    if dir.starts_with(BPFFS_MOUNT) && !is_bpffs(Path::new(BPFFS_MOUNT)) {
+        std::fs::create_dir_all(BPFFS_MOUNT).map_err(io(Path::new(BPFFS_MOUNT)))?;
+        nix::mount::mount(
+            Some("bpffs"),
+            BPFFS_MOUNT,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| KernelError::Io {
+            path: BPFFS_MOUNT.into(),
+            error: e.into(),
+        })?;
+    }
+    std::fs::create_dir_all(links_dir(dir)).map_err(io(dir))?;
+    if !is_bpffs(dir) {
+        return Err(KernelError::Io {
+            path: dir.to_path_buf(),
+            error: std::io::Error::other("the pin directory is not on a bpf filesystem (bpffs)"),
+        });
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+}
+
+fn links_dir(dir: &Path) -> PathBuf {
+    dir.join("links")
+}
+
+/// Whether an earlier daemon left pinned links behind (it did not stop cleanly).
+pub fn has_previous_links(dir: &Path) -> bool {
+    std::fs::read_dir(links_dir(dir)).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// Pins `links` (program name, link) in place of whatever an earlier daemon pinned.
+pub fn pin_links(
+    dir: &Path,
+    links: Vec<(&'static str, FdLink)>,
+) -> Result<Vec<PinnedLink>, KernelError> {
+    let ldir = links_dir(dir);
+    let mut pinned = Vec::new();
+    for (name, link) in links {
+        let path = ldir.join(name);
+        // Removing the old pin detaches the old program; the new one is attached already.
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(program = name, "replaced the program of an earlier daemon"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(KernelError::Io { path, error }),
+        }
+        let link = link.pin(&path).map_err(|e| KernelError::Io {
+            path: path.clone(),
+            error: std::io::Error::other(e),
+        })?;
+        pinned.push(link);
+    }
+    Ok(pinned)
+}
+
+/// Removes pinned links whose program is not in `keep` (an earlier daemon's, in another mode).
+pub fn remove_other_links(dir: &Path, keep: &[&str]) {
+    let Ok(entries) = std::fs::read_dir(links_dir(dir)) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !keep.iter().any(|k| e.file_name() == *k) {
+            tracing::info!(link = %e.path().display(), "removing a program of an earlier daemon");
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Removes every pin: the links (detaching the programs) and the maps. Only for a clean stop.
+pub fn remove_all(dir: &Path, links: Vec<PinnedLink>) {
+    for link in links {
+        if let Ok(fd) = link.unpin() {
+            drop(fd);
+        }
+    }
+    let _ = std::fs::remove_dir_all(links_dir(dir));
+    for name in countersign_ebpf::PINNED_MAPS {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    let _ = std::fs::remove_dir(dir);
+}
