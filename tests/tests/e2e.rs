@@ -171,16 +171,11 @@ fn spurious_sigcont_keeps_connect_held() {
     assert!(l.accepted());
 }
 
-/// LSM mode: a SIGCONT while an exec is pending does not release it. (The fallback holds an
-/// exec after the image loaded, where a stray SIGCONT cannot be intercepted: see the README's
-/// fallback limits.)
+/// A SIGCONT while an exec is pending does not release it: in LSM mode the restarted exec is
+/// held again; in fallback mode (held after the image loaded) the ptrace stop keeps it.
 #[test]
-fn spurious_sigcont_keeps_exec_held_in_lsm_mode() {
+fn spurious_sigcont_keeps_exec_held() {
     let d = Daemon::start();
-    if !d.is_lsm() {
-        eprintln!("not applicable in fallback mode (documented limit); covered by the LSM runs");
-        return;
-    }
     let m = marker(&d, "ran");
     let mut p = d.labelled_probe("coder", &["exec", &probe(), "touch", &m]);
     let r = d.wait_exec(p.pid(), "touch");

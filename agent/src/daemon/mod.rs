@@ -8,6 +8,7 @@ pub mod config;
 mod control;
 pub mod enrich;
 mod log;
+mod trace;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -86,6 +87,8 @@ struct Daemon {
     started: Instant,
     /// Requests taken over from a daemon that did not stop cleanly.
     adopted: usize,
+    /// Loaded-but-not-run execs held in a ptrace stop.
+    tracer: trace::Tracer,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -158,6 +161,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         approved_execs: HashMap::new(),
         started: Instant::now(),
         adopted: 0,
+        tracer: trace::Tracer::default(),
     };
     daemon.adopt();
     eprintln!(
@@ -373,6 +377,22 @@ impl Daemon {
             binary = view.binary.as_deref().unwrap_or(""), destination = view.destination.as_deref().unwrap_or(""),
             "held");
         let held = self.held(view, kind, ev, binding);
+        if kind == HeldKind::ExecLoaded
+            && let Err(why) = self.tracer.hold(ev.tgid)
+        {
+            // Without the ptrace stop a SIGCONT could let the image run: fail closed.
+            tracing::error!(
+                pid = ev.tgid,
+                why,
+                "cannot hold the loaded exec; killing it"
+            );
+            self.apply(
+                held,
+                Decision::Kill,
+                &format!("daemon (cannot hold: {why})"),
+            );
+            return;
+        }
         self.requests.insert(id, held);
     }
 
@@ -719,6 +739,9 @@ impl Daemon {
             self.approved_execs.insert(held.tid, b);
         }
         let _ = kill(Pid::from_raw(held.tgid as i32), signal);
+        if signal == Signal::SIGCONT && self.tracer.is_traced(held.tgid) {
+            self.tracer.release(held.tgid);
+        }
         tracing::info!(id = held.view.id, pid = held.tgid, decision = %word, applied, by, "decided");
         format!("{word} ({applied})")
     }
@@ -732,6 +755,7 @@ impl Daemon {
     }
 
     fn tick(&mut self) {
+        self.tracer.reap();
         let now = Instant::now();
         let ids: Vec<u64> = self.requests.keys().copied().collect();
         for id in ids {
