@@ -506,3 +506,57 @@ fn daemon_crash_keeps_held_requests_held_and_a_restart_takes_them_over() {
     d.decide(&r2, "kill");
     q.wait(countersign_tests::WAIT);
 }
+
+/// Other users may label themselves and read the status, never list or decide requests.
+#[test]
+fn non_root_may_label_itself_but_not_decide() {
+    use std::os::unix::process::CommandExt as _;
+    let d = Daemon::start();
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new(countersign_tests::countersign_bin())
+            .args(args)
+            .env("COUNTERSIGN_SOCKET_DIR", d.dir())
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    // The test's own directory must be reachable by nobody for the socket to be.
+    std::fs::set_permissions(d.dir(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = as_nobody(&["requests", "list"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("permission denied") && err.contains("needs root"),
+        "{err}"
+    );
+    let out = as_nobody(&["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A labelled process of another user is held like any other.
+    let l = Listener::new();
+    let p = probe();
+    let mut agent = {
+        let child = std::process::Command::new(countersign_tests::countersign_bin())
+            .args(["exec", "--label", "coder", "--", &p, "connect", &l.addr()])
+            .env("COUNTERSIGN_SOCKET_DIR", d.dir())
+            .uid(65534)
+            .gid(65534)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        countersign_tests::Proc { child }
+    };
+    let r = d.wait_exec(agent.pid(), "connect");
+    assert_eq!(r["uid"], 65534);
+    d.decide(&r, "approve");
+    let c = d.wait_request("connect", |x| {
+        x["pid"] == agent.pid() && x["kind"] == "connect"
+    });
+    d.decide(&c, "approve");
+    assert!(agent.wait(countersign_tests::WAIT).success());
+    assert_eq!(agent.stdout().trim(), "connected");
+}

@@ -20,12 +20,20 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`Response::Error`] becomes an error carrying the daemon's message.
 pub fn call(dir: &Path, socket: &str, request: &Request) -> anyhow::Result<Response> {
     let path: PathBuf = dir.join(socket);
-    let mut stream = UnixStream::connect(&path).with_context(|| {
-        format!(
-            "cannot reach the countersign daemon at {} (is it running? `countersign daemon`)",
-            path.display()
-        )
-    })?;
+    let mut stream = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            bail!(
+                "{}: permission denied (listing and deciding requests needs root)",
+                path.display()
+            );
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot reach the countersign daemon at {} (is it running? `countersign daemon`)", path.display())
+            });
+        }
+    };
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
     let mut line = serde_json::to_vec(request)?;

@@ -22,6 +22,12 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
     println!("  why:            {}", s.reason);
     println!("  uptime:         {}s", s.uptime_secs);
     println!("  held requests:  {}", s.pending);
+    if s.adopted > 0 {
+        println!(
+            "  adopted:        {} (taken over from a daemon that did not stop cleanly)",
+            s.adopted
+        );
+    }
     println!(
         "  labels:         {}",
         if s.labels.is_empty() {

@@ -18,6 +18,8 @@ use crate::{
     proto::{MAX_REQUEST_BYTES, Request, Response},
 };
 
+/// Most connections served at once, per socket.
+const MAX_CONNECTIONS: usize = 64;
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -104,10 +106,25 @@ pub fn serve(dir: &Path, tx: mpsc::Sender<Command>) -> Result<(), ControlError> 
 }
 
 async fn accept_loop(listener: UnixListener, socket: Socket, tx: mpsc::Sender<Command>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(handle(stream, socket, tx.clone()));
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    // Bounded: a flood of connections cannot exhaust the daemon.
+                    let busy = Response::Error {
+                        message: format!("busy: more than {MAX_CONNECTIONS} open connections"),
+                    };
+                    let mut line = serde_json::to_vec(&busy).unwrap_or_default();
+                    line.push(b'\n');
+                    let _ = stream.try_write(&line);
+                    continue;
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    handle(stream, socket, tx).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a control connection");

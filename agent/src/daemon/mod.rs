@@ -594,6 +594,13 @@ impl Daemon {
         if let Err(message) = validate_label(label) {
             return Response::Error { message };
         }
+        if !self.labels.iter().any(|l| l == label)
+            && self.labels.len() >= shared::MAX_LABELS as usize
+        {
+            return Response::Error {
+                message: format!("too many labels (at most {})", shared::MAX_LABELS),
+            };
+        }
         let id = label_id(&mut self.labels, label);
         if let Err(e) = self.kernel.set_label_name(id, label) {
             return Response::Error {
