@@ -11,7 +11,8 @@ use countersign_ebpf::{
 
 use crate::{
     hold::{self, Verdict},
-    label, maps,
+    label::{self, Task},
+    maps,
 };
 
 const AF_INET: u16 = 2;
@@ -63,8 +64,10 @@ fn fill(ev: &mut countersign_ebpf::Event, d: &Dest, sock_type: u16) {
 /// `socket_connect(struct socket *sock, struct sockaddr *address, int addrlen)`.
 #[inline(always)]
 pub fn lsm_connect(sock: *const u8, address: *const u8) -> Verdict {
-    let Some(state) = label::current_task() else {
-        return Verdict::Allow;
+    let state = match label::current_task() {
+        Task::Labelled(state) => state,
+        Task::Unlabelled => return Verdict::Allow,
+        Task::NoRoom => return Verdict::Deny,
     };
     // SAFETY: the pointer comes from the map lookup and is valid for this run.
     let state = unsafe { &mut *state };
@@ -94,7 +97,8 @@ pub fn lsm_connect(sock: *const u8, address: *const u8) -> Verdict {
 /// Fallback: `sys_enter_connect(int fd, struct sockaddr *uservaddr, int addrlen)`.
 #[inline(always)]
 pub fn sys_enter_connect(ctx: &TracePointContext) {
-    let Some(state) = label::current_task() else {
+    // A task without room is refused by the cgroup program.
+    let Task::Labelled(state) = label::current_task() else {
         return;
     };
     // SAFETY: as above.
@@ -139,8 +143,10 @@ pub fn sys_enter_connect(ctx: &TracePointContext) {
 /// Fallback: the cgroup `connect4`/`connect6` programs, on the kernel's copy of the address.
 #[inline(always)]
 pub fn cgroup_connect(ctx: &SockAddrContext, v6: bool) -> Verdict {
-    let Some(state) = label::current_task() else {
-        return Verdict::Allow;
+    let state = match label::current_task() {
+        Task::Labelled(state) => state,
+        Task::Unlabelled => return Verdict::Allow,
+        Task::NoRoom => return Verdict::Deny,
     };
     // SAFETY: as above.
     let state = unsafe { &mut *state };

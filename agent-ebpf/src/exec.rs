@@ -10,7 +10,8 @@ use countersign_ebpf::{
 
 use crate::{
     hold::{self, Verdict},
-    label, maps,
+    label::{self, Task},
+    maps,
 };
 
 /// Offsets of `filename` and `argv` in the `sys_enter_execve` record (the syscall ABI's
@@ -21,7 +22,8 @@ pub const EXECVEAT_ARGS: (usize, usize) = (24, 32);
 
 #[inline(always)]
 pub fn sys_enter_exec(ctx: &TracePointContext, (filename_at, argv_at): (usize, usize)) {
-    let Some(state) = label::current_task() else {
+    // A task without room is refused by the exec hooks.
+    let Task::Labelled(state) = label::current_task() else {
         return;
     };
     // SAFETY: the pointer comes from the map lookup and is valid for this run.
@@ -38,8 +40,10 @@ pub fn sys_enter_exec(ctx: &TracePointContext, (filename_at, argv_at): (usize, u
 
 #[inline(always)]
 pub fn bprm_check() -> Verdict {
-    let Some(state) = label::current_task() else {
-        return Verdict::Allow;
+    let state = match label::current_task() {
+        Task::Labelled(state) => state,
+        Task::Unlabelled => return Verdict::Allow,
+        Task::NoRoom => return Verdict::Deny,
     };
     // SAFETY: as above.
     let state = unsafe { &mut *state };
@@ -103,8 +107,14 @@ pub fn sched_exec(ctx: &TracePointContext) {
             let _ = maps::TASKS.remove(old_pid);
         }
     }
-    let Some(state) = label::current_task() else {
-        return;
+    let state = match label::current_task() {
+        Task::Labelled(state) => state,
+        Task::Unlabelled => return,
+        Task::NoRoom => {
+            // Labelled, but nothing can hold it: fail closed before the first instruction.
+            hold::kill_current();
+            return;
+        }
     };
     // SAFETY: as above.
     let state = unsafe { &mut *state };

@@ -1,13 +1,16 @@
 //! Which tasks are agents: the per-thread task map, cgroup labels, inheritance at fork.
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_current_ancestor_cgroup_id},
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    },
     programs::TracePointContext,
 };
 use countersign_ebpf::{
     LABEL_NONE, MAX_CGROUP_DEPTH, MODE_OFF, STAT_LABEL_INHERIT_FAILED, TaskState,
 };
 
-use crate::maps::{self, CGROUP_LABELS, TASKS};
+use crate::maps::{self, CGROUP_CACHE, CGROUP_LABELS, TASKS};
 
 /// The calling thread's id (the kernel's pid).
 #[inline(always)]
@@ -20,32 +23,65 @@ pub fn current_tgid() -> u32 {
     (bpf_get_current_pid_tgid() >> 32) as u32
 }
 
-/// The state of the calling thread if it is labelled and countersign is enforcing; `None`
-/// for everyone else, after one map lookup (plus the cgroup walk when cgroup labels exist).
+/// Who the calling thread is, for a hook.
+pub enum Task {
+    /// Not an agent (or countersign is off, or it is the daemon): let it be.
+    Unlabelled,
+    /// A labelled thread and its state.
+    Labelled(*mut TaskState),
+    /// Labelled (by its cgroup) but it cannot be given a state (the task map is full): its
+    /// actions must be refused, since they cannot be held.
+    NoRoom,
+}
+
+/// The calling thread. An unlabelled task costs one lookup in the task map, plus one in the
+/// cgroup cache when cgroup labels exist (the ancestor walk runs once per cgroup).
 #[inline(always)]
-pub fn current_task() -> Option<*mut TaskState> {
+pub fn current_task() -> Task {
     let config = maps::config();
     if config.mode == MODE_OFF {
-        return None;
+        return Task::Unlabelled;
     }
     let tid = current_tid();
     if let Some(state) = TASKS.get_ptr_mut(tid) {
         if current_tgid() == config.daemon_tgid {
-            return None;
+            return Task::Unlabelled;
         }
-        return Some(state);
+        return Task::Labelled(state);
     }
     if config.cgroup_labels == 0 || current_tgid() == config.daemon_tgid {
-        return None;
+        return Task::Unlabelled;
     }
-    let label = cgroup_label()?;
+    let Some(label) = cgroup_label_cached() else {
+        return Task::Unlabelled;
+    };
     let state = TaskState {
         label,
         ..TaskState::default()
     };
-    // A full map leaves the task unlabelled here; the cgroup walk finds it again next time.
-    TASKS.insert(tid, state, 0).ok()?;
-    TASKS.get_ptr_mut(tid)
+    if TASKS.insert(tid, state, 0).is_err() {
+        return Task::NoRoom;
+    }
+    match TASKS.get_ptr_mut(tid) {
+        Some(state) => Task::Labelled(state),
+        None => Task::NoRoom,
+    }
+}
+
+/// The label of the current cgroup, through the cache of walks already made.
+#[inline(always)]
+fn cgroup_label_cached() -> Option<u32> {
+    // SAFETY: helper without arguments.
+    let id = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: reading a u32 value out of the map.
+    if let Some(label) = unsafe { CGROUP_CACHE.get(id) } {
+        return (*label != LABEL_NONE).then_some(*label);
+    }
+    let label = cgroup_label();
+    // Cgroup ids are never reused while the system runs, so the answer stays true for as long
+    // as the configured labels do (a new daemon starts with an empty cache).
+    let _ = CGROUP_CACHE.insert(id, label.unwrap_or(LABEL_NONE), 0);
+    label
 }
 
 /// The label of the nearest labelled ancestor cgroup of the current task (or its own).

@@ -1,7 +1,7 @@
 //! The maps, and small typed accessors around them.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, RingBuf},
+        maps::{Array, HashMap, LruHashMap, RingBuf},
 };
 use countersign_ebpf::{
     Config, EVENTS_RING_BYTES, Event, LabelName, MAX_CGROUP_LABELS, MAX_LABELLED_TASKS, MAX_LABELS,
@@ -25,6 +25,11 @@ pub static CONFIG: Array<Config> = Array::pinned(1, 0);
 
 #[map(name = "CS_STATS")]
 pub static STATS: Array<u64> = Array::pinned(STAT_COUNT, 0);
+
+/// Cgroup id → label (0: none) for the cgroups whose ancestors were already walked. Not
+/// pinned: it belongs to one daemon's cgroup configuration.
+#[map(name = "CS_CGROUP_CACHE")]
+pub static CGROUP_CACHE: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16_384, 0);
 
 /// Written and read by the daemon only.
 #[map(name = "CS_LABELS")]
