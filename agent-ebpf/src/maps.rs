@@ -1,7 +1,7 @@
 //! The maps, and small typed accessors around them.
 use aya_ebpf::{
     macros::map,
-        maps::{Array, HashMap, LruHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, RingBuf},
 };
 use countersign_ebpf::{
     Config, EVENTS_RING_BYTES, Event, LabelName, MAX_CGROUP_LABELS, MAX_LABELLED_TASKS, MAX_LABELS,

@@ -8,6 +8,7 @@ mod cli;
 mod daemon;
 mod ebpf;
 mod paths;
+mod policy;
 mod proto;
 
 use daemon::config::{DaemonConfig, TimeoutAction};
@@ -54,6 +55,11 @@ enum Cmd {
         #[arg(long, global = true)]
         socket_dir: Option<PathBuf>,
     },
+    /// Check policy files, or see what they decide for an action.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyCmd,
+    },
     #[command(name = "internal-canary", hide = true)]
     InternalCanary { port: u16 },
     #[command(name = "internal-canary-exec", hide = true)]
@@ -83,6 +89,39 @@ struct DaemonArgs {
 }
 
 #[derive(Subcommand)]
+enum PolicyCmd {
+    /// Report every error with file, line and column; the exit status says valid or not.
+    Check {
+        /// Policy files or directories.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print which rule matches an action and what would happen.
+    Test {
+        /// Policy files or directories.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        label: String,
+        /// A command line, e.g. '/usr/bin/curl https://example.com'.
+        #[arg(long, conflicts_with = "connect", required_unless_present = "connect")]
+        exec: Option<String>,
+        /// HOST:PORT, e.g. 10.1.2.3:443 or api.example.com:443.
+        #[arg(long)]
+        connect: Option<String>,
+        /// For --connect.
+        #[arg(long, value_enum, default_value = "tcp")]
+        protocol: ProtocolArg,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProtocolArg {
+    Tcp,
+    Udp,
+}
+
+#[derive(Subcommand)]
 enum RequestsCmd {
     /// Every held request with its full context.
     List {
@@ -108,6 +147,32 @@ fn main() {
             command,
         } => cli::exec::run(&paths::socket_dir(socket_dir), &label, &command),
         Cmd::Daemon(args) => report(daemon(args)),
+        Cmd::Policy {
+            action: PolicyCmd::Check { files },
+        } => cli::policy::check(&files),
+        Cmd::Policy {
+            action:
+                PolicyCmd::Test {
+                    files,
+                    label,
+                    exec,
+                    connect,
+                    protocol,
+                },
+        } => {
+            let what = match (exec, connect) {
+                (Some(cmd), _) => cli::policy::TestAction::Exec(cmd),
+                (None, Some(target)) => cli::policy::TestAction::Connect {
+                    target,
+                    protocol: match protocol {
+                        ProtocolArg::Tcp => policy::schema::Protocol::Tcp,
+                        ProtocolArg::Udp => policy::schema::Protocol::Udp,
+                    },
+                },
+                (None, None) => unreachable!("clap requires --exec or --connect"),
+            };
+            report(cli::policy::test(&files, &label, &what))
+        }
         Cmd::Status { socket_dir, json } => {
             report(cli::status::run(&paths::socket_dir(socket_dir), json))
         }

@@ -560,3 +560,98 @@ fn non_root_may_label_itself_but_not_decide() {
     assert!(agent.wait(countersign_tests::WAIT).success());
     assert_eq!(agent.stdout().trim(), "connected");
 }
+
+fn policies() -> String {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../policies")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn countersign(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(countersign_tests::countersign_bin())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `policy check` passes the example policies and fails a broken one, naming the place.
+#[test]
+fn policy_check_reports_validity_by_exit_status() {
+    let out = countersign(&["policy", "check", &policies()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 label(s)"));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - connect: {ports: [443]}\n        outcome: allw\n",
+    )
+    .unwrap();
+    let out = countersign(&["policy", "check", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:6:18:") && err.contains("did you mean `allow`?"),
+        "{err}"
+    );
+}
+
+/// `policy test` names the matching rule and the outcome, for execs and connects.
+#[test]
+fn policy_test_names_rule_and_outcome() {
+    let p = policies();
+    let out = countersign(&[
+        "policy",
+        "test",
+        &p,
+        "--label",
+        "coder",
+        "--exec",
+        "/usr/bin/git push origin main",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("rule `git-push`") && text.contains("coding-agent.yaml:26"),
+        "{text}"
+    );
+    assert!(
+        text.contains("escalate to developers") && text.contains("justification required"),
+        "{text}"
+    );
+    let out = countersign(&[
+        "policy",
+        "test",
+        &p,
+        "--label",
+        "ci",
+        "--connect",
+        "10.20.1.1:22",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("the default of label `ci`") && text.contains("outcome: deny"),
+        "{text}"
+    );
+    let out = countersign(&[
+        "policy",
+        "test",
+        &p,
+        "--label",
+        "nobody",
+        "--connect",
+        "10.20.1.1:22",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no label `nobody`"));
+}

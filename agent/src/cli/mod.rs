@@ -1,5 +1,6 @@
 //! The client subcommands: `status`, `exec`, `requests`. They talk to the local daemon.
 pub mod client;
 pub mod exec;
+pub mod policy;
 pub mod requests;
 pub mod status;

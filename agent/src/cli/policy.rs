@@ -1,0 +1,268 @@
+//! `countersign policy check FILE...` and `countersign policy test FILE... --label L --exec
+//! CMD | --connect HOST:PORT`: for ops teams' CI, before a policy reaches a host.
+use std::{
+    net::{IpAddr, ToSocketAddrs as _},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    daemon::enrich::{file_id, shebang},
+    policy::{self, Action, schema::Protocol},
+};
+
+/// Prints every error (file:line:column: message); the exit status says valid or not.
+pub fn check(files: &[PathBuf]) -> i32 {
+    match policy::load(files) {
+        Ok(p) => {
+            println!(
+                "ok: {} file(s), {} label(s), {} rule(s)",
+                p.files.len(),
+                p.labels.len(),
+                p.rule_count()
+            );
+            for l in &p.labels {
+                for (path, _) in missing_binaries(l) {
+                    println!(
+                        "warning: label `{}`: {} does not exist here (matched by path only)",
+                        l.name,
+                        path.display()
+                    );
+                }
+            }
+            0
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{e}");
+            }
+            eprintln!("{} error(s)", errors.0.len());
+            1
+        }
+    }
+}
+
+fn missing_binaries(l: &policy::Label) -> Vec<(PathBuf, ())> {
+    l.rules
+        .iter()
+        .filter_map(|r| match &r.matcher {
+            policy::CompiledMatcher::Exec {
+                binaries, scripts, ..
+            } => Some(binaries.iter().chain(scripts)),
+            policy::CompiledMatcher::Connect(_) => None,
+        })
+        .flatten()
+        .filter(|(_, f)| f.is_none())
+        .map(|(p, _)| (p.clone(), ()))
+        .collect()
+}
+
+/// What `policy test` is asked about.
+pub enum TestAction {
+    Exec(String),
+    Connect { target: String, protocol: Protocol },
+}
+
+pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result<()> {
+    let p = policy::load(files).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let action = match what {
+        TestAction::Exec(cmd) => exec_action(cmd)?,
+        TestAction::Connect { target, protocol } => connect_action(target, *protocol)?,
+    };
+    let Some(v) = p.evaluate(label, &action) else {
+        let known: Vec<&str> = p.labels.iter().map(|l| l.name.as_str()).collect();
+        bail!(
+            "no label `{label}` in the policy (labels: {})",
+            known.join(", ")
+        );
+    };
+    println!("label {label} ({}): {}", v.label.source, describe(&action));
+    println!("  matches {}", v.describe_rule());
+    match v.decision.escalation() {
+        None => println!("  outcome: {}", v.decision.outcome),
+        Some(e) => {
+            let approvers = if e.approvers.is_empty() {
+                "any approver".to_owned()
+            } else {
+                e.approvers.join(", ")
+            };
+            println!(
+                "  outcome: escalate to {approvers} (quorum {}{}), timeout {}, then {}",
+                e.quorum,
+                if e.justification {
+                    ", justification required"
+                } else {
+                    ""
+                },
+                humantime::format_duration(e.timeout),
+                e.on_timeout
+            );
+            for g in &e.grants {
+                match g.duration {
+                    Some(d) => println!(
+                        "  grant offered: {:?} for {}",
+                        g.scope,
+                        humantime::format_duration(d)
+                    ),
+                    None => println!("  grant offered: {:?}", g.scope),
+                }
+            }
+        }
+    }
+    if let Some(owner) = &v.label.on_behalf_of {
+        println!("  on behalf of {owner} (who may not approve it)");
+    }
+    Ok(())
+}
+
+fn describe(a: &Action) -> String {
+    match a {
+        Action::Exec {
+            binary,
+            argv,
+            script,
+            ..
+        } => {
+            let mut s = format!("exec {} [{}]", binary.display(), argv.join(" "));
+            if let Some(sc) = script {
+                s.push_str(&format!(" script {}", sc.display()));
+            }
+            s
+        }
+        Action::Connect {
+            addr,
+            port,
+            protocol,
+            host,
+        } => {
+            format!(
+                "connect {addr} port {port} ({protocol:?}){}",
+                host.as_ref()
+                    .map(|h| format!(" host {h}"))
+                    .unwrap_or_default()
+            )
+        }
+    }
+}
+
+/// The binary `name` would run: a path as given, else the first match on `$PATH`.
+fn resolve(name: &str) -> PathBuf {
+    if name.contains('/') {
+        return PathBuf::from(name);
+    }
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|c| c.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn exec_action(cmd: &str) -> anyhow::Result<Action> {
+    let argv = shlex::split(cmd)
+        .with_context(|| format!("cannot split `{cmd}` into words (unbalanced quotes?)"))?;
+    let first = argv.first().context("--exec needs a command")?;
+    let path = resolve(first);
+    // A script run directly: its interpreter runs, the script is matched too.
+    if let Some((interp, _)) = shebang(&path) {
+        let interp = PathBuf::from(interp);
+        return Ok(Action::Exec {
+            binary_file: file_id(&interp),
+            binary: interp,
+            script_file: file_id(&path),
+            script: Some(path),
+            argv,
+        });
+    }
+    // An interpreter given a script: `python3 /opt/x.py`.
+    let script = argv
+        .get(1)
+        .filter(|a| !a.starts_with('-'))
+        .map(PathBuf::from)
+        .filter(|p| p.is_file());
+    Ok(Action::Exec {
+        binary_file: file_id(&path),
+        binary: path,
+        script_file: script.as_deref().and_then(file_id),
+        script,
+        argv,
+    })
+}
+
+fn connect_action(target: &str, protocol: Protocol) -> anyhow::Result<Action> {
+    let (host, port) = target.rsplit_once(':').with_context(|| {
+        format!("--connect `{target}`: expected HOST:PORT (IPv6 as [addr]:port)")
+    })?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("--connect `{target}`: `{port}` is not a port"))?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let (addr, name) = match bare.parse::<IpAddr>() {
+        Ok(a) => (a, None),
+        Err(_) => {
+            let addr = (bare, port)
+                .to_socket_addrs()
+                .with_context(|| format!("--connect `{target}`: cannot resolve `{bare}`"))?
+                .next()
+                .with_context(|| format!("--connect `{target}`: `{bare}` has no address"))?
+                .ip();
+            (addr, Some(bare.to_owned()))
+        }
+    };
+    Ok(Action::Connect {
+        addr,
+        port,
+        protocol: if protocol == Protocol::Any {
+            Protocol::Tcp
+        } else {
+            protocol
+        },
+        host: name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn exec_words_and_scripts() {
+        let Action::Exec { argv, .. } = exec_action("/usr/bin/git commit -m 'two words'").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(argv, ["/usr/bin/git", "commit", "-m", "two words"]);
+        let dir = tempfile::tempdir().unwrap();
+        let s = dir.path().join("s.sh");
+        std::fs::write(&s, "#!/bin/sh\n").unwrap();
+        let Action::Exec { binary, script, .. } =
+            exec_action(&format!("{} a", s.display())).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(binary, Path::new("/bin/sh"));
+        assert_eq!(script.as_deref(), Some(s.as_path()));
+        assert!(exec_action("'unbalanced").is_err());
+    }
+
+    #[test]
+    fn connect_targets() {
+        let Action::Connect { addr, port, .. } =
+            connect_action("10.1.2.3:443", Protocol::Any).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((addr.to_string(), port), ("10.1.2.3".into(), 443));
+        let Action::Connect { addr, .. } = connect_action("[::1]:80", Protocol::Udp).unwrap()
+        else {
+            panic!()
+        };
+        assert!(addr.is_loopback());
+        assert!(connect_action("10.1.2.3", Protocol::Any).is_err());
+        assert!(connect_action("10.1.2.3:http", Protocol::Any).is_err());
+    }
+}

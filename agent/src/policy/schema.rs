@@ -1,0 +1,442 @@
+//! The policy language (`apiVersion: countersign.dev/v1`): serde types for one file.
+//!
+//! Values are checked while they are parsed (CIDRs, port ranges, durations, globs, the shape
+//! of a rule), so that every error carries the file, line and column serde_yaml reports.
+use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use serde::{Deserialize, Deserializer, de};
+
+/// One policy file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(rename = "apiVersion")]
+    pub api_version: ApiVersion,
+    /// Other files, relative to this one, merged before it.
+    #[serde(default)]
+    pub include: Vec<PathBuf>,
+    #[serde(default)]
+    pub labels: Vec<LabelSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ApiVersion {
+    #[serde(rename = "countersign.dev/v1")]
+    V1,
+}
+
+/// An agent: how its processes are recognised, on whose behalf it works, and its rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelSpec {
+    /// Also the name given to `countersign exec --label`.
+    pub name: LabelName,
+    #[serde(default, rename = "match")]
+    pub matches: MatchSpec,
+    /// The human the agent works for: never an approver of its requests.
+    #[serde(default)]
+    pub on_behalf_of: Option<String>,
+    /// What happens to an action no rule matches (default: escalate).
+    #[serde(default)]
+    pub default: Option<Decision>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+/// Ways to recognise an agent's processes besides `countersign exec --label`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    /// cgroup v2 paths as in `/proc/PID/cgroup`, globs allowed (`/agents.slice/*`).
+    #[serde(default)]
+    pub cgroup: Vec<Glob>,
+    /// systemd units (`ci-runner.service`).
+    #[serde(default)]
+    pub systemd_unit: Vec<String>,
+    /// Executables: a process that runs one of these files (by device and inode) is an agent.
+    #[serde(default)]
+    pub executable: Vec<PathBuf>,
+}
+
+/// A label name: 1 to 64 of `a-z A-Z 0-9 - _ .`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LabelName(pub String);
+
+impl<'de> Deserialize<'de> for LabelName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::daemon::config::validate_label(&s).map_err(de::Error::custom)?;
+        Ok(Self(s))
+    }
+}
+
+/// What a rule (or a label's default) decides.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decision {
+    pub outcome: Outcome,
+    /// Only with `outcome: escalate`.
+    #[serde(default)]
+    pub escalate: Option<Escalation>,
+}
+
+/// One rule: what it matches, and the decision. Exactly one of `exec` and `connect`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawRule")]
+pub struct Rule {
+    pub name: Option<String>,
+    pub matcher: Matcher,
+    pub decision: Decision,
+}
+
+#[derive(Debug, Clone)]
+pub enum Matcher {
+    Exec(ExecMatch),
+    Connect(ConnectMatch),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    exec: Option<ExecMatch>,
+    #[serde(default)]
+    connect: Option<ConnectMatch>,
+    outcome: Outcome,
+    #[serde(default)]
+    escalate: Option<Escalation>,
+}
+
+impl TryFrom<RawRule> for Rule {
+    type Error = String;
+
+    fn try_from(r: RawRule) -> Result<Self, String> {
+        let what = r
+            .name
+            .as_deref()
+            .map_or_else(|| "rule".to_owned(), |n| format!("rule `{n}`"));
+        let matcher = match (r.exec, r.connect) {
+            (Some(e), None) => Matcher::Exec(e),
+            (None, Some(c)) => Matcher::Connect(c),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "{what} has both `exec` and `connect`; split it into two rules"
+                ));
+            }
+            (None, None) => {
+                return Err(format!(
+                    "{what} needs `exec: {{...}}` or `connect: {{...}}`"
+                ));
+            }
+        };
+        let decision = Decision {
+            outcome: r.outcome,
+            escalate: r.escalate,
+        };
+        decision.check().map_err(|e| format!("{what}: {e}"))?;
+        Ok(Rule {
+            name: r.name,
+            matcher,
+            decision,
+        })
+    }
+}
+
+impl Decision {
+    /// `escalate:` only goes with `outcome: escalate`.
+    pub fn check(&self) -> Result<(), String> {
+        if self.escalate.is_some() && self.outcome != Outcome::Escalate {
+            return Err(format!(
+                "`escalate:` settings only go with `outcome: escalate` (outcome is `{}`)",
+                self.outcome
+            ));
+        }
+        Ok(())
+    }
+
+    /// The escalation settings in force (the defaults when none are given).
+    #[must_use]
+    pub fn escalation(&self) -> Option<Escalation> {
+        (self.outcome == Outcome::Escalate).then(|| self.escalate.clone().unwrap_or_default())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Runs; decided in the kernel where possible.
+    Allow,
+    /// Fails with EPERM (an exec held after loading is killed).
+    Deny,
+    /// The process is killed.
+    Kill,
+    /// A human decides.
+    Escalate,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Outcome::Allow => "allow",
+            Outcome::Deny => "deny",
+            Outcome::Kill => "kill",
+            Outcome::Escalate => "escalate",
+        })
+    }
+}
+
+/// Who decides an escalated action, and what happens if nobody does.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Escalation {
+    /// Approver groups.
+    pub approvers: Vec<String>,
+    /// How many approvals are needed.
+    pub quorum: u32,
+    /// Whether an approver must give a reason.
+    pub justification: bool,
+    #[serde(deserialize_with = "duration")]
+    pub timeout: Duration,
+    pub on_timeout: TimeoutOutcome,
+    /// Scoped grants the approver may give instead of a single approval.
+    pub grants: Vec<Grant>,
+}
+
+impl Default for Escalation {
+    fn default() -> Self {
+        Self {
+            approvers: Vec::new(),
+            quorum: 1,
+            justification: false,
+            // Long enough to read a prompt; short enough that nothing hangs.
+            timeout: Duration::from_secs(300),
+            // Fail closed.
+            on_timeout: TimeoutOutcome::Deny,
+            grants: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutOutcome {
+    Allow,
+    Deny,
+    Kill,
+}
+
+impl fmt::Display for TimeoutOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TimeoutOutcome::Allow => "allow",
+            TimeoutOutcome::Deny => "deny",
+            TimeoutOutcome::Kill => "kill",
+        })
+    }
+}
+
+/// A grant an approver may give.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    pub scope: GrantScope,
+    /// How long it lasts (not for `once`).
+    #[serde(default, rename = "for", deserialize_with = "opt_duration")]
+    pub duration: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantScope {
+    /// This exact action, once.
+    Once,
+    /// This binary for this label.
+    Binary,
+    /// This destination for this label.
+    Destination,
+    /// This process tree.
+    Tree,
+}
+
+/// What an exec rule matches. Empty lists match anything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecMatch {
+    /// Binaries, by path; compared by device and inode where the file exists.
+    #[serde(default)]
+    pub binary: Vec<PathBuf>,
+    /// Scripts run by an interpreter (`python3 /opt/x.py`), by path.
+    #[serde(default)]
+    pub script: Vec<PathBuf>,
+    /// Globs over the arguments after argv[0], joined by single spaces (`push *`).
+    #[serde(default)]
+    pub args: Vec<Glob>,
+}
+
+/// What a connect rule matches. Empty lists match anything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectMatch {
+    #[serde(default)]
+    pub cidr: Vec<Cidr>,
+    #[serde(default)]
+    pub ports: Vec<PortRange>,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Destination host names (globs), matched where the name is known.
+    #[serde(default)]
+    pub host: Vec<Glob>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Any,
+    Tcp,
+    Udp,
+}
+
+/// An IPv4 or IPv6 network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub ipnet::IpNet);
+
+impl Cidr {
+    #[must_use]
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        self.0.contains(&addr)
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(net) = s.parse::<ipnet::IpNet>() {
+            return Ok(Cidr(net));
+        }
+        // A bare address is a /32 or /128.
+        s.parse::<IpAddr>()
+            .map(|a| Cidr(ipnet::IpNet::from(a)))
+            .map_err(|_| {
+                format!("`{s}` is not a CIDR (like 10.0.0.0/8 or 2001:db8::/32) or an address")
+            })
+    }
+}
+
+/// A port or an inclusive range `8000-8100`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    #[must_use]
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a port (1-65535) or a range like 8000-8100");
+        let (a, b) = s.split_once('-').unwrap_or((s, s));
+        let first: u16 = a.trim().parse().map_err(|_| bad())?;
+        let last: u16 = b.trim().parse().map_err(|_| bad())?;
+        if first == 0 || first > last {
+            return Err(bad());
+        }
+        Ok(PortRange { first, last })
+    }
+}
+
+/// A glob (`*` and `?`, `[...]` classes), matched against a whole string.
+#[derive(Debug, Clone)]
+pub struct Glob {
+    matcher: globset::GlobMatcher,
+}
+
+impl Glob {
+    #[must_use]
+    pub fn matches(&self, s: &str) -> bool {
+        self.matcher.is_match(s)
+    }
+}
+
+impl FromStr for Glob {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let glob = globset::GlobBuilder::new(s)
+            .literal_separator(false)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| format!("`{s}` is not a valid pattern: {e}"))?;
+        Ok(Glob {
+            matcher: glob.compile_matcher(),
+        })
+    }
+}
+
+/// Deserializes any `FromStr` type from a string (or, for ports, a number).
+macro_rules! from_str_de {
+    ($t:ty) => {
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let v = StrOrNum::deserialize(d)?;
+                v.0.parse().map_err(de::Error::custom)
+            }
+        }
+    };
+}
+from_str_de!(Cidr);
+from_str_de!(PortRange);
+from_str_de!(Glob);
+
+/// A scalar read as text (YAML gives ports as numbers).
+struct StrOrNum(String);
+
+impl<'de> Deserialize<'de> for StrOrNum {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl de::Visitor<'_> for V {
+            type Value = StrOrNum;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StrOrNum, E> {
+                Ok(StrOrNum(v.to_owned()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StrOrNum, E> {
+                Ok(StrOrNum(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StrOrNum, E> {
+                Ok(StrOrNum(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `30s`, `5m`, `1h30m`; at most a day.
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = StrOrNum::deserialize(d)?.0;
+    parse_duration(&s).map_err(de::Error::custom)
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 30s, 5m or 1h ({e})"))?;
+    if d.is_zero() || d > Duration::from_secs(24 * 3600) {
+        return Err(format!(
+            "`{s}`: a duration must be more than 0 and at most 24h"
+        ));
+    }
+    Ok(d)
+}

@@ -1,0 +1,362 @@
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use super::{
+    Action, Policy, load,
+    schema::{GrantScope, Outcome, Protocol, TimeoutOutcome},
+};
+
+fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+fn exec(argv: &[&str]) -> Action {
+    Action::Exec {
+        binary: PathBuf::from(argv[0]),
+        binary_file: None,
+        script: None,
+        script_file: None,
+        argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+fn connect(addr: &str, port: u16, host: Option<&str>) -> Action {
+    Action::Connect {
+        addr: addr.parse::<IpAddr>().unwrap(),
+        port,
+        protocol: Protocol::Tcp,
+        host: host.map(str::to_owned),
+    }
+}
+
+fn outcome(p: &Policy, label: &str, a: &Action) -> (Outcome, Option<String>) {
+    let v = p.evaluate(label, a).expect("known label");
+    (v.decision.outcome, v.rule.and_then(|r| r.name.clone()))
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn errors(dir: &Path, text: &str) -> String {
+    let p = write(dir, "p.yaml", text);
+    load(&[p]).unwrap_err().to_string()
+}
+
+#[test]
+fn every_example_policy_loads() {
+    let p = load(&[examples()]).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = p.labels.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["ci", "coder", "pipeline"]);
+    assert!(p.rule_count() >= 12);
+}
+
+#[test]
+fn coding_agent_example_decides_as_documented() {
+    let p = load(&[examples().join("coding-agent.yaml")]).unwrap();
+    assert_eq!(
+        outcome(&p, "coder", &exec(&["/usr/bin/git", "status"])),
+        (Outcome::Allow, Some("read-only-git".into()))
+    );
+    assert_eq!(
+        outcome(&p, "coder", &exec(&["/usr/bin/git", "log", "--oneline"])).0,
+        Outcome::Allow
+    );
+    let (o, r) = outcome(
+        &p,
+        "coder",
+        &exec(&["/usr/bin/git", "push", "origin", "main"]),
+    );
+    assert_eq!((o, r.as_deref()), (Outcome::Escalate, Some("git-push")));
+    let v = p
+        .evaluate("coder", &exec(&["/usr/bin/git", "push"]))
+        .unwrap();
+    let esc = v.decision.escalation().unwrap();
+    assert!(esc.justification);
+    assert_eq!(esc.timeout.as_secs(), 600);
+    assert_eq!(esc.grants[1].scope, GrantScope::Binary);
+    assert_eq!(esc.grants[1].duration.unwrap().as_secs(), 1800);
+    assert_eq!(
+        outcome(&p, "coder", &exec(&["/usr/bin/rm", "-rf", "/home"])).0,
+        Outcome::Kill
+    );
+    // Not named: the label's default (escalate, 5 minutes, then deny).
+    let v = p
+        .evaluate("coder", &exec(&["/usr/bin/curl", "https://x"]))
+        .unwrap();
+    assert!(v.rule.is_none());
+    assert_eq!(
+        v.decision.escalation().unwrap().on_timeout,
+        TimeoutOutcome::Deny
+    );
+    assert_eq!(
+        outcome(&p, "coder", &connect("169.254.169.254", 80, None)).0,
+        Outcome::Deny
+    );
+    assert_eq!(
+        outcome(
+            &p,
+            "coder",
+            &connect("1.2.3.4", 443, Some("api.anthropic.com"))
+        )
+        .0,
+        Outcome::Allow
+    );
+    assert_eq!(
+        outcome(
+            &p,
+            "coder",
+            &connect("1.2.3.4", 443, Some("chat.openai.com"))
+        )
+        .0,
+        Outcome::Allow
+    );
+    // Without a known host name the host rule cannot match.
+    assert_eq!(
+        outcome(&p, "coder", &connect("1.2.3.4", 443, None)).0,
+        Outcome::Escalate
+    );
+    assert_eq!(
+        p.label("coder").unwrap().on_behalf_of.as_deref(),
+        Some("alice@example.com")
+    );
+}
+
+#[test]
+fn ci_and_pipeline_examples_decide_as_documented() {
+    let p = load(&[examples()]).unwrap();
+    assert_eq!(
+        outcome(&p, "ci", &connect("10.20.3.4", 443, None)).0,
+        Outcome::Allow
+    );
+    assert_eq!(
+        outcome(&p, "ci", &connect("10.20.3.4", 22, None)).0,
+        Outcome::Deny
+    );
+    assert_eq!(
+        outcome(&p, "ci", &connect("10.30.4.9", 9005, None)).0,
+        Outcome::Allow
+    );
+    let v = p
+        .evaluate("ci", &exec(&["/usr/bin/kubectl", "apply"]))
+        .unwrap();
+    assert_eq!(v.decision.escalation().unwrap().quorum, 2);
+    assert_eq!(
+        outcome(&p, "ci", &exec(&["/usr/bin/gcc", "x.c"])).0,
+        Outcome::Allow
+    );
+    // The pipeline's rules come from two files, the included network rules first.
+    assert_eq!(
+        outcome(&p, "pipeline", &connect("10.40.1.1", 5432, None)).0,
+        Outcome::Allow
+    );
+    assert_eq!(
+        outcome(&p, "pipeline", &connect("8.8.8.8", 443, None)).0,
+        Outcome::Deny
+    );
+    assert_eq!(
+        outcome(&p, "pipeline", &connect("2001:db8::1", 443, None)).0,
+        Outcome::Deny
+    );
+    let script = Action::Exec {
+        binary: "/usr/bin/python3".into(),
+        binary_file: None,
+        script: Some("/opt/pipeline/steps/extract.py".into()),
+        script_file: None,
+        argv: vec!["python3".into(), "/opt/pipeline/steps/extract.py".into()],
+    };
+    assert_eq!(
+        outcome(&p, "pipeline", &script),
+        (Outcome::Allow, Some("own-steps".into()))
+    );
+    assert_eq!(
+        outcome(
+            &p,
+            "pipeline",
+            &exec(&["/usr/bin/python3", "/tmp/other.py"])
+        )
+        .0,
+        Outcome::Escalate
+    );
+}
+
+#[test]
+fn unknown_label_is_none() {
+    let p = load(&[examples()]).unwrap();
+    assert!(p.evaluate("nobody", &exec(&["/bin/true"])).is_none());
+}
+
+#[test]
+fn binaries_match_by_file_not_by_path_string() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = write(dir.path(), "tool", "#!/bin/sh\n");
+    let link = dir.path().join("alias");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let p = write(
+        dir.path(),
+        "p.yaml",
+        &format!(
+            "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - exec: {{binary: [{}]}}\n        outcome: allow\n",
+            real.display()
+        ),
+    );
+    let policy = load(&[p]).unwrap();
+    let via_link = Action::Exec {
+        binary: link.clone(),
+        binary_file: crate::daemon::enrich::file_id(&link),
+        script: None,
+        script_file: None,
+        argv: vec!["alias".into()],
+    };
+    assert_eq!(outcome(&policy, "a", &via_link).0, Outcome::Allow);
+}
+
+#[test]
+fn errors_name_file_line_column_and_suggest() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = errors(
+        dir.path(),
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - exec: {}\n        outcom: allow\n",
+    );
+    assert!(e.contains("p.yaml:6:9: "), "{e}");
+    assert!(
+        e.contains("unknown field `outcom`") && e.contains("did you mean `outcome`?"),
+        "{e}"
+    );
+
+    let e = errors(
+        dir.path(),
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - connect: {cidr: [10.0.0/8]}\n        outcome: allow\n",
+    );
+    assert!(
+        e.contains("p.yaml:5:") && e.contains("`10.0.0/8` is not a CIDR"),
+        "{e}"
+    );
+
+    let e = errors(
+        dir.path(),
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - connect: {ports: [70000]}\n        outcome: allow\n",
+    );
+    assert!(e.contains("`70000` is not a port"), "{e}");
+
+    let e = errors(
+        dir.path(),
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - exec: {}\n        connect: {}\n        outcome: allow\n",
+    );
+    assert!(e.contains("both `exec` and `connect`"), "{e}");
+
+    let e = errors(
+        dir.path(),
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - exec: {}\n        outcome: allow\n        escalate: {quorum: 2}\n",
+    );
+    assert!(e.contains("only go with `outcome: escalate`"), "{e}");
+
+    let e = errors(dir.path(), "apiVersion: countersign.dev/v2\n");
+    assert!(
+        e.contains("p.yaml:1:") && e.contains("countersign.dev/v1"),
+        "{e}"
+    );
+
+    let e = errors(dir.path(), "labels: []\n");
+    assert!(e.contains("missing field `apiVersion`"), "{e}");
+
+    let e = errors(
+        dir.path(),
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - exec: {}\n        outcome: alow\n",
+    );
+    assert!(e.contains("did you mean `allow`?"), "{e}");
+
+    let e = errors(
+        dir.path(),
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    default: {outcome: escalate, escalate: {timeout: 2d}}\n",
+    );
+    assert!(e.contains("at most 24h"), "{e}");
+}
+
+#[test]
+fn every_file_reports_its_own_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write(
+        dir.path(),
+        "a.yaml",
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    bogus: 1\n",
+    );
+    let b = write(
+        dir.path(),
+        "b.yaml",
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: 'b c'\n",
+    );
+    let e = load(&[a, b]).unwrap_err();
+    assert_eq!(e.0.len(), 2, "{e}");
+    assert!(
+        e.0[0].file.ends_with("a.yaml") && e.0[1].file.ends_with("b.yaml"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_label_is_defined_in_one_file_and_extended_in_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = write(
+        dir.path(),
+        "a.yaml",
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: x\n    default: {outcome: deny}\n    rules:\n      - {name: first, connect: {ports: [1]}, outcome: allow}\n",
+    );
+    let b = write(
+        dir.path(),
+        "b.yaml",
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: x\n    rules:\n      - {name: second, connect: {ports: [1, 2]}, outcome: kill}\n",
+    );
+    let p = load(&[a.clone(), b.clone()]).unwrap();
+    assert_eq!(
+        outcome(&p, "x", &connect("1.1.1.1", 1, None)),
+        (Outcome::Allow, Some("first".into()))
+    );
+    assert_eq!(
+        outcome(&p, "x", &connect("1.1.1.1", 2, None)),
+        (Outcome::Kill, Some("second".into()))
+    );
+    assert_eq!(
+        outcome(&p, "x", &connect("1.1.1.1", 3, None)),
+        (Outcome::Deny, None)
+    );
+    let c = write(
+        dir.path(),
+        "c.yaml",
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: x\n    default: {outcome: allow}\n",
+    );
+    let e = load(&[a, b, c]).unwrap_err().to_string();
+    assert!(
+        e.contains("c.yaml:3:") && e.contains("already set in") && e.contains("a.yaml"),
+        "{e}"
+    );
+}
+
+#[test]
+fn includes_are_relative_read_once_and_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    write(
+        &dir.path().join("sub"),
+        "inc.yaml",
+        "apiVersion: countersign.dev/v1\ninclude: [../main.yaml]\nlabels:\n  - name: y\n",
+    );
+    let main = write(
+        dir.path(),
+        "main.yaml",
+        "apiVersion: countersign.dev/v1\ninclude: [sub/inc.yaml]\nlabels:\n  - name: z\n",
+    );
+    let p = load(&[main]).unwrap();
+    assert_eq!(p.files.len(), 2, "a cycle is read once");
+    let missing = write(
+        dir.path(),
+        "m.yaml",
+        "apiVersion: countersign.dev/v1\ninclude: [nope.yaml]\n",
+    );
+    let e = load(&[missing]).unwrap_err().to_string();
+    assert!(e.contains("m.yaml:2:") && e.contains("nope.yaml"), "{e}");
+}
