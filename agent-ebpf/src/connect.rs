@@ -191,7 +191,11 @@ pub fn cgroup_connect(ctx: &SockAddrContext, v6: bool) -> Verdict {
     let hash = connect_hash(family, port, &addr);
     if state.kind == KIND_CONNECT && state.action_hash == hash {
         match state.state {
-            STATE_PENDING => return Verdict::Held,
+            STATE_PENDING => {
+                // The tracepoint cannot know the socket type; the daemon reads it here.
+                state.sock_type = sa.type_ as u16;
+                return Verdict::Held;
+            }
             STATE_ALLOWED => {
                 state.state = STATE_IDLE;
                 return Verdict::Allow;

@@ -78,6 +78,9 @@ struct DaemonArgs {
     bpf_pin_dir: Option<PathBuf>,
     #[arg(long)]
     decision_log: Option<PathBuf>,
+    /// Policy file or directory (repeatable; replaces the configured ones).
+    #[arg(long)]
+    policy: Vec<PathBuf>,
     #[arg(long, value_enum)]
     mode: Option<ebpf::ModeRequest>,
     /// Seconds a request waits for a decision.
@@ -220,6 +223,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     if let Some(p) = args.bpf_pin_dir {
         config.bpf_pin_dir = p;
+    }
+    if !args.policy.is_empty() {
+        config.policy = args.policy;
     }
     if let Some(l) = args.decision_log {
         config.decision_log = l;

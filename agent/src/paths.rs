@@ -7,6 +7,8 @@ pub const DEFAULT_SOCKET_DIR: &str = "/run/countersign";
 pub const DEFAULT_CONFIG: &str = "/etc/countersign/daemon.yaml";
 /// One JSON line per decision.
 pub const DEFAULT_DECISION_LOG: &str = "/var/log/countersign/decisions.jsonl";
+/// Policy files read when no `policy` is configured (if the directory exists).
+pub const DEFAULT_POLICY_DIR: &str = "/etc/countersign/policies.d";
 /// Where the maps and links are pinned (on bpffs), so that enforcement and held requests
 /// outlive a daemon restart.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/countersign";

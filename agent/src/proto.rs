@@ -64,6 +64,9 @@ pub struct StatusInfo {
     pub labels: Vec<String>,
     pub cgroup_labels: usize,
     pub request_timeout_secs: u64,
+    /// Policy files loaded and their rules.
+    pub policy_files: usize,
+    pub policy_rules: usize,
     pub timeout_action: String,
     pub holds: u64,
     pub events_dropped: u64,
@@ -102,4 +105,7 @@ pub struct RequestView {
     pub expires_in_ms: u64,
     /// Extra facts, e.g. that this exec replaced an approved one.
     pub note: Option<String>,
+    /// The policy rule that decided or escalated it (`None`: no policy for its label).
+    #[serde(default)]
+    pub rule: Option<String>,
 }

@@ -655,3 +655,135 @@ fn policy_test_names_rule_and_outcome() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no label `nobody`"));
 }
+
+/// With a policy, the daemon applies its verdicts: allowed actions run and denied or killed
+/// ones fail without a human, each recorded with its rule; escalations use the rule's deadline
+/// and timeout outcome; labels the policy does not know are held for a human as before.
+#[test]
+fn daemon_applies_the_policy() {
+    let allowed = Listener::new();
+    let denied = Listener::new();
+    let escalated = Listener::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("agent.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: agent
+    default: {{outcome: kill}}
+    rules:
+      - name: the-probe
+        exec: {{binary: [{probe}]}}
+        outcome: allow
+      - name: allowed-port
+        connect: {{cidr: [127.0.0.0/8], ports: [{a}], protocol: tcp}}
+        outcome: allow
+      - name: denied-port
+        connect: {{ports: [{d}]}}
+        outcome: deny
+      - name: ask
+        connect: {{ports: [{e}]}}
+        outcome: escalate
+        escalate: {{timeout: 2s, on_timeout: kill}}
+",
+            probe = probe(),
+            a = allowed.port(),
+            d = denied.port(),
+            e = escalated.port()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    assert_eq!(d.status()["policy_rules"], 4);
+
+    // Allowed exec and connect: no request is ever listed.
+    let mut p = d.labelled("agent", &[&probe(), "connect", &allowed.addr()]);
+    assert!(p.wait(countersign_tests::WAIT).success());
+    assert_eq!(p.stdout().trim(), "connected");
+    assert!(allowed.accepted());
+
+    let mut p = d.labelled("agent", &[&probe(), "connect", &denied.addr()]);
+    assert_eq!(p.wait(countersign_tests::WAIT).code(), Some(1));
+    assert_eq!(p.stdout().trim(), format!("error {EPERM}"));
+    assert!(!denied.accepted());
+
+    // Escalated: listed with its rule, then the rule's timeout outcome (kill) after 2 s.
+    use std::os::unix::process::ExitStatusExt as _;
+    let mut p = d.labelled("agent", &[&probe(), "connect", &escalated.addr()]);
+    let r = d.wait_request("escalated connect", |r| {
+        r["pid"] == p.pid() && r["kind"] == "connect"
+    });
+    assert!(r["rule"].as_str().unwrap().contains("rule `ask`"), "{r}");
+    assert!(r["expires_in_ms"].as_u64().unwrap() <= 2000, "{r}");
+    assert_eq!(
+        p.wait(countersign_tests::WAIT).signal(),
+        Some(libc::SIGKILL)
+    );
+    assert!(!escalated.accepted());
+
+    // Not matched by any rule: the label's default (kill).
+    let mut p = d.labelled("agent", &[&probe(), "connect", "127.0.0.1:9"]);
+    assert_eq!(
+        p.wait(countersign_tests::WAIT).signal(),
+        Some(libc::SIGKILL)
+    );
+
+    let log = d.decisions();
+    let by_rule = |rule: &str, decision: &str| {
+        log.iter().any(|e| {
+            e["decision"] == decision
+                && e["by"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&format!("rule `{rule}`"))
+        })
+    };
+    assert!(by_rule("the-probe", "auto-allowed"), "{log:#?}");
+    assert!(by_rule("allowed-port", "auto-allowed"), "{log:#?}");
+    assert!(by_rule("denied-port", "auto-denied"), "{log:#?}");
+    assert!(log.iter().any(|e| e["decision"] == "expired-killed"
+        && e["request"]["rule"].as_str().unwrap_or("").contains("ask")));
+    assert!(log.iter().any(|e| {
+        e["decision"] == "auto-killed"
+            && e["by"]
+                .as_str()
+                .unwrap_or("")
+                .contains("default of label `agent`")
+    }));
+
+    // A label the policy does not know is held for a human, as without a policy.
+    let mut other = d.labelled("someone-else", &[&probe(), "touch", "/nonexistent"]);
+    let held = d.wait_exec(other.pid(), "touch");
+    assert!(held["rule"].is_null());
+    d.decide(&held, "kill");
+    other.wait(countersign_tests::WAIT);
+}
+
+/// A daemon refuses to start on a policy with errors, naming them.
+#[test]
+fn daemon_refuses_a_broken_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("p.yaml");
+    std::fs::write(&policy, "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - {exec: {}, outcome: maybe}\n").unwrap();
+    let out = countersign(&[
+        "daemon",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--socket-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("p.yaml:5:") && err.contains("unknown variant `maybe`"),
+        "{err}"
+    );
+    assert!(!dir.path().join("control.sock").exists());
+}

@@ -132,12 +132,12 @@ fn run_native(bins: &E2eBins) -> Result<String> {
 
 fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
     println!("xtask test: end-to-end in a VM booting {kernel} (LSM mode)");
-        let guest = |name: &str| format!("{GUEST_DIR}/{name}");
+    let guest = |name: &str| format!("{GUEST_DIR}/{name}");
     let policies = paths::workspace_root().join("policies");
     let files = [
         (bins.countersign.clone(), guest("countersign")),
         (bins.probe.clone(), guest("cs-probe")),
-                (bins.suite.clone(), guest("e2e")),
+        (bins.suite.clone(), guest("e2e")),
         // The suite checks the example policies where the workspace has them.
         (policies.clone(), policies.to_string_lossy().into_owned()),
     ];

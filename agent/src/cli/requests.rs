@@ -75,6 +75,9 @@ pub fn render(r: &RequestView) -> String {
             .collect();
         let _ = writeln!(s, "       parents:     {}", chain.join(" <- "));
     }
+    if let Some(rule) = &r.rule {
+        let _ = writeln!(s, "       rule:        {rule}");
+    }
     if let Some(n) = &r.note {
         let _ = writeln!(s, "       note:        {n}");
     }

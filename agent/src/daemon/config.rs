@@ -44,6 +44,8 @@ pub struct DaemonConfig {
     pub request_timeout_secs: u64,
     pub timeout_action: TimeoutAction,
     pub cgroup_labels: Vec<CgroupLabel>,
+    /// Policy files and directories (default: /etc/countersign/policies.d when it exists).
+    pub policy: Vec<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -60,6 +62,7 @@ impl Default for DaemonConfig {
             // Fail closed.
             timeout_action: TimeoutAction::Deny,
             cgroup_labels: Vec::new(),
+            policy: Vec::new(),
         }
     }
 }

@@ -20,8 +20,9 @@ pub struct Entry<'a> {
     /// RFC 3339, UTC.
     pub time: String,
     pub host: &'a str,
-    /// `approved`, `denied`, `killed`, `expired` (with `applied`), `exec-verified`,
-    /// `task-exited`, `superseded`, `shutdown`.
+    /// `approved`, `denied`, `killed` (by a human), `auto-allowed`, `auto-denied`,
+    /// `auto-killed` (by a policy rule), `expired-*` (the timeout outcome), `exec-verified`,
+    /// `task-exited`, `superseded`.
     pub decision: &'a str,
     /// What was done to the task: `released`, `eperm`, `sigkill`, `none`.
     pub applied: &'a str,
@@ -54,6 +55,7 @@ mod tests {
             age_ms: 0,
             expires_in_ms: 0,
             note: None,
+            rule: None,
         }
     }
 

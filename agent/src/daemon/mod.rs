@@ -32,6 +32,10 @@ use self::{
 };
 use crate::{
     ebpf::{self, Kernel},
+    policy::{
+        self, Action, Policy,
+        schema::{Outcome, Protocol, TimeoutOutcome},
+    },
     proto::{Decision, RequestView, Response, StatusInfo},
 };
 
@@ -72,6 +76,8 @@ struct Held {
     created: Instant,
     deadline: Instant,
     binding: Option<ExecBinding>,
+    /// What the deadline brings.
+    on_timeout: Decision,
 }
 
 struct Daemon {
@@ -89,6 +95,7 @@ struct Daemon {
     adopted: usize,
     /// Loaded-but-not-run execs held in a ptrace stop.
     tracer: trace::Tracer,
+    policy: Option<Policy>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -119,6 +126,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
             cgroups.push((id, c));
         }
     }
+    let policy = load_policy(&config)?;
     let log = DecisionLog::open(&config.decision_log)?;
     let next_id = log.last_request_id() + 1;
     let (mut kernel, ring) =
@@ -162,6 +170,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         started: Instant::now(),
         adopted: 0,
         tracer: trace::Tracer::default(),
+        policy,
     };
     daemon.adopt();
     eprintln!(
@@ -214,6 +223,28 @@ fn label_id(labels: &mut Vec<String>, name: &str) -> u32 {
     }
     labels.push(name.to_owned());
     labels.len() as u32
+}
+
+/// The configured policy; with none configured, the default directory if it exists. A policy
+/// with errors stops the daemon: it must not enforce something else than what was written.
+fn load_policy(config: &DaemonConfig) -> anyhow::Result<Option<Policy>> {
+    let paths = if config.policy.is_empty() {
+        let dir = std::path::PathBuf::from(crate::paths::DEFAULT_POLICY_DIR);
+        if !dir.is_dir() {
+            return Ok(None);
+        }
+        vec![dir]
+    } else {
+        config.policy.clone()
+    };
+    let p = policy::load(&paths).map_err(|e| anyhow::anyhow!("the policy has errors:\n{e}"))?;
+    tracing::info!(
+        files = p.files.len(),
+        labels = p.labels.len(),
+        rules = p.rule_count(),
+        "policy loaded"
+    );
+    Ok(Some(p))
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the kernel's request ids.
@@ -376,7 +407,37 @@ impl Daemon {
         tracing::info!(id, pid = ev.tgid, label = %view.label, kind = %view.kind,
             binary = view.binary.as_deref().unwrap_or(""), destination = view.destination.as_deref().unwrap_or(""),
             "held");
-        let held = self.held(view, kind, ev, binding);
+        let mut held = self.held(view, kind, ev, binding);
+        // The policy decides what it can; a human the rest, within the rule's deadline.
+        if let Some((outcome, rule, escalation)) = self.policy_verdict(&held, ev) {
+            held.view.rule = Some(rule.clone());
+            let by = format!("policy: {rule}");
+            match outcome {
+                Outcome::Allow => {
+                    self.apply(held, Decision::Approve, &by);
+                    return;
+                }
+                Outcome::Deny => {
+                    self.apply(held, Decision::Deny, &by);
+                    return;
+                }
+                Outcome::Kill => {
+                    self.apply(held, Decision::Kill, &by);
+                    return;
+                }
+                Outcome::Escalate => {
+                    if let Some(e) = escalation {
+                        held.deadline = held.created + e.timeout;
+                        held.view.expires_in_ms = e.timeout.as_millis() as u64;
+                        held.on_timeout = match e.on_timeout {
+                            TimeoutOutcome::Allow => Decision::Approve,
+                            TimeoutOutcome::Deny => Decision::Deny,
+                            TimeoutOutcome::Kill => Decision::Kill,
+                        };
+                    }
+                }
+            }
+        }
         if kind == HeldKind::ExecLoaded
             && let Err(why) = self.tracer.hold(ev.tgid)
         {
@@ -413,6 +474,7 @@ impl Daemon {
             created: now,
             deadline: now + Duration::from_secs(self.config.request_timeout_secs),
             binding,
+            on_timeout: self.timeout_decision(),
         }
     }
 
@@ -448,6 +510,7 @@ impl Daemon {
             age_ms: 0,
             expires_in_ms: self.config.request_timeout_secs * 1000,
             note,
+            rule: None,
         };
         let mut binding = None;
         match kind {
@@ -496,6 +559,111 @@ impl Daemon {
             }
         }
         (view, binding)
+    }
+
+    /// What the policy says about a held request: outcome, the rule (described), and the
+    /// escalation settings. `None` when there is no policy or it does not know the label.
+    fn policy_verdict(
+        &self,
+        held: &Held,
+        ev: &shared::Event,
+    ) -> Option<(Outcome, String, Option<policy::schema::Escalation>)> {
+        let policy = self.policy.as_ref()?;
+        let action = self.action(held, ev)?;
+        let v = policy.evaluate(&held.view.label, &action)?;
+        Some((
+            v.decision.outcome,
+            v.describe_rule(),
+            v.decision.escalation(),
+        ))
+    }
+
+    /// The held request as a policy action.
+    fn action(&self, held: &Held, ev: &shared::Event) -> Option<Action> {
+        let v = &held.view;
+        let pid = v.pid;
+        match held.kind {
+            HeldKind::Connect => {
+                let addr = if ev.family == libc::AF_INET6 as u16 {
+                    std::net::IpAddr::from(ev.addr)
+                } else {
+                    std::net::IpAddr::from([ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]])
+                };
+                let protocol = match i32::from(self.sock_type(ev)) {
+                    libc::SOCK_STREAM => Protocol::Tcp,
+                    libc::SOCK_DGRAM => Protocol::Udp,
+                    // Unknown: only protocol-independent rules can match.
+                    _ => Protocol::Any,
+                };
+                Some(Action::Connect {
+                    addr,
+                    port: ev.port,
+                    protocol,
+                    host: None,
+                })
+            }
+            HeldKind::Exec | HeldKind::ExecLoaded => {
+                let in_task = |p: &str| enrich::resolve_in_task(pid, p);
+                let (binary, binary_file) = if held.kind == HeldKind::Exec {
+                    let name = v.binary.clone()?;
+                    let file = enrich::file_id(&in_task(&name));
+                    (name, file)
+                } else {
+                    (
+                        v.binary.clone()?,
+                        enrich::file_id(std::path::Path::new(&format!("/proc/{pid}/exe"))),
+                    )
+                };
+                // A script run directly: its interpreter runs, the script is matched too.
+                if held.kind == HeldKind::Exec
+                    && let Some((interp, _)) = enrich::shebang(&in_task(&binary))
+                {
+                    return Some(Action::Exec {
+                        binary_file: enrich::file_id(&in_task(&interp)),
+                        binary: interp.into(),
+                        script_file: binary_file,
+                        script: Some(binary.into()),
+                        argv: v.argv.clone(),
+                    });
+                }
+                // An interpreter given a script: `python3 /opt/x.py`.
+                let script = v.argv.get(1).filter(|a| !a.starts_with('-')).cloned();
+                let script_file = script.as_deref().and_then(|s| {
+                    let p = in_task(s);
+                    if p.is_file() {
+                        enrich::file_id(&p)
+                    } else {
+                        None
+                    }
+                });
+                Some(Action::Exec {
+                    binary: binary.into(),
+                    binary_file,
+                    script: script.filter(|_| script_file.is_some()).map(Into::into),
+                    script_file,
+                    argv: v.argv.clone(),
+                })
+            }
+        }
+    }
+
+    /// The socket type of a held connect: from the event (LSM mode), else as the fallback's
+    /// cgroup program recorded it in the task's state (it runs just after the event is sent).
+    fn sock_type(&self, ev: &shared::Event) -> u16 {
+        if ev.sock_type != 0 {
+            return ev.sock_type;
+        }
+        for _ in 0..20 {
+            if let Some(t) = self
+                .kernel
+                .task(ev.tid)
+                .filter(|t| t.request_id == ev.request_id && t.sock_type != 0)
+            {
+                return t.sock_type;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        0
     }
 
     /// LSM mode: an approved exec's image is loaded; it runs only if it is what was approved.
@@ -662,6 +830,8 @@ impl Daemon {
             cgroup_labels: self.kernel.cgroup_label_count(),
             request_timeout_secs: self.config.request_timeout_secs,
             timeout_action: self.config.timeout_action.to_string(),
+            policy_files: self.policy.as_ref().map_or(0, |p| p.files.len()),
+            policy_rules: self.policy.as_ref().map_or(0, Policy::rule_count),
             holds: stats[shared::STAT_HOLDS as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
@@ -712,6 +882,13 @@ impl Daemon {
         };
         let word = if by == "timeout" {
             format!("expired-{word}")
+        } else if by.starts_with("policy") {
+            match decision {
+                Decision::Approve => "auto-allowed",
+                Decision::Deny => "auto-denied",
+                Decision::Kill => "auto-killed",
+            }
+            .to_owned()
         } else {
             word.to_owned()
         };
@@ -780,7 +957,7 @@ impl Daemon {
             } else if now >= held.deadline
                 && let Some(h) = self.requests.remove(&id)
             {
-                let d = self.timeout_decision();
+                let d = h.on_timeout;
                 self.apply(h, d, "timeout");
             }
         }
