@@ -1,18 +1,20 @@
 //! Connect holds: the LSM hook (before anything is sent), and in fallback mode a tracepoint
 //! that stops the task plus cgroup programs that make its connect restart or fail.
+use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
     programs::{SockAddrContext, TracePointContext},
 };
 use countersign_ebpf::{
-    KIND_CANARY_CONNECT, KIND_CONNECT, LABEL_CANARY, MODE_FALLBACK, MODE_LSM, STATE_ALLOWED,
-    STATE_DENIED, STATE_IDLE, STATE_PENDING, connect_hash,
+    CONNECT_KEY_FIXED_BITS, ConnectKey, KIND_CANARY_CONNECT, KIND_CONNECT, LABEL_CANARY,
+    MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED,
+    STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING, connect_hash,
 };
 
 use crate::{
     hold::{self, Verdict},
     label::{self, Task},
-    maps,
+    maps::{self, CONNECT_ALLOW},
 };
 
 const AF_INET: u16 = 2;
@@ -53,6 +55,48 @@ fn read_dest(sa: *const u8, read: impl Fn(*const u8) -> Option<[u8; 8]>) -> Opti
     Some(Dest { family, port, addr })
 }
 
+/// Whether the policy allows this connect in the kernel (no stop, no event). `sock_type` 0
+/// (unknown) only matches entries that allow any protocol.
+#[inline(always)]
+fn fast_allowed(label: u32, d: &Dest, sock_type: u16) -> bool {
+    let bits = if d.family == AF_INET6 { 128 } else { 32 };
+    let key = Key::new(
+        CONNECT_KEY_FIXED_BITS + bits,
+        ConnectKey {
+            label,
+            family: u32::from(d.family),
+            addr: d.addr,
+        },
+    );
+    let Some(allow) = CONNECT_ALLOW.get(&key) else {
+        return false;
+    };
+    let any = PROTO_TCP | PROTO_UDP;
+    if allow.protocols & any != any {
+        let bit = match sock_type {
+            1 => PROTO_TCP,
+            2 => PROTO_UDP,
+            _ => 0,
+        };
+        if allow.protocols & bit == 0 {
+            return false;
+        }
+    }
+    let mut i = 0;
+    while i < MAX_PORT_SPANS {
+        if i as u32 >= allow.count {
+            break;
+        }
+        let span = allow.spans[i];
+        if d.port >= span.first && d.port <= span.last {
+            maps::count(STAT_FAST_ALLOWED);
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
 #[inline(always)]
 fn fill(ev: &mut countersign_ebpf::Event, d: &Dest, sock_type: u16) {
     ev.family = d.family;
@@ -91,6 +135,11 @@ pub fn lsm_connect(sock: *const u8, address: *const u8) -> Verdict {
         return Verdict::Allow;
     }
     let hash = connect_hash(dest.family, dest.port, &dest.addr);
+    let pending_same =
+        state.kind == KIND_CONNECT && state.action_hash == hash && state.state != STATE_IDLE;
+    if !pending_same && fast_allowed(state.label, &dest, sock_type) {
+        return Verdict::Allow;
+    }
     hold::decide(state, KIND_CONNECT, hash, &mut ev)
 }
 
@@ -128,6 +177,13 @@ pub fn sys_enter_connect(ctx: &TracePointContext) {
             STATE_ALLOWED | STATE_DENIED => return,
             _ => {}
         }
+    }
+    if fast_allowed(state.label, &dest, 0) {
+        // The cgroup program consumes this like an approval.
+        state.kind = KIND_CONNECT;
+        state.action_hash = hash;
+        state.state = STATE_ALLOWED;
+        return;
     }
     let mut ev = hold::event(KIND_CONNECT, state.label);
     fill(&mut ev, &dest, 0);

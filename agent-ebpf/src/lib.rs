@@ -19,16 +19,28 @@ pub const MAP_STATS: &str = "CS_STATS";
 /// Label id → name. Only the daemon reads and writes it; it lives in the kernel so that a
 /// restarted daemon knows the names behind the ids in [`MAP_TASKS`].
 pub const MAP_LABELS: &str = "CS_LABELS";
+/// The in-kernel fast path for connects: (label, family, address prefix) → allowed ports.
+pub const MAP_CONNECT_ALLOW: &str = "CS_CONNECT_ALLOW";
 /// Every map above is pinned by name in the daemon's pin directory, so that holds and labels
 /// survive a daemon restart.
-pub const PINNED_MAPS: [&str; 6] = [
+pub const PINNED_MAPS: [&str; 7] = [
     MAP_TASKS,
     MAP_CGROUP_LABELS,
     MAP_EVENTS,
     MAP_CONFIG,
     MAP_STATS,
     MAP_LABELS,
+    MAP_CONNECT_ALLOW,
 ];
+/// Capacity of [`MAP_CONNECT_ALLOW`].
+pub const MAX_CONNECT_ALLOW: u32 = 16_384;
+/// Port ranges one [`ConnectAllow`] holds.
+pub const MAX_PORT_SPANS: usize = 16;
+/// Bits of [`ConnectKey`] before the address (label and family): always matched.
+pub const CONNECT_KEY_FIXED_BITS: u32 = 64;
+/// [`ConnectAllow::protocols`] bits.
+pub const PROTO_TCP: u32 = 1;
+pub const PROTO_UDP: u32 = 2;
 /// Capacity of [`MAP_LABELS`].
 pub const MAX_LABELS: u32 = 4_096;
 /// Longest label name.
@@ -109,6 +121,8 @@ pub const FLAG_VERIFY: u32 = 2;
 pub const STAT_EVENTS_DROPPED: u32 = 0;
 pub const STAT_LABEL_INHERIT_FAILED: u32 = 1;
 pub const STAT_HOLDS: u32 = 2;
+/// Connects allowed in the kernel by the policy's fast path (never stopped).
+pub const STAT_FAST_ALLOWED: u32 = 3;
 pub const STAT_COUNT: u32 = 4;
 
 /// `-ERESTARTNOINTR`: the syscall restarts after the stop, whatever the signal disposition.
@@ -163,6 +177,38 @@ pub struct Config {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<Config>() == 16);
+
+/// The data of a [`MAP_CONNECT_ALLOW`] key (after the LPM prefix length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectKey {
+    pub label: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u32,
+    /// Network order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<ConnectKey>() == 24);
+
+/// An inclusive port range.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortSpan {
+    pub first: u16,
+    pub last: u16,
+}
+
+/// What a [`MAP_CONNECT_ALLOW`] entry allows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectAllow {
+    /// `PROTO_*` bits; both: any protocol.
+    pub protocols: u32,
+    /// How many of `spans` are used.
+    pub count: u32,
+    pub spans: [PortSpan; MAX_PORT_SPANS],
+}
+const _: () = assert!(size_of::<ConnectAllow>() == 72);
 
 /// A label's name, NUL-padded.
 #[repr(C)]
@@ -234,4 +280,8 @@ mod user {
     unsafe impl aya::Pod for super::Event {}
     // SAFETY: as above (a byte array).
     unsafe impl aya::Pod for super::LabelName {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnectKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ConnectAllow {}
 }

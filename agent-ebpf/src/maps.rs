@@ -1,11 +1,11 @@
 //! The maps, and small typed accessors around them.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf},
 };
 use countersign_ebpf::{
-    Config, EVENTS_RING_BYTES, Event, LabelName, MAX_CGROUP_LABELS, MAX_LABELLED_TASKS, MAX_LABELS,
-    STAT_COUNT, TaskState,
+    Config, ConnectAllow, ConnectKey, EVENTS_RING_BYTES, Event, LabelName, MAX_CGROUP_LABELS,
+    MAX_CONNECT_ALLOW, MAX_LABELLED_TASKS, MAX_LABELS, STAT_COUNT, TaskState,
 };
 
 // Every map is pinned by name (see `countersign_ebpf::PINNED_MAPS`): a restarted daemon
@@ -30,6 +30,10 @@ pub static STATS: Array<u64> = Array::pinned(STAT_COUNT, 0);
 /// pinned: it belongs to one daemon's cgroup configuration.
 #[map(name = "CS_CGROUP_CACHE")]
 pub static CGROUP_CACHE: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16_384, 0);
+
+/// The policy's connect fast path, written by the daemon.
+#[map(name = "CS_CONNECT_ALLOW")]
+pub static CONNECT_ALLOW: LpmTrie<ConnectKey, ConnectAllow> = LpmTrie::pinned(MAX_CONNECT_ALLOW, 0);
 
 /// Written and read by the daemon only.
 #[map(name = "CS_LABELS")]

@@ -69,6 +69,8 @@ pub struct StatusInfo {
     pub policy_rules: usize,
     pub timeout_action: String,
     pub holds: u64,
+    /// Connects the policy allowed in the kernel (never stopped).
+    pub fast_allowed: u64,
     pub events_dropped: u64,
     pub label_inherit_failed: u64,
 }

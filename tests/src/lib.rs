@@ -5,10 +5,14 @@
 //!
 //! Environment:
 //! - `COUNTERSIGN_BIN`: the countersign binary (default: target/debug/countersign).
-//! - `COUNTERSIGN_PROBE`: the cs-probe binary (default: the one cargo built).
-//! - `COUNTERSIGN_E2E_MODE`: `lsm` or `fallback`: the mode the daemon must report. The VM runs
-//!   set `lsm`, so a kernel without working BPF LSM fails the suite instead of passing it in
-//!   fallback mode.
+//! - `COUNTERSIGN_PROBE`: the cs-probe binary (default: the one cargo built beside the tests).
+//! - `COUNTERSIGN_POLICIES`: the example policies (default: the workspace's `policies/`).
+//! - `COUNTERSIGN_E2E_MODE`: `lsm` or `fallback`: the mode the daemon is started in
+//!   (`--mode`) and must report. The VM runs set `lsm`, so a kernel without working BPF LSM
+//!   fails the suite instead of passing it in fallback mode.
+//!
+//! Each daemon gets its own socket directory and bpffs pin directory, so tests run in
+//! parallel; a crashed daemon's pins are removed when its `Daemon` is dropped.
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},

@@ -133,18 +133,19 @@ fn run_native(bins: &E2eBins) -> Result<String> {
 fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
     println!("xtask test: end-to-end in a VM booting {kernel} (LSM mode)");
     let guest = |name: &str| format!("{GUEST_DIR}/{name}");
-    let policies = paths::workspace_root().join("policies");
+
     let files = [
         (bins.countersign.clone(), guest("countersign")),
         (bins.probe.clone(), guest("cs-probe")),
         (bins.suite.clone(), guest("e2e")),
-        // The suite checks the example policies where the workspace has them.
-        (policies.clone(), policies.to_string_lossy().into_owned()),
+        // The suite checks the example policies (see COUNTERSIGN_POLICIES).
+        (paths::workspace_root().join("policies"), guest("policies")),
     ];
     let env = [
         ("COUNTERSIGN_E2E_MODE", "lsm".to_owned()),
         ("COUNTERSIGN_BIN", guest("countersign")),
         ("COUNTERSIGN_PROBE", guest("cs-probe")),
+        ("COUNTERSIGN_POLICIES", guest("policies")),
         ("RUST_BACKTRACE", "1".to_owned()),
     ]
     .map(|(k, v)| (k.to_owned(), v));

@@ -42,6 +42,7 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
         s.request_timeout_secs, s.timeout_action
     );
     println!("  holds so far:   {}", s.holds);
+    println!("  allowed in kernel: {} (policy fast path)", s.fast_allowed);
     if s.events_dropped > 0 || s.label_inherit_failed > 0 {
         println!(
             "  ALARM: {} events dropped (those actions were refused), {} children not labelled",

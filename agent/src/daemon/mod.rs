@@ -153,6 +153,22 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         cgroup_labels.push((c.path.to_string_lossy().into_owned(), label));
     }
     kernel.install_cgroup_labels(&cgroup_ids)?;
+    // The policy's connect fast path (empty without a policy: clears an earlier daemon's).
+    let mut fast = Vec::new();
+    if let Some(p) = &policy {
+        for e in policy::compile::connect_fast_path(p) {
+            let id = label_id(&mut labels, &e.label);
+            kernel.set_label_name(id, &e.label)?;
+            fast.push(ebpf::ConnectAllowEntry {
+                label: id,
+                net: e.net,
+                protocols: e.protocols,
+                ports: e.ports,
+            });
+        }
+    }
+    kernel.set_connect_allow(&fast)?;
+    tracing::info!(entries = fast.len(), "connect fast path installed");
     tracing::info!(mode = %kernel.mode(), reason = kernel.reason(), "enforcing");
 
     let (tx, mut rx) = mpsc::channel::<Command>(64);
@@ -833,6 +849,7 @@ impl Daemon {
             policy_files: self.policy.as_ref().map_or(0, |p| p.files.len()),
             policy_rules: self.policy.as_ref().map_or(0, Policy::rule_count),
             holds: stats[shared::STAT_HOLDS as usize],
+            fast_allowed: stats[shared::STAT_FAST_ALLOWED as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
         }

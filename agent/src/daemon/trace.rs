@@ -15,7 +15,6 @@ use std::{
 use nix::{
     sys::{
         ptrace,
-        signal::{Signal, kill},
         wait::{WaitPidFlag, WaitStatus, waitpid},
     },
     unistd::Pid,
@@ -54,14 +53,16 @@ impl Tracer {
     }
 
     /// Lets an approved task run: detaches, after the caller sent `SIGCONT`.
+    ///
+    /// No `SIGCONT` may follow the detach: the task may already be in its next exec, whose
+    /// hook sent a `SIGSTOP` that a late `SIGCONT` would cancel (regression: a released
+    /// task's next exec "did not stop" and was killed).
     pub fn release(&mut self, pid: u32) {
         if self.traced.remove(&pid) {
-            let p = Pid::from_raw(pid as i32);
             // The task is in a trap stop: detaching resumes it (the group stop ended with the
             // SIGCONT the caller sent).
             self.drain(pid);
-            let _ = ptrace::detach(p, None);
-            let _ = kill(p, Signal::SIGCONT);
+            let _ = ptrace::detach(Pid::from_raw(pid as i32), None);
         }
     }
 

@@ -434,6 +434,68 @@ impl Kernel {
             .collect()
     }
 
+    /// Replaces the connect fast path with `entries` (label id, network, protocols, ports).
+    pub fn set_connect_allow(&mut self, entries: &[ConnectAllowEntry]) -> Result<()> {
+        use aya::maps::lpm_trie::{Key, LpmTrie};
+        let map = self
+            .ebpf
+            .map_mut(shared::MAP_CONNECT_ALLOW)
+            .ok_or(KernelError::Map {
+                name: shared::MAP_CONNECT_ALLOW,
+                detail: "missing from the object".into(),
+            })?;
+        let mut trie: LpmTrie<&mut MapData, shared::ConnectKey, shared::ConnectAllow> =
+            LpmTrie::try_from(map).map_err(|e| map_err(shared::MAP_CONNECT_ALLOW, &e))?;
+        let old: Vec<Key<shared::ConnectKey>> =
+            trie.keys().filter_map(std::result::Result::ok).collect();
+        for k in old {
+            let _ = trie.remove(&k);
+        }
+        for ConnectAllowEntry {
+            label,
+            net,
+            protocols,
+            ports,
+        } in entries
+        {
+            let (family, addr, bits) = match net {
+                ipnet::IpNet::V4(n) => {
+                    let mut a = [0u8; 16];
+                    a[..4].copy_from_slice(&n.network().octets());
+                    (libc::AF_INET as u32, a, u32::from(n.prefix_len()))
+                }
+                ipnet::IpNet::V6(n) => (
+                    libc::AF_INET6 as u32,
+                    n.network().octets(),
+                    u32::from(n.prefix_len()),
+                ),
+            };
+            let mut value = shared::ConnectAllow {
+                protocols: *protocols,
+                count: 0,
+                spans: [shared::PortSpan::default(); shared::MAX_PORT_SPANS],
+            };
+            for (i, (first, last)) in ports.iter().take(shared::MAX_PORT_SPANS).enumerate() {
+                value.spans[i] = shared::PortSpan {
+                    first: *first,
+                    last: *last,
+                };
+                value.count += 1;
+            }
+            let key = Key::new(
+                shared::CONNECT_KEY_FIXED_BITS + bits,
+                shared::ConnectKey {
+                    label: *label,
+                    family,
+                    addr,
+                },
+            );
+            trie.insert(&key, value, 0)
+                .map_err(|e| map_err(shared::MAP_CONNECT_ALLOW, &e))?;
+        }
+        Ok(())
+    }
+
     /// Records a label's name in the kernel, for a daemon that restarts.
     pub fn set_label_name(&mut self, id: u32, name: &str) -> Result<()> {
         let mut value = LabelName {
@@ -537,6 +599,15 @@ impl Kernel {
     pub fn cgroup_label_count(&self) -> usize {
         self.cgroups.keys().count()
     }
+}
+
+/// One entry of the connect fast path.
+pub struct ConnectAllowEntry {
+    pub label: u32,
+    pub net: ipnet::IpNet,
+    /// `PROTO_*` bits.
+    pub protocols: u32,
+    pub ports: Vec<(u16, u16)>,
 }
 
 /// Parses one ring buffer item into an [`Event`]; `None` for a short item.
