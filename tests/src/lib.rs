@@ -453,7 +453,13 @@ pub struct Listener {
 impl Listener {
     #[must_use]
     pub fn new() -> Self {
-        let inner = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        Self::on("127.0.0.1")
+    }
+
+    /// A listener on another loopback address (all of 127.0.0.0/8 is local).
+    #[must_use]
+    pub fn on(ip: &str) -> Self {
+        let inner = std::net::TcpListener::bind((ip, 0)).expect("bind");
         inner.set_nonblocking(true).expect("nonblocking");
         Self { inner }
     }

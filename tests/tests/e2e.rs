@@ -666,7 +666,8 @@ fn daemon_applies_the_policy() {
     let allowed = Listener::new();
     let denied = Listener::new();
     let escalated = Listener::new();
-    let fast = Listener::new();
+    // On its own address: the kernel looks up the longest prefix only.
+    let fast = Listener::on("127.0.0.2");
     let dir = tempfile::tempdir().unwrap();
     let policy = dir.path().join("agent.yaml");
     std::fs::write(
@@ -684,7 +685,7 @@ labels:
         connect: {{cidr: [127.0.0.0/8], ports: [{a}], protocol: tcp}}
         outcome: allow
       - name: fast-port
-        connect: {{cidr: [127.0.0.1/32], ports: [{f}]}}
+        connect: {{cidr: [127.0.0.2/32], ports: [{f}]}}
         outcome: allow
       - name: denied-port
         connect: {{ports: [{d}]}}

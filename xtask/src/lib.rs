@@ -6,6 +6,7 @@
 //! - [`vm`]: runs one command in a qemu guest booted on one of those kernels.
 //! - [`test`]: the project's checks and tests.
 
+pub mod bench;
 pub mod cpio;
 pub mod kernels;
 pub mod paths;

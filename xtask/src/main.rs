@@ -26,7 +26,8 @@ enum Task {
     VmRun(VmRunArgs),
     /// Run the project's checks and tests (runs setup first).
     Test,
-    /// Run the benchmarks (not implemented yet).
+    /// Run the benchmarks: exec and connect loops without the daemon, for unlabelled and for
+    /// labelled-allowed processes, here and in the LSM VM (runs setup first).
     Bench,
     /// Build countersign (release) and run it with ARGS, e.g. `cargo xtask run -- daemon`
     /// (runs setup first).
@@ -75,7 +76,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             setup::setup()?;
             test::run_tests()?;
         }
-        Task::Bench => bail!("bench: not implemented yet"),
+        Task::Bench => {
+            setup::setup()?;
+            xtask::bench::run_bench()?;
+        }
         Task::Run { args } => {
             setup::setup()?;
             return run_countersign(&args);

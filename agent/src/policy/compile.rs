@@ -87,7 +87,29 @@ pub fn connect_fast_path(policy: &Policy) -> Vec<ConnectEntry> {
             }
         }
     }
+    widen_nested(&mut out);
     out
+}
+
+/// The kernel looks up the longest matching prefix only: a more specific entry must also carry
+/// what the entries around it allow (when they allow the same protocols), or it would hide
+/// them. Entries it cannot carry (other protocols, too many spans) only cost the slow path.
+fn widen_nested(entries: &mut [ConnectEntry]) {
+    let snapshot = entries.to_vec();
+    for e in entries.iter_mut() {
+        for outer in &snapshot {
+            let nested = outer.label == e.label
+                && outer.net != e.net
+                && outer.net.contains(&e.net.network())
+                && outer.net.prefix_len() < e.net.prefix_len();
+            if nested && outer.protocols == e.protocols {
+                let merged = merge(&e.ports, &outer.ports);
+                if merged.len() <= MAX_PORT_SPANS {
+                    e.ports = merged;
+                }
+            }
+        }
+    }
 }
 
 fn nets(cidrs: &[Cidr]) -> Vec<IpNet> {
@@ -202,6 +224,19 @@ mod tests {
         let e = connect_fast_path(&p);
         assert_eq!(e.len(), 1, "{e:?}");
         assert_eq!(e[0].ports, [(1, 2)]);
+    }
+
+    #[test]
+    fn a_nested_prefix_carries_the_ports_around_it() {
+        let p = policy(
+            "      - {connect: {cidr: [10.0.0.0/8], ports: [443]}, outcome: allow}\n      - {connect: {cidr: [10.1.2.3/32], ports: [22]}, outcome: allow}\n",
+        );
+        let e = connect_fast_path(&p);
+        let inner = e
+            .iter()
+            .find(|x| x.net.to_string() == "10.1.2.3/32")
+            .unwrap();
+        assert_eq!(inner.ports, [(22, 22), (443, 443)]);
     }
 
     #[test]
