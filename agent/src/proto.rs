@@ -67,6 +67,8 @@ pub struct StatusInfo {
     /// Policy files loaded and their rules.
     pub policy_files: usize,
     pub policy_rules: usize,
+    /// Why the last policy reload failed (the policy in force stays), if it did.
+    pub policy_reload_error: Option<String>,
     pub timeout_action: String,
     pub holds: u64,
     /// Connects the policy allowed in the kernel (never stopped).

@@ -812,3 +812,97 @@ fn daemon_refuses_a_broken_policy() {
     );
     assert!(!dir.path().join("control.sock").exists());
 }
+
+/// A policy reload (SIGHUP, or the files changing) applies at once, also to requests already
+/// held; a broken policy is reported and the one in force stays.
+#[test]
+fn policy_reload_reevaluates_held_requests() {
+    let target = Listener::new();
+    let other = Listener::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("agent.yaml");
+    let write = |port_rule: &str| {
+        std::fs::write(
+            &policy,
+            format!(
+                "apiVersion: countersign.dev/v1
+labels:
+  - name: agent
+    default: {{outcome: escalate}}
+    rules:
+      - name: the-probe
+        exec: {{binary: [{}]}}
+        outcome: allow
+{port_rule}",
+                probe()
+            ),
+        )
+        .unwrap();
+    };
+    write("");
+    let d = Daemon::start_with(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    let mut p = d.labelled("agent", &[&probe(), "connect", &target.addr()]);
+    let r = d.wait_request("connect", |r| r["pid"] == p.pid() && r["kind"] == "connect");
+    assert!(r["rule"].as_str().unwrap().contains("default"), "{r}");
+
+    // SIGHUP with a policy that allows it: the held connect goes through.
+    write(&format!(
+        "      - name: now-allowed\n        connect: {{ports: [{}]}}\n        outcome: allow\n",
+        target.port()
+    ));
+    let pid = d.status()["daemon_pid"].as_i64().unwrap() as i32;
+    // SAFETY: signalling the daemon this test started.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    assert!(p.wait(countersign_tests::WAIT).success());
+    assert_eq!(p.stdout().trim(), "connected");
+    assert!(d.decisions().iter().any(|e| e["decision"] == "auto-allowed"
+        && e["by"].as_str().unwrap_or("").contains("now-allowed")));
+
+    // A broken policy: reported, the policy in force stays.
+    std::fs::write(&policy, "apiVersion: countersign.dev/v1\nlabels: [{name: agent, rules: [{exec: {}, outcome: sometimes}]}]\n").unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    let deadline = std::time::Instant::now() + countersign_tests::WAIT;
+    let status = loop {
+        let s = d.status();
+        if !s["policy_reload_error"].is_null() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the broken policy was not reported: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status["policy_reload_error"]
+            .as_str()
+            .unwrap()
+            .contains("sometimes"),
+        "{status}"
+    );
+    assert_eq!(status["policy_rules"], 2, "the policy in force stays");
+
+    // Edited without a signal: noticed by itself.
+    write(&format!(
+        "      - name: refused\n        connect: {{ports: [{}]}}\n        outcome: deny\n",
+        other.port()
+    ));
+    let deadline = std::time::Instant::now() + countersign_tests::WAIT;
+    while !d.status()["policy_reload_error"].is_null() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edited policy was not reloaded"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut q = d.labelled("agent", &[&probe(), "connect", &other.addr()]);
+    assert_eq!(q.wait(countersign_tests::WAIT).code(), Some(1));
+    assert_eq!(q.stdout().trim(), format!("error {EPERM}"));
+    assert!(!other.accepted());
+}

@@ -43,6 +43,8 @@ use crate::{
 const TICK: Duration = Duration::from_millis(100);
 /// At shutdown, how long denied tasks get to consume their denial before they are killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// How often (in ticks) the policy files are checked for changes.
+const POLICY_CHECK_TICKS: u64 = 10;
 /// Most requests held at once; beyond it new ones are denied at once.
 const MAX_PENDING: usize = 4096;
 
@@ -78,6 +80,8 @@ struct Held {
     binding: Option<ExecBinding>,
     /// What the deadline brings.
     on_timeout: Decision,
+    /// The kernel's report, kept to evaluate the request again (policy reload).
+    event: shared::Event,
 }
 
 struct Daemon {
@@ -96,6 +100,11 @@ struct Daemon {
     /// Loaded-but-not-run execs held in a ptrace stop.
     tracer: trace::Tracer,
     policy: Option<Policy>,
+    /// What the policy files looked like when read (to notice changes).
+    policy_stamp: Vec<(std::path::PathBuf, Option<std::time::SystemTime>, u64)>,
+    /// Why the last reload failed, until one succeeds.
+    reload_error: Option<String>,
+    ticks: u64,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -127,6 +136,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         }
     }
     let policy = load_policy(&config)?;
+    let stamp = policy_stamp(&config, policy.as_ref());
     let log = DecisionLog::open(&config.decision_log)?;
     let next_id = log.last_request_id() + 1;
     let (mut kernel, ring) =
@@ -153,22 +163,6 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         cgroup_labels.push((c.path.to_string_lossy().into_owned(), label));
     }
     kernel.install_cgroup_labels(&cgroup_ids)?;
-    // The policy's connect fast path (empty without a policy: clears an earlier daemon's).
-    let mut fast = Vec::new();
-    if let Some(p) = &policy {
-        for e in policy::compile::connect_fast_path(p) {
-            let id = label_id(&mut labels, &e.label);
-            kernel.set_label_name(id, &e.label)?;
-            fast.push(ebpf::ConnectAllowEntry {
-                label: id,
-                net: e.net,
-                protocols: e.protocols,
-                ports: e.ports,
-            });
-        }
-    }
-    kernel.set_connect_allow(&fast)?;
-    tracing::info!(entries = fast.len(), "connect fast path installed");
     tracing::info!(mode = %kernel.mode(), reason = kernel.reason(), "enforcing");
 
     let (tx, mut rx) = mpsc::channel::<Command>(64);
@@ -186,8 +180,13 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         started: Instant::now(),
         adopted: 0,
         tracer: trace::Tracer::default(),
+        policy_stamp: stamp,
         policy,
+        reload_error: None,
+        ticks: 0,
     };
+    // The policy's connect fast path (empty without a policy: clears an earlier daemon's).
+    daemon.install_fast_path()?;
     daemon.adopt();
     eprintln!(
         "countersign: enforcing in {} mode ({}); sockets in {}",
@@ -213,7 +212,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
                 let _ = cmd.reply.send(response);
             }
             _ = tick.tick() => daemon.tick(),
-                        _ = hup.recv() => tracing::info!("SIGHUP: nothing to reload"),
+                        _ = hup.recv() => daemon.reload("SIGHUP"),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -261,6 +260,46 @@ fn load_policy(config: &DaemonConfig) -> anyhow::Result<Option<Policy>> {
         "policy loaded"
     );
     Ok(Some(p))
+}
+
+/// Modification time and size of every policy file (and of the configured directories'
+/// YAML files), to notice edits, new and removed files. A failed reload records the new
+/// stamp too, so that a broken file is reported once, not every check.
+fn policy_stamp(
+    config: &DaemonConfig,
+    policy: Option<&Policy>,
+) -> Vec<(std::path::PathBuf, Option<std::time::SystemTime>, u64)> {
+    let mut paths: Vec<std::path::PathBuf> = policy.map(|p| p.files.clone()).unwrap_or_default();
+    let roots = if config.policy.is_empty() {
+        vec![std::path::PathBuf::from(crate::paths::DEFAULT_POLICY_DIR)]
+    } else {
+        config.policy.clone()
+    };
+    for root in roots {
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            paths.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml")),
+            );
+        } else {
+            paths.push(root);
+        }
+    }
+    paths.sort();
+    paths.dedup();
+    paths
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(&p).ok();
+            let stamp = (
+                m.as_ref().and_then(|m| m.modified().ok()),
+                m.map_or(0, |m| m.len()),
+            );
+            (p, stamp.0, stamp.1)
+        })
+        .collect()
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the kernel's request ids.
@@ -423,37 +462,11 @@ impl Daemon {
         tracing::info!(id, pid = ev.tgid, label = %view.label, kind = %view.kind,
             binary = view.binary.as_deref().unwrap_or(""), destination = view.destination.as_deref().unwrap_or(""),
             "held");
-        let mut held = self.held(view, kind, ev, binding);
+        let held = self.held(view, kind, ev, binding);
         // The policy decides what it can; a human the rest, within the rule's deadline.
-        if let Some((outcome, rule, escalation)) = self.policy_verdict(&held, ev) {
-            held.view.rule = Some(rule.clone());
-            let by = format!("policy: {rule}");
-            match outcome {
-                Outcome::Allow => {
-                    self.apply(held, Decision::Approve, &by);
-                    return;
-                }
-                Outcome::Deny => {
-                    self.apply(held, Decision::Deny, &by);
-                    return;
-                }
-                Outcome::Kill => {
-                    self.apply(held, Decision::Kill, &by);
-                    return;
-                }
-                Outcome::Escalate => {
-                    if let Some(e) = escalation {
-                        held.deadline = held.created + e.timeout;
-                        held.view.expires_in_ms = e.timeout.as_millis() as u64;
-                        held.on_timeout = match e.on_timeout {
-                            TimeoutOutcome::Allow => Decision::Approve,
-                            TimeoutOutcome::Deny => Decision::Deny,
-                            TimeoutOutcome::Kill => Decision::Kill,
-                        };
-                    }
-                }
-            }
-        }
+        let Some(held) = self.route(held) else {
+            return;
+        };
         if kind == HeldKind::ExecLoaded
             && let Err(why) = self.tracer.hold(ev.tgid)
         {
@@ -491,6 +504,7 @@ impl Daemon {
             deadline: now + Duration::from_secs(self.config.request_timeout_secs),
             binding,
             on_timeout: self.timeout_decision(),
+            event: *ev,
         }
     }
 
@@ -577,15 +591,101 @@ impl Daemon {
         (view, binding)
     }
 
+    /// Applies what the policy decides about `held` (allow, deny, kill): `None`. An
+    /// escalation gets the rule's deadline and timeout outcome and comes back, as does a
+    /// request the policy has nothing to say about.
+    fn route(&mut self, mut held: Held) -> Option<Held> {
+        let Some((outcome, rule, escalation)) = self.policy_verdict(&held) else {
+            // No policy for this label: a human decides (regression: such requests were dropped).
+            return Some(held);
+        };
+        held.view.rule = Some(rule.clone());
+        let by = format!("policy: {rule}");
+        let decision = match outcome {
+            Outcome::Allow => Decision::Approve,
+            Outcome::Deny => Decision::Deny,
+            Outcome::Kill => Decision::Kill,
+            Outcome::Escalate => {
+                if let Some(e) = escalation {
+                    held.deadline = held.created + e.timeout;
+                    held.view.expires_in_ms = e.timeout.as_millis() as u64;
+                    held.on_timeout = match e.on_timeout {
+                        TimeoutOutcome::Allow => Decision::Approve,
+                        TimeoutOutcome::Deny => Decision::Deny,
+                        TimeoutOutcome::Kill => Decision::Kill,
+                    };
+                }
+                return Some(held);
+            }
+        };
+        self.apply(held, decision, &by);
+        None
+    }
+
+    /// Reads the policy again. A policy with errors is reported and the one in force kept;
+    /// a good one replaces it at once (fast path included), and every held request is
+    /// evaluated against it.
+    fn reload(&mut self, why: &str) {
+        match load_policy(&self.config) {
+            Err(e) => {
+                let message = format!("{e:#}");
+                tracing::error!(why, error = %message, "policy reload failed; the policy in force stays");
+                self.reload_error = Some(message);
+                // Reported once: the next change of the files tries again.
+                self.policy_stamp = policy_stamp(&self.config, self.policy.as_ref());
+            }
+            Ok(policy) => {
+                self.policy = policy;
+                self.reload_error = None;
+                self.policy_stamp = policy_stamp(&self.config, self.policy.as_ref());
+                if let Err(e) = self.install_fast_path() {
+                    tracing::error!(error = %e, "installing the connect fast path failed; the daemon decides instead");
+                }
+                let ids: Vec<u64> = self.requests.keys().copied().collect();
+                for id in ids {
+                    if let Some(held) = self.requests.remove(&id)
+                        && let Some(held) = self.route(held)
+                    {
+                        self.requests.insert(id, held);
+                    }
+                }
+                tracing::info!(
+                    why,
+                    rules = self.policy.as_ref().map_or(0, Policy::rule_count),
+                    "policy reloaded"
+                );
+            }
+        }
+    }
+
+    /// Compiles the policy's connect fast path into the kernel (an empty one without policy).
+    fn install_fast_path(&mut self) -> Result<usize, ebpf::KernelError> {
+        let mut fast = Vec::new();
+        if let Some(p) = &self.policy {
+            for e in policy::compile::connect_fast_path(p) {
+                let id = label_id(&mut self.labels, &e.label);
+                self.kernel.set_label_name(id, &e.label)?;
+                fast.push(ebpf::ConnectAllowEntry {
+                    label: id,
+                    net: e.net,
+                    protocols: e.protocols,
+                    ports: e.ports,
+                });
+            }
+        }
+        self.kernel.set_connect_allow(&fast)?;
+        tracing::info!(entries = fast.len(), "connect fast path installed");
+        Ok(fast.len())
+    }
+
     /// What the policy says about a held request: outcome, the rule (described), and the
     /// escalation settings. `None` when there is no policy or it does not know the label.
     fn policy_verdict(
         &self,
         held: &Held,
-        ev: &shared::Event,
     ) -> Option<(Outcome, String, Option<policy::schema::Escalation>)> {
         let policy = self.policy.as_ref()?;
-        let action = self.action(held, ev)?;
+        let action = self.action(held, &held.event)?;
         let v = policy.evaluate(&held.view.label, &action)?;
         Some((
             v.decision.outcome,
@@ -848,6 +948,7 @@ impl Daemon {
             timeout_action: self.config.timeout_action.to_string(),
             policy_files: self.policy.as_ref().map_or(0, |p| p.files.len()),
             policy_rules: self.policy.as_ref().map_or(0, Policy::rule_count),
+            policy_reload_error: self.reload_error.clone(),
             holds: stats[shared::STAT_HOLDS as usize],
             fast_allowed: stats[shared::STAT_FAST_ALLOWED as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
@@ -957,6 +1058,12 @@ impl Daemon {
 
     fn tick(&mut self) {
         self.tracer.reap();
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(POLICY_CHECK_TICKS)
+            && policy_stamp(&self.config, self.policy.as_ref()) != self.policy_stamp
+        {
+            self.reload("policy files changed");
+        }
         let now = Instant::now();
         let ids: Vec<u64> = self.requests.keys().copied().collect();
         for id in ids {
