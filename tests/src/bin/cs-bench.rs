@@ -65,18 +65,36 @@ fn exec_loop(n: u32) -> u64 {
 fn connect_loop(n: u32) -> u64 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let acceptor = std::thread::spawn(move || {
-        for _ in 0..n {
-            drop(listener.accept().expect("accept"));
-        }
-    });
     let start = Instant::now();
     for _ in 0..n {
-        drop(TcpStream::connect(addr).expect("connect"));
+        let s = TcpStream::connect(addr).expect("connect");
+        // Accepted at once, in this thread: the accept queue never fills (a full queue drops
+        // SYNs, and a retransmission costs a second).
+        drop(listener.accept().expect("accept"));
+        reset_on_close(&s);
+        drop(s);
     }
-    let ns = (start.elapsed().as_nanos() / u128::from(n.max(1))) as u64;
-    acceptor.join().expect("acceptor");
-    ns
+    (start.elapsed().as_nanos() / u128::from(n.max(1))) as u64
+}
+
+/// Closes with a reset instead of leaving the port in TIME_WAIT, so that thousands of
+/// connects per run do not slow the later runs down.
+fn reset_on_close(s: &TcpStream) {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on a live socket with a pointer to a local struct and its size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
 }
 
 struct Daemon {
@@ -192,14 +210,24 @@ labels:
     run(countersign, None, "exec", execs / 10 + 1);
     run(countersign, None, "connect", connects / 10 + 1);
     for round in 0..rounds {
-        exec[0].push(run(countersign, None, "exec", execs));
-        connect[0].push(run(countersign, None, "connect", connects));
+        // Baseline first or last, alternately, so that neither side always runs first.
+        let baseline = |exec: &mut [Vec<u64>; 3], connect: &mut [Vec<u64>; 3]| {
+            exec[0].push(run(countersign, None, "exec", execs));
+            connect[0].push(run(countersign, None, "connect", connects));
+        };
+        if round % 2 == 0 {
+            baseline(&mut exec, &mut connect);
+        }
         let daemon = Daemon::start(countersign, &policy, &dir);
-        exec[1].push(run(countersign, None, "exec", execs));
-        connect[1].push(run(countersign, None, "connect", connects));
-        exec[2].push(run(countersign, Some(&daemon.dir), "exec", execs));
-        connect[2].push(run(countersign, Some(&daemon.dir), "connect", connects));
+        for s in [1, 2] {
+            let dir = (s == 2).then_some(daemon.dir.as_path());
+            exec[s].push(run(countersign, dir, "exec", execs));
+            connect[s].push(run(countersign, dir, "connect", connects));
+        }
         drop(daemon);
+        if round % 2 == 1 {
+            baseline(&mut exec, &mut connect);
+        }
         eprintln!("cs-bench: round {}/{rounds} done", round + 1);
     }
     let exec_m: Vec<u64> = exec.iter_mut().map(|v| median(v)).collect();
