@@ -710,6 +710,11 @@ labels:
         "60",
     ]);
     assert_eq!(d.status()["policy_rules"], 5);
+    let human = String::from_utf8_lossy(&d.cli(&["status"]).stdout).into_owned();
+    assert!(
+        human.contains("policy:         5 rule(s) from 1 file(s)"),
+        "{human}"
+    );
 
     // Allowed in the kernel: never stopped, never reaches the daemon.
     let mut p = d.labelled("agent", &[&probe(), "connect", &fast.addr()]);

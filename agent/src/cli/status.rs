@@ -37,6 +37,17 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
         }
     );
     println!("  cgroup labels:  {}", s.cgroup_labels);
+    if s.policy_files == 0 {
+        println!("  policy:         none (every held action waits for a human)");
+    } else {
+        println!(
+            "  policy:         {} rule(s) from {} file(s)",
+            s.policy_rules, s.policy_files
+        );
+    }
+    if let Some(e) = &s.policy_reload_error {
+        println!("  ALARM: the last policy reload failed; the policy in force stays:\n{e}");
+    }
     println!(
         "  timeout:        {}s, then {}",
         s.request_timeout_secs, s.timeout_action
