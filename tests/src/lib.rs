@@ -316,27 +316,13 @@ impl Daemon {
     /// Starts `cmd` without a label, with its stdin piped (see `cs-probe wait`).
     #[must_use]
     pub fn unlabelled_waiting(&self, cmd: &[&str]) -> Proc {
-        let child = Command::new(cmd[0])
-            .args(&cmd[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        Proc { child }
+        spawn_unlabelled(cmd, Stdio::piped())
     }
 
     /// Starts `cmd` without a label.
     #[must_use]
     pub fn unlabelled(&self, cmd: &[&str]) -> Proc {
-        let child = Command::new(cmd[0])
-            .args(&cmd[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        Proc { child }
+        spawn_unlabelled(cmd, Stdio::null())
     }
 
     /// The held requests.
@@ -443,6 +429,17 @@ impl Drop for Daemon {
         let _ = self.proc.child.wait();
         let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
+}
+
+fn spawn_unlabelled(cmd: &[&str], stdin: Stdio) -> Proc {
+    let child = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    Proc { child }
 }
 
 /// A TCP listener on loopback that must (or must not) see a connection.
