@@ -608,15 +608,10 @@ fn policy_check_reports_validity_by_exit_status() {
 #[test]
 fn policy_test_names_rule_and_outcome() {
     let p = policies();
-    let out = countersign(&[
-        "policy",
-        "test",
-        &p,
-        "--label",
-        "coder",
-        "--exec",
-        "/usr/bin/git push origin main",
-    ]);
+    let policy_test = |label: &str, flag: &str, value: &str| {
+        countersign(&["policy", "test", &p, "--label", label, flag, value])
+    };
+    let out = policy_test("coder", "--exec", "/usr/bin/git push origin main");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -631,29 +626,13 @@ fn policy_test_names_rule_and_outcome() {
         text.contains("escalate to developers") && text.contains("justification required"),
         "{text}"
     );
-    let out = countersign(&[
-        "policy",
-        "test",
-        &p,
-        "--label",
-        "ci",
-        "--connect",
-        "10.20.1.1:22",
-    ]);
+    let out = policy_test("ci", "--connect", "10.20.1.1:22");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("the default of label `ci`") && text.contains("outcome: deny"),
         "{text}"
     );
-    let out = countersign(&[
-        "policy",
-        "test",
-        &p,
-        "--label",
-        "nobody",
-        "--connect",
-        "10.20.1.1:22",
-    ]);
+    let out = policy_test("nobody", "--connect", "10.20.1.1:22");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no label `nobody`"));
 }

@@ -15,19 +15,16 @@ const UNLABELLED_TARGET: f64 = 1.01;
 const LABELLED_TARGET: f64 = 1.03;
 
 pub fn run_bench() -> Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run_streaming(
-        Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "-p",
-                "countersign",
-                "-p",
-                "countersign-tests",
-                "--bins",
-            ])
-            .current_dir(paths::workspace_root()),
+        paths::cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "countersign",
+            "-p",
+            "countersign-tests",
+            "--bins",
+        ]),
         Duration::from_secs(60 * 60),
         "building the release binaries",
     )?;

@@ -120,10 +120,8 @@ fn vm_run(args: VmRunArgs) -> Result<ExitCode> {
 
 /// `cargo xtask run -- ARGS`: builds the release binary and runs it in the foreground.
 fn run_countersign(args: &[String]) -> Result<ExitCode> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
+    let status = xtask::paths::cargo()
         .args(["build", "--release", "-p", "countersign"])
-        .current_dir(xtask::paths::workspace_root())
         .status()?;
     if !status.success() {
         bail!("building countersign failed");

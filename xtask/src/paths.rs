@@ -16,6 +16,14 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A `cargo` command (the one running xtask) in the workspace root.
+pub fn cargo() -> std::process::Command {
+    let mut cmd =
+        std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
 /// The cargo target folder: `$CARGO_TARGET_DIR` when set, else `<workspace>/target`.
 pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {

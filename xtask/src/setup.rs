@@ -174,9 +174,8 @@ fn ensure_bpf_linker(sysroot: &Path) -> Result<()> {
         llvm.major,
         llvm.prefix.display()
     );
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run_streaming(
-        Command::new(cargo)
+        paths::cargo()
             .env("LLVM_PREFIX", &llvm.prefix)
             .args(["install", "bpf-linker", "--force", "--version"])
             .arg(format!("^{}", BPF_LINKER_SERIES.trim_end_matches('.')))

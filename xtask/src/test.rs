@@ -76,19 +76,16 @@ fn build_e2e() -> Result<E2eBins> {
         ],
         60 * 60,
     )?;
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = run_ok(
-        Command::new(cargo)
-            .args([
-                "test",
-                "-p",
-                "countersign-tests",
-                "--test",
-                "e2e",
-                "--no-run",
-                "--message-format=json",
-            ])
-            .current_dir(paths::workspace_root()),
+        paths::cargo().args([
+            "test",
+            "-p",
+            "countersign-tests",
+            "--test",
+            "e2e",
+            "--no-run",
+            "--message-format=json",
+        ]),
         Duration::from_secs(60 * 60),
         "building the end-to-end suite",
     )?;
@@ -176,11 +173,8 @@ fn result_line(output: &str) -> String {
 /// Runs `cargo ARGS` at the workspace root, with its output on the terminal.
 fn cargo_step(what: &str, args: &[&str], timeout_secs: u64) -> Result<()> {
     println!("xtask test: {what}");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run_streaming(
-        Command::new(cargo)
-            .args(args)
-            .current_dir(paths::workspace_root()),
+        paths::cargo().args(args),
         Duration::from_secs(timeout_secs),
         what,
     )
