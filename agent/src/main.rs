@@ -10,6 +10,11 @@ mod ebpf;
 mod paths;
 mod policy;
 mod proto;
+#[allow(
+    dead_code,
+    reason = "the approver and the decision records are being built on it"
+)]
+mod sign;
 
 use daemon::config::{DaemonConfig, TimeoutAction};
 use proto::Decision;
