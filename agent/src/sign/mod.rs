@@ -9,8 +9,7 @@
 pub mod dsse;
 pub mod keys;
 
-pub use dsse::Envelope;
-pub use keys::{KeyId, key_id};
+pub use keys::key_id;
 
 /// Why signing or verifying failed.
 #[derive(Debug, thiserror::Error)]
