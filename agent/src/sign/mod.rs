@@ -8,6 +8,7 @@
 //! - keys are PKCS#8 / SPKI PEM files ([`keys`]), readable with standard tools (`openssl pkey`).
 pub mod dsse;
 pub mod keys;
+pub mod statement;
 
 pub use keys::key_id;
 

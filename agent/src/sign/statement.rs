@@ -1,0 +1,150 @@
+//! What countersign signs, and the hash that binds a decision to one exact action.
+//!
+//! - an **escalation**: the daemon, with its host key, asks the approver to decide a request;
+//! - a **decision**: the approver, with its key, states who decided what about which request
+//!   (host, request id and action hash): the daemon releases nothing without one that
+//!   verifies and matches the request it holds, and the host's records embed it.
+use serde::{Deserialize, Serialize};
+
+use crate::proto::{Decision, RequestView};
+
+/// DSSE payload type of an escalation (signed by the host key).
+pub const PAYLOAD_ESCALATION: &str = "application/vnd.countersign.escalation+json";
+/// DSSE payload type of a decision (signed by the approver's key).
+pub const PAYLOAD_DECISION: &str = "application/vnd.countersign.decision+json";
+/// Version of the statements below.
+pub const STATEMENT_VERSION: u32 = 1;
+
+/// The fields of a held action that an approval is bound to: what the human was shown and
+/// what the daemon checks again before it releases anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionDigest<'a> {
+    pub host: &'a str,
+    pub request: u64,
+    pub kind: &'a str,
+    pub label: &'a str,
+    pub pid: u32,
+    pub uid: u32,
+    pub binary: Option<&'a str>,
+    pub argv: &'a [String],
+    pub argv_truncated: bool,
+    pub cwd: Option<&'a str>,
+    pub destination: Option<&'a str>,
+    pub protocol: Option<&'a str>,
+}
+
+/// SHA-256 (hex) of the canonical JSON of the action in `view`, on host `host_id`.
+#[must_use]
+pub fn action_hash(host_id: &str, view: &RequestView) -> String {
+    let digest = ActionDigest {
+        host: host_id,
+        request: view.id,
+        kind: &view.kind,
+        label: &view.label,
+        pid: view.pid,
+        uid: view.uid,
+        binary: view.binary.as_deref(),
+        argv: &view.argv,
+        argv_truncated: view.argv_truncated,
+        cwd: view.cwd.as_deref(),
+        destination: view.destination.as_deref(),
+        protocol: view.protocol.as_deref(),
+    };
+    // Only strings, integers and booleans: canonical JSON cannot fail.
+    super::sha256_hex(&super::canonical(&digest).expect("canonical JSON of an action"))
+}
+
+/// A daemon's request for a decision (payload of [`PAYLOAD_ESCALATION`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Escalation {
+    pub v: u32,
+    /// The host's id: the key id of its host key.
+    pub host_id: String,
+    /// The host's name, for people.
+    pub host_name: String,
+    pub request: RequestView,
+    /// [`action_hash`] of `request` on `host_id`.
+    pub action_hash: String,
+    /// Who the agent works for (the label's `on_behalf_of`): never an approver of it.
+    pub on_behalf_of: Option<String>,
+    /// Approver groups the policy rule names (empty: the approver's default group).
+    pub approvers: Vec<String>,
+    /// Approvals needed (from the rule; at least 1).
+    pub quorum: u32,
+    /// Whether the approver must give a reason.
+    pub justification: bool,
+    /// RFC 3339 time after which the host applies the timeout outcome.
+    pub deadline: String,
+    /// What the timeout brings (`approve`, `deny`, `kill`).
+    pub on_timeout: Decision,
+    /// RFC 3339 time the escalation was signed.
+    pub sent_at: String,
+}
+
+/// One human's answer that counted towards a decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Approval {
+    /// The approver's configured name.
+    pub approver: String,
+    /// Through what: `api`, `cli`, `slack`, `teams`, `web`.
+    pub channel: String,
+    /// The identity the channel proved (e.g. `slack:T123/U456`, `token:3f2a…`).
+    pub identity: String,
+    pub decision: Decision,
+    pub justification: Option<String>,
+    /// RFC 3339.
+    pub at: String,
+}
+
+/// The approver's decision (payload of [`PAYLOAD_DECISION`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionStatement {
+    pub v: u32,
+    /// Key id of the approver service's key.
+    pub approver_key: String,
+    pub host_id: String,
+    pub request: u64,
+    pub action_hash: String,
+    pub decision: Decision,
+    /// The answers that made the decision (a quorum of approvals, or the deny that vetoed).
+    pub approvals: Vec<Approval>,
+    /// RFC 3339.
+    pub decided_at: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view() -> RequestView {
+        serde_json::from_value(serde_json::json!({
+            "id": 7, "kind": "exec", "label": "coder", "pid": 10, "tid": 10, "uid": 1000,
+            "user": "alice", "binary": "/usr/bin/curl", "argv": ["curl", "https://x"],
+            "argv_truncated": false, "cwd": "/home/alice", "parents": [], "destination": null,
+            "protocol": null, "age_ms": 5, "expires_in_ms": 1000, "note": null, "rule": null
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_hash_covers_what_runs_and_ignores_what_changes_while_held() {
+        let v = view();
+        let h = action_hash("host-a", &v);
+        assert_eq!(h.len(), 64);
+        let mut aged = v.clone();
+        aged.age_ms = 999;
+        aged.expires_in_ms = 1;
+        assert_eq!(action_hash("host-a", &aged), h);
+        let mut other = v.clone();
+        other.argv[1] = "https://y".into();
+        assert_ne!(action_hash("host-a", &other), h);
+        assert_ne!(action_hash("host-b", &v), h);
+        let mut next = v;
+        next.id = 8;
+        assert_ne!(action_hash("host-a", &next), h);
+    }
+}
