@@ -17,8 +17,7 @@ pub const STATEMENT_VERSION: u32 = 1;
 
 /// The fields of a held action that an approval is bound to: what the human was shown and
 /// what the daemon checks again before it releases anything.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ActionDigest<'a> {
     pub host: &'a str,
     pub request: u64,
