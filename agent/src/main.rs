@@ -83,6 +83,9 @@ struct DaemonArgs {
     bpf_pin_dir: Option<PathBuf>,
     #[arg(long)]
     decision_log: Option<PathBuf>,
+    /// The host's signing key (made if missing).
+    #[arg(long)]
+    host_key: Option<PathBuf>,
     /// Policy file or directory (repeatable; replaces the configured ones).
     #[arg(long)]
     policy: Vec<PathBuf>,
@@ -234,6 +237,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     if let Some(l) = args.decision_log {
         config.decision_log = l;
+    }
+    if let Some(k) = args.host_key {
+        config.host_key = k;
     }
     if let Some(m) = args.mode {
         config.mode = m;

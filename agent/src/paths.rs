@@ -12,6 +12,9 @@ pub const DEFAULT_POLICY_DIR: &str = "/etc/countersign/policies.d";
 /// Where the maps and links are pinned (on bpffs), so that enforcement and held requests
 /// outlive a daemon restart.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/countersign";
+/// The host's Ed25519 key (PKCS#8 PEM, mode 0600; its public half beside it as `host.key.pub`):
+/// it signs escalations and decision records. Made at the first start if missing.
+pub const DEFAULT_HOST_KEY: &str = "/var/lib/countersign/host.key";
 /// Held by the running daemon (flock) in the socket directory.
 pub const LOCK_FILE: &str = "daemon.lock";
 /// Environment variable that overrides the socket directory for every subcommand.

@@ -42,7 +42,7 @@ impl std::fmt::Display for Decision {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Status(StatusInfo),
+    Status(Box<StatusInfo>),
     List { requests: Vec<RequestView> },
     Decided { id: u64, outcome: String },
     Labelled { label: String, pid: u32 },
@@ -56,6 +56,9 @@ pub struct StatusInfo {
     /// Why this mode was chosen.
     pub reason: String,
     pub daemon_pid: u32,
+    /// The key id of the host key: names this host in escalations and records.
+    #[serde(default)]
+    pub host_id: String,
     pub uptime_secs: u64,
     pub pending: usize,
     /// Held requests taken over from a daemon that did not stop cleanly.

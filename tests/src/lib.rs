@@ -198,6 +198,8 @@ impl Daemon {
             .arg(pin_dir)
             .arg("--decision-log")
             .arg(dir.join("decisions.jsonl"))
+            .arg("--host-key")
+            .arg(dir.join("host.key"))
             .args(args)
             .env("COUNTERSIGN_LOG", "info,countersign=debug")
             .stdout(Stdio::null())

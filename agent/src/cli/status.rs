@@ -20,6 +20,7 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
         s.daemon_pid, s.mode
     );
     println!("  why:            {}", s.reason);
+    println!("  host id:        {}", s.host_id);
     println!("  uptime:         {}s", s.uptime_secs);
     println!("  held requests:  {}", s.pending);
     if s.adopted > 0 {

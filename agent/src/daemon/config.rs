@@ -40,6 +40,8 @@ pub struct DaemonConfig {
     pub socket_dir: PathBuf,
     pub bpf_pin_dir: PathBuf,
     pub decision_log: PathBuf,
+    /// The host's signing key (made at the first start if missing).
+    pub host_key: PathBuf,
     pub mode: ModeRequest,
     pub request_timeout_secs: u64,
     pub timeout_action: TimeoutAction,
@@ -55,6 +57,7 @@ impl Default for DaemonConfig {
             // On bpffs: holds and labels outlive a daemon restart.
             bpf_pin_dir: PathBuf::from(paths::DEFAULT_PIN_DIR),
             decision_log: PathBuf::from(paths::DEFAULT_DECISION_LOG),
+            host_key: PathBuf::from(paths::DEFAULT_HOST_KEY),
             // BPF LSM where the kernel runs it; most hosts do not boot with it.
             mode: ModeRequest::Auto,
             // Long enough for a human to read a prompt; short enough that nothing hangs.

@@ -86,6 +86,14 @@ struct Held {
 
 struct Daemon {
     kernel: Kernel,
+    /// Signs what this host states (escalations, records); its id names the host.
+    #[allow(
+        dead_code,
+        reason = "signs escalations and records, which are being built"
+    )]
+    host_key: ed25519_dalek::SigningKey,
+    /// `sign::key_id` of `host_key`.
+    host_id: String,
     config: DaemonConfig,
     log: DecisionLog,
     labels: Vec<String>,
@@ -138,6 +146,12 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     let policy = load_policy(&config)?;
     let stamp = policy_stamp(&config, policy.as_ref());
     let log = DecisionLog::open(&config.decision_log)?;
+    let (host_key, made) =
+        crate::sign::keys::load_or_create(&config.host_key).context("the host key (host_key)")?;
+    let host_id = crate::sign::key_id(&host_key.verifying_key()).0;
+    if made {
+        tracing::info!(path = %config.host_key.display(), host_id, "host key made");
+    }
     let next_id = log.last_request_id() + 1;
     let (mut kernel, ring) =
         Kernel::load(config.mode, &config.bpf_pin_dir).context("loading the eBPF hooks")?;
@@ -170,6 +184,8 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     let mut ring = ebpf::watch_ring(ring).context("watching the event ring buffer")?;
     let mut daemon = Daemon {
         kernel,
+        host_key,
+        host_id,
         config,
         log,
         labels,
@@ -826,7 +842,7 @@ impl Daemon {
     fn command(&mut self, request: crate::proto::Request, peer: Peer) -> Response {
         use crate::proto::Request as R;
         match (request, peer.socket) {
-            (R::Status, _) => Response::Status(self.status()),
+            (R::Status, _) => Response::Status(Box::new(self.status())),
             (R::Label { label }, _) => self.label(&label, peer),
             (R::List, Socket::Control) => Response::List { requests: self.list() },
             (R::Decide { id, decision }, Socket::Control) => {
@@ -939,6 +955,7 @@ impl Daemon {
             mode: self.kernel.mode().to_string(),
             reason: self.kernel.reason().to_owned(),
             daemon_pid: std::process::id(),
+            host_id: self.host_id.clone(),
             uptime_secs: self.started.elapsed().as_secs(),
             pending: self.requests.len(),
             adopted: self.adopted,
