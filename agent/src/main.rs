@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
+mod approver;
 mod cli;
 mod daemon;
 mod ebpf;
@@ -59,11 +60,34 @@ enum Cmd {
         action: RequestsCmd,
         #[arg(long, global = true)]
         socket_dir: Option<PathBuf>,
+        /// A remote approver's URL: list and answer its requests instead of this host's
+        /// (also $COUNTERSIGN_APPROVER_URL).
+        #[arg(
+            long,
+            global = true,
+            env = "COUNTERSIGN_APPROVER_URL",
+            conflicts_with = "socket_dir"
+        )]
+        approver: Option<String>,
+        /// A file holding your approver token (also $COUNTERSIGN_APPROVER_TOKEN).
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+        /// A PEM CA certificate to trust for the approver's TLS.
+        #[arg(long, global = true)]
+        ca_file: Option<PathBuf>,
     },
     /// Check policy files, or see what they decide for an action.
     Policy {
         #[command(subcommand)]
         action: PolicyCmd,
+    },
+    /// The approval service daemons escalate to (Slack, webhook, REST API).
+    Approver {
+        #[command(subcommand)]
+        action: Option<ApproverCmd>,
+        /// Configuration file.
+        #[arg(long, default_value = approver::config::DEFAULT_CONFIG)]
+        config: PathBuf,
     },
     #[command(name = "internal-canary", hide = true)]
     InternalCanary { port: u16 },
@@ -83,6 +107,12 @@ struct DaemonArgs {
     bpf_pin_dir: Option<PathBuf>,
     #[arg(long)]
     decision_log: Option<PathBuf>,
+    /// The remote approver's URL (replaces approver.url in the configuration).
+    #[arg(long)]
+    approver: Option<String>,
+    /// A file with the one-time token to enroll with the approver.
+    #[arg(long)]
+    enroll_token_file: Option<PathBuf>,
     /// The host's signing key (made if missing).
     #[arg(long)]
     host_key: Option<PathBuf>,
@@ -97,6 +127,17 @@ struct DaemonArgs {
     /// What a request nobody decides gets.
     #[arg(long, value_enum)]
     timeout_action: Option<TimeoutAction>,
+}
+
+#[derive(Subcommand)]
+enum ApproverCmd {
+    /// Print the SHA-256 of a token read from standard input (for approver.yaml's `tokens`
+    /// and `enrollment_tokens`), or of a new random token printed with it.
+    HashToken {
+        /// Make a new random token instead of reading one.
+        #[arg(long)]
+        new: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,13 +179,29 @@ enum RequestsCmd {
     List {
         #[arg(long)]
         json: bool,
+        /// With --approver: pending (default), approved, denied, killed, expired or all.
+        #[arg(long)]
+        state: Option<String>,
     },
     /// Let exactly the held action run.
-    Approve { id: u64 },
+    Approve {
+        id: u64,
+        /// Why (with --approver; required when the rule asks for a reason).
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Refuse it: the syscall fails with EPERM (an exec held after loading is killed).
-    Deny { id: u64 },
+    Deny {
+        id: u64,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Kill the process with SIGKILL.
-    Kill { id: u64 },
+    Kill {
+        id: u64,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 fn main() {
@@ -158,6 +215,17 @@ fn main() {
             command,
         } => cli::exec::run(&paths::socket_dir(socket_dir), &label, &command),
         Cmd::Daemon(args) => report(daemon(args)),
+        Cmd::Approver {
+            action: None,
+            config,
+        } => {
+            init_logging();
+            report(approver::run(&config))
+        }
+        Cmd::Approver {
+            action: Some(ApproverCmd::HashToken { new }),
+            ..
+        } => report(cli::token::hash_token(new)),
         Cmd::Policy {
             action: PolicyCmd::Check { files },
         } => cli::policy::check(&files),
@@ -187,13 +255,42 @@ fn main() {
         Cmd::Status { socket_dir, json } => {
             report(cli::status::run(&paths::socket_dir(socket_dir), json))
         }
-        Cmd::Requests { action, socket_dir } => {
+        Cmd::Requests {
+            action,
+            approver: Some(url),
+            token_file,
+            ca_file,
+            ..
+        } => {
+            let remote = cli::remote::Remote {
+                url,
+                token_file,
+                ca_file,
+            };
+            report(match action {
+                RequestsCmd::List { json, state } => remote.list(state.as_deref(), json),
+                RequestsCmd::Approve { id, reason } => {
+                    remote.answer(id, Decision::Approve, reason.as_deref())
+                }
+                RequestsCmd::Deny { id, reason } => {
+                    remote.answer(id, Decision::Deny, reason.as_deref())
+                }
+                RequestsCmd::Kill { id, reason } => {
+                    remote.answer(id, Decision::Kill, reason.as_deref())
+                }
+            })
+        }
+        Cmd::Requests {
+            action, socket_dir, ..
+        } => {
             let dir = paths::socket_dir(socket_dir);
             report(match action {
-                RequestsCmd::List { json } => cli::requests::list(&dir, json),
-                RequestsCmd::Approve { id } => cli::requests::decide(&dir, id, Decision::Approve),
-                RequestsCmd::Deny { id } => cli::requests::decide(&dir, id, Decision::Deny),
-                RequestsCmd::Kill { id } => cli::requests::decide(&dir, id, Decision::Kill),
+                RequestsCmd::List { json, .. } => cli::requests::list(&dir, json),
+                RequestsCmd::Approve { id, .. } => {
+                    cli::requests::decide(&dir, id, Decision::Approve)
+                }
+                RequestsCmd::Deny { id, .. } => cli::requests::decide(&dir, id, Decision::Deny),
+                RequestsCmd::Kill { id, .. } => cli::requests::decide(&dir, id, Decision::Kill),
             })
         }
     };
@@ -210,7 +307,7 @@ fn report(result: anyhow::Result<()>) -> i32 {
     }
 }
 
-fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COUNTERSIGN_LOG")
@@ -219,6 +316,10 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    init_logging();
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("the daemon must run as root (it loads eBPF programs)");
     }
@@ -240,6 +341,26 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     if let Some(k) = args.host_key {
         config.host_key = k;
+    }
+    if let Some(url) = args.approver {
+        let mut a = config
+            .approver
+            .take()
+            .unwrap_or_else(|| daemon::remote::RemoteConfig {
+                url: String::new(),
+                enroll_token_file: None,
+                ca_file: None,
+                public_key: None,
+                state: std::path::PathBuf::from(paths::DEFAULT_APPROVER_STATE),
+            });
+        a.url = url;
+        config.approver = Some(a);
+    }
+    if let Some(t) = args.enroll_token_file {
+        match config.approver.as_mut() {
+            Some(a) => a.enroll_token_file = Some(t),
+            None => anyhow::bail!("--enroll-token-file needs an approver (--approver URL)"),
+        }
     }
     if let Some(m) = args.mode {
         config.mode = m;

@@ -78,6 +78,21 @@ pub struct StatusInfo {
     pub fast_allowed: u64,
     pub events_dropped: u64,
     pub label_inherit_failed: u64,
+    /// The remote approver, if one is configured.
+    #[serde(default)]
+    pub approver: Option<ApproverStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApproverStatus {
+    pub url: String,
+    /// Enrolled and its key pinned.
+    pub enrolled: bool,
+    /// The last failure talking to it (cleared by enrollment; kept until the next failure).
+    pub last_error: Option<String>,
+    /// Escalations delivered and decisions received since the start.
+    pub sent: u64,
+    pub received: u64,
 }
 
 /// One parent in a request's process chain.

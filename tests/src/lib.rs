@@ -21,6 +21,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod remote;
+
 /// How long any wait in a scenario may take (TCG-emulated VMs are slow).
 pub const WAIT: Duration = Duration::from_secs(60);
 

@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use countersign_tests::{Daemon, Listener, TestCgroup, probe_bin};
 
+#[path = "e2e/approver.rs"]
+mod approver;
+
 const EPERM: i32 = 1;
 
 fn probe() -> String {

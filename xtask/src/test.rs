@@ -60,12 +60,13 @@ pub fn run_tests() -> Result<()> {
 struct E2eBins {
     countersign: PathBuf,
     probe: PathBuf,
+    fake_slack: PathBuf,
     suite: PathBuf,
 }
 
 fn build_e2e() -> Result<E2eBins> {
     cargo_step(
-        "build countersign and cs-probe",
+        "build countersign, cs-probe and fake-slack",
         &[
             "build",
             "-p",
@@ -101,6 +102,7 @@ fn build_e2e() -> Result<E2eBins> {
     Ok(E2eBins {
         countersign: debug.join("countersign"),
         probe: debug.join("cs-probe"),
+        fake_slack: debug.join("fake-slack"),
         suite: PathBuf::from(suite),
     })
 }
@@ -120,6 +122,7 @@ fn run_native(bins: &E2eBins) -> Result<String> {
             .env("COUNTERSIGN_E2E_MODE", "fallback")
             .env("COUNTERSIGN_BIN", &bins.countersign)
             .env("COUNTERSIGN_PROBE", &bins.probe)
+            .env("COUNTERSIGN_FAKE_SLACK", &bins.fake_slack)
             .env("RUST_BACKTRACE", "1"),
         Duration::from_secs(30 * 60),
         "the end-to-end suite (native, fallback mode)",
@@ -134,6 +137,7 @@ fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
     let files = [
         (bins.countersign.clone(), guest("countersign")),
         (bins.probe.clone(), guest("cs-probe")),
+        (bins.fake_slack.clone(), guest("fake-slack")),
         (bins.suite.clone(), guest("e2e")),
         // The suite checks the example policies (see COUNTERSIGN_POLICIES).
         (paths::workspace_root().join("policies"), guest("policies")),
@@ -142,6 +146,7 @@ fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
         ("COUNTERSIGN_E2E_MODE", "lsm".to_owned()),
         ("COUNTERSIGN_BIN", guest("countersign")),
         ("COUNTERSIGN_PROBE", guest("cs-probe")),
+        ("COUNTERSIGN_FAKE_SLACK", guest("fake-slack")),
         ("COUNTERSIGN_POLICIES", guest("policies")),
         ("RUST_BACKTRACE", "1".to_owned()),
     ]

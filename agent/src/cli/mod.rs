@@ -2,5 +2,7 @@
 pub mod client;
 pub mod exec;
 pub mod policy;
+pub mod remote;
 pub mod requests;
 pub mod status;
+pub mod token;

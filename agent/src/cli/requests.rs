@@ -57,7 +57,7 @@ pub fn render(r: &RequestView) -> String {
     let _ = writeln!(
         s,
         "       argv:        {}{}",
-        shell_words(&r.argv),
+        quote_argv(&r.argv),
         if r.argv_truncated {
             " …(truncated)"
         } else {
@@ -88,7 +88,7 @@ pub fn render(r: &RequestView) -> String {
 }
 
 /// argv quoted so that what is shown is unambiguous (spaces, quotes, control characters).
-fn shell_words(argv: &[String]) -> String {
+pub fn quote_argv(argv: &[String]) -> String {
     argv.iter()
         .map(|a| {
             if !a.is_empty()
@@ -119,13 +119,13 @@ pub fn decide(socket_dir: &Path, id: u64, decision: Decision) -> anyhow::Result<
 
 #[cfg(test)]
 mod tests {
-    use super::shell_words;
+    use super::quote_argv;
 
     #[test]
     fn quotes_what_could_mislead() {
-        assert_eq!(shell_words(&["ls".into(), "-la".into()]), "ls -la");
-        assert_eq!(shell_words(&["echo".into(), "a b".into()]), "echo \"a b\"");
-        assert_eq!(shell_words(&["x\u{1b}[2K".into()]), "\"x\\u{1b}[2K\"");
-        assert_eq!(shell_words(&[String::new()]), "\"\"");
+        assert_eq!(quote_argv(&["ls".into(), "-la".into()]), "ls -la");
+        assert_eq!(quote_argv(&["echo".into(), "a b".into()]), "echo \"a b\"");
+        assert_eq!(quote_argv(&["x\u{1b}[2K".into()]), "\"x\\u{1b}[2K\"");
+        assert_eq!(quote_argv(&[String::new()]), "\"\"");
     }
 }

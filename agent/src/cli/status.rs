@@ -53,6 +53,25 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
         "  timeout:        {}s, then {}",
         s.request_timeout_secs, s.timeout_action
     );
+    match &s.approver {
+        None => println!("  approver:       none (decided on this host: `countersign requests`)"),
+        Some(a) => {
+            println!(
+                "  approver:       {} ({}; {} sent, {} decisions received)",
+                a.url,
+                if a.enrolled {
+                    "enrolled"
+                } else {
+                    "NOT enrolled"
+                },
+                a.sent,
+                a.received
+            );
+            if let Some(e) = &a.last_error {
+                println!("  approver error: {e}");
+            }
+        }
+    }
     println!("  holds so far:   {}", s.holds);
     println!("  allowed in kernel: {} (policy fast path)", s.fast_allowed);
     if s.events_dropped > 0 || s.label_inherit_failed > 0 {

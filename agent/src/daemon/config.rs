@@ -48,6 +48,8 @@ pub struct DaemonConfig {
     pub cgroup_labels: Vec<CgroupLabel>,
     /// Policy files and directories (default: /etc/countersign/policies.d when it exists).
     pub policy: Vec<PathBuf>,
+    /// The remote approver escalations go to (none: decisions are made on this host only).
+    pub approver: Option<crate::daemon::remote::RemoteConfig>,
 }
 
 impl Default for DaemonConfig {
@@ -66,6 +68,7 @@ impl Default for DaemonConfig {
             timeout_action: TimeoutAction::Deny,
             cgroup_labels: Vec::new(),
             policy: Vec::new(),
+            approver: None,
         }
     }
 }
@@ -133,6 +136,20 @@ impl DaemonConfig {
                 format!(
                     "must be between 1 and {MAX_REQUEST_TIMEOUT_SECS}, not {}",
                     self.request_timeout_secs
+                ),
+            ));
+        }
+        if let Some(a) = &self.approver
+            && !(a.url.starts_with("https://")
+                || a.url.starts_with("http://127.")
+                || a.url.starts_with("http://localhost")
+                || a.url.starts_with("http://[::1]"))
+        {
+            return Err(invalid(
+                "approver.url".into(),
+                format!(
+                    "`{}`: use https:// (plain http only to a loopback address)",
+                    a.url
                 ),
             ));
         }

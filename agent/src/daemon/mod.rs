@@ -8,6 +8,7 @@ pub mod config;
 mod control;
 pub mod enrich;
 mod log;
+pub mod remote;
 mod trace;
 
 use std::{
@@ -82,6 +83,8 @@ struct Held {
     on_timeout: Decision,
     /// The kernel's report, kept to evaluate the request again (policy reload).
     event: shared::Event,
+    /// Set when escalated to the remote approver: what its decision must be bound to.
+    action_hash: Option<String>,
 }
 
 struct Daemon {
@@ -94,6 +97,9 @@ struct Daemon {
     host_key: ed25519_dalek::SigningKey,
     /// `sign::key_id` of `host_key`.
     host_id: String,
+    host_name: String,
+    /// The remote approver, if one is configured.
+    remote: Option<remote::Remote>,
     config: DaemonConfig,
     log: DecisionLog,
     labels: Vec<String>,
@@ -179,6 +185,16 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     kernel.install_cgroup_labels(&cgroup_ids)?;
     tracing::info!(mode = %kernel.mode(), reason = kernel.reason(), "enforcing");
 
+    let host_name = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    let (remote, mut decisions) = match config.approver.clone() {
+        Some(a) => {
+            let (r, rx) = remote::start(a, host_key.clone(), host_id.clone(), host_name.clone())?;
+            (Some(r), Some(rx))
+        }
+        None => (None, None),
+    };
     let (tx, mut rx) = mpsc::channel::<Command>(64);
     control::serve(&config.socket_dir, tx)?;
     let mut ring = ebpf::watch_ring(ring).context("watching the event ring buffer")?;
@@ -186,6 +202,8 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         kernel,
         host_key,
         host_id,
+        host_name,
+        remote,
         config,
         log,
         labels,
@@ -223,6 +241,12 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
                 drain(guard.get_inner_mut(), &mut daemon);
                 guard.clear_ready();
             }
+            Some(d) = async {
+                match decisions.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => daemon.remote_decision(d),
             Some(cmd) = rx.recv() => {
                 let response = daemon.command(cmd.request, cmd.peer);
                 let _ = cmd.reply.send(response);
@@ -521,6 +545,7 @@ impl Daemon {
             binding,
             on_timeout: self.timeout_decision(),
             event: *ev,
+            action_hash: None,
         }
     }
 
@@ -613,6 +638,7 @@ impl Daemon {
     fn route(&mut self, mut held: Held) -> Option<Held> {
         let Some((outcome, rule, escalation)) = self.policy_verdict(&held) else {
             // No policy for this label: a human decides (regression: such requests were dropped).
+            self.escalate(&mut held, None);
             return Some(held);
         };
         held.view.rule = Some(rule.clone());
@@ -622,7 +648,7 @@ impl Daemon {
             Outcome::Deny => Decision::Deny,
             Outcome::Kill => Decision::Kill,
             Outcome::Escalate => {
-                if let Some(e) = escalation {
+                if let Some(e) = &escalation {
                     held.deadline = held.created + e.timeout;
                     held.view.expires_in_ms = e.timeout.as_millis() as u64;
                     held.on_timeout = match e.on_timeout {
@@ -631,11 +657,99 @@ impl Daemon {
                         TimeoutOutcome::Kill => Decision::Kill,
                     };
                 }
+                self.escalate(&mut held, escalation.as_ref());
                 return Some(held);
             }
         };
         self.apply(held, decision, &by);
         None
+    }
+
+    /// Sends a held request to the remote approver (if one is configured), signed with the
+    /// host key, and remembers the action hash its decision must carry.
+    fn escalate(&mut self, held: &mut Held, rule: Option<&policy::schema::Escalation>) {
+        let Some(remote) = &self.remote else {
+            return;
+        };
+        let hash = crate::sign::statement::action_hash(&self.host_id, &held.view);
+        let on_behalf_of = self.policy.as_ref().and_then(|p| {
+            p.labels
+                .iter()
+                .find(|l| l.name == held.view.label)
+                .and_then(|l| l.on_behalf_of.clone())
+        });
+        let remaining = held.deadline.saturating_duration_since(Instant::now());
+        let now = time::OffsetDateTime::now_utc();
+        let rfc = |t: time::OffsetDateTime| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        };
+        let mut view = held.view.clone();
+        view.age_ms = held.created.elapsed().as_millis() as u64;
+        view.expires_in_ms = remaining.as_millis() as u64;
+        let esc = crate::sign::statement::Escalation {
+            v: crate::sign::statement::STATEMENT_VERSION,
+            host_id: self.host_id.clone(),
+            host_name: self.host_name.clone(),
+            request: view,
+            action_hash: hash.clone(),
+            on_behalf_of,
+            approvers: rule.map(|r| r.approvers.clone()).unwrap_or_default(),
+            quorum: rule.map_or(1, |r| r.quorum.max(1)),
+            justification: rule.is_some_and(|r| r.justification),
+            deadline: rfc(now + remaining),
+            on_timeout: held.on_timeout,
+            sent_at: rfc(now),
+        };
+        match crate::sign::dsse::Envelope::sign_json(
+            crate::sign::statement::PAYLOAD_ESCALATION,
+            &esc,
+            &self.host_key,
+        ) {
+            Ok(env) => {
+                remote.escalate(env, tokio::time::Instant::from_std(held.deadline));
+                held.action_hash = Some(hash);
+            }
+            // Unsendable: nobody remote can decide; the local CLI and the timeout still can.
+            Err(e) => tracing::error!(id = held.view.id, error = %e, "cannot sign the escalation"),
+        }
+    }
+
+    /// A decision from the remote approver (its signature already verified): applied only if
+    /// it is for this host and for a request held now with the same action hash.
+    fn remote_decision(&mut self, d: remote::Incoming) {
+        let s = &d.statement;
+        if s.host_id != self.host_id {
+            tracing::error!(host = s.host_id, "a decision for another host; ignored");
+            return;
+        }
+        let Some(held) = self.requests.get(&s.request) else {
+            // Decided already (locally, by timeout) or replayed: nothing to do.
+            tracing::debug!(id = s.request, "a decision for a request not held; ignored");
+            return;
+        };
+        if held.action_hash.as_deref() != Some(s.action_hash.as_str()) {
+            tracing::error!(
+                id = s.request,
+                "the approver's decision is bound to another action; ignored (the request stays held)"
+            );
+            return;
+        }
+        let who: Vec<String> = s
+            .approvals
+            .iter()
+            .map(|a| format!("{} via {}", a.approver, a.channel))
+            .collect();
+        let by = format!("approver: {}", who.join(", "));
+        let Some(held) = self.requests.remove(&s.request) else {
+            return;
+        };
+        match self.kernel.task(held.tid) {
+            Some(t) if t.request_id == held.kernel_id && t.state == shared::STATE_PENDING => {
+                self.apply(held, s.decision, &by);
+            }
+            _ => self.log_or_warn("task-exited", "none", &by, &held.view),
+        }
     }
 
     /// Reads the policy again. A policy with errors is reported and the one in force kept;
@@ -970,6 +1084,16 @@ impl Daemon {
             fast_allowed: stats[shared::STAT_FAST_ALLOWED as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
+            approver: self.remote.as_ref().map(|r| {
+                let h = r.health.lock().map(|h| h.clone()).unwrap_or_default();
+                crate::proto::ApproverStatus {
+                    url: r.url.clone(),
+                    enrolled: h.enrolled,
+                    last_error: h.last_error,
+                    sent: h.sent,
+                    received: h.received,
+                }
+            }),
         }
     }
 

@@ -1,0 +1,529 @@
+//! The HTTP API: host enrollment, signed escalations, the hosts' decision long poll, the
+//! approvers' REST API (bearer tokens), and the channels' callbacks. Errors are JSON
+//! `{"error": "…"}` that say what is wrong with the request, never internals.
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::{
+    App,
+    channels::slack,
+    store::{AnswerResult, Answerer, StoreError, StoredRequest, now_ms, parse_rfc3339, rfc3339},
+};
+use crate::{
+    proto::Decision,
+    sign::{
+        self,
+        dsse::Envelope,
+        statement::{self, Escalation},
+    },
+};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// DSSE payload type of a host's poll for decisions.
+pub const PAYLOAD_POLL: &str = "application/vnd.countersign.poll+json";
+/// Longest a poll waits for a decision.
+pub const MAX_POLL_WAIT: Duration = Duration::from_secs(25);
+/// How far a signed poll's time may be from ours.
+const MAX_POLL_SKEW_MS: i64 = 5 * 60 * 1000;
+/// Longest deadline an escalation may ask for.
+const MAX_DEADLINE_MS: i64 = 24 * 3600 * 1000;
+/// Most decisions returned by one poll.
+const POLL_BATCH: i64 = 200;
+
+type AppState = State<Arc<App>>;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/v1/key", get(key))
+        .route("/v1/enroll", post(enroll))
+        .route("/v1/escalations", post(escalate))
+        .route("/v1/decisions", post(poll))
+        .route("/v1/requests", get(list))
+        .route("/v1/requests/{id}", get(show))
+        .route("/v1/requests/{id}/answer", post(answer))
+        .route("/slack/interactivity", post(slack_callback))
+        .route("/openapi.json", get(openapi))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(app)
+}
+
+/// An error answer.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => ApiError(StatusCode::CONFLICT, m),
+            other => {
+                tracing::error!(error = %other, "store error");
+                ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the approver's store failed; try again".into(),
+                )
+            }
+        }
+    }
+}
+
+fn bad(m: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, m.into())
+}
+
+async fn key(State(app): AppState) -> Json<Value> {
+    Json(json!({
+        "key_id": app.key_id,
+        "public_key": sign::keys::public_pem(&app.key.verifying_key()),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollBody {
+    token: String,
+    host_name: String,
+    /// SPKI PEM of the host key.
+    public_key: String,
+}
+
+async fn enroll(State(app): AppState, Json(b): Json<EnrollBody>) -> Result<Json<Value>, ApiError> {
+    let hash = sign::sha256_hex(b.token.trim().as_bytes());
+    if !app.config.enrollment_tokens.contains(&hash) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "unknown enrollment token".into(),
+        ));
+    }
+    if b.host_name.is_empty() || b.host_name.len() > 255 {
+        return Err(bad("host_name: 1 to 255 characters"));
+    }
+    let host_key =
+        sign::keys::parse_public(&b.public_key).map_err(|m| bad(format!("public_key: {m}")))?;
+    let host_id = sign::key_id(&host_key).0;
+    match app
+        .store
+        .enroll(&hash, &host_id, &b.host_name, &b.public_key)
+        .await?
+    {
+        Ok(()) => {
+            tracing::info!(host_id, host = b.host_name, "host enrolled");
+            Ok(Json(json!({
+                "host_id": host_id,
+                "approver_key_id": app.key_id,
+                "approver_key": sign::keys::public_pem(&app.key.verifying_key()),
+            })))
+        }
+        Err(why) => Err(ApiError(StatusCode::FORBIDDEN, why)),
+    }
+}
+
+/// Verifies an envelope signed by an enrolled host; the host id and the payload.
+async fn verify_host<T: serde::de::DeserializeOwned>(
+    app: &App,
+    env: &Envelope,
+    payload_type: &str,
+    host_of: impl Fn(&T) -> &str,
+) -> Result<T, ApiError> {
+    let unverified: T =
+        serde_json::from_slice(&env.unverified_payload().map_err(|e| bad(e.to_string()))?)
+            .map_err(|e| bad(format!("payload: {e}")))?;
+    let host_id = host_of(&unverified).to_owned();
+    let Some(pem) = app.store.host_key(&host_id).await? else {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("host {host_id} is not enrolled"),
+        ));
+    };
+    let key = sign::keys::parse_public(&pem).map_err(|_| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "stored host key unreadable".into(),
+        )
+    })?;
+    let v: T = env
+        .verify_json(payload_type, &key)
+        .map_err(|e| ApiError(StatusCode::FORBIDDEN, format!("host {host_id}: {e}")))?;
+    if host_of(&v) != host_id {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "host id changed under the signature".into(),
+        ));
+    }
+    Ok(v)
+}
+
+async fn escalate(
+    State(app): AppState,
+    Json(env): Json<Envelope>,
+) -> Result<Json<Value>, ApiError> {
+    let esc: Escalation = verify_host(
+        &app,
+        &env,
+        statement::PAYLOAD_ESCALATION,
+        |e: &Escalation| &e.host_id,
+    )
+    .await?;
+    if statement::action_hash(&esc.host_id, &esc.request) != esc.action_hash {
+        return Err(bad("action_hash does not match the request"));
+    }
+    let deadline =
+        parse_rfc3339(&esc.deadline).ok_or_else(|| bad("deadline: not an RFC 3339 time"))?;
+    if deadline > now_ms() + MAX_DEADLINE_MS {
+        return Err(bad("deadline: more than a day ahead"));
+    }
+    if esc.approvers.len() > 16 || esc.approvers.iter().any(|g| g.len() > 64) || esc.quorum > 16 {
+        return Err(bad("approvers/quorum out of bounds"));
+    }
+    let (id, new) = app.store.insert_request(&esc, &env, deadline).await?;
+    if new {
+        tracing::info!(
+            id,
+            host = esc.host_name,
+            request = esc.request.id,
+            label = esc.request.label,
+            "escalated"
+        );
+        app.announce(id);
+    }
+    Ok(Json(json!({"id": id, "new": new})))
+}
+
+/// What a host signs to fetch its decisions.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Poll {
+    pub host_id: String,
+    /// Decisions after this sequence number.
+    pub after: i64,
+    /// How long to wait for one, in ms (capped at [`MAX_POLL_WAIT`]).
+    pub wait_ms: u64,
+    /// RFC 3339 time of signing.
+    pub at: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PollAnswer {
+    pub decisions: Vec<SeqDecision>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SeqDecision {
+    pub seq: i64,
+    pub envelope: Envelope,
+}
+
+async fn poll(
+    State(app): AppState,
+    Json(env): Json<Envelope>,
+) -> Result<Json<PollAnswer>, ApiError> {
+    let p: Poll = verify_host(&app, &env, PAYLOAD_POLL, |p: &Poll| &p.host_id).await?;
+    let at = parse_rfc3339(&p.at).ok_or_else(|| bad("at: not an RFC 3339 time"))?;
+    if (now_ms() - at).abs() > MAX_POLL_SKEW_MS {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "poll signed too long ago (replay or clock skew)".into(),
+        ));
+    }
+    let until = tokio::time::Instant::now() + Duration::from_millis(p.wait_ms).min(MAX_POLL_WAIT);
+    loop {
+        // Registered before reading, so a decision stored in between still wakes us.
+        let notified = app.decided.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let found = app
+            .store
+            .decisions_after(&p.host_id, p.after, POLL_BATCH)
+            .await?;
+        if !found.is_empty() || tokio::time::Instant::now() >= until {
+            return Ok(Json(PollAnswer {
+                decisions: found
+                    .into_iter()
+                    .map(|(seq, envelope)| SeqDecision { seq, envelope })
+                    .collect(),
+            }));
+        }
+        let _ = tokio::time::timeout_at(until, notified).await;
+    }
+}
+
+/// The approver a bearer token proves, with the identity recorded for it.
+fn bearer(app: &App, headers: &HeaderMap) -> Result<(String, String), ApiError> {
+    let token = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::UNAUTHORIZED,
+                "an approver token is needed (Authorization: Bearer …)".into(),
+            )
+        })?;
+    let hash = sign::sha256_hex(token.trim().as_bytes());
+    let who = app
+        .config
+        .by_token_hash(&hash)
+        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown approver token".into()))?;
+    Ok((who.name.clone(), format!("token:{}", &hash[..12])))
+}
+
+/// A request as the API shows it.
+#[must_use]
+pub fn request_json(r: &StoredRequest) -> Value {
+    let e = &r.escalation;
+    let mut view = e.request.clone();
+    view.expires_in_ms = u64::try_from(r.deadline_ms - now_ms()).unwrap_or(0);
+    json!({
+        "id": r.id,
+        "state": r.state,
+        "host_id": e.host_id,
+        "host_name": e.host_name,
+        "on_behalf_of": e.on_behalf_of,
+        "approvers": e.approvers,
+        "quorum": e.quorum,
+        "justification": e.justification,
+        "created": rfc3339(r.created_ms),
+        "deadline": rfc3339(r.deadline_ms),
+        "on_timeout": e.on_timeout,
+        "action_hash": e.action_hash,
+        "request": view,
+        "answers": r.answers,
+    })
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<i64>,
+}
+
+async fn list(
+    State(app): AppState,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    bearer(&app, &headers)?;
+    let state = match q.state.as_deref() {
+        None => Some("pending"),
+        Some("all") => None,
+        Some(s @ ("pending" | "approved" | "denied" | "killed" | "expired")) => Some(s),
+        Some(s) => {
+            return Err(bad(format!(
+                "state: `{s}` is not pending, approved, denied, killed, expired or all"
+            )));
+        }
+    };
+    let rows = app
+        .store
+        .list(state, q.limit.unwrap_or(100).clamp(1, 1000))
+        .await?;
+    Ok(Json(Value::Array(rows.iter().map(request_json).collect())))
+}
+
+async fn show(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Result<Json<Value>, ApiError> {
+    bearer(&app, &headers)?;
+    match app.store.get(id).await? {
+        Some(r) => Ok(Json(request_json(&r))),
+        None => Err(ApiError(StatusCode::NOT_FOUND, format!("no request {id}"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AnswerBody {
+    decision: Decision,
+    justification: Option<String>,
+}
+
+/// Records an answer from any channel and, when it decides, settles the request.
+pub async fn record_answer(
+    app: &Arc<App>,
+    id: i64,
+    who: &Answerer<'_>,
+    decision: Decision,
+    justification: Option<&str>,
+) -> Result<AnswerResult, ApiError> {
+    if justification.is_some_and(|j| j.len() > 1000) {
+        return Err(bad("justification: at most 1000 characters"));
+    }
+    let r = app
+        .store
+        .answer(&app.config, &app.key, id, who, decision, justification)
+        .await?;
+    match &r {
+        AnswerResult::Decided { decision } => {
+            tracing::info!(id, approver = who.approver, channel = who.channel, %decision, "decided");
+            app.settled(id);
+        }
+        AnswerResult::Refused(why) => {
+            tracing::warn!(
+                id,
+                approver = who.approver,
+                channel = who.channel,
+                why,
+                "answer refused"
+            );
+        }
+        _ => {}
+    }
+    Ok(r)
+}
+
+fn answer_json(id: i64, r: &AnswerResult) -> Result<Json<Value>, ApiError> {
+    match r {
+        AnswerResult::Decided { decision } => Ok(Json(
+            json!({"id": id, "result": "decided", "decision": decision}),
+        )),
+        AnswerResult::Counted { have, need } => Ok(Json(
+            json!({"id": id, "result": "counted", "have": have, "need": need}),
+        )),
+        AnswerResult::Duplicate => Ok(Json(json!({"id": id, "result": "duplicate"}))),
+        AnswerResult::Refused(why) => Err(ApiError(StatusCode::FORBIDDEN, why.clone())),
+        AnswerResult::Closed(why) => Err(ApiError(StatusCode::CONFLICT, why.clone())),
+        AnswerResult::NotFound => Err(ApiError(StatusCode::NOT_FOUND, format!("no request {id}"))),
+    }
+}
+
+async fn answer(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Json(b): Json<AnswerBody>,
+) -> Result<Json<Value>, ApiError> {
+    let (name, identity) = bearer(&app, &headers)?;
+    let who = Answerer {
+        approver: &name,
+        channel: "api",
+        identity: &identity,
+    };
+    let r = record_answer(&app, id, &who, b.decision, b.justification.as_deref()).await?;
+    answer_json(id, &r)
+}
+
+async fn slack_callback(State(app): AppState, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(slack) = app.slack.clone() else {
+        return ApiError(StatusCode::NOT_FOUND, "Slack is not configured".into()).into_response();
+    };
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    if body.len() > slack::MAX_CALLBACK_BYTES {
+        return bad("callback too large").into_response();
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Err(e) = slack::verify_signature(
+        &slack.config().signing_secret,
+        header("x-slack-request-timestamp"),
+        header("x-slack-signature"),
+        &body,
+        now,
+    ) {
+        tracing::warn!(error = %e, "Slack callback refused");
+        return ApiError(StatusCode::UNAUTHORIZED, e.to_string()).into_response();
+    }
+    let click = match slack::parse_callback(&body) {
+        Ok(Some(c)) => c,
+        Ok(None) => return StatusCode::OK.into_response(),
+        Err(e) => return bad(e.to_string()).into_response(),
+    };
+    match app.store.first_delivery(&click.delivery).await {
+        Ok(true) => {}
+        Ok(false) => return StatusCode::OK.into_response(), // a retried delivery
+        Err(e) => return ApiError::from(e).into_response(),
+    }
+    let tell = |text: String| -> Response {
+        if click.from_modal {
+            // Shown under the modal's input; the modal stays open.
+            return (
+                StatusCode::OK,
+                Json(json!({"response_action": "errors", "errors": {"reason": text}})),
+            )
+                .into_response();
+        }
+        if let Some(url) = click.response_url.clone() {
+            let slack = slack.clone();
+            tokio::spawn(async move {
+                if let Err(e) = slack.tell(&url, &text).await {
+                    tracing::warn!(error = %e, "telling the Slack user failed");
+                }
+            });
+        }
+        StatusCode::OK.into_response()
+    };
+    let Some(person) = app.config.by_slack(&click.team, &click.user) else {
+        tracing::warn!(
+            team = click.team,
+            user = click.user,
+            "Slack user is not an approver"
+        );
+        return tell(format!(
+            "Slack user {} of team {} is not a configured approver.",
+            click.user, click.team
+        ));
+    };
+    let decision = match click.decision.as_str() {
+        "approve" => Decision::Approve,
+        "deny" => Decision::Deny,
+        _ => Decision::Kill,
+    };
+    // A rule that asks for a reason: the button opens the modal; its submission answers.
+    if click.reason.is_none()
+        && let Some(trigger) = &click.trigger_id
+    {
+        match app.store.get(click.id).await {
+            Ok(Some(r)) if r.escalation.justification && r.state == "pending" => {
+                if let Err(e) = slack
+                    .open_reason_modal(trigger, click.id, &click.decision)
+                    .await
+                {
+                    tracing::warn!(error = %e, "opening the reason modal failed");
+                }
+                return StatusCode::OK.into_response();
+            }
+            _ => {}
+        }
+    }
+    let identity = format!("slack:{}/{}", click.team, click.user);
+    let name = person.name.clone();
+    let who = Answerer {
+        approver: &name,
+        channel: "slack",
+        identity: &identity,
+    };
+    match record_answer(&app, click.id, &who, decision, click.reason.as_deref()).await {
+        Ok(AnswerResult::Decided { .. } | AnswerResult::Duplicate) => {
+            StatusCode::OK.into_response()
+        }
+        Ok(AnswerResult::Counted { have, need }) => {
+            tell(format!("Counted: {have} of {need} approvals."))
+        }
+        Ok(AnswerResult::Refused(why) | AnswerResult::Closed(why)) => tell(why),
+        Ok(AnswerResult::NotFound) => tell(format!("No request {}.", click.id)),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [("content-type", "application/json")],
+        include_str!("openapi.json"),
+    )
+}

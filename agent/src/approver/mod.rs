@@ -1,0 +1,215 @@
+//! `countersign approver`: the service daemons escalate to. It verifies each escalation
+//! against the host's enrolled key, shows the request in the configured channels, takes
+//! answers from the people configured for it (identities per channel, never display names),
+//! enforces separation of duties and quorum, and hands each host its decisions, each signed
+//! with the approver's key and bound to the request id and action hash.
+pub mod api;
+pub mod channels;
+pub mod config;
+pub mod decide;
+pub mod store;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use ed25519_dalek::SigningKey;
+
+use self::{
+    channels::{Channel, slack::Slack, webhook::Webhook},
+    config::ApproverConfig,
+    store::Store,
+};
+
+/// How often deadlines are checked.
+const EXPIRY_TICK: Duration = Duration::from_secs(1);
+
+/// Shared by every handler.
+pub struct App {
+    pub config: ApproverConfig,
+    pub store: Store,
+    pub key: SigningKey,
+    pub key_id: String,
+    pub channels: Vec<Arc<dyn Channel>>,
+    pub slack: Option<Arc<Slack>>,
+    /// Woken whenever a decision is stored (long polls wait on it).
+    pub decided: tokio::sync::Notify,
+}
+
+impl App {
+    /// Shows a new request in every channel (in the background; failures are logged and
+    /// retried a few times: the request stays answerable through the API and CLI anyway).
+    pub fn announce(self: &Arc<Self>, id: i64) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            let Ok(Some(req)) = app.store.get(id).await else {
+                return;
+            };
+            for ch in &app.channels {
+                let mut delay = Duration::from_millis(500);
+                for attempt in 1..=5 {
+                    match ch.notify(&req, app.config.public_url.as_deref()).await {
+                        Ok(reference) => {
+                            if let Some(r) = reference
+                                && let Err(e) = app.store.set_message(id, ch.name(), &r).await
+                            {
+                                tracing::error!(id, channel = ch.name(), error = %e, "cannot store the message reference");
+                            }
+                            tracing::info!(id, channel = ch.name(), "request shown");
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(id, channel = ch.name(), attempt, error = %e, "showing the request failed");
+                            tokio::time::sleep(delay).await;
+                            delay *= 2;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// After a decision or expiry: wakes the hosts' long polls and updates every channel.
+    pub fn settled(self: &Arc<Self>, id: i64) {
+        self.decided.notify_waiters();
+        let app = self.clone();
+        tokio::spawn(async move {
+            let Ok(Some(req)) = app.store.get(id).await else {
+                return;
+            };
+            for ch in &app.channels {
+                let reference = match app.store.message(id, ch.name()).await {
+                    Ok(Some(r)) => r,
+                    _ => continue,
+                };
+                if let Err(e) = ch
+                    .update(&req, &reference, app.config.public_url.as_deref())
+                    .await
+                {
+                    tracing::warn!(id, channel = ch.name(), error = %e, "updating the request's message failed");
+                }
+            }
+        });
+    }
+}
+
+/// Runs the service until SIGTERM or SIGINT.
+pub fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
+    let config = ApproverConfig::load(config_path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: ApproverConfig) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (key, made) = crate::sign::keys::load_or_create(&config.key)
+        .with_context(|| format!("the approver key ({})", config.key.display()))?;
+    let key_id = crate::sign::key_id(&key.verifying_key()).0;
+    if made {
+        tracing::info!(path = %config.key.display(), key_id, "approver key made");
+    }
+    let store = Store::open(&config.database)
+        .await
+        .with_context(|| format!("opening the database ({})", redact(&config.database)))?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .context("HTTP client")?;
+    let mut channels: Vec<Arc<dyn Channel>> = Vec::new();
+    let slack = config
+        .slack
+        .clone()
+        .map(|c| Arc::new(Slack::new(c, http.clone())));
+    if let Some(s) = &slack {
+        channels.push(s.clone());
+    }
+    if let Some(w) = config.webhook.clone() {
+        channels.push(Arc::new(Webhook::new(w, http.clone())));
+    }
+    let listen = config.listen;
+    let tls = config.tls.clone();
+    let app = Arc::new(App {
+        config,
+        store,
+        key,
+        key_id: key_id.clone(),
+        channels,
+        slack,
+        decided: tokio::sync::Notify::new(),
+    });
+    tokio::spawn(expiry_loop(app.clone()));
+    let router = api::router(app.clone());
+    let handle = axum_server::Handle::new();
+    let shutdown = handle.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
+        }
+        shutdown.graceful_shutdown(Some(Duration::from_secs(5)));
+    });
+    eprintln!(
+        "countersign approver: listening on {}{listen} (key {key_id})",
+        if tls.is_some() { "https://" } else { "http://" }
+    );
+    match tls {
+        Some(t) => {
+            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&t.cert, &t.key)
+                .await
+                .with_context(|| {
+                    format!(
+                        "TLS certificate {} / key {}",
+                        t.cert.display(),
+                        t.key.display()
+                    )
+                })?;
+            axum_server::bind_rustls(listen, rustls)
+                .handle(handle)
+                .serve(router.into_make_service())
+                .await
+        }
+        None => {
+            axum_server::bind(listen)
+                .handle(handle)
+                .serve(router.into_make_service())
+                .await
+        }
+    }
+    .with_context(|| format!("serving on {listen}"))?;
+    eprintln!("countersign approver: stopped");
+    Ok(())
+}
+
+/// Marks requests whose deadline passed as expired (the hosts apply their timeout outcome by
+/// themselves; this keeps the channels true).
+async fn expiry_loop(app: Arc<App>) {
+    let mut tick = tokio::time::interval(EXPIRY_TICK);
+    loop {
+        tick.tick().await;
+        match app.store.expire_due().await {
+            Ok(ids) => {
+                for id in ids {
+                    tracing::info!(id, "request expired");
+                    app.settled(id);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "checking deadlines failed"),
+        }
+    }
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}

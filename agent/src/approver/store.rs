@@ -1,0 +1,579 @@
+//! The approver's store, through sqlx: SQLite (one file, the default) or PostgreSQL (several
+//! replicas). Every decision is made inside one transaction that first locks the request's
+//! row, so two approvers clicking at once on two replicas still make exactly one decision.
+use ed25519_dalek::SigningKey;
+use sqlx::{AnyPool, Row as _, any::AnyPoolOptions};
+
+use crate::{
+    approver::{
+        config::ApproverConfig,
+        decide::{self, Answer, Ask, Outcome},
+    },
+    proto::Decision,
+    sign::{
+        dsse::Envelope,
+        statement::{self, Approval, DecisionStatement, Escalation},
+    },
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database refused or failed a statement.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A stored value is not what this version wrote.
+    #[error("stored data: {0}")]
+    Corrupt(String),
+    /// The request (host, id) is known with another action.
+    #[error("{0}")]
+    Conflict(String),
+    /// Signing the decision failed.
+    #[error("signing: {0}")]
+    Sign(#[from] crate::sign::SignError),
+}
+
+/// Milliseconds since the Unix epoch.
+#[must_use]
+pub fn now_ms() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
+}
+
+/// RFC 3339 of a Unix time in milliseconds.
+#[must_use]
+pub fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+fn schema(pg: bool) -> Vec<String> {
+    let auto = if pg {
+        "BIGSERIAL PRIMARY KEY"
+    } else {
+        "INTEGER PRIMARY KEY AUTOINCREMENT"
+    };
+    vec![
+        "CREATE TABLE IF NOT EXISTS hosts (host_id TEXT PRIMARY KEY, name TEXT NOT NULL, public_key TEXT NOT NULL, enrolled_ms BIGINT NOT NULL)".into(),
+        "CREATE TABLE IF NOT EXISTS enrollments (token_hash TEXT PRIMARY KEY, host_id TEXT NOT NULL, used_ms BIGINT NOT NULL)".into(),
+        format!("CREATE TABLE IF NOT EXISTS requests (id {auto}, host_id TEXT NOT NULL, request_id BIGINT NOT NULL, action_hash TEXT NOT NULL, envelope TEXT NOT NULL, body TEXT NOT NULL, state TEXT NOT NULL, deadline_ms BIGINT NOT NULL, created_ms BIGINT NOT NULL, decided_ms BIGINT, UNIQUE (host_id, request_id))"),
+        "CREATE TABLE IF NOT EXISTS answers (request BIGINT NOT NULL, approver TEXT NOT NULL, channel TEXT NOT NULL, identity TEXT NOT NULL, decision TEXT NOT NULL, justification TEXT, at_ms BIGINT NOT NULL, PRIMARY KEY (request, approver))".into(),
+        format!("CREATE TABLE IF NOT EXISTS decisions (seq {auto}, request BIGINT NOT NULL UNIQUE, host_id TEXT NOT NULL, envelope TEXT NOT NULL, decided_ms BIGINT NOT NULL)"),
+        "CREATE TABLE IF NOT EXISTS messages (request BIGINT NOT NULL, channel TEXT NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (request, channel))".into(),
+        "CREATE TABLE IF NOT EXISTS deliveries (key TEXT PRIMARY KEY, at_ms BIGINT NOT NULL)".into(),
+    ]
+}
+
+/// A stored request with its answers.
+#[derive(Debug, Clone)]
+pub struct StoredRequest {
+    /// The approver's own id (what people type).
+    pub id: i64,
+    /// `pending`, `approved`, `denied`, `killed`, `expired`.
+    pub state: String,
+    pub escalation: Escalation,
+    pub deadline_ms: i64,
+    pub created_ms: i64,
+    pub answers: Vec<AnswerRow>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AnswerRow {
+    pub approver: String,
+    pub channel: String,
+    pub identity: String,
+    pub decision: Decision,
+    pub justification: Option<String>,
+    pub at: String,
+}
+
+/// What recording an answer did.
+#[derive(Debug, Clone)]
+pub enum AnswerResult {
+    Refused(String),
+    Duplicate,
+    Counted {
+        have: u32,
+        need: u32,
+    },
+    Decided {
+        decision: Decision,
+    },
+    /// Decided or expired before this answer.
+    Closed(String),
+    NotFound,
+}
+
+/// Who answers, through what.
+#[derive(Debug, Clone)]
+pub struct Answerer<'a> {
+    pub approver: &'a str,
+    pub channel: &'a str,
+    pub identity: &'a str,
+}
+
+fn decision_word(d: Decision) -> &'static str {
+    match d {
+        Decision::Approve => "approved",
+        Decision::Deny => "denied",
+        Decision::Kill => "killed",
+    }
+}
+
+fn parse_decision(s: &str) -> Result<Decision, StoreError> {
+    match s {
+        "approve" => Ok(Decision::Approve),
+        "deny" => Ok(Decision::Deny),
+        "kill" => Ok(Decision::Kill),
+        _ => Err(StoreError::Corrupt(format!("decision `{s}`"))),
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    pg: bool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `url` and brings its schema up to date.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let pg = url.starts_with("postgres");
+        let url = if pg {
+            url.to_owned()
+        } else {
+            let path = url
+                .trim_start_matches("sqlite:")
+                .trim_start_matches("//")
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            if let Some(dir) = std::path::Path::new(&path).parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Db(sqlx::Error::Configuration(
+                        format!("creating {}: {e}", dir.display()).into(),
+                    ))
+                })?;
+            }
+            format!("sqlite://{path}?mode=rwc")
+        };
+        // SQLite: one writer at a time anyway; one connection keeps it simple and correct.
+        let pool = AnyPoolOptions::new()
+            .max_connections(if pg { 8 } else { 1 })
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(&url)
+            .await?;
+        for ddl in schema(pg) {
+            sqlx::query(&ddl).execute(&pool).await?;
+        }
+        Ok(Self { pool, pg })
+    }
+
+    /// Enrolls a host with a one-time token (by hash). The same host enrolling again with the
+    /// same key is accepted (a retried enrollment); a used token or a changed key is not.
+    pub async fn enroll(
+        &self,
+        token_hash: &str,
+        host_id: &str,
+        name: &str,
+        public_key: &str,
+    ) -> Result<Result<(), String>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let used = sqlx::query("SELECT host_id FROM enrollments WHERE token_hash = $1")
+            .bind(token_hash)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = used {
+            let by: String = row.try_get(0)?;
+            if by != host_id {
+                return Ok(Err("this enrollment token was used already".into()));
+            }
+        } else {
+            sqlx::query(
+                "INSERT INTO enrollments (token_hash, host_id, used_ms) VALUES ($1, $2, $3)",
+            )
+            .bind(token_hash)
+            .bind(host_id)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        }
+        let known = sqlx::query("SELECT public_key FROM hosts WHERE host_id = $1")
+            .bind(host_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match known {
+            Some(row) => {
+                let key: String = row.try_get(0)?;
+                if key.trim() != public_key.trim() {
+                    return Ok(Err(format!("host {host_id} is enrolled with another key")));
+                }
+            }
+            None => {
+                sqlx::query("INSERT INTO hosts (host_id, name, public_key, enrolled_ms) VALUES ($1, $2, $3, $4)")
+                    .bind(host_id)
+                    .bind(name)
+                    .bind(public_key)
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// The public key (PEM) an enrolled host signs with.
+    pub async fn host_key(&self, host_id: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT public_key FROM hosts WHERE host_id = $1")
+            .bind(host_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    /// Stores a verified escalation; `(id, new)`. A retry of the same escalation gives the
+    /// same id; the same request id with another action is a conflict.
+    pub async fn insert_request(
+        &self,
+        esc: &Escalation,
+        envelope: &Envelope,
+        deadline_ms: i64,
+    ) -> Result<(i64, bool), StoreError> {
+        let body = serde_json::to_string(esc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let env =
+            serde_json::to_string(envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let inserted = sqlx::query(
+            "INSERT INTO requests (host_id, request_id, action_hash, envelope, body, state, deadline_ms, created_ms) VALUES ($1, $2, $3, $4, $5, 'pending', $6, $7) ON CONFLICT (host_id, request_id) DO NOTHING RETURNING id",
+        )
+        .bind(&esc.host_id)
+        .bind(esc.request.id as i64)
+        .bind(&esc.action_hash)
+        .bind(env)
+        .bind(body)
+        .bind(deadline_ms)
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = inserted {
+            return Ok((row.try_get(0)?, true));
+        }
+        let row = sqlx::query(
+            "SELECT id, action_hash FROM requests WHERE host_id = $1 AND request_id = $2",
+        )
+        .bind(&esc.host_id)
+        .bind(esc.request.id as i64)
+        .fetch_one(&self.pool)
+        .await?;
+        let hash: String = row.try_get(1)?;
+        if hash != esc.action_hash {
+            return Err(StoreError::Conflict(format!(
+                "request {} of host {} is known with another action",
+                esc.request.id, esc.host_id
+            )));
+        }
+        Ok((row.try_get(0)?, false))
+    }
+
+    fn row_to_request(row: &sqlx::any::AnyRow) -> Result<StoredRequest, StoreError> {
+        let body: String = row.try_get("body")?;
+        Ok(StoredRequest {
+            id: row.try_get("id")?,
+            state: row.try_get("state")?,
+            escalation: serde_json::from_str(&body)
+                .map_err(|e| StoreError::Corrupt(format!("request body: {e}")))?,
+            deadline_ms: row.try_get("deadline_ms")?,
+            created_ms: row.try_get("created_ms")?,
+            answers: Vec::new(),
+        })
+    }
+
+    async fn answers<'e, E>(exec: E, id: i64) -> Result<Vec<AnswerRow>, StoreError>
+    where
+        E: sqlx::Executor<'e, Database = sqlx::Any>,
+    {
+        let rows = sqlx::query("SELECT approver, channel, identity, decision, justification, at_ms FROM answers WHERE request = $1 ORDER BY at_ms, approver")
+            .bind(id)
+            .fetch_all(exec)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AnswerRow {
+                    approver: r.try_get(0)?,
+                    channel: r.try_get(1)?,
+                    identity: r.try_get(2)?,
+                    decision: parse_decision(&r.try_get::<String, _>(3)?)?,
+                    justification: r.try_get(4)?,
+                    at: rfc3339(r.try_get(5)?),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn get(&self, id: i64) -> Result<Option<StoredRequest>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, state, body, deadline_ms, created_ms FROM requests WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut r = Self::row_to_request(&row)?;
+        r.answers = Self::answers(&self.pool, id).await?;
+        Ok(Some(r))
+    }
+
+    /// Requests in `state` (all with `None`), newest first, at most `limit`.
+    pub async fn list(
+        &self,
+        state: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<StoredRequest>, StoreError> {
+        let rows = match state {
+            Some(s) => sqlx::query("SELECT id, state, body, deadline_ms, created_ms FROM requests WHERE state = $1 ORDER BY id DESC LIMIT $2")
+                .bind(s.to_owned())
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+            None => sqlx::query("SELECT id, state, body, deadline_ms, created_ms FROM requests ORDER BY id DESC LIMIT $1")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?,
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut r = Self::row_to_request(row)?;
+            r.answers = Self::answers(&self.pool, r.id).await?;
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    /// Records one answer and, if it decides the request, the signed decision — all in one
+    /// transaction that holds the request's row.
+    pub async fn answer(
+        &self,
+        config: &ApproverConfig,
+        key: &SigningKey,
+        id: i64,
+        who: &Answerer<'_>,
+        decision: Decision,
+        justification: Option<&str>,
+    ) -> Result<AnswerResult, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Takes the row lock (PostgreSQL) or the write lock (SQLite) before anything is read.
+        let locked = sqlx::query("UPDATE requests SET state = state WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if locked.rows_affected() == 0 {
+            return Ok(AnswerResult::NotFound);
+        }
+        let row = sqlx::query(
+            "SELECT id, state, body, deadline_ms, created_ms FROM requests WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let req = Self::row_to_request(&row)?;
+        if req.state != "pending" {
+            return Ok(AnswerResult::Closed(format!(
+                "request {id} is {} already",
+                req.state
+            )));
+        }
+        let now = now_ms();
+        if now >= req.deadline_ms {
+            return Ok(AnswerResult::Closed(format!("request {id} expired")));
+        }
+        let given = Self::answers(&mut *tx, id).await?;
+        let esc = &req.escalation;
+        let ask = Ask {
+            groups: esc.approvers.clone(),
+            quorum: esc.quorum,
+            justification: esc.justification,
+            on_behalf_of: esc.on_behalf_of.clone(),
+        };
+        let given_short: Vec<Answer> = given
+            .iter()
+            .map(|a| Answer {
+                approver: a.approver.clone(),
+                decision: a.decision,
+            })
+            .collect();
+        let outcome = decide::answer(
+            config,
+            &ask,
+            &given_short,
+            who.approver,
+            decision,
+            justification,
+        );
+        let decided = match outcome {
+            Outcome::Refused(why) => return Ok(AnswerResult::Refused(why)),
+            Outcome::Duplicate => return Ok(AnswerResult::Duplicate),
+            Outcome::Counted { .. } => None,
+            Outcome::Decided(d) => Some(d),
+        };
+        let justification = justification.map(str::trim).filter(|j| !j.is_empty());
+        sqlx::query("INSERT INTO answers (request, approver, channel, identity, decision, justification, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+            .bind(id)
+            .bind(who.approver)
+            .bind(who.channel)
+            .bind(who.identity)
+            .bind(decision.to_string())
+            .bind(justification.map(str::to_owned))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let Some(d) = decided else {
+            let Outcome::Counted { have, need } = outcome else {
+                unreachable!("handled above")
+            };
+            tx.commit().await?;
+            return Ok(AnswerResult::Counted { have, need });
+        };
+        let mut approvals: Vec<Approval> = given
+            .iter()
+            .map(|a| Approval {
+                approver: a.approver.clone(),
+                channel: a.channel.clone(),
+                identity: a.identity.clone(),
+                decision: a.decision,
+                justification: a.justification.clone(),
+                at: a.at.clone(),
+            })
+            .collect();
+        approvals.push(Approval {
+            approver: who.approver.to_owned(),
+            channel: who.channel.to_owned(),
+            identity: who.identity.to_owned(),
+            decision,
+            justification: justification.map(str::to_owned),
+            at: rfc3339(now),
+        });
+        let stmt = DecisionStatement {
+            v: statement::STATEMENT_VERSION,
+            approver_key: crate::sign::key_id(&key.verifying_key()).0,
+            host_id: esc.host_id.clone(),
+            request: esc.request.id,
+            action_hash: esc.action_hash.clone(),
+            decision: d,
+            approvals,
+            decided_at: rfc3339(now),
+        };
+        let envelope = Envelope::sign_json(statement::PAYLOAD_DECISION, &stmt, key)?;
+        let updated = sqlx::query(
+            "UPDATE requests SET state = $1, decided_ms = $2 WHERE id = $3 AND state = 'pending'",
+        )
+        .bind(decision_word(d))
+        .bind(now)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() != 1 {
+            return Ok(AnswerResult::Closed(format!(
+                "request {id} was decided meanwhile"
+            )));
+        }
+        sqlx::query("INSERT INTO decisions (request, host_id, envelope, decided_ms) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(&esc.host_id)
+            .bind(serde_json::to_string(&envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(AnswerResult::Decided { decision: d })
+    }
+
+    /// Signed decisions for `host_id` after sequence `after`, oldest first.
+    pub async fn decisions_after(
+        &self,
+        host_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, Envelope)>, StoreError> {
+        let rows = sqlx::query("SELECT seq, envelope FROM decisions WHERE host_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
+            .bind(host_id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let env: String = r.try_get(1)?;
+                Ok((
+                    r.try_get(0)?,
+                    serde_json::from_str(&env)
+                        .map_err(|e| StoreError::Corrupt(format!("decision envelope: {e}")))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Marks pending requests whose deadline passed as expired; their ids.
+    pub async fn expire_due(&self) -> Result<Vec<i64>, StoreError> {
+        let rows = sqlx::query("UPDATE requests SET state = 'expired', decided_ms = $1 WHERE state = 'pending' AND deadline_ms <= $1 RETURNING id")
+            .bind(now_ms())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    /// Remembers where a channel showed a request (e.g. a Slack message's channel and ts).
+    pub async fn set_message(
+        &self,
+        id: i64,
+        channel: &str,
+        reference: &str,
+    ) -> Result<(), StoreError> {
+        let sql = if self.pg {
+            "INSERT INTO messages (request, channel, ref) VALUES ($1, $2, $3) ON CONFLICT (request, channel) DO UPDATE SET ref = EXCLUDED.ref"
+        } else {
+            "INSERT OR REPLACE INTO messages (request, channel, ref) VALUES ($1, $2, $3)"
+        };
+        sqlx::query(sql)
+            .bind(id)
+            .bind(channel)
+            .bind(reference)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn message(&self, id: i64, channel: &str) -> Result<Option<String>, StoreError> {
+        let row = sqlx::query("SELECT ref FROM messages WHERE request = $1 AND channel = $2")
+            .bind(id)
+            .bind(channel)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    /// True the first time `key` is seen (a callback delivered twice is handled once).
+    pub async fn first_delivery(&self, key: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO deliveries (key, at_ms) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+}

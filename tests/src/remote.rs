@@ -1,0 +1,443 @@
+//! Harness for the remote approver scenarios: a real `countersign approver` on loopback with
+//! its own SQLite file and key, and `fake-slack`, the local stand-in for Slack. Both are
+//! killed on drop; a failing test prints their logs.
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use sha2::Digest as _;
+
+use crate::{Proc, WAIT, countersign_bin};
+
+/// The Slack workspace, channel and secrets the scenarios use.
+pub const TEAM: &str = "T0COUNTER";
+pub const CHANNEL: &str = "C0APPROVALS";
+pub const BOT_TOKEN: &str = "xoxb-local-test-token";
+pub const SIGNING_SECRET: &str = "local-test-signing-secret";
+pub const ENROLL_TOKEN: &str = "enroll-once-0123456789";
+
+/// Lowercase hex SHA-256 (how tokens are configured).
+#[must_use]
+pub fn sha256(s: &str) -> String {
+    sha2::Sha256::digest(s.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The API token of a test approver.
+#[must_use]
+pub fn token_of(name: &str) -> String {
+    format!("token-of-{name}-0123456789")
+}
+
+#[must_use]
+pub fn fake_slack_bin() -> PathBuf {
+    std::env::var_os("COUNTERSIGN_FAKE_SLACK").map_or_else(
+        || {
+            let exe = std::env::current_exe().expect("current_exe");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .join("fake-slack")
+        },
+        PathBuf::from,
+    )
+}
+
+/// A free TCP port on loopback (bound, then released).
+#[must_use]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// One HTTP/1.1 request over a plain TCP connection; (status, body).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    s.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).expect("send");
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer from {addr}: {text}"));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// JSON request; (status, JSON body or Null).
+pub fn http_json(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> (u16, Value) {
+    let mut h = vec![("Content-Type", "application/json")];
+    h.extend_from_slice(headers);
+    let (status, text) = http(addr, method, path, &h, &body.to_string());
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// The local Slack stand-in.
+pub struct FakeSlack {
+    _proc: Proc,
+    pub addr: String,
+}
+
+impl FakeSlack {
+    #[must_use]
+    pub fn start() -> Self {
+        let child = Command::new(fake_slack_bin())
+            .args([BOT_TOKEN, SIGNING_SECRET, CHANNEL])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", fake_slack_bin().display()));
+        let mut proc = Proc { child };
+        let mut line = String::new();
+        BufReader::new(proc.child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("fake-slack's first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("fake-slack said {line:?}"))
+            .to_owned();
+        Self { _proc: proc, addr }
+    }
+
+    /// Every message posted so far.
+    #[must_use]
+    pub fn messages(&self) -> Vec<Value> {
+        let (_, v) = http_json(&self.addr, "GET", "/_test/messages", &[], &Value::Null);
+        v["messages"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Every modal opened so far.
+    #[must_use]
+    pub fn views(&self) -> Vec<Value> {
+        let (_, v) = http_json(&self.addr, "GET", "/_test/messages", &[], &Value::Null);
+        v["views"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Waits for an ephemeral reply (to a clicking user) containing `needle`.
+    pub fn wait_reply(&self, needle: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (_, v) = http_json(&self.addr, "GET", "/_test/messages", &[], &Value::Null);
+            if let Some(r) = v["responses"].as_array().into_iter().flatten().find(|r| {
+                r["message"]["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains(needle))
+            }) {
+                assert_eq!(r["message"]["response_type"], "ephemeral", "{r}");
+                return r.clone();
+            }
+            assert!(Instant::now() < deadline, "no reply with {needle:?}: {v}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for a message whose text contains `needle`.
+    pub fn wait_message(&self, needle: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(m) = self
+                .messages()
+                .into_iter()
+                .find(|m| m.to_string().contains(needle))
+            {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no Slack message with {needle:?}: {:?}",
+                self.messages()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A user clicks a button of message `ts`; the answers of the request URL.
+    pub fn click(
+        &self,
+        request_url: &str,
+        ts: &Value,
+        action: &str,
+        user: &str,
+        extra: &Value,
+    ) -> Vec<Value> {
+        let mut body = serde_json::json!({"request_url": request_url, "ts": ts, "action_id": action, "team": TEAM, "user": user});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        let (status, v) = http_json(&self.addr, "POST", "/_test/click", &[], &body);
+        assert_eq!(status, 200, "fake-slack click: {v}");
+        v["answers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("click failed: {v}"))
+    }
+
+    /// Submits the open modal `view_id` with a reason.
+    pub fn submit(
+        &self,
+        request_url: &str,
+        view_id: &Value,
+        user: &str,
+        reason: &str,
+    ) -> Vec<Value> {
+        let body = serde_json::json!({"request_url": request_url, "view_id": view_id, "team": TEAM, "user": user, "reason": reason});
+        let (_, v) = http_json(&self.addr, "POST", "/_test/submit", &[], &body);
+        v["answers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("submit failed: {v}"))
+    }
+}
+
+/// A running `countersign approver` with four people: alice (the agent's owner in the
+/// scenarios), bob and carol in group `dev`, dave in group `ops`.
+pub struct Approver {
+    proc: Proc,
+    dir: tempfile::TempDir,
+    pub port: u16,
+    config: PathBuf,
+}
+
+impl Approver {
+    /// Starts one; `slack`: post to this Slack stand-in.
+    #[must_use]
+    pub fn start(slack: Option<&FakeSlack>) -> Self {
+        Self::start_with_database(slack, None)
+    }
+
+    /// Starts one on the database at `url` (default: a SQLite file of its own).
+    #[must_use]
+    pub fn start_with_database(slack: Option<&FakeSlack>, url: Option<&str>) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("countersign-approver")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        let person = |name: &str, user: &str, email: Option<&str>| {
+            format!(
+                "  - name: {name}\n    slack: {{team: {TEAM}, user: {user}}}\n    tokens: [{}]\n{}",
+                sha256(&token_of(name)),
+                email
+                    .map(|e| format!("    email: {e}\n"))
+                    .unwrap_or_default()
+            )
+        };
+        let mut yaml = format!(
+            "listen: 127.0.0.1:{port}\ndatabase: {}\nkey: {}\npublic_url: http://127.0.0.1:{port}\nenrollment_tokens: [{}]\napprovers:\n{}{}{}{}groups:\n  dev: [alice, bob, carol]\n  ops: [dave]\ndefault_group: dev\n",
+            url.map_or_else(
+                || format!("sqlite://{}/approver.db", dir.path().display()),
+                str::to_owned
+            ),
+            dir.path().join("approver.key").display(),
+            sha256(ENROLL_TOKEN),
+            person("alice", "UALICE", Some("alice@example.com")),
+            person("bob", "UBOB", None),
+            person("carol", "UCAROL", None),
+            person("dave", "UDAVE", None),
+        );
+        if let Some(s) = slack {
+            yaml.push_str(&format!(
+                "slack:\n  bot_token: {BOT_TOKEN}\n  signing_secret: {SIGNING_SECRET}\n  channel: {CHANNEL}\n  api_url: http://{}/api\n",
+                s.addr
+            ));
+        }
+        let config = dir.path().join("approver.yaml");
+        std::fs::write(&config, yaml).expect("approver.yaml");
+        let proc = Self::spawn(dir.path(), &config);
+        let a = Self {
+            proc,
+            dir,
+            port,
+            config,
+        };
+        a.wait_serving();
+        a
+    }
+
+    fn spawn(dir: &Path, config: &Path) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("approver.log"))
+            .expect("approver log");
+        let child = Command::new(countersign_bin())
+            .args(["approver", "--config"])
+            .arg(config)
+            .env("COUNTERSIGN_LOG", "info,countersign=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("countersign approver");
+        Proc { child }
+    }
+
+    fn wait_serving(&self) {
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect(self.addr()).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the approver did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills it (SIGKILL) and starts it again on the same port, database and key.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        self.proc = Self::spawn(self.dir.path(), &self.config);
+        self.wait_serving();
+    }
+
+    /// Kills it for good.
+    pub fn stop(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+    }
+
+    #[must_use]
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    #[must_use]
+    pub fn slack_request_url(&self) -> String {
+        format!("{}/slack/interactivity", self.url())
+    }
+
+    #[must_use]
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("approver.log")).unwrap_or_default()
+    }
+
+    /// A daemon.yaml (in `dir`) that escalates to this approver and enrolls with the test
+    /// token; pass it with `--config`.
+    #[must_use]
+    pub fn daemon_config(&self, dir: &Path) -> PathBuf {
+        let token = dir.join("enroll.token");
+        std::fs::write(&token, ENROLL_TOKEN).expect("token file");
+        let path = dir.join("daemon.yaml");
+        std::fs::write(
+            &path,
+            format!(
+                "approver:\n  url: {}\n  enroll_token_file: {}\n  state: {}\n",
+                self.url(),
+                token.display(),
+                dir.join("approver.json").display()
+            ),
+        )
+        .expect("daemon.yaml");
+        path
+    }
+
+    /// `countersign requests ARGS --approver URL` with `who`'s token.
+    #[must_use]
+    pub fn cli(&self, who: &str, args: &[&str]) -> std::process::Output {
+        Command::new(countersign_bin())
+            .args(["requests"])
+            .args(args)
+            .args(["--approver", &self.url()])
+            .env("COUNTERSIGN_APPROVER_TOKEN", token_of(who))
+            .output()
+            .expect("countersign requests")
+    }
+
+    /// The approver's requests in `state` (through the CLI, as `who`).
+    #[must_use]
+    pub fn requests(&self, who: &str, state: &str) -> Vec<Value> {
+        let out = self.cli(who, &["list", "--json", "--state", state]);
+        assert!(
+            out.status.success(),
+            "requests list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout)
+            .expect("JSON")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits for a pending request whose argv contains `needle`.
+    pub fn wait_request(&self, needle: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(r) = self
+                .requests("bob", "pending")
+                .into_iter()
+                .find(|r| r["request"]["argv"].to_string().contains(needle))
+            {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no request for {needle} at the approver:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! Remote approver scenarios: the real daemon escalates to a real `countersign approver`,
+//! which posts to the local Slack stand-in; people answer by Slack buttons (signed callbacks)
+//! and through the CLI/API, and the held action runs only after a signed decision.
+use std::{path::Path, time::Duration};
+
+use countersign_tests::{
+    Daemon, WAIT,
+    remote::{Approver, FakeSlack},
+};
+use serde_json::json;
+
+use super::{marker, probe};
+
+/// A policy whose `coder` label works for alice and escalates every exec of the probe to
+/// group `dev` with `quorum`.
+fn policy(dir: &Path, quorum: u32, justification: bool, timeout: &str) -> String {
+    let path = dir.join("coder.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: coder
+    on_behalf_of: alice@example.com
+    rules:
+      - name: run-the-probe
+        exec: {{binary: [{probe}]}}
+        outcome: escalate
+        escalate: {{approvers: [dev], quorum: {quorum}, justification: {justification}, timeout: {timeout}, on_timeout: deny}}
+",
+            probe = probe()
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn start_daemon(approver: &Approver, dir: &Path, policy: &str) -> Daemon {
+    let config = approver.daemon_config(dir);
+    let d = Daemon::start_with(&["--config", config.to_str().unwrap(), "--policy", policy]);
+    // Enrolled (and the approver's key pinned) before anything is escalated.
+    let deadline = std::time::Instant::now() + WAIT;
+    while d.status()["approver"]["enrolled"] != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not enrolled: {}\n{}\n{}",
+            d.status(),
+            d.log(),
+            approver.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d
+}
+
+/// The whole path: held exec → Slack message with the full context → refused clicks (the
+/// agent's owner, a forged signature, a stale timestamp) change nothing → bob's signed click
+/// approves (a retried delivery counts once) → the program runs → the message is updated.
+#[test]
+fn slack_click_approves_a_held_exec() {
+    let slack = FakeSlack::start();
+    let approver = Approver::start(Some(&slack));
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy(dir.path(), 1, false, "60s");
+    let d = start_daemon(&approver, dir.path(), &policy);
+    let m = marker(&d, "ran-after-slack");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+
+    let msg = slack.wait_message(&m);
+    let text = msg.to_string();
+    for shown in [
+        "coder",
+        "alice@example.com",
+        "run-the-probe",
+        "touch",
+        "Approve",
+        "Deny",
+    ] {
+        assert!(text.contains(shown), "the message shows {shown}: {text}");
+    }
+    let url = approver.slack_request_url();
+    let ts = &msg["ts"];
+
+    // The person the agent works for cannot approve it.
+    slack.click(&url, ts, "approve", "UALICE", &json!({}));
+    slack.wait_reply("works for");
+    // Forged and stale callbacks are refused outright.
+    let a = slack.click(&url, ts, "approve", "UBOB", &json!({"forge": true}));
+    assert_eq!(a[0]["status"], 401, "{a:?}");
+    let a = slack.click(&url, ts, "approve", "UBOB", &json!({"age_secs": 600}));
+    assert_eq!(a[0]["status"], 401, "{a:?}");
+    // Someone outside the group asked.
+    slack.click(&url, ts, "approve", "UDAVE", &json!({}));
+    slack.wait_reply("not in the group");
+    // A Slack user who is no approver at all.
+    slack.click(&url, ts, "approve", "UMALLORY", &json!({}));
+    slack.wait_reply("not a configured approver");
+    assert!(
+        p.still_running_after(Duration::from_millis(500)),
+        "still held"
+    );
+    assert!(!Path::new(&m).exists(), "nothing ran");
+
+    // Bob approves; Slack delivers the callback twice.
+    let a = slack.click(&url, ts, "approve", "UBOB", &json!({"repeat": 2}));
+    assert!(a.iter().all(|x| x["status"] == 200), "{a:?}");
+    assert!(p.wait(WAIT).success(), "{}", d.log());
+    assert!(Path::new(&m).exists(), "the approved program ran");
+
+    let log = d.decisions();
+    let e = log
+        .iter()
+        .find(|e| e["decision"] == "approved")
+        .unwrap_or_else(|| panic!("{log:?}"));
+    assert_eq!(e["by"], "approver: bob via slack", "{e}");
+    assert_eq!(
+        d.status()["approver"]["received"],
+        1,
+        "one decision, delivered once"
+    );
+
+    // The message now says who approved, and has no buttons left.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let now = slack
+            .messages()
+            .into_iter()
+            .find(|x| x["ts"] == *ts)
+            .unwrap();
+        let t = now["blocks"].to_string();
+        if t.contains("APPROVED") {
+            assert!(t.contains("bob approve via slack"), "{t}");
+            assert!(
+                !t.contains("\"actions\""),
+                "no buttons after the decision: {t}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "message not updated: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = approver.requests("bob", "all");
+    assert_eq!(r[0]["state"], "approved");
+    assert_eq!(r[0]["answers"].as_array().unwrap().len(), 1, "{r:?}");
+}
+
+/// A rule that asks for a reason: the button opens Slack's modal; only its submission, with
+/// the reason, answers.
+#[test]
+fn slack_asks_for_a_reason_when_the_rule_requires_one() {
+    let slack = FakeSlack::start();
+    let approver = Approver::start(Some(&slack));
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy(dir.path(), 1, true, "60s");
+    let d = start_daemon(&approver, dir.path(), &policy);
+    let m = marker(&d, "ran-with-reason");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let msg = slack.wait_message(&m);
+    let url = approver.slack_request_url();
+    slack.click(&url, &msg["ts"], "deny", "UCAROL", &json!({}));
+    let views = slack.views();
+    assert_eq!(views.len(), 1, "a modal opened: {views:?}");
+    assert!(
+        p.still_running_after(Duration::from_millis(300)),
+        "a click alone does not answer"
+    );
+    let a = slack.submit(&url, &views[0]["id"], "UCAROL", "not during the freeze");
+    assert_eq!(a[0]["status"], 200, "{a:?}");
+    let s = p.wait(WAIT);
+    assert!(!s.success(), "denied");
+    assert!(!Path::new(&m).exists());
+    let r = approver.requests("bob", "all");
+    assert_eq!(r[0]["state"], "denied");
+    assert_eq!(r[0]["answers"][0]["justification"], "not during the freeze");
+}
+
+/// Quorum of two through the CLI, a refused outsider, a double answer, and an approver
+/// restart with the request pending: nothing is lost, and the second approval releases it.
+/// Then a deny vetoes an earlier approval.
+#[test]
+fn quorum_of_two_survives_an_approver_restart_and_a_deny_vetoes() {
+    let mut approver = Approver::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy(dir.path(), 2, false, "60s");
+    let d = start_daemon(&approver, dir.path(), &policy);
+    let m = marker(&d, "ran-with-quorum");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let r = approver.wait_request(&m);
+    let id = r["id"].to_string();
+    assert_eq!(r["on_behalf_of"], "alice@example.com");
+    assert_eq!(r["quorum"], 2);
+
+    let out = approver.cli("bob", &["approve", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 of 2"),
+        "{out:?}"
+    );
+    let out = approver.cli("bob", &["approve", &id]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("answered already"),
+        "{out:?}"
+    );
+    let out = approver.cli("dave", &["approve", &id]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not in the group"),
+        "{out:?}"
+    );
+    let out = approver.cli("alice", &["approve", &id]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("works for"),
+        "{out:?}"
+    );
+    let out = approver.cli("nobody", &["list"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown approver token"),
+        "{out:?}"
+    );
+
+    approver.crash_and_restart();
+    assert!(
+        p.still_running_after(Duration::from_millis(300)),
+        "still held"
+    );
+    let pending = approver.requests("carol", "pending");
+    assert_eq!(
+        pending.len(),
+        1,
+        "the request survived the restart: {pending:?}"
+    );
+    assert_eq!(pending[0]["answers"][0]["approver"], "bob");
+
+    let out = approver.cli("carol", &["approve", &id]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("decided: approve"),
+        "{out:?}"
+    );
+    assert!(p.wait(WAIT).success(), "{}\n{}", d.log(), approver.log());
+    assert!(Path::new(&m).exists());
+
+    let m2 = marker(&d, "vetoed");
+    let mut p2 = d.labelled("coder", &[&probe(), "touch", &m2]);
+    let r2 = approver.wait_request(&m2);
+    let id2 = r2["id"].to_string();
+    assert!(approver.cli("bob", &["approve", &id2]).status.success());
+    let out = approver.cli("carol", &["deny", &id2]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("decided: deny"),
+        "{out:?}"
+    );
+    assert!(!p2.wait(WAIT).success(), "denied");
+    assert!(!Path::new(&m2).exists());
+    let late = approver.cli("carol", &["approve", &id2]);
+    assert!(
+        String::from_utf8_lossy(&late.stderr).contains("already"),
+        "{late:?}"
+    );
+}
+
+/// The approver is gone: the request stays held (never released by an error) until its
+/// deadline, then gets the rule's timeout outcome; status names the problem.
+#[test]
+fn unreachable_approver_means_the_timeout_outcome() {
+    let mut approver = Approver::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy(dir.path(), 1, false, "3s");
+    let d = start_daemon(&approver, dir.path(), &policy);
+    approver.stop();
+    let m = marker(&d, "never");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    assert!(
+        p.still_running_after(Duration::from_millis(1500)),
+        "held while the approver is away"
+    );
+    assert!(!p.wait(WAIT).success(), "denied at the deadline");
+    assert!(!Path::new(&m).exists());
+    let log = d.decisions();
+    assert!(
+        log.iter().any(|e| e["decision"] == "expired-denied"),
+        "{log:?}"
+    );
+    let status = d.status();
+    assert!(status["approver"]["last_error"].is_string(), "{status}");
+}
