@@ -21,6 +21,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod pg;
 pub mod remote;
 
 /// How long any wait in a scenario may take (TCG-emulated VMs are slow).

@@ -264,6 +264,21 @@ impl Approver {
     /// Starts one on the database at `url` (default: a SQLite file of its own).
     #[must_use]
     pub fn start_with_database(slack: Option<&FakeSlack>, url: Option<&str>) -> Self {
+        Self::start_full(slack, url, None)
+    }
+
+    /// A second replica of this service: another port, the same database and key.
+    #[must_use]
+    pub fn replica(&self, database: &str) -> Self {
+        Self::start_full(None, Some(database), Some(&self.key_path()))
+    }
+
+    #[must_use]
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.path().join("approver.key")
+    }
+
+    fn start_full(slack: Option<&FakeSlack>, url: Option<&str>, key: Option<&Path>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("countersign-approver")
             .tempdir()
@@ -284,7 +299,8 @@ impl Approver {
                 || format!("sqlite://{}/approver.db", dir.path().display()),
                 str::to_owned
             ),
-            dir.path().join("approver.key").display(),
+            key.map_or_else(|| dir.path().join("approver.key"), Path::to_path_buf)
+                .display(),
             sha256(ENROLL_TOKEN),
             person("alice", "UALICE", Some("alice@example.com")),
             person("bob", "UBOB", None),

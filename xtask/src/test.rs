@@ -62,6 +62,8 @@ struct E2eBins {
     probe: PathBuf,
     fake_slack: PathBuf,
     suite: PathBuf,
+    /// The PostgreSQL scenarios (native only: the VMs carry no database server).
+    postgres: PathBuf,
 }
 
 fn build_e2e() -> Result<E2eBins> {
@@ -84,26 +86,33 @@ fn build_e2e() -> Result<E2eBins> {
             "countersign-tests",
             "--test",
             "e2e",
+            "--test",
+            "postgres",
             "--no-run",
             "--message-format=json",
         ]),
         Duration::from_secs(60 * 60),
         "building the end-to-end suite",
     )?;
-    // The suite's executable is named in the compiler-artifact message of target "e2e".
-    let suite = out
-        .lines()
-        .filter(|l| {
-            l.contains("\"reason\":\"compiler-artifact\"") && l.contains("\"name\":\"e2e\"")
-        })
-        .find_map(|l| json_string(l, "executable"))
-        .context("cargo did not report the e2e test executable")?;
+    // Each suite's executable is named in the compiler-artifact message of its target.
+    let executable = |name: &str| {
+        out.lines()
+            .filter(|l| {
+                l.contains("\"reason\":\"compiler-artifact\"")
+                    && l.contains(&format!("\"name\":\"{name}\""))
+            })
+            .find_map(|l| json_string(l, "executable"))
+            .with_context(|| format!("cargo did not report the {name} test executable"))
+    };
+    let suite = executable("e2e")?;
+    let postgres = executable("postgres")?;
     let debug = paths::target_dir().join("debug");
     Ok(E2eBins {
         countersign: debug.join("countersign"),
         probe: debug.join("cs-probe"),
         fake_slack: debug.join("fake-slack"),
         suite: PathBuf::from(suite),
+        postgres: PathBuf::from(postgres),
     })
 }
 
@@ -126,6 +135,17 @@ fn run_native(bins: &E2eBins) -> Result<String> {
             .env("RUST_BACKTRACE", "1"),
         Duration::from_secs(30 * 60),
         "the end-to-end suite (native, fallback mode)",
+    )?;
+    println!("xtask test: PostgreSQL scenarios, natively");
+    run_streaming(
+        Command::new(&bins.postgres)
+            .args(["--test-threads", "1"])
+            .env("COUNTERSIGN_E2E_MODE", "fallback")
+            .env("COUNTERSIGN_BIN", &bins.countersign)
+            .env("COUNTERSIGN_PROBE", &bins.probe)
+            .env("RUST_BACKTRACE", "1"),
+        Duration::from_secs(10 * 60),
+        "the PostgreSQL scenarios",
     )?;
     Ok("passed".to_owned())
 }

@@ -259,7 +259,13 @@ async fn poll(
                     .collect(),
             }));
         }
-        let _ = tokio::time::timeout_at(until, notified).await;
+        // Another replica's decision wakes nobody here: look again every second.
+        let step = if app.store.is_shared() {
+            until.min(tokio::time::Instant::now() + Duration::from_secs(1))
+        } else {
+            until
+        };
+        let _ = tokio::time::timeout_at(step, notified).await;
     }
 }
 

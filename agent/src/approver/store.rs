@@ -183,6 +183,12 @@ impl Store {
         Ok(Self { pool, pg })
     }
 
+    /// Whether other replicas may write to the same database (PostgreSQL).
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        self.pg
+    }
+
     /// Enrolls a host with a one-time token (by hash). The same host enrolling again with the
     /// same key is accepted (a retried enrollment); a used token or a changed key is not.
     pub async fn enroll(
@@ -575,5 +581,155 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(r.rows_affected() == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{proto::RequestView, sign::statement::action_hash};
+
+    fn config() -> ApproverConfig {
+        serde_yaml::from_str(
+            "approvers:\n  - {name: bob}\n  - {name: carol}\ngroups:\n  dev: [bob, carol]\n",
+        )
+        .unwrap()
+    }
+
+    fn escalation(id: u64, deadline_ms: i64) -> Escalation {
+        let request: RequestView = serde_json::from_value(serde_json::json!({
+            "id": id, "kind": "exec", "label": "coder", "pid": 10, "tid": 10, "uid": 1000,
+            "user": "u", "binary": "/bin/true", "argv": ["true"], "argv_truncated": false,
+            "cwd": "/", "parents": [], "destination": null, "protocol": null, "age_ms": 0,
+            "expires_in_ms": 0, "note": null, "rule": null
+        }))
+        .unwrap();
+        Escalation {
+            v: 1,
+            host_id: "host".into(),
+            host_name: "h".into(),
+            action_hash: action_hash("host", &request),
+            request,
+            on_behalf_of: None,
+            approvers: vec!["dev".into()],
+            quorum: 1,
+            justification: false,
+            deadline: rfc3339(deadline_ms),
+            on_timeout: Decision::Deny,
+            sent_at: rfc3339(now_ms()),
+        }
+    }
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/a.db", dir.path().display());
+        let s = Store::open(&url).await.unwrap();
+        (dir, s)
+    }
+
+    fn envelope(key: &SigningKey) -> Envelope {
+        Envelope::sign("t", b"{}", key)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_answers_at_once_make_one_signed_bound_decision() {
+        let (_d, s) = store().await;
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let esc = escalation(7, now_ms() + 60_000);
+        let (id, new) = s
+            .insert_request(&esc, &envelope(&key), now_ms() + 60_000)
+            .await
+            .unwrap();
+        assert!(new);
+        // A retry of the same escalation is the same request; another action is refused.
+        assert_eq!(
+            s.insert_request(&esc, &envelope(&key), 0).await.unwrap(),
+            (id, false)
+        );
+        let mut other = esc.clone();
+        other.action_hash = "0".repeat(64);
+        assert!(matches!(
+            s.insert_request(&other, &envelope(&key), 0).await,
+            Err(StoreError::Conflict(_))
+        ));
+        let c = config();
+        let (a, b) = tokio::join!(
+            s.answer(
+                &c,
+                &key,
+                id,
+                &Answerer {
+                    approver: "bob",
+                    channel: "api",
+                    identity: "t:b"
+                },
+                Decision::Approve,
+                None
+            ),
+            s.answer(
+                &c,
+                &key,
+                id,
+                &Answerer {
+                    approver: "carol",
+                    channel: "api",
+                    identity: "t:c"
+                },
+                Decision::Approve,
+                None
+            ),
+        );
+        let decided = [&a, &b]
+            .iter()
+            .filter(|r| matches!(r, Ok(AnswerResult::Decided { .. })))
+            .count();
+        assert_eq!(decided, 1, "{a:?} {b:?}");
+        let ds = s.decisions_after("host", 0, 10).await.unwrap();
+        assert_eq!(ds.len(), 1);
+        let stmt: DecisionStatement = ds[0]
+            .1
+            .verify_json(statement::PAYLOAD_DECISION, &key.verifying_key())
+            .unwrap();
+        assert_eq!((stmt.host_id.as_str(), stmt.request), ("host", 7));
+        assert_eq!(stmt.action_hash, esc.action_hash);
+        assert_eq!(stmt.decision, Decision::Approve);
+        assert_eq!(stmt.approvals.len(), 1);
+        assert!(
+            s.decisions_after("other-host", 0, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn expired_requests_take_no_answers() {
+        let (_d, s) = store().await;
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let (id, _) = s
+            .insert_request(&escalation(1, now_ms() - 1), &envelope(&key), now_ms() - 1)
+            .await
+            .unwrap();
+        assert_eq!(s.expire_due().await.unwrap(), [id]);
+        let r = s
+            .answer(
+                &config(),
+                &key,
+                id,
+                &Answerer {
+                    approver: "bob",
+                    channel: "api",
+                    identity: "t",
+                },
+                Decision::Approve,
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(r, AnswerResult::Closed(ref m) if m.contains("expired")),
+            "{r:?}"
+        );
+        assert!(s.decisions_after("host", 0, 10).await.unwrap().is_empty());
     }
 }
