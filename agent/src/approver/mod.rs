@@ -186,7 +186,8 @@ async fn serve(config: ApproverConfig) -> anyhow::Result<()> {
 }
 
 /// Marks requests whose deadline passed as expired (the hosts apply their timeout outcome by
-/// themselves; this keeps the channels true).
+/// themselves; this keeps the channels true), and sends reminders and ladder steps as they
+/// fall due — each one once, whichever replica claims it.
 async fn expiry_loop(app: Arc<App>) {
     let mut tick = tokio::time::interval(EXPIRY_TICK);
     loop {
@@ -200,7 +201,56 @@ async fn expiry_loop(app: Arc<App>) {
             }
             Err(e) => tracing::error!(error = %e, "checking deadlines failed"),
         }
+        if let Err(e) = nudges(&app).await {
+            tracing::error!(error = %e, "checking reminders failed");
+        }
     }
+}
+
+/// Reminders and ladder steps that are due.
+async fn nudges(app: &Arc<App>) -> Result<(), store::StoreError> {
+    let now = store::now_ms();
+    for req in app.store.list(Some("pending"), 1000).await? {
+        let e = &req.escalation;
+        let elapsed = now - req.created_ms;
+        let left = humantime::format_duration(std::time::Duration::from_secs(
+            u64::try_from((req.deadline_ms - now) / 1000).unwrap_or(0),
+        ));
+        let mut texts = Vec::new();
+        for (i, step) in e.ladder.iter().enumerate() {
+            if elapsed >= (step.after_secs as i64) * 1000
+                && app.store.claim_nudge(req.id, "ladder", i as i64).await?
+            {
+                texts.push(format!(
+                    "Request #{} was not decided in time: escalated to {} ({left} left).",
+                    req.id,
+                    step.approvers.join(", ")
+                ));
+            }
+        }
+        if let Some(every) = e.remind_secs.filter(|s| *s > 0) {
+            let n = elapsed / (every as i64 * 1000);
+            if n >= 1 && app.store.claim_nudge(req.id, "remind", n).await? {
+                texts.push(format!(
+                    "Reminder: request #{} still needs an answer ({left} left).",
+                    req.id
+                ));
+            }
+        }
+        for text in texts {
+            tracing::info!(id = req.id, text, "nudge");
+            for ch in &app.channels {
+                if let Ok(Some(reference)) = app.store.message(req.id, ch.name()).await
+                    && let Err(err) = ch
+                        .nudge(&req, &reference, &text, app.config.public_url.as_deref())
+                        .await
+                {
+                    tracing::warn!(id = req.id, channel = ch.name(), error = %err, "nudge failed");
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A database URL without its password, for messages.

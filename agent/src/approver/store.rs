@@ -71,6 +71,7 @@ fn schema(pg: bool) -> Vec<String> {
         format!("CREATE TABLE IF NOT EXISTS decisions (seq {auto}, request BIGINT NOT NULL UNIQUE, host_id TEXT NOT NULL, envelope TEXT NOT NULL, decided_ms BIGINT NOT NULL)"),
         "CREATE TABLE IF NOT EXISTS messages (request BIGINT NOT NULL, channel TEXT NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (request, channel))".into(),
         "CREATE TABLE IF NOT EXISTS deliveries (key TEXT PRIMARY KEY, at_ms BIGINT NOT NULL)".into(),
+        "CREATE TABLE IF NOT EXISTS nudges (request BIGINT NOT NULL, kind TEXT NOT NULL, n BIGINT NOT NULL, at_ms BIGINT NOT NULL, PRIMARY KEY (request, kind, n))".into(),
     ]
 }
 
@@ -409,7 +410,8 @@ impl Store {
         let given = Self::answers(&mut *tx, id).await?;
         let esc = &req.escalation;
         let ask = Ask {
-            groups: esc.approvers.clone(),
+            // The ladder widens who may answer as time passes.
+            groups: esc.groups_at(now - req.created_ms),
             quorum: esc.quorum,
             justification: esc.justification,
             on_behalf_of: esc.on_behalf_of.clone(),
@@ -571,6 +573,19 @@ impl Store {
         Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 
+    /// Claims reminder or ladder step `n` of `kind` for request `id`: true for the one
+    /// replica that sends it.
+    pub async fn claim_nudge(&self, id: i64, kind: &str, n: i64) -> Result<bool, StoreError> {
+        let r = sqlx::query("INSERT INTO nudges (request, kind, n, at_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (request, kind, n) DO NOTHING")
+            .bind(id)
+            .bind(kind)
+            .bind(n)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
     /// True the first time `key` is seen (a callback delivered twice is handled once).
     pub async fn first_delivery(&self, key: &str) -> Result<bool, StoreError> {
         let r = sqlx::query(
@@ -617,6 +632,8 @@ mod tests {
             deadline: rfc3339(deadline_ms),
             on_timeout: Decision::Deny,
             sent_at: rfc3339(now_ms()),
+            remind_secs: None,
+            ladder: Vec::new(),
         }
     }
 

@@ -98,6 +98,16 @@ pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result
                 humantime::format_duration(e.timeout),
                 e.on_timeout
             );
+            if let Some(r) = e.remind {
+                println!("  reminders every {}", humantime::format_duration(r));
+            }
+            for step in &e.ladder {
+                println!(
+                    "  after {} undecided: also {}",
+                    humantime::format_duration(step.after),
+                    step.approvers.join(", ")
+                );
+            }
             for g in &e.grants {
                 match g.duration {
                     Some(d) => println!(

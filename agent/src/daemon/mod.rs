@@ -700,6 +700,18 @@ impl Daemon {
             deadline: rfc(now + remaining),
             on_timeout: held.on_timeout,
             sent_at: rfc(now),
+            remind_secs: rule.and_then(|r| r.remind).map(|d| d.as_secs().max(1)),
+            ladder: rule
+                .map(|r| {
+                    r.ladder
+                        .iter()
+                        .map(|s| crate::sign::statement::LadderStep {
+                            after_secs: s.after.as_secs(),
+                            approvers: s.approvers.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
         match crate::sign::dsse::Envelope::sign_json(
             crate::sign::statement::PAYLOAD_ESCALATION,

@@ -147,6 +147,23 @@ impl TryFrom<RawRule> for Rule {
 impl Decision {
     /// `escalate:` only goes with `outcome: escalate`.
     pub fn check(&self) -> Result<(), String> {
+        if let Some(e) = &self.escalate {
+            let mut last = Duration::ZERO;
+            for (i, step) in e.ladder.iter().enumerate() {
+                if step.after <= last || step.after >= e.timeout {
+                    return Err(format!(
+                        "escalate.ladder[{i}].after: each step must come after the one before and before the timeout ({})",
+                        humantime::format_duration(e.timeout)
+                    ));
+                }
+                if step.approvers.is_empty() {
+                    return Err(format!(
+                        "escalate.ladder[{i}].approvers: name at least one group"
+                    ));
+                }
+                last = step.after;
+            }
+        }
         if self.escalate.is_some() && self.outcome != Outcome::Escalate {
             return Err(format!(
                 "`escalate:` settings only go with `outcome: escalate` (outcome is `{}`)",
@@ -202,6 +219,21 @@ pub struct Escalation {
     pub on_timeout: TimeoutOutcome,
     /// Scoped grants the approver may give instead of a single approval.
     pub grants: Vec<Grant>,
+    /// Remind the approvers this often while the request waits (none: no reminders).
+    #[serde(deserialize_with = "opt_duration")]
+    pub remind: Option<Duration>,
+    /// Further groups asked when the earlier ones have not decided in time.
+    pub ladder: Vec<LadderStep>,
+}
+
+/// One rung of the escalation ladder: after `after` without a decision, `approvers` may
+/// answer too (and are told).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LadderStep {
+    #[serde(deserialize_with = "duration")]
+    pub after: Duration,
+    pub approvers: Vec<String>,
 }
 
 impl Default for Escalation {
@@ -215,6 +247,8 @@ impl Default for Escalation {
             // Fail closed.
             on_timeout: TimeoutOutcome::Deny,
             grants: Vec::new(),
+            remind: None,
+            ladder: Vec::new(),
         }
     }
 }

@@ -360,3 +360,28 @@ fn includes_are_relative_read_once_and_bounded() {
     let e = load(&[missing]).unwrap_err().to_string();
     assert!(e.contains("m.yaml:2:") && e.contains("nope.yaml"), "{e}");
 }
+
+#[test]
+fn reminders_and_the_escalation_ladder_are_read_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(
+        dir.path(),
+        "good.yaml",
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - exec: {binary: [/bin/true]}\n        outcome: escalate\n        escalate: {approvers: [dev], timeout: 30m, remind: 5m, ladder: [{after: 10m, approvers: [leads]}, {after: 20m, approvers: [cto]}]}\n",
+    );
+    let p = load(&[good]).unwrap();
+    let e = p.labels[0].rules[0].decision.escalation().unwrap();
+    assert_eq!(e.remind, Some(std::time::Duration::from_secs(300)));
+    assert_eq!(e.ladder.len(), 2);
+    assert_eq!(e.ladder[1].approvers, ["cto"]);
+    let late = write(
+        dir.path(),
+        "late.yaml",
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - exec: {binary: [/bin/true]}\n        outcome: escalate\n        escalate: {timeout: 5m, ladder: [{after: 10m, approvers: [leads]}]}\n",
+    );
+    let e = load(&[late]).unwrap_err().to_string();
+    assert!(
+        e.contains("late.yaml") && e.contains("ladder[0].after"),
+        "{e}"
+    );
+}

@@ -80,6 +80,36 @@ pub struct Escalation {
     pub on_timeout: Decision,
     /// RFC 3339 time the escalation was signed.
     pub sent_at: String,
+    /// Remind the approvers every so many seconds while nobody decides.
+    #[serde(default)]
+    pub remind_secs: Option<u64>,
+    /// Groups asked in addition after so many seconds without a decision.
+    #[serde(default)]
+    pub ladder: Vec<LadderStep>,
+}
+
+/// A rung of the escalation ladder, as sent to the approver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LadderStep {
+    pub after_secs: u64,
+    pub approvers: Vec<String>,
+}
+
+impl Escalation {
+    /// The groups that may answer `elapsed_ms` after the request was made: the rule's, plus
+    /// every ladder step already reached.
+    #[must_use]
+    pub fn groups_at(&self, elapsed_ms: i64) -> Vec<String> {
+        let mut groups = self.approvers.clone();
+        for step in &self.ladder {
+            if elapsed_ms >= (step.after_secs as i64).saturating_mul(1000) {
+                groups.extend(step.approvers.iter().cloned());
+            }
+        }
+        groups.dedup();
+        groups
+    }
 }
 
 /// One human's answer that counted towards a decision.

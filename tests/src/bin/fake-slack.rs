@@ -85,9 +85,14 @@ async fn api(
             if b["blocks"].as_array().is_some_and(|a| a.len() > 50) {
                 return Json(json!({"ok": false, "error": "invalid_blocks"}));
             }
+            if let Some(parent) = b["thread_ts"].as_str()
+                && !s.messages.iter().any(|m| m["ts"] == parent)
+            {
+                return Json(json!({"ok": false, "error": "thread_not_found"}));
+            }
             s.counter += 1;
             let ts = format!("{}.{:06}", now(), s.counter);
-            let msg = json!({"channel": b["channel"], "ts": ts, "text": b["text"], "blocks": b["blocks"], "edits": []});
+            let msg = json!({"channel": b["channel"], "ts": ts, "thread_ts": b["thread_ts"], "text": b["text"], "blocks": b["blocks"], "edits": []});
             s.messages.push(msg.clone());
             Json(
                 json!({"ok": true, "channel": b["channel"], "ts": ts, "message": {"type": "message", "text": b["text"], "blocks": b["blocks"], "ts": ts}}),

@@ -14,6 +14,11 @@ use super::{marker, probe};
 /// A policy whose `coder` label works for alice and escalates every exec of the probe to
 /// group `dev` with `quorum`.
 fn policy(dir: &Path, quorum: u32, justification: bool, timeout: &str) -> String {
+    policy_with(dir, quorum, justification, timeout, "")
+}
+
+/// Like [`policy`], with more `escalate:` settings (`extra` starts with `, `).
+fn policy_with(dir: &Path, quorum: u32, justification: bool, timeout: &str, extra: &str) -> String {
     let path = dir.join("coder.yaml");
     std::fs::write(
         &path,
@@ -26,7 +31,7 @@ labels:
       - name: run-the-probe
         exec: {{binary: [{probe}]}}
         outcome: escalate
-        escalate: {{approvers: [dev], quorum: {quorum}, justification: {justification}, timeout: {timeout}, on_timeout: deny}}
+        escalate: {{approvers: [dev], quorum: {quorum}, justification: {justification}, timeout: {timeout}, on_timeout: deny{extra}}}
 ",
             probe = probe()
         ),
@@ -289,4 +294,52 @@ fn unreachable_approver_means_the_timeout_outcome() {
     );
     let status = d.status();
     assert!(status["approver"]["last_error"].is_string(), "{status}");
+}
+
+/// Nobody in `dev` answers: reminders go to the request's Slack thread, and after the
+/// ladder's step `ops` may answer too (before it, an ops approver is refused).
+#[test]
+fn reminders_and_the_ladder_bring_in_the_next_group() {
+    let slack = FakeSlack::start();
+    let approver = Approver::start(Some(&slack));
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy_with(
+        dir.path(),
+        1,
+        false,
+        "60s",
+        ", remind: 1s, ladder: [{after: 3s, approvers: [ops]}]",
+    );
+    let d = start_daemon(&approver, dir.path(), &policy);
+    let m = marker(&d, "ran-after-ladder");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let msg = slack.wait_message(&m);
+    let url = approver.slack_request_url();
+    slack.click(&url, &msg["ts"], "approve", "UDAVE", &json!({}));
+    slack.wait_reply("not in the group");
+    assert!(p.still_running_after(Duration::from_millis(200)));
+    let thread = |needle: &str| {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if slack.messages().iter().any(|x| {
+                x["thread_ts"] == msg["ts"]
+                    && x["text"].as_str().is_some_and(|t| t.contains(needle))
+            }) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no thread reply with {needle}: {:?}",
+                slack.messages()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    thread("Reminder");
+    thread("escalated to ops");
+    slack.click(&url, &msg["ts"], "approve", "UDAVE", &json!({}));
+    assert!(p.wait(WAIT).success(), "{}\n{}", d.log(), approver.log());
+    assert!(Path::new(&m).exists());
+    let r = approver.requests("bob", "all");
+    assert_eq!(r[0]["answers"][0]["approver"], "dave");
 }

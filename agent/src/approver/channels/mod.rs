@@ -37,6 +37,15 @@ pub trait Channel: Send + Sync {
         req: &'a StoredRequest,
         public_url: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Option<String>, ChannelError>>;
+    /// Tells the people who saw the request something new about it (a reminder, the ladder
+    /// reaching another group), next to what `notify` showed.
+    fn nudge<'a>(
+        &'a self,
+        req: &'a StoredRequest,
+        reference: &'a str,
+        text: &'a str,
+        public_url: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), ChannelError>>;
     /// Updates what `notify` showed (decided or expired).
     fn update<'a>(
         &'a self,

@@ -248,12 +248,13 @@ pub fn blocks(req: &StoredRequest, public_url: Option<&str>) -> Value {
     ];
     let need = e.quorum.max(1);
     if req.state == "pending" {
+        let groups = e.groups_at(crate::approver::store::now_ms() - req.created_ms);
         let mut ctx = format!(
             "Needs {need} approval(s) from {}{}.",
-            if e.approvers.is_empty() {
+            if groups.is_empty() {
                 "the approvers".to_owned()
             } else {
-                e.approvers.join(", ")
+                groups.join(", ")
             },
             if e.justification {
                 ", with a reason"
@@ -330,6 +331,28 @@ impl Channel for Slack {
                 .await?;
             let channel = v["channel"].as_str().unwrap_or(&self.config.channel);
             Ok(v["ts"].as_str().map(|ts| format!("{channel} {ts}")))
+        })
+    }
+
+    fn nudge<'a>(
+        &'a self,
+        req: &'a StoredRequest,
+        reference: &'a str,
+        text: &'a str,
+        public_url: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), ChannelError>> {
+        Box::pin(async move {
+            let (channel, ts) = reference
+                .split_once(' ')
+                .unwrap_or((&self.config.channel, reference));
+            // In the request's thread (also shown in the channel), and the request itself
+            // refreshed: who may answer now.
+            self.call(
+                "chat.postMessage",
+                &json!({"channel": channel, "thread_ts": ts, "reply_broadcast": true, "text": escape(text)}),
+            )
+            .await?;
+            self.update(req, reference, public_url).await
         })
     }
 

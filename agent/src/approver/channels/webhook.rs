@@ -35,10 +35,12 @@ impl Webhook {
         &self,
         event: &str,
         req: &StoredRequest,
+        text: Option<&str>,
         public_url: Option<&str>,
     ) -> Result<(), ChannelError> {
         let body = serde_json::to_vec(&json!({
             "event": event,
+            "text": text,
             "request": {
                 "id": req.id,
                 "state": req.state,
@@ -102,9 +104,19 @@ impl Channel for Webhook {
         public_url: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Option<String>, ChannelError>> {
         Box::pin(async move {
-            self.post("requested", req, public_url).await?;
+            self.post("requested", req, None, public_url).await?;
             Ok(Some(String::new()))
         })
+    }
+
+    fn nudge<'a>(
+        &'a self,
+        req: &'a StoredRequest,
+        _reference: &'a str,
+        text: &'a str,
+        public_url: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<(), ChannelError>> {
+        Box::pin(async move { self.post("reminder", req, Some(text), public_url).await })
     }
 
     fn update<'a>(
@@ -119,7 +131,7 @@ impl Channel for Webhook {
             } else {
                 "decided"
             };
-            self.post(event, req, public_url).await
+            self.post(event, req, None, public_url).await
         })
     }
 }
