@@ -21,6 +21,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod browser;
 pub mod pg;
 pub mod remote;
 

@@ -80,23 +80,50 @@ pub fn http(
     req.push_str("\r\n");
     req.push_str(body);
     s.write_all(req.as_bytes()).expect("send");
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).expect("read");
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
+    // Read the head, then exactly the body (servers may keep the connection open).
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s
+            .read(&mut chunk)
+            .unwrap_or_else(|e| panic!("reading from {addr}: {e}"));
+        assert!(n > 0, "{addr} closed the connection before answering");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer from {addr}: {text}"));
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
+        .unwrap_or_else(|| panic!("not an HTTP answer from {addr}: {head}"));
+    let length = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let chunked = head.contains("transfer-encoding: chunked");
+    loop {
+        let body = &buf[head_end..];
+        let done = match length {
+            Some(n) => body.len() >= n,
+            None if chunked => body.ends_with(b"0\r\n\r\n"),
+            None => false,
+        };
+        if done {
+            break;
+        }
+        let n = s
+            .read(&mut chunk)
+            .unwrap_or_else(|e| panic!("reading from {addr}: {e}"));
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = String::from_utf8_lossy(&buf[head_end..]).into_owned();
+    let body = if chunked { dechunk(&body) } else { body };
     (status, body)
 }
 
@@ -121,9 +148,17 @@ pub fn http_json(
     headers: &[(&str, &str)],
     body: &Value,
 ) -> (u16, Value) {
-    let mut h = vec![("Content-Type", "application/json")];
+    let mut h = Vec::new();
+    if !body.is_null() {
+        h.push(("Content-Type", "application/json"));
+    }
     h.extend_from_slice(headers);
-    let (status, text) = http(addr, method, path, &h, &body.to_string());
+    let text = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    let (status, text) = http(addr, method, path, &h, &text);
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 

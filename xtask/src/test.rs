@@ -62,9 +62,14 @@ struct E2eBins {
     probe: PathBuf,
     fake_slack: PathBuf,
     suite: PathBuf,
-    /// The PostgreSQL scenarios (native only: the VMs carry no database server).
-    postgres: PathBuf,
+    /// Scenarios that run natively only (the VMs carry no database server or browser):
+    /// (test target, executable).
+    native_only: Vec<(&'static str, PathBuf)>,
 }
+
+/// The test targets of `tests/` that run only natively: the approver on a real PostgreSQL
+/// server, and its web page in headless Chromium.
+const NATIVE_ONLY: [&str; 2] = ["postgres", "web"];
 
 fn build_e2e() -> Result<E2eBins> {
     cargo_step(
@@ -88,6 +93,8 @@ fn build_e2e() -> Result<E2eBins> {
             "e2e",
             "--test",
             "postgres",
+            "--test",
+            "web",
             "--no-run",
             "--message-format=json",
         ]),
@@ -105,14 +112,17 @@ fn build_e2e() -> Result<E2eBins> {
             .with_context(|| format!("cargo did not report the {name} test executable"))
     };
     let suite = executable("e2e")?;
-    let postgres = executable("postgres")?;
+    let native_only = NATIVE_ONLY
+        .iter()
+        .map(|n| Ok((*n, PathBuf::from(executable(n)?))))
+        .collect::<Result<_>>()?;
     let debug = paths::target_dir().join("debug");
     Ok(E2eBins {
         countersign: debug.join("countersign"),
         probe: debug.join("cs-probe"),
         fake_slack: debug.join("fake-slack"),
         suite: PathBuf::from(suite),
-        postgres: PathBuf::from(postgres),
+        native_only,
     })
 }
 
@@ -136,17 +146,19 @@ fn run_native(bins: &E2eBins) -> Result<String> {
         Duration::from_secs(30 * 60),
         "the end-to-end suite (native, fallback mode)",
     )?;
-    println!("xtask test: PostgreSQL scenarios, natively");
-    run_streaming(
-        Command::new(&bins.postgres)
-            .args(["--test-threads", "1"])
-            .env("COUNTERSIGN_E2E_MODE", "fallback")
-            .env("COUNTERSIGN_BIN", &bins.countersign)
-            .env("COUNTERSIGN_PROBE", &bins.probe)
-            .env("RUST_BACKTRACE", "1"),
-        Duration::from_secs(10 * 60),
-        "the PostgreSQL scenarios",
-    )?;
+    for (name, exe) in &bins.native_only {
+        println!("xtask test: the {name} scenarios, natively");
+        run_streaming(
+            Command::new(exe)
+                .args(["--test-threads", "1"])
+                .env("COUNTERSIGN_E2E_MODE", "fallback")
+                .env("COUNTERSIGN_BIN", &bins.countersign)
+                .env("COUNTERSIGN_PROBE", &bins.probe)
+                .env("RUST_BACKTRACE", "1"),
+            Duration::from_secs(10 * 60),
+            &format!("the {name} scenarios"),
+        )?;
+    }
     Ok("passed".to_owned())
 }
 

@@ -55,6 +55,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/requests/{id}/answer", post(answer))
         .route("/slack/interactivity", post(slack_callback))
         .route("/openapi.json", get(openapi))
+        .merge(super::web::router())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
 }

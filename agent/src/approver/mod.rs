@@ -8,6 +8,7 @@ pub mod channels;
 pub mod config;
 pub mod decide;
 pub mod store;
+pub mod web;
 
 use std::{sync::Arc, time::Duration};
 

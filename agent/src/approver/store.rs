@@ -71,6 +71,7 @@ fn schema(pg: bool) -> Vec<String> {
         format!("CREATE TABLE IF NOT EXISTS decisions (seq {auto}, request BIGINT NOT NULL UNIQUE, host_id TEXT NOT NULL, envelope TEXT NOT NULL, decided_ms BIGINT NOT NULL)"),
         "CREATE TABLE IF NOT EXISTS messages (request BIGINT NOT NULL, channel TEXT NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (request, channel))".into(),
         "CREATE TABLE IF NOT EXISTS deliveries (key TEXT PRIMARY KEY, at_ms BIGINT NOT NULL)".into(),
+        "CREATE TABLE IF NOT EXISTS sessions (id_hash TEXT PRIMARY KEY, approver TEXT NOT NULL, expires_ms BIGINT NOT NULL)".into(),
         "CREATE TABLE IF NOT EXISTS nudges (request BIGINT NOT NULL, kind TEXT NOT NULL, n BIGINT NOT NULL, at_ms BIGINT NOT NULL, PRIMARY KEY (request, kind, n))".into(),
     ]
 }
@@ -584,6 +585,45 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// Stores a web session (by the hash of its id).
+    pub async fn create_session(
+        &self,
+        id_hash: &str,
+        approver: &str,
+        expires_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sessions WHERE expires_ms < $1")
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("INSERT INTO sessions (id_hash, approver, expires_ms) VALUES ($1, $2, $3)")
+            .bind(id_hash)
+            .bind(approver)
+            .bind(expires_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The approver of a live session.
+    pub async fn session(&self, id_hash: &str) -> Result<Option<String>, StoreError> {
+        let row =
+            sqlx::query("SELECT approver FROM sessions WHERE id_hash = $1 AND expires_ms > $2")
+                .bind(id_hash)
+                .bind(now_ms())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
+    }
+
+    pub async fn delete_session(&self, id_hash: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM sessions WHERE id_hash = $1")
+            .bind(id_hash)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// True the first time `key` is seen (a callback delivered twice is handled once).
