@@ -20,6 +20,10 @@ pub const CHANNEL: &str = "C0APPROVALS";
 pub const BOT_TOKEN: &str = "xoxb-local-test-token";
 pub const SIGNING_SECRET: &str = "local-test-signing-secret";
 pub const ENROLL_TOKEN: &str = "enroll-once-0123456789";
+/// The Teams bot and conversation the scenarios use.
+pub const TEAMS_APP_ID: &str = "00000000-0000-4000-8000-c0c0a11ce5e5";
+pub const TEAMS_APP_PASSWORD: &str = "local-test-bot-secret";
+pub const TEAMS_CONVERSATION: &str = "19:approvals@thread.tacv2";
 
 /// Lowercase hex SHA-256 (how tokens are configured).
 #[must_use]
@@ -280,6 +284,88 @@ impl FakeSlack {
     }
 }
 
+#[must_use]
+pub fn fake_teams_bin() -> PathBuf {
+    std::env::var_os("COUNTERSIGN_FAKE_TEAMS").map_or_else(
+        || fake_slack_bin().with_file_name("fake-teams"),
+        PathBuf::from,
+    )
+}
+
+/// The local stand-in for Teams' Bot Framework.
+pub struct FakeTeams {
+    _proc: Proc,
+    pub addr: String,
+}
+
+impl FakeTeams {
+    #[must_use]
+    pub fn start() -> Self {
+        let child = Command::new(fake_teams_bin())
+            .args([TEAMS_APP_ID, TEAMS_APP_PASSWORD, TEAMS_CONVERSATION])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", fake_teams_bin().display()));
+        let mut proc = Proc { child };
+        let mut line = String::new();
+        BufReader::new(proc.child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("fake-teams' first line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("fake-teams said {line:?}"))
+            .to_owned();
+        Self { _proc: proc, addr }
+    }
+
+    /// Posted activities (with their edit history) and webhook posts.
+    #[must_use]
+    pub fn state(&self) -> Value {
+        http_json(&self.addr, "GET", "/_test/state", &[], &Value::Null).1
+    }
+
+    /// Waits for a posted card whose content contains `needle`.
+    pub fn wait_card(&self, needle: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(a) = self.state()["activities"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|a| a["attachments"].to_string().contains(needle))
+            {
+                return a.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no Teams card with {needle:?}: {}",
+                self.state()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A click on a card's button by the user with AAD object id `aad`; (status, body).
+    pub fn invoke(
+        &self,
+        bot_url: &str,
+        activity: &Value,
+        id: i64,
+        verb: &str,
+        aad: &str,
+        extra: &Value,
+    ) -> (u64, Value) {
+        let mut body = serde_json::json!({"bot_url": bot_url, "activity_id": activity["id"], "id": id, "verb": verb, "aad": aad});
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        let (_, v) = http_json(&self.addr, "POST", "/_test/invoke", &[], &body);
+        (v["status"].as_u64().unwrap_or(0), v["body"].clone())
+    }
+}
+
 /// A running `countersign approver` with four people: alice (the agent's owner in the
 /// scenarios), bob and carol in group `dev`, dave in group `ops`.
 pub struct Approver {
@@ -313,7 +399,22 @@ impl Approver {
         self.dir.path().join("approver.key")
     }
 
+    /// Starts one that posts to this Teams stand-in (bot and webhook).
+    #[must_use]
+    pub fn start_with_teams(teams: &FakeTeams) -> Self {
+        Self::start_channels(None, Some(teams), None, None)
+    }
+
     fn start_full(slack: Option<&FakeSlack>, url: Option<&str>, key: Option<&Path>) -> Self {
+        Self::start_channels(slack, None, url, key)
+    }
+
+    fn start_channels(
+        slack: Option<&FakeSlack>,
+        teams: Option<&FakeTeams>,
+        url: Option<&str>,
+        key: Option<&Path>,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("countersign-approver")
             .tempdir()
@@ -321,7 +422,7 @@ impl Approver {
         let port = free_port();
         let person = |name: &str, user: &str, email: Option<&str>| {
             format!(
-                "  - name: {name}\n    slack: {{team: {TEAM}, user: {user}}}\n    tokens: [{}]\n{}",
+                "  - name: {name}\n    slack: {{team: {TEAM}, user: {user}}}\n    teams: {{aad_object_id: aad-{name}}}\n    tokens: [{}]\n{}",
                 sha256(&token_of(name)),
                 email
                     .map(|e| format!("    email: {e}\n"))
@@ -346,6 +447,12 @@ impl Approver {
             yaml.push_str(&format!(
                 "slack:\n  bot_token: {BOT_TOKEN}\n  signing_secret: {SIGNING_SECRET}\n  channel: {CHANNEL}\n  api_url: http://{}/api\n",
                 s.addr
+            ));
+        }
+        if let Some(t) = teams {
+            yaml.push_str(&format!(
+                "teams:\n  app_id: {TEAMS_APP_ID}\n  app_password: {TEAMS_APP_PASSWORD}\n  service_url: http://{a}/\n  conversation_id: \"{TEAMS_CONVERSATION}\"\n  token_url: http://{a}/oauth2/token\n  openid_url: http://{a}/openid\nteams_webhook:\n  url: http://{a}/webhook\n",
+                a = t.addr
             ));
         }
         let config = dir.path().join("approver.yaml");

@@ -61,6 +61,7 @@ struct E2eBins {
     countersign: PathBuf,
     probe: PathBuf,
     fake_slack: PathBuf,
+    fake_teams: PathBuf,
     suite: PathBuf,
     /// Scenarios that run natively only (the VMs carry no database server or browser):
     /// (test target, executable).
@@ -73,7 +74,7 @@ const NATIVE_ONLY: [&str; 2] = ["postgres", "web"];
 
 fn build_e2e() -> Result<E2eBins> {
     cargo_step(
-        "build countersign, cs-probe and fake-slack",
+        "build countersign and the test binaries",
         &[
             "build",
             "-p",
@@ -121,6 +122,7 @@ fn build_e2e() -> Result<E2eBins> {
         countersign: debug.join("countersign"),
         probe: debug.join("cs-probe"),
         fake_slack: debug.join("fake-slack"),
+        fake_teams: debug.join("fake-teams"),
         suite: PathBuf::from(suite),
         native_only,
     })
@@ -142,6 +144,7 @@ fn run_native(bins: &E2eBins) -> Result<String> {
             .env("COUNTERSIGN_BIN", &bins.countersign)
             .env("COUNTERSIGN_PROBE", &bins.probe)
             .env("COUNTERSIGN_FAKE_SLACK", &bins.fake_slack)
+            .env("COUNTERSIGN_FAKE_TEAMS", &bins.fake_teams)
             .env("RUST_BACKTRACE", "1"),
         Duration::from_secs(30 * 60),
         "the end-to-end suite (native, fallback mode)",
@@ -170,6 +173,7 @@ fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
         (bins.countersign.clone(), guest("countersign")),
         (bins.probe.clone(), guest("cs-probe")),
         (bins.fake_slack.clone(), guest("fake-slack")),
+        (bins.fake_teams.clone(), guest("fake-teams")),
         (bins.suite.clone(), guest("e2e")),
         // The suite checks the example policies (see COUNTERSIGN_POLICIES).
         (paths::workspace_root().join("policies"), guest("policies")),
@@ -179,6 +183,7 @@ fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
         ("COUNTERSIGN_BIN", guest("countersign")),
         ("COUNTERSIGN_PROBE", guest("cs-probe")),
         ("COUNTERSIGN_FAKE_SLACK", guest("fake-slack")),
+        ("COUNTERSIGN_FAKE_TEAMS", guest("fake-teams")),
         ("COUNTERSIGN_POLICIES", guest("policies")),
         ("RUST_BACKTRACE", "1".to_owned()),
     ]

@@ -54,6 +54,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/requests/{id}", get(show))
         .route("/v1/requests/{id}/answer", post(answer))
         .route("/slack/interactivity", post(slack_callback))
+        .route("/teams/messages", post(teams_activity))
         .route("/openapi.json", get(openapi))
         .merge(super::web::router())
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -524,6 +525,83 @@ async fn slack_callback(State(app): AppState, headers: HeaderMap, body: Bytes) -
         }
         Ok(AnswerResult::Refused(why) | AnswerResult::Closed(why)) => tell(why),
         Ok(AnswerResult::NotFound) => tell(format!("No request {}.", click.id)),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Bot Framework activities: `adaptiveCard/action` invokes from the card's buttons.
+async fn teams_activity(
+    State(app): AppState,
+    headers: HeaderMap,
+    Json(activity): Json<Value>,
+) -> Response {
+    let Some(teams) = app.teams.clone() else {
+        return ApiError(StatusCode::NOT_FOUND, "Teams is not configured".into()).into_response();
+    };
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+    if let Err(e) = teams.verify(auth, &activity).await {
+        tracing::warn!(error = %e, "Teams activity refused");
+        return ApiError(StatusCode::UNAUTHORIZED, e.to_string()).into_response();
+    }
+    if activity["type"] != "invoke" || activity["name"] != "adaptiveCard/action" {
+        // Messages, installs and the like: acknowledged, nothing to do.
+        return StatusCode::OK.into_response();
+    }
+    let tell = |text: String| -> Response {
+        Json(json!({"statusCode": 200, "type": "application/vnd.microsoft.activity.message", "value": text})).into_response()
+    };
+    let action = &activity["value"]["action"];
+    let decision = match action["verb"].as_str() {
+        Some("approve") => Decision::Approve,
+        Some("deny") => Decision::Deny,
+        Some("kill") => Decision::Kill,
+        _ => return tell("Unknown action.".into()),
+    };
+    let Some(id) = action["data"]["id"].as_i64() else {
+        return tell("This card names no request.".into());
+    };
+    if let Some(aid) = activity["id"].as_str() {
+        match app.store.first_delivery(&format!("teams:{aid}")).await {
+            Ok(true) => {}
+            Ok(false) => return tell("Already handled.".into()),
+            Err(e) => return ApiError::from(e).into_response(),
+        }
+    }
+    let aad = activity["from"]["aadObjectId"].as_str().unwrap_or_default();
+    let Some(person) = app.config.by_aad(aad) else {
+        tracing::warn!(aad, "Teams user is not an approver");
+        return tell(format!(
+            "Your Teams account ({aad}) is not a configured approver."
+        ));
+    };
+    let identity = format!("teams:{aad}");
+    let name = person.name.clone();
+    let who = Answerer {
+        approver: &name,
+        channel: "teams",
+        identity: &identity,
+    };
+    let reason = action["data"]["reason"]
+        .as_str()
+        .map(str::trim)
+        .filter(|r| !r.is_empty());
+    match record_answer(&app, id, &who, decision, reason).await {
+        Ok(AnswerResult::Decided { .. } | AnswerResult::Duplicate) => match app.store.get(id).await
+        {
+            // The refreshed card, for the person who clicked.
+            Ok(Some(r)) => Json(json!({
+                "statusCode": 200,
+                "type": "application/vnd.microsoft.card.adaptive",
+                "value": super::channels::teams::card(&r, app.config.public_url.as_deref()),
+            }))
+            .into_response(),
+            _ => tell("Decided.".into()),
+        },
+        Ok(AnswerResult::Counted { have, need }) => {
+            tell(format!("Counted: {have} of {need} approvals."))
+        }
+        Ok(AnswerResult::Refused(why) | AnswerResult::Closed(why)) => tell(why),
+        Ok(AnswerResult::NotFound) => tell(format!("No request {id}.")),
         Err(e) => e.into_response(),
     }
 }

@@ -40,6 +40,8 @@ pub struct ApproverConfig {
     /// The group asked when an escalation names none.
     pub default_group: Option<String>,
     pub slack: Option<crate::approver::channels::slack::SlackConfig>,
+    pub teams: Option<crate::approver::channels::teams::TeamsConfig>,
+    pub teams_webhook: Option<crate::approver::channels::teams::TeamsWebhookConfig>,
     pub webhook: Option<crate::approver::channels::webhook::WebhookConfig>,
 }
 
@@ -70,6 +72,7 @@ pub struct Approver {
     /// Compared with a label's `on_behalf_of` (separation of duties).
     pub email: Option<String>,
     pub slack: Option<SlackIdentity>,
+    pub teams: Option<TeamsIdentity>,
     /// API/CLI bearer tokens, as lowercase hex SHA-256 (`countersign approver hash-token`).
     #[serde(default)]
     pub tokens: Vec<String>,
@@ -82,6 +85,13 @@ pub struct SlackIdentity {
     pub team: String,
     /// User id, e.g. `U0456DEF`.
     pub user: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TeamsIdentity {
+    /// Microsoft Entra ID (AAD) object id of the user.
+    pub aad_object_id: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +215,15 @@ impl ApproverConfig {
             a.slack
                 .as_ref()
                 .is_some_and(|s| s.team == team && s.user == user)
+        })
+    }
+
+    #[must_use]
+    pub fn by_aad(&self, object_id: &str) -> Option<&Approver> {
+        self.approvers.iter().find(|a| {
+            a.teams
+                .as_ref()
+                .is_some_and(|t| t.aad_object_id.eq_ignore_ascii_case(object_id))
         })
     }
 

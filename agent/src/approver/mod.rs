@@ -16,7 +16,12 @@ use anyhow::Context as _;
 use ed25519_dalek::SigningKey;
 
 use self::{
-    channels::{Channel, slack::Slack, webhook::Webhook},
+    channels::{
+        Channel,
+        slack::Slack,
+        teams::{Teams, TeamsWebhook},
+        webhook::Webhook,
+    },
     config::ApproverConfig,
     store::Store,
 };
@@ -32,6 +37,7 @@ pub struct App {
     pub key_id: String,
     pub channels: Vec<Arc<dyn Channel>>,
     pub slack: Option<Arc<Slack>>,
+    pub teams: Option<Arc<Teams>>,
     /// Woken whenever a decision is stored (long polls wait on it).
     pub decided: tokio::sync::Notify,
 }
@@ -127,6 +133,16 @@ async fn serve(config: ApproverConfig) -> anyhow::Result<()> {
     if let Some(s) = &slack {
         channels.push(s.clone());
     }
+    let teams = config
+        .teams
+        .clone()
+        .map(|c| Arc::new(Teams::new(c, http.clone())));
+    if let Some(t) = &teams {
+        channels.push(t.clone());
+    }
+    if let Some(w) = config.teams_webhook.clone() {
+        channels.push(Arc::new(TeamsWebhook::new(w, http.clone())));
+    }
     if let Some(w) = config.webhook.clone() {
         channels.push(Arc::new(Webhook::new(w, http.clone())));
     }
@@ -139,6 +155,7 @@ async fn serve(config: ApproverConfig) -> anyhow::Result<()> {
         key_id: key_id.clone(),
         channels,
         slack,
+        teams,
         decided: tokio::sync::Notify::new(),
     });
     tokio::spawn(expiry_loop(app.clone()));

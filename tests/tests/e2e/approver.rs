@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 
 use countersign_tests::{
     Daemon, WAIT,
-    remote::{Approver, FakeSlack},
+    remote::{Approver, FakeSlack, FakeTeams},
 };
 use serde_json::json;
 
@@ -342,4 +342,108 @@ fn reminders_and_the_ladder_bring_in_the_next_group() {
     assert!(Path::new(&m).exists());
     let r = approver.requests("bob", "all");
     assert_eq!(r[0]["answers"][0]["approver"], "dave");
+}
+
+/// Teams: the Adaptive Card shows the request; invokes with a forged, expired or
+/// wrong-audience Bot Framework token are refused; the owner cannot approve; bob's click
+/// (identity from aadObjectId) approves, his card is refreshed, and the posted card is updated
+/// for everyone; the notification-only webhook got a card with a link to the web page.
+#[test]
+fn teams_card_action_approves_a_held_exec() {
+    let teams = FakeTeams::start();
+    let approver = Approver::start_with_teams(&teams);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy(dir.path(), 1, false, "60s");
+    let d = start_daemon(&approver, dir.path(), &policy);
+    let m = marker(&d, "ran-after-teams");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let card = teams.wait_card(&m);
+    let text = card.to_string();
+    for shown in [
+        "coder",
+        "alice@example.com",
+        "run-the-probe",
+        "Action.Execute",
+        "approve",
+    ] {
+        assert!(text.contains(shown), "the card shows {shown}: {text}");
+    }
+    let id = card["attachments"][0]["content"]["actions"][0]["data"]["id"]
+        .as_i64()
+        .unwrap();
+    let bot = format!("{}/teams/messages", approver.url());
+    for forge in ["key", "audience", "expired"] {
+        let (status, body) = teams.invoke(
+            &bot,
+            &card,
+            id,
+            "approve",
+            "aad-bob",
+            &json!({"forge": forge}),
+        );
+        assert_eq!(status, 401, "{forge}: {body}");
+    }
+    let (_, body) = teams.invoke(&bot, &card, id, "approve", "aad-alice", &json!({}));
+    assert!(
+        body["value"]
+            .as_str()
+            .is_some_and(|t| t.contains("works for")),
+        "{body}"
+    );
+    let (_, body) = teams.invoke(&bot, &card, id, "approve", "aad-mallory", &json!({}));
+    assert!(
+        body["value"]
+            .as_str()
+            .is_some_and(|t| t.contains("not a configured approver")),
+        "{body}"
+    );
+    assert!(
+        p.still_running_after(Duration::from_millis(300)),
+        "still held"
+    );
+
+    let (status, body) = teams.invoke(&bot, &card, id, "approve", "aad-bob", &json!({}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["type"], "application/vnd.microsoft.card.adaptive",
+        "a refreshed card: {body}"
+    );
+    assert!(body["value"].to_string().contains("approved"), "{body}");
+    assert!(p.wait(WAIT).success(), "{}\n{}", d.log(), approver.log());
+    assert!(Path::new(&m).exists());
+    let log = d.decisions();
+    assert!(
+        log.iter().any(|e| e["by"] == "approver: bob via teams"),
+        "{log:?}"
+    );
+
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let st = teams.state();
+        let posted = st["activities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == card["id"])
+            .unwrap()
+            .clone();
+        let now = posted["attachments"].to_string();
+        if now.contains("approved") {
+            assert!(
+                !now.contains("Action.Execute"),
+                "no buttons once decided: {now}"
+            );
+            let hook = st["webhook"].to_string();
+            assert!(
+                hook.contains(&format!("/requests/{id}")) && !hook.contains("Action.Execute"),
+                "{hook}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "card not updated: {posted}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
