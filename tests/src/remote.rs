@@ -373,6 +373,8 @@ pub struct Approver {
     dir: tempfile::TempDir,
     pub port: u16,
     config: PathBuf,
+    /// The CA certificate clients must trust, when the service speaks TLS.
+    pub ca: Option<PathBuf>,
 }
 
 impl Approver {
@@ -399,6 +401,12 @@ impl Approver {
         self.dir.path().join("approver.key")
     }
 
+    /// Starts one that speaks TLS with a fresh self-signed certificate for 127.0.0.1.
+    #[must_use]
+    pub fn start_tls() -> Self {
+        Self::start_channels_tls(None, None, None, None, true)
+    }
+
     /// Starts one that posts to this Teams stand-in (bot and webhook).
     #[must_use]
     pub fn start_with_teams(teams: &FakeTeams) -> Self {
@@ -414,6 +422,16 @@ impl Approver {
         teams: Option<&FakeTeams>,
         url: Option<&str>,
         key: Option<&Path>,
+    ) -> Self {
+        Self::start_channels_tls(slack, teams, url, key, false)
+    }
+
+    fn start_channels_tls(
+        slack: Option<&FakeSlack>,
+        teams: Option<&FakeTeams>,
+        url: Option<&str>,
+        key: Option<&Path>,
+        tls: bool,
     ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("countersign-approver")
@@ -455,6 +473,25 @@ impl Approver {
                 a = t.addr
             ));
         }
+        // A private CA and a server certificate it signed, as an operator would set up.
+        let ca = tls.then(|| {
+            let p = |n: &str| dir.path().join(n);
+            let openssl = |args: &[&str]| {
+                let out = Command::new("openssl")
+                    .args(args)
+                    .current_dir(dir.path())
+                    .output()
+                    .expect("openssl (installed by `cargo xtask setup`)");
+                assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            };
+            let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+            openssl(&[&["req", "-x509"][..], &ec, &["-days", "1", "-subj", "/CN=countersign test CA", "-keyout", "ca.key", "-out", "ca.crt"]].concat());
+            openssl(&[&["req"][..], &ec, &["-subj", "/CN=127.0.0.1", "-keyout", "tls.key", "-out", "tls.csr"]].concat());
+            std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").expect("ext");
+            openssl(&["x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-extfile", "ext.cnf", "-out", "tls.crt"]);
+            yaml.push_str(&format!("tls: {{cert: {}, key: {}}}\n", p("tls.crt").display(), p("tls.key").display()));
+            p("ca.crt")
+        });
         let config = dir.path().join("approver.yaml");
         std::fs::write(&config, yaml).expect("approver.yaml");
         let proc = Self::spawn(dir.path(), &config);
@@ -463,6 +500,7 @@ impl Approver {
             dir,
             port,
             config,
+            ca,
         };
         a.wait_serving();
         a
@@ -518,7 +556,8 @@ impl Approver {
 
     #[must_use]
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr())
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr())
     }
 
     #[must_use]
@@ -541,10 +580,14 @@ impl Approver {
         std::fs::write(
             &path,
             format!(
-                "approver:\n  url: {}\n  enroll_token_file: {}\n  state: {}\n",
+                "approver:\n  url: {}\n  enroll_token_file: {}\n  state: {}\n{}",
                 self.url(),
                 token.display(),
-                dir.join("approver.json").display()
+                dir.join("approver.json").display(),
+                self.ca
+                    .as_ref()
+                    .map(|c| format!("  ca_file: {}\n", c.display()))
+                    .unwrap_or_default()
             ),
         )
         .expect("daemon.yaml");
@@ -554,11 +597,14 @@ impl Approver {
     /// `countersign requests ARGS --approver URL` with `who`'s token.
     #[must_use]
     pub fn cli(&self, who: &str, args: &[&str]) -> std::process::Output {
-        Command::new(countersign_bin())
-            .args(["requests"])
+        let mut c = Command::new(countersign_bin());
+        c.args(["requests"])
             .args(args)
-            .args(["--approver", &self.url()])
-            .env("COUNTERSIGN_APPROVER_TOKEN", token_of(who))
+            .args(["--approver", &self.url()]);
+        if let Some(ca) = &self.ca {
+            c.arg("--ca-file").arg(ca);
+        }
+        c.env("COUNTERSIGN_APPROVER_TOKEN", token_of(who))
             .output()
             .expect("countersign requests")
     }

@@ -55,10 +55,12 @@ impl Remote {
             if let Some(b) = body {
                 req = req.json(&b);
             }
-            let resp = req
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the approver at {url}"))?;
+            let resp = req.send().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach the approver at {url}: {}",
+                    crate::daemon::remote::chain(&e)
+                )
+            })?;
             let status = resp.status();
             let v: Value = resp
                 .json()

@@ -223,7 +223,7 @@ impl Conn {
             .json(body)
             .send()
             .await
-            .map_err(|e| format!("{path}: {e}"))?;
+            .map_err(|e| format!("{path}: {}", chain(&e)))?;
         let status = resp.status();
         let v: serde_json::Value = resp
             .json()
@@ -237,6 +237,18 @@ impl Conn {
         }
         Ok(v)
     }
+}
+
+/// An error with its causes (reqwest's own message hides the TLS or connect reason).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn read_enrollment(path: &Path, url: &str) -> Option<Enrollment> {

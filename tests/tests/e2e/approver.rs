@@ -447,3 +447,36 @@ fn teams_card_action_approves_a_held_exec() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The same path over TLS: the daemon and the CLI trust the approver's certificate through
+/// `ca_file`; without it the CLI refuses to talk.
+#[test]
+fn approver_over_tls() {
+    let approver = Approver::start_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy(dir.path(), 1, false, "60s");
+    let d = start_daemon(&approver, dir.path(), &policy);
+    let m = marker(&d, "ran-over-tls");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let r = approver.wait_request(&m);
+    let id = r["id"].to_string();
+    let untrusted = std::process::Command::new(countersign_tests::countersign_bin())
+        .args(["requests", "list", "--approver", &approver.url()])
+        .env(
+            "COUNTERSIGN_APPROVER_TOKEN",
+            countersign_tests::remote::token_of("bob"),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        !untrusted.status.success(),
+        "an unknown certificate is refused"
+    );
+    let out = approver.cli("bob", &["approve", &id]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("decided: approve"),
+        "{out:?}"
+    );
+    assert!(p.wait(WAIT).success(), "{}\n{}", d.log(), approver.log());
+    assert!(Path::new(&m).exists());
+}
