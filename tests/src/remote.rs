@@ -19,6 +19,7 @@ pub const TEAM: &str = "T0COUNTER";
 pub const CHANNEL: &str = "C0APPROVALS";
 pub const BOT_TOKEN: &str = "xoxb-local-test-token";
 pub const SIGNING_SECRET: &str = "local-test-signing-secret";
+pub const APP_TOKEN: &str = "xapp-local-test-app-token";
 pub const ENROLL_TOKEN: &str = "enroll-once-0123456789";
 /// The Teams bot and conversation the scenarios use.
 pub const TEAMS_APP_ID: &str = "00000000-0000-4000-8000-c0c0a11ce5e5";
@@ -176,7 +177,7 @@ impl FakeSlack {
     #[must_use]
     pub fn start() -> Self {
         let child = Command::new(fake_slack_bin())
-            .args([BOT_TOKEN, SIGNING_SECRET, CHANNEL])
+            .args([BOT_TOKEN, SIGNING_SECRET, CHANNEL, APP_TOKEN])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -199,6 +200,25 @@ impl FakeSlack {
     pub fn messages(&self) -> Vec<Value> {
         let (_, v) = http_json(&self.addr, "GET", "/_test/messages", &[], &Value::Null);
         v["messages"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Socket Mode connections opened so far.
+    #[must_use]
+    pub fn connections(&self) -> u64 {
+        let (_, v) = http_json(&self.addr, "GET", "/_test/messages", &[], &Value::Null);
+        v["connections"].as_u64().unwrap_or(0)
+    }
+
+    /// Sends Slack's `disconnect` (refresh) message on the Socket Mode connection.
+    pub fn disconnect(&self) {
+        let (status, _) = http_json(
+            &self.addr,
+            "POST",
+            "/_test/disconnect",
+            &[],
+            &serde_json::json!({}),
+        );
+        assert_eq!(status, 200);
     }
 
     /// Every modal opened so far.
@@ -401,7 +421,31 @@ impl Approver {
         self.dir.path().join("approver.key")
     }
 
-    /// Starts one that speaks TLS with a fresh self-signed certificate for 127.0.0.1.
+    /// Starts one that takes Slack's answers over Socket Mode only (no signing secret: its
+    /// HTTP callback route refuses everything).
+    #[must_use]
+    pub fn start_socket_mode(slack: &FakeSlack) -> Self {
+        let a = Self::start_channels_tls(Some(slack), None, None, None, false);
+        let text = std::fs::read_to_string(&a.config).expect("config");
+        let text = text.replace(
+            &format!("  signing_secret: {SIGNING_SECRET}\n"),
+            &format!("  app_token: {APP_TOKEN}\n"),
+        );
+        std::fs::write(&a.config, text).expect("config");
+        let mut a = a;
+        a.restart();
+        a
+    }
+
+    /// Stops it (SIGTERM, as an operator would) and starts it again on the same state.
+    pub fn restart(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        self.proc = Self::spawn(self.dir.path(), &self.config);
+        self.wait_serving();
+    }
+
+    /// Starts one that speaks TLS, with a certificate from a private test CA.
     #[must_use]
     pub fn start_tls() -> Self {
         Self::start_channels_tls(None, None, None, None, true)

@@ -432,13 +432,20 @@ async fn slack_callback(State(app): AppState, headers: HeaderMap, body: Bytes) -
     let Some(slack) = app.slack.clone() else {
         return ApiError(StatusCode::NOT_FOUND, "Slack is not configured".into()).into_response();
     };
+    let Some(secret) = slack.config().signing_secret.clone() else {
+        return ApiError(
+            StatusCode::NOT_FOUND,
+            "Slack answers come through Socket Mode here (no signing_secret)".into(),
+        )
+        .into_response();
+    };
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     if body.len() > slack::MAX_CALLBACK_BYTES {
         return bad("callback too large").into_response();
     }
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     if let Err(e) = slack::verify_signature(
-        &slack.config().signing_secret,
+        &secret,
         header("x-slack-request-timestamp"),
         header("x-slack-signature"),
         &body,
@@ -452,19 +459,27 @@ async fn slack_callback(State(app): AppState, headers: HeaderMap, body: Bytes) -
         Ok(None) => return StatusCode::OK.into_response(),
         Err(e) => return bad(e.to_string()).into_response(),
     };
-    match app.store.first_delivery(&click.delivery).await {
-        Ok(true) => {}
-        Ok(false) => return StatusCode::OK.into_response(), // a retried delivery
-        Err(e) => return ApiError::from(e).into_response(),
+    match handle_slack_click(&app, &slack, click).await {
+        Ok(Some(body)) => (StatusCode::OK, Json(body)).into_response(),
+        Ok(None) => StatusCode::OK.into_response(),
+        Err(e) => e.into_response(),
     }
-    let tell = |text: String| -> Response {
+}
+
+/// Acts on a verified Slack click or modal submission (from an HTTP callback or Socket
+/// Mode); the JSON to answer with, if any (a modal's errors).
+pub async fn handle_slack_click(
+    app: &Arc<App>,
+    slack: &Arc<slack::Slack>,
+    click: slack::Click,
+) -> Result<Option<Value>, ApiError> {
+    if !app.store.first_delivery(&click.delivery).await? {
+        return Ok(None); // a retried delivery
+    }
+    let tell = |text: String| -> Option<Value> {
         if click.from_modal {
             // Shown under the modal's input; the modal stays open.
-            return (
-                StatusCode::OK,
-                Json(json!({"response_action": "errors", "errors": {"reason": text}})),
-            )
-                .into_response();
+            return Some(json!({"response_action": "errors", "errors": {"reason": text}}));
         }
         if let Some(url) = click.response_url.clone() {
             let slack = slack.clone();
@@ -474,7 +489,7 @@ async fn slack_callback(State(app): AppState, headers: HeaderMap, body: Bytes) -
                 }
             });
         }
-        StatusCode::OK.into_response()
+        None
     };
     let Some(person) = app.config.by_slack(&click.team, &click.user) else {
         tracing::warn!(
@@ -482,10 +497,10 @@ async fn slack_callback(State(app): AppState, headers: HeaderMap, body: Bytes) -
             user = click.user,
             "Slack user is not an approver"
         );
-        return tell(format!(
+        return Ok(tell(format!(
             "Slack user {} of team {} is not a configured approver.",
             click.user, click.team
-        ));
+        )));
     };
     let decision = match click.decision.as_str() {
         "approve" => Decision::Approve,
@@ -495,19 +510,17 @@ async fn slack_callback(State(app): AppState, headers: HeaderMap, body: Bytes) -
     // A rule that asks for a reason: the button opens the modal; its submission answers.
     if click.reason.is_none()
         && let Some(trigger) = &click.trigger_id
+        && let Some(r) = app.store.get(click.id).await?
+        && r.escalation.justification
+        && r.state == "pending"
     {
-        match app.store.get(click.id).await {
-            Ok(Some(r)) if r.escalation.justification && r.state == "pending" => {
-                if let Err(e) = slack
-                    .open_reason_modal(trigger, click.id, &click.decision)
-                    .await
-                {
-                    tracing::warn!(error = %e, "opening the reason modal failed");
-                }
-                return StatusCode::OK.into_response();
-            }
-            _ => {}
+        if let Err(e) = slack
+            .open_reason_modal(trigger, click.id, &click.decision)
+            .await
+        {
+            tracing::warn!(error = %e, "opening the reason modal failed");
         }
+        return Ok(None);
     }
     let identity = format!("slack:{}/{}", click.team, click.user);
     let name = person.name.clone();
@@ -516,17 +529,16 @@ async fn slack_callback(State(app): AppState, headers: HeaderMap, body: Bytes) -
         channel: "slack",
         identity: &identity,
     };
-    match record_answer(&app, click.id, &who, decision, click.reason.as_deref()).await {
-        Ok(AnswerResult::Decided { .. } | AnswerResult::Duplicate) => {
-            StatusCode::OK.into_response()
-        }
-        Ok(AnswerResult::Counted { have, need }) => {
-            tell(format!("Counted: {have} of {need} approvals."))
-        }
-        Ok(AnswerResult::Refused(why) | AnswerResult::Closed(why)) => tell(why),
-        Ok(AnswerResult::NotFound) => tell(format!("No request {}.", click.id)),
-        Err(e) => e.into_response(),
-    }
+    Ok(
+        match record_answer(app, click.id, &who, decision, click.reason.as_deref()).await? {
+            AnswerResult::Decided { .. } | AnswerResult::Duplicate => None,
+            AnswerResult::Counted { have, need } => {
+                tell(format!("Counted: {have} of {need} approvals."))
+            }
+            AnswerResult::Refused(why) | AnswerResult::Closed(why) => tell(why),
+            AnswerResult::NotFound => tell(format!("No request {}.", click.id)),
+        },
+    )
 }
 
 /// Bot Framework activities: `adaptiveCard/action` invokes from the card's buttons.

@@ -200,6 +200,15 @@ impl ApproverConfig {
                 }
             }
         }
+        if let Some(sl) = &self.slack
+            && sl.signing_secret.is_none()
+            && sl.app_token.is_none()
+        {
+            return Err(invalid(
+                "slack".into(),
+                "give signing_secret (HTTP callbacks) or app_token (Socket Mode), or both".into(),
+            ));
+        }
         if let Some(g) = &self.default_group
             && !self.groups.contains_key(g)
         {

@@ -159,6 +159,11 @@ async fn serve(config: ApproverConfig) -> anyhow::Result<()> {
         decided: tokio::sync::Notify::new(),
     });
     tokio::spawn(expiry_loop(app.clone()));
+    if let Some(s) = app.slack.clone()
+        && let Some(token) = app.config.slack.as_ref().and_then(|c| c.app_token.clone())
+    {
+        tokio::spawn(channels::slack_socket::run(app.clone(), s, token));
+    }
     let router = api::router(app.clone());
     let handle = axum_server::Handle::new();
     let shutdown = handle.clone();

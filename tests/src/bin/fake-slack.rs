@@ -7,13 +7,18 @@
 //! payload, form-encoded as `payload=…`, signed with the app's signing secret (v0: HMAC-SHA256
 //! over `v0:timestamp:body`, headers `X-Slack-Request-Timestamp` and `X-Slack-Signature`).
 //!
-//! Usage: `fake-slack TOKEN SIGNING_SECRET CHANNEL`; prints `listening on ADDR` and serves
+//! Socket Mode too: `apps.connections.open` (app-level token) gives a `ws://` URL; the
+//! socket gets `hello`, then `interactive` envelopes that must be acknowledged with their
+//! `envelope_id`; `POST /_test/disconnect` sends Slack's `disconnect` (refresh) message.
+//!
+//! Usage: `fake-slack TOKEN SIGNING_SECRET CHANNEL APP_TOKEN`; prints `listening on ADDR` and serves
 //! `/api/<method>` plus a test-only control surface:
 //! - `GET /_test/messages`: every message with its current blocks and its edit history;
 //! - `POST /_test/click {request_url, ts, action_id, team, user, forge?, age_secs?, repeat?}`:
 //!   a user clicks a button of message `ts` (`forge`: sign with a wrong secret; `age_secs`:
 //!   a timestamp that old; `repeat`: deliver the same payload that many times, as Slack's
-//!   retries do); answers with the request URL's status codes and bodies;
+//!   retries do; `socket`: deliver it over the Socket Mode connection instead); answers with
+//!   the request URL's status codes and bodies (Socket Mode: 200 and the acknowledgement);
 //! - `POST /_test/submit {request_url, view_id, team, user, reason}`: submits an open modal.
 use std::{
     collections::HashMap,
@@ -24,8 +29,12 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::{Path, State},
+    extract::{
+        Path, State,
+        ws::{Message, WebSocket, WebSocketUpgrade},
+    },
     http::HeaderMap,
+    response::Response,
     routing::{get, post},
 };
 use hmac::{Hmac, Mac as _};
@@ -44,6 +53,11 @@ struct Slack {
     responses: Vec<Value>,
     counter: u64,
     addr: String,
+    app_token: String,
+    /// The open Socket Mode connection: envelopes to send, each with where its ack goes.
+    socket: Option<tokio::sync::mpsc::Sender<(Value, Option<tokio::sync::oneshot::Sender<Value>>)>>,
+    /// Socket Mode connections opened so far.
+    connections: u64,
 }
 
 type S = State<Arc<Mutex<Slack>>>;
@@ -68,6 +82,19 @@ async fn api(
     body: String,
 ) -> Json<Value> {
     let mut s = st.lock().unwrap();
+    if method == "apps.connections.open" {
+        let ok = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v == format!("Bearer {}", s.app_token));
+        if !ok {
+            return Json(json!({"ok": false, "error": "invalid_auth"}));
+        }
+        s.counter += 1;
+        return Json(
+            json!({"ok": true, "url": format!("ws://{}/socket/ticket-{}", s.addr, s.counter)}),
+        );
+    }
     if !authorised(&s, &headers) {
         return Json(json!({"ok": false, "error": "invalid_auth"}));
     }
@@ -140,9 +167,83 @@ async fn response(State(st): S, Path((team, n)): Path<(String, u64)>, body: Stri
     Json(json!({"ok": true}))
 }
 
+async fn socket(State(st): S, Path(_ticket): Path<String>, ws: WebSocketUpgrade) -> Response {
+    ws.on_upgrade(move |sock| serve_socket(st, sock))
+}
+
+async fn serve_socket(st: Arc<Mutex<Slack>>, mut sock: WebSocket) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+    {
+        let mut s = st.lock().unwrap();
+        s.socket = Some(tx);
+        s.connections += 1;
+    }
+    let hello = json!({"type": "hello", "num_connections": 1, "connection_info": {"app_id": "A0000000001"}, "debug_info": {"host": "fake-slack"}});
+    if sock
+        .send(Message::Text(hello.to_string().into()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut waiting: HashMap<String, tokio::sync::oneshot::Sender<Value>> = HashMap::new();
+    loop {
+        tokio::select! {
+            out = rx.recv() => {
+                let Some((frame, ack)) = out else { return };
+                if let (Some(id), Some(ack)) = (frame["envelope_id"].as_str(), ack) {
+                    waiting.insert(id.to_owned(), ack);
+                }
+                if sock.send(Message::Text(frame.to_string().into())).await.is_err() {
+                    return;
+                }
+            }
+            msg = sock.recv() => {
+                let Some(Ok(Message::Text(t))) = msg else { return };
+                if let Ok(v) = serde_json::from_str::<Value>(&t)
+                    && let Some(ack) = v["envelope_id"].as_str().and_then(|id| waiting.remove(id))
+                {
+                    let _ = ack.send(v);
+                }
+            }
+        }
+    }
+}
+
+/// Sends one envelope over the Socket Mode connection and waits for its acknowledgement.
+async fn over_socket(st: &Arc<Mutex<Slack>>, payload: Value) -> Value {
+    let (tx, id) = {
+        let mut s = st.lock().unwrap();
+        s.counter += 1;
+        (s.socket.clone(), format!("env-{}", s.counter))
+    };
+    let Some(tx) = tx else {
+        return json!({"answers": [{"status": 0, "body": "no Socket Mode connection"}]});
+    };
+    let envelope = json!({"envelope_id": id, "type": "interactive", "accepts_response_payload": true, "retry_attempt": 0, "retry_reason": "", "payload": payload});
+    let (ack_tx, ack_rx) = tokio::sync::oneshot::channel();
+    if tx.send((envelope, Some(ack_tx))).await.is_err() {
+        return json!({"answers": [{"status": 0, "body": "Socket Mode connection gone"}]});
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(10), ack_rx).await {
+        Ok(Ok(ack)) => json!({"answers": [{"status": 200, "body": ack.to_string()}]}),
+        _ => json!({"answers": [{"status": 0, "body": "not acknowledged"}]}),
+    }
+}
+
+async fn disconnect(State(st): S) -> Json<Value> {
+    let tx = st.lock().unwrap().socket.take();
+    if let Some(tx) = tx {
+        let _ = tx.send((json!({"type": "disconnect", "reason": "refresh_requested", "debug_info": {"host": "fake-slack"}}), None)).await;
+    }
+    Json(json!({"ok": true}))
+}
+
 async fn messages(State(st): S) -> Json<Value> {
     let s = st.lock().unwrap();
-    Json(json!({"messages": s.messages, "views": s.views, "responses": s.responses}))
+    Json(
+        json!({"messages": s.messages, "views": s.views, "responses": s.responses, "connections": s.connections}),
+    )
 }
 
 /// Sends `payload` to the request URL the way Slack does.
@@ -244,6 +345,9 @@ async fn click(State(st): S, Json(b): Json<Value>) -> Json<Value> {
         };
         (secret, payload)
     };
+    if b["socket"] == true {
+        return Json(over_socket(&st, payload).await);
+    }
     let url = b["request_url"].as_str().unwrap_or_default().to_owned();
     Json(
         deliver(
@@ -287,6 +391,9 @@ async fn submit(State(st): S, Json(b): Json<Value>) -> Json<Value> {
         });
         (s.secret.clone(), payload)
     };
+    if b["socket"] == true {
+        return Json(over_socket(&st, payload).await);
+    }
     let url = b["request_url"].as_str().unwrap_or_default().to_owned();
     Json(deliver(&secret, &url, &payload, 0, 1).await)
 }
@@ -294,8 +401,8 @@ async fn submit(State(st): S, Json(b): Json<Value>) -> Json<Value> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [token, secret, channel] = <[String; 3]>::try_from(args)
-        .unwrap_or_else(|_| panic!("usage: fake-slack TOKEN SIGNING_SECRET CHANNEL"));
+    let [token, secret, channel, app_token] = <[String; 4]>::try_from(args)
+        .unwrap_or_else(|_| panic!("usage: fake-slack TOKEN SIGNING_SECRET CHANNEL APP_TOKEN"));
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .await
         .expect("bind");
@@ -304,12 +411,15 @@ async fn main() {
         token,
         secret,
         channel,
+        app_token,
         addr: addr.clone(),
         ..Slack::default()
     }));
     let app = Router::new()
         .route("/api/{method}", post(api))
         .route("/actions/{team}/{n}", post(response))
+        .route("/socket/{ticket}", get(socket))
+        .route("/_test/disconnect", post(disconnect))
         .route("/_test/messages", get(messages))
         .route("/_test/click", post(click))
         .route("/_test/submit", post(submit))

@@ -480,3 +480,71 @@ fn approver_over_tls() {
     assert!(p.wait(WAIT).success(), "{}\n{}", d.log(), approver.log());
     assert!(Path::new(&m).exists());
 }
+
+/// Socket Mode: the approver opens the WebSocket itself (no inbound callbacks at all); a
+/// click arrives as an envelope, is acknowledged, and approves; after Slack's `disconnect`
+/// the approver reconnects and keeps working.
+#[test]
+fn slack_socket_mode_approves_without_inbound_callbacks() {
+    let slack = FakeSlack::start();
+    let approver = Approver::start_socket_mode(&slack);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy(dir.path(), 1, false, "60s");
+    let d = start_daemon(&approver, dir.path(), &policy);
+    let wait_connections = |n: u64| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while slack.connections() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no Socket Mode connection {n}:\n{}",
+                approver.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_connections(1);
+    // The HTTP callback route is closed without a signing secret.
+    let url = approver.slack_request_url();
+    let m0 = marker(&d, "first");
+    let mut p0 = d.labelled("coder", &[&probe(), "touch", &m0]);
+    let msg0 = slack.wait_message(&m0);
+    let a = slack.click(&url, &msg0["ts"], "approve", "UBOB", &json!({}));
+    assert_eq!(a[0]["status"], 404, "{a:?}");
+    let a = slack.click(
+        &url,
+        &msg0["ts"],
+        "approve",
+        "UBOB",
+        &json!({"socket": true}),
+    );
+    assert_eq!(a[0]["status"], 200, "acknowledged: {a:?}");
+    assert!(
+        a[0]["body"].as_str().unwrap().contains("envelope_id"),
+        "{a:?}"
+    );
+    assert!(p0.wait(WAIT).success(), "{}\n{}", d.log(), approver.log());
+
+    slack.disconnect();
+    wait_connections(2);
+    let m = marker(&d, "second");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let msg = slack.wait_message(&m);
+    slack.click(
+        &url,
+        &msg["ts"],
+        "approve",
+        "UALICE",
+        &json!({"socket": true}),
+    );
+    slack.wait_reply("works for");
+    let a = slack.click(
+        &url,
+        &msg["ts"],
+        "approve",
+        "UCAROL",
+        &json!({"socket": true}),
+    );
+    assert_eq!(a[0]["status"], 200, "{a:?}");
+    assert!(p.wait(WAIT).success());
+    assert!(Path::new(&m).exists());
+}

@@ -3,6 +3,7 @@
 //! (`update`); channels that take answers (Slack's buttons) also add HTTP routes of their own
 //! in the server, and every answer goes through the same store call whatever its channel.
 pub mod slack;
+pub mod slack_socket;
 pub mod teams;
 pub mod webhook;
 

@@ -27,8 +27,11 @@ pub const REASON_CALLBACK: &str = "countersign_reason";
 pub struct SlackConfig {
     /// Bot token (`xoxb-…`) with `chat:write`.
     pub bot_token: String,
-    /// The app's signing secret: verifies every callback.
-    pub signing_secret: String,
+    /// The app's signing secret: verifies every HTTP callback (Interactivity request URL).
+    pub signing_secret: Option<String>,
+    /// An app-level token (`xapp-…`, `connections:write`): answers come through Socket Mode,
+    /// for approvers that cannot be reached from the internet.
+    pub app_token: Option<String>,
     /// Channel id the requests are posted to.
     pub channel: String,
     /// Web API base URL.
@@ -58,6 +61,17 @@ impl Slack {
 
     /// Calls Web API `method` with a JSON body; Slack's `ok: false` is an error.
     pub async fn call(&self, method: &str, body: &Value) -> Result<Value, ChannelError> {
+        self.call_with_token(method, &self.config.bot_token, body)
+            .await
+    }
+
+    /// Like [`Slack::call`], with another token (Socket Mode's app-level token).
+    pub async fn call_with_token(
+        &self,
+        method: &str,
+        token: &str,
+        body: &Value,
+    ) -> Result<Value, ChannelError> {
         let url = format!("{}/{method}", self.config.api_url.trim_end_matches('/'));
         let http = |message: String| ChannelError::Http {
             channel: "slack",
@@ -66,7 +80,7 @@ impl Slack {
         let resp = self
             .http
             .post(&url)
-            .bearer_auth(&self.config.bot_token)
+            .bearer_auth(token)
             .timeout(Duration::from_secs(10))
             .json(body)
             .send()
@@ -468,6 +482,11 @@ pub fn parse_callback(body: &[u8]) -> Result<Option<Click>, CallbackError> {
         .ok_or_else(|| CallbackError::Payload("no `payload` field".into()))?;
     let p: Value =
         serde_json::from_str(&payload).map_err(|e| CallbackError::Payload(e.to_string()))?;
+    parse_payload(&p)
+}
+
+/// A click or modal submission from its interactivity payload (the JSON Slack sends).
+pub fn parse_payload(p: &Value) -> Result<Option<Click>, CallbackError> {
     let team = p["team"]["id"]
         .as_str()
         .or_else(|| p["user"]["team_id"].as_str())
