@@ -62,7 +62,7 @@ pub fn router(app: Arc<App>) -> Router {
 }
 
 /// An error answer.
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

@@ -74,10 +74,12 @@ async fn session(app: &Arc<App>, slack: &Arc<Slack>, app_token: &str) -> Result<
         };
         let answer = if envelope["type"] == "interactive" {
             match parse_payload(&envelope["payload"]) {
-                Ok(Some(click)) => match handle_slack_click(app, slack, click).await {
-                    Ok(a) => a,
-                    Err(_) => None,
-                },
+                Ok(Some(click)) => handle_slack_click(app, slack, click)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(status = %e.0, error = e.1, "Slack Socket Mode: the click failed");
+                        None
+                    }),
                 Ok(None) => None,
                 Err(e) => {
                     tracing::warn!(error = %e, "Slack Socket Mode: malformed payload");
