@@ -10,6 +10,8 @@ mod ebpf;
 mod paths;
 mod policy;
 mod proto;
+#[allow(dead_code, reason = "the collector and shipper use the rest")]
+mod records;
 #[allow(
     dead_code,
     reason = "the approver and the decision records are being built on it"

@@ -89,7 +89,7 @@ pub struct ProcInfo {
 }
 
 /// A held request as the approver sees it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RequestView {
     pub id: u64,
     /// `exec`, `exec-loaded` (held after the image loaded: deny kills) or `connect`.
