@@ -67,6 +67,11 @@ enum Cmd {
         #[command(subcommand)]
         action: PolicyCmd,
     },
+    /// Verify signed decision records (a spool or an evidence bundle), offline.
+    Records {
+        #[command(subcommand)]
+        action: RecordsCmd,
+    },
     #[command(name = "internal-canary", hide = true)]
     InternalCanary { port: u16 },
     #[command(name = "internal-canary-exec", hide = true)]
@@ -88,6 +93,9 @@ struct DaemonArgs {
     /// The host's signing key (made if missing).
     #[arg(long)]
     host_key: Option<PathBuf>,
+    /// Where signed decision records are spooled.
+    #[arg(long)]
+    spool_dir: Option<PathBuf>,
     /// Policy file or directory (repeatable; replaces the configured ones).
     #[arg(long)]
     policy: Vec<PathBuf>,
@@ -132,6 +140,23 @@ enum PolicyCmd {
 enum ProtocolArg {
     Tcp,
     Udp,
+}
+
+#[derive(Subcommand)]
+enum RecordsCmd {
+    /// Check every record: signatures, contiguous sequence, previous hashes, forks, embedded
+    /// approver decisions, self-approvals. Prints a summary; the exit status says valid or not.
+    Verify {
+        /// A spool directory or an evidence bundle directory.
+        path: PathBuf,
+        /// A host public key (SPKI PEM, e.g. host.key.pub); repeatable. Default for a
+        /// bundle: its keys/hosts/.
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+        /// An approver public key; repeatable. Default for a bundle: its keys/approvers/.
+        #[arg(long = "approver-key")]
+        approver_keys: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -186,6 +211,18 @@ fn main() {
             };
             report(cli::policy::test(&files, &label, &what))
         }
+        Cmd::Records {
+            action:
+                RecordsCmd::Verify {
+                    path,
+                    keys,
+                    approver_keys,
+                },
+        } => report(cli::records::verify(&cli::records::VerifyArgs {
+            path,
+            host_keys: keys,
+            approver_keys,
+        })),
         Cmd::Status { socket_dir, json } => {
             report(cli::status::run(&paths::socket_dir(socket_dir), json))
         }
@@ -242,6 +279,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     if let Some(k) = args.host_key {
         config.host_key = k;
+    }
+    if let Some(d) = args.spool_dir {
+        config.spool_dir = d;
     }
     if let Some(m) = args.mode {
         config.mode = m;

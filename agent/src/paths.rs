@@ -15,6 +15,8 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/countersign";
 /// The host's Ed25519 key (PKCS#8 PEM, mode 0600; its public half beside it as `host.key.pub`):
 /// it signs escalations and decision records. Made at the first start if missing.
 pub const DEFAULT_HOST_KEY: &str = "/var/lib/countersign/host.key";
+/// The signed decision records' spool (segments and the receipted cursor), mode 0700.
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/countersign/spool";
 /// Held by the running daemon (flock) in the socket directory.
 pub const LOCK_FILE: &str = "daemon.lock";
 /// Environment variable that overrides the socket directory for every subcommand.

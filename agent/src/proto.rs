@@ -72,6 +72,12 @@ pub struct StatusInfo {
     pub policy_rules: usize,
     /// Why the last policy reload failed (the policy in force stays), if it did.
     pub policy_reload_error: Option<String>,
+    /// Why the last signed record could not be written (new requests are refused), if so.
+    #[serde(default)]
+    pub records_error: Option<String>,
+    /// The seq of the last record written in this host's chain.
+    #[serde(default)]
+    pub records_written: u64,
     pub timeout_action: String,
     pub holds: u64,
     /// Connects the policy allowed in the kernel (never stopped).

@@ -2,5 +2,6 @@
 pub mod client;
 pub mod exec;
 pub mod policy;
+pub mod records;
 pub mod requests;
 pub mod status;

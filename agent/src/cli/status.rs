@@ -49,6 +49,10 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
     if let Some(e) = &s.policy_reload_error {
         println!("  ALARM: the last policy reload failed; the policy in force stays:\n{e}");
     }
+    println!("  records:        {} written", s.records_written);
+    if let Some(e) = &s.records_error {
+        println!("  ALARM: signed records cannot be written; new requests are refused: {e}");
+    }
     println!(
         "  timeout:        {}s, then {}",
         s.request_timeout_secs, s.timeout_action

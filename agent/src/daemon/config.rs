@@ -42,6 +42,10 @@ pub struct DaemonConfig {
     pub decision_log: PathBuf,
     /// The host's signing key (made at the first start if missing).
     pub host_key: PathBuf,
+    /// Where signed decision records are spooled until the collector receipts them.
+    pub spool_dir: PathBuf,
+    /// Seconds between heartbeat records (silence between them is provable).
+    pub heartbeat_secs: u64,
     pub mode: ModeRequest,
     pub request_timeout_secs: u64,
     pub timeout_action: TimeoutAction,
@@ -58,6 +62,10 @@ impl Default for DaemonConfig {
             bpf_pin_dir: PathBuf::from(paths::DEFAULT_PIN_DIR),
             decision_log: PathBuf::from(paths::DEFAULT_DECISION_LOG),
             host_key: PathBuf::from(paths::DEFAULT_HOST_KEY),
+            spool_dir: PathBuf::from(paths::DEFAULT_SPOOL_DIR),
+            // A minute: an auditor can tell a quiet host from a dead one to the minute, for
+            // about 1.5 MB of records a day.
+            heartbeat_secs: 60,
             // BPF LSM where the kernel runs it; most hosts do not boot with it.
             mode: ModeRequest::Auto,
             // Long enough for a human to read a prompt; short enough that nothing hangs.
@@ -72,6 +80,8 @@ impl Default for DaemonConfig {
 
 /// Longest accepted request timeout: nothing is held for more than a day.
 pub const MAX_REQUEST_TIMEOUT_SECS: u64 = 24 * 3600;
+/// Longest heartbeat interval: an hour.
+pub const MAX_HEARTBEAT_SECS: u64 = 3600;
 /// Label names: short, printable, safe in logs and chat messages.
 pub const MAX_LABEL_LEN: usize = 64;
 
@@ -133,6 +143,15 @@ impl DaemonConfig {
                 format!(
                     "must be between 1 and {MAX_REQUEST_TIMEOUT_SECS}, not {}",
                     self.request_timeout_secs
+                ),
+            ));
+        }
+        if self.heartbeat_secs == 0 || self.heartbeat_secs > MAX_HEARTBEAT_SECS {
+            return Err(invalid(
+                "heartbeat_secs".into(),
+                format!(
+                    "must be between 1 and {MAX_HEARTBEAT_SECS}, not {}",
+                    self.heartbeat_secs
                 ),
             ));
         }
@@ -212,6 +231,9 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_field() {
+        let (_d, p) = write("heartbeat_secs: 0\n");
+        let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("heartbeat_secs"), "{e}");
         let (_d, p) = write("request_timeout_secs: 0\n");
         let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("request_timeout_secs"), "{e}");

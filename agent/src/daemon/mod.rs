@@ -30,6 +30,7 @@ use self::{
     enrich::FileId,
     log::DecisionLog,
 };
+use crate::records::{self, Body, DecisionRecord, RequestRecord, spool::Spool};
 use crate::{
     ebpf::{self, Kernel},
     policy::{
@@ -87,15 +88,19 @@ struct Held {
 struct Daemon {
     kernel: Kernel,
     /// Signs what this host states (escalations, records); its id names the host.
-    #[allow(
-        dead_code,
-        reason = "signs escalations and records, which are being built"
-    )]
+    #[allow(dead_code, reason = "signs escalations, which are being built")]
     host_key: ed25519_dalek::SigningKey,
     /// `sign::key_id` of `host_key`.
     host_id: String,
     config: DaemonConfig,
     log: DecisionLog,
+    /// Signed decision records, written before the decision log and before anything is
+    /// applied.
+    spool: Spool,
+    /// Why the last record could not be written, until one is: meanwhile nobody is asked to
+    /// decide anything (new requests are refused).
+    spool_error: Option<String>,
+    last_heartbeat: Instant,
     labels: Vec<String>,
     /// (cgroup path as in /proc/PID/cgroup, label id), for refusing labelled callers.
     cgroup_labels: Vec<(String, u32)>,
@@ -152,6 +157,8 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     if made {
         tracing::info!(path = %config.host_key.display(), host_id, "host key made");
     }
+    let spool = Spool::open(&config.spool_dir, host_key.clone(), &records::host_name())
+        .context("the record spool (spool_dir)")?;
     let next_id = log.last_request_id() + 1;
     let (mut kernel, ring) =
         Kernel::load(config.mode, &config.bpf_pin_dir).context("loading the eBPF hooks")?;
@@ -188,6 +195,9 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         host_id,
         config,
         log,
+        spool,
+        spool_error: None,
+        last_heartbeat: Instant::now(),
         labels,
         cgroup_labels,
         requests: BTreeMap::new(),
@@ -201,6 +211,12 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         reload_error: None,
         ticks: 0,
     };
+    daemon.append(Body::DaemonStart {
+        version: env!("CARGO_PKG_VERSION").into(),
+        mode: daemon.kernel.mode().to_string(),
+        pid: std::process::id(),
+    });
+    daemon.record_policy();
     // The policy's connect fast path (empty without a policy: clears an earlier daemon's).
     daemon.install_fast_path()?;
     daemon.adopt();
@@ -233,7 +249,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
             _ = int.recv() => break,
         }
     }
-    daemon.shutdown(ring.get_mut());
+    daemon.shutdown(ring.get_mut(), "signal");
     Ok(())
 }
 
@@ -499,6 +515,18 @@ impl Daemon {
             );
             return;
         }
+        // A human will be asked: the request is recorded first. Without a working spool
+        // nobody is asked, and the request is denied (which is recorded too, or it stays held).
+        let request = Body::Request(RequestRecord {
+            action_hash: crate::sign::statement::action_hash(&self.host_id, &held.view),
+            on_behalf_of: self.on_behalf_of(&held.view.label),
+            request: held.view.clone(),
+        });
+        if let Err(why) = self.try_append(request) {
+            tracing::error!(id, why, "refusing the request: it cannot be recorded");
+            self.apply(held, Decision::Deny, "daemon (records cannot be written)");
+            return;
+        }
         self.requests.insert(id, held);
     }
 
@@ -653,6 +681,7 @@ impl Daemon {
             Ok(policy) => {
                 self.policy = policy;
                 self.reload_error = None;
+                self.record_policy();
                 self.policy_stamp = policy_stamp(&self.config, self.policy.as_ref());
                 if let Err(e) = self.install_fast_path() {
                     tracing::error!(error = %e, "installing the connect fast path failed; the daemon decides instead");
@@ -807,7 +836,7 @@ impl Daemon {
         match (binding, verdict) {
             (Some(b), Some(Ok(()))) => {
                 let (view, _) = self.describe(b.request, ev, HeldKind::ExecLoaded, None);
-                if let Err(e) = self.log.write("exec-verified", "released", "daemon", &view) {
+                if let Err(e) = self.record("exec-verified", "released", "daemon", &view, None) {
                     tracing::error!(error = %e, "cannot record; killing the unverified exec");
                     let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
                     return;
@@ -966,6 +995,8 @@ impl Daemon {
             policy_files: self.policy.as_ref().map_or(0, |p| p.files.len()),
             policy_rules: self.policy.as_ref().map_or(0, Policy::rule_count),
             policy_reload_error: self.reload_error.clone(),
+            records_error: self.spool_error.clone(),
+            records_written: self.spool.next_seq() - 1,
             holds: stats[shared::STAT_HOLDS as usize],
             fast_allowed: stats[shared::STAT_FAST_ALLOWED as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
@@ -1033,7 +1064,7 @@ impl Daemon {
             .deadline
             .saturating_duration_since(Instant::now())
             .as_millis() as u64;
-        if let Err(e) = self.log.write(&word, applied, by, &view) {
+        if let Err(e) = self.record(&word, applied, by, &view, None) {
             tracing::error!(error = %e, id = held.view.id, "cannot record the decision; the request stays held");
             let id = held.view.id;
             self.requests.insert(id, held);
@@ -1076,6 +1107,13 @@ impl Daemon {
     fn tick(&mut self) {
         self.tracer.reap();
         self.ticks += 1;
+        if self.last_heartbeat.elapsed() >= Duration::from_secs(self.config.heartbeat_secs) {
+            self.last_heartbeat = Instant::now();
+            self.append(Body::Heartbeat {
+                pending: self.requests.len() as u64,
+                interval_secs: self.config.heartbeat_secs,
+            });
+        }
         if self.ticks.is_multiple_of(POLICY_CHECK_TICKS)
             && policy_stamp(&self.config, self.policy.as_ref()) != self.policy_stamp
         {
@@ -1107,14 +1145,87 @@ impl Daemon {
     }
 
     fn log_or_warn(&mut self, decision: &str, applied: &str, by: &str, view: &RequestView) {
-        if let Err(e) = self.log.write(decision, applied, by, view) {
-            tracing::error!(error = %e, "cannot write the decision log");
+        if let Err(e) = self.record(decision, applied, by, view, None) {
+            tracing::error!(error = %e, "cannot record");
         }
+    }
+
+    /// Records a decision or outcome: the signed record into the spool, then the decision
+    /// log, each synced to disk. Every decision goes through here before it is applied; an
+    /// error means it must not be applied. `approver_decision`: the approver's signed
+    /// decision, when it came from the approver.
+    fn record(
+        &mut self,
+        decision: &str,
+        applied: &str,
+        by: &str,
+        view: &RequestView,
+        approver_decision: Option<crate::sign::dsse::Envelope>,
+    ) -> Result<(), String> {
+        let d = DecisionRecord {
+            decision: decision.to_owned(),
+            applied: applied.to_owned(),
+            by: by.to_owned(),
+            request: view.clone(),
+            action_hash: crate::sign::statement::action_hash(&self.host_id, view),
+            on_behalf_of: self.on_behalf_of(&view.label),
+            approver_decision,
+        };
+        let body = match decision {
+            "exec-verified" | "task-exited" | "superseded" => Body::Outcome(d),
+            _ => Body::Decision(d),
+        };
+        self.try_append(body)?;
+        self.log
+            .write(decision, applied, by, view)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Appends a record; remembers a failure (new requests are refused until a record can
+    /// be written again).
+    fn try_append(&mut self, body: Body) -> Result<u64, String> {
+        let kind = body.kind();
+        match self.spool.append(body) {
+            Ok(seq) => {
+                if self.spool_error.take().is_some() {
+                    tracing::info!(seq, "records can be written again");
+                }
+                tracing::debug!(seq, kind, "recorded");
+                Ok(seq)
+            }
+            Err(e) => {
+                let message = format!("cannot write the {kind} record: {e}");
+                tracing::error!(error = %message, "record spool failed; new requests are refused until it works");
+                self.spool_error = Some(message.clone());
+                Err(message)
+            }
+        }
+    }
+
+    /// Appends a record that nothing waits on (start, stop, policy, heartbeat).
+    fn append(&mut self, body: Body) {
+        let _ = self.try_append(body);
+    }
+
+    /// A `policy-loaded` record for the policy in force (none without a policy).
+    fn record_policy(&mut self) {
+        if let Some(p) = &self.policy {
+            let body = Body::policy_loaded(&p.files);
+            self.append(body);
+        }
+    }
+
+    /// Who the agent behind `label` works for, per the policy.
+    fn on_behalf_of(&self, label: &str) -> Option<String> {
+        self.policy
+            .as_ref()
+            .and_then(|p| p.label(label))
+            .and_then(|l| l.on_behalf_of.clone())
     }
 
     /// Denies everything held, waits briefly for the denials to be consumed, kills what is
     /// still held, then turns the hooks off.
-    fn shutdown(&mut self, ring: &mut RingBuf<MapData>) {
+    fn shutdown(&mut self, ring: &mut RingBuf<MapData>, reason: &str) {
         let held: Vec<Held> = std::mem::take(&mut self.requests).into_values().collect();
         let mut waiting = Vec::new();
         for h in held {
@@ -1149,6 +1260,9 @@ impl Daemon {
             let _ = kill(Pid::from_raw(tgid as i32), Signal::SIGKILL);
         }
         self.kernel.teardown();
+        self.append(Body::DaemonStop {
+            reason: reason.to_owned(),
+        });
         let _ = std::fs::remove_file(self.config.socket_dir.join(crate::paths::CONTROL_SOCKET));
         let _ = std::fs::remove_file(self.config.socket_dir.join(crate::paths::LAUNCH_SOCKET));
         eprintln!("countersign: stopped");

@@ -17,7 +17,9 @@
 //! replaced one a `prev` that does not match, and two different records with one `seq` a fork.
 //!
 //! - [`spool`]: the durable local append-only spool the daemon writes before it acts;
-//! - [`verify`]: the offline verifier (`countersign records verify`).
+//! - [`verify`]: the offline verifier (`countersign records verify`);
+//! - [`bundle`]: the evidence bundle (`countersign records export`).
+pub mod bundle;
 pub mod spool;
 pub mod verify;
 

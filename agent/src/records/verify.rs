@@ -46,7 +46,11 @@ impl Keys {
 pub struct Head {
     pub host_id: String,
     pub chain_id: String,
+    /// The last seq the chain is known to reach.
     pub seq: u64,
+    /// The first seq the records should start at (a period's first record), if known.
+    #[serde(default)]
+    pub first: Option<u64>,
 }
 
 /// One record that is not valid, or one thing wrong with a chain.
@@ -359,11 +363,24 @@ impl Verifier {
     pub fn finish(mut self, heads: &[Head]) -> Report {
         for h in heads {
             let at = format!("host {} chain {}", h.host_id, h.chain_id);
-            let reached = self
+            let chain = self
                 .chains
                 .iter()
                 .find(|((_, chain), _)| *chain == h.chain_id)
-                .map(|(_, c)| c.last);
+                .map(|(_, c)| c);
+            if let (Some(c), Some(first)) = (chain, h.first)
+                && c.first > first
+            {
+                self.report.gaps += 1;
+                self.report.failures.push(Failure {
+                    at: at.clone(),
+                    why: format!(
+                        "the records begin at seq {}, the period begins at seq {first}",
+                        c.first
+                    ),
+                });
+            }
+            let reached = chain.map(|c| c.last);
             match reached {
                 Some(last) if last >= h.seq => {}
                 Some(last) => {
@@ -554,6 +571,7 @@ mod tests {
             host_id: r.host_id,
             chain_id: r.chain_id,
             seq: r.seq,
+            first: Some(1),
         }
     }
 
