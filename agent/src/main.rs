@@ -5,6 +5,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 mod cli;
+mod collector;
 mod daemon;
 mod ebpf;
 mod paths;
@@ -67,7 +68,14 @@ enum Cmd {
         #[command(subcommand)]
         action: PolicyCmd,
     },
-    /// Verify signed decision records (a spool or an evidence bundle), offline.
+    /// Run the record collector: receives, verifies and stores the hosts' signed records.
+    Collector {
+        /// Configuration file (default /etc/countersign/collector.yaml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Verify signed decision records (a spool or an evidence bundle), offline; export
+    /// evidence bundles from the collector.
     Records {
         #[command(subcommand)]
         action: RecordsCmd,
@@ -157,6 +165,23 @@ enum RecordsCmd {
         #[arg(long = "approver-key")]
         approver_keys: Vec<PathBuf>,
     },
+    /// Write an evidence bundle of a period from the collector's database (run where the
+    /// collector runs): population CSV, raw signed records, public keys, the collector's
+    /// signed heads, and the verification report. Exits non-zero if the bundle does not verify.
+    Export {
+        /// The collector's configuration file (its database and key).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Start of the period (RFC 3339, inclusive; default: the beginning).
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the period (RFC 3339, exclusive; default: now and later).
+        #[arg(long)]
+        to: Option<String>,
+        /// The bundle directory to write (must not hold a bundle yet).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -223,6 +248,16 @@ fn main() {
             host_keys: keys,
             approver_keys,
         })),
+        Cmd::Records {
+            action:
+                RecordsCmd::Export {
+                    config,
+                    from,
+                    to,
+                    out,
+                },
+        } => report(records_export(config, from, to, &out)),
+        Cmd::Collector { config } => report(collector(config)),
         Cmd::Status { socket_dir, json } => {
             report(cli::status::run(&paths::socket_dir(socket_dir), json))
         }
@@ -296,4 +331,55 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .validate(std::path::Path::new("command line"))
         .context("invalid settings")?;
     daemon::run(config)
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COUNTERSIGN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn collector_config(path: Option<PathBuf>) -> anyhow::Result<collector::config::CollectorConfig> {
+    let path = path.unwrap_or_else(|| PathBuf::from(paths::DEFAULT_COLLECTOR_CONFIG));
+    Ok(collector::config::CollectorConfig::load(&path)?)
+}
+
+fn collector(config: Option<PathBuf>) -> anyhow::Result<()> {
+    init_tracing();
+    let config = collector_config(config)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(collector::run(config))
+}
+
+fn records_export(
+    config: Option<PathBuf>,
+    from: Option<String>,
+    to: Option<String>,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let config = collector_config(config)?;
+    let report = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(collector::export::export(
+            &config,
+            from.as_deref(),
+            to.as_deref(),
+            out,
+        ))?;
+    print!("{}", cli::records::render(&report));
+    println!("bundle written to {}", out.display());
+    if !report.ok() {
+        anyhow::bail!("the exported bundle does not verify: {}", report.summary());
+    }
+    Ok(())
 }

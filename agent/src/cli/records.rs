@@ -100,21 +100,6 @@ fn verify_spool(dir: &Path, keys: Keys) -> anyhow::Result<Report> {
     Ok(v.finish(&heads))
 }
 
-fn verify_bundle(dir: &Path, mut keys: Keys) -> anyhow::Result<Report> {
-    let b = bundle::read(dir).with_context(|| format!("reading bundle {}", dir.display()))?;
-    if keys.hosts.is_empty() {
-        keys.hosts = b.keys.hosts;
-    }
-    if keys.approvers.is_empty() {
-        keys.approvers = b.keys.approvers;
-    }
-    let mut v = Verifier::new(keys);
-    for (i, line) in b.records.iter().enumerate() {
-        let place = format!("{} line {}", bundle::RECORDS_FILE, i + 1);
-        match serde_json::from_str(line) {
-            Ok(env) => v.feed(&env, &place),
-            Err(e) => v.unreadable(place, format!("not a DSSE envelope: {e}")),
-        }
-    }
-    Ok(v.finish(&b.heads))
+fn verify_bundle(dir: &Path, keys: Keys) -> anyhow::Result<Report> {
+    bundle::verify(dir, keys).with_context(|| format!("reading bundle {}", dir.display()))
 }

@@ -24,6 +24,16 @@ impl std::fmt::Display for TimeoutAction {
     }
 }
 
+/// Where the daemon ships its records.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorTarget {
+    /// Base URL, e.g. `https://collector.example:7443`.
+    pub url: String,
+    /// The collector's public key (SPKI PEM): receipts must verify with it.
+    pub public_key: PathBuf,
+}
+
 /// A cgroup whose tasks, and everything below it, carry a label.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +56,8 @@ pub struct DaemonConfig {
     pub spool_dir: PathBuf,
     /// Seconds between heartbeat records (silence between them is provable).
     pub heartbeat_secs: u64,
+    /// The collector records are shipped to (none: they stay in the spool).
+    pub collector: Option<CollectorTarget>,
     pub mode: ModeRequest,
     pub request_timeout_secs: u64,
     pub timeout_action: TimeoutAction,
@@ -66,6 +78,7 @@ impl Default for DaemonConfig {
             // A minute: an auditor can tell a quiet host from a dead one to the minute, for
             // about 1.5 MB of records a day.
             heartbeat_secs: 60,
+            collector: None,
             // BPF LSM where the kernel runs it; most hosts do not boot with it.
             mode: ModeRequest::Auto,
             // Long enough for a human to read a prompt; short enough that nothing hangs.
@@ -153,6 +166,14 @@ impl DaemonConfig {
                     "must be between 1 and {MAX_HEARTBEAT_SECS}, not {}",
                     self.heartbeat_secs
                 ),
+            ));
+        }
+        if let Some(c) = &self.collector
+            && !(c.url.starts_with("https://") || c.url.starts_with("http://"))
+        {
+            return Err(invalid(
+                "collector.url".into(),
+                format!("`{}` must start with https:// (or http://)", c.url),
             ));
         }
         for (i, c) in self.cgroup_labels.iter().enumerate() {

@@ -159,6 +159,14 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     }
     let spool = Spool::open(&config.spool_dir, host_key.clone(), &records::host_name())
         .context("the record spool (spool_dir)")?;
+    let shipper = match &config.collector {
+        Some(c) => Some(records::ship::Target {
+            url: c.url.clone(),
+            key: crate::sign::keys::load_public(&c.public_key)
+                .context("the collector's public key (collector.public_key)")?,
+        }),
+        None => None,
+    };
     let next_id = log.last_request_id() + 1;
     let (mut kernel, ring) =
         Kernel::load(config.mode, &config.bpf_pin_dir).context("loading the eBPF hooks")?;
@@ -211,6 +219,10 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         reload_error: None,
         ticks: 0,
     };
+    if let Some(target) = shipper {
+        tracing::info!(url = target.url, "shipping records");
+        tokio::spawn(records::ship::run(daemon.config.spool_dir.clone(), target));
+    }
     daemon.append(Body::DaemonStart {
         version: env!("CARGO_PKG_VERSION").into(),
         mode: daemon.kernel.mode().to_string(),

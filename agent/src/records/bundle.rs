@@ -182,6 +182,27 @@ fn read_keys(dir: &Path) -> Result<Vec<VerifyingKey>, BundleError> {
     Ok(out)
 }
 
+/// Verifies the bundle in `dir` with `keys`, or the bundle's own `keys/` for whichever kind
+/// `keys` has none of.
+pub fn verify(dir: &Path, mut keys: Keys) -> Result<super::verify::Report, BundleError> {
+    let b = read(dir)?;
+    if keys.hosts.is_empty() {
+        keys.hosts = b.keys.hosts;
+    }
+    if keys.approvers.is_empty() {
+        keys.approvers = b.keys.approvers;
+    }
+    let mut v = super::verify::Verifier::new(keys);
+    for (i, line) in b.records.iter().enumerate() {
+        let place = format!("{RECORDS_FILE} line {}", i + 1);
+        match serde_json::from_str(line) {
+            Ok(env) => v.feed(&env, &place),
+            Err(e) => v.unreadable(place, format!("not a DSSE envelope: {e}")),
+        }
+    }
+    Ok(v.finish(&b.heads))
+}
+
 /// What goes into a bundle.
 pub struct Contents<'a> {
     /// Raw envelopes in chain order (as stored by the collector).

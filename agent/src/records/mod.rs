@@ -17,9 +17,11 @@
 //! replaced one a `prev` that does not match, and two different records with one `seq` a fork.
 //!
 //! - [`spool`]: the durable local append-only spool the daemon writes before it acts;
+//! - [`ship`]: the daemon's task that sends the spool to the collector;
 //! - [`verify`]: the offline verifier (`countersign records verify`);
 //! - [`bundle`]: the evidence bundle (`countersign records export`).
 pub mod bundle;
+pub mod ship;
 pub mod spool;
 pub mod verify;
 

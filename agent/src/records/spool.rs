@@ -237,6 +237,16 @@ pub fn write_cursor(dir: &Path, cursor: &Cursor) -> Result<(), RecordError> {
     sync_dir(dir)
 }
 
+/// Removes the cursor (everything is to be sent again).
+pub fn remove_cursor(dir: &Path) -> Result<(), RecordError> {
+    let path = dir.join(CURSOR_FILE);
+    match fs::remove_file(&path) {
+        Ok(()) => sync_dir(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(&path)(e)),
+    }
+}
+
 /// The records after `cursor` in spool order (all of them without a cursor), at most `max`.
 /// Stops before the first damaged frame: nothing after damage is shipped. Errors if the
 /// cursor's record is not in the spool (the spool and cursor do not belong together).

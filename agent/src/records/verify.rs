@@ -227,34 +227,9 @@ impl Verifier {
             }
         };
         // Content checks.
-        let mut problems = Vec::new();
-        if let Body::Decision(d) | Body::Outcome(d) = &record.body {
-            let want = action_hash(&record.host_id, &d.request);
-            if d.action_hash != want {
-                problems.push(format!(
-                    "action_hash {} is not the hash of the request ({want})",
-                    d.action_hash
-                ));
-            }
-            if let Some(a) = &d.approver_decision {
-                match self.approver_statement(a) {
-                    Err(why) => problems.push(format!("approver decision: {why}")),
-                    Ok(st) => {
-                        problems.extend(statement_mismatch(&st, &record, d));
-                        if let Some(who) = &d.on_behalf_of
-                            && st
-                                .approvals
-                                .iter()
-                                .any(|ap| ap.decision == Decision::Approve && ap.approver == *who)
-                        {
-                            self.report.self_approvals += 1;
-                            problems.push(format!(
-                                "self-approval: {who} approved a request made on their behalf"
-                            ));
-                        }
-                    }
-                }
-            }
+        let (mut problems, self_approval) = check_content(&record, &self.keys.approvers);
+        if self_approval {
+            self.report.self_approvals += 1;
         }
         // Chain checks.
         let key_for_chain = match &record.body {
@@ -348,16 +323,6 @@ impl Verifier {
         }
     }
 
-    fn approver_statement(&self, env: &Envelope) -> Result<DecisionStatement, String> {
-        let id = env.first_keyid().ok_or("no signature")?;
-        let key =
-            self.keys.approvers.get(id).ok_or_else(|| {
-                format!("signed by key {id}, which is not a trusted approver key")
-            })?;
-        env.verify_json(PAYLOAD_DECISION, key)
-            .map_err(|e| e.to_string())
-    }
-
     /// Ends the run: checks that every chain reaches the `heads` it is known to reach.
     #[must_use]
     pub fn finish(mut self, heads: &[Head]) -> Report {
@@ -409,6 +374,59 @@ impl Verifier {
         }
         self.report
     }
+}
+
+/// What is wrong with a (signed) record's content: a decision's action hash, and an embedded
+/// approver decision (trusted key, same host, request, action and decision). The flag says
+/// whether it is a self-approval (an approval by the request's `on_behalf_of`).
+#[must_use]
+pub fn check_content(
+    record: &Record,
+    approvers: &HashMap<String, VerifyingKey>,
+) -> (Vec<String>, bool) {
+    let mut problems = Vec::new();
+    let mut self_approval = false;
+    if let Body::Decision(d) | Body::Outcome(d) = &record.body {
+        let want = action_hash(&record.host_id, &d.request);
+        if d.action_hash != want {
+            problems.push(format!(
+                "action_hash {} is not the hash of the request ({want})",
+                d.action_hash
+            ));
+        }
+        if let Some(a) = &d.approver_decision {
+            match approver_statement(a, approvers) {
+                Err(why) => problems.push(format!("approver decision: {why}")),
+                Ok(st) => {
+                    problems.extend(statement_mismatch(&st, record, d));
+                    if let Some(who) = &d.on_behalf_of
+                        && st
+                            .approvals
+                            .iter()
+                            .any(|ap| ap.decision == Decision::Approve && ap.approver == *who)
+                    {
+                        self_approval = true;
+                        problems.push(format!(
+                            "self-approval: {who} approved a request made on their behalf"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    (problems, self_approval)
+}
+
+fn approver_statement(
+    env: &Envelope,
+    approvers: &HashMap<String, VerifyingKey>,
+) -> Result<DecisionStatement, String> {
+    let id = env.first_keyid().ok_or("no signature")?;
+    let key = approvers
+        .get(id)
+        .ok_or_else(|| format!("signed by key {id}, which is not a trusted approver key"))?;
+    env.verify_json(PAYLOAD_DECISION, key)
+        .map_err(|e| e.to_string())
 }
 
 /// A record that claims the next seq of a chain but does not verify still takes its place
