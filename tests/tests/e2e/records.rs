@@ -226,3 +226,207 @@ fn a_spool_that_cannot_be_written_refuses_and_releases_nothing() {
     let out = verify(&fs.path, &d.host_pub());
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// A `countersign collector` process, stopped on drop.
+struct Collector {
+    proc: Option<countersign_tests::Proc>,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Collector {
+    /// Writes its config (enrolling `hosts`) and starts it; waits until it serves.
+    fn start(dir: &Path, port: u16, hosts: &[PathBuf]) -> Self {
+        let hosts: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("  - {}\n", h.display()))
+            .collect();
+        let config = dir.join("collector.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\ndatabase: sqlite://{}\nkey: {}\nhosts:\n{}",
+                dir.join("collector.db").display(),
+                dir.join("collector.key").display(),
+                if hosts.is_empty() {
+                    "  []\n".to_owned()
+                } else {
+                    hosts.concat()
+                }
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("collector.log")).unwrap();
+        let child = std::process::Command::new(countersign_bin())
+            .args(["collector", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("countersign collector");
+        let mut c = Self {
+            proc: Some(countersign_tests::Proc { child }),
+            dir: dir.to_path_buf(),
+            port,
+        };
+        let deadline = std::time::Instant::now() + WAIT;
+        while c.get("/healthz").is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the collector did not serve:\n{}",
+                c.log()
+            );
+            if let Some(p) = c.proc.as_mut() {
+                assert!(
+                    p.child.try_wait().unwrap().is_none(),
+                    "the collector exited:\n{}",
+                    c.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("collector.log")).unwrap_or_default()
+    }
+
+    /// The body of a plain HTTP GET, if the collector answers 200.
+    fn get(&self, path: &str) -> Option<String> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            // SAFETY: signalling the collector we started, by its pid.
+            unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+            p.wait(WAIT);
+        }
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- collector log ----\n{}\n----", self.log());
+        }
+        self.stop();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The collector is down while decisions are made; once it is up every record arrives,
+/// once and in order; the exported bundle verifies.
+#[test]
+fn records_made_while_the_collector_is_down_arrive_once_in_order_and_export_verifies() {
+    let base = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Make the collector's key, then stop it: it is down while the host decides.
+    Collector::start(base.path(), port, &[]).stop();
+    let daemon_yaml = base.path().join("daemon.yaml");
+    std::fs::write(
+        &daemon_yaml,
+        format!(
+            "collector:\n  url: http://127.0.0.1:{port}\n  public_key: {}\n",
+            base.path().join("collector.key.pub").display()
+        ),
+    )
+    .unwrap();
+    let config = daemon_yaml.to_str().unwrap().to_owned();
+    let mut d = Daemon::start_with(&["--config", &config, "--request-timeout", "60"]);
+    for (i, decision) in ["approve", "deny", "approve"].iter().enumerate() {
+        let m = marker(&d, &format!("ran{i}"));
+        let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+        let r = d.wait_exec(p.pid(), "touch");
+        d.decide(&r, decision);
+        p.wait(WAIT);
+    }
+    let written = d.status()["records_written"].as_u64().unwrap();
+    assert!(written >= 7, "{written}");
+    assert!(
+        std::fs::read_to_string(d.spool_dir().join("cursor.json")).is_err(),
+        "nothing was receipted while the collector was down"
+    );
+
+    let mut c = Collector::start(base.path(), port, &[d.host_pub()]);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let heads: serde_json::Value =
+            serde_json::from_str(&c.get("/v1/heads").unwrap_or_default()).unwrap_or_default();
+        if heads[0]["seq"].as_u64() >= Some(written) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the collector holds {heads}, the host wrote {written}:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    d.stop();
+    c.stop();
+
+    // Export from the collector's database: every record once, in order, byte for byte what
+    // the host spooled.
+    let out = base.path().join("bundle");
+    let export = std::process::Command::new(countersign_bin())
+        .args(["records", "export", "--config"])
+        .arg(base.path().join("collector.yaml"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "{}", text(&export));
+    let bundle = std::fs::read_to_string(out.join("records.jsonl")).unwrap();
+    let spooled = std::fs::read(segment(&d.spool_dir())).unwrap();
+    let spooled: Vec<String> = frames(&spooled)
+        .into_iter()
+        .map(|r| String::from_utf8(spooled[r.start + 40..r.end].to_vec()).unwrap())
+        .collect();
+    let shipped: Vec<&str> = bundle.lines().collect();
+    assert!(shipped.len() as u64 >= written);
+    assert_eq!(
+        shipped,
+        spooled[..shipped.len()]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        "the collector holds the spooled records, once each, in order"
+    );
+    let n = shipped.len();
+    let out_v = std::process::Command::new(countersign_bin())
+        .args(["records", "verify"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(out_v.status.success(), "{}", text(&out_v));
+    assert_eq!(
+        summary(&out_v),
+        format!("{n}/{n} records valid, 0 gaps, 0 forks, 0 self-approvals")
+    );
+    let csv = std::fs::read_to_string(out.join("population.csv")).unwrap();
+    assert_eq!(csv.lines().count(), n + 1);
+    assert!(
+        csv.lines().any(|l| l.contains(",decision,denied,")),
+        "{csv}"
+    );
+}
