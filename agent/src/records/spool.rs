@@ -576,6 +576,61 @@ mod tests {
             .collect()
     }
 
+    /// Environment variable that turns the test below into the writer it kills.
+    const WRITER_ENV: &str = "COUNTERSIGN_TEST_SPOOL_WRITER";
+
+    #[test]
+    fn sigkill_during_writes_leaves_a_spool_that_recovers_and_verifies() {
+        if let Some(dir) = std::env::var_os(WRITER_ENV) {
+            // The writer: append as fast as possible until killed.
+            let mut s = Spool::open(Path::new(&dir), key(1), "h").unwrap();
+            loop {
+                s.append(Body::Heartbeat {
+                    pending: 0,
+                    interval_secs: 1,
+                })
+                .unwrap();
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut expected_next = 1;
+        for round in 0..12u64 {
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "records::spool::tests::sigkill_during_writes_leaves_a_spool_that_recovers_and_verifies",
+                    "--test-threads=1",
+                ])
+                .env(WRITER_ENV, dir.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            // Kill it at a different point of its writing each round.
+            std::thread::sleep(std::time::Duration::from_millis(30 + round * 7));
+            child.kill().unwrap();
+            child.wait().unwrap();
+            // Reopening recovers; what is stored is whole and the chain is unbroken.
+            let s = Spool::open(dir.path(), key(1), "h").unwrap();
+            let contents = read(dir.path()).unwrap();
+            assert!(contents.damaged.is_empty(), "{:?}", contents.damaged);
+            let mut keys = crate::records::verify::Keys::default();
+            keys.add_host(key(1).verifying_key());
+            let mut v = crate::records::verify::Verifier::new(keys);
+            for r in &contents.records {
+                v.feed(&r.envelope, "spool");
+            }
+            let report = v.finish(&[]);
+            assert!(report.ok(), "round {round}: {:?}", report.failures);
+            assert!(
+                s.next_seq() > expected_next,
+                "round {round}: the writer wrote nothing"
+            );
+            assert_eq!(s.next_seq() - 1, contents.records.len() as u64);
+            expected_next = s.next_seq();
+        }
+    }
+
     #[test]
     fn appends_chain_and_restart_continues_seq_and_prev() {
         let dir = tempfile::tempdir().unwrap();

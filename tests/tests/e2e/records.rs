@@ -430,3 +430,30 @@ fn records_made_while_the_collector_is_down_arrive_once_in_order_and_export_veri
         "{csv}"
     );
 }
+
+/// A decision the CLI saw applied is in the spool even if the daemon is killed right after;
+/// the restarted daemon continues the same chain.
+#[test]
+fn a_daemon_killed_after_a_decision_keeps_its_record_and_continues_the_chain() {
+    let mut d = Daemon::start();
+    let m = marker(&d, "ran");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let r = d.wait_exec(p.pid(), "touch");
+    d.decide(&r, "approve");
+    d.crash();
+    assert!(p.wait(WAIT).success());
+    let before = frames(&std::fs::read(segment(&d.spool_dir())).unwrap()).len();
+    assert!(before >= 3, "daemon-start, request and the approval: {before}");
+    let out = verify(&d.spool_dir(), &d.host_pub());
+    assert!(out.status.success(), "{}", text(&out));
+    d.restart();
+    d.stop();
+    let out = verify(&d.spool_dir(), &d.host_pub());
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    // One chain: the restart continued it (daemon-start and daemon-stop were added).
+    assert_eq!(t.matches("chain: ").count(), 1, "{t}");
+    let n = frames(&std::fs::read(segment(&d.spool_dir())).unwrap()).len();
+    assert_eq!(n, before + 2, "{t}");
+    assert!(t.contains(&format!("seq 1..{n}")), "{t}");
+}
