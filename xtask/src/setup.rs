@@ -18,9 +18,10 @@ use crate::kernels::{self, KernelId};
 use crate::paths;
 use crate::process::{run_captured, run_streaming};
 
-/// The Debian packages the VM tests need: qemu for the guest, busybox for its userland,
-/// cpio for anyone who wants to look into an initramfs by hand.
-pub const DEBIAN_PACKAGES: &[&str] = &["qemu-system-x86", "cpio", "busybox-static"];
+/// The Debian packages the tests need: qemu for the guest, busybox for its userland, cpio
+/// for anyone who wants to look into an initramfs by hand, and the PostgreSQL server the
+/// collector's tests start a throwaway cluster of.
+pub const DEBIAN_PACKAGES: &[&str] = &["qemu-system-x86", "cpio", "busybox-static", "postgresql"];
 
 /// The bpf-linker series that works with the aya versions this workspace uses.
 const BPF_LINKER_SERIES: &str = "0.13.";

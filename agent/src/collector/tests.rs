@@ -70,6 +70,135 @@ fn batch(envs: &[Envelope]) -> Batch {
 #[tokio::test]
 async fn ingest_checks_every_record_and_answers_retries_gaps_and_forks() {
     let f = Fixture::new();
+    ingest_checks(&f).await;
+}
+
+/// The same checks against a real PostgreSQL server started for the test.
+#[tokio::test]
+async fn ingest_checks_on_postgresql() {
+    let mut f = Fixture::new();
+    let pg = PgCluster::start(f.dir.path());
+    f.config.database = pg.url.clone();
+    ingest_checks(&f).await;
+    // And an export from it verifies.
+    let out = f.dir.path().join("bundle");
+    let report = export::export(&f.config, None, None, &out).await.unwrap();
+    assert!(report.ok(), "{:?}", report.failures);
+    assert_eq!(report.valid, 5);
+}
+
+/// A throwaway PostgreSQL cluster (initdb + pg_ctl on a temp dir and a free port), stopped
+/// on drop. Run as the `postgres` user when the tests run as root (initdb refuses root).
+struct PgCluster {
+    bin: PathBuf,
+    data: PathBuf,
+    user: Option<nix::unistd::User>,
+    url: String,
+}
+
+impl PgCluster {
+    fn start(base: &Path) -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                let mut v: Vec<PathBuf> = d.flatten().map(|e| e.path().join("bin")).collect();
+                v.sort();
+                v.pop()
+            })
+            .filter(|b| b.join("initdb").exists())
+            .expect(
+                "PostgreSQL server binaries (/usr/lib/postgresql/*/bin): run `cargo xtask setup`",
+            );
+        let root = base.join("pg");
+        std::fs::create_dir_all(&root).unwrap();
+        let user = nix::unistd::geteuid().is_root().then(|| {
+            nix::unistd::User::from_name("postgres")
+                .unwrap()
+                .expect("the postgres user (made by the postgresql package)")
+        });
+        if let Some(u) = &user {
+            nix::unistd::chown(base, Some(u.uid), Some(u.gid)).unwrap();
+            nix::unistd::chown(&root, Some(u.uid), Some(u.gid)).unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let data = root.join("data");
+        let run = |args: &[&std::ffi::OsStr], what: &str| {
+            use std::os::unix::process::CommandExt as _;
+            let mut cmd = std::process::Command::new(bin.join(args[0]));
+            cmd.args(&args[1..]);
+            if let Some(u) = &user {
+                cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+            }
+            let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(
+                out.status.success(),
+                "{what}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let os = |s: &str| std::ffi::OsString::from(s);
+        run(
+            &[
+                &os("initdb"),
+                &os("-D"),
+                data.as_os_str(),
+                &os("-A"),
+                &os("trust"),
+                &os("-U"),
+                &os("postgres"),
+                &os("--no-sync"),
+            ],
+            "initdb",
+        );
+        let cluster = Self {
+            bin: bin.clone(),
+            data: data.clone(),
+            user: user.clone(),
+            url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        };
+        run(
+            &[
+                &os("pg_ctl"),
+                &os("-D"),
+                data.as_os_str(),
+                &os("-o"),
+                &os(&format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                    root.display()
+                )),
+                &os("-l"),
+                root.join("log").as_os_str(),
+                &os("-w"),
+                &os("-t"),
+                &os("60"),
+                &os("start"),
+            ],
+            "pg_ctl start",
+        );
+        cluster
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        use std::os::unix::process::CommandExt as _;
+        let mut cmd = std::process::Command::new(self.bin.join("pg_ctl"));
+        cmd.arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"]);
+        if let Some(u) = &self.user {
+            cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+        }
+        let _ = cmd.output();
+    }
+}
+
+async fn ingest_checks(f: &Fixture) {
     let c = Collector::open(&f.config).await.unwrap();
     let (dir, mut s) = f.spool("spool", key(1));
     for _ in 0..5 {

@@ -443,7 +443,10 @@ fn a_daemon_killed_after_a_decision_keeps_its_record_and_continues_the_chain() {
     d.crash();
     assert!(p.wait(WAIT).success());
     let before = frames(&std::fs::read(segment(&d.spool_dir())).unwrap()).len();
-    assert!(before >= 3, "daemon-start, request and the approval: {before}");
+    assert!(
+        before >= 3,
+        "daemon-start, request and the approval: {before}"
+    );
     let out = verify(&d.spool_dir(), &d.host_pub());
     assert!(out.status.success(), "{}", text(&out));
     d.restart();
