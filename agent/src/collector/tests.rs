@@ -348,6 +348,7 @@ async fn shipped_once_in_order_after_the_collector_comes_up_and_exported() {
     let target = Target {
         url: format!("http://127.0.0.1:{port}"),
         key: c.public_key(),
+        ca_pem: None,
     };
     assert!(matches!(
         ship::round(&client, &dir, &target).await,
@@ -445,4 +446,43 @@ async fn digests_chain_to_the_previous_one() {
         second.prev,
         Some(sign::sha256_hex(&sign::canonical(&d1).unwrap()))
     );
+}
+
+#[tokio::test]
+async fn shipped_over_https_to_a_collector_the_host_trusts() {
+    let f = Fixture::new();
+    let (dir, mut s) = f.spool("spool", key(1));
+    for _ in 0..3 {
+        s.append(heartbeat()).unwrap();
+    }
+    let c = Arc::new(Collector::open(&f.config).await.unwrap());
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/collector/testdata");
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(
+        testdata.join("cert.pem"),
+        testdata.join("key.pem"),
+    )
+    .await
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = tokio::spawn(
+        axum_server::from_tcp_rustls(listener, tls).serve(router(c.clone()).into_make_service()),
+    );
+    let mut target = Target {
+        url: format!("https://127.0.0.1:{port}"),
+        key: c.public_key(),
+        ca_pem: None,
+    };
+    // A certificate nobody vouched for is refused.
+    let untrusted = ship::client(&target).unwrap();
+    assert!(matches!(
+        ship::round(&untrusted, &dir, &target).await,
+        Err(ship::ShipError::Http { .. })
+    ));
+    target.ca_pem = Some(std::fs::read(testdata.join("cert.pem")).unwrap());
+    let trusted = ship::client(&target).unwrap();
+    assert_eq!(ship::round(&trusted, &dir, &target).await.unwrap(), 3);
+    assert_eq!(spool::read_cursor(&dir).unwrap().unwrap().seq, 3);
+    server.abort();
 }

@@ -32,6 +32,10 @@ pub struct CollectorTarget {
     pub url: String,
     /// The collector's public key (SPKI PEM): receipts must verify with it.
     pub public_key: PathBuf,
+    /// A CA certificate (PEM) to trust for the collector's TLS certificate, besides the
+    /// system's roots (e.g. a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A cgroup whose tasks, and everything below it, carry a label.

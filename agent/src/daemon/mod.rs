@@ -164,6 +164,13 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
             url: c.url.clone(),
             key: crate::sign::keys::load_public(&c.public_key)
                 .context("the collector's public key (collector.public_key)")?,
+            ca_pem: c
+                .ca_file
+                .as_ref()
+                .map(|p| {
+                    std::fs::read(p).with_context(|| format!("collector.ca_file {}", p.display()))
+                })
+                .transpose()?,
         }),
         None => None,
     };

@@ -52,11 +52,29 @@ pub struct Target {
     /// The collector's base URL (`https://collector:7443`).
     pub url: String,
     pub key: VerifyingKey,
+    /// A CA certificate (PEM) to trust for the collector's TLS certificate, besides the
+    /// system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+/// The HTTP client for `target` (rustls; the extra CA if one is configured).
+pub fn client(target: &Target) -> Result<reqwest::Client, ShipError> {
+    let err = |message: String| ShipError::Http {
+        url: target.url.clone(),
+        message,
+    };
+    let mut b = reqwest::Client::builder().timeout(POST_TIMEOUT);
+    if let Some(pem) = &target.ca_pem {
+        b = b.add_root_certificate(
+            reqwest::Certificate::from_pem(pem).map_err(|e| err(format!("CA certificate: {e}")))?,
+        );
+    }
+    b.build().map_err(|e| err(e.to_string()))
 }
 
 /// Ships forever (a task of the daemon).
 pub async fn run(dir: PathBuf, target: Target) {
-    let client = match reqwest::Client::builder().timeout(POST_TIMEOUT).build() {
+    let client = match client(&target) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot make an HTTP client; records are not shipped");
