@@ -504,12 +504,63 @@ async fn get_alerts(State(c): State<Shared>) -> Response {
     }
 }
 
+/// Query of `GET /v1/ocsf`.
+#[derive(Debug, Deserialize)]
+struct OcsfQuery {
+    /// RFC 3339: decisions at or after this time (default: the beginning).
+    since: Option<String>,
+    /// At most this many records are read (default and maximum 1000).
+    limit: Option<u32>,
+}
+
+/// Decisions as OCSF events, one JSON object per line, oldest first.
+async fn get_ocsf(
+    State(c): State<Shared>,
+    axum::extract::Query(q): axum::extract::Query<OcsfQuery>,
+) -> Response {
+    let from = match q.since.as_deref().map(time_ms) {
+        None => i64::MIN,
+        Some(Some(ms)) => ms,
+        Some(None) => {
+            return (StatusCode::BAD_REQUEST, "since: not an RFC 3339 time").into_response();
+        }
+    };
+    match c.store.since(from, q.limit.unwrap_or(1000).min(1000)).await {
+        Ok(envs) => {
+            let mut out = String::new();
+            for e in envs {
+                let Ok(env) = serde_json::from_str::<Envelope>(&e) else {
+                    continue;
+                };
+                if let Some(ev) = records::peek(&env)
+                    .ok()
+                    .as_ref()
+                    .and_then(records::ocsf::event)
+                {
+                    out.push_str(&ev.to_string());
+                    out.push('\n');
+                }
+            }
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+                out,
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reading records failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
+        }
+    }
+}
+
 /// The HTTP routes.
 pub fn router(c: Shared) -> Router {
     Router::new()
         .route(api::RECORDS_PATH, post(post_records))
         .route("/v1/heads", get(get_heads))
         .route("/v1/alerts", get(get_alerts))
+        .route("/v1/ocsf", get(get_ocsf))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(c)

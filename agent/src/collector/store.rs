@@ -290,6 +290,18 @@ impl Store {
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
+    /// Up to `limit` raw envelopes whose time is at or after `from_ms`, oldest first.
+    pub async fn since(&self, from_ms: i64, limit: u32) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT envelope FROM records WHERE time_ms >= $1 ORDER BY time_ms, chain_id, seq LIMIT $2",
+        )
+        .bind(from_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+    }
+
     /// The last digest (number, envelope), if any.
     pub async fn last_digest(&self) -> Result<Option<(u64, String)>, StoreError> {
         let row = sqlx::query("SELECT n, envelope FROM digests ORDER BY n DESC LIMIT 1")

@@ -8,6 +8,7 @@
 //! keys/hosts/ID.pub     host public keys (SPKI PEM), named by key id
 //! keys/approvers/ID.pub approver public keys
 //! keys/collector.pub    the collector's public key (signs heads.json and receipts)
+//! ocsf.jsonl            the decisions as OCSF events (for a SIEM)
 //! verification.txt      the verifier's report when the bundle was made
 //! ```
 use std::{
@@ -29,6 +30,7 @@ pub const RECORDS_FILE: &str = "records.jsonl";
 pub const POPULATION_FILE: &str = "population.csv";
 pub const HEADS_FILE: &str = "heads.json";
 pub const REPORT_FILE: &str = "verification.txt";
+pub const OCSF_FILE: &str = "ocsf.jsonl";
 pub const KEYS_DIR: &str = "keys";
 pub const COLLECTOR_KEY_FILE: &str = "collector.pub";
 /// DSSE payload type of the collector's heads statement.
@@ -259,6 +261,24 @@ pub fn write(dir: &Path, c: &Contents<'_>) -> Result<(), BundleError> {
         &dir.join(KEYS_DIR).join(COLLECTOR_KEY_FILE),
         keys::public_pem(c.collector_key).as_bytes(),
     )
+}
+
+/// The decisions among `records` as OCSF events, one per line.
+#[must_use]
+pub fn ocsf_lines(records: &[String]) -> String {
+    let mut out = String::new();
+    for line in records {
+        if let Some(ev) = serde_json::from_str::<Envelope>(line)
+            .ok()
+            .and_then(|e| super::peek(&e).ok())
+            .as_ref()
+            .and_then(super::ocsf::event)
+        {
+            out.push_str(&ev.to_string());
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The CSV header of the population.

@@ -19,8 +19,10 @@
 //! - [`spool`]: the durable local append-only spool the daemon writes before it acts;
 //! - [`ship`]: the daemon's task that sends the spool to the collector;
 //! - [`verify`]: the offline verifier (`countersign records verify`);
-//! - [`bundle`]: the evidence bundle (`countersign records export`).
+//! - [`bundle`]: the evidence bundle (`countersign records export`);
+//! - [`ocsf`]: decisions as OCSF events for SIEMs.
 pub mod bundle;
+pub mod ocsf;
 pub mod ship;
 pub mod spool;
 pub mod verify;

@@ -382,6 +382,19 @@ fn records_made_while_the_collector_is_down_arrive_once_in_order_and_export_veri
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The decisions as OCSF events for a SIEM: the denied exec is a blocked process launch.
+    let ocsf = c.get("/v1/ocsf").expect("GET /v1/ocsf");
+    let events: Vec<serde_json::Value> = ocsf
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON event per line"))
+        .collect();
+    assert!(
+        events.iter().any(|e| e["class_uid"] == 1007
+            && e["disposition"] == "Blocked"
+            && e["unmapped"]["decision"] == "denied"),
+        "{ocsf}"
+    );
+    assert!(events.iter().any(|e| e["action"] == "Allowed"), "{ocsf}");
     d.stop();
     c.stop();
 
