@@ -165,6 +165,12 @@ enum RecordsCmd {
         #[arg(long = "approver-key")]
         approver_keys: Vec<PathBuf>,
     },
+    /// Hand this host's records chain to a new host key (root; the running daemon writes a
+    /// key-rotated record signed by the old key, then replaces the key file).
+    RotateKey {
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+    },
     /// Write an evidence bundle of a period from the collector's database (run where the
     /// collector runs): population CSV, raw signed records, public keys, the collector's
     /// signed heads, and the verification report. Exits non-zero if the bundle does not verify.
@@ -257,6 +263,9 @@ fn main() {
                     out,
                 },
         } => report(records_export(config, from, to, &out)),
+        Cmd::Records {
+            action: RecordsCmd::RotateKey { socket_dir },
+        } => report(cli::records::rotate_key(&paths::socket_dir(socket_dir))),
         Cmd::Collector { config } => report(collector(config)),
         Cmd::Status { socket_dir, json } => {
             report(cli::status::run(&paths::socket_dir(socket_dir), json))

@@ -16,6 +16,8 @@ pub enum Request {
     Decide { id: u64, decision: Decision },
     /// Label the calling process (used by `countersign exec`).
     Label { label: String },
+    /// Rotate the host key (a `key-rotated` record signed by the old key).
+    RotateKey,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -46,6 +48,7 @@ pub enum Response {
     List { requests: Vec<RequestView> },
     Decided { id: u64, outcome: String },
     Labelled { label: String, pid: u32 },
+    KeyRotated { old: String, new: String, seq: u64 },
     Error { message: String },
 }
 

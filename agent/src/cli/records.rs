@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 
 use crate::{
+    cli::client,
+    paths,
+    proto::{Request, Response},
     records::{
         bundle,
         spool::{self},
@@ -102,4 +105,18 @@ fn verify_spool(dir: &Path, keys: Keys) -> anyhow::Result<Report> {
 
 fn verify_bundle(dir: &Path, keys: Keys) -> anyhow::Result<Report> {
     bundle::verify(dir, keys).with_context(|| format!("reading bundle {}", dir.display()))
+}
+
+/// `countersign records rotate-key`: the daemon hands its records chain to a new host key.
+pub fn rotate_key(socket_dir: &Path) -> anyhow::Result<()> {
+    let Response::KeyRotated { old, new, seq } =
+        client::call(socket_dir, paths::CONTROL_SOCKET, &Request::RotateKey)?
+    else {
+        bail!("unexpected answer to rotate-key");
+    };
+    println!("host key rotated: {old} -> {new} (key-rotated record, seq {seq})");
+    println!(
+        "the chain goes on under the new key; verifiers and the collector follow it from the old key"
+    );
+    Ok(())
 }

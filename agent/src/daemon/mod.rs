@@ -87,7 +87,8 @@ struct Held {
 
 struct Daemon {
     kernel: Kernel,
-    /// Signs what this host states (escalations, records); its id names the host.
+    /// Signs what this host states (escalations; records through the spool); its id names
+    /// the host.
     #[allow(dead_code, reason = "signs escalations, which are being built")]
     host_key: ed25519_dalek::SigningKey,
     /// `sign::key_id` of `host_key`.
@@ -151,6 +152,12 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     let policy = load_policy(&config)?;
     let stamp = policy_stamp(&config, policy.as_ref());
     let log = DecisionLog::open(&config.decision_log)?;
+    match records::rotate::finish_interrupted(&config.host_key, &config.spool_dir)
+        .context("finishing an interrupted host key rotation")?
+    {
+        records::rotate::Interrupted::None => {}
+        done => tracing::warn!(?done, "an interrupted host key rotation was completed"),
+    }
     let (host_key, made) =
         crate::sign::keys::load_or_create(&config.host_key).context("the host key (host_key)")?;
     let host_id = crate::sign::key_id(&host_key.verifying_key()).0;
@@ -893,6 +900,12 @@ impl Daemon {
             (R::Status, _) => Response::Status(Box::new(self.status())),
             (R::Label { label }, _) => self.label(&label, peer),
             (R::List, Socket::Control) => Response::List { requests: self.list() },
+            (R::RotateKey, Socket::Control) => {
+                if let Err(message) = self.may_decide(peer) {
+                    return Response::Error { message };
+                }
+                self.rotate_key()
+            }
             (R::Decide { id, decision }, Socket::Control) => {
                 if let Err(message) = self.may_decide(peer) {
                     return Response::Error { message };
@@ -1231,6 +1244,29 @@ impl Daemon {
         if let Some(p) = &self.policy {
             let body = Body::policy_loaded(&p.files);
             self.append(body);
+        }
+    }
+
+    /// Hands the records chain to a new host key (see `records::rotate`).
+    fn rotate_key(&mut self) -> Response {
+        let old = self.host_id.clone();
+        match records::rotate::rotate(&mut self.spool, &self.config.host_key) {
+            Ok((key, seq)) => {
+                self.host_id = crate::sign::key_id(&key.verifying_key()).0;
+                self.host_key = key;
+                tracing::info!(old, new = self.host_id, seq, "host key rotated");
+                Response::KeyRotated {
+                    old,
+                    new: self.host_id.clone(),
+                    seq,
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "host key rotation failed; the old key stays");
+                Response::Error {
+                    message: format!("rotation failed, the old key stays: {e}"),
+                }
+            }
         }
     }
 

@@ -20,9 +20,11 @@
 //! - [`ship`]: the daemon's task that sends the spool to the collector;
 //! - [`verify`]: the offline verifier (`countersign records verify`);
 //! - [`bundle`]: the evidence bundle (`countersign records export`);
-//! - [`ocsf`]: decisions as OCSF events for SIEMs.
+//! - [`ocsf`]: decisions as OCSF events for SIEMs;
+//! - [`rotate`]: host key rotation, crash-safe.
 pub mod bundle;
 pub mod ocsf;
+pub mod rotate;
 pub mod ship;
 pub mod spool;
 pub mod verify;

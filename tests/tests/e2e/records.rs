@@ -491,3 +491,38 @@ fn a_daemon_killed_after_a_decision_keeps_its_record_and_continues_the_chain() {
     assert_eq!(n, before + 2, "{t}");
     assert!(t.contains(&format!("seq 1..{n}")), "{t}");
 }
+
+/// The host key rotated while the daemon runs: the whole spool verifies with the old
+/// public key alone (the rotation record vouches for the new key).
+#[test]
+fn a_rotated_host_key_is_followed_from_the_old_one() {
+    let mut d = Daemon::start();
+    let old_pub = d.dir().join("old.pub");
+    std::fs::copy(d.host_pub(), &old_pub).unwrap();
+    let old_id = d.status()["host_id"].as_str().unwrap().to_owned();
+    let out = d.cli(&["records", "rotate-key"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let new_id = d.status()["host_id"].as_str().unwrap().to_owned();
+    assert_ne!(old_id, new_id);
+    assert!(text(&out).contains(&new_id), "{}", text(&out));
+    assert_ne!(
+        std::fs::read(d.host_pub()).unwrap(),
+        std::fs::read(&old_pub).unwrap(),
+        "the public key file is the new key's"
+    );
+    let m = marker(&d, "ran");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let r = d.wait_exec(p.pid(), "touch");
+    d.decide(&r, "approve");
+    assert!(p.wait(WAIT).success());
+    d.stop();
+    let out = verify(&d.spool_dir(), &old_pub);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(summary(&out).ends_with("0 gaps, 0 forks, 0 self-approvals"));
+    // After a restart the new key goes on with the same chain.
+    d.restart();
+    d.stop();
+    let out = verify(&d.spool_dir(), &old_pub);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(text(&out).matches("chain: ").count(), 1, "{}", text(&out));
+}
