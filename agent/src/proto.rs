@@ -81,6 +81,13 @@ pub struct StatusInfo {
     /// The seq of the last record written in this host's chain.
     #[serde(default)]
     pub records_written: u64,
+    /// The seq of the last record of this chain the collector receipted (`None`: none yet,
+    /// or no collector).
+    #[serde(default)]
+    pub records_receipted: Option<u64>,
+    /// Bytes of spool segments (receipted segments are removed).
+    #[serde(default)]
+    pub spool_bytes: u64,
     pub timeout_action: String,
     pub holds: u64,
     /// Connects the policy allowed in the kernel (never stopped).

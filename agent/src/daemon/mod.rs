@@ -1029,6 +1029,12 @@ impl Daemon {
             policy_reload_error: self.reload_error.clone(),
             records_error: self.spool_error.clone(),
             records_written: self.spool.next_seq() - 1,
+            records_receipted: records::spool::read_cursor(self.spool.dir())
+                .ok()
+                .flatten()
+                .filter(|c| c.chain_id == self.spool.chain_id())
+                .map(|c| c.seq),
+            spool_bytes: records::spool::size(self.spool.dir()),
             holds: stats[shared::STAT_HOLDS as usize],
             fast_allowed: stats[shared::STAT_FAST_ALLOWED as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],

@@ -399,6 +399,12 @@ fn records_made_while_the_collector_is_down_arrive_once_in_order_and_export_veri
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // The daemon reports what the collector receipted (the cursor moves after the receipt).
+    let deadline = std::time::Instant::now() + WAIT;
+    while d.status()["records_receipted"].as_u64() < Some(written) {
+        assert!(std::time::Instant::now() < deadline, "{}", d.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The decisions as OCSF events for a SIEM: the denied exec is a blocked process launch.
     let ocsf = c.get("/v1/ocsf").expect("GET /v1/ocsf");
     let events: Vec<serde_json::Value> = ocsf
