@@ -155,7 +155,8 @@ enum RecordsCmd {
     /// Check every record: signatures, contiguous sequence, previous hashes, forks, embedded
     /// approver decisions, self-approvals. Prints a summary; the exit status says valid or not.
     Verify {
-        /// A spool directory or an evidence bundle directory.
+        /// A spool directory, an evidence bundle directory, or the collector's URL
+        /// (https://collector:7443; needs --collector-key and --token-file).
         path: PathBuf,
         /// A host public key (SPKI PEM, e.g. host.key.pub); repeatable. Default for a
         /// bundle: its keys/hosts/.
@@ -164,6 +165,21 @@ enum RecordsCmd {
         /// An approver public key; repeatable. Default for a bundle: its keys/approvers/.
         #[arg(long = "approver-key")]
         approver_keys: Vec<PathBuf>,
+        /// For a URL: the collector's public key (its heads statement must verify with it).
+        #[arg(long)]
+        collector_key: Option<PathBuf>,
+        /// For a URL: a file holding an export token the collector accepts.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// For a URL: a CA certificate (PEM) to trust for the collector's TLS certificate.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// For a URL: start of the period (RFC 3339, inclusive).
+        #[arg(long)]
+        from: Option<String>,
+        /// For a URL: end of the period (RFC 3339, exclusive).
+        #[arg(long)]
+        to: Option<String>,
     },
     /// Hand this host's records chain to a new host key (root; the running daemon writes a
     /// key-rotated record signed by the old key, then replaces the key file).
@@ -248,11 +264,21 @@ fn main() {
                     path,
                     keys,
                     approver_keys,
+                    collector_key,
+                    token_file,
+                    ca_file,
+                    from,
+                    to,
                 },
         } => report(cli::records::verify(&cli::records::VerifyArgs {
             path,
             host_keys: keys,
             approver_keys,
+            collector_key,
+            token_file,
+            ca_file,
+            from,
+            to,
         })),
         Cmd::Records {
             action:

@@ -69,3 +69,20 @@ pub struct Refused {
     /// Signed [`Receipt`] for the last record stored from this batch, if any.
     pub receipt: Option<Envelope>,
 }
+
+/// The path of the authenticated export (`Authorization: Bearer TOKEN`).
+pub const EXPORT_PATH: &str = "/v1/export";
+/// Most records one export answer may carry (narrow the period beyond it).
+pub const MAX_EXPORT_RECORDS: usize = 1_000_000;
+
+/// The answer of [`EXPORT_PATH`]: what `countersign records verify URL` checks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportAnswer {
+    /// Raw envelopes (canonical JSON), per chain in seq order.
+    pub records: Vec<String>,
+    /// The collector's signed heads statement for the period.
+    pub heads: Envelope,
+    /// Enrolled host keys and approver keys (SPKI PEM): a verifier may use its own instead.
+    pub host_keys: Vec<String>,
+    pub approver_keys: Vec<String>,
+}

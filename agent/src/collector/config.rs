@@ -31,6 +31,10 @@ pub struct CollectorConfig {
     pub hosts: Vec<PathBuf>,
     /// Approver public keys: embedded approver decisions are checked against them.
     pub approver_keys: Vec<PathBuf>,
+    /// SHA-256 (hex) of the bearer tokens that may read `GET /v1/export` (none: the export
+    /// endpoint is off). Make one with `head -c 32 /dev/urandom | base64`, store its
+    /// `sha256sum` here.
+    pub export_tokens_sha256: Vec<String>,
 }
 
 impl Default for CollectorConfig {
@@ -43,6 +47,7 @@ impl Default for CollectorConfig {
             key: PathBuf::from(crate::paths::DEFAULT_COLLECTOR_KEY),
             hosts: Vec::new(),
             approver_keys: Vec::new(),
+            export_tokens_sha256: Vec::new(),
         }
     }
 }

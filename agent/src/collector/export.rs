@@ -25,20 +25,25 @@ pub enum ExportError {
     Time(String),
 }
 
-/// Writes the bundle of records whose time is in `[from, to)` into `out`, then verifies it
-/// (the report is written into the bundle and returned).
-pub async fn export(
-    config: &CollectorConfig,
+/// The records of a period and the collector's signed heads statement for them.
+pub struct Period {
+    /// Raw envelopes, per chain from the period's first to last seq.
+    pub records: Vec<String>,
+    /// The signed [`HeadsStatement`].
+    pub heads: Envelope,
+}
+
+/// Reads the records whose time is in `[from, to)` (RFC 3339; open ends without).
+pub async fn period(
+    c: &Collector,
     from: Option<&str>,
     to: Option<&str>,
-    out: &Path,
-) -> Result<Report, ExportError> {
+) -> Result<Period, ExportError> {
     let parse = |t: Option<&str>, default: i64| match t {
         None => Ok(default),
         Some(t) => time_ms(t).ok_or_else(|| ExportError::Time(t.to_owned())),
     };
     let (from_ms, to_ms) = (parse(from, i64::MIN)?, parse(to, i64::MAX)?);
-    let c = Collector::open(config).await?;
     let store = c.store();
     let mut records = Vec::new();
     let mut heads = Vec::new();
@@ -59,8 +64,24 @@ pub async fn export(
         to: to.map(str::to_owned),
         heads,
     };
-    let signed = Envelope::sign_json(PAYLOAD_HEADS, &statement, c.signing_key())
+    let heads = Envelope::sign_json(PAYLOAD_HEADS, &statement, c.signing_key())
         .expect("a heads statement is canonical JSON");
+    Ok(Period { records, heads })
+}
+
+/// Writes the bundle of records whose time is in `[from, to)` into `out`, then verifies it
+/// (the report is written into the bundle and returned).
+pub async fn export(
+    config: &CollectorConfig,
+    from: Option<&str>,
+    to: Option<&str>,
+    out: &Path,
+) -> Result<Report, ExportError> {
+    let c = Collector::open(config).await?;
+    let Period {
+        records,
+        heads: signed,
+    } = period(&c, from, to).await?;
     let host_keys = c.host_keys();
     let approver_keys = c.approver_keys();
     bundle::write(

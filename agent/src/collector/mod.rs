@@ -78,6 +78,8 @@ pub struct Collector {
     key_id: String,
     hosts: HashMap<String, VerifyingKey>,
     approvers: HashMap<String, VerifyingKey>,
+    /// SHA-256 (hex, lowercase) of the tokens that may export.
+    export_tokens: Vec<String>,
     ingest: tokio::sync::Mutex<()>,
 }
 
@@ -117,6 +119,11 @@ impl Collector {
             key_id,
             hosts,
             approvers,
+            export_tokens: config
+                .export_tokens_sha256
+                .iter()
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect(),
             ingest: tokio::sync::Mutex::new(()),
         })
     }
@@ -504,6 +511,59 @@ async fn get_alerts(State(c): State<Shared>) -> Response {
     }
 }
 
+/// Query of `GET /v1/export`.
+#[derive(Debug, Deserialize)]
+struct ExportQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// The records of a period with the signed heads, for `records verify URL`; needs a bearer
+/// token whose SHA-256 is configured.
+async fn get_export(
+    State(c): State<Shared>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<ExportQuery>,
+) -> Response {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let allowed = token.is_some_and(|t| {
+        let h = sign::sha256_hex(t.trim().as_bytes());
+        c.export_tokens.contains(&h)
+    });
+    if !allowed {
+        return (StatusCode::UNAUTHORIZED, "a valid export token is needed").into_response();
+    }
+    match export::period(&c, q.from.as_deref(), q.to.as_deref()).await {
+        Ok(p) if p.records.len() > api::MAX_EXPORT_RECORDS => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "more than {} records: narrow the period",
+                api::MAX_EXPORT_RECORDS
+            ),
+        )
+            .into_response(),
+        Ok(p) => Json(api::ExportAnswer {
+            records: p.records,
+            heads: p.heads,
+            host_keys: c.host_keys().iter().map(keys::public_pem).collect(),
+            approver_keys: c.approver_keys().iter().map(keys::public_pem).collect(),
+        })
+        .into_response(),
+        Err(export::ExportError::Time(t)) => (
+            StatusCode::BAD_REQUEST,
+            format!("{t}: not an RFC 3339 time"),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "export failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
+        }
+    }
+}
+
 /// Query of `GET /v1/ocsf`.
 #[derive(Debug, Deserialize)]
 struct OcsfQuery {
@@ -561,6 +621,7 @@ pub fn router(c: Shared) -> Router {
         .route("/v1/heads", get(get_heads))
         .route("/v1/alerts", get(get_alerts))
         .route("/v1/ocsf", get(get_ocsf))
+        .route(api::EXPORT_PATH, get(get_export))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(c)

@@ -244,6 +244,11 @@ fn a_spool_that_cannot_be_written_refuses_and_releases_nothing() {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// The export token the test collectors accept, and its SHA-256.
+const EXPORT_TOKEN: &str = "test-export-token";
+const EXPORT_TOKEN_SHA256: &str =
+    "69081258d050e5107275d5de4e69f2dbe08ea01f7c33738892429f9e85e44690";
+
 /// A `countersign collector` process, stopped on drop.
 struct Collector {
     proc: Option<countersign_tests::Proc>,
@@ -262,7 +267,7 @@ impl Collector {
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{port}\ndatabase: sqlite://{}\nkey: {}\nhosts:\n{}",
+                "listen: 127.0.0.1:{port}\ndatabase: sqlite://{}\nkey: {}\nexport_tokens_sha256: [{EXPORT_TOKEN_SHA256}]\nhosts:\n{}",
                 dir.join("collector.db").display(),
                 dir.join("collector.key").display(),
                 if hosts.is_empty() {
@@ -418,6 +423,34 @@ fn records_made_while_the_collector_is_down_arrive_once_in_order_and_export_veri
         "{ocsf}"
     );
     assert!(events.iter().any(|e| e["action"] == "Allowed"), "{ocsf}");
+    // Verified straight from the collector, with its pinned key and an export token.
+    let token = base.path().join("token");
+    std::fs::write(&token, EXPORT_TOKEN).unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let collector_pub = base.path().join("collector.key.pub");
+    let by_url = |token: &Path| {
+        std::process::Command::new(countersign_bin())
+            .args(["records", "verify", &url, "--collector-key"])
+            .arg(&collector_pub)
+            .arg("--token-file")
+            .arg(token)
+            .arg("--key")
+            .arg(d.host_pub())
+            .output()
+            .unwrap()
+    };
+    let out = by_url(&token);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        summary(&out).ends_with("records valid, 0 gaps, 0 forks, 0 self-approvals"),
+        "{}",
+        text(&out)
+    );
+    let wrong = base.path().join("wrong-token");
+    std::fs::write(&wrong, "nope").unwrap();
+    let out = by_url(&wrong);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("401"), "{}", text(&out));
     d.stop();
     c.stop();
 
