@@ -35,6 +35,9 @@ pub struct CollectorConfig {
     /// endpoint is off). Make one with `head -c 32 /dev/urandom | base64`, store its
     /// `sha256sum` here.
     pub export_tokens_sha256: Vec<String>,
+    /// A chain whose last record is not a `daemon-stop` and that has not moved for this
+    /// long raises a `silent` alert (hosts send a heartbeat every minute by default).
+    pub silence_alert_secs: u64,
 }
 
 impl Default for CollectorConfig {
@@ -48,6 +51,8 @@ impl Default for CollectorConfig {
             hosts: Vec::new(),
             approver_keys: Vec::new(),
             export_tokens_sha256: Vec::new(),
+            // Five missed default heartbeats.
+            silence_alert_secs: 300,
         }
     }
 }

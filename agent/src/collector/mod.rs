@@ -357,6 +357,44 @@ impl Collector {
         })
     }
 
+    /// Raises a `silent` alert for each chain whose head has not moved for `silence` and is
+    /// not a `daemon-stop` (once per head); returns the chains alerted now. `alerted`
+    /// remembers the heads already alerted.
+    pub async fn check_silence(
+        &self,
+        silence: Duration,
+        alerted: &mut std::collections::HashSet<(String, u64)>,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = time_ms(&records::now_rfc3339()).unwrap_or(0);
+        let limit = i64::try_from(silence.as_millis()).unwrap_or(i64::MAX);
+        let mut out = Vec::new();
+        for (chain_id, host_id, seq, kind, updated) in self.store.head_activity().await? {
+            let quiet = now - time_ms(&updated).unwrap_or(now);
+            if kind == "daemon-stop" || quiet < limit || alerted.contains(&(chain_id.clone(), seq))
+            {
+                continue;
+            }
+            alerted.insert((chain_id.clone(), seq));
+            let detail = format!(
+                "no record for {}s after seq {seq} ({kind}), and the host did not stop cleanly",
+                quiet / 1000
+            );
+            tracing::warn!(kind = "silent", host_id, chain_id, seq, detail, "ALERT");
+            self.store
+                .alert(&Alert {
+                    at: records::now_rfc3339(),
+                    kind: "silent".into(),
+                    host_id: Some(host_id),
+                    chain_id: Some(chain_id.clone()),
+                    seq: Some(seq),
+                    detail,
+                })
+                .await?;
+            out.push(chain_id);
+        }
+        Ok(out)
+    }
+
     /// Signs a digest of all heads, chained to the previous digest, and stores it.
     pub async fn sign_digest(&self) -> Result<Envelope, StoreError> {
         let last = self.store.last_digest().await?;
@@ -647,6 +685,18 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
             match digests.sign_digest().await {
                 Ok(_) => tracing::info!("heads digest signed"),
                 Err(e) => tracing::error!(error = %e, "signing the heads digest failed"),
+            }
+        }
+    });
+    let watch = c.clone();
+    let silence = Duration::from_secs(config.silence_alert_secs.max(1));
+    tokio::spawn(async move {
+        let mut alerted = std::collections::HashSet::new();
+        let mut every = tokio::time::interval((silence / 4).max(Duration::from_secs(1)));
+        loop {
+            every.tick().await;
+            if let Err(e) = watch.check_silence(silence, &mut alerted).await {
+                tracing::error!(error = %e, "checking for silent hosts failed");
             }
         }
     });

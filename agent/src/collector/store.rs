@@ -165,6 +165,22 @@ impl Store {
             .collect())
     }
 
+    /// Per chain: (chain id, host id, head seq, the head record's type, when the head moved).
+    pub async fn head_activity(
+        &self,
+    ) -> Result<Vec<(String, String, u64, String, String)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT h.chain_id, h.host_id, h.seq, r.type, h.updated_at FROM heads h
+             JOIN records r ON r.chain_id = h.chain_id AND r.seq = h.seq ORDER BY h.chain_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), u(r.get(2)), r.get(3), r.get(4)))
+            .collect())
+    }
+
     /// The hash of the stored record `seq` of `chain_id`.
     pub async fn hash_at(&self, chain_id: &str, seq: u64) -> Result<Option<String>, StoreError> {
         let row = sqlx::query("SELECT hash FROM records WHERE chain_id = $1 AND seq = $2")

@@ -486,3 +486,49 @@ async fn shipped_over_https_to_a_collector_the_host_trusts() {
     assert_eq!(spool::read_cursor(&dir).unwrap().unwrap().seq, 3);
     server.abort();
 }
+
+#[tokio::test]
+async fn a_chain_that_goes_quiet_without_stopping_raises_one_silent_alert() {
+    let f = Fixture::new();
+    let c = Collector::open(&f.config).await.unwrap();
+    let (dir, mut s) = f.spool("spool", key(1));
+    s.append(heartbeat()).unwrap();
+    c.ingest(&batch(&envelopes(&dir))).await.unwrap().unwrap();
+    let mut alerted = std::collections::HashSet::new();
+    assert!(
+        c.check_silence(Duration::from_secs(3600), &mut alerted)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not quiet for long"
+    );
+    assert_eq!(
+        c.check_silence(Duration::ZERO, &mut alerted)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        c.check_silence(Duration::ZERO, &mut alerted)
+            .await
+            .unwrap()
+            .is_empty(),
+        "alerted once"
+    );
+    // A clean stop is not silence.
+    s.append(Body::DaemonStop {
+        reason: "signal".into(),
+    })
+    .unwrap();
+    let envs = envelopes(&dir);
+    c.ingest(&batch(&envs[1..])).await.unwrap().unwrap();
+    assert!(
+        c.check_silence(Duration::ZERO, &mut alerted)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let alerts = c.store().alerts().await.unwrap();
+    assert_eq!(alerts.iter().filter(|a| a.kind == "silent").count(), 1);
+}

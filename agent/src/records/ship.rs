@@ -83,17 +83,28 @@ pub async fn run(dir: PathBuf, target: Target) {
     };
     let mut backoff = MIN_BACKOFF;
     let mut alarmed = false;
+    // The spool's size when everything in it was receipted: no need to read it again until
+    // it grows.
+    let mut idle_size = None;
     loop {
+        if idle_size.is_some() && idle_size == Some(spool::size(&dir)) {
+            tokio::time::sleep(IDLE).await;
+            continue;
+        }
+        let size = spool::size(&dir);
         match round(&client, &dir, &target).await {
             Ok(0) => {
                 backoff = MIN_BACKOFF;
+                idle_size = Some(size);
                 tokio::time::sleep(IDLE).await;
             }
             Ok(n) => {
                 backoff = MIN_BACKOFF;
+                idle_size = None;
                 tracing::debug!(records = n, "shipped");
             }
             Err(e) => {
+                idle_size = None;
                 let size = spool::size(&dir);
                 if size > BACKLOG_ALARM_BYTES && !alarmed {
                     tracing::error!(
