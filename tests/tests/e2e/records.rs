@@ -565,3 +565,110 @@ fn a_rotated_host_key_is_followed_from_the_old_one() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(text(&out).matches("chain: ").count(), 1, "{}", text(&out));
 }
+
+/// The records in a spool segment: each record's payload (the signed record, as JSON).
+fn spooled_records(spool: &Path) -> Vec<serde_json::Value> {
+    use base64::Engine as _;
+    let bytes = std::fs::read(segment(spool)).unwrap();
+    frames(&bytes)
+        .into_iter()
+        .map(|r| {
+            let env: serde_json::Value =
+                serde_json::from_slice(&bytes[r.start + 40..r.end]).unwrap();
+            let payload = base64::engine::general_purpose::STANDARD
+                .decode(env["payload"].as_str().unwrap())
+                .unwrap();
+            serde_json::from_slice(&payload).unwrap()
+        })
+        .collect()
+}
+
+/// The daemon killed with SIGKILL again and again while a labelled loop makes it decide
+/// (and record) exec after exec: the spool recovers each time, verifies as one unbroken
+/// chain, and every decision the daemon acted on has its signed record.
+#[test]
+fn sigkill_during_decisions_repeatedly_loses_no_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("busy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: busy\n    default: {outcome: allow}\n",
+    )
+    .unwrap();
+    let policy = policy.to_str().unwrap().to_owned();
+    let mut d = Daemon::start_with(&["--request-timeout", "60", "--policy", &policy]);
+    let count = marker(&d, "count");
+    let script =
+        format!("i=0; while [ $i -lt 100000 ]; do /bin/true; i=$((i+1)); echo $i > {count}; done");
+    let mut p = d.labelled("busy", &["/bin/sh", "-c", &script]);
+    let progress = |c: &str| {
+        std::fs::read_to_string(c)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    for round in 0..6u64 {
+        // Let it decide a few execs, then kill the daemon in the middle of it.
+        let before = progress(&count);
+        let deadline = std::time::Instant::now() + WAIT;
+        while progress(&count) < before + 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the loop made no progress:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(37 * round));
+        d.crash();
+        d.restart();
+    }
+    let deadline = std::time::Instant::now() + WAIT;
+    let before = progress(&count);
+    while progress(&count) < before + 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loop made no progress:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    d.stop();
+
+    let out = verify(&d.spool_dir(), &d.host_pub());
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(text(&out).matches("chain: ").count(), 1, "{}", text(&out));
+    let records = spooled_records(&d.spool_dir());
+    let starts = records
+        .iter()
+        .filter(|r| r["body"]["type"] == "daemon-start")
+        .count();
+    assert_eq!(starts, 7, "one chain over seven daemon runs");
+    // Every decision in the log (written after its record, before it was applied) has its
+    // signed record; every /bin/true that ran was allowed by one.
+    let signed: std::collections::HashSet<u64> = records
+        .iter()
+        .filter(|r| r["body"]["type"] == "decision" && r["body"]["decision"] == "auto-allowed")
+        .map(|r| r["body"]["request"]["id"].as_u64().unwrap())
+        .collect();
+    let logged: Vec<u64> = d
+        .decisions()
+        .iter()
+        .filter(|e| e["decision"] == "auto-allowed")
+        .map(|e| e["request"]["id"].as_u64().unwrap())
+        .collect();
+    for id in &logged {
+        assert!(
+            signed.contains(id),
+            "request {id} was decided without a signed record"
+        );
+    }
+    let ran = progress(&count);
+    assert!(
+        signed.len() as u64 >= ran,
+        "{ran} execs ran, {} signed allow records",
+        signed.len()
+    );
+}
