@@ -1111,11 +1111,16 @@ impl Daemon {
         if let Some(state) = state {
             match self.kernel.decide(held.tid, held.kernel_id, state) {
                 Ok(true) => {}
-                Ok(false) => return "the task exited before the decision was applied".into(),
+                Ok(false) => {
+                    // The record said what was about to be done; this one what happened.
+                    self.log_or_warn("task-exited", "none", "kernel", &view);
+                    return "the task exited before the decision was applied".into();
+                }
                 Err(e) => {
                     // Never release on an error path.
                     tracing::error!(error = %e, pid = held.tgid, "writing the decision failed; killing the task");
                     let _ = kill(Pid::from_raw(held.tgid as i32), Signal::SIGKILL);
+                    self.log_or_warn("apply-failed", "sigkill", "daemon", &view);
                     return format!("killed: writing the decision failed ({e})");
                 }
             }
@@ -1210,7 +1215,7 @@ impl Daemon {
             approver_decision,
         };
         let body = match decision {
-            "exec-verified" | "task-exited" | "superseded" => Body::Outcome(d),
+            "exec-verified" | "task-exited" | "superseded" | "apply-failed" => Body::Outcome(d),
             _ => Body::Decision(d),
         };
         self.try_append(body)?;

@@ -83,7 +83,10 @@ pub enum Body {
     /// `expired-killed` (the timeout outcome).
     Decision(DecisionRecord),
     /// What happened afterwards: `exec-verified` (the approved exec is what loaded),
-    /// `task-exited` (gone before a decision), `superseded` (the task asked something else).
+    /// `task-exited` (gone before a decision, or before it could be applied), `superseded`
+    /// (the task asked something else), `apply-failed` (the decision could not be written
+    /// into the kernel: the task was killed). A decision record states what the daemon is
+    /// about to do (it is written first); an outcome record follows when that did not happen.
     Outcome(DecisionRecord),
     /// A grant was issued (reserved: grants are not built yet).
     GrantIssued {
