@@ -37,6 +37,8 @@ use crate::{
 
 /// How often the heads digest is signed.
 pub const DIGEST_EVERY: Duration = Duration::from_secs(3600);
+/// How many raised alerts are remembered to not raise them again on retries.
+const MAX_REMEMBERED_ALERTS: usize = 10_000;
 /// DSSE payload type of a heads digest.
 pub const PAYLOAD_DIGEST: &str = "application/vnd.countersign.digest+json";
 
@@ -80,6 +82,9 @@ pub struct Collector {
     approvers: HashMap<String, VerifyingKey>,
     /// SHA-256 (hex, lowercase) of the tokens that may export.
     export_tokens: Vec<String>,
+    /// Alerts raised lately (kind, chain, seq, detail): a shipper retrying a refused record
+    /// forever raises its alert once, not once per retry.
+    raised: std::sync::Mutex<std::collections::HashSet<(String, String, u64, String)>>,
     ingest: tokio::sync::Mutex<()>,
 }
 
@@ -125,6 +130,7 @@ impl Collector {
                 .map(|t| t.trim().to_ascii_lowercase())
                 .collect(),
             ingest: tokio::sync::Mutex::new(()),
+            raised: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -154,6 +160,23 @@ impl Collector {
     }
 
     async fn raise(&self, kind: &str, r: Option<&Record>, detail: String) {
+        let key = (
+            kind.to_owned(),
+            r.map(|r| r.chain_id.clone()).unwrap_or_default(),
+            r.map_or(0, |r| r.seq),
+            detail.clone(),
+        );
+        {
+            let mut raised = self.raised.lock().unwrap_or_else(|e| e.into_inner());
+            if raised.contains(&key) {
+                return;
+            }
+            // Bounded: forgetting old ones only means raising them once more.
+            if raised.len() >= MAX_REMEMBERED_ALERTS {
+                raised.clear();
+            }
+            raised.insert(key);
+        }
         tracing::warn!(
             kind,
             host_id = r.map_or("", |r| r.host_id.as_str()),

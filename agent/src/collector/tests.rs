@@ -266,6 +266,12 @@ async fn ingest_checks(f: &Fixture) {
     for k in ["gap", "fork", "bad-signature", "unknown-key"] {
         assert!(kinds.iter().any(|x| x == k), "{k} alerted: {kinds:?}");
     }
+    // Retries of a refused record do not raise its alert again.
+    let before = kinds.len();
+    for _ in 0..3 {
+        assert!(c.ingest(&batch(&envelopes(&dir2))).await.unwrap().is_err());
+    }
+    assert_eq!(c.store().alerts().await.unwrap().len(), before);
     let heads = c.store().heads().await.unwrap();
     assert_eq!(heads.len(), 1);
     assert_eq!(heads[0].seq, 5);
