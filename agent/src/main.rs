@@ -6,15 +6,14 @@ use clap::{Parser, Subcommand};
 
 mod approver;
 mod cli;
+mod collector;
 mod daemon;
 mod ebpf;
 mod paths;
 mod policy;
 mod proto;
-#[allow(
-    dead_code,
-    reason = "the approver and the decision records are being built on it"
-)]
+#[allow(dead_code, reason = "the collector and shipper use the rest")]
+mod records;
 mod sign;
 
 use daemon::config::{DaemonConfig, TimeoutAction};
@@ -89,6 +88,18 @@ enum Cmd {
         #[arg(long, default_value = approver::config::DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Run the record collector: receives, verifies and stores the hosts' signed records.
+    Collector {
+        /// Configuration file (default /etc/countersign/collector.yaml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Verify signed decision records (a spool or an evidence bundle), offline; export
+    /// evidence bundles from the collector.
+    Records {
+        #[command(subcommand)]
+        action: RecordsCmd,
+    },
     #[command(name = "internal-canary", hide = true)]
     InternalCanary { port: u16 },
     #[command(name = "internal-canary-exec", hide = true)]
@@ -116,6 +127,9 @@ struct DaemonArgs {
     /// The host's signing key (made if missing).
     #[arg(long)]
     host_key: Option<PathBuf>,
+    /// Where signed decision records are spooled.
+    #[arg(long)]
+    spool_dir: Option<PathBuf>,
     /// Policy file or directory (repeatable; replaces the configured ones).
     #[arg(long)]
     policy: Vec<PathBuf>,
@@ -171,6 +185,62 @@ enum PolicyCmd {
 enum ProtocolArg {
     Tcp,
     Udp,
+}
+
+#[derive(Subcommand)]
+enum RecordsCmd {
+    /// Check every record: signatures, contiguous sequence, previous hashes, forks, embedded
+    /// approver decisions, self-approvals. Prints a summary; the exit status says valid or not.
+    Verify {
+        /// A spool directory, an evidence bundle directory, or the collector's URL
+        /// (https://collector:7443; needs --collector-key and --token-file).
+        path: PathBuf,
+        /// A host public key (SPKI PEM, e.g. host.key.pub); repeatable. Default for a
+        /// bundle: its keys/hosts/.
+        #[arg(long = "key")]
+        keys: Vec<PathBuf>,
+        /// An approver public key; repeatable. Default for a bundle: its keys/approvers/.
+        #[arg(long = "approver-key")]
+        approver_keys: Vec<PathBuf>,
+        /// For a URL: the collector's public key (its heads statement must verify with it).
+        #[arg(long)]
+        collector_key: Option<PathBuf>,
+        /// For a URL: a file holding an export token the collector accepts.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// For a URL: a CA certificate (PEM) to trust for the collector's TLS certificate.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// For a URL: start of the period (RFC 3339, inclusive).
+        #[arg(long)]
+        from: Option<String>,
+        /// For a URL: end of the period (RFC 3339, exclusive).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Hand this host's records chain to a new host key (root; the running daemon writes a
+    /// key-rotated record signed by the old key, then replaces the key file).
+    RotateKey {
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+    },
+    /// Write an evidence bundle of a period from the collector's database (run where the
+    /// collector runs): population CSV, raw signed records, public keys, the collector's
+    /// signed heads, and the verification report. Exits non-zero if the bundle does not verify.
+    Export {
+        /// The collector's configuration file (its database and key).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Start of the period (RFC 3339, inclusive; default: the beginning).
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the period (RFC 3339, exclusive; default: now and later).
+        #[arg(long)]
+        to: Option<String>,
+        /// The bundle directory to write (must not hold a bundle yet).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -252,6 +322,41 @@ fn main() {
             };
             report(cli::policy::test(&files, &label, &what))
         }
+        Cmd::Records {
+            action:
+                RecordsCmd::Verify {
+                    path,
+                    keys,
+                    approver_keys,
+                    collector_key,
+                    token_file,
+                    ca_file,
+                    from,
+                    to,
+                },
+        } => report(cli::records::verify(&cli::records::VerifyArgs {
+            path,
+            host_keys: keys,
+            approver_keys,
+            collector_key,
+            token_file,
+            ca_file,
+            from,
+            to,
+        })),
+        Cmd::Records {
+            action:
+                RecordsCmd::Export {
+                    config,
+                    from,
+                    to,
+                    out,
+                },
+        } => report(records_export(config, from, to, &out)),
+        Cmd::Records {
+            action: RecordsCmd::RotateKey { socket_dir },
+        } => report(cli::records::rotate_key(&paths::socket_dir(socket_dir))),
+        Cmd::Collector { config } => report(collector(config)),
         Cmd::Status { socket_dir, json } => {
             report(cli::status::run(&paths::socket_dir(socket_dir), json))
         }
@@ -362,6 +467,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             None => anyhow::bail!("--enroll-token-file needs an approver (--approver URL)"),
         }
     }
+    if let Some(d) = args.spool_dir {
+        config.spool_dir = d;
+    }
     if let Some(m) = args.mode {
         config.mode = m;
     }
@@ -375,4 +483,55 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         .validate(std::path::Path::new("command line"))
         .context("invalid settings")?;
     daemon::run(config)
+}
+
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COUNTERSIGN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn collector_config(path: Option<PathBuf>) -> anyhow::Result<collector::config::CollectorConfig> {
+    let path = path.unwrap_or_else(|| PathBuf::from(paths::DEFAULT_COLLECTOR_CONFIG));
+    Ok(collector::config::CollectorConfig::load(&path)?)
+}
+
+fn collector(config: Option<PathBuf>) -> anyhow::Result<()> {
+    init_tracing();
+    let config = collector_config(config)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(collector::run(config))
+}
+
+fn records_export(
+    config: Option<PathBuf>,
+    from: Option<String>,
+    to: Option<String>,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let config = collector_config(config)?;
+    let report = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(collector::export::export(
+            &config,
+            from.as_deref(),
+            to.as_deref(),
+            out,
+        ))?;
+    print!("{}", cli::records::render(&report));
+    println!("bundle written to {}", out.display());
+    if !report.ok() {
+        anyhow::bail!("the exported bundle does not verify: {}", report.summary());
+    }
+    Ok(())
 }

@@ -17,6 +17,14 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/countersign";
 pub const DEFAULT_HOST_KEY: &str = "/var/lib/countersign/host.key";
 /// The host's enrollment with the remote approver (host id, the approver's pinned key).
 pub const DEFAULT_APPROVER_STATE: &str = "/var/lib/countersign/approver.json";
+/// The signed decision records' spool (segments and the receipted cursor), mode 0700.
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/countersign/spool";
+/// The collector's configuration file.
+pub const DEFAULT_COLLECTOR_CONFIG: &str = "/etc/countersign/collector.yaml";
+/// The collector's SQLite database (when `database` is not set).
+pub const DEFAULT_COLLECTOR_DB: &str = "/var/lib/countersign/collector.db";
+/// The collector's Ed25519 key (receipts, heads statements, digests).
+pub const DEFAULT_COLLECTOR_KEY: &str = "/var/lib/countersign/collector.key";
 /// Held by the running daemon (flock) in the socket directory.
 pub const LOCK_FILE: &str = "daemon.lock";
 /// Environment variable that overrides the socket directory for every subcommand.

@@ -16,6 +16,8 @@ pub enum Request {
     Decide { id: u64, decision: Decision },
     /// Label the calling process (used by `countersign exec`).
     Label { label: String },
+    /// Rotate the host key (a `key-rotated` record signed by the old key).
+    RotateKey,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -46,6 +48,7 @@ pub enum Response {
     List { requests: Vec<RequestView> },
     Decided { id: u64, outcome: String },
     Labelled { label: String, pid: u32 },
+    KeyRotated { old: String, new: String, seq: u64 },
     Error { message: String },
 }
 
@@ -72,6 +75,19 @@ pub struct StatusInfo {
     pub policy_rules: usize,
     /// Why the last policy reload failed (the policy in force stays), if it did.
     pub policy_reload_error: Option<String>,
+    /// Why the last signed record could not be written (new requests are refused), if so.
+    #[serde(default)]
+    pub records_error: Option<String>,
+    /// The seq of the last record written in this host's chain.
+    #[serde(default)]
+    pub records_written: u64,
+    /// The seq of the last record of this chain the collector receipted (`None`: none yet,
+    /// or no collector).
+    #[serde(default)]
+    pub records_receipted: Option<u64>,
+    /// Bytes of spool segments (receipted segments are removed).
+    #[serde(default)]
+    pub spool_bytes: u64,
     pub timeout_action: String,
     pub holds: u64,
     /// Connects the policy allowed in the kernel (never stopped).
@@ -104,7 +120,7 @@ pub struct ProcInfo {
 }
 
 /// A held request as the approver sees it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RequestView {
     pub id: u64,
     /// `exec`, `exec-loaded` (held after the image loaded: deny kills) or `connect`.

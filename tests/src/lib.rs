@@ -193,6 +193,12 @@ impl Daemon {
         let mode: Vec<String> = expected_mode()
             .map(|m| vec!["--mode".to_owned(), m])
             .unwrap_or_default();
+        // The records spool goes beside the log unless the test chose one.
+        let spool: Vec<PathBuf> = if args.iter().any(|a| a == "--spool-dir") {
+            Vec::new()
+        } else {
+            vec!["--spool-dir".into(), dir.join("spool")]
+        };
         let child = Command::new(countersign_bin())
             .arg("daemon")
             .args(&mode)
@@ -204,6 +210,7 @@ impl Daemon {
             .arg(dir.join("decisions.jsonl"))
             .arg("--host-key")
             .arg(dir.join("host.key"))
+            .args(&spool)
             .args(args)
             .env("COUNTERSIGN_LOG", "info,countersign=debug")
             .stdout(Stdio::null())
@@ -217,6 +224,30 @@ impl Daemon {
     pub fn crash(&mut self) {
         let _ = self.proc.child.kill();
         let _ = self.proc.child.wait();
+    }
+
+    /// Stops the daemon with SIGTERM and waits for it (a clean stop).
+    pub fn stop(&mut self) {
+        // SAFETY: signalling the daemon we started, by its pid.
+        unsafe { libc::kill(self.proc.pid() as i32, libc::SIGTERM) };
+        let status = self.proc.wait(WAIT);
+        assert!(
+            status.success(),
+            "the daemon stopped with {status}:\n{}",
+            self.log()
+        );
+    }
+
+    /// The daemon's records spool (unless the test chose another with `--spool-dir`).
+    #[must_use]
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    /// The host's public key file.
+    #[must_use]
+    pub fn host_pub(&self) -> PathBuf {
+        self.dir.path().join("host.key.pub")
     }
 
     /// Starts the daemon again with the same directories and arguments.

@@ -893,3 +893,6 @@ labels:
     assert_eq!(q.stdout().trim(), format!("error {EPERM}"));
     assert!(!other.accepted());
 }
+
+#[path = "e2e/records.rs"]
+mod records;

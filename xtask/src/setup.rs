@@ -22,7 +22,15 @@ use crate::process::{run_captured, run_streaming};
 /// anyone who wants to look into an initramfs by hand, the PostgreSQL server for the
 /// database tests (each test runs a private server of its own), and Chromium with
 /// chromedriver for the web page tests, and openssl to make the TLS tests' certificates.
-pub const DEBIAN_PACKAGES: &[&str] = &["qemu-system-x86", "cpio", "busybox-static", "postgresql"];
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "cpio",
+    "busybox-static",
+    "postgresql",
+    "chromium",
+    "chromium-driver",
+    "openssl",
+];
 
 /// The bpf-linker series that works with the aya versions this workspace uses.
 const BPF_LINKER_SERIES: &str = "0.13.";

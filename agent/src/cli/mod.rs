@@ -2,6 +2,7 @@
 pub mod client;
 pub mod exec;
 pub mod policy;
+pub mod records;
 pub mod remote;
 pub mod requests;
 pub mod status;

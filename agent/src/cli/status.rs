@@ -49,6 +49,19 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
     if let Some(e) = &s.policy_reload_error {
         println!("  ALARM: the last policy reload failed; the policy in force stays:\n{e}");
     }
+    match s.records_receipted {
+        Some(r) => println!(
+            "  records:        {} written, {} receipted by the collector; spool {} bytes",
+            s.records_written, r, s.spool_bytes
+        ),
+        None => println!(
+            "  records:        {} written, none receipted; spool {} bytes",
+            s.records_written, s.spool_bytes
+        ),
+    }
+    if let Some(e) = &s.records_error {
+        println!("  ALARM: signed records cannot be written; new requests are refused: {e}");
+    }
     println!(
         "  timeout:        {}s, then {}",
         s.request_timeout_secs, s.timeout_action

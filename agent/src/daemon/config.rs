@@ -24,6 +24,20 @@ impl std::fmt::Display for TimeoutAction {
     }
 }
 
+/// Where the daemon ships its records.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CollectorTarget {
+    /// Base URL, e.g. `https://collector.example:7443`.
+    pub url: String,
+    /// The collector's public key (SPKI PEM): receipts must verify with it.
+    pub public_key: PathBuf,
+    /// A CA certificate (PEM) to trust for the collector's TLS certificate, besides the
+    /// system's roots (e.g. a private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
 /// A cgroup whose tasks, and everything below it, carry a label.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -42,6 +56,12 @@ pub struct DaemonConfig {
     pub decision_log: PathBuf,
     /// The host's signing key (made at the first start if missing).
     pub host_key: PathBuf,
+    /// Where signed decision records are spooled until the collector receipts them.
+    pub spool_dir: PathBuf,
+    /// Seconds between heartbeat records (silence between them is provable).
+    pub heartbeat_secs: u64,
+    /// The collector records are shipped to (none: they stay in the spool).
+    pub collector: Option<CollectorTarget>,
     pub mode: ModeRequest,
     pub request_timeout_secs: u64,
     pub timeout_action: TimeoutAction,
@@ -60,6 +80,11 @@ impl Default for DaemonConfig {
             bpf_pin_dir: PathBuf::from(paths::DEFAULT_PIN_DIR),
             decision_log: PathBuf::from(paths::DEFAULT_DECISION_LOG),
             host_key: PathBuf::from(paths::DEFAULT_HOST_KEY),
+            spool_dir: PathBuf::from(paths::DEFAULT_SPOOL_DIR),
+            // A minute: an auditor can tell a quiet host from a dead one to the minute, for
+            // about 1.5 MB of records a day.
+            heartbeat_secs: 60,
+            collector: None,
             // BPF LSM where the kernel runs it; most hosts do not boot with it.
             mode: ModeRequest::Auto,
             // Long enough for a human to read a prompt; short enough that nothing hangs.
@@ -75,6 +100,8 @@ impl Default for DaemonConfig {
 
 /// Longest accepted request timeout: nothing is held for more than a day.
 pub const MAX_REQUEST_TIMEOUT_SECS: u64 = 24 * 3600;
+/// Longest heartbeat interval: an hour.
+pub const MAX_HEARTBEAT_SECS: u64 = 3600;
 /// Label names: short, printable, safe in logs and chat messages.
 pub const MAX_LABEL_LEN: usize = 64;
 
@@ -153,6 +180,23 @@ impl DaemonConfig {
                 ),
             ));
         }
+        if self.heartbeat_secs == 0 || self.heartbeat_secs > MAX_HEARTBEAT_SECS {
+            return Err(invalid(
+                "heartbeat_secs".into(),
+                format!(
+                    "must be between 1 and {MAX_HEARTBEAT_SECS}, not {}",
+                    self.heartbeat_secs
+                ),
+            ));
+        }
+        if let Some(c) = &self.collector
+            && !(c.url.starts_with("https://") || c.url.starts_with("http://"))
+        {
+            return Err(invalid(
+                "collector.url".into(),
+                format!("`{}` must start with https:// (or http://)", c.url),
+            ));
+        }
         for (i, c) in self.cgroup_labels.iter().enumerate() {
             if let Err(m) = validate_label(&c.label) {
                 return Err(invalid(format!("cgroup_labels[{i}].label"), m));
@@ -229,6 +273,9 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_field() {
+        let (_d, p) = write("heartbeat_secs: 0\n");
+        let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("heartbeat_secs"), "{e}");
         let (_d, p) = write("request_timeout_secs: 0\n");
         let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("request_timeout_secs"), "{e}");

@@ -31,6 +31,7 @@ use self::{
     enrich::FileId,
     log::DecisionLog,
 };
+use crate::records::{self, Body, DecisionRecord, RequestRecord, spool::Spool};
 use crate::{
     ebpf::{self, Kernel},
     policy::{
@@ -89,11 +90,8 @@ struct Held {
 
 struct Daemon {
     kernel: Kernel,
-    /// Signs what this host states (escalations, records); its id names the host.
-    #[allow(
-        dead_code,
-        reason = "signs escalations and records, which are being built"
-    )]
+    /// Signs what this host states (escalations; records through the spool); its id names
+    /// the host.
     host_key: ed25519_dalek::SigningKey,
     /// `sign::key_id` of `host_key`.
     host_id: String,
@@ -102,6 +100,13 @@ struct Daemon {
     remote: Option<remote::Remote>,
     config: DaemonConfig,
     log: DecisionLog,
+    /// Signed decision records, written before the decision log and before anything is
+    /// applied.
+    spool: Spool,
+    /// Why the last record could not be written, until one is: meanwhile nobody is asked to
+    /// decide anything (new requests are refused).
+    spool_error: Option<String>,
+    last_heartbeat: Instant,
     labels: Vec<String>,
     /// (cgroup path as in /proc/PID/cgroup, label id), for refusing labelled callers.
     cgroup_labels: Vec<(String, u32)>,
@@ -152,12 +157,35 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     let policy = load_policy(&config)?;
     let stamp = policy_stamp(&config, policy.as_ref());
     let log = DecisionLog::open(&config.decision_log)?;
+    match records::rotate::finish_interrupted(&config.host_key, &config.spool_dir)
+        .context("finishing an interrupted host key rotation")?
+    {
+        records::rotate::Interrupted::None => {}
+        done => tracing::warn!(?done, "an interrupted host key rotation was completed"),
+    }
     let (host_key, made) =
         crate::sign::keys::load_or_create(&config.host_key).context("the host key (host_key)")?;
     let host_id = crate::sign::key_id(&host_key.verifying_key()).0;
     if made {
         tracing::info!(path = %config.host_key.display(), host_id, "host key made");
     }
+    let spool = Spool::open(&config.spool_dir, host_key.clone(), &records::host_name())
+        .context("the record spool (spool_dir)")?;
+    let shipper = match &config.collector {
+        Some(c) => Some(records::ship::Target {
+            url: c.url.clone(),
+            key: crate::sign::keys::load_public(&c.public_key)
+                .context("the collector's public key (collector.public_key)")?,
+            ca_pem: c
+                .ca_file
+                .as_ref()
+                .map(|p| {
+                    std::fs::read(p).with_context(|| format!("collector.ca_file {}", p.display()))
+                })
+                .transpose()?,
+        }),
+        None => None,
+    };
     let next_id = log.last_request_id() + 1;
     let (mut kernel, ring) =
         Kernel::load(config.mode, &config.bpf_pin_dir).context("loading the eBPF hooks")?;
@@ -206,6 +234,9 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         remote,
         config,
         log,
+        spool,
+        spool_error: None,
+        last_heartbeat: Instant::now(),
         labels,
         cgroup_labels,
         requests: BTreeMap::new(),
@@ -219,6 +250,16 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         reload_error: None,
         ticks: 0,
     };
+    if let Some(target) = shipper {
+        tracing::info!(url = target.url, "shipping records");
+        tokio::spawn(records::ship::run(daemon.config.spool_dir.clone(), target));
+    }
+    daemon.append(Body::DaemonStart {
+        version: env!("CARGO_PKG_VERSION").into(),
+        mode: daemon.kernel.mode().to_string(),
+        pid: std::process::id(),
+    });
+    daemon.record_policy();
     // The policy's connect fast path (empty without a policy: clears an earlier daemon's).
     daemon.install_fast_path()?;
     daemon.adopt();
@@ -257,7 +298,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
             _ = int.recv() => break,
         }
     }
-    daemon.shutdown(ring.get_mut());
+    daemon.shutdown(ring.get_mut(), "signal");
     Ok(())
 }
 
@@ -523,6 +564,18 @@ impl Daemon {
             );
             return;
         }
+        // A human will be asked: the request is recorded first. Without a working spool
+        // nobody is asked, and the request is denied (which is recorded too, or it stays held).
+        let request = Body::Request(RequestRecord {
+            action_hash: crate::sign::statement::action_hash(&self.host_id, &held.view),
+            on_behalf_of: self.on_behalf_of(&held.view.label),
+            request: held.view.clone(),
+        });
+        if let Err(why) = self.try_append(request) {
+            tracing::error!(id, why, "refusing the request: it cannot be recorded");
+            self.apply(held, Decision::Deny, "daemon (records cannot be written)");
+            return;
+        }
         self.requests.insert(id, held);
     }
 
@@ -672,12 +725,7 @@ impl Daemon {
             return;
         };
         let hash = crate::sign::statement::action_hash(&self.host_id, &held.view);
-        let on_behalf_of = self.policy.as_ref().and_then(|p| {
-            p.labels
-                .iter()
-                .find(|l| l.name == held.view.label)
-                .and_then(|l| l.on_behalf_of.clone())
-        });
+        let on_behalf_of = self.on_behalf_of(&held.view.label);
         let remaining = held.deadline.saturating_duration_since(Instant::now());
         let now = time::OffsetDateTime::now_utc();
         let rfc = |t: time::OffsetDateTime| {
@@ -758,7 +806,8 @@ impl Daemon {
         };
         match self.kernel.task(held.tid) {
             Some(t) if t.request_id == held.kernel_id && t.state == shared::STATE_PENDING => {
-                self.apply(held, s.decision, &by);
+                let decision = s.decision;
+                self.apply_signed(held, decision, &by, Some(d.envelope));
             }
             _ => self.log_or_warn("task-exited", "none", &by, &held.view),
         }
@@ -779,6 +828,7 @@ impl Daemon {
             Ok(policy) => {
                 self.policy = policy;
                 self.reload_error = None;
+                self.record_policy();
                 self.policy_stamp = policy_stamp(&self.config, self.policy.as_ref());
                 if let Err(e) = self.install_fast_path() {
                     tracing::error!(error = %e, "installing the connect fast path failed; the daemon decides instead");
@@ -933,7 +983,7 @@ impl Daemon {
         match (binding, verdict) {
             (Some(b), Some(Ok(()))) => {
                 let (view, _) = self.describe(b.request, ev, HeldKind::ExecLoaded, None);
-                if let Err(e) = self.log.write("exec-verified", "released", "daemon", &view) {
+                if let Err(e) = self.record("exec-verified", "released", "daemon", &view, None) {
                     tracing::error!(error = %e, "cannot record; killing the unverified exec");
                     let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
                     return;
@@ -971,6 +1021,12 @@ impl Daemon {
             (R::Status, _) => Response::Status(Box::new(self.status())),
             (R::Label { label }, _) => self.label(&label, peer),
             (R::List, Socket::Control) => Response::List { requests: self.list() },
+            (R::RotateKey, Socket::Control) => {
+                if let Err(message) = self.may_decide(peer) {
+                    return Response::Error { message };
+                }
+                self.rotate_key()
+            }
             (R::Decide { id, decision }, Socket::Control) => {
                 if let Err(message) = self.may_decide(peer) {
                     return Response::Error { message };
@@ -1092,6 +1148,14 @@ impl Daemon {
             policy_files: self.policy.as_ref().map_or(0, |p| p.files.len()),
             policy_rules: self.policy.as_ref().map_or(0, Policy::rule_count),
             policy_reload_error: self.reload_error.clone(),
+            records_error: self.spool_error.clone(),
+            records_written: self.spool.next_seq() - 1,
+            records_receipted: records::spool::read_cursor(self.spool.dir())
+                .ok()
+                .flatten()
+                .filter(|c| c.chain_id == self.spool.chain_id())
+                .map(|c| c.seq),
+            spool_bytes: records::spool::size(self.spool.dir()),
             holds: stats[shared::STAT_HOLDS as usize],
             fast_allowed: stats[shared::STAT_FAST_ALLOWED as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
@@ -1131,6 +1195,17 @@ impl Daemon {
     /// Records, then applies, a decision. A decision that cannot be recorded is not applied:
     /// the request stays held (and its timeout still applies).
     fn apply(&mut self, held: Held, decision: Decision, by: &str) -> String {
+        self.apply_signed(held, decision, by, None)
+    }
+
+    /// [`Daemon::apply`] of a decision the remote approver signed (embedded in the record).
+    fn apply_signed(
+        &mut self,
+        held: Held,
+        decision: Decision,
+        by: &str,
+        approver_decision: Option<crate::sign::dsse::Envelope>,
+    ) -> String {
         // (kernel state to write, signal, what the caller sees)
         let (state, signal, applied) = match (held.kind, decision) {
             (HeldKind::Exec | HeldKind::Connect, Decision::Approve) => {
@@ -1169,7 +1244,7 @@ impl Daemon {
             .deadline
             .saturating_duration_since(Instant::now())
             .as_millis() as u64;
-        if let Err(e) = self.log.write(&word, applied, by, &view) {
+        if let Err(e) = self.record(&word, applied, by, &view, approver_decision) {
             tracing::error!(error = %e, id = held.view.id, "cannot record the decision; the request stays held");
             let id = held.view.id;
             self.requests.insert(id, held);
@@ -1178,11 +1253,16 @@ impl Daemon {
         if let Some(state) = state {
             match self.kernel.decide(held.tid, held.kernel_id, state) {
                 Ok(true) => {}
-                Ok(false) => return "the task exited before the decision was applied".into(),
+                Ok(false) => {
+                    // The record said what was about to be done; this one what happened.
+                    self.log_or_warn("task-exited", "none", "kernel", &view);
+                    return "the task exited before the decision was applied".into();
+                }
                 Err(e) => {
                     // Never release on an error path.
                     tracing::error!(error = %e, pid = held.tgid, "writing the decision failed; killing the task");
                     let _ = kill(Pid::from_raw(held.tgid as i32), Signal::SIGKILL);
+                    self.log_or_warn("apply-failed", "sigkill", "daemon", &view);
                     return format!("killed: writing the decision failed ({e})");
                 }
             }
@@ -1212,6 +1292,13 @@ impl Daemon {
     fn tick(&mut self) {
         self.tracer.reap();
         self.ticks += 1;
+        if self.last_heartbeat.elapsed() >= Duration::from_secs(self.config.heartbeat_secs) {
+            self.last_heartbeat = Instant::now();
+            self.append(Body::Heartbeat {
+                pending: self.requests.len() as u64,
+                interval_secs: self.config.heartbeat_secs,
+            });
+        }
         if self.ticks.is_multiple_of(POLICY_CHECK_TICKS)
             && policy_stamp(&self.config, self.policy.as_ref()) != self.policy_stamp
         {
@@ -1243,14 +1330,110 @@ impl Daemon {
     }
 
     fn log_or_warn(&mut self, decision: &str, applied: &str, by: &str, view: &RequestView) {
-        if let Err(e) = self.log.write(decision, applied, by, view) {
-            tracing::error!(error = %e, "cannot write the decision log");
+        if let Err(e) = self.record(decision, applied, by, view, None) {
+            tracing::error!(error = %e, "cannot record");
         }
+    }
+
+    /// Records a decision or outcome: the signed record into the spool, then the decision
+    /// log, each synced to disk. Every decision goes through here before it is applied; an
+    /// error means it must not be applied. `approver_decision`: the approver's signed
+    /// decision, when it came from the approver.
+    fn record(
+        &mut self,
+        decision: &str,
+        applied: &str,
+        by: &str,
+        view: &RequestView,
+        approver_decision: Option<crate::sign::dsse::Envelope>,
+    ) -> Result<(), String> {
+        let d = DecisionRecord {
+            decision: decision.to_owned(),
+            applied: applied.to_owned(),
+            by: by.to_owned(),
+            request: view.clone(),
+            action_hash: crate::sign::statement::action_hash(&self.host_id, view),
+            on_behalf_of: self.on_behalf_of(&view.label),
+            approver_decision,
+        };
+        let body = match decision {
+            "exec-verified" | "task-exited" | "superseded" | "apply-failed" => Body::Outcome(d),
+            _ => Body::Decision(d),
+        };
+        self.try_append(body)?;
+        self.log
+            .write(decision, applied, by, view)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Appends a record; remembers a failure (new requests are refused until a record can
+    /// be written again).
+    fn try_append(&mut self, body: Body) -> Result<u64, String> {
+        let kind = body.kind();
+        match self.spool.append(body) {
+            Ok(seq) => {
+                if self.spool_error.take().is_some() {
+                    tracing::info!(seq, "records can be written again");
+                }
+                tracing::debug!(seq, kind, "recorded");
+                Ok(seq)
+            }
+            Err(e) => {
+                let message = format!("cannot write the {kind} record: {e}");
+                tracing::error!(error = %message, "record spool failed; new requests are refused until it works");
+                self.spool_error = Some(message.clone());
+                Err(message)
+            }
+        }
+    }
+
+    /// Appends a record that nothing waits on (start, stop, policy, heartbeat).
+    fn append(&mut self, body: Body) {
+        let _ = self.try_append(body);
+    }
+
+    /// A `policy-loaded` record for the policy in force (none without a policy).
+    fn record_policy(&mut self) {
+        if let Some(p) = &self.policy {
+            let body = Body::policy_loaded(&p.files);
+            self.append(body);
+        }
+    }
+
+    /// Hands the records chain to a new host key (see `records::rotate`).
+    fn rotate_key(&mut self) -> Response {
+        let old = self.host_id.clone();
+        match records::rotate::rotate(&mut self.spool, &self.config.host_key) {
+            Ok((key, seq)) => {
+                self.host_id = crate::sign::key_id(&key.verifying_key()).0;
+                self.host_key = key;
+                tracing::info!(old, new = self.host_id, seq, "host key rotated");
+                Response::KeyRotated {
+                    old,
+                    new: self.host_id.clone(),
+                    seq,
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "host key rotation failed; the old key stays");
+                Response::Error {
+                    message: format!("rotation failed, the old key stays: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Who the agent behind `label` works for, per the policy.
+    fn on_behalf_of(&self, label: &str) -> Option<String> {
+        self.policy
+            .as_ref()
+            .and_then(|p| p.label(label))
+            .and_then(|l| l.on_behalf_of.clone())
     }
 
     /// Denies everything held, waits briefly for the denials to be consumed, kills what is
     /// still held, then turns the hooks off.
-    fn shutdown(&mut self, ring: &mut RingBuf<MapData>) {
+    fn shutdown(&mut self, ring: &mut RingBuf<MapData>, reason: &str) {
         let held: Vec<Held> = std::mem::take(&mut self.requests).into_values().collect();
         let mut waiting = Vec::new();
         for h in held {
@@ -1285,6 +1468,9 @@ impl Daemon {
             let _ = kill(Pid::from_raw(tgid as i32), Signal::SIGKILL);
         }
         self.kernel.teardown();
+        self.append(Body::DaemonStop {
+            reason: reason.to_owned(),
+        });
         let _ = std::fs::remove_file(self.config.socket_dir.join(crate::paths::CONTROL_SOCKET));
         let _ = std::fs::remove_file(self.config.socket_dir.join(crate::paths::LAUNCH_SOCKET));
         eprintln!("countersign: stopped");

@@ -66,7 +66,7 @@ struct Enrollment {
 #[derive(Debug, Clone)]
 pub struct Incoming {
     pub statement: DecisionStatement,
-    #[allow(dead_code, reason = "embedded in the signed decision record")]
+    /// Embedded in the decision record.
     pub envelope: Envelope,
 }
 

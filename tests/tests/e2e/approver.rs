@@ -150,6 +150,25 @@ fn slack_click_approves_a_held_exec() {
     let r = approver.requests("bob", "all");
     assert_eq!(r[0]["state"], "approved");
     assert_eq!(r[0]["answers"].as_array().unwrap().len(), 1, "{r:?}");
+
+    // The host's signed records embed the approver's signed decision: they verify offline
+    // with the host's and the approver's public keys, and not without the approver's.
+    let verify = |approver_key: bool| {
+        let mut c = std::process::Command::new(countersign_tests::countersign_bin());
+        c.args(["records", "verify"])
+            .arg(d.spool_dir())
+            .arg("--key")
+            .arg(d.dir().join("host.key.pub"));
+        if approver_key {
+            c.arg("--approver-key").arg(approver.key_path().with_extension("key.pub"));
+        }
+        let out = c.output().unwrap();
+        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let (ok, text) = verify(true);
+    assert!(ok && text.contains("0 self-approvals"), "{text}");
+    let (ok, text) = verify(false);
+    assert!(!ok, "an approver decision signed by an unknown key fails: {text}");
 }
 
 /// A rule that asks for a reason: the button opens Slack's modal; only its submission, with

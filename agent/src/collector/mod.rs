@@ -1,0 +1,780 @@
+//! `countersign collector`: receives the hosts' signed records, verifies every one
+//! (signature by the enrolled or rotated-to key, contiguous seq, previous hash), stores the
+//! raw envelopes with queryable rows, answers with signed receipts, and raises alerts.
+//!
+//! Ingestion is serialised (one mutex): records of one chain arrive in order, and a retry
+//! of a stored record is answered as a duplicate, so the shipper may resend anything.
+//! Hourly, the collector signs a digest of all heads chained to the previous digest.
+pub mod api;
+pub mod config;
+pub mod export;
+pub mod store;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use self::{
+    api::{
+        Accepted, Batch, Expected, MAX_BATCH, MAX_BODY_BYTES, PAYLOAD_RECEIPT, Receipt, Refused,
+    },
+    config::CollectorConfig,
+    store::{Alert, Head, Row, Store, StoreError},
+};
+use crate::{
+    records::{self, Body, PAYLOAD_RECORD, Record, verify::check_content},
+    sign::{self, dsse::Envelope, keys},
+};
+
+/// How often the heads digest is signed.
+pub const DIGEST_EVERY: Duration = Duration::from_secs(3600);
+/// How many raised alerts are remembered to not raise them again on retries.
+const MAX_REMEMBERED_ALERTS: usize = 10_000;
+/// DSSE payload type of a heads digest.
+pub const PAYLOAD_DIGEST: &str = "application/vnd.countersign.digest+json";
+
+/// Why the collector cannot start or serve.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    /// A key file.
+    #[error(transparent)]
+    Key(#[from] sign::SignError),
+    /// The database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listener.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// The signed digest of all heads, chained to the previous one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Digest {
+    pub v: u32,
+    pub collector_key: String,
+    /// 1, 2, 3, …
+    pub n: u64,
+    /// SHA-256 of the previous digest's envelope (canonical JSON), `None` for the first.
+    pub prev: Option<String>,
+    pub at: String,
+    /// (chain id, host id, seq, hash) of every chain.
+    pub heads: Vec<(String, String, u64, String)>,
+}
+
+pub struct Collector {
+    store: Store,
+    key: SigningKey,
+    key_id: String,
+    hosts: HashMap<String, VerifyingKey>,
+    approvers: HashMap<String, VerifyingKey>,
+    /// SHA-256 (hex, lowercase) of the tokens that may export.
+    export_tokens: Vec<String>,
+    /// Alerts raised lately (kind, chain, seq, detail): a shipper retrying a refused record
+    /// forever raises its alert once, not once per retry.
+    raised: std::sync::Mutex<std::collections::HashSet<(String, String, u64, String)>>,
+    ingest: tokio::sync::Mutex<()>,
+}
+
+/// What became of one record.
+enum Ingested {
+    Stored(Head),
+    Duplicate(Head),
+}
+
+/// Why a record was refused.
+struct Reject {
+    why: String,
+    expected: Option<Expected>,
+}
+
+impl Collector {
+    /// Opens the database and keys named by `config`.
+    pub async fn open(config: &CollectorConfig) -> Result<Self, CollectorError> {
+        let (key, made) = keys::load_or_create(&config.key)?;
+        let key_id = sign::key_id(&key.verifying_key()).0;
+        if made {
+            tracing::info!(path = %config.key.display(), key_id, "collector key made");
+        }
+        let mut hosts = HashMap::new();
+        for p in &config.hosts {
+            let k = keys::load_public(p)?;
+            hosts.insert(sign::key_id(&k).0, k);
+        }
+        let mut approvers = HashMap::new();
+        for p in &config.approver_keys {
+            let k = keys::load_public(p)?;
+            approvers.insert(sign::key_id(&k).0, k);
+        }
+        Ok(Self {
+            store: Store::open(&config.database).await?,
+            key,
+            key_id,
+            hosts,
+            approvers,
+            export_tokens: config
+                .export_tokens_sha256
+                .iter()
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect(),
+            ingest: tokio::sync::Mutex::new(()),
+            raised: std::sync::Mutex::new(std::collections::HashSet::new()),
+        })
+    }
+
+    #[must_use]
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    #[must_use]
+    pub fn public_key(&self) -> VerifyingKey {
+        self.key.verifying_key()
+    }
+
+    #[must_use]
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
+
+    #[must_use]
+    pub fn host_keys(&self) -> Vec<VerifyingKey> {
+        self.hosts.values().copied().collect()
+    }
+
+    #[must_use]
+    pub fn approver_keys(&self) -> Vec<VerifyingKey> {
+        self.approvers.values().copied().collect()
+    }
+
+    async fn raise(&self, kind: &str, r: Option<&Record>, detail: String) {
+        let key = (
+            kind.to_owned(),
+            r.map(|r| r.chain_id.clone()).unwrap_or_default(),
+            r.map_or(0, |r| r.seq),
+            detail.clone(),
+        );
+        {
+            let mut raised = self.raised.lock().unwrap_or_else(|e| e.into_inner());
+            if raised.contains(&key) {
+                return;
+            }
+            // Bounded: forgetting old ones only means raising them once more.
+            if raised.len() >= MAX_REMEMBERED_ALERTS {
+                raised.clear();
+            }
+            raised.insert(key);
+        }
+        tracing::warn!(
+            kind,
+            host_id = r.map_or("", |r| r.host_id.as_str()),
+            chain_id = r.map_or("", |r| r.chain_id.as_str()),
+            seq = r.map_or(0, |r| r.seq),
+            detail,
+            "ALERT"
+        );
+        let a = Alert {
+            at: records::now_rfc3339(),
+            kind: kind.to_owned(),
+            host_id: r.map(|r| r.host_id.clone()),
+            chain_id: r.map(|r| r.chain_id.clone()),
+            seq: r.map(|r| r.seq),
+            detail,
+        };
+        if let Err(e) = self.store.alert(&a).await {
+            tracing::error!(error = %e, "cannot store an alert");
+        }
+    }
+
+    /// Verifies and stores one record (see the module docs).
+    async fn ingest_one(&self, env: &Envelope) -> Result<Result<Ingested, Reject>, StoreError> {
+        let reject = |why: String| {
+            Ok(Err(Reject {
+                why,
+                expected: None,
+            }))
+        };
+        let claimed = match records::peek(env) {
+            Ok(r) => r,
+            Err(why) => {
+                self.raise("unreadable", None, why.clone()).await;
+                return reject(why);
+            }
+        };
+        let head = self.store.head(&claimed.chain_id).await?;
+        let key = match &head {
+            Some(h) => match keys::parse_public(&h.next_key) {
+                Ok(k) => k,
+                Err(e) => return reject(format!("stored key of the chain: {e}")),
+            },
+            None => match self.hosts.get(&claimed.host_id) {
+                Some(k) => *k,
+                None => {
+                    let why = format!(
+                        "host key {} is not enrolled (replaced key?)",
+                        claimed.host_id
+                    );
+                    self.raise("unknown-key", Some(&claimed), why.clone()).await;
+                    return reject(why);
+                }
+            },
+        };
+        let record: Record = match env.verify_json(PAYLOAD_RECORD, &key) {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!("host signature: {e}");
+                self.raise("bad-signature", Some(&claimed), why.clone())
+                    .await;
+                return reject(why);
+            }
+        };
+        if record.host_id != sign::key_id(&key).0 || record.v != records::RECORD_VERSION {
+            let why = format!(
+                "host_id {} / version {} do not match the signing key {} / version {}",
+                record.host_id,
+                record.v,
+                sign::key_id(&key),
+                records::RECORD_VERSION
+            );
+            self.raise("bad-signature", Some(&record), why.clone())
+                .await;
+            return reject(why);
+        }
+        let hash = match records::record_hash(env) {
+            Ok(h) => h,
+            Err(e) => return reject(e.to_string()),
+        };
+        let next_seq = head.as_ref().map_or(1, |h| h.seq + 1);
+        if let Some(h) = &head
+            && record.seq <= h.seq
+        {
+            return match self.store.hash_at(&record.chain_id, record.seq).await? {
+                Some(stored) if stored == hash => Ok(Ok(Ingested::Duplicate(Head {
+                    seq: record.seq,
+                    hash,
+                    ..h.clone()
+                }))),
+                _ => {
+                    let why = format!(
+                        "fork: another record with seq {} is stored for this chain",
+                        record.seq
+                    );
+                    self.raise("fork", Some(&record), why.clone()).await;
+                    reject(why)
+                }
+            };
+        }
+        if record.seq != next_seq {
+            let why = format!("gap: expected seq {next_seq}, got {}", record.seq);
+            self.raise("gap", Some(&record), why.clone()).await;
+            return Ok(Err(Reject {
+                why,
+                expected: Some(Expected {
+                    chain_id: record.chain_id.clone(),
+                    seq: next_seq,
+                }),
+            }));
+        }
+        if record.prev.as_deref() != head.as_ref().map(|h| h.hash.as_str()) {
+            let why = format!(
+                "fork: prev hash does not match the stored seq {}",
+                record.seq.saturating_sub(1)
+            );
+            self.raise("fork", Some(&record), why.clone()).await;
+            return reject(why);
+        }
+        // Content problems are alerted and kept with the record: the record is a true
+        // statement of what the host did, and refusing it would stop the chain.
+        let (problems, self_approval) = check_content(&record, &self.approvers);
+        if !problems.is_empty() {
+            let kind = if self_approval {
+                "self-approval"
+            } else {
+                "content"
+            };
+            self.raise(kind, Some(&record), problems.join("; ")).await;
+        }
+        let next_key = match &record.body {
+            Body::KeyRotated { new_public_key, .. } => new_public_key.clone(),
+            _ => keys::public_pem(&key),
+        };
+        let new_head = Head {
+            chain_id: record.chain_id.clone(),
+            host_id: record.host_id.clone(),
+            seq: record.seq,
+            hash: hash.clone(),
+            next_key,
+        };
+        let row = row(&record, env, &hash, &problems);
+        self.store
+            .insert(&row, &new_head, &records::now_rfc3339())
+            .await?;
+        Ok(Ok(Ingested::Stored(new_head)))
+    }
+
+    fn receipt(&self, h: &Head) -> Envelope {
+        let r = Receipt {
+            v: 1,
+            collector_key: self.key_id.clone(),
+            host_id: h.host_id.clone(),
+            chain_id: h.chain_id.clone(),
+            seq: h.seq,
+            hash: h.hash.clone(),
+            received_at: records::now_rfc3339(),
+        };
+        Envelope::sign_json(PAYLOAD_RECEIPT, &r, &self.key).expect("a receipt is canonical JSON")
+    }
+
+    /// Ingests a batch in order; the answer and its HTTP status.
+    pub async fn ingest(&self, batch: &Batch) -> Result<Result<Accepted, Refused>, StoreError> {
+        let _serial = self.ingest.lock().await;
+        let (mut stored, mut duplicates, mut last) = (0, 0, None);
+        for (i, env) in batch.records.iter().enumerate() {
+            match self.ingest_one(env).await? {
+                Ok(Ingested::Stored(h)) => {
+                    stored += 1;
+                    last = Some(h);
+                }
+                Ok(Ingested::Duplicate(h)) => {
+                    duplicates += 1;
+                    last = Some(h);
+                }
+                Err(r) => {
+                    let at = records::peek(env).map_or_else(
+                        |_| String::new(),
+                        |c| format!(" (host {} chain {} seq {})", c.host_id, c.chain_id, c.seq),
+                    );
+                    return Ok(Err(Refused {
+                        error: format!("record {i}{at}: {}", r.why),
+                        expected: r.expected,
+                        stored,
+                        receipt: last.as_ref().map(|h| self.receipt(h)),
+                    }));
+                }
+            }
+        }
+        Ok(match last {
+            Some(h) => Ok(Accepted {
+                stored,
+                duplicates,
+                receipt: self.receipt(&h),
+            }),
+            None => Err(Refused {
+                error: "an empty batch".into(),
+                expected: None,
+                stored: 0,
+                receipt: None,
+            }),
+        })
+    }
+
+    /// Raises a `silent` alert for each chain whose head has not moved for `silence` and is
+    /// not a `daemon-stop` (once per head); returns the chains alerted now. `alerted`
+    /// remembers the heads already alerted.
+    pub async fn check_silence(
+        &self,
+        silence: Duration,
+        alerted: &mut std::collections::HashSet<(String, u64)>,
+    ) -> Result<Vec<String>, StoreError> {
+        let now = time_ms(&records::now_rfc3339()).unwrap_or(0);
+        let limit = i64::try_from(silence.as_millis()).unwrap_or(i64::MAX);
+        let mut out = Vec::new();
+        for (chain_id, host_id, seq, kind, updated) in self.store.head_activity().await? {
+            let quiet = now - time_ms(&updated).unwrap_or(now);
+            if kind == "daemon-stop" || quiet < limit || alerted.contains(&(chain_id.clone(), seq))
+            {
+                continue;
+            }
+            alerted.insert((chain_id.clone(), seq));
+            let detail = format!(
+                "no record for {}s after seq {seq} ({kind}), and the host did not stop cleanly",
+                quiet / 1000
+            );
+            tracing::warn!(kind = "silent", host_id, chain_id, seq, detail, "ALERT");
+            self.store
+                .alert(&Alert {
+                    at: records::now_rfc3339(),
+                    kind: "silent".into(),
+                    host_id: Some(host_id),
+                    chain_id: Some(chain_id.clone()),
+                    seq: Some(seq),
+                    detail,
+                })
+                .await?;
+            out.push(chain_id);
+        }
+        Ok(out)
+    }
+
+    /// Signs a digest of all heads, chained to the previous digest, and stores it.
+    pub async fn sign_digest(&self) -> Result<Envelope, StoreError> {
+        let last = self.store.last_digest().await?;
+        let (n, prev) = match &last {
+            Some((n, env)) => (n + 1, Some(sign::sha256_hex(env.as_bytes()))),
+            None => (1, None),
+        };
+        let heads = self
+            .store
+            .heads()
+            .await?
+            .into_iter()
+            .map(|h| (h.chain_id, h.host_id, h.seq, h.hash))
+            .collect();
+        let at = records::now_rfc3339();
+        let d = Digest {
+            v: 1,
+            collector_key: self.key_id.clone(),
+            n,
+            prev,
+            at: at.clone(),
+            heads,
+        };
+        let env =
+            Envelope::sign_json(PAYLOAD_DIGEST, &d, &self.key).expect("a digest is canonical JSON");
+        let text = String::from_utf8(sign::canonical(&env).expect("canonical"))
+            .expect("canonical JSON is UTF-8");
+        self.store.add_digest(n, &at, &text).await?;
+        Ok(env)
+    }
+}
+
+/// The queryable columns of `record`.
+fn row(record: &Record, env: &Envelope, hash: &str, problems: &[String]) -> Row {
+    let (decision, request_id, label, decided_by, on_behalf_of) = match &record.body {
+        Body::Decision(d) | Body::Outcome(d) => (
+            Some(d.decision.clone()),
+            Some(d.request.id),
+            Some(d.request.label.clone()),
+            Some(d.by.clone()),
+            d.on_behalf_of.clone(),
+        ),
+        Body::Request(q) => (
+            None,
+            Some(q.request.id),
+            Some(q.request.label.clone()),
+            None,
+            q.on_behalf_of.clone(),
+        ),
+        _ => (None, None, None, None, None),
+    };
+    Row {
+        chain_id: record.chain_id.clone(),
+        seq: record.seq,
+        host_id: record.host_id.clone(),
+        host_name: record.host_name.clone(),
+        hash: hash.to_owned(),
+        time: record.time.clone(),
+        time_ms: time_ms(&record.time).unwrap_or(0),
+        kind: record.body.kind().to_owned(),
+        decision,
+        request_id,
+        label,
+        decided_by,
+        on_behalf_of,
+        problems: (!problems.is_empty()).then(|| problems.join("; ")),
+        envelope: String::from_utf8(sign::canonical(env).expect("an envelope is canonical"))
+            .expect("canonical JSON is UTF-8"),
+        received_at: records::now_rfc3339(),
+    }
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time.
+#[must_use]
+pub fn time_ms(t: &str) -> Option<i64> {
+    let t = time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
+type Shared = Arc<Collector>;
+
+async fn post_records(State(c): State<Shared>, body: Bytes) -> Response {
+    let batch: Batch = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("not a batch of records: {e}"),
+            )
+                .into_response();
+        }
+    };
+    if batch.records.len() > MAX_BATCH {
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("at most {MAX_BATCH} records per batch"),
+        )
+            .into_response();
+    }
+    match c.ingest(&batch).await {
+        Ok(Ok(a)) => {
+            tracing::info!(
+                stored = a.stored,
+                duplicates = a.duplicates,
+                "records received"
+            );
+            (StatusCode::OK, Json(a)).into_response()
+        }
+        Ok(Err(r)) => {
+            tracing::warn!(error = r.error, "records refused");
+            (StatusCode::CONFLICT, Json(r)).into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "storing records failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
+        }
+    }
+}
+
+async fn get_heads(State(c): State<Shared>) -> Response {
+    match c.store.heads().await {
+        Ok(heads) => Json(
+            heads
+                .into_iter()
+                .map(|h| serde_json::json!({"host_id": h.host_id, "chain_id": h.chain_id, "seq": h.seq, "hash": h.hash}))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "reading heads failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
+        }
+    }
+}
+
+async fn get_alerts(State(c): State<Shared>) -> Response {
+    match c.store.alerts().await {
+        Ok(alerts) => Json(
+            alerts
+                .into_iter()
+                .map(|a| {
+                    serde_json::json!({"at": a.at, "kind": a.kind, "host_id": a.host_id,
+                    "chain_id": a.chain_id, "seq": a.seq, "detail": a.detail})
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "reading alerts failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
+        }
+    }
+}
+
+/// Query of `GET /v1/export`.
+#[derive(Debug, Deserialize)]
+struct ExportQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// The records of a period with the signed heads, for `records verify URL`; needs a bearer
+/// token whose SHA-256 is configured.
+async fn get_export(
+    State(c): State<Shared>,
+    headers: axum::http::HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<ExportQuery>,
+) -> Response {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let allowed = token.is_some_and(|t| {
+        let h = sign::sha256_hex(t.trim().as_bytes());
+        c.export_tokens.contains(&h)
+    });
+    if !allowed {
+        return (StatusCode::UNAUTHORIZED, "a valid export token is needed").into_response();
+    }
+    match export::period(&c, q.from.as_deref(), q.to.as_deref()).await {
+        Ok(p) if p.records.len() > api::MAX_EXPORT_RECORDS => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "more than {} records: narrow the period",
+                api::MAX_EXPORT_RECORDS
+            ),
+        )
+            .into_response(),
+        Ok(p) => Json(api::ExportAnswer {
+            records: p.records,
+            heads: p.heads,
+            host_keys: c.host_keys().iter().map(keys::public_pem).collect(),
+            approver_keys: c.approver_keys().iter().map(keys::public_pem).collect(),
+        })
+        .into_response(),
+        Err(export::ExportError::Time(t)) => (
+            StatusCode::BAD_REQUEST,
+            format!("{t}: not an RFC 3339 time"),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "export failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
+        }
+    }
+}
+
+/// Query of `GET /v1/ocsf`.
+#[derive(Debug, Deserialize)]
+struct OcsfQuery {
+    /// RFC 3339: decisions at or after this time (default: the beginning).
+    since: Option<String>,
+    /// At most this many records are read (default and maximum 1000).
+    limit: Option<u32>,
+}
+
+/// Decisions as OCSF events, one JSON object per line, oldest first.
+async fn get_ocsf(
+    State(c): State<Shared>,
+    axum::extract::Query(q): axum::extract::Query<OcsfQuery>,
+) -> Response {
+    let from = match q.since.as_deref().map(time_ms) {
+        None => i64::MIN,
+        Some(Some(ms)) => ms,
+        Some(None) => {
+            return (StatusCode::BAD_REQUEST, "since: not an RFC 3339 time").into_response();
+        }
+    };
+    match c.store.since(from, q.limit.unwrap_or(1000).min(1000)).await {
+        Ok(envs) => {
+            let mut out = String::new();
+            for e in envs {
+                let Ok(env) = serde_json::from_str::<Envelope>(&e) else {
+                    continue;
+                };
+                if let Some(ev) = records::peek(&env)
+                    .ok()
+                    .as_ref()
+                    .and_then(records::ocsf::event)
+                {
+                    out.push_str(&ev.to_string());
+                    out.push('\n');
+                }
+            }
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+                out,
+            )
+                .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reading records failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
+        }
+    }
+}
+
+/// The HTTP routes.
+pub fn router(c: Shared) -> Router {
+    Router::new()
+        .route(api::RECORDS_PATH, post(post_records))
+        .route("/v1/heads", get(get_heads))
+        .route("/v1/alerts", get(get_alerts))
+        .route("/v1/ocsf", get(get_ocsf))
+        .route(api::EXPORT_PATH, get(get_export))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(c)
+}
+
+/// Runs the collector until SIGTERM or SIGINT.
+pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let c = Arc::new(Collector::open(&config).await?);
+    tracing::info!(
+        listen = %config.listen,
+        key_id = c.key_id,
+        hosts = c.hosts.len(),
+        tls = config.tls.is_some(),
+        "collector serving"
+    );
+    let digests = c.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(DIGEST_EVERY);
+        every.tick().await;
+        loop {
+            every.tick().await;
+            match digests.sign_digest().await {
+                Ok(_) => tracing::info!("heads digest signed"),
+                Err(e) => tracing::error!(error = %e, "signing the heads digest failed"),
+            }
+        }
+    });
+    let watch = c.clone();
+    let silence = Duration::from_secs(config.silence_alert_secs.max(1));
+    tokio::spawn(async move {
+        let mut alerted = std::collections::HashSet::new();
+        let mut every = tokio::time::interval((silence / 4).max(Duration::from_secs(1)));
+        loop {
+            every.tick().await;
+            if let Err(e) = watch.check_silence(silence, &mut alerted).await {
+                tracing::error!(error = %e, "checking for silent hosts failed");
+            }
+        }
+    });
+    let app = router(c);
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    };
+    if let Some(tls) = &config.tls {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+            .await
+            .with_context(|| {
+                format!(
+                    "TLS certificate {} / key {}",
+                    tls.cert.display(),
+                    tls.key.display()
+                )
+            })?;
+        let handle = axum_server::Handle::new();
+        let h = handle.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            h.graceful_shutdown(Some(Duration::from_secs(5)));
+        });
+        axum_server::bind_rustls(config.listen, rustls)
+            .handle(handle)
+            .serve(app.into_make_service())
+            .await
+            .map_err(|source| CollectorError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    } else {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| CollectorError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|source| CollectorError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    }
+    tracing::info!("collector stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+//! OCSF (Open Cybersecurity Schema Framework 1.1.0) events for SIEM ingestion: a decision
+//! about an exec is a Process Activity (class 1007, Launch), about a connect a Network
+//! Activity (class 4001, Open), both with the `security_control` profile (`action_id`,
+//! `disposition_id`) and the `host` profile (`device`). What OCSF has no attribute for
+//! (the decision word, who decided, the rule, the chain position, the approvals) is kept in
+//! `unmapped`. Other records (heartbeats, starts, policy loads) are not security control
+//! events and are not mapped.
+use serde_json::{Value, json};
+
+use super::{Body, Record};
+
+/// The OCSF schema version these events follow.
+pub const OCSF_VERSION: &str = "1.1.0";
+
+/// The OCSF event for `record`, if it is a decision.
+#[must_use]
+pub fn event(record: &Record) -> Option<Value> {
+    let Body::Decision(d) = &record.body else {
+        return None;
+    };
+    let q = &d.request;
+    let allowed = matches!(
+        d.decision.as_str(),
+        "approved" | "auto-allowed" | "expired-approved"
+    );
+    let (action_id, action, disposition_id, disposition) = if allowed {
+        (1, "Allowed", 1, "Allowed")
+    } else {
+        (2, "Denied", 2, "Blocked")
+    };
+    let time = crate::collector::time_ms(&record.time).unwrap_or(0);
+    let user = json!({"uid": q.uid.to_string(), "name": q.user});
+    let process = json!({
+        "pid": q.pid,
+        "tid": q.tid,
+        "cmd_line": q.argv.join(" "),
+        "file": q.binary.as_ref().map(|b| json!({
+            "path": b,
+            "name": b.rsplit('/').next().unwrap_or(b),
+            "type_id": 1,
+        })),
+        "user": user,
+        "parent_process": q.parents.first().map(|p| json!({"pid": p.pid, "name": p.comm})),
+    });
+    let approvals: Vec<Value> = d
+        .approver_decision
+        .as_ref()
+        .and_then(|e| e.unverified_payload().ok())
+        .and_then(|b| serde_json::from_slice::<crate::sign::statement::DecisionStatement>(&b).ok())
+        .map(|st| {
+            st.approvals
+                .iter()
+                .map(|a| json!({"approver": a.approver, "identity": a.identity, "channel": a.channel, "decision": a.decision.to_string(), "at": a.at}))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut ev = json!({
+        "time": time,
+        "severity_id": 1,
+        "severity": "Informational",
+        "status_id": 1,
+        "status": "Success",
+        "action_id": action_id,
+        "action": action,
+        "disposition_id": disposition_id,
+        "disposition": disposition,
+        "message": format!("{} {} {} ({}) by {}", q.kind, target(q), d.decision, d.applied, d.by),
+        "metadata": {
+            "version": OCSF_VERSION,
+            "uid": format!("{}:{}", record.chain_id, record.seq),
+            "original_time": record.time,
+            "profiles": ["security_control", "host"],
+            "product": {"name": "countersign", "vendor_name": "countersign", "version": env!("CARGO_PKG_VERSION")},
+        },
+        "device": {"hostname": record.host_name, "uid": record.host_id, "type_id": 0},
+        "actor": {"user": user, "process": process},
+        "unmapped": {
+            "decision": d.decision,
+            "applied": d.applied,
+            "decided_by": d.by,
+            "rule": q.rule,
+            "label": q.label,
+            "request_id": q.id,
+            "action_hash": d.action_hash,
+            "on_behalf_of": d.on_behalf_of,
+            "approvals": approvals,
+            "host_id": record.host_id,
+            "chain_id": record.chain_id,
+            "seq": record.seq,
+        },
+    });
+    let obj = ev.as_object_mut().expect("an object");
+    if q.kind == "connect" {
+        let (ip, port) = q
+            .destination
+            .as_deref()
+            .and_then(|d| d.rsplit_once(':'))
+            .map_or((String::new(), 0), |(ip, port)| {
+                (
+                    ip.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                    port.parse::<u16>().unwrap_or(0),
+                )
+            });
+        obj.insert("class_uid".into(), 4001.into());
+        obj.insert("class_name".into(), "Network Activity".into());
+        obj.insert("category_uid".into(), 4.into());
+        obj.insert("category_name".into(), "Network Activity".into());
+        obj.insert("activity_id".into(), 1.into());
+        obj.insert("activity_name".into(), "Open".into());
+        obj.insert("type_uid".into(), 400_101.into());
+        obj.insert("dst_endpoint".into(), json!({"ip": ip, "port": port}));
+        obj.insert(
+            "connection_info".into(),
+            json!({"protocol_name": q.protocol, "direction_id": 2, "direction": "Outbound"}),
+        );
+    } else {
+        obj.insert("class_uid".into(), 1007.into());
+        obj.insert("class_name".into(), "Process Activity".into());
+        obj.insert("category_uid".into(), 1.into());
+        obj.insert("category_name".into(), "System Activity".into());
+        obj.insert("activity_id".into(), 1.into());
+        obj.insert("activity_name".into(), "Launch".into());
+        obj.insert("type_uid".into(), 100_701.into());
+        obj.insert("process".into(), process);
+    }
+    Some(ev)
+}
+
+fn target(q: &crate::proto::RequestView) -> String {
+    q.destination
+        .clone()
+        .or_else(|| q.binary.clone())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{DecisionRecord, tests::view};
+
+    fn record(body: Body) -> Record {
+        Record {
+            v: 1,
+            host_id: "h1".into(),
+            host_name: "build-7".into(),
+            chain_id: "c1".into(),
+            seq: 42,
+            prev: None,
+            time: "2026-11-24T15:51:27.5Z".into(),
+            body,
+        }
+    }
+
+    fn decision(decision: &str, mut request: crate::proto::RequestView) -> Body {
+        request.rule = Some("coder: rule 2".into());
+        Body::Decision(DecisionRecord {
+            decision: decision.into(),
+            applied: "released".into(),
+            by: "cli uid=0 pid=1".into(),
+            action_hash: "ab".into(),
+            request,
+            on_behalf_of: Some("alice".into()),
+            approver_decision: None,
+        })
+    }
+
+    #[test]
+    fn an_approved_exec_is_an_allowed_process_launch() {
+        let e = event(&record(decision("approved", view(7)))).unwrap();
+        assert_eq!(e["class_uid"], 1007);
+        assert_eq!(e["type_uid"], 100_701);
+        assert_eq!(e["action_id"], 1);
+        assert_eq!(e["disposition_id"], 1);
+        assert_eq!(
+            e["time"].as_i64(),
+            crate::collector::time_ms("2026-11-24T15:51:27.5Z")
+        );
+        assert!(e["time"].as_i64().unwrap() > 1_700_000_000_000);
+        assert_eq!(e["process"]["file"]["path"], "/usr/bin/curl");
+        assert_eq!(e["process"]["cmd_line"], "curl https://x");
+        assert_eq!(e["device"]["hostname"], "build-7");
+        assert_eq!(e["metadata"]["uid"], "c1:42");
+        assert_eq!(e["unmapped"]["rule"], "coder: rule 2");
+        assert_eq!(e["unmapped"]["on_behalf_of"], "alice");
+    }
+
+    #[test]
+    fn a_denied_connect_is_a_blocked_network_open() {
+        let mut v = view(8);
+        v.kind = "connect".into();
+        v.destination = Some("[2001:db8::1]:443".into());
+        v.protocol = Some("tcp".into());
+        let e = event(&record(decision("denied", v))).unwrap();
+        assert_eq!(e["class_uid"], 4001);
+        assert_eq!(e["type_uid"], 400_101);
+        assert_eq!(e["action_id"], 2);
+        assert_eq!(e["disposition"], "Blocked");
+        assert_eq!(e["dst_endpoint"]["ip"], "2001:db8::1");
+        assert_eq!(e["dst_endpoint"]["port"], 443);
+        assert!(
+            event(&record(Body::Heartbeat {
+                pending: 0,
+                interval_secs: 60
+            }))
+            .is_none()
+        );
+    }
+}
