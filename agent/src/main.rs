@@ -11,7 +11,6 @@ mod ebpf;
 mod paths;
 mod policy;
 mod proto;
-#[allow(dead_code, reason = "the collector and shipper use the rest")]
 mod records;
 #[allow(
     dead_code,
