@@ -12,7 +12,6 @@ mod ebpf;
 mod paths;
 mod policy;
 mod proto;
-#[allow(dead_code, reason = "the collector and shipper use the rest")]
 mod records;
 mod sign;
 

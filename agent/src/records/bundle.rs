@@ -241,6 +241,7 @@ pub fn write(dir: &Path, c: &Contents<'_>) -> Result<(), BundleError> {
         &dir.join(POPULATION_FILE),
         population_csv(c.records).as_bytes(),
     )?;
+    write(&dir.join(OCSF_FILE), ocsf_lines(c.records).as_bytes())?;
     write(
         &dir.join(HEADS_FILE),
         serde_json::to_string_pretty(c.heads)

@@ -498,6 +498,8 @@ fn records_made_while_the_collector_is_down_arrive_once_in_order_and_export_veri
         csv.lines().any(|l| l.contains(",decision,denied,")),
         "{csv}"
     );
+    let ocsf = std::fs::read_to_string(out.join("ocsf.jsonl")).unwrap();
+    assert_eq!(ocsf.lines().count(), events.len(), "{ocsf}");
 }
 
 /// A decision the CLI saw applied is in the spool even if the daemon is killed right after;
