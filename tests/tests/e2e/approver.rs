@@ -160,15 +160,26 @@ fn slack_click_approves_a_held_exec() {
             .arg("--key")
             .arg(d.dir().join("host.key.pub"));
         if approver_key {
-            c.arg("--approver-key").arg(approver.key_path().with_extension("key.pub"));
+            c.arg("--approver-key")
+                .arg(approver.key_path().with_extension("key.pub"));
         }
         let out = c.output().unwrap();
-        (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
     };
     let (ok, text) = verify(true);
     assert!(ok && text.contains("0 self-approvals"), "{text}");
     let (ok, text) = verify(false);
-    assert!(!ok, "an approver decision signed by an unknown key fails: {text}");
+    assert!(
+        !ok,
+        "an approver decision signed by an unknown key fails: {text}"
+    );
 }
 
 /// A rule that asks for a reason: the button opens Slack's modal; only its submission, with
