@@ -104,6 +104,19 @@ impl Browser {
         }
     }
 
+    /// Waits until the page's source contains `needle` (after a click that navigates).
+    pub fn wait_source(&self, needle: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.source().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "the page never showed {needle:?}: {}",
+                self.source()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The element `css` selects, waiting for it to appear.
     #[must_use]
     pub fn find(&self, css: &str) -> String {

@@ -50,7 +50,7 @@ fn approve_in_the_web_page() {
     b.wait_url("/login");
     b.type_into("#token", "not-a-token");
     b.click("#signin");
-    assert!(b.source().contains("Unknown token"), "{}", b.source());
+    b.wait_source("Unknown token");
 
     // The agent's owner signs in and sees the request, but cannot approve it.
     b.goto(&format!("{}/login", approver.url()));
@@ -67,7 +67,7 @@ fn approve_in_the_web_page() {
         assert!(shown.contains(s), "the page shows {s}: {shown}");
     }
     b.click(&format!("#approve-{id}"));
-    assert!(b.text("#flash").contains("works for"), "{}", b.source());
+    b.wait_source("and cannot approve its actions");
     assert!(
         p.still_running_after(Duration::from_millis(300)),
         "still held"
