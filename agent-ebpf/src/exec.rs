@@ -1,11 +1,20 @@
 //! Exec holds. LSM mode: `bprm_check_security` holds before the new image is loaded, and an
 //! approved exec is verified once more when its image is loaded. Fallback mode: the image is
 //! held when loaded, before its first instruction.
-use aya_ebpf::programs::TracePointContext;
+//!
+//! The fast path: a file whose (device, inode) the policy allows for the task's label runs
+//! without a stop and without an event. LSM mode checks the file of every binfmt pass (a
+//! script, then its interpreter: both must be allowed); fallback mode checks the loaded image
+//! (`current->mm->exe_file`, the interpreter for a script). Any failed read means "not
+//! allowed here": the slow path decides.
+use aya_ebpf::{
+    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
+    programs::TracePointContext,
+};
 use countersign_ebpf::{
-    FLAG_EXEC_LOADED, FLAG_VERIFY, KIND_CANARY_EXEC, KIND_EXEC, KIND_EXEC_LOADED, LABEL_CANARY,
-    MODE_FALLBACK, MODE_LSM, STATE_ALLOWED, STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE,
-    STATE_PENDING,
+    ExecKey, FLAG_EXEC_LOADED, FLAG_VERIFY, KIND_CANARY_EXEC, KIND_EXEC, KIND_EXEC_LOADED,
+    LABEL_CANARY, MODE_FALLBACK, MODE_LSM, STAT_FAST_EXEC, STATE_ALLOWED, STATE_DENIED,
+    STATE_EXEC_RELEASED, STATE_IDLE, STATE_PENDING,
 };
 
 use crate::{
@@ -19,6 +28,81 @@ use crate::{
 pub const EXECVE_ARGS: (usize, usize) = (16, 24);
 /// The same for `sys_enter_execveat` (after the dirfd).
 pub const EXECVEAT_ARGS: (usize, usize) = (24, 32);
+
+/// Reads a kernel pointer at `base + offset`; `None` for a failed read or a null pointer.
+#[inline(always)]
+fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: read with the checked helper; a bad address fails the read, nothing else.
+    let p = unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<u64>()) }
+        .ok()? as *const u8;
+    (!p.is_null()).then_some(p)
+}
+
+/// (device, inode) of a `struct file`, as the kernel knows them.
+#[inline(always)]
+fn file_id(file: *const u8) -> Option<(u64, u64)> {
+    let o = maps::kernel_offsets();
+    if o.valid == 0 {
+        return None;
+    }
+    let inode = read_ptr(file, o.file_inode)?;
+    // SAFETY: as in `read_ptr`.
+    let ino =
+        unsafe { bpf_probe_read_kernel(inode.wrapping_add(o.inode_ino as usize).cast::<u64>()) }
+            .ok()?;
+    let sb = read_ptr(inode, o.inode_sb)?;
+    // SAFETY: as in `read_ptr`; `dev_t` is 32 bits.
+    let dev =
+        unsafe { bpf_probe_read_kernel(sb.wrapping_add(o.sb_dev as usize).cast::<u32>()) }.ok()?;
+    Some((u64::from(dev), ino))
+}
+
+/// Whether the policy allows running `file` for `label` in the kernel. Fails closed: a file
+/// that cannot be identified is not allowed here.
+#[inline(always)]
+fn fast_allowed(label: u32, file: Option<*const u8>) -> bool {
+    let Some((dev, ino)) = file.and_then(file_id) else {
+        return false;
+    };
+    let key = ExecKey {
+        label,
+        _pad: 0,
+        dev,
+        ino,
+    };
+    // SAFETY: reading a plain value out of the map.
+    if unsafe { maps::EXEC_ALLOW.get(&key) }.is_some() {
+        maps::count(STAT_FAST_EXEC);
+        return true;
+    }
+    false
+}
+
+/// The file of one binfmt pass: `bprm->file`.
+#[inline(always)]
+fn bprm_file(bprm: *const u8) -> Option<*const u8> {
+    let o = maps::kernel_offsets();
+    if o.valid == 0 {
+        return None;
+    }
+    read_ptr(bprm, o.bprm_file)
+}
+
+/// The loaded image of the current task: `current->mm->exe_file`.
+#[inline(always)]
+fn current_exe_file() -> Option<*const u8> {
+    let o = maps::kernel_offsets();
+    if o.valid == 0 {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let mm = read_ptr(task, o.task_mm)?;
+    read_ptr(mm, o.mm_exe_file)
+}
 
 #[inline(always)]
 pub fn sys_enter_exec(ctx: &TracePointContext, (filename_at, argv_at): (usize, usize)) {
@@ -38,8 +122,9 @@ pub fn sys_enter_exec(ctx: &TracePointContext, (filename_at, argv_at): (usize, u
     }
 }
 
+/// `bprm_check_security(struct linux_binprm *bprm)`: runs once per binfmt pass.
 #[inline(always)]
-pub fn bprm_check() -> Verdict {
+pub fn bprm_check(bprm: *const u8) -> Verdict {
     let state = match label::current_task() {
         Task::Labelled(state) => state,
         Task::Unlabelled => return Verdict::Allow,
@@ -75,6 +160,10 @@ pub fn bprm_check() -> Verdict {
     }
     if state.state == STATE_EXEC_RELEASED {
         // The interpreter of an approved script: same execve, let it load.
+        return Verdict::Allow;
+    }
+    // Checked after the state machine, so that a pending or decided exec stays what it is.
+    if fast_allowed(state.label, bprm_file(bprm)) {
         return Verdict::Allow;
     }
     let mut ev = hold::event(KIND_EXEC, state.label);
@@ -129,6 +218,10 @@ pub fn sched_exec(ctx: &TracePointContext) {
     }
     let verify = mode == MODE_LSM && state.state == STATE_EXEC_RELEASED;
     if !verify && mode != MODE_FALLBACK {
+        return;
+    }
+    // Fallback: the loaded image is one the policy allows; it runs without a stop.
+    if !verify && fast_allowed(state.label, current_exe_file()) {
         return;
     }
     if verify {

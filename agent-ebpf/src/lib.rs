@@ -21,9 +21,11 @@ pub const MAP_STATS: &str = "CS_STATS";
 pub const MAP_LABELS: &str = "CS_LABELS";
 /// The in-kernel fast path for connects: (label, family, address prefix) → allowed ports.
 pub const MAP_CONNECT_ALLOW: &str = "CS_CONNECT_ALLOW";
+/// The in-kernel fast path for execs: (label, device, inode) of a binary the policy allows.
+pub const MAP_EXEC_ALLOW: &str = "CS_EXEC_ALLOW";
 /// Every map above is pinned by name in the daemon's pin directory, so that holds and labels
 /// survive a daemon restart.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     MAP_TASKS,
     MAP_CGROUP_LABELS,
     MAP_EVENTS,
@@ -31,7 +33,10 @@ pub const PINNED_MAPS: [&str; 7] = [
     MAP_STATS,
     MAP_LABELS,
     MAP_CONNECT_ALLOW,
+    MAP_EXEC_ALLOW,
 ];
+/// Capacity of [`MAP_EXEC_ALLOW`].
+pub const MAX_EXEC_ALLOW: u32 = 16_384;
 /// Capacity of [`MAP_CONNECT_ALLOW`].
 pub const MAX_CONNECT_ALLOW: u32 = 16_384;
 /// Port ranges one [`ConnectAllow`] holds.
@@ -69,6 +74,8 @@ pub const PROG_CG_CONNECT6: &str = "cs_cg_connect6";
 /// Global set at load time: offset of `child_pid` in the `sched_process_fork` tracepoint
 /// record, read from the kernel's own format file (it moved between kernel versions).
 pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+/// Global set at load time: the [`KernelOffsets`] read from the kernel's BTF.
+pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 
 /// The label id the daemon gives its start-up canary; hooks deny its actions at once and
 /// report them, which proves the hooks run.
@@ -123,7 +130,10 @@ pub const STAT_LABEL_INHERIT_FAILED: u32 = 1;
 pub const STAT_HOLDS: u32 = 2;
 /// Connects allowed in the kernel by the policy's fast path (never stopped).
 pub const STAT_FAST_ALLOWED: u32 = 3;
-pub const STAT_COUNT: u32 = 4;
+/// Execs allowed in the kernel by the policy's fast path (never stopped). In LSM mode a script
+/// run directly counts once per file the kernel checks (the script, then its interpreter).
+pub const STAT_FAST_EXEC: u32 = 4;
+pub const STAT_COUNT: u32 = 5;
 
 /// `-ERESTARTNOINTR`: the syscall restarts after the stop, whatever the signal disposition.
 pub const ERESTARTNOINTR: i32 = 513;
@@ -210,6 +220,45 @@ pub struct ConnectAllow {
 }
 const _: () = assert!(size_of::<ConnectAllow>() == 72);
 
+/// A [`MAP_EXEC_ALLOW`] key: a file as the kernel knows it, for one label.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExecKey {
+    pub label: u32,
+    pub _pad: u32,
+    /// The kernel's `dev_t` of the file's super block (`MAJOR << 20 | MINOR`), not the
+    /// user-space encoding `stat` returns.
+    pub dev: u64,
+    /// The inode number.
+    pub ino: u64,
+}
+const _: () = assert!(size_of::<ExecKey>() == 24);
+
+/// Byte offsets of the kernel struct fields the exec fast path reads, taken from the running
+/// kernel's BTF at load time (they differ between kernel versions and builds). With `valid`
+/// 0 the hooks never read kernel structs and every exec takes the slow path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// Non-zero once every offset below was found.
+    pub valid: u32,
+    /// `linux_binprm.file`
+    pub bprm_file: u32,
+    /// `file.f_inode`
+    pub file_inode: u32,
+    /// `inode.i_ino`
+    pub inode_ino: u32,
+    /// `inode.i_sb`
+    pub inode_sb: u32,
+    /// `super_block.s_dev`
+    pub sb_dev: u32,
+    /// `task_struct.mm`
+    pub task_mm: u32,
+    /// `mm_struct.exe_file`
+    pub mm_exe_file: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 32);
+
 /// A label's name, NUL-padded.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -284,4 +333,8 @@ mod user {
     unsafe impl aya::Pod for super::ConnectKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnectAllow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ExecKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelOffsets {}
 }

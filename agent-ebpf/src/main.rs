@@ -32,7 +32,7 @@ mod programs {
         if previous != 0 {
             return previous;
         }
-        exec::bprm_check().lsm_return()
+        exec::bprm_check(ctx.arg(0)).lsm_return()
     }
 
     /// `socket_connect`: holds a labelled task's IPv4/IPv6 connect before anything is sent.

@@ -744,7 +744,9 @@ labels:
                     .contains(&format!("rule `{rule}`"))
         })
     };
-    assert!(by_rule("the-probe", "auto-allowed"), "{log:#?}");
+    // The probe's own exec is decided in the kernel (exec fast path): never logged.
+    assert!(!by_rule("the-probe", "auto-allowed"), "{log:#?}");
+    assert!(d.status()["fast_allowed_execs"].as_u64().unwrap() >= 1);
     // With `protocol: tcp` the kernel decides where it knows the socket type (LSM mode);
     // the fallback's tracepoint does not, so there the daemon allows it.
     if d.is_lsm() {
@@ -889,4 +891,113 @@ labels:
     assert_eq!(q.wait(countersign_tests::WAIT).code(), Some(1));
     assert_eq!(q.stdout().trim(), format!("error {EPERM}"));
     assert!(!other.accepted());
+}
+
+/// The exec fast path: a binary an `allow` rule names runs without a stop and without a
+/// request or a decision record; `status` counts it. Another binary, a copy of the allowed
+/// one (same bytes, another inode), or the allowed binary under a label whose earlier rule
+/// refuses some of its runs, still reach the daemon.
+#[test]
+fn exec_fast_path_allows_exactly_the_listed_file() {
+    let d0 = tempfile::tempdir().unwrap();
+    // A copy of the probe: the same bytes at another inode.
+    let copy = d0.path().join("cs-probe-copy");
+    std::fs::copy(probe(), &copy).unwrap();
+    let copy = copy.to_str().unwrap().to_owned();
+    let policy = d0.path().join("agent.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: agent
+    default: {{outcome: escalate}}
+    rules:
+      - name: the-probe
+        exec: {{binary: [{probe}]}}
+        outcome: allow
+  - name: strict
+    default: {{outcome: escalate}}
+    rules:
+      - name: no-touch
+        exec: {{binary: [{probe}], args: [\"touch *\"]}}
+        outcome: deny
+      - name: the-probe-otherwise
+        exec: {{binary: [{probe}]}}
+        outcome: allow
+",
+            probe = probe()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    let status = d.status();
+    let holds = status["holds"].as_u64().unwrap();
+    let fast = status["fast_allowed_execs"].as_u64().unwrap();
+
+    // Allowed in the kernel: runs, no hold, no request, no record.
+    let ran = marker(&d, "ran");
+    let mut p = d.labelled("agent", &[&probe(), "touch", &ran]);
+    assert!(p.wait(countersign_tests::WAIT).success(), "{}", d.log());
+    assert!(std::path::Path::new(&ran).exists());
+    let status = d.status();
+    assert_eq!(status["holds"].as_u64().unwrap(), holds, "{status}");
+    assert!(
+        status["fast_allowed_execs"].as_u64().unwrap() > fast,
+        "{status}"
+    );
+    assert!(d.decisions().is_empty(), "{:?}", d.decisions());
+    let human = String::from_utf8_lossy(&d.cli(&["status"]).stdout).into_owned();
+    assert!(human.contains("execs (policy fast path)"), "{human}");
+
+    // The same bytes at another inode are not the allowed file: held for a human.
+    let copied = marker(&d, "copied");
+    let mut p = d.labelled("agent", &[&copy, "touch", &copied]);
+    let r = d.wait_exec(p.pid(), "touch");
+    assert!(
+        r["rule"]
+            .as_str()
+            .unwrap_or("")
+            .contains("default of label `agent`"),
+        "{r}"
+    );
+    d.decide(&r, "kill");
+    assert!(!p.wait(countersign_tests::WAIT).success());
+    assert!(!std::path::Path::new(&copied).exists());
+
+    // The allowed probe runs another binary: that exec is held.
+    let nested = marker(&d, "nested");
+    let mut p = d.labelled("agent", &[&probe(), "exec", &copy, "touch", &nested]);
+    let r = d.wait_exec(p.pid(), "touch");
+    d.decide(&r, "kill");
+    assert!(!p.wait(countersign_tests::WAIT).success());
+    assert!(!std::path::Path::new(&nested).exists());
+
+    // An earlier refusal keeps the later allow on the slow path: refused by the daemon...
+    let strict = marker(&d, "strict");
+    let mut p = d.labelled("strict", &[&probe(), "touch", &strict]);
+    assert!(!p.wait(countersign_tests::WAIT).success());
+    assert!(!std::path::Path::new(&strict).exists());
+    // ...and allowed by the daemon (recorded) when the refusal does not match.
+    let mut p = d.labelled("strict", &[&probe(), "exec", "/nonexistent/x"]);
+    p.wait(countersign_tests::WAIT);
+    assert_eq!(p.stdout().trim(), "exec-error 2");
+    let log = d.decisions();
+    let by_rule = |rule: &str, decision: &str| {
+        log.iter().any(|e| {
+            e["decision"] == decision
+                && e["by"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&format!("rule `{rule}`"))
+        })
+    };
+    assert!(by_rule("no-touch", "auto-denied"), "{log:#?}");
+    assert!(by_rule("the-probe-otherwise", "auto-allowed"), "{log:#?}");
+    assert!(!by_rule("the-probe", "auto-allowed"), "{log:#?}");
 }

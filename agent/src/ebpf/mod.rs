@@ -2,6 +2,7 @@
 //! proving the hooks run (the canary), and reading/writing the maps.
 //!
 //! One [`Kernel`] value owns all of it; the daemon's main loop is its only user.
+mod btf;
 mod canary;
 mod format;
 mod pin;
@@ -119,6 +120,8 @@ pub struct Kernel {
     previous_mode: u32,
     /// An earlier daemon did not stop cleanly: its state was adopted.
     adopted: bool,
+    /// Whether the kernel can decide execs (its struct offsets were found), or why not.
+    exec_fast_path: std::result::Result<(), String>,
 }
 
 /// A link attached by this daemon, by program type.
@@ -138,8 +141,18 @@ impl Kernel {
         format::ensure_tracefs().map_err(KernelError::Format)?;
         let fork_offset = format::field_offset("sched", "sched_process_fork", "child_pid")
             .map_err(KernelError::Format)?;
+        // Without the offsets the exec fast path is off (every exec takes the slow path).
+        let (offsets, exec_fast_path) =
+            match btf::Btf::from_sys_fs().and_then(|b| b.kernel_offsets()) {
+                Ok(o) => (o, Ok(())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "exec fast path off: kernel struct offsets unknown");
+                    (shared::KernelOffsets::default(), Err(e.to_string()))
+                }
+            };
         let mut ebpf = EbpfLoader::new()
             .override_global(shared::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
+            .override_global(shared::GLOBAL_KERNEL_OFFSETS, &offsets, true)
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
@@ -195,6 +208,7 @@ impl Kernel {
             pinned: Vec::new(),
             previous_mode,
             adopted,
+            exec_fast_path,
         };
         // An earlier daemon's programs may still be attached: from now on they must not hold
         // this daemon. Its mode stays in force until ours is proven.
@@ -496,6 +510,49 @@ impl Kernel {
         Ok(())
     }
 
+    /// Replaces the exec fast path with `entries`. Where the kernel cannot decide execs (its
+    /// struct offsets are unknown) nothing is installed and the daemon decides every exec.
+    pub fn set_exec_allow(&mut self, entries: &[ExecAllowEntry]) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(shared::MAP_EXEC_ALLOW)
+            .ok_or(KernelError::Map {
+                name: shared::MAP_EXEC_ALLOW,
+                detail: "missing from the object".into(),
+            })?;
+        let mut allow: HashMap<&mut MapData, shared::ExecKey, u32> =
+            HashMap::try_from(map).map_err(|e| map_err(shared::MAP_EXEC_ALLOW, &e))?;
+        let wanted: Vec<shared::ExecKey> = entries
+            .iter()
+            .map(|e| shared::ExecKey {
+                label: e.label,
+                _pad: 0,
+                dev: e.dev,
+                ino: e.ino,
+            })
+            .collect();
+        let stale: Vec<shared::ExecKey> = allow
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for k in stale {
+            let _ = allow.remove(&k);
+        }
+        if let Err(why) = &self.exec_fast_path {
+            if !entries.is_empty() {
+                tracing::warn!(reason = %why, entries = entries.len(), "exec fast path off: the daemon decides every exec");
+            }
+            return Ok(());
+        }
+        for key in wanted {
+            allow
+                .insert(key, 1, 0)
+                .map_err(|e| map_err(shared::MAP_EXEC_ALLOW, &e))?;
+        }
+        Ok(())
+    }
+
     /// Records a label's name in the kernel, for a daemon that restarts.
     pub fn set_label_name(&mut self, id: u32, name: &str) -> Result<()> {
         let mut value = LabelName {
@@ -610,6 +667,23 @@ pub struct ConnectAllowEntry {
     pub ports: Vec<(u16, u16)>,
 }
 
+/// One entry of the exec fast path: a file by the kernel's device number and inode.
+pub struct ExecAllowEntry {
+    pub label: u32,
+    /// The kernel's `dev_t` (see [`kernel_dev`]).
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// The kernel's internal `dev_t` (`MAJOR << 20 | MINOR`) of a device number as `stat`
+/// returns it.
+#[must_use]
+pub fn kernel_dev(st_dev: u64) -> u64 {
+    let major = u64::from(libc::major(st_dev));
+    let minor = u64::from(libc::minor(st_dev));
+    (major << 20) | minor
+}
+
 /// Parses one ring buffer item into an [`Event`]; `None` for a short item.
 #[must_use]
 pub fn parse_event(bytes: &[u8]) -> Option<Event> {
@@ -709,4 +783,17 @@ pub fn watch_ring(
     // SAFETY: the ring buffer owns its map fd; it stays open and unchanged for as long as the
     // AsyncFd owns the ring buffer.
     unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_numbers_convert_to_the_kernels_encoding() {
+        assert_eq!(kernel_dev(libc::makedev(8, 1)), (8 << 20) | 1);
+        // Minors above 255 are split in the user-space encoding, whole in the kernel's.
+        assert_eq!(kernel_dev(libc::makedev(259, 300)), (259 << 20) | 300);
+        assert_eq!(kernel_dev(libc::makedev(0, 45)), 45);
+    }
 }
