@@ -8,7 +8,10 @@
 //! (`current->mm->exe_file`, the interpreter for a script). Any failed read means "not
 //! allowed here": the slow path decides.
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_task, bpf_probe_read_kernel,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
     programs::TracePointContext,
 };
 use countersign_ebpf::{
@@ -104,6 +107,39 @@ fn current_exe_file() -> Option<*const u8> {
     read_ptr(mm, o.mm_exe_file)
 }
 
+/// LSM mode: the filename and argv pointers the task passed to `execve`/`execveat`, from its
+/// saved user registers, for the daemon to read while the task is held. Left as they are
+/// when the loader did not enable this (the syscall tracepoints record them instead); 0 when
+/// they cannot be read (the daemon then shows the loaded image instead of the arguments).
+#[inline(always)]
+fn record_exec_args(state: &mut countersign_ebpf::TaskState) {
+    let o = maps::kernel_offsets();
+    if o.regs_valid == 0 {
+        return;
+    }
+    state.exec_filename = 0;
+    state.exec_argv = 0;
+    // SAFETY: helpers on the current task; the verifier types both pointers.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if regs.is_null() {
+        return;
+    }
+    let read = |at: u32| {
+        // SAFETY: read with the checked helper.
+        unsafe { bpf_probe_read_kernel(regs.wrapping_add(at as usize).cast::<u64>()) }.ok()
+    };
+    let Some(nr) = read(o.regs_nr) else { return };
+    let (filename_at, argv_at) = if nr == u64::from(o.nr_execve) {
+        (o.regs_arg0, o.regs_arg1)
+    } else if nr == u64::from(o.nr_execveat) {
+        (o.regs_arg1, o.regs_arg2)
+    } else {
+        return;
+    };
+    state.exec_filename = read(filename_at).unwrap_or(0);
+    state.exec_argv = read(argv_at).unwrap_or(0);
+}
+
 #[inline(always)]
 pub fn sys_enter_exec(ctx: &TracePointContext, (filename_at, argv_at): (usize, usize)) {
     // A task without room is refused by the exec hooks.
@@ -166,6 +202,7 @@ pub fn bprm_check(bprm: *const u8) -> Verdict {
     if fast_allowed(state.label, bprm_file(bprm)) {
         return Verdict::Allow;
     }
+    record_exec_args(state);
     let mut ev = hold::event(KIND_EXEC, state.label);
     if hold::request(state, KIND_EXEC, 0, &mut ev) {
         hold::stop_current();

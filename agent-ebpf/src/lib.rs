@@ -256,8 +256,20 @@ pub struct KernelOffsets {
     pub task_mm: u32,
     /// `mm_struct.exe_file`
     pub mm_exe_file: u32,
+    /// Non-zero when the LSM exec hook reads the exec's filename and argv pointers from the
+    /// task's saved user registers (below), so that no syscall tracepoint is needed. Zero:
+    /// the `sys_enter_execve`/`execveat` tracepoints record them.
+    pub regs_valid: u32,
+    /// Offsets in `struct pt_regs` of the syscall number and the first three arguments.
+    pub regs_nr: u32,
+    pub regs_arg0: u32,
+    pub regs_arg1: u32,
+    pub regs_arg2: u32,
+    /// The syscall numbers of `execve` and `execveat` on this architecture.
+    pub nr_execve: u32,
+    pub nr_execveat: u32,
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 32);
+const _: () = assert!(size_of::<KernelOffsets>() == 60);
 
 /// A label's name, NUL-padded.
 #[repr(C)]

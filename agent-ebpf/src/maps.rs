@@ -77,6 +77,13 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     sb_dev: 0,
     task_mm: 0,
     mm_exe_file: 0,
+    regs_valid: 0,
+    regs_nr: 0,
+    regs_arg0: 0,
+    regs_arg1: 0,
+    regs_arg2: 0,
+    nr_execve: 0,
+    nr_execveat: 0,
 };
 
 #[inline(always)]

@@ -1001,3 +1001,46 @@ labels:
     assert!(by_rule("the-probe-otherwise", "auto-allowed"), "{log:#?}");
     assert!(!by_rule("the-probe", "auto-allowed"), "{log:#?}");
 }
+
+/// LSM mode reads a held exec's arguments in the LSM hook itself: no syscall tracepoint is
+/// attached (they put every task's syscalls on the kernel's slower traced path). The
+/// fallback needs them.
+#[test]
+fn syscall_tracepoints_only_in_fallback_mode() {
+    let d = Daemon::start();
+    let attached = d.attached_programs();
+    let syscall_hooks: Vec<&String> = attached
+        .iter()
+        .filter(|n| n.contains("sys_enter"))
+        .collect();
+    if d.is_lsm() {
+        assert!(syscall_hooks.is_empty(), "{attached:?}");
+        assert!(
+            attached.iter().any(|n| n == "cs_lsm_bprm_check"),
+            "{attached:?}"
+        );
+    } else {
+        for hook in [
+            "cs_tp_sys_enter_execve",
+            "cs_tp_sys_enter_execveat",
+            "cs_tp_sys_enter_connect",
+        ] {
+            assert!(attached.iter().any(|n| n == hook), "{hook}: {attached:?}");
+        }
+    }
+    // Either way a held exec shows its filename and arguments.
+    let m = marker(&d, "args");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let r = d.wait_exec(p.pid(), "touch");
+    assert!(
+        r["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == m.as_str()),
+        "{r}"
+    );
+    assert!(r["binary"].as_str().unwrap().ends_with("cs-probe"), "{r}");
+    d.decide(&r, "kill");
+    p.wait(countersign_tests::WAIT);
+}

@@ -211,7 +211,26 @@ impl Btf {
             sb_dev: self.member_offset("super_block", "s_dev")?,
             task_mm: self.member_offset("task_struct", "mm")?,
             mm_exe_file: self.member_offset("mm_struct", "exe_file")?,
+            ..KernelOffsets::default()
         })
+    }
+
+    /// Adds the `struct pt_regs` offsets the LSM exec hook reads the syscall arguments with
+    /// (x86-64 only; elsewhere the syscall tracepoints record them).
+    pub fn exec_arg_regs(&self, o: &mut KernelOffsets) -> Result<(), BtfError> {
+        if !cfg!(target_arch = "x86_64") {
+            return Err(BtfError::Missing(
+                "a known syscall register layout on this architecture".into(),
+            ));
+        }
+        o.regs_nr = self.member_offset("pt_regs", "orig_ax")?;
+        o.regs_arg0 = self.member_offset("pt_regs", "di")?;
+        o.regs_arg1 = self.member_offset("pt_regs", "si")?;
+        o.regs_arg2 = self.member_offset("pt_regs", "dx")?;
+        o.nr_execve = libc::SYS_execve as u32;
+        o.nr_execveat = libc::SYS_execveat as u32;
+        o.regs_valid = 1;
+        Ok(())
     }
 }
 

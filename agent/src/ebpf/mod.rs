@@ -122,6 +122,10 @@ pub struct Kernel {
     adopted: bool,
     /// Whether the kernel can decide execs (its struct offsets were found), or why not.
     exec_fast_path: std::result::Result<(), String>,
+    /// The offsets given to the programs.
+    offsets: shared::KernelOffsets,
+    /// The `sys_enter_execve`/`execveat` tracepoints are attached.
+    exec_tracepoints: bool,
 }
 
 /// A link attached by this daemon, by program type.
@@ -142,14 +146,7 @@ impl Kernel {
         let fork_offset = format::field_offset("sched", "sched_process_fork", "child_pid")
             .map_err(KernelError::Format)?;
         // Without the offsets the exec fast path is off (every exec takes the slow path).
-        let (offsets, exec_fast_path) =
-            match btf::Btf::from_sys_fs().and_then(|b| b.kernel_offsets()) {
-                Ok(o) => (o, Ok(())),
-                Err(e) => {
-                    tracing::warn!(error = %e, "exec fast path off: kernel struct offsets unknown");
-                    (shared::KernelOffsets::default(), Err(e.to_string()))
-                }
-            };
+        let (offsets, exec_fast_path) = kernel_offsets();
         let mut ebpf = EbpfLoader::new()
             .override_global(shared::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
             .override_global(shared::GLOBAL_KERNEL_OFFSETS, &offsets, true)
@@ -176,16 +173,6 @@ impl Kernel {
             (shared::PROG_TP_SCHED_FORK, "sched", "sched_process_fork"),
             (shared::PROG_TP_SCHED_EXIT, "sched", "sched_process_exit"),
             (shared::PROG_TP_SCHED_EXEC, "sched", "sched_process_exec"),
-            (
-                shared::PROG_TP_SYS_ENTER_EXECVE,
-                "syscalls",
-                "sys_enter_execve",
-            ),
-            (
-                shared::PROG_TP_SYS_ENTER_EXECVEAT,
-                "syscalls",
-                "sys_enter_execveat",
-            ),
         ] {
             let id = attach_tracepoint(&mut ebpf, name, category, tp)?;
             attached.push((name, AttachedLink::TracePoint(id)));
@@ -209,6 +196,8 @@ impl Kernel {
             previous_mode,
             adopted,
             exec_fast_path,
+            offsets,
+            exec_tracepoints: false,
         };
         // An earlier daemon's programs may still be attached: from now on they must not hold
         // this daemon. Its mode stays in force until ours is proven.
@@ -243,6 +232,11 @@ impl Kernel {
     /// unloaded again and the reason returned.
     fn try_lsm(&mut self, ring: &mut RingBuf<MapData>) -> std::result::Result<(), String> {
         let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
+        // The LSM hook reads the exec's arguments from the task's registers where it can;
+        // otherwise the syscall tracepoints record them (they slow every task's syscalls).
+        if self.offsets.regs_valid == 0 {
+            self.attach_exec_tracepoints().map_err(|e| e.to_string())?;
+        }
         for (name, hook) in [
             (shared::PROG_LSM_BPRM_CHECK, "bprm_check_security"),
             (shared::PROG_LSM_SOCKET_CONNECT, "socket_connect"),
@@ -292,7 +286,25 @@ impl Kernel {
         }
     }
 
+    /// Attaches the tracepoints that record the filename and argv pointers of every labelled
+    /// exec (once).
+    fn attach_exec_tracepoints(&mut self) -> Result<()> {
+        if self.exec_tracepoints {
+            return Ok(());
+        }
+        for (name, tp) in [
+            (shared::PROG_TP_SYS_ENTER_EXECVE, "sys_enter_execve"),
+            (shared::PROG_TP_SYS_ENTER_EXECVEAT, "sys_enter_execveat"),
+        ] {
+            let id = attach_tracepoint(&mut self.ebpf, name, "syscalls", tp)?;
+            self.attached.push((name, AttachedLink::TracePoint(id)));
+        }
+        self.exec_tracepoints = true;
+        Ok(())
+    }
+
     fn attach_fallback(&mut self) -> Result<()> {
+        self.attach_exec_tracepoints()?;
         let id = attach_tracepoint(
             &mut self.ebpf,
             shared::PROG_TP_SYS_ENTER_CONNECT,
@@ -665,6 +677,30 @@ pub struct ConnectAllowEntry {
     /// `PROTO_*` bits.
     pub protocols: u32,
     pub ports: Vec<(u16, u16)>,
+}
+
+/// The kernel struct offsets for the programs, from the running kernel's BTF, and whether
+/// the exec fast path can work (or why not). The register offsets are only used by the LSM
+/// hook, which runs with the BTF-typed task pointer those need.
+fn kernel_offsets() -> (shared::KernelOffsets, std::result::Result<(), String>) {
+    let parsed = match btf::Btf::from_sys_fs() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "exec fast path off: no kernel BTF");
+            return (shared::KernelOffsets::default(), Err(e.to_string()));
+        }
+    };
+    let mut offsets = match parsed.kernel_offsets() {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "exec fast path off: kernel struct offsets unknown");
+            return (shared::KernelOffsets::default(), Err(e.to_string()));
+        }
+    };
+    if let Err(e) = parsed.exec_arg_regs(&mut offsets) {
+        tracing::info!(reason = %e, "exec arguments are recorded by the syscall tracepoints");
+    }
+    (offsets, Ok(()))
 }
 
 /// One entry of the exec fast path: a file by the kernel's device number and inode.
