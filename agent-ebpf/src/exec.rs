@@ -15,9 +15,9 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use countersign_ebpf::{
-    ExecKey, FLAG_EXEC_LOADED, FLAG_VERIFY, KIND_CANARY_EXEC, KIND_EXEC, KIND_EXEC_LOADED,
-    LABEL_CANARY, MODE_FALLBACK, MODE_LSM, STAT_FAST_EXEC, STATE_ALLOWED, STATE_DENIED,
-    STATE_EXEC_RELEASED, STATE_IDLE, STATE_PENDING,
+    ExecKey, FLAG_EXEC_LOADED, FLAG_VERIFY, FileKey, KIND_CANARY_EXEC, KIND_EXEC, KIND_EXEC_LOADED,
+    LABEL_CANARY, LABEL_NONE, MODE_FALLBACK, MODE_LSM, MODE_OFF, STAT_FAST_EXEC, STATE_ALLOWED,
+    STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE, STATE_PENDING, TaskState,
 };
 
 use crate::{
@@ -212,6 +212,39 @@ pub fn bprm_check(bprm: *const u8) -> Verdict {
     }
 }
 
+/// An unlabelled task just loaded an image: if the policy names that file as an agent's
+/// executable, the task is labelled before its first instruction (its exec of the agent is
+/// not held; everything the agent does from now on is). An agent that cannot be given a
+/// state is killed (fail closed); a file that cannot be identified labels nothing (the
+/// daemon refuses executable labels where the kernel cannot identify files).
+#[inline(always)]
+fn label_by_executable() {
+    let config = maps::config();
+    if config.exec_labels == 0
+        || config.mode == MODE_OFF
+        || label::current_tgid() == config.daemon_tgid
+    {
+        return;
+    }
+    let Some((dev, ino)) = current_exe_file().and_then(file_id) else {
+        return;
+    };
+    // SAFETY: reading a plain value out of the map.
+    let Some(label) = (unsafe { maps::EXEC_LABELS.get(&FileKey { dev, ino }) }).copied() else {
+        return;
+    };
+    if label == LABEL_NONE {
+        return;
+    }
+    let state = TaskState {
+        label,
+        ..TaskState::default()
+    };
+    if maps::TASKS.insert(label::current_tid(), state, 0).is_err() {
+        hold::kill_current();
+    }
+}
+
 /// Offsets of `pid` and `old_pid` in the `sched_process_exec` record.
 const EXEC_PID_AT: usize = 12;
 const EXEC_OLD_PID_AT: usize = 16;
@@ -235,7 +268,10 @@ pub fn sched_exec(ctx: &TracePointContext) {
     }
     let state = match label::current_task() {
         Task::Labelled(state) => state,
-        Task::Unlabelled => return,
+        Task::Unlabelled => {
+            label_by_executable();
+            return;
+        }
         Task::NoRoom => {
             // Labelled, but nothing can hold it: fail closed before the first instruction.
             hold::kill_current();

@@ -23,9 +23,12 @@ pub const MAP_LABELS: &str = "CS_LABELS";
 pub const MAP_CONNECT_ALLOW: &str = "CS_CONNECT_ALLOW";
 /// The in-kernel fast path for execs: (label, device, inode) of a binary the policy allows.
 pub const MAP_EXEC_ALLOW: &str = "CS_EXEC_ALLOW";
+/// Executables whose processes are agents: (device, inode) → label, applied when the file
+/// is loaded by an exec.
+pub const MAP_EXEC_LABELS: &str = "CS_EXEC_LABELS";
 /// Every map above is pinned by name in the daemon's pin directory, so that holds and labels
 /// survive a daemon restart.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 9] = [
     MAP_TASKS,
     MAP_CGROUP_LABELS,
     MAP_EVENTS,
@@ -34,7 +37,10 @@ pub const PINNED_MAPS: [&str; 8] = [
     MAP_LABELS,
     MAP_CONNECT_ALLOW,
     MAP_EXEC_ALLOW,
+    MAP_EXEC_LABELS,
 ];
+/// Capacity of [`MAP_EXEC_LABELS`].
+pub const MAX_EXEC_LABELS: u32 = 1_024;
 /// Capacity of [`MAP_EXEC_ALLOW`].
 pub const MAX_EXEC_ALLOW: u32 = 16_384;
 /// Capacity of [`MAP_CONNECT_ALLOW`].
@@ -184,7 +190,9 @@ pub struct Config {
     /// Non-zero when [`MAP_CGROUP_LABELS`] has entries, so that unlabelled tasks skip the
     /// cgroup walk otherwise.
     pub cgroup_labels: u32,
-    pub _pad: u32,
+    /// Non-zero when [`MAP_EXEC_LABELS`] has entries, so that unlabelled execs skip the
+    /// lookup otherwise.
+    pub exec_labels: u32,
 }
 const _: () = assert!(size_of::<Config>() == 16);
 
@@ -233,6 +241,15 @@ pub struct ExecKey {
     pub ino: u64,
 }
 const _: () = assert!(size_of::<ExecKey>() == 24);
+
+/// A file as the kernel knows it (see [`ExecKey`]): a [`MAP_EXEC_LABELS`] key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub dev: u64,
+    pub ino: u64,
+}
+const _: () = assert!(size_of::<FileKey>() == 16);
 
 /// Byte offsets of the kernel struct fields the exec fast path reads, taken from the running
 /// kernel's BTF at load time (they differ between kernel versions and builds). With `valid`
@@ -349,4 +366,6 @@ mod user {
     unsafe impl aya::Pod for super::ExecKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FileKey {}
 }

@@ -4,9 +4,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf},
 };
 use countersign_ebpf::{
-    Config, ConnectAllow, ConnectKey, EVENTS_RING_BYTES, Event, ExecKey, KernelOffsets, LabelName,
-    MAX_CGROUP_LABELS, MAX_CONNECT_ALLOW, MAX_EXEC_ALLOW, MAX_LABELLED_TASKS, MAX_LABELS,
-    STAT_COUNT, TaskState,
+    Config, ConnectAllow, ConnectKey, EVENTS_RING_BYTES, Event, ExecKey, FileKey, KernelOffsets,
+    LabelName, MAX_CGROUP_LABELS, MAX_CONNECT_ALLOW, MAX_EXEC_ALLOW, MAX_EXEC_LABELS,
+    MAX_LABELLED_TASKS, MAX_LABELS, STAT_COUNT, TaskState,
 };
 
 // Every map is pinned by name (see `countersign_ebpf::PINNED_MAPS`): a restarted daemon
@@ -39,6 +39,10 @@ pub static CONNECT_ALLOW: LpmTrie<ConnectKey, ConnectAllow> = LpmTrie::pinned(MA
 /// The policy's exec fast path, written by the daemon: (label, device, inode) → 1.
 #[map(name = "CS_EXEC_ALLOW")]
 pub static EXEC_ALLOW: HashMap<ExecKey, u32> = HashMap::pinned(MAX_EXEC_ALLOW, 0);
+
+/// The policy's `match: executable` labels, written by the daemon: (device, inode) → label.
+#[map(name = "CS_EXEC_LABELS")]
+pub static EXEC_LABELS: HashMap<FileKey, u32> = HashMap::pinned(MAX_EXEC_LABELS, 0);
 
 /// Written and read by the daemon only.
 #[map(name = "CS_LABELS")]

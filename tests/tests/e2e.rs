@@ -1044,3 +1044,48 @@ fn syscall_tracepoints_only_in_fallback_mode() {
     d.decide(&r, "kill");
     p.wait(countersign_tests::WAIT);
 }
+
+/// `match: executable`: a process that loads a named file (by device and inode) is labelled
+/// by the kernel before its first instruction; what it does next is held under that label.
+/// The same bytes at another inode label nothing.
+#[test]
+fn executable_match_labels_the_process_at_exec() {
+    let d0 = tempfile::tempdir().unwrap();
+    let agent = d0.path().join("agent-bin");
+    std::fs::copy(probe(), &agent).unwrap();
+    let agent = agent.to_str().unwrap().to_owned();
+    let policy = d0.path().join("agent.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: tool
+    match: {{executable: [{agent}]}}
+    default: {{outcome: escalate}}
+"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    // Started unlabelled, the agent's binary labels it; its own exec is not held, its next
+    // one is.
+    let m = marker(&d, "by-agent");
+    let mut p = d.unlabelled(&[&agent, "exec", &probe(), "touch", &m]);
+    let r = d.wait_exec(p.pid(), "touch");
+    assert_eq!(r["label"], "tool", "{r}");
+    d.decide(&r, "kill");
+    assert!(!p.wait(countersign_tests::WAIT).success());
+    assert!(!std::path::Path::new(&m).exists());
+    // The probe (same bytes, another inode) is not the agent's executable.
+    let m = marker(&d, "by-probe");
+    let mut p = d.unlabelled(&[&probe(), "exec", &probe(), "touch", &m]);
+    assert!(p.wait(countersign_tests::WAIT).success(), "{}", d.log());
+    assert!(std::path::Path::new(&m).exists());
+    assert!(d.list().is_empty(), "{:?}", d.list());
+}

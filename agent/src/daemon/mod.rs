@@ -303,6 +303,10 @@ fn policy_stamp(
             paths.push(root);
         }
     }
+    // An agent executable replaced (a new inode) or installed later: labelled once reloaded.
+    if let Some(p) = policy {
+        paths.extend(p.labels.iter().flat_map(|l| l.matches.executable.clone()));
+    }
     paths.sort();
     paths.dedup();
     paths
@@ -707,6 +711,24 @@ impl Daemon {
         }
         self.kernel.set_exec_allow(&execs)?;
         tracing::info!(entries = execs.len(), "exec fast path installed");
+        let mut by_exe = Vec::new();
+        if let Some(p) = &self.policy {
+            let (entries, skipped) = policy::compile::executable_labels(p);
+            for (label, path, why) in skipped {
+                tracing::error!(label, executable = %path.display(), why, "executable not labelled");
+            }
+            for e in entries {
+                let id = label_id(&mut self.labels, &e.label);
+                self.kernel.set_label_name(id, &e.label)?;
+                by_exe.push(ebpf::ExecLabelEntry {
+                    label: id,
+                    dev: ebpf::kernel_dev(e.file.dev),
+                    ino: e.file.ino,
+                });
+            }
+        }
+        self.kernel.set_exec_labels(&by_exe)?;
+        tracing::info!(entries = by_exe.len(), "executable labels installed");
         Ok(fast.len() + execs.len())
     }
 

@@ -126,6 +126,9 @@ pub struct Kernel {
     offsets: shared::KernelOffsets,
     /// The `sys_enter_execve`/`execveat` tracepoints are attached.
     exec_tracepoints: bool,
+    /// [`Config::cgroup_labels`] and [`Config::exec_labels`] as installed.
+    cgroup_labels_on: u32,
+    exec_labels_on: u32,
 }
 
 /// A link attached by this daemon, by program type.
@@ -198,10 +201,12 @@ impl Kernel {
             exec_fast_path,
             offsets,
             exec_tracepoints: false,
+            cgroup_labels_on: 0,
+            exec_labels_on: 0,
         };
         // An earlier daemon's programs may still be attached: from now on they must not hold
         // this daemon. Its mode stays in force until ours is proven.
-        kernel.set_config(previous_mode, 0)?;
+        kernel.set_config(previous_mode)?;
         let mut ring = ring;
         if request != ModeRequest::Fallback {
             match kernel.try_lsm(&mut ring) {
@@ -221,7 +226,7 @@ impl Kernel {
             kernel.reason = "fallback: requested by configuration".to_owned();
         }
         kernel.attach_fallback()?;
-        kernel.set_config(shared::MODE_FALLBACK, 0)?;
+        kernel.set_config(shared::MODE_FALLBACK)?;
         kernel.mode = Mode::Fallback;
         canary::prove(&mut kernel, &mut ring, Mode::Fallback).map_err(KernelError::Canary)?;
         kernel.pin_links()?;
@@ -255,7 +260,7 @@ impl Kernel {
                 }
             }
         }
-        self.set_config(shared::MODE_LSM, 0)
+        self.set_config(shared::MODE_LSM)
             .map_err(|e| e.to_string())?;
         self.mode = Mode::Lsm;
         match canary::prove(self, ring, Mode::Lsm) {
@@ -265,7 +270,7 @@ impl Kernel {
             }
             Err(e) => {
                 self.unload_lsm();
-                let _ = self.set_config(self.previous_mode, 0);
+                let _ = self.set_config(self.previous_mode);
                 Err(format!(
                     "LSM programs attached but {e} (is `bpf` in the kernel's lsm= list?)"
                 ))
@@ -359,19 +364,73 @@ impl Kernel {
                 .insert(id, label, 0)
                 .map_err(|e| map_err(shared::MAP_CGROUP_LABELS, &e))?;
         }
-        let mode = match self.mode {
-            Mode::Lsm => shared::MODE_LSM,
-            Mode::Fallback => shared::MODE_FALLBACK,
-        };
-        self.set_config(mode, u32::from(!labels.is_empty()))
+        self.cgroup_labels_on = u32::from(!labels.is_empty());
+        self.set_config(self.mode_value())
     }
 
-    fn set_config(&mut self, mode: u32, cgroup_labels: u32) -> Result<()> {
+    /// Installs the policy's `match: executable` labels, replacing the earlier ones. Fails
+    /// when the kernel cannot identify files (no BTF offsets): those agents would run
+    /// unlabelled.
+    pub fn set_exec_labels(&mut self, entries: &[ExecLabelEntry]) -> Result<()> {
+        if let Err(why) = &self.exec_fast_path
+            && !entries.is_empty()
+        {
+            return Err(KernelError::Map {
+                name: shared::MAP_EXEC_LABELS,
+                detail: format!("the kernel cannot identify executables: {why}"),
+            });
+        }
+        let map = self
+            .ebpf
+            .map_mut(shared::MAP_EXEC_LABELS)
+            .ok_or(KernelError::Map {
+                name: shared::MAP_EXEC_LABELS,
+                detail: "missing from the object".into(),
+            })?;
+        let mut labels: HashMap<&mut MapData, shared::FileKey, u32> =
+            HashMap::try_from(map).map_err(|e| map_err(shared::MAP_EXEC_LABELS, &e))?;
+        let wanted: Vec<(shared::FileKey, u32)> = entries
+            .iter()
+            .map(|e| {
+                (
+                    shared::FileKey {
+                        dev: e.dev,
+                        ino: e.ino,
+                    },
+                    e.label,
+                )
+            })
+            .collect();
+        let stale: Vec<shared::FileKey> = labels
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !wanted.iter().any(|(w, _)| w == k))
+            .collect();
+        for k in stale {
+            let _ = labels.remove(&k);
+        }
+        for (key, label) in &wanted {
+            labels
+                .insert(key, label, 0)
+                .map_err(|e| map_err(shared::MAP_EXEC_LABELS, &e))?;
+        }
+        self.exec_labels_on = u32::from(!wanted.is_empty());
+        self.set_config(self.mode_value())
+    }
+
+    fn mode_value(&self) -> u32 {
+        match self.mode {
+            Mode::Lsm => shared::MODE_LSM,
+            Mode::Fallback => shared::MODE_FALLBACK,
+        }
+    }
+
+    fn set_config(&mut self, mode: u32) -> Result<()> {
         let config = Config {
             mode,
             daemon_tgid: std::process::id(),
-            cgroup_labels,
-            _pad: 0,
+            cgroup_labels: self.cgroup_labels_on,
+            exec_labels: self.exec_labels_on,
         };
         self.config
             .set(0, config, 0)
@@ -435,7 +494,7 @@ impl Kernel {
     /// Stops all enforcement and removes every pin: only at a clean stop, after every held
     /// task was decided.
     pub fn teardown(&mut self) {
-        let _ = self.set_config(shared::MODE_OFF, 0);
+        let _ = self.set_config(shared::MODE_OFF);
         pin::remove_all(&self.pin_dir, std::mem::take(&mut self.pinned));
     }
 
@@ -705,6 +764,14 @@ fn kernel_offsets() -> (shared::KernelOffsets, std::result::Result<(), String>) 
 
 /// One entry of the exec fast path: a file by the kernel's device number and inode.
 pub struct ExecAllowEntry {
+    pub label: u32,
+    /// The kernel's `dev_t` (see [`kernel_dev`]).
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// One `match: executable` label: a file by the kernel's device number and inode.
+pub struct ExecLabelEntry {
     pub label: u32,
     /// The kernel's `dev_t` (see [`kernel_dev`]).
     pub dev: u64,

@@ -159,6 +159,40 @@ pub fn exec_fast_path(policy: &Policy) -> Vec<ExecEntry> {
     out
 }
 
+/// The policy's `match: executable` labels, resolved to files now; the executables that
+/// cannot be labelled in the kernel come back with the reason, for the daemon to report.
+#[must_use]
+pub fn executable_labels(policy: &Policy) -> (Vec<ExecEntry>, Vec<(String, PathBuf, String)>) {
+    let mut out: Vec<ExecEntry> = Vec::new();
+    let mut skipped = Vec::new();
+    for label in &policy.labels {
+        for path in &label.matches.executable {
+            let Some(file) = crate::daemon::enrich::file_id(path) else {
+                skipped.push((label.name.clone(), path.clone(), "not found".to_owned()));
+                continue;
+            };
+            if !kernel_sees_stat_ids(path) {
+                skipped.push((
+                    label.name.clone(),
+                    path.clone(),
+                    "on a filesystem whose device numbers the kernel sees differently (btrfs, overlayfs): label it by cgroup or `countersign exec`".to_owned(),
+                ));
+                continue;
+            }
+            // The first label that names a file keeps it (labels are merged in file order).
+            if out.iter().any(|e| e.file == file) {
+                continue;
+            }
+            out.push(ExecEntry {
+                label: label.name.clone(),
+                path: path.clone(),
+                file,
+            });
+        }
+    }
+    (out, skipped)
+}
+
 /// Whether the device and inode `stat` reports for `path` are the ones the kernel's hooks
 /// read (`inode->i_sb->s_dev`, `inode->i_ino`). True for the common local filesystems; not for
 /// btrfs (per-subvolume device numbers) or overlayfs (its own numbering), whose files stay on
@@ -380,6 +414,27 @@ mod tests {
             "      - {{exec: {{binary: [/bin/sh]}}, outcome: deny}}\n      - {{exec: {{binary: [{me}]}}, outcome: allow}}\n      - {{exec: {{}}, outcome: kill}}\n"
         ));
         assert_eq!(exec_fast_path(&p).len(), 1);
+    }
+
+    #[test]
+    fn executables_resolve_to_files_and_missing_ones_are_reported() {
+        let Some(me) = test_binary() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.yaml");
+        std::fs::write(
+            &p,
+            format!(
+                "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    match: {{executable: [{me}, /nonexistent/agent]}}\n  - name: b\n    match: {{executable: [{me}]}}\n"
+            ),
+        )
+        .unwrap();
+        let p = super::super::load(&[p]).unwrap();
+        let (labels, skipped) = executable_labels(&p);
+        assert_eq!(labels.len(), 1, "{labels:?}");
+        assert_eq!(labels[0].label, "a");
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].1, Path::new("/nonexistent/agent"));
+        assert_eq!(skipped[0].2, "not found");
     }
 
     #[test]
