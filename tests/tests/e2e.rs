@@ -1089,3 +1089,83 @@ labels:
     assert!(std::path::Path::new(&m).exists());
     assert!(d.list().is_empty(), "{:?}", d.list());
 }
+
+/// Scripts and the exec fast path. Allowing an interpreter allows the scripts it runs (the
+/// policy's meaning): in fallback mode the kernel sees the loaded interpreter and decides; in
+/// LSM mode it also sees the script, which is not an allowed binary, so the daemon decides
+/// (same answer, recorded). A `script:` rule is never decided in the kernel: a script it does
+/// not name is refused.
+#[test]
+fn scripts_run_only_as_the_policy_says() {
+    let d0 = tempfile::tempdir().unwrap();
+    let script = |name: &str| {
+        let p = d0.path().join(name);
+        std::fs::write(&p, "#!/bin/sh\necho ran > \"$1\"\n").unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (named, other) = (script("named.sh"), script("other.sh"));
+    let policy = d0.path().join("agent.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: shell
+    default: {{outcome: kill}}
+    rules:
+      - name: any-sh
+        exec: {{binary: [/bin/sh]}}
+        outcome: allow
+  - name: one-script
+    default: {{outcome: kill}}
+    rules:
+      - name: the-named-script
+        exec: {{binary: [/bin/sh], script: [{named}]}}
+        outcome: allow
+"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    let log_has = |rule: &str| {
+        d.decisions().iter().any(|e| {
+            e["decision"] == "auto-allowed"
+                && e["by"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&format!("rule `{rule}`"))
+        })
+    };
+
+    let m = marker(&d, "shell");
+    let mut p = d.labelled("shell", &[&other, &m]);
+    assert!(p.wait(countersign_tests::WAIT).success(), "{}", d.log());
+    assert!(std::path::Path::new(&m).exists());
+    if d.is_lsm() {
+        assert!(log_has("any-sh"), "the daemon decided: {:?}", d.decisions());
+    } else {
+        assert!(
+            !log_has("any-sh"),
+            "the kernel decided: {:?}",
+            d.decisions()
+        );
+        assert!(d.status()["fast_allowed_execs"].as_u64().unwrap() >= 1);
+    }
+
+    let m = marker(&d, "named");
+    let mut p = d.labelled("one-script", &[&named, &m]);
+    assert!(p.wait(countersign_tests::WAIT).success(), "{}", d.log());
+    assert!(std::path::Path::new(&m).exists());
+    assert!(log_has("the-named-script"), "{:?}", d.decisions());
+
+    let m = marker(&d, "other");
+    let mut p = d.labelled("one-script", &[&other, &m]);
+    assert!(!p.wait(countersign_tests::WAIT).success());
+    assert!(!std::path::Path::new(&m).exists());
+}
