@@ -158,6 +158,21 @@ pub fn sys_enter_exec(ctx: &TracePointContext, (filename_at, argv_at): (usize, u
     }
 }
 
+/// LSM mode without the syscall tracepoints: a new `execve` begins (not a pass of the same
+/// one), so a release an earlier, failed exec left behind ends. The restart of an approved
+/// exec still finds its decision (`STATE_ALLOWED`), which is only turned into a release by
+/// its first binfmt pass.
+#[inline(always)]
+pub fn new_execve() {
+    if let Task::Labelled(state) = label::current_task() {
+        // SAFETY: the pointer comes from the map lookup and is valid for this run.
+        let state = unsafe { &mut *state };
+        if state.state == STATE_EXEC_RELEASED {
+            state.state = STATE_IDLE;
+        }
+    }
+}
+
 /// `bprm_check_security(struct linux_binprm *bprm)`: runs once per binfmt pass.
 #[inline(always)]
 pub fn bprm_check(bprm: *const u8) -> Verdict {

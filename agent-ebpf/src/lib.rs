@@ -68,6 +68,7 @@ pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 pub const PROG_LSM_BPRM_CHECK: &str = "cs_lsm_bprm_check";
 pub const PROG_LSM_SOCKET_CONNECT: &str = "cs_lsm_socket_connect";
+pub const PROG_LSM_BPRM_CREDS: &str = "cs_lsm_bprm_creds_for_exec";
 pub const PROG_TP_SYS_ENTER_EXECVE: &str = "cs_tp_sys_enter_execve";
 pub const PROG_TP_SYS_ENTER_EXECVEAT: &str = "cs_tp_sys_enter_execveat";
 pub const PROG_TP_SCHED_EXEC: &str = "cs_tp_sched_exec";

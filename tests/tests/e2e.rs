@@ -1169,3 +1169,32 @@ labels:
     assert!(!p.wait(countersign_tests::WAIT).success());
     assert!(!std::path::Path::new(&m).exists());
 }
+
+/// Regression: an approved exec that fails after its first binfmt pass (a script whose
+/// interpreter is missing) must not leave a release that lets the task's next exec load
+/// unasked; that exec is held like any other (before it loads, in LSM mode).
+#[test]
+fn a_failed_approved_exec_leaves_no_release() {
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.sh");
+    std::fs::write(&broken, "#!/nonexistent/interpreter\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let broken = broken.to_str().unwrap().to_owned();
+    let m = marker(&d, "after");
+    let mut p = d.labelled_probe(
+        "coder",
+        &["exec-after-failed", &broken, &probe(), "touch", &m],
+    );
+    if d.is_lsm() {
+        // Held before it loads, approved: the interpreter is missing, the exec fails.
+        let r = d.wait_exec(p.pid(), "broken.sh");
+        d.decide(&r, "approve");
+    }
+    let r = d.wait_exec(p.pid(), "touch");
+    assert_eq!(r["kind"], d.exec_kind(), "{r}");
+    d.decide(&r, "kill");
+    p.wait(countersign_tests::WAIT);
+    assert!(p.stdout().contains("exec-error 2"), "{}", p.stdout());
+    assert!(!std::path::Path::new(&m).exists());
+}

@@ -239,13 +239,18 @@ impl Kernel {
         let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
         // The LSM hook reads the exec's arguments from the task's registers where it can;
         // otherwise the syscall tracepoints record them (they slow every task's syscalls).
-        if self.offsets.regs_valid == 0 {
-            self.attach_exec_tracepoints().map_err(|e| e.to_string())?;
-        }
-        for (name, hook) in [
+        let mut hooks = vec![
             (shared::PROG_LSM_BPRM_CHECK, "bprm_check_security"),
             (shared::PROG_LSM_SOCKET_CONNECT, "socket_connect"),
-        ] {
+        ];
+        if self.offsets.regs_valid == 0 {
+            self.attach_exec_tracepoints().map_err(|e| e.to_string())?;
+        } else {
+            // What `sys_enter_execve` does besides recording the arguments: end a stale
+            // release when a new execve begins.
+            hooks.push((shared::PROG_LSM_BPRM_CREDS, "bprm_creds_for_exec"));
+        }
+        for (name, hook) in hooks {
             let prog: &mut Lsm = self
                 .ebpf
                 .program_mut(name)
@@ -281,7 +286,11 @@ impl Kernel {
     fn unload_lsm(&mut self) {
         self.attached
             .retain(|(_, l)| !matches!(l, AttachedLink::Lsm(_)));
-        for name in [shared::PROG_LSM_BPRM_CHECK, shared::PROG_LSM_SOCKET_CONNECT] {
+        for name in [
+            shared::PROG_LSM_BPRM_CHECK,
+            shared::PROG_LSM_SOCKET_CONNECT,
+            shared::PROG_LSM_BPRM_CREDS,
+        ] {
             if let Some(prog) = self.ebpf.program_mut(name) {
                 let prog: std::result::Result<&mut Lsm, _> = prog.try_into();
                 if let Ok(prog) = prog {
