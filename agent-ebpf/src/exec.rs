@@ -1,11 +1,23 @@
 //! Exec holds. LSM mode: `bprm_check_security` holds before the new image is loaded, and an
 //! approved exec is verified once more when its image is loaded. Fallback mode: the image is
 //! held when loaded, before its first instruction.
-use aya_ebpf::programs::TracePointContext;
+//!
+//! The fast path: a file whose (device, inode) the policy allows for the task's label runs
+//! without a stop and without an event. LSM mode checks the file of every binfmt pass (a
+//! script, then its interpreter: both must be allowed); fallback mode checks the loaded image
+//! (`current->mm->exe_file`, the interpreter for a script). Any failed read means "not
+//! allowed here": the slow path decides.
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_task, bpf_probe_read_kernel,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
+    programs::TracePointContext,
+};
 use countersign_ebpf::{
-    FLAG_EXEC_LOADED, FLAG_VERIFY, KIND_CANARY_EXEC, KIND_EXEC, KIND_EXEC_LOADED, LABEL_CANARY,
-    MODE_FALLBACK, MODE_LSM, STATE_ALLOWED, STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE,
-    STATE_PENDING,
+    ExecKey, FLAG_EXEC_LOADED, FLAG_VERIFY, FileKey, KIND_CANARY_EXEC, KIND_EXEC, KIND_EXEC_LOADED,
+    LABEL_CANARY, LABEL_NONE, MODE_FALLBACK, MODE_LSM, MODE_OFF, STAT_FAST_EXEC, STATE_ALLOWED,
+    STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE, STATE_PENDING, TaskState,
 };
 
 use crate::{
@@ -19,6 +31,114 @@ use crate::{
 pub const EXECVE_ARGS: (usize, usize) = (16, 24);
 /// The same for `sys_enter_execveat` (after the dirfd).
 pub const EXECVEAT_ARGS: (usize, usize) = (24, 32);
+
+/// Reads a kernel pointer at `base + offset`; `None` for a failed read or a null pointer.
+#[inline(always)]
+fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: read with the checked helper; a bad address fails the read, nothing else.
+    let p = unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<u64>()) }
+        .ok()? as *const u8;
+    (!p.is_null()).then_some(p)
+}
+
+/// (device, inode) of a `struct file`, as the kernel knows them.
+#[inline(always)]
+fn file_id(file: *const u8) -> Option<(u64, u64)> {
+    let o = maps::kernel_offsets();
+    if o.valid == 0 {
+        return None;
+    }
+    let inode = read_ptr(file, o.file_inode)?;
+    // SAFETY: as in `read_ptr`.
+    let ino =
+        unsafe { bpf_probe_read_kernel(inode.wrapping_add(o.inode_ino as usize).cast::<u64>()) }
+            .ok()?;
+    let sb = read_ptr(inode, o.inode_sb)?;
+    // SAFETY: as in `read_ptr`; `dev_t` is 32 bits.
+    let dev =
+        unsafe { bpf_probe_read_kernel(sb.wrapping_add(o.sb_dev as usize).cast::<u32>()) }.ok()?;
+    Some((u64::from(dev), ino))
+}
+
+/// Whether the policy allows running `file` for `label` in the kernel. Fails closed: a file
+/// that cannot be identified is not allowed here.
+#[inline(always)]
+fn fast_allowed(label: u32, file: Option<*const u8>) -> bool {
+    let Some((dev, ino)) = file.and_then(file_id) else {
+        return false;
+    };
+    let key = ExecKey {
+        label,
+        _pad: 0,
+        dev,
+        ino,
+    };
+    // SAFETY: reading a plain value out of the map.
+    if unsafe { maps::EXEC_ALLOW.get(&key) }.is_some() {
+        maps::count(STAT_FAST_EXEC);
+        return true;
+    }
+    false
+}
+
+/// The file of one binfmt pass: `bprm->file`.
+#[inline(always)]
+fn bprm_file(bprm: *const u8) -> Option<*const u8> {
+    let o = maps::kernel_offsets();
+    if o.valid == 0 {
+        return None;
+    }
+    read_ptr(bprm, o.bprm_file)
+}
+
+/// The loaded image of the current task: `current->mm->exe_file`.
+#[inline(always)]
+fn current_exe_file() -> Option<*const u8> {
+    let o = maps::kernel_offsets();
+    if o.valid == 0 {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let mm = read_ptr(task, o.task_mm)?;
+    read_ptr(mm, o.mm_exe_file)
+}
+
+/// LSM mode: the filename and argv pointers the task passed to `execve`/`execveat`, from its
+/// saved user registers, for the daemon to read while the task is held. Left as they are
+/// when the loader did not enable this (the syscall tracepoints record them instead); 0 when
+/// they cannot be read (the daemon then shows the loaded image instead of the arguments).
+#[inline(always)]
+fn record_exec_args(state: &mut countersign_ebpf::TaskState) {
+    let o = maps::kernel_offsets();
+    if o.regs_valid == 0 {
+        return;
+    }
+    state.exec_filename = 0;
+    state.exec_argv = 0;
+    // SAFETY: helpers on the current task; the verifier types both pointers.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if regs.is_null() {
+        return;
+    }
+    let read = |at: u32| {
+        // SAFETY: read with the checked helper.
+        unsafe { bpf_probe_read_kernel(regs.wrapping_add(at as usize).cast::<u64>()) }.ok()
+    };
+    let Some(nr) = read(o.regs_nr) else { return };
+    let (filename_at, argv_at) = if nr == u64::from(o.nr_execve) {
+        (o.regs_arg0, o.regs_arg1)
+    } else if nr == u64::from(o.nr_execveat) {
+        (o.regs_arg1, o.regs_arg2)
+    } else {
+        return;
+    };
+    state.exec_filename = read(filename_at).unwrap_or(0);
+    state.exec_argv = read(argv_at).unwrap_or(0);
+}
 
 #[inline(always)]
 pub fn sys_enter_exec(ctx: &TracePointContext, (filename_at, argv_at): (usize, usize)) {
@@ -38,8 +158,24 @@ pub fn sys_enter_exec(ctx: &TracePointContext, (filename_at, argv_at): (usize, u
     }
 }
 
+/// LSM mode without the syscall tracepoints: a new `execve` begins (not a pass of the same
+/// one), so a release an earlier, failed exec left behind ends. The restart of an approved
+/// exec still finds its decision (`STATE_ALLOWED`), which is only turned into a release by
+/// its first binfmt pass.
 #[inline(always)]
-pub fn bprm_check() -> Verdict {
+pub fn new_execve() {
+    if let Task::Labelled(state) = label::current_task() {
+        // SAFETY: the pointer comes from the map lookup and is valid for this run.
+        let state = unsafe { &mut *state };
+        if state.state == STATE_EXEC_RELEASED {
+            state.state = STATE_IDLE;
+        }
+    }
+}
+
+/// `bprm_check_security(struct linux_binprm *bprm)`: runs once per binfmt pass.
+#[inline(always)]
+pub fn bprm_check(bprm: *const u8) -> Verdict {
     let state = match label::current_task() {
         Task::Labelled(state) => state,
         Task::Unlabelled => return Verdict::Allow,
@@ -77,12 +213,50 @@ pub fn bprm_check() -> Verdict {
         // The interpreter of an approved script: same execve, let it load.
         return Verdict::Allow;
     }
+    // Checked after the state machine, so that a pending or decided exec stays what it is.
+    if fast_allowed(state.label, bprm_file(bprm)) {
+        return Verdict::Allow;
+    }
+    record_exec_args(state);
     let mut ev = hold::event(KIND_EXEC, state.label);
     if hold::request(state, KIND_EXEC, 0, &mut ev) {
         hold::stop_current();
         Verdict::Held
     } else {
         Verdict::Deny
+    }
+}
+
+/// An unlabelled task just loaded an image: if the policy names that file as an agent's
+/// executable, the task is labelled before its first instruction (its exec of the agent is
+/// not held; everything the agent does from now on is). An agent that cannot be given a
+/// state is killed (fail closed); a file that cannot be identified labels nothing (the
+/// daemon refuses executable labels where the kernel cannot identify files).
+#[inline(always)]
+fn label_by_executable() {
+    let config = maps::config();
+    if config.exec_labels == 0
+        || config.mode == MODE_OFF
+        || label::current_tgid() == config.daemon_tgid
+    {
+        return;
+    }
+    let Some((dev, ino)) = current_exe_file().and_then(file_id) else {
+        return;
+    };
+    // SAFETY: reading a plain value out of the map.
+    let Some(label) = (unsafe { maps::EXEC_LABELS.get(&FileKey { dev, ino }) }).copied() else {
+        return;
+    };
+    if label == LABEL_NONE {
+        return;
+    }
+    let state = TaskState {
+        label,
+        ..TaskState::default()
+    };
+    if maps::TASKS.insert(label::current_tid(), state, 0).is_err() {
+        hold::kill_current();
     }
 }
 
@@ -109,7 +283,10 @@ pub fn sched_exec(ctx: &TracePointContext) {
     }
     let state = match label::current_task() {
         Task::Labelled(state) => state,
-        Task::Unlabelled => return,
+        Task::Unlabelled => {
+            label_by_executable();
+            return;
+        }
         Task::NoRoom => {
             // Labelled, but nothing can hold it: fail closed before the first instruction.
             hold::kill_current();
@@ -129,6 +306,10 @@ pub fn sched_exec(ctx: &TracePointContext) {
     }
     let verify = mode == MODE_LSM && state.state == STATE_EXEC_RELEASED;
     if !verify && mode != MODE_FALLBACK {
+        return;
+    }
+    // Fallback: the loaded image is one the policy allows; it runs without a stop.
+    if !verify && fast_allowed(state.label, current_exe_file()) {
         return;
     }
     if verify {

@@ -21,9 +21,14 @@ pub const MAP_STATS: &str = "CS_STATS";
 pub const MAP_LABELS: &str = "CS_LABELS";
 /// The in-kernel fast path for connects: (label, family, address prefix) → allowed ports.
 pub const MAP_CONNECT_ALLOW: &str = "CS_CONNECT_ALLOW";
+/// The in-kernel fast path for execs: (label, device, inode) of a binary the policy allows.
+pub const MAP_EXEC_ALLOW: &str = "CS_EXEC_ALLOW";
+/// Executables whose processes are agents: (device, inode) → label, applied when the file
+/// is loaded by an exec.
+pub const MAP_EXEC_LABELS: &str = "CS_EXEC_LABELS";
 /// Every map above is pinned by name in the daemon's pin directory, so that holds and labels
 /// survive a daemon restart.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 9] = [
     MAP_TASKS,
     MAP_CGROUP_LABELS,
     MAP_EVENTS,
@@ -31,7 +36,13 @@ pub const PINNED_MAPS: [&str; 7] = [
     MAP_STATS,
     MAP_LABELS,
     MAP_CONNECT_ALLOW,
+    MAP_EXEC_ALLOW,
+    MAP_EXEC_LABELS,
 ];
+/// Capacity of [`MAP_EXEC_LABELS`].
+pub const MAX_EXEC_LABELS: u32 = 1_024;
+/// Capacity of [`MAP_EXEC_ALLOW`].
+pub const MAX_EXEC_ALLOW: u32 = 16_384;
 /// Capacity of [`MAP_CONNECT_ALLOW`].
 pub const MAX_CONNECT_ALLOW: u32 = 16_384;
 /// Port ranges one [`ConnectAllow`] holds.
@@ -57,6 +68,7 @@ pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
 
 pub const PROG_LSM_BPRM_CHECK: &str = "cs_lsm_bprm_check";
 pub const PROG_LSM_SOCKET_CONNECT: &str = "cs_lsm_socket_connect";
+pub const PROG_LSM_BPRM_CREDS: &str = "cs_lsm_bprm_creds_for_exec";
 pub const PROG_TP_SYS_ENTER_EXECVE: &str = "cs_tp_sys_enter_execve";
 pub const PROG_TP_SYS_ENTER_EXECVEAT: &str = "cs_tp_sys_enter_execveat";
 pub const PROG_TP_SCHED_EXEC: &str = "cs_tp_sched_exec";
@@ -69,6 +81,8 @@ pub const PROG_CG_CONNECT6: &str = "cs_cg_connect6";
 /// Global set at load time: offset of `child_pid` in the `sched_process_fork` tracepoint
 /// record, read from the kernel's own format file (it moved between kernel versions).
 pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+/// Global set at load time: the [`KernelOffsets`] read from the kernel's BTF.
+pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 
 /// The label id the daemon gives its start-up canary; hooks deny its actions at once and
 /// report them, which proves the hooks run.
@@ -123,7 +137,10 @@ pub const STAT_LABEL_INHERIT_FAILED: u32 = 1;
 pub const STAT_HOLDS: u32 = 2;
 /// Connects allowed in the kernel by the policy's fast path (never stopped).
 pub const STAT_FAST_ALLOWED: u32 = 3;
-pub const STAT_COUNT: u32 = 4;
+/// Execs allowed in the kernel by the policy's fast path (never stopped). In LSM mode a script
+/// run directly counts once per file the kernel checks (the script, then its interpreter).
+pub const STAT_FAST_EXEC: u32 = 4;
+pub const STAT_COUNT: u32 = 5;
 
 /// `-ERESTARTNOINTR`: the syscall restarts after the stop, whatever the signal disposition.
 pub const ERESTARTNOINTR: i32 = 513;
@@ -174,7 +191,9 @@ pub struct Config {
     /// Non-zero when [`MAP_CGROUP_LABELS`] has entries, so that unlabelled tasks skip the
     /// cgroup walk otherwise.
     pub cgroup_labels: u32,
-    pub _pad: u32,
+    /// Non-zero when [`MAP_EXEC_LABELS`] has entries, so that unlabelled execs skip the
+    /// lookup otherwise.
+    pub exec_labels: u32,
 }
 const _: () = assert!(size_of::<Config>() == 16);
 
@@ -209,6 +228,66 @@ pub struct ConnectAllow {
     pub spans: [PortSpan; MAX_PORT_SPANS],
 }
 const _: () = assert!(size_of::<ConnectAllow>() == 72);
+
+/// A [`MAP_EXEC_ALLOW`] key: a file as the kernel knows it, for one label.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExecKey {
+    pub label: u32,
+    pub _pad: u32,
+    /// The kernel's `dev_t` of the file's super block (`MAJOR << 20 | MINOR`), not the
+    /// user-space encoding `stat` returns.
+    pub dev: u64,
+    /// The inode number.
+    pub ino: u64,
+}
+const _: () = assert!(size_of::<ExecKey>() == 24);
+
+/// A file as the kernel knows it (see [`ExecKey`]): a [`MAP_EXEC_LABELS`] key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FileKey {
+    pub dev: u64,
+    pub ino: u64,
+}
+const _: () = assert!(size_of::<FileKey>() == 16);
+
+/// Byte offsets of the kernel struct fields the exec fast path reads, taken from the running
+/// kernel's BTF at load time (they differ between kernel versions and builds). With `valid`
+/// 0 the hooks never read kernel structs and every exec takes the slow path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// Non-zero once every offset below was found.
+    pub valid: u32,
+    /// `linux_binprm.file`
+    pub bprm_file: u32,
+    /// `file.f_inode`
+    pub file_inode: u32,
+    /// `inode.i_ino`
+    pub inode_ino: u32,
+    /// `inode.i_sb`
+    pub inode_sb: u32,
+    /// `super_block.s_dev`
+    pub sb_dev: u32,
+    /// `task_struct.mm`
+    pub task_mm: u32,
+    /// `mm_struct.exe_file`
+    pub mm_exe_file: u32,
+    /// Non-zero when the LSM exec hook reads the exec's filename and argv pointers from the
+    /// task's saved user registers (below), so that no syscall tracepoint is needed. Zero:
+    /// the `sys_enter_execve`/`execveat` tracepoints record them.
+    pub regs_valid: u32,
+    /// Offsets in `struct pt_regs` of the syscall number and the first three arguments.
+    pub regs_nr: u32,
+    pub regs_arg0: u32,
+    pub regs_arg1: u32,
+    pub regs_arg2: u32,
+    /// The syscall numbers of `execve` and `execveat` on this architecture.
+    pub nr_execve: u32,
+    pub nr_execveat: u32,
+}
+const _: () = assert!(size_of::<KernelOffsets>() == 60);
 
 /// A label's name, NUL-padded.
 #[repr(C)]
@@ -284,4 +363,10 @@ mod user {
     unsafe impl aya::Pod for super::ConnectKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnectAllow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ExecKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FileKey {}
 }

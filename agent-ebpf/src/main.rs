@@ -32,7 +32,21 @@ mod programs {
         if previous != 0 {
             return previous;
         }
-        exec::bprm_check().lsm_return()
+        exec::bprm_check(ctx.arg(0)).lsm_return()
+    }
+
+    /// `bprm_creds_for_exec`: runs once per `execve`, before any binfmt pass; a release left
+    /// by an approved exec that then failed ends here, so this exec is held before it loads.
+    /// Attached only where the syscall tracepoints are not (they do the same). Refuses
+    /// nothing.
+    #[lsm(hook = "bprm_creds_for_exec")]
+    pub fn cs_lsm_bprm_creds_for_exec(ctx: LsmContext) -> i32 {
+        let previous: i32 = ctx.arg(1);
+        if previous != 0 {
+            return previous;
+        }
+        exec::new_execve();
+        0
     }
 
     /// `socket_connect`: holds a labelled task's IPv4/IPv6 connect before anything is sent.

@@ -4,8 +4,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf},
 };
 use countersign_ebpf::{
-    Config, ConnectAllow, ConnectKey, EVENTS_RING_BYTES, Event, LabelName, MAX_CGROUP_LABELS,
-    MAX_CONNECT_ALLOW, MAX_LABELLED_TASKS, MAX_LABELS, STAT_COUNT, TaskState,
+    Config, ConnectAllow, ConnectKey, EVENTS_RING_BYTES, Event, ExecKey, FileKey, KernelOffsets,
+    LabelName, MAX_CGROUP_LABELS, MAX_CONNECT_ALLOW, MAX_EXEC_ALLOW, MAX_EXEC_LABELS,
+    MAX_LABELLED_TASKS, MAX_LABELS, STAT_COUNT, TaskState,
 };
 
 // Every map is pinned by name (see `countersign_ebpf::PINNED_MAPS`): a restarted daemon
@@ -35,6 +36,14 @@ pub static CGROUP_CACHE: LruHashMap<u64, u32> = LruHashMap::with_max_entries(16_
 #[map(name = "CS_CONNECT_ALLOW")]
 pub static CONNECT_ALLOW: LpmTrie<ConnectKey, ConnectAllow> = LpmTrie::pinned(MAX_CONNECT_ALLOW, 0);
 
+/// The policy's exec fast path, written by the daemon: (label, device, inode) → 1.
+#[map(name = "CS_EXEC_ALLOW")]
+pub static EXEC_ALLOW: HashMap<ExecKey, u32> = HashMap::pinned(MAX_EXEC_ALLOW, 0);
+
+/// The policy's `match: executable` labels, written by the daemon: (device, inode) → label.
+#[map(name = "CS_EXEC_LABELS")]
+pub static EXEC_LABELS: HashMap<FileKey, u32> = HashMap::pinned(MAX_EXEC_LABELS, 0);
+
 /// Written and read by the daemon only.
 #[map(name = "CS_LABELS")]
 pub static LABELS: HashMap<u32, LabelName> = HashMap::pinned(MAX_LABELS, 0);
@@ -59,6 +68,33 @@ pub fn count(stat: u32) {
         // Counters are diagnostics: a rare lost update across CPUs is acceptable.
         unsafe { *p += 1 };
     }
+}
+
+/// Kernel struct offsets from BTF (set by the loader; all zero, "not valid", otherwise).
+#[unsafe(no_mangle)]
+pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    valid: 0,
+    bprm_file: 0,
+    file_inode: 0,
+    inode_ino: 0,
+    inode_sb: 0,
+    sb_dev: 0,
+    task_mm: 0,
+    mm_exe_file: 0,
+    regs_valid: 0,
+    regs_nr: 0,
+    regs_arg0: 0,
+    regs_arg1: 0,
+    regs_arg2: 0,
+    nr_execve: 0,
+    nr_execveat: 0,
+};
+
+#[inline(always)]
+pub fn kernel_offsets() -> KernelOffsets {
+    // SAFETY: a plain read of a global the loader may have rewritten; volatile so the
+    // compiler does not fold the defaults in.
+    unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
 }
 
 #[inline(always)]

@@ -92,6 +92,9 @@ pub struct StatusInfo {
     pub holds: u64,
     /// Connects the policy allowed in the kernel (never stopped).
     pub fast_allowed: u64,
+    /// Execs the policy allowed in the kernel (never stopped).
+    #[serde(default)]
+    pub fast_allowed_execs: u64,
     pub events_dropped: u64,
     pub label_inherit_failed: u64,
     /// The remote approver, if one is configured.

@@ -433,6 +433,18 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The names of the programs whose links the daemon pinned (what is attached).
+    #[must_use]
+    pub fn attached_programs(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.pin_dir.join("links"))
+            .expect("the daemon's pinned links")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The decision log's entries.
     #[must_use]
     pub fn decisions(&self) -> Vec<Value> {

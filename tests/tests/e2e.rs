@@ -747,7 +747,9 @@ labels:
                     .contains(&format!("rule `{rule}`"))
         })
     };
-    assert!(by_rule("the-probe", "auto-allowed"), "{log:#?}");
+    // The probe's own exec is decided in the kernel (exec fast path): never logged.
+    assert!(!by_rule("the-probe", "auto-allowed"), "{log:#?}");
+    assert!(d.status()["fast_allowed_execs"].as_u64().unwrap() >= 1);
     // With `protocol: tcp` the kernel decides where it knows the socket type (LSM mode);
     // the fallback's tracepoint does not, so there the daemon allows it.
     if d.is_lsm() {
@@ -892,6 +894,312 @@ labels:
     assert_eq!(q.wait(countersign_tests::WAIT).code(), Some(1));
     assert_eq!(q.stdout().trim(), format!("error {EPERM}"));
     assert!(!other.accepted());
+}
+
+/// The exec fast path: a binary an `allow` rule names runs without a stop and without a
+/// request or a decision record; `status` counts it. Another binary, a copy of the allowed
+/// one (same bytes, another inode), or the allowed binary under a label whose earlier rule
+/// refuses some of its runs, still reach the daemon.
+#[test]
+fn exec_fast_path_allows_exactly_the_listed_file() {
+    let d0 = tempfile::tempdir().unwrap();
+    // A copy of the probe: the same bytes at another inode.
+    let copy = d0.path().join("cs-probe-copy");
+    std::fs::copy(probe(), &copy).unwrap();
+    let copy = copy.to_str().unwrap().to_owned();
+    let policy = d0.path().join("agent.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: agent
+    default: {{outcome: escalate}}
+    rules:
+      - name: the-probe
+        exec: {{binary: [{probe}]}}
+        outcome: allow
+  - name: strict
+    default: {{outcome: escalate}}
+    rules:
+      - name: no-touch
+        exec: {{binary: [{probe}], args: [\"touch *\"]}}
+        outcome: deny
+      - name: the-probe-otherwise
+        exec: {{binary: [{probe}]}}
+        outcome: allow
+",
+            probe = probe()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    let status = d.status();
+    let holds = status["holds"].as_u64().unwrap();
+    let fast = status["fast_allowed_execs"].as_u64().unwrap();
+
+    // Allowed in the kernel: runs, no hold, no request, no record.
+    let ran = marker(&d, "ran");
+    let mut p = d.labelled("agent", &[&probe(), "touch", &ran]);
+    assert!(p.wait(countersign_tests::WAIT).success(), "{}", d.log());
+    assert!(std::path::Path::new(&ran).exists());
+    let status = d.status();
+    assert_eq!(status["holds"].as_u64().unwrap(), holds, "{status}");
+    assert!(
+        status["fast_allowed_execs"].as_u64().unwrap() > fast,
+        "{status}"
+    );
+    assert!(d.decisions().is_empty(), "{:?}", d.decisions());
+    let human = String::from_utf8_lossy(&d.cli(&["status"]).stdout).into_owned();
+    assert!(human.contains("execs (policy fast path)"), "{human}");
+
+    // The same bytes at another inode are not the allowed file: held for a human.
+    let copied = marker(&d, "copied");
+    let mut p = d.labelled("agent", &[&copy, "touch", &copied]);
+    let r = d.wait_exec(p.pid(), "touch");
+    assert!(
+        r["rule"]
+            .as_str()
+            .unwrap_or("")
+            .contains("default of label `agent`"),
+        "{r}"
+    );
+    d.decide(&r, "kill");
+    assert!(!p.wait(countersign_tests::WAIT).success());
+    assert!(!std::path::Path::new(&copied).exists());
+
+    // The allowed probe runs another binary: that exec is held.
+    let nested = marker(&d, "nested");
+    let mut p = d.labelled("agent", &[&probe(), "exec", &copy, "touch", &nested]);
+    let r = d.wait_exec(p.pid(), "touch");
+    d.decide(&r, "kill");
+    assert!(!p.wait(countersign_tests::WAIT).success());
+    assert!(!std::path::Path::new(&nested).exists());
+
+    // An earlier refusal keeps the later allow on the slow path: refused by the daemon...
+    let strict = marker(&d, "strict");
+    let mut p = d.labelled("strict", &[&probe(), "touch", &strict]);
+    assert!(!p.wait(countersign_tests::WAIT).success());
+    assert!(!std::path::Path::new(&strict).exists());
+    // ...and allowed by the daemon (recorded) when the refusal does not match.
+    let mut p = d.labelled("strict", &[&probe(), "exec", "/nonexistent/x"]);
+    p.wait(countersign_tests::WAIT);
+    assert_eq!(p.stdout().trim(), "exec-error 2");
+    let log = d.decisions();
+    let by_rule = |rule: &str, decision: &str| {
+        log.iter().any(|e| {
+            e["decision"] == decision
+                && e["by"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&format!("rule `{rule}`"))
+        })
+    };
+    assert!(by_rule("no-touch", "auto-denied"), "{log:#?}");
+    assert!(by_rule("the-probe-otherwise", "auto-allowed"), "{log:#?}");
+    assert!(!by_rule("the-probe", "auto-allowed"), "{log:#?}");
+}
+
+/// LSM mode reads a held exec's arguments in the LSM hook itself: no syscall tracepoint is
+/// attached (they put every task's syscalls on the kernel's slower traced path). The
+/// fallback needs them.
+#[test]
+fn syscall_tracepoints_only_in_fallback_mode() {
+    let d = Daemon::start();
+    let attached = d.attached_programs();
+    let syscall_hooks: Vec<&String> = attached
+        .iter()
+        .filter(|n| n.contains("sys_enter"))
+        .collect();
+    if d.is_lsm() {
+        assert!(syscall_hooks.is_empty(), "{attached:?}");
+        assert!(
+            attached.iter().any(|n| n == "cs_lsm_bprm_check"),
+            "{attached:?}"
+        );
+    } else {
+        for hook in [
+            "cs_tp_sys_enter_execve",
+            "cs_tp_sys_enter_execveat",
+            "cs_tp_sys_enter_connect",
+        ] {
+            assert!(attached.iter().any(|n| n == hook), "{hook}: {attached:?}");
+        }
+    }
+    // Either way a held exec shows its filename and arguments.
+    let m = marker(&d, "args");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let r = d.wait_exec(p.pid(), "touch");
+    assert!(
+        r["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == m.as_str()),
+        "{r}"
+    );
+    assert!(r["binary"].as_str().unwrap().ends_with("cs-probe"), "{r}");
+    d.decide(&r, "kill");
+    p.wait(countersign_tests::WAIT);
+}
+
+/// `match: executable`: a process that loads a named file (by device and inode) is labelled
+/// by the kernel before its first instruction; what it does next is held under that label.
+/// The same bytes at another inode label nothing.
+#[test]
+fn executable_match_labels_the_process_at_exec() {
+    let d0 = tempfile::tempdir().unwrap();
+    let agent = d0.path().join("agent-bin");
+    std::fs::copy(probe(), &agent).unwrap();
+    let agent = agent.to_str().unwrap().to_owned();
+    let policy = d0.path().join("agent.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: tool
+    match: {{executable: [{agent}]}}
+    default: {{outcome: escalate}}
+"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    // Started unlabelled, the agent's binary labels it; its own exec is not held, its next
+    // one is.
+    let m = marker(&d, "by-agent");
+    let mut p = d.unlabelled(&[&agent, "exec", &probe(), "touch", &m]);
+    let r = d.wait_exec(p.pid(), "touch");
+    assert_eq!(r["label"], "tool", "{r}");
+    d.decide(&r, "kill");
+    assert!(!p.wait(countersign_tests::WAIT).success());
+    assert!(!std::path::Path::new(&m).exists());
+    // The probe (same bytes, another inode) is not the agent's executable.
+    let m = marker(&d, "by-probe");
+    let mut p = d.unlabelled(&[&probe(), "exec", &probe(), "touch", &m]);
+    assert!(p.wait(countersign_tests::WAIT).success(), "{}", d.log());
+    assert!(std::path::Path::new(&m).exists());
+    assert!(d.list().is_empty(), "{:?}", d.list());
+}
+
+/// Scripts and the exec fast path. Allowing an interpreter allows the scripts it runs (the
+/// policy's meaning): in fallback mode the kernel sees the loaded interpreter and decides; in
+/// LSM mode it also sees the script, which is not an allowed binary, so the daemon decides
+/// (same answer, recorded). A `script:` rule is never decided in the kernel: a script it does
+/// not name is refused.
+#[test]
+fn scripts_run_only_as_the_policy_says() {
+    let d0 = tempfile::tempdir().unwrap();
+    let script = |name: &str| {
+        let p = d0.path().join(name);
+        std::fs::write(&p, "#!/bin/sh\necho ran > \"$1\"\n").unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (named, other) = (script("named.sh"), script("other.sh"));
+    let policy = d0.path().join("agent.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: shell
+    default: {{outcome: kill}}
+    rules:
+      - name: any-sh
+        exec: {{binary: [/bin/sh]}}
+        outcome: allow
+  - name: one-script
+    default: {{outcome: kill}}
+    rules:
+      - name: the-named-script
+        exec: {{binary: [/bin/sh], script: [{named}]}}
+        outcome: allow
+"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    let log_has = |rule: &str| {
+        d.decisions().iter().any(|e| {
+            e["decision"] == "auto-allowed"
+                && e["by"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&format!("rule `{rule}`"))
+        })
+    };
+
+    let m = marker(&d, "shell");
+    let mut p = d.labelled("shell", &[&other, &m]);
+    assert!(p.wait(countersign_tests::WAIT).success(), "{}", d.log());
+    assert!(std::path::Path::new(&m).exists());
+    if d.is_lsm() {
+        assert!(log_has("any-sh"), "the daemon decided: {:?}", d.decisions());
+    } else {
+        assert!(
+            !log_has("any-sh"),
+            "the kernel decided: {:?}",
+            d.decisions()
+        );
+        assert!(d.status()["fast_allowed_execs"].as_u64().unwrap() >= 1);
+    }
+
+    let m = marker(&d, "named");
+    let mut p = d.labelled("one-script", &[&named, &m]);
+    assert!(p.wait(countersign_tests::WAIT).success(), "{}", d.log());
+    assert!(std::path::Path::new(&m).exists());
+    assert!(log_has("the-named-script"), "{:?}", d.decisions());
+
+    let m = marker(&d, "other");
+    let mut p = d.labelled("one-script", &[&other, &m]);
+    assert!(!p.wait(countersign_tests::WAIT).success());
+    assert!(!std::path::Path::new(&m).exists());
+}
+
+/// Regression: an approved exec that fails after its first binfmt pass (a script whose
+/// interpreter is missing) must not leave a release that lets the task's next exec load
+/// unasked; that exec is held like any other (before it loads, in LSM mode).
+#[test]
+fn a_failed_approved_exec_leaves_no_release() {
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.sh");
+    std::fs::write(&broken, "#!/nonexistent/interpreter\n").unwrap();
+    std::fs::set_permissions(&broken, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let broken = broken.to_str().unwrap().to_owned();
+    let m = marker(&d, "after");
+    let mut p = d.labelled_probe(
+        "coder",
+        &["exec-after-failed", &broken, &probe(), "touch", &m],
+    );
+    if d.is_lsm() {
+        // Held before it loads, approved: the interpreter is missing, the exec fails.
+        let r = d.wait_exec(p.pid(), "broken.sh");
+        d.decide(&r, "approve");
+    }
+    let r = d.wait_exec(p.pid(), "touch");
+    assert_eq!(r["kind"], d.exec_kind(), "{r}");
+    d.decide(&r, "kill");
+    p.wait(countersign_tests::WAIT);
+    assert!(p.stdout().contains("exec-error 2"), "{}", p.stdout());
+    assert!(!std::path::Path::new(&m).exists());
 }
 
 #[path = "e2e/records.rs"]

@@ -86,7 +86,10 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
         }
     }
     println!("  holds so far:   {}", s.holds);
-    println!("  allowed in kernel: {} (policy fast path)", s.fast_allowed);
+    println!(
+        "  allowed in kernel: {} connects, {} execs (policy fast path)",
+        s.fast_allowed, s.fast_allowed_execs
+    );
     if s.events_dropped > 0 || s.label_inherit_failed > 0 {
         println!(
             "  ALARM: {} events dropped (those actions were refused), {} children not labelled",

@@ -260,7 +260,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         pid: std::process::id(),
     });
     daemon.record_policy();
-    // The policy's connect fast path (empty without a policy: clears an earlier daemon's).
+    // The policy's fast paths (empty without a policy: clears an earlier daemon's).
     daemon.install_fast_path()?;
     daemon.adopt();
     eprintln!(
@@ -367,6 +367,10 @@ fn policy_stamp(
         } else {
             paths.push(root);
         }
+    }
+    // An agent executable replaced (a new inode) or installed later: labelled once reloaded.
+    if let Some(p) = policy {
+        paths.extend(p.labels.iter().flat_map(|l| l.matches.executable.clone()));
     }
     paths.sort();
     paths.dedup();
@@ -831,7 +835,7 @@ impl Daemon {
                 self.record_policy();
                 self.policy_stamp = policy_stamp(&self.config, self.policy.as_ref());
                 if let Err(e) = self.install_fast_path() {
-                    tracing::error!(error = %e, "installing the connect fast path failed; the daemon decides instead");
+                    tracing::error!(error = %e, "installing the fast path failed; the daemon decides instead");
                 }
                 let ids: Vec<u64> = self.requests.keys().copied().collect();
                 for id in ids {
@@ -850,7 +854,8 @@ impl Daemon {
         }
     }
 
-    /// Compiles the policy's connect fast path into the kernel (an empty one without policy).
+    /// Compiles the policy's connect and exec fast paths into the kernel (empty ones without
+    /// policy).
     fn install_fast_path(&mut self) -> Result<usize, ebpf::KernelError> {
         let mut fast = Vec::new();
         if let Some(p) = &self.policy {
@@ -867,7 +872,40 @@ impl Daemon {
         }
         self.kernel.set_connect_allow(&fast)?;
         tracing::info!(entries = fast.len(), "connect fast path installed");
-        Ok(fast.len())
+        let mut execs = Vec::new();
+        if let Some(p) = &self.policy {
+            for e in policy::compile::exec_fast_path(p) {
+                let id = label_id(&mut self.labels, &e.label);
+                self.kernel.set_label_name(id, &e.label)?;
+                tracing::debug!(label = %e.label, binary = %e.path.display(), "exec allowed in the kernel");
+                execs.push(ebpf::ExecAllowEntry {
+                    label: id,
+                    dev: ebpf::kernel_dev(e.file.dev),
+                    ino: e.file.ino,
+                });
+            }
+        }
+        self.kernel.set_exec_allow(&execs)?;
+        tracing::info!(entries = execs.len(), "exec fast path installed");
+        let mut by_exe = Vec::new();
+        if let Some(p) = &self.policy {
+            let (entries, skipped) = policy::compile::executable_labels(p);
+            for (label, path, why) in skipped {
+                tracing::error!(label, executable = %path.display(), why, "executable not labelled");
+            }
+            for e in entries {
+                let id = label_id(&mut self.labels, &e.label);
+                self.kernel.set_label_name(id, &e.label)?;
+                by_exe.push(ebpf::ExecLabelEntry {
+                    label: id,
+                    dev: ebpf::kernel_dev(e.file.dev),
+                    ino: e.file.ino,
+                });
+            }
+        }
+        self.kernel.set_exec_labels(&by_exe)?;
+        tracing::info!(entries = by_exe.len(), "executable labels installed");
+        Ok(fast.len() + execs.len())
     }
 
     /// What the policy says about a held request: outcome, the rule (described), and the
@@ -1158,6 +1196,7 @@ impl Daemon {
             spool_bytes: records::spool::size(self.spool.dir()),
             holds: stats[shared::STAT_HOLDS as usize],
             fast_allowed: stats[shared::STAT_FAST_ALLOWED as usize],
+            fast_allowed_execs: stats[shared::STAT_FAST_EXEC as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
             approver: self.remote.as_ref().map(|r| {

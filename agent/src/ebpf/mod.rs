@@ -2,6 +2,7 @@
 //! proving the hooks run (the canary), and reading/writing the maps.
 //!
 //! One [`Kernel`] value owns all of it; the daemon's main loop is its only user.
+mod btf;
 mod canary;
 mod format;
 mod pin;
@@ -119,6 +120,15 @@ pub struct Kernel {
     previous_mode: u32,
     /// An earlier daemon did not stop cleanly: its state was adopted.
     adopted: bool,
+    /// Whether the kernel can decide execs (its struct offsets were found), or why not.
+    exec_fast_path: std::result::Result<(), String>,
+    /// The offsets given to the programs.
+    offsets: shared::KernelOffsets,
+    /// The `sys_enter_execve`/`execveat` tracepoints are attached.
+    exec_tracepoints: bool,
+    /// [`Config::cgroup_labels`] and [`Config::exec_labels`] as installed.
+    cgroup_labels_on: u32,
+    exec_labels_on: u32,
 }
 
 /// A link attached by this daemon, by program type.
@@ -138,8 +148,11 @@ impl Kernel {
         format::ensure_tracefs().map_err(KernelError::Format)?;
         let fork_offset = format::field_offset("sched", "sched_process_fork", "child_pid")
             .map_err(KernelError::Format)?;
+        // Without the offsets the exec fast path is off (every exec takes the slow path).
+        let (offsets, exec_fast_path) = kernel_offsets();
         let mut ebpf = EbpfLoader::new()
             .override_global(shared::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
+            .override_global(shared::GLOBAL_KERNEL_OFFSETS, &offsets, true)
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
@@ -163,16 +176,6 @@ impl Kernel {
             (shared::PROG_TP_SCHED_FORK, "sched", "sched_process_fork"),
             (shared::PROG_TP_SCHED_EXIT, "sched", "sched_process_exit"),
             (shared::PROG_TP_SCHED_EXEC, "sched", "sched_process_exec"),
-            (
-                shared::PROG_TP_SYS_ENTER_EXECVE,
-                "syscalls",
-                "sys_enter_execve",
-            ),
-            (
-                shared::PROG_TP_SYS_ENTER_EXECVEAT,
-                "syscalls",
-                "sys_enter_execveat",
-            ),
         ] {
             let id = attach_tracepoint(&mut ebpf, name, category, tp)?;
             attached.push((name, AttachedLink::TracePoint(id)));
@@ -195,10 +198,15 @@ impl Kernel {
             pinned: Vec::new(),
             previous_mode,
             adopted,
+            exec_fast_path,
+            offsets,
+            exec_tracepoints: false,
+            cgroup_labels_on: 0,
+            exec_labels_on: 0,
         };
         // An earlier daemon's programs may still be attached: from now on they must not hold
         // this daemon. Its mode stays in force until ours is proven.
-        kernel.set_config(previous_mode, 0)?;
+        kernel.set_config(previous_mode)?;
         let mut ring = ring;
         if request != ModeRequest::Fallback {
             match kernel.try_lsm(&mut ring) {
@@ -218,7 +226,7 @@ impl Kernel {
             kernel.reason = "fallback: requested by configuration".to_owned();
         }
         kernel.attach_fallback()?;
-        kernel.set_config(shared::MODE_FALLBACK, 0)?;
+        kernel.set_config(shared::MODE_FALLBACK)?;
         kernel.mode = Mode::Fallback;
         canary::prove(&mut kernel, &mut ring, Mode::Fallback).map_err(KernelError::Canary)?;
         kernel.pin_links()?;
@@ -229,10 +237,20 @@ impl Kernel {
     /// unloaded again and the reason returned.
     fn try_lsm(&mut self, ring: &mut RingBuf<MapData>) -> std::result::Result<(), String> {
         let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
-        for (name, hook) in [
+        // The LSM hook reads the exec's arguments from the task's registers where it can;
+        // otherwise the syscall tracepoints record them (they slow every task's syscalls).
+        let mut hooks = vec![
             (shared::PROG_LSM_BPRM_CHECK, "bprm_check_security"),
             (shared::PROG_LSM_SOCKET_CONNECT, "socket_connect"),
-        ] {
+        ];
+        if self.offsets.regs_valid == 0 {
+            self.attach_exec_tracepoints().map_err(|e| e.to_string())?;
+        } else {
+            // What `sys_enter_execve` does besides recording the arguments: end a stale
+            // release when a new execve begins.
+            hooks.push((shared::PROG_LSM_BPRM_CREDS, "bprm_creds_for_exec"));
+        }
+        for (name, hook) in hooks {
             let prog: &mut Lsm = self
                 .ebpf
                 .program_mut(name)
@@ -247,7 +265,7 @@ impl Kernel {
                 }
             }
         }
-        self.set_config(shared::MODE_LSM, 0)
+        self.set_config(shared::MODE_LSM)
             .map_err(|e| e.to_string())?;
         self.mode = Mode::Lsm;
         match canary::prove(self, ring, Mode::Lsm) {
@@ -257,7 +275,7 @@ impl Kernel {
             }
             Err(e) => {
                 self.unload_lsm();
-                let _ = self.set_config(self.previous_mode, 0);
+                let _ = self.set_config(self.previous_mode);
                 Err(format!(
                     "LSM programs attached but {e} (is `bpf` in the kernel's lsm= list?)"
                 ))
@@ -268,7 +286,11 @@ impl Kernel {
     fn unload_lsm(&mut self) {
         self.attached
             .retain(|(_, l)| !matches!(l, AttachedLink::Lsm(_)));
-        for name in [shared::PROG_LSM_BPRM_CHECK, shared::PROG_LSM_SOCKET_CONNECT] {
+        for name in [
+            shared::PROG_LSM_BPRM_CHECK,
+            shared::PROG_LSM_SOCKET_CONNECT,
+            shared::PROG_LSM_BPRM_CREDS,
+        ] {
             if let Some(prog) = self.ebpf.program_mut(name) {
                 let prog: std::result::Result<&mut Lsm, _> = prog.try_into();
                 if let Ok(prog) = prog {
@@ -278,7 +300,25 @@ impl Kernel {
         }
     }
 
+    /// Attaches the tracepoints that record the filename and argv pointers of every labelled
+    /// exec (once).
+    fn attach_exec_tracepoints(&mut self) -> Result<()> {
+        if self.exec_tracepoints {
+            return Ok(());
+        }
+        for (name, tp) in [
+            (shared::PROG_TP_SYS_ENTER_EXECVE, "sys_enter_execve"),
+            (shared::PROG_TP_SYS_ENTER_EXECVEAT, "sys_enter_execveat"),
+        ] {
+            let id = attach_tracepoint(&mut self.ebpf, name, "syscalls", tp)?;
+            self.attached.push((name, AttachedLink::TracePoint(id)));
+        }
+        self.exec_tracepoints = true;
+        Ok(())
+    }
+
     fn attach_fallback(&mut self) -> Result<()> {
+        self.attach_exec_tracepoints()?;
         let id = attach_tracepoint(
             &mut self.ebpf,
             shared::PROG_TP_SYS_ENTER_CONNECT,
@@ -333,19 +373,73 @@ impl Kernel {
                 .insert(id, label, 0)
                 .map_err(|e| map_err(shared::MAP_CGROUP_LABELS, &e))?;
         }
-        let mode = match self.mode {
-            Mode::Lsm => shared::MODE_LSM,
-            Mode::Fallback => shared::MODE_FALLBACK,
-        };
-        self.set_config(mode, u32::from(!labels.is_empty()))
+        self.cgroup_labels_on = u32::from(!labels.is_empty());
+        self.set_config(self.mode_value())
     }
 
-    fn set_config(&mut self, mode: u32, cgroup_labels: u32) -> Result<()> {
+    /// Installs the policy's `match: executable` labels, replacing the earlier ones. Fails
+    /// when the kernel cannot identify files (no BTF offsets): those agents would run
+    /// unlabelled.
+    pub fn set_exec_labels(&mut self, entries: &[ExecLabelEntry]) -> Result<()> {
+        if let Err(why) = &self.exec_fast_path
+            && !entries.is_empty()
+        {
+            return Err(KernelError::Map {
+                name: shared::MAP_EXEC_LABELS,
+                detail: format!("the kernel cannot identify executables: {why}"),
+            });
+        }
+        let map = self
+            .ebpf
+            .map_mut(shared::MAP_EXEC_LABELS)
+            .ok_or(KernelError::Map {
+                name: shared::MAP_EXEC_LABELS,
+                detail: "missing from the object".into(),
+            })?;
+        let mut labels: HashMap<&mut MapData, shared::FileKey, u32> =
+            HashMap::try_from(map).map_err(|e| map_err(shared::MAP_EXEC_LABELS, &e))?;
+        let wanted: Vec<(shared::FileKey, u32)> = entries
+            .iter()
+            .map(|e| {
+                (
+                    shared::FileKey {
+                        dev: e.dev,
+                        ino: e.ino,
+                    },
+                    e.label,
+                )
+            })
+            .collect();
+        let stale: Vec<shared::FileKey> = labels
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !wanted.iter().any(|(w, _)| w == k))
+            .collect();
+        for k in stale {
+            let _ = labels.remove(&k);
+        }
+        for (key, label) in &wanted {
+            labels
+                .insert(key, label, 0)
+                .map_err(|e| map_err(shared::MAP_EXEC_LABELS, &e))?;
+        }
+        self.exec_labels_on = u32::from(!wanted.is_empty());
+        self.set_config(self.mode_value())
+    }
+
+    fn mode_value(&self) -> u32 {
+        match self.mode {
+            Mode::Lsm => shared::MODE_LSM,
+            Mode::Fallback => shared::MODE_FALLBACK,
+        }
+    }
+
+    fn set_config(&mut self, mode: u32) -> Result<()> {
         let config = Config {
             mode,
             daemon_tgid: std::process::id(),
-            cgroup_labels,
-            _pad: 0,
+            cgroup_labels: self.cgroup_labels_on,
+            exec_labels: self.exec_labels_on,
         };
         self.config
             .set(0, config, 0)
@@ -409,7 +503,7 @@ impl Kernel {
     /// Stops all enforcement and removes every pin: only at a clean stop, after every held
     /// task was decided.
     pub fn teardown(&mut self) {
-        let _ = self.set_config(shared::MODE_OFF, 0);
+        let _ = self.set_config(shared::MODE_OFF);
         pin::remove_all(&self.pin_dir, std::mem::take(&mut self.pinned));
     }
 
@@ -492,6 +586,49 @@ impl Kernel {
             );
             trie.insert(&key, value, 0)
                 .map_err(|e| map_err(shared::MAP_CONNECT_ALLOW, &e))?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the exec fast path with `entries`. Where the kernel cannot decide execs (its
+    /// struct offsets are unknown) nothing is installed and the daemon decides every exec.
+    pub fn set_exec_allow(&mut self, entries: &[ExecAllowEntry]) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(shared::MAP_EXEC_ALLOW)
+            .ok_or(KernelError::Map {
+                name: shared::MAP_EXEC_ALLOW,
+                detail: "missing from the object".into(),
+            })?;
+        let mut allow: HashMap<&mut MapData, shared::ExecKey, u32> =
+            HashMap::try_from(map).map_err(|e| map_err(shared::MAP_EXEC_ALLOW, &e))?;
+        let wanted: Vec<shared::ExecKey> = entries
+            .iter()
+            .map(|e| shared::ExecKey {
+                label: e.label,
+                _pad: 0,
+                dev: e.dev,
+                ino: e.ino,
+            })
+            .collect();
+        let stale: Vec<shared::ExecKey> = allow
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for k in stale {
+            let _ = allow.remove(&k);
+        }
+        if let Err(why) = &self.exec_fast_path {
+            if !entries.is_empty() {
+                tracing::warn!(reason = %why, entries = entries.len(), "exec fast path off: the daemon decides every exec");
+            }
+            return Ok(());
+        }
+        for key in wanted {
+            allow
+                .insert(key, 1, 0)
+                .map_err(|e| map_err(shared::MAP_EXEC_ALLOW, &e))?;
         }
         Ok(())
     }
@@ -610,6 +747,55 @@ pub struct ConnectAllowEntry {
     pub ports: Vec<(u16, u16)>,
 }
 
+/// The kernel struct offsets for the programs, from the running kernel's BTF, and whether
+/// the exec fast path can work (or why not). The register offsets are only used by the LSM
+/// hook, which runs with the BTF-typed task pointer those need.
+fn kernel_offsets() -> (shared::KernelOffsets, std::result::Result<(), String>) {
+    let parsed = match btf::Btf::from_sys_fs() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "exec fast path off: no kernel BTF");
+            return (shared::KernelOffsets::default(), Err(e.to_string()));
+        }
+    };
+    let mut offsets = match parsed.kernel_offsets() {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "exec fast path off: kernel struct offsets unknown");
+            return (shared::KernelOffsets::default(), Err(e.to_string()));
+        }
+    };
+    if let Err(e) = parsed.exec_arg_regs(&mut offsets) {
+        tracing::info!(reason = %e, "exec arguments are recorded by the syscall tracepoints");
+    }
+    (offsets, Ok(()))
+}
+
+/// One entry of the exec fast path: a file by the kernel's device number and inode.
+pub struct ExecAllowEntry {
+    pub label: u32,
+    /// The kernel's `dev_t` (see [`kernel_dev`]).
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// One `match: executable` label: a file by the kernel's device number and inode.
+pub struct ExecLabelEntry {
+    pub label: u32,
+    /// The kernel's `dev_t` (see [`kernel_dev`]).
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// The kernel's internal `dev_t` (`MAJOR << 20 | MINOR`) of a device number as `stat`
+/// returns it.
+#[must_use]
+pub fn kernel_dev(st_dev: u64) -> u64 {
+    let major = u64::from(libc::major(st_dev));
+    let minor = u64::from(libc::minor(st_dev));
+    (major << 20) | minor
+}
+
 /// Parses one ring buffer item into an [`Event`]; `None` for a short item.
 #[must_use]
 pub fn parse_event(bytes: &[u8]) -> Option<Event> {
@@ -709,4 +895,17 @@ pub fn watch_ring(
     // SAFETY: the ring buffer owns its map fd; it stays open and unchanged for as long as the
     // AsyncFd owns the ring buffer.
     unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_numbers_convert_to_the_kernels_encoding() {
+        assert_eq!(kernel_dev(libc::makedev(8, 1)), (8 << 20) | 1);
+        // Minors above 255 are split in the user-space encoding, whole in the kernel's.
+        assert_eq!(kernel_dev(libc::makedev(259, 300)), (259 << 20) | 300);
+        assert_eq!(kernel_dev(libc::makedev(0, 45)), 45);
+    }
 }

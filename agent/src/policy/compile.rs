@@ -7,12 +7,21 @@
 //! label that is not an `allow` may overlap it (first match wins). Entries for the same prefix
 //! are merged when they allow the same protocols; anything else stays on the slow path, where
 //! the daemon evaluates the whole policy.
+//!
+//! Exec `allow` rules become (label, device, inode) entries of a hash map in the same way:
+//! only rules that name binaries, with no `script` and no `args` patterns (the kernel sees
+//! the file, not the arguments), whose files existed when the policy was loaded and live on
+//! a filesystem where `stat`'s device number is the kernel's, and with no earlier rule of
+//! the label that is not an `allow` and could match the same file.
+use std::path::{Path, PathBuf};
+
 use ipnet::IpNet;
 
 use super::{
     CompiledMatcher, Policy,
     schema::{Cidr, ConnectMatch, Outcome, PortRange, Protocol},
 };
+use crate::daemon::enrich::FileId;
 use countersign_ebpf::{MAX_PORT_SPANS, PROTO_TCP, PROTO_UDP};
 
 /// One kernel entry.
@@ -89,6 +98,121 @@ pub fn connect_fast_path(policy: &Policy) -> Vec<ConnectEntry> {
     }
     widen_nested(&mut out);
     out
+}
+
+/// One exec entry: a binary the kernel may let a label run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecEntry {
+    pub label: String,
+    pub path: PathBuf,
+    /// The file as it was when the policy was loaded (what the daemon compares with too).
+    pub file: FileId,
+}
+
+/// The exec fast path of `policy`.
+#[must_use]
+pub fn exec_fast_path(policy: &Policy) -> Vec<ExecEntry> {
+    let mut out: Vec<ExecEntry> = Vec::new();
+    for label in &policy.labels {
+        // Files an earlier rule that is not an `allow` could match; `None`: any file.
+        let mut refused: Vec<Option<FileId>> = Vec::new();
+        for rule in &label.rules {
+            let CompiledMatcher::Exec {
+                binaries,
+                scripts,
+                args,
+            } = &rule.matcher
+            else {
+                continue;
+            };
+            if rule.decision.outcome != Outcome::Allow {
+                if binaries.is_empty() {
+                    refused.push(None);
+                }
+                // A binary not found at load is matched by path: it could be any file.
+                refused.extend(binaries.iter().map(|(_, f)| *f));
+                continue;
+            }
+            if binaries.is_empty() || !scripts.is_empty() || !args.is_empty() {
+                continue;
+            }
+            for (path, file) in binaries {
+                let Some(file) = *file else { continue };
+                let shadowed = refused.iter().any(|r| r.is_none_or(|r| r == file));
+                if shadowed || !kernel_sees_stat_ids(path) {
+                    continue;
+                }
+                let entry = ExecEntry {
+                    label: label.name.clone(),
+                    path: path.clone(),
+                    file,
+                };
+                if !out
+                    .iter()
+                    .any(|e| e.label == entry.label && e.file == entry.file)
+                {
+                    out.push(entry);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The policy's `match: executable` labels, resolved to files now; the executables that
+/// cannot be labelled in the kernel come back with the reason, for the daemon to report.
+#[must_use]
+pub fn executable_labels(policy: &Policy) -> (Vec<ExecEntry>, Vec<(String, PathBuf, String)>) {
+    let mut out: Vec<ExecEntry> = Vec::new();
+    let mut skipped = Vec::new();
+    for label in &policy.labels {
+        for path in &label.matches.executable {
+            let Some(file) = crate::daemon::enrich::file_id(path) else {
+                skipped.push((label.name.clone(), path.clone(), "not found".to_owned()));
+                continue;
+            };
+            if !kernel_sees_stat_ids(path) {
+                skipped.push((
+                    label.name.clone(),
+                    path.clone(),
+                    "on a filesystem whose device numbers the kernel sees differently (btrfs, overlayfs): label it by cgroup or `countersign exec`".to_owned(),
+                ));
+                continue;
+            }
+            // The first label that names a file keeps it (labels are merged in file order).
+            if out.iter().any(|e| e.file == file) {
+                continue;
+            }
+            out.push(ExecEntry {
+                label: label.name.clone(),
+                path: path.clone(),
+                file,
+            });
+        }
+    }
+    (out, skipped)
+}
+
+/// Whether the device and inode `stat` reports for `path` are the ones the kernel's hooks
+/// read (`inode->i_sb->s_dev`, `inode->i_ino`). True for the common local filesystems; not for
+/// btrfs (per-subvolume device numbers) or overlayfs (its own numbering), whose files stay on
+/// the slow path.
+fn kernel_sees_stat_ids(path: &Path) -> bool {
+    const EXT4: i64 = 0xef53;
+    const XFS: i64 = 0x5846_5342;
+    const TMPFS: i64 = 0x0102_1994;
+    const RAMFS: i64 = 0x8584_58f6;
+    const SQUASHFS: i64 = 0x7371_7368;
+    const F2FS: i64 = 0xf2f5_2010;
+    let Ok(fs) = nix::sys::statfs::statfs(path) else {
+        return false;
+    };
+    #[expect(
+        clippy::unnecessary_cast,
+        reason = "the type of f_type differs between libcs"
+    )]
+    let kind = fs.filesystem_type().0 as i64;
+    matches!(kind, EXT4 | XFS | TMPFS | RAMFS | SQUASHFS | F2FS)
 }
 
 /// The kernel looks up the longest matching prefix only: a more specific entry must also carry
@@ -237,6 +361,80 @@ mod tests {
             .find(|x| x.net.to_string() == "10.1.2.3/32")
             .unwrap();
         assert_eq!(inner.ports, [(22, 22), (443, 443)]);
+    }
+
+    /// A binary of this test's own filesystem, which the kernel identifies like `stat` does
+    /// (skipped where the build directory is on btrfs or overlayfs).
+    fn test_binary() -> Option<String> {
+        let exe = std::env::current_exe().unwrap();
+        kernel_sees_stat_ids(&exe).then(|| exe.display().to_string())
+    }
+
+    #[test]
+    fn exec_allow_rules_by_binary_compile() {
+        let Some(me) = test_binary() else { return };
+        let p = policy(&format!(
+            "      - {{exec: {{binary: [{me}, /nonexistent/x]}}, outcome: allow}}\n"
+        ));
+        let e = exec_fast_path(&p);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].label, "a");
+        assert_eq!(e[0].path.display().to_string(), me);
+        assert_eq!(Some(e[0].file), crate::daemon::enrich::file_id(&e[0].path));
+    }
+
+    #[test]
+    fn exec_rules_the_kernel_cannot_decide_stay_on_the_slow_path() {
+        let Some(me) = test_binary() else { return };
+        for rules in [
+            // arguments and scripts are not seen by the kernel
+            format!("      - {{exec: {{binary: [{me}], args: [\"push *\"]}}, outcome: allow}}\n"),
+            format!("      - {{exec: {{binary: [{me}], script: [/tmp/x.sh]}}, outcome: allow}}\n"),
+            // any binary: not a set of files
+            "      - {exec: {}, outcome: allow}\n".to_owned(),
+            // first match wins: an earlier refusal of the same file, or of any file
+            format!(
+                "      - {{exec: {{binary: [{me}], args: [\"-x\"]}}, outcome: deny}}\n      - {{exec: {{binary: [{me}]}}, outcome: allow}}\n"
+            ),
+            format!(
+                "      - {{exec: {{args: [\"rm *\"]}}, outcome: escalate}}\n      - {{exec: {{binary: [{me}]}}, outcome: allow}}\n"
+            ),
+            // an earlier refusal of a path that did not exist at load matches by path
+            format!(
+                "      - {{exec: {{binary: [/nonexistent/x]}}, outcome: kill}}\n      - {{exec: {{binary: [{me}]}}, outcome: allow}}\n"
+            ),
+            // a deny rule never compiles
+            format!("      - {{exec: {{binary: [{me}]}}, outcome: deny}}\n"),
+        ] {
+            let p = policy(&rules);
+            assert!(exec_fast_path(&p).is_empty(), "{rules}");
+        }
+        // A later refusal, or an earlier one of another file, does not matter.
+        let p = policy(&format!(
+            "      - {{exec: {{binary: [/bin/sh]}}, outcome: deny}}\n      - {{exec: {{binary: [{me}]}}, outcome: allow}}\n      - {{exec: {{}}, outcome: kill}}\n"
+        ));
+        assert_eq!(exec_fast_path(&p).len(), 1);
+    }
+
+    #[test]
+    fn executables_resolve_to_files_and_missing_ones_are_reported() {
+        let Some(me) = test_binary() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.yaml");
+        std::fs::write(
+            &p,
+            format!(
+                "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    match: {{executable: [{me}, /nonexistent/agent]}}\n  - name: b\n    match: {{executable: [{me}]}}\n"
+            ),
+        )
+        .unwrap();
+        let p = super::super::load(&[p]).unwrap();
+        let (labels, skipped) = executable_labels(&p);
+        assert_eq!(labels.len(), 1, "{labels:?}");
+        assert_eq!(labels[0].label, "a");
+        assert_eq!(skipped.len(), 1);
+        assert_eq!(skipped[0].1, Path::new("/nonexistent/agent"));
+        assert_eq!(skipped[0].2, "not found");
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! - `baseline`: no daemon, no hooks;
 //! - `unlabelled`: the daemon runs, the loop's process is not an agent;
 //! - `labelled`: the loop runs under `countersign exec --label bench`, and the policy allows
-//!   its actions (the connect in the kernel's fast path; the exec in the daemon).
+//!   its actions (both in the kernel's fast path).
 //!
 //! Usage: cs-bench suite COUNTERSIGN POLICY_DIR_OUT ROUNDS EXECS CONNECTS
 //!        cs-bench exec N          (prints ns per exec)

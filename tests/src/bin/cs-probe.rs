@@ -8,6 +8,9 @@
 //!   cs-probe exec PATH ARGS...                 execv; prints `exec-error ERRNO` if it returns
 //!   cs-probe exec-changing PATH A B            execv(PATH, [PATH, A]); a SIGCONT handler turns
 //!                                              A into B (same length) before the restart
+//!   cs-probe exec-after-failed PATH1 PATH2 ARGS...
+//!                                              execv(PATH1) (expected to fail: prints
+//!                                              `exec-error ERRNO`), then exec PATH2 ARGS...
 //!   cs-probe double-fork PATH ARGS...          fork, setsid, fork, exec in the grandchild;
 //!                                              prints the grandchild's pid
 //!   cs-probe touch FILE                        creates FILE (proof that an exec ran)
@@ -31,6 +34,15 @@ fn main() {
         Some("connect-changing") => connect(&args[2], Some(args[3].parse().expect("port"))),
         Some("exec") => exec(&args[2..], None),
         Some("exec-changing") => exec(&args[2..4], Some(&args[4])),
+        Some("exec-after-failed") => {
+            let first = CString::new(args[2].as_str()).expect("no NUL");
+            let argv = [first.as_ptr(), std::ptr::null()];
+            // SAFETY: NULL-terminated argv of a live CString.
+            unsafe { libc::execv(first.as_ptr(), argv.as_ptr()) };
+            let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(-1);
+            say(&format!("exec-error {errno}"));
+            exec(&args[3..], None)
+        }
         Some("double-fork") => double_fork(&args[2..]),
         Some("touch") => {
             std::fs::write(&args[2], b"ran\n").expect("touch");

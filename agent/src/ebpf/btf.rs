@@ -1,0 +1,336 @@
+//! Byte offsets of the few kernel struct fields the exec fast path reads, taken from the
+//! running kernel's BTF (`/sys/kernel/btf/vmlinux`) when the programs are loaded.
+//!
+//! The layouts of `struct file`, `inode`, `mm_struct`, … change between kernel versions and
+//! builds, so nothing here is hard-coded. aya parses BTF but does not expose struct members,
+//! so this is a small reader of the BTF format (header, type section, string section) that
+//! indexes named structs and looks members up by name, through anonymous structs and unions.
+use std::{collections::HashMap, path::Path};
+
+use countersign_ebpf::KernelOffsets;
+
+/// Where the running kernel publishes its BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Errors reading BTF.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    /// The file could not be read.
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
+    /// The data is not BTF this reader understands.
+    #[error("malformed BTF: {0}")]
+    Malformed(String),
+    /// A struct or member the fast path needs is not there.
+    #[error("kernel BTF has no {0}")]
+    Missing(String),
+}
+
+const MAGIC: u16 = 0xeb9f;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+/// Deepest nesting of anonymous structs/unions followed (the kernel uses two or three).
+const MAX_NESTING: usize = 8;
+
+/// One member of a struct or union.
+#[derive(Debug, Clone)]
+struct Member {
+    name: String,
+    type_id: u32,
+    /// Offset from the start of its struct, in bits.
+    bit_offset: u32,
+}
+
+/// The types of one BTF blob, as far as this reader needs them.
+#[derive(Debug, Default)]
+pub struct Btf {
+    /// Kind and (for modifiers and typedefs) the referenced type, by type id.
+    kinds: Vec<(u32, u32)>,
+    /// Members of structs and unions, by type id.
+    members: HashMap<u32, Vec<Member>>,
+    /// Named structs by name (the first one of each name).
+    structs: HashMap<String, u32>,
+}
+
+fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
+    data.get(at..at + 4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or_else(|| BtfError::Malformed(format!("truncated at byte {at}")))
+}
+
+impl Btf {
+    /// Reads the running kernel's BTF.
+    pub fn from_sys_fs() -> Result<Self, BtfError> {
+        Self::from_file(Path::new(VMLINUX_BTF))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        let data = std::fs::read(path).map_err(|error| BtfError::Io {
+            path: path.display().to_string(),
+            error,
+        })?;
+        Self::parse(&data)
+    }
+
+    /// Parses little-endian BTF (the only byte order of the kernels countersign supports).
+    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+        if data.len() < 24 || u16::from_le_bytes([data[0], data[1]]) != MAGIC {
+            return Err(BtfError::Malformed("no little-endian BTF header".into()));
+        }
+        let hdr_len = u32_at(data, 4)? as usize;
+        let type_off = u32_at(data, 8)? as usize;
+        let type_len = u32_at(data, 12)? as usize;
+        let str_off = u32_at(data, 16)? as usize;
+        let str_len = u32_at(data, 20)? as usize;
+        let types = data
+            .get(hdr_len + type_off..hdr_len + type_off + type_len)
+            .ok_or_else(|| BtfError::Malformed("type section out of bounds".into()))?;
+        let strings = data
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)
+            .ok_or_else(|| BtfError::Malformed("string section out of bounds".into()))?;
+        let name = |off: u32| -> String {
+            let s = strings.get(off as usize..).unwrap_or(&[]);
+            let end = s.iter().position(|b| *b == 0).unwrap_or(s.len());
+            String::from_utf8_lossy(&s[..end]).into_owned()
+        };
+        let mut btf = Btf {
+            // Type id 0 is `void`.
+            kinds: vec![(0, 0)],
+            ..Btf::default()
+        };
+        let mut at = 0;
+        while at < types.len() {
+            let name_off = u32_at(types, at)?;
+            let info = u32_at(types, at + 4)?;
+            let size_or_type = u32_at(types, at + 8)?;
+            at += 12;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 == 1;
+            let id = btf.kinds.len() as u32;
+            btf.kinds.push((kind, size_or_type));
+            let extra = match kind {
+                // int, var, decl_tag: one u32.
+                1 | 14 | 17 => 4,
+                // array
+                3 => 12,
+                KIND_STRUCT | KIND_UNION => {
+                    let mut members = Vec::with_capacity(vlen);
+                    for i in 0..vlen {
+                        let m = at + i * 12;
+                        let offset = u32_at(types, m + 8)?;
+                        members.push(Member {
+                            name: name(u32_at(types, m)?),
+                            type_id: u32_at(types, m + 4)?,
+                            // With kind_flag the top 8 bits are a bitfield's size.
+                            bit_offset: if kind_flag {
+                                offset & 0x00ff_ffff
+                            } else {
+                                offset
+                            },
+                        });
+                    }
+                    if kind == KIND_STRUCT && name_off != 0 {
+                        btf.structs.entry(name(name_off)).or_insert(id);
+                    }
+                    btf.members.insert(id, members);
+                    vlen * 12
+                }
+                // enum, func_proto: 8 bytes per entry.
+                6 | 13 => vlen * 8,
+                // datasec, enum64: 12 bytes per entry.
+                15 | 19 => vlen * 12,
+                // ptr, fwd, typedef, volatile, const, restrict, func, float, type_tag.
+                2 | 7 | 8 | 9 | 10 | 11 | 12 | 16 | 18 => 0,
+                k => return Err(BtfError::Malformed(format!("unknown type kind {k}"))),
+            };
+            at += extra;
+        }
+        Ok(btf)
+    }
+
+    /// The type behind typedefs and modifiers.
+    fn resolve(&self, mut id: u32) -> u32 {
+        for _ in 0..32 {
+            match self.kinds.get(id as usize) {
+                Some(&(
+                    KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG,
+                    next,
+                )) => id = next,
+                _ => break,
+            }
+        }
+        id
+    }
+
+    /// The byte offset of `member` in `struct name`, looking into anonymous members.
+    pub fn member_offset(&self, name: &str, member: &str) -> Result<u32, BtfError> {
+        let id = *self
+            .structs
+            .get(name)
+            .ok_or_else(|| BtfError::Missing(format!("struct {name}")))?;
+        let bits = self
+            .find(id, member, 0)
+            .ok_or_else(|| BtfError::Missing(format!("member {name}.{member}")))?;
+        if bits % 8 != 0 {
+            return Err(BtfError::Missing(format!(
+                "byte-aligned member {name}.{member}"
+            )));
+        }
+        Ok(bits / 8)
+    }
+
+    fn find(&self, id: u32, member: &str, depth: usize) -> Option<u32> {
+        if depth > MAX_NESTING {
+            return None;
+        }
+        let members = self.members.get(&id)?;
+        if let Some(m) = members.iter().find(|m| m.name == member) {
+            return Some(m.bit_offset);
+        }
+        members.iter().filter(|m| m.name.is_empty()).find_map(|m| {
+            let inner = self.resolve(m.type_id);
+            self.find(inner, member, depth + 1)
+                .map(|off| m.bit_offset + off)
+        })
+    }
+
+    /// Every offset the exec fast path needs.
+    pub fn kernel_offsets(&self) -> Result<KernelOffsets, BtfError> {
+        Ok(KernelOffsets {
+            valid: 1,
+            bprm_file: self.member_offset("linux_binprm", "file")?,
+            file_inode: self.member_offset("file", "f_inode")?,
+            inode_ino: self.member_offset("inode", "i_ino")?,
+            inode_sb: self.member_offset("inode", "i_sb")?,
+            sb_dev: self.member_offset("super_block", "s_dev")?,
+            task_mm: self.member_offset("task_struct", "mm")?,
+            mm_exe_file: self.member_offset("mm_struct", "exe_file")?,
+            ..KernelOffsets::default()
+        })
+    }
+
+    /// Adds the `struct pt_regs` offsets the LSM exec hook reads the syscall arguments with
+    /// (x86-64 only; elsewhere the syscall tracepoints record them).
+    pub fn exec_arg_regs(&self, o: &mut KernelOffsets) -> Result<(), BtfError> {
+        if !cfg!(target_arch = "x86_64") {
+            return Err(BtfError::Missing(
+                "a known syscall register layout on this architecture".into(),
+            ));
+        }
+        o.regs_nr = self.member_offset("pt_regs", "orig_ax")?;
+        o.regs_arg0 = self.member_offset("pt_regs", "di")?;
+        o.regs_arg1 = self.member_offset("pt_regs", "si")?;
+        o.regs_arg2 = self.member_offset("pt_regs", "dx")?;
+        o.nr_execve = libc::SYS_execve as u32;
+        o.nr_execveat = libc::SYS_execveat as u32;
+        o.regs_valid = 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds BTF with `struct outer { int a; union { int b; struct { int c; int d; }; }; }`.
+    fn synthetic() -> Vec<u8> {
+        let strings = b"\0int\0outer\0a\0b\0c\0d\0";
+        let s = |n: &str| {
+            let pos = strings
+                .windows(n.len() + 2)
+                .position(|w| w[0] == 0 && &w[1..=n.len()] == n.as_bytes() && w[n.len() + 1] == 0)
+                .unwrap();
+            (pos + 1) as u32
+        };
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| {
+            for w in words {
+                types.extend_from_slice(&w.to_le_bytes());
+            }
+        };
+        // 1: int (4 bytes, 32 bits)
+        push(&[s("int"), 1 << 24, 4, 32]);
+        // 2: anonymous struct { int c; int d; }
+        push(&[0, (KIND_STRUCT << 24) | 2, 8]);
+        push(&[s("c"), 1, 0]);
+        push(&[s("d"), 1, 32]);
+        // 3: anonymous union { int b; struct 2; }
+        push(&[0, (KIND_UNION << 24) | 2, 8]);
+        push(&[s("b"), 1, 0]);
+        push(&[0, 2, 0]);
+        // 4: typedef to the union, to check resolution through typedefs
+        push(&[0, KIND_TYPEDEF << 24, 3]);
+        // 5: struct outer { int a; <typedef 4> at 8 bytes; }
+        push(&[s("outer"), (KIND_STRUCT << 24) | 2, 16]);
+        push(&[s("a"), 1, 0]);
+        push(&[0, 4, 64]);
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.extend_from_slice(&[1, 0]);
+        for w in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.extend_from_slice(&types);
+        out.extend_from_slice(strings);
+        out
+    }
+
+    #[test]
+    fn finds_members_through_anonymous_structs_and_unions() {
+        let btf = Btf::parse(&synthetic()).unwrap();
+        assert_eq!(btf.member_offset("outer", "a").unwrap(), 0);
+        assert_eq!(btf.member_offset("outer", "b").unwrap(), 8);
+        assert_eq!(btf.member_offset("outer", "c").unwrap(), 8);
+        assert_eq!(btf.member_offset("outer", "d").unwrap(), 12);
+        assert!(matches!(
+            btf.member_offset("outer", "e"),
+            Err(BtfError::Missing(_))
+        ));
+        assert!(matches!(
+            btf.member_offset("inner", "a"),
+            Err(BtfError::Missing(_))
+        ));
+    }
+
+    #[test]
+    fn refuses_what_is_not_btf() {
+        assert!(matches!(
+            Btf::parse(b"not btf at all, not at all"),
+            Err(BtfError::Malformed(_))
+        ));
+        let mut cut = synthetic();
+        cut.truncate(40);
+        assert!(Btf::parse(&cut).is_err());
+    }
+
+    /// The running kernel's BTF has every field the fast path reads, at plausible places.
+    #[test]
+    fn running_kernel_offsets() {
+        if !Path::new(VMLINUX_BTF).exists() {
+            eprintln!("no {VMLINUX_BTF}: nothing to check on this machine");
+            return;
+        }
+        let o = Btf::from_sys_fs().unwrap().kernel_offsets().unwrap();
+        assert_eq!(o.valid, 1);
+        // `mm` follows a long run of scheduler state in task_struct; `s_dev` leads
+        // super_block after its list head.
+        assert!(o.task_mm > 256, "{o:?}");
+        assert_eq!(o.sb_dev, 16, "{o:?}");
+        assert!(
+            o.file_inode > 0 && o.inode_sb > 0 && o.inode_ino > 0,
+            "{o:?}"
+        );
+    }
+}
