@@ -259,6 +259,15 @@ struct Collector {
 impl Collector {
     /// Writes its config (enrolling `hosts`) and starts it; waits until it serves.
     fn start(dir: &Path, port: u16, hosts: &[PathBuf]) -> Self {
+        Self::start_with(dir, port, hosts, &[])
+    }
+
+    /// Like [`Collector::start`], checking embedded approver decisions with `approvers`.
+    fn start_with(dir: &Path, port: u16, hosts: &[PathBuf], approvers: &[PathBuf]) -> Self {
+        let approvers: String = approvers
+            .iter()
+            .map(|a| format!("  - {}\n", a.display()))
+            .collect();
         let hosts: Vec<String> = hosts
             .iter()
             .map(|h| format!("  - {}\n", h.display()))
@@ -267,9 +276,14 @@ impl Collector {
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{port}\ndatabase: sqlite://{}\nkey: {}\nexport_tokens_sha256: [{EXPORT_TOKEN_SHA256}]\nhosts:\n{}",
+                "listen: 127.0.0.1:{port}\ndatabase: sqlite://{}\nkey: {}\nexport_tokens_sha256: [{EXPORT_TOKEN_SHA256}]\n{}hosts:\n{}",
                 dir.join("collector.db").display(),
                 dir.join("collector.key").display(),
+                if approvers.is_empty() {
+                    String::new()
+                } else {
+                    format!("approver_keys:\n{approvers}")
+                },
                 if hosts.is_empty() {
                     "  []\n".to_owned()
                 } else {
@@ -672,5 +686,105 @@ fn sigkill_during_decisions_repeatedly_loses_no_record() {
         signed.len() as u64 >= ran,
         "{ran} execs ran, {} signed allow records",
         signed.len()
+    );
+}
+
+/// The whole path (issue 5's end-to-end case, run natively and in the VMs): an exec held,
+/// escalated to the approver, approved by a signed Slack click; the decision record, which
+/// embeds the approver's signed decision, reaches the collector; the exported evidence bundle
+/// verifies and names who approved.
+#[test]
+fn an_exec_approved_through_the_approver_reaches_the_collector_and_its_bundle_verifies() {
+    use countersign_tests::remote::{Approver, FakeSlack};
+    let slack = FakeSlack::start();
+    let approver = Approver::start(Some(&slack));
+    let base = tempfile::tempdir().unwrap();
+    let port = free_port();
+    Collector::start(base.path(), port, &[]).stop();
+    let config = approver.daemon_config(base.path());
+    let mut yaml = std::fs::read_to_string(&config).unwrap();
+    yaml.push_str(&format!(
+        "collector:\n  url: http://127.0.0.1:{port}\n  public_key: {}\n",
+        base.path().join("collector.key.pub").display()
+    ));
+    std::fs::write(&config, yaml).unwrap();
+    let policy = base.path().join("coder.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1\nlabels:\n  - name: coder\n    on_behalf_of: alice@example.com\n    rules:\n      - name: run-the-probe\n        exec: {{binary: [{}]}}\n        outcome: escalate\n        escalate: {{approvers: [dev], timeout: 60s}}\n",
+            probe()
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::start_with(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    let approver_pub = approver.key_path().with_extension("key.pub");
+    let mut c = Collector::start_with(base.path(), port, &[d.host_pub()], &[approver_pub]);
+    let m = marker(&d, "approved-remotely");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let msg = slack.wait_message(&m);
+    slack.click(
+        &approver.slack_request_url(),
+        &msg["ts"],
+        "approve",
+        "UBOB",
+        &serde_json::json!({}),
+    );
+    assert!(p.wait(WAIT).success(), "{}\n{}", d.log(), approver.log());
+    // Everything written so far reaches the collector and is receipted.
+    let written = d.status()["records_written"].as_u64().unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while d.status()["records_receipted"].as_u64() < Some(written) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}\n{}",
+            d.status(),
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d.stop();
+    c.stop();
+    let out = base.path().join("bundle");
+    let export = std::process::Command::new(countersign_bin())
+        .args(["records", "export", "--config"])
+        .arg(base.path().join("collector.yaml"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "{}", text(&export));
+    let csv = std::fs::read_to_string(out.join("population.csv")).unwrap();
+    let row = csv
+        .lines()
+        .find(|l| l.contains("approved-remotely") && l.contains(",approved,"))
+        .unwrap_or_else(|| panic!("{csv}"));
+    assert!(
+        row.contains("bob"),
+        "who approved is in the population: {row}"
+    );
+    assert!(
+        csv.lines().next().unwrap().ends_with(",approver_decision"),
+        "{csv}"
+    );
+    assert!(
+        !row.ends_with(','),
+        "the row carries the approver's signed decision: {row}"
+    );
+    let check = std::process::Command::new(countersign_bin())
+        .args(["records", "verify"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", text(&check));
+    assert!(
+        summary(&check).ends_with("records valid, 0 gaps, 0 forks, 0 self-approvals"),
+        "{}",
+        text(&check)
     );
 }
