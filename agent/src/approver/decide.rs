@@ -9,6 +9,8 @@ pub struct Ask {
     /// Groups that may answer (empty: the default group, else every approver).
     pub groups: Vec<String>,
     pub quorum: u32,
+    /// Approvals must include one from each of `groups`.
+    pub each_group: bool,
     pub justification: bool,
     /// The human the agent works for: never an approver of its actions.
     pub on_behalf_of: Option<String>,
@@ -93,15 +95,30 @@ pub fn answer(
         // Any deny or kill is a veto.
         Decision::Deny | Decision::Kill => Outcome::Decided(decision),
         Decision::Approve => {
-            let need = ask.quorum.max(1);
-            let have = 1 + given
+            let approvers: Vec<&str> = given
                 .iter()
                 .filter(|a| a.decision == Decision::Approve)
-                .count() as u32;
-            if have >= need {
+                .map(|a| a.approver.as_str())
+                .chain(std::iter::once(approver))
+                .collect();
+            let mut need = ask.quorum.max(1);
+            let have = approvers.len() as u32;
+            let mut groups_ok = true;
+            if ask.each_group && !ask.groups.is_empty() {
+                need = need.max(ask.groups.len() as u32);
+                groups_ok = ask.groups.iter().all(|g| {
+                    approvers
+                        .iter()
+                        .any(|a| config.groups_of(a).any(|x| x == g))
+                });
+            }
+            if have >= need && groups_ok {
                 Outcome::Decided(Decision::Approve)
             } else {
-                Outcome::Counted { have, need }
+                Outcome::Counted {
+                    have,
+                    need: need.max(have + 1),
+                }
             }
         }
     }
@@ -122,9 +139,42 @@ mod tests {
         Ask {
             groups: vec!["dev".into()],
             quorum,
+            each_group: false,
             justification: false,
             on_behalf_of: Some("alice@example.com".into()),
         }
+    }
+
+    #[test]
+    fn one_from_each_group() {
+        let c = config();
+        let a = Ask {
+            groups: vec!["dev".into(), "ops".into()],
+            quorum: 1,
+            each_group: true,
+            justification: false,
+            on_behalf_of: None,
+        };
+        let bob = Answer {
+            approver: "bob".into(),
+            decision: Decision::Approve,
+        };
+        // Two from dev do not make the quorum: ops has not approved.
+        assert!(matches!(
+            answer(
+                &c,
+                &a,
+                std::slice::from_ref(&bob),
+                "carol",
+                Decision::Approve,
+                None
+            ),
+            Outcome::Counted { have: 2, .. }
+        ));
+        assert_eq!(
+            answer(&c, &a, &[bob], "dave", Decision::Approve, None),
+            Outcome::Decided(Decision::Approve)
+        );
     }
 
     #[test]

@@ -414,6 +414,7 @@ impl Store {
             // The ladder widens who may answer as time passes.
             groups: esc.groups_at(now - req.created_ms),
             quorum: esc.quorum,
+            each_group: esc.each_group,
             justification: esc.justification,
             on_behalf_of: esc.on_behalf_of.clone(),
         };
@@ -668,6 +669,7 @@ mod tests {
             on_behalf_of: None,
             approvers: vec!["dev".into()],
             quorum: 1,
+            each_group: false,
             justification: false,
             deadline: rfc3339(deadline_ms),
             on_timeout: Decision::Deny,

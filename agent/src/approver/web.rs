@@ -263,19 +263,7 @@ fn render(r: &StoredRequest, csrf_token: Option<&str>) -> String {
     if let Some(n) = &v.note {
         row("Note", esc(n));
     }
-    row(
-        "Asks",
-        format!(
-            "{} approval(s) from {}{}",
-            e.quorum.max(1),
-            esc(&e.groups_at(now_ms() - r.created_ms).join(", ")),
-            if e.justification {
-                ", with a reason"
-            } else {
-                ""
-            }
-        ),
-    );
+    row("Asks", esc(&e.asks(now_ms() - r.created_ms)));
     row(
         "Deadline",
         format!("{} (then {})", esc(&rfc3339(r.deadline_ms)), e.on_timeout),

@@ -88,8 +88,13 @@ pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result
                 e.approvers.join(", ")
             };
             println!(
-                "  outcome: escalate to {approvers} (quorum {}{}), timeout {}, then {}",
+                "  outcome: escalate to {approvers} (quorum {}{}{}), timeout {}, then {}",
                 e.quorum,
+                if e.quorum_from == crate::policy::schema::QuorumFrom::Each {
+                    ", one from each group"
+                } else {
+                    ""
+                },
                 if e.justification {
                     ", justification required"
                 } else {

@@ -748,6 +748,7 @@ impl Daemon {
             on_behalf_of,
             approvers: rule.map(|r| r.approvers.clone()).unwrap_or_default(),
             quorum: rule.map_or(1, |r| r.quorum.max(1)),
+            each_group: rule.is_some_and(|r| r.quorum_from == policy::schema::QuorumFrom::Each),
             justification: rule.is_some_and(|r| r.justification),
             deadline: rfc(now + remaining),
             on_timeout: held.on_timeout,

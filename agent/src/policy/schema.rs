@@ -212,6 +212,9 @@ pub struct Escalation {
     pub approvers: Vec<String>,
     /// How many approvals are needed.
     pub quorum: u32,
+    /// `each`: the approvals must include one from every group in `approvers` (and be at
+    /// least `quorum`); `any` (default): `quorum` approvals from any of them.
+    pub quorum_from: QuorumFrom,
     /// Whether an approver must give a reason.
     pub justification: bool,
     #[serde(deserialize_with = "duration")]
@@ -224,6 +227,17 @@ pub struct Escalation {
     pub remind: Option<Duration>,
     /// Further groups asked when the earlier ones have not decided in time.
     pub ladder: Vec<LadderStep>,
+}
+
+/// Where a quorum's approvals must come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuorumFrom {
+    /// Any of the groups asked.
+    #[default]
+    Any,
+    /// At least one from each group asked.
+    Each,
 }
 
 /// One rung of the escalation ladder: after `after` without a decision, `approvers` may
@@ -241,6 +255,7 @@ impl Default for Escalation {
         Self {
             approvers: Vec::new(),
             quorum: 1,
+            quorum_from: QuorumFrom::Any,
             justification: false,
             // Long enough to read a prompt; short enough that nothing hangs.
             timeout: Duration::from_secs(300),

@@ -72,6 +72,9 @@ pub struct Escalation {
     pub approvers: Vec<String>,
     /// Approvals needed (from the rule; at least 1).
     pub quorum: u32,
+    /// Whether the approvals must include one from each group in `approvers`.
+    #[serde(default)]
+    pub each_group: bool,
     /// Whether the approver must give a reason.
     pub justification: bool,
     /// RFC 3339 time after which the host applies the timeout outcome.
@@ -109,6 +112,31 @@ impl Escalation {
         }
         groups.dedup();
         groups
+    }
+
+    /// What the request asks of people, `elapsed_ms` after it was made, e.g. `1 approval(s)
+    /// from dev, ops` or `one approval from each of dev, ops, with a reason`.
+    #[must_use]
+    pub fn asks(&self, elapsed_ms: i64) -> String {
+        let groups = self.groups_at(elapsed_ms);
+        let who = if groups.is_empty() {
+            "the approvers".to_owned()
+        } else {
+            groups.join(", ")
+        };
+        let reason = if self.justification {
+            ", with a reason"
+        } else {
+            ""
+        };
+        if self.each_group && groups.len() > 1 {
+            format!(
+                "{} approval(s), one from each of {who}{reason}",
+                self.quorum.max(groups.len() as u32)
+            )
+        } else {
+            format!("{} approval(s) from {who}{reason}", self.quorum.max(1))
+        }
     }
 }
 

@@ -260,21 +260,10 @@ pub fn blocks(req: &StoredRequest, public_url: Option<&str>) -> Value {
         json!({"type": "section", "fields": fields.iter().map(|f| json!({"type": "mrkdwn", "text": f})).collect::<Vec<_>>()}),
         json!({"type": "section", "text": {"type": "mrkdwn", "text": detail}}),
     ];
-    let need = e.quorum.max(1);
     if req.state == "pending" {
-        let groups = e.groups_at(crate::approver::store::now_ms() - req.created_ms);
         let mut ctx = format!(
-            "Needs {need} approval(s) from {}{}.",
-            if groups.is_empty() {
-                "the approvers".to_owned()
-            } else {
-                groups.join(", ")
-            },
-            if e.justification {
-                ", with a reason"
-            } else {
-                ""
-            }
+            "Needs {}.",
+            e.asks(crate::approver::store::now_ms() - req.created_ms)
         );
         if let Some(u) = public_url {
             ctx.push_str(&format!(

@@ -337,15 +337,8 @@ pub fn card(req: &StoredRequest, public_url: Option<&str>) -> Value {
     ];
     let mut actions = Vec::new();
     if req.state == "pending" {
-        let groups = e.groups_at(now_ms() - req.created_ms);
-        body.push(
-            json!({"type": "TextBlock", "wrap": true, "isSubtle": true, "text": format!(
-                "Needs {} approval(s) from {}{}.",
-                e.quorum.max(1),
-                if groups.is_empty() { "the approvers".to_owned() } else { groups.join(", ") },
-                if e.justification { ", with a reason" } else { "" }
-            )}),
-        );
+        body.push(json!({"type": "TextBlock", "wrap": true, "isSubtle": true,
+                   "text": format!("Needs {}.", e.asks(now_ms() - req.created_ms))}));
         body.push(json!({"type": "Input.Text", "id": "reason", "placeholder": "Reason", "isMultiline": true, "maxLength": 1000}));
         for (verb, title) in [
             ("approve", "Approve"),
