@@ -587,6 +587,18 @@ impl Approver {
         self.wait_serving();
     }
 
+    /// The configuration file.
+    #[must_use]
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// Asks it to read its configuration again (SIGHUP).
+    pub fn reload(&self) {
+        // SAFETY: signalling the approver we started, by its pid.
+        unsafe { libc::kill(self.proc.pid() as i32, libc::SIGHUP) };
+    }
+
     /// Kills it for good.
     pub fn stop(&mut self) {
         let _ = self.proc.child.kill();

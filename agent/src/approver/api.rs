@@ -107,7 +107,7 @@ struct EnrollBody {
 
 async fn enroll(State(app): AppState, Json(b): Json<EnrollBody>) -> Result<Json<Value>, ApiError> {
     let hash = sign::sha256_hex(b.token.trim().as_bytes());
-    if !app.config.enrollment_tokens.contains(&hash) {
+    if !app.config().enrollment_tokens.contains(&hash) {
         return Err(ApiError(
             StatusCode::FORBIDDEN,
             "unknown enrollment token".into(),
@@ -284,11 +284,12 @@ fn bearer(app: &App, headers: &HeaderMap) -> Result<(String, String), ApiError> 
             )
         })?;
     let hash = sign::sha256_hex(token.trim().as_bytes());
-    let who = app
-        .config
+    let name = app
+        .config()
         .by_token_hash(&hash)
+        .map(|a| a.name.clone())
         .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "unknown approver token".into()))?;
-    Ok((who.name.clone(), format!("token:{}", &hash[..12])))
+    Ok((name, format!("token:{}", &hash[..12])))
 }
 
 /// A request as the API shows it.
@@ -376,7 +377,7 @@ pub async fn record_answer(
     }
     let r = app
         .store
-        .answer(&app.config, &app.key, id, who, decision, justification)
+        .answer(&app.config(), &app.key, id, who, decision, justification)
         .await?;
     match &r {
         AnswerResult::Decided { decision } => {
@@ -491,7 +492,8 @@ pub async fn handle_slack_click(
         }
         None
     };
-    let Some(person) = app.config.by_slack(&click.team, &click.user) else {
+    let config = app.config();
+    let Some(person) = config.by_slack(&click.team, &click.user) else {
         tracing::warn!(
             team = click.team,
             user = click.user,
@@ -580,7 +582,8 @@ async fn teams_activity(
         }
     }
     let aad = activity["from"]["aadObjectId"].as_str().unwrap_or_default();
-    let Some(person) = app.config.by_aad(aad) else {
+    let config = app.config();
+    let Some(person) = config.by_aad(aad) else {
         tracing::warn!(aad, "Teams user is not an approver");
         return tell(format!(
             "Your Teams account ({aad}) is not a configured approver."
@@ -604,7 +607,7 @@ async fn teams_activity(
             Ok(Some(r)) => Json(json!({
                 "statusCode": 200,
                 "type": "application/vnd.microsoft.card.adaptive",
-                "value": super::channels::teams::card(&r, app.config.public_url.as_deref()),
+                "value": super::channels::teams::card(&r, app.config().public_url.as_deref()),
             }))
             .into_response(),
             _ => tell("Decided.".into()),

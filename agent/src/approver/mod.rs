@@ -31,7 +31,10 @@ const EXPIRY_TICK: Duration = Duration::from_secs(1);
 
 /// Shared by every handler.
 pub struct App {
-    pub config: ApproverConfig,
+    /// The configuration in force (people and groups are re-read on SIGHUP).
+    config: std::sync::RwLock<Arc<ApproverConfig>>,
+    /// Where it was read from.
+    config_path: std::path::PathBuf,
     pub store: Store,
     pub key: SigningKey,
     pub key_id: String,
@@ -43,6 +46,70 @@ pub struct App {
 }
 
 impl App {
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<ApproverConfig> {
+        self.config
+            .read()
+            .map_or_else(|p| p.into_inner().clone(), |c| c.clone())
+    }
+
+    /// Reads the configuration file again and takes its people, groups and enrollment tokens
+    /// (the rest needs a restart and is kept, with a warning). A file with errors changes
+    /// nothing.
+    pub fn reload(&self) -> Result<(), config::ConfigError> {
+        let mut new = ApproverConfig::load(&self.config_path)?;
+        let old = self.config();
+        let restart_only = [
+            ("listen", new.listen != old.listen),
+            ("tls", format!("{:?}", new.tls) != format!("{:?}", old.tls)),
+            ("database", new.database != old.database),
+            ("key", new.key != old.key),
+            ("public_url", new.public_url != old.public_url),
+            (
+                "slack",
+                format!("{:?}", new.slack) != format!("{:?}", old.slack),
+            ),
+            (
+                "teams",
+                format!("{:?}", new.teams) != format!("{:?}", old.teams),
+            ),
+            (
+                "teams_webhook",
+                format!("{:?}", new.teams_webhook) != format!("{:?}", old.teams_webhook),
+            ),
+            (
+                "webhook",
+                format!("{:?}", new.webhook) != format!("{:?}", old.webhook),
+            ),
+        ];
+        for (field, changed) in restart_only {
+            if changed {
+                tracing::warn!(
+                    field,
+                    "changed in the configuration; takes effect at the next restart"
+                );
+            }
+        }
+        new.listen = old.listen;
+        new.tls.clone_from(&old.tls);
+        new.database.clone_from(&old.database);
+        new.key.clone_from(&old.key);
+        new.public_url.clone_from(&old.public_url);
+        new.slack.clone_from(&old.slack);
+        new.teams.clone_from(&old.teams);
+        new.teams_webhook.clone_from(&old.teams_webhook);
+        new.webhook.clone_from(&old.webhook);
+        tracing::info!(
+            approvers = new.approvers.len(),
+            groups = new.groups.len(),
+            "people and groups reloaded"
+        );
+        if let Ok(mut c) = self.config.write() {
+            *c = Arc::new(new);
+        }
+        Ok(())
+    }
+
     /// Shows a new request in every channel (in the background; failures are logged and
     /// retried a few times: the request stays answerable through the API and CLI anyway).
     pub fn announce(self: &Arc<Self>, id: i64) {
@@ -54,7 +121,7 @@ impl App {
             for ch in &app.channels {
                 let mut delay = Duration::from_millis(500);
                 for attempt in 1..=5 {
-                    match ch.notify(&req, app.config.public_url.as_deref()).await {
+                    match ch.notify(&req, app.config().public_url.as_deref()).await {
                         Ok(reference) => {
                             if let Some(r) = reference
                                 && let Err(e) = app.store.set_message(id, ch.name(), &r).await
@@ -89,7 +156,7 @@ impl App {
                     _ => continue,
                 };
                 if let Err(e) = ch
-                    .update(&req, &reference, app.config.public_url.as_deref())
+                    .update(&req, &reference, app.config().public_url.as_deref())
                     .await
                 {
                     tracing::warn!(id, channel = ch.name(), error = %e, "updating the request's message failed");
@@ -102,15 +169,16 @@ impl App {
 /// Runs the service until SIGTERM or SIGINT.
 pub fn run(config_path: &std::path::Path) -> anyhow::Result<()> {
     let config = ApproverConfig::load(config_path)?;
+    let config_path = config_path.to_path_buf();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, config_path))
 }
 
-async fn serve(config: ApproverConfig) -> anyhow::Result<()> {
+async fn serve(config: ApproverConfig, config_path: std::path::PathBuf) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (key, made) = crate::sign::keys::load_or_create(&config.key)
         .with_context(|| format!("the approver key ({})", config.key.display()))?;
@@ -149,7 +217,8 @@ async fn serve(config: ApproverConfig) -> anyhow::Result<()> {
     let listen = config.listen;
     let tls = config.tls.clone();
     let app = Arc::new(App {
-        config,
+        config: std::sync::RwLock::new(Arc::new(config)),
+        config_path,
         store,
         key,
         key_id: key_id.clone(),
@@ -159,8 +228,24 @@ async fn serve(config: ApproverConfig) -> anyhow::Result<()> {
         decided: tokio::sync::Notify::new(),
     });
     tokio::spawn(expiry_loop(app.clone()));
+    let reloading = app.clone();
+    tokio::spawn(async move {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            if let Err(e) = reloading.reload() {
+                tracing::error!(error = %e, "configuration reload failed; the one in force stays");
+            }
+        }
+    });
     if let Some(s) = app.slack.clone()
-        && let Some(token) = app.config.slack.as_ref().and_then(|c| c.app_token.clone())
+        && let Some(token) = app
+            .config()
+            .slack
+            .as_ref()
+            .and_then(|c| c.app_token.clone())
     {
         tokio::spawn(channels::slack_socket::run(app.clone(), s, token));
     }
@@ -265,7 +350,7 @@ async fn nudges(app: &Arc<App>) -> Result<(), store::StoreError> {
             for ch in &app.channels {
                 if let Ok(Some(reference)) = app.store.message(req.id, ch.name()).await
                     && let Err(err) = ch
-                        .nudge(&req, &reference, &text, app.config.public_url.as_deref())
+                        .nudge(&req, &reference, &text, app.config().public_url.as_deref())
                         .await
                 {
                     tracing::warn!(id = req.id, channel = ch.name(), error = %err, "nudge failed");

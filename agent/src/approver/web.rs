@@ -90,7 +90,7 @@ async fn session(app: &App, headers: &HeaderMap) -> Option<(String, String)> {
         .await
         .ok()??;
     // A person removed from the configuration loses their sessions.
-    app.config.by_name(&name)?;
+    app.config().by_name(&name)?;
     Some((name, id))
 }
 
@@ -117,7 +117,8 @@ struct LoginForm {
 
 async fn login(State(app): State<Arc<App>>, Form(f): Form<LoginForm>) -> Response {
     let hash = sign::sha256_hex(f.token.trim().as_bytes());
-    let Some(who) = app.config.by_token_hash(&hash) else {
+    let config = app.config();
+    let Some(who) = config.by_token_hash(&hash) else {
         tracing::warn!("web sign-in with an unknown token");
         return (
             StatusCode::UNAUTHORIZED,
@@ -147,7 +148,7 @@ async fn login(State(app): State<Arc<App>>, Form(f): Form<LoginForm>) -> Respons
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     }
     tracing::info!(approver = who.name, "web sign-in");
-    let secure = if app.config.tls.is_some() {
+    let secure = if app.config().tls.is_some() {
         "; Secure"
     } else {
         ""

@@ -578,3 +578,50 @@ fn slack_socket_mode_approves_without_inbound_callbacks() {
     assert!(p.wait(WAIT).success());
     assert!(Path::new(&m).exists());
 }
+
+/// People and groups are synced from the configuration file on SIGHUP: a newly added
+/// approver can answer without a restart; a broken file changes nothing.
+#[test]
+fn approvers_are_reloaded_from_the_file() {
+    let approver = Approver::start(None);
+    let erin = countersign_tests::remote::token_of("erin");
+    let list = |who: &str| approver.cli(who, &["list"]);
+    assert!(!list("erin").status.success(), "erin is unknown at first");
+    let original = std::fs::read_to_string(approver.config_path()).unwrap();
+    let added = original.replacen(
+        "approvers:\n",
+        &format!(
+            "approvers:\n  - name: erin\n    tokens: [{}]\n",
+            countersign_tests::remote::sha256(&erin)
+        ),
+        1,
+    );
+    std::fs::write(
+        approver.config_path(),
+        added.replace("dev: [alice, bob, carol]", "dev: [alice, bob, carol, erin]"),
+    )
+    .unwrap();
+    approver.reload();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !list("erin").status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "erin was not added:\n{}",
+            approver.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A file with an error: reported, and the configuration in force stays.
+    std::fs::write(
+        approver.config_path(),
+        "approvers: [{name: erin, bogus: 1}]\n",
+    )
+    .unwrap();
+    approver.reload();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !approver.log().contains("configuration reload failed") {
+        assert!(std::time::Instant::now() < deadline, "{}", approver.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(list("erin").status.success() && list("bob").status.success());
+}
