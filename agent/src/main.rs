@@ -74,6 +74,27 @@ enum Cmd {
         #[arg(long, global = true)]
         ca_file: Option<PathBuf>,
     },
+    /// Grants in force (on this host, or at a remote approver), and taking them back.
+    Grants {
+        #[command(subcommand)]
+        action: GrantsCmd,
+        #[arg(long, global = true)]
+        socket_dir: Option<PathBuf>,
+        /// A remote approver's URL (also $COUNTERSIGN_APPROVER_URL).
+        #[arg(
+            long,
+            global = true,
+            env = "COUNTERSIGN_APPROVER_URL",
+            conflicts_with = "socket_dir"
+        )]
+        approver: Option<String>,
+        /// A file holding your approver token (also $COUNTERSIGN_APPROVER_TOKEN).
+        #[arg(long, global = true)]
+        token_file: Option<PathBuf>,
+        /// A PEM CA certificate to trust for the approver's TLS.
+        #[arg(long, global = true)]
+        ca_file: Option<PathBuf>,
+    },
     /// Check policy files, or see what they decide for an action.
     Policy {
         #[command(subcommand)]
@@ -140,6 +161,17 @@ struct DaemonArgs {
     /// What a request nobody decides gets.
     #[arg(long, value_enum)]
     timeout_action: Option<TimeoutAction>,
+}
+
+#[derive(Subcommand)]
+enum GrantsCmd {
+    /// The grants in force.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take a grant back: what it covered needs a human again.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -258,6 +290,9 @@ enum RequestsCmd {
         /// Why (with --approver; required when the rule asks for a reason).
         #[arg(long)]
         reason: Option<String>,
+        /// With --approver: also give a grant the rule offers (binary, destination, tree).
+        #[arg(long, requires = "approver")]
+        grant: Option<String>,
     },
     /// Refuse it: the syscall fails with EPERM (an exec held after loading is killed).
     Deny {
@@ -373,8 +408,8 @@ fn main() {
             };
             report(match action {
                 RequestsCmd::List { json, state } => remote.list(state.as_deref(), json),
-                RequestsCmd::Approve { id, reason } => {
-                    remote.answer(id, Decision::Approve, reason.as_deref())
+                RequestsCmd::Approve { id, reason, grant } => {
+                    remote.approve(id, reason.as_deref(), grant.as_deref())
                 }
                 RequestsCmd::Deny { id, reason } => {
                     remote.answer(id, Decision::Deny, reason.as_deref())
@@ -382,6 +417,32 @@ fn main() {
                 RequestsCmd::Kill { id, reason } => {
                     remote.answer(id, Decision::Kill, reason.as_deref())
                 }
+            })
+        }
+        Cmd::Grants {
+            action,
+            approver: Some(url),
+            token_file,
+            ca_file,
+            ..
+        } => {
+            let remote = cli::remote::Remote {
+                url,
+                token_file,
+                ca_file,
+            };
+            report(match action {
+                GrantsCmd::List { json } => remote.grants(json),
+                GrantsCmd::Revoke { id } => remote.revoke(&id),
+            })
+        }
+        Cmd::Grants {
+            action, socket_dir, ..
+        } => {
+            let dir = paths::socket_dir(socket_dir);
+            report(match action {
+                GrantsCmd::List { json } => cli::requests::grants(&dir, json),
+                GrantsCmd::Revoke { id } => cli::requests::revoke(&dir, &id),
             })
         }
         Cmd::Requests {

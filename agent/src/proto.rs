@@ -16,6 +16,10 @@ pub enum Request {
     Decide { id: u64, decision: Decision },
     /// Label the calling process (used by `countersign exec`).
     Label { label: String },
+    /// The grants in force.
+    Grants,
+    /// Take a grant back (root, not from a labelled process).
+    RevokeGrant { id: String },
     /// Rotate the host key (a `key-rotated` record signed by the old key).
     RotateKey,
 }
@@ -48,6 +52,8 @@ pub enum Response {
     List { requests: Vec<RequestView> },
     Decided { id: u64, outcome: String },
     Labelled { label: String, pid: u32 },
+    Grants { grants: Vec<GrantView> },
+    Revoked { id: String },
     KeyRotated { old: String, new: String, seq: u64 },
     Error { message: String },
 }
@@ -112,6 +118,18 @@ pub struct ApproverStatus {
     /// Escalations delivered and decisions received since the start.
     pub sent: u64,
     pub received: u64,
+}
+
+/// A grant in force on this host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantView {
+    pub id: String,
+    pub label: String,
+    /// `binary dev:ino`, `destination ADDR:PORT`, `tree PID`.
+    pub covers: String,
+    /// RFC 3339.
+    pub expires: String,
+    pub by: String,
 }
 
 /// One parent in a request's process chain.

@@ -21,6 +21,10 @@ pub const BOT_TOKEN: &str = "xoxb-local-test-token";
 pub const SIGNING_SECRET: &str = "local-test-signing-secret";
 pub const APP_TOKEN: &str = "xapp-local-test-app-token";
 pub const ENROLL_TOKEN: &str = "enroll-once-0123456789";
+/// A self-signed TLS certificate and key for 127.0.0.1 (test fixture, not a secret).
+const TEST_TLS_CERT: &str = include_str!("../../agent/src/collector/testdata/cert.pem");
+const TEST_TLS_KEY: &str = include_str!("../../agent/src/collector/testdata/key.pem");
+
 /// The Teams bot and conversation the scenarios use.
 pub const TEAMS_APP_ID: &str = "00000000-0000-4000-8000-c0c0a11ce5e5";
 pub const TEAMS_APP_PASSWORD: &str = "local-test-bot-secret";
@@ -445,7 +449,7 @@ impl Approver {
         self.wait_serving();
     }
 
-    /// Starts one that speaks TLS, with a certificate from a private test CA.
+    /// Starts one that speaks TLS, with a self-signed test certificate.
     #[must_use]
     pub fn start_tls() -> Self {
         Self::start_channels_tls(None, None, None, None, true)
@@ -517,24 +521,18 @@ impl Approver {
                 a = t.addr
             ));
         }
-        // A private CA and a server certificate it signed, as an operator would set up.
+        // A self-signed server certificate for 127.0.0.1 (a test fixture shared with the
+        // collector's tests; embedded, so it is there in the VMs too), trusted as its own CA.
         let ca = tls.then(|| {
-            let p = |n: &str| dir.path().join(n);
-            let openssl = |args: &[&str]| {
-                let out = Command::new("openssl")
-                    .args(args)
-                    .current_dir(dir.path())
-                    .output()
-                    .expect("openssl (installed by `cargo xtask setup`)");
-                assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            };
-            let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-            openssl(&[&["req", "-x509"][..], &ec, &["-days", "1", "-subj", "/CN=countersign test CA", "-keyout", "ca.key", "-out", "ca.crt"]].concat());
-            openssl(&[&["req"][..], &ec, &["-subj", "/CN=127.0.0.1", "-keyout", "tls.key", "-out", "tls.csr"]].concat());
-            std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").expect("ext");
-            openssl(&["x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1", "-extfile", "ext.cnf", "-out", "tls.crt"]);
-            yaml.push_str(&format!("tls: {{cert: {}, key: {}}}\n", p("tls.crt").display(), p("tls.key").display()));
-            p("ca.crt")
+            let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+            std::fs::write(&cert, TEST_TLS_CERT).expect("cert");
+            std::fs::write(&key, TEST_TLS_KEY).expect("key");
+            yaml.push_str(&format!(
+                "tls: {{cert: {}, key: {}}}\n",
+                cert.display(),
+                key.display()
+            ));
+            cert
         });
         let config = dir.path().join("approver.yaml");
         std::fs::write(&config, yaml).expect("approver.yaml");

@@ -21,7 +21,7 @@ use crate::process::{run_captured, run_streaming};
 /// The Debian packages the tests need: qemu for the guest, busybox for its userland, cpio for
 /// anyone who wants to look into an initramfs by hand, the PostgreSQL server for the
 /// database tests (each test runs a private server of its own), and Chromium with
-/// chromedriver for the web page tests, and openssl to make the TLS tests' certificates.
+/// chromedriver for the web page tests.
 pub const DEBIAN_PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "cpio",
@@ -29,7 +29,6 @@ pub const DEBIAN_PACKAGES: &[&str] = &[
     "postgresql",
     "chromium",
     "chromium-driver",
-    "openssl",
 ];
 
 /// The bpf-linker series that works with the aya versions this workspace uses.

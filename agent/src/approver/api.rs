@@ -53,6 +53,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/requests", get(list))
         .route("/v1/requests/{id}", get(show))
         .route("/v1/requests/{id}/answer", post(answer))
+        .route("/v1/grants", get(grants))
+        .route("/v1/grants/{id}/revoke", post(revoke))
         .route("/slack/interactivity", post(slack_callback))
         .route("/teams/messages", post(teams_activity))
         .route("/openapi.json", get(openapi))
@@ -214,6 +216,9 @@ pub struct Poll {
     pub host_id: String,
     /// Decisions after this sequence number.
     pub after: i64,
+    /// Revocations after this sequence number.
+    #[serde(default)]
+    pub after_revocation: i64,
     /// How long to wait for one, in ms (capped at [`MAX_POLL_WAIT`]).
     pub wait_ms: u64,
     /// RFC 3339 time of signing.
@@ -223,6 +228,9 @@ pub struct Poll {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PollAnswer {
     pub decisions: Vec<SeqDecision>,
+    /// Grants taken back (envelopes of revocations).
+    #[serde(default)]
+    pub revocations: Vec<SeqDecision>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -253,12 +261,19 @@ async fn poll(
             .store
             .decisions_after(&p.host_id, p.after, POLL_BATCH)
             .await?;
-        if !found.is_empty() || tokio::time::Instant::now() >= until {
-            return Ok(Json(PollAnswer {
-                decisions: found
-                    .into_iter()
+        let revoked = app
+            .store
+            .revocations_after(&p.host_id, p.after_revocation, POLL_BATCH)
+            .await?;
+        if !found.is_empty() || !revoked.is_empty() || tokio::time::Instant::now() >= until {
+            let seq = |v: Vec<(i64, Envelope)>| {
+                v.into_iter()
                     .map(|(seq, envelope)| SeqDecision { seq, envelope })
-                    .collect(),
+                    .collect()
+            };
+            return Ok(Json(PollAnswer {
+                decisions: seq(found),
+                revocations: seq(revoked),
             }));
         }
         // Another replica's decision wakes nobody here: look again every second.
@@ -311,6 +326,7 @@ pub fn request_json(r: &StoredRequest) -> Value {
         "deadline": rfc3339(r.deadline_ms),
         "on_timeout": e.on_timeout,
         "action_hash": e.action_hash,
+        "grants": e.grants.iter().map(|g| json!({"scope": g.scope, "for_secs": g.for_secs, "describe": g.describe()})).collect::<Vec<_>>(),
         "request": view,
         "answers": r.answers,
     })
@@ -362,6 +378,8 @@ async fn show(
 struct AnswerBody {
     decision: Decision,
     justification: Option<String>,
+    /// With `approve`: give the grant at this index of the request's `grants`.
+    grant: Option<u32>,
 }
 
 /// Records an answer from any channel and, when it decides, settles the request.
@@ -371,13 +389,24 @@ pub async fn record_answer(
     who: &Answerer<'_>,
     decision: Decision,
     justification: Option<&str>,
+    grant: Option<u32>,
 ) -> Result<AnswerResult, ApiError> {
     if justification.is_some_and(|j| j.len() > 1000) {
         return Err(bad("justification: at most 1000 characters"));
     }
     let r = app
         .store
-        .answer(&app.config(), &app.key, id, who, decision, justification)
+        .answer(
+            &app.config(),
+            &app.key,
+            id,
+            who,
+            super::store::Choice {
+                decision,
+                justification,
+                grant,
+            },
+        )
         .await?;
     match &r {
         AnswerResult::Decided { decision } => {
@@ -425,8 +454,72 @@ async fn answer(
         channel: "api",
         identity: &identity,
     };
-    let r = record_answer(&app, id, &who, b.decision, b.justification.as_deref()).await?;
+    let r = record_answer(
+        &app,
+        id,
+        &who,
+        b.decision,
+        b.justification.as_deref(),
+        b.grant,
+    )
+    .await?;
     answer_json(id, &r)
+}
+
+/// Revokes a grant from any channel; the outcome for people.
+pub async fn revoke_grant(
+    app: &Arc<App>,
+    grant_id: &str,
+    approver: &str,
+    channel: &str,
+) -> Result<String, ApiError> {
+    let by = format!("{approver} via {channel}");
+    match app
+        .store
+        .revoke(&app.config(), &app.key, grant_id, approver, &by)
+        .await?
+    {
+        super::store::RevokeResult::Revoked => {
+            tracing::info!(grant = grant_id, by, "grant revoked");
+            app.decided.notify_waiters();
+            if let Some(id) = grant_id.strip_prefix("g-").and_then(|i| i.parse().ok()) {
+                app.settled(id);
+            }
+            Ok(format!("Grant {grant_id} revoked."))
+        }
+        super::store::RevokeResult::Refused(why) => Err(ApiError(StatusCode::FORBIDDEN, why)),
+        super::store::RevokeResult::NotFound => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no grant {grant_id}"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct GrantsQuery {
+    all: Option<bool>,
+}
+
+async fn grants(
+    State(app): AppState,
+    headers: HeaderMap,
+    Query(q): Query<GrantsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    bearer(&app, &headers)?;
+    let rows = app.store.grants(!q.all.unwrap_or(false), 1000).await?;
+    Ok(Json(serde_json::to_value(rows).unwrap_or_default()))
+}
+
+async fn revoke(
+    State(app): AppState,
+    headers: HeaderMap,
+    Path(gid): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let (name, _) = bearer(&app, &headers)?;
+    let text = revoke_grant(&app, &gid, &name, "api").await?;
+    Ok(Json(
+        json!({"grant": gid, "result": "revoked", "text": text}),
+    ))
 }
 
 async fn slack_callback(State(app): AppState, headers: HeaderMap, body: Bytes) -> Response {
@@ -504,6 +597,15 @@ pub async fn handle_slack_click(
             click.user, click.team
         )));
     };
+    if click.decision == "revoke" {
+        let name = person.name.clone();
+        return Ok(
+            match revoke_grant(app, &format!("g-{}", click.id), &name, "slack").await {
+                Ok(text) => tell(text),
+                Err(e) => tell(e.1),
+            },
+        );
+    }
     let decision = match click.decision.as_str() {
         "approve" => Decision::Approve,
         "deny" => Decision::Deny,
@@ -517,7 +619,7 @@ pub async fn handle_slack_click(
         && r.state == "pending"
     {
         if let Err(e) = slack
-            .open_reason_modal(trigger, click.id, &click.decision)
+            .open_reason_modal(trigger, click.id, &click.decision, click.grant)
             .await
         {
             tracing::warn!(error = %e, "opening the reason modal failed");
@@ -532,7 +634,16 @@ pub async fn handle_slack_click(
         identity: &identity,
     };
     Ok(
-        match record_answer(app, click.id, &who, decision, click.reason.as_deref()).await? {
+        match record_answer(
+            app,
+            click.id,
+            &who,
+            decision,
+            click.reason.as_deref(),
+            click.grant,
+        )
+        .await?
+        {
             AnswerResult::Decided { .. } | AnswerResult::Duplicate => None,
             AnswerResult::Counted { have, need } => {
                 tell(format!("Counted: {have} of {need} approvals."))
@@ -569,6 +680,7 @@ async fn teams_activity(
         Some("approve") => Decision::Approve,
         Some("deny") => Decision::Deny,
         Some("kill") => Decision::Kill,
+        Some("revoke") => Decision::Deny, // handled below, once the person is known
         _ => return tell("Unknown action.".into()),
     };
     let Some(id) = action["data"]["id"].as_i64() else {
@@ -591,6 +703,12 @@ async fn teams_activity(
     };
     let identity = format!("teams:{aad}");
     let name = person.name.clone();
+    if action["verb"] == "revoke" {
+        return match revoke_grant(&app, &format!("g-{id}"), &name, "teams").await {
+            Ok(text) => tell(text),
+            Err(e) => tell(e.1),
+        };
+    }
     let who = Answerer {
         approver: &name,
         channel: "teams",
@@ -600,7 +718,10 @@ async fn teams_activity(
         .as_str()
         .map(str::trim)
         .filter(|r| !r.is_empty());
-    match record_answer(&app, id, &who, decision, reason).await {
+    let grant = action["data"]["grant"]
+        .as_u64()
+        .and_then(|g| u32::try_from(g).ok());
+    match record_answer(&app, id, &who, decision, reason, grant).await {
         Ok(AnswerResult::Decided { .. } | AnswerResult::Duplicate) => match app.store.get(id).await
         {
             // The refreshed card, for the person who clicked.

@@ -12,7 +12,7 @@ use crate::{
     proto::Decision,
     sign::{
         dsse::Envelope,
-        statement::{self, Approval, DecisionStatement, Escalation},
+        statement::{self, Approval, DecisionStatement, Escalation, GrantStatement},
     },
 };
 
@@ -67,7 +67,9 @@ fn schema(pg: bool) -> Vec<String> {
         "CREATE TABLE IF NOT EXISTS hosts (host_id TEXT PRIMARY KEY, name TEXT NOT NULL, public_key TEXT NOT NULL, enrolled_ms BIGINT NOT NULL)".into(),
         "CREATE TABLE IF NOT EXISTS enrollments (token_hash TEXT PRIMARY KEY, host_id TEXT NOT NULL, used_ms BIGINT NOT NULL)".into(),
         format!("CREATE TABLE IF NOT EXISTS requests (id {auto}, host_id TEXT NOT NULL, request_id BIGINT NOT NULL, action_hash TEXT NOT NULL, envelope TEXT NOT NULL, body TEXT NOT NULL, state TEXT NOT NULL, deadline_ms BIGINT NOT NULL, created_ms BIGINT NOT NULL, decided_ms BIGINT, UNIQUE (host_id, request_id))"),
-        "CREATE TABLE IF NOT EXISTS answers (request BIGINT NOT NULL, approver TEXT NOT NULL, channel TEXT NOT NULL, identity TEXT NOT NULL, decision TEXT NOT NULL, justification TEXT, at_ms BIGINT NOT NULL, PRIMARY KEY (request, approver))".into(),
+        "CREATE TABLE IF NOT EXISTS answers (request BIGINT NOT NULL, approver TEXT NOT NULL, channel TEXT NOT NULL, identity TEXT NOT NULL, decision TEXT NOT NULL, justification TEXT, at_ms BIGINT NOT NULL, grant_idx BIGINT, PRIMARY KEY (request, approver))".into(),
+        "CREATE TABLE IF NOT EXISTS grants (id TEXT PRIMARY KEY, request BIGINT NOT NULL, host_id TEXT NOT NULL, scope TEXT NOT NULL, expires_ms BIGINT NOT NULL, granted_by TEXT NOT NULL, revoked_ms BIGINT, revoked_by TEXT)".into(),
+        format!("CREATE TABLE IF NOT EXISTS revocations (seq {auto}, grant_id TEXT NOT NULL UNIQUE, host_id TEXT NOT NULL, envelope TEXT NOT NULL, at_ms BIGINT NOT NULL)"),
         format!("CREATE TABLE IF NOT EXISTS decisions (seq {auto}, request BIGINT NOT NULL UNIQUE, host_id TEXT NOT NULL, envelope TEXT NOT NULL, decided_ms BIGINT NOT NULL)"),
         "CREATE TABLE IF NOT EXISTS messages (request BIGINT NOT NULL, channel TEXT NOT NULL, ref TEXT NOT NULL, PRIMARY KEY (request, channel))".into(),
         "CREATE TABLE IF NOT EXISTS deliveries (key TEXT PRIMARY KEY, at_ms BIGINT NOT NULL)".into(),
@@ -87,6 +89,8 @@ pub struct StoredRequest {
     pub deadline_ms: i64,
     pub created_ms: i64,
     pub answers: Vec<AnswerRow>,
+    /// The grant given with its approval, if any.
+    pub grant: Option<GrantRow>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -97,6 +101,39 @@ pub struct AnswerRow {
     pub decision: Decision,
     pub justification: Option<String>,
     pub at: String,
+    /// The grant offered with an approval (index into the escalation's `grants`).
+    pub grant: Option<u32>,
+}
+
+/// A grant as the approver keeps it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GrantRow {
+    // (`active()` tells whether it still counts.)
+    pub id: String,
+    /// The request it was given with.
+    pub request: i64,
+    pub host_id: String,
+    pub scope: String,
+    pub expires: String,
+    pub granted_by: String,
+    pub revoked: Option<String>,
+    pub revoked_by: Option<String>,
+}
+
+impl GrantRow {
+    /// Not revoked and not expired.
+    #[must_use]
+    pub fn active(&self) -> bool {
+        self.revoked.is_none() && parse_rfc3339(&self.expires).is_some_and(|e| e > now_ms())
+    }
+}
+
+/// What revoking a grant did.
+#[derive(Debug, Clone)]
+pub enum RevokeResult {
+    Revoked,
+    Refused(String),
+    NotFound,
 }
 
 /// What recording an answer did.
@@ -114,6 +151,28 @@ pub enum AnswerResult {
     /// Decided or expired before this answer.
     Closed(String),
     NotFound,
+}
+
+/// What someone answers.
+#[derive(Debug, Clone, Copy)]
+pub struct Choice<'a> {
+    pub decision: Decision,
+    pub justification: Option<&'a str>,
+    /// With an approval: give the grant offered at this index.
+    pub grant: Option<u32>,
+}
+
+impl Choice<'_> {
+    /// A plain answer (no reason, no grant).
+    #[cfg(test)]
+    #[must_use]
+    pub fn plain(decision: Decision) -> Self {
+        Self {
+            decision,
+            justification: None,
+            grant: None,
+        }
+    }
 }
 
 /// Who answers, through what.
@@ -307,6 +366,7 @@ impl Store {
             deadline_ms: row.try_get("deadline_ms")?,
             created_ms: row.try_get("created_ms")?,
             answers: Vec::new(),
+            grant: None,
         })
     }
 
@@ -314,7 +374,7 @@ impl Store {
     where
         E: sqlx::Executor<'e, Database = sqlx::Any>,
     {
-        let rows = sqlx::query("SELECT approver, channel, identity, decision, justification, at_ms FROM answers WHERE request = $1 ORDER BY at_ms, approver")
+        let rows = sqlx::query("SELECT approver, channel, identity, decision, justification, at_ms, grant_idx FROM answers WHERE request = $1 ORDER BY at_ms, approver")
             .bind(id)
             .fetch_all(exec)
             .await?;
@@ -327,6 +387,9 @@ impl Store {
                     decision: parse_decision(&r.try_get::<String, _>(3)?)?,
                     justification: r.try_get(4)?,
                     at: rfc3339(r.try_get(5)?),
+                    grant: r
+                        .try_get::<Option<i64>, _>(6)?
+                        .and_then(|g| u32::try_from(g).ok()),
                 })
             })
             .collect()
@@ -342,6 +405,7 @@ impl Store {
         let Some(row) = row else { return Ok(None) };
         let mut r = Self::row_to_request(&row)?;
         r.answers = Self::answers(&self.pool, id).await?;
+        r.grant = self.grant_row(id).await?;
         Ok(Some(r))
     }
 
@@ -366,6 +430,7 @@ impl Store {
         for row in &rows {
             let mut r = Self::row_to_request(row)?;
             r.answers = Self::answers(&self.pool, r.id).await?;
+            r.grant = self.grant_row(r.id).await?;
             out.push(r);
         }
         Ok(out)
@@ -379,9 +444,13 @@ impl Store {
         key: &SigningKey,
         id: i64,
         who: &Answerer<'_>,
-        decision: Decision,
-        justification: Option<&str>,
+        choice: Choice<'_>,
     ) -> Result<AnswerResult, StoreError> {
+        let Choice {
+            decision,
+            justification,
+            grant,
+        } = choice;
         let mut tx = self.pool.begin().await?;
         // Takes the row lock (PostgreSQL) or the write lock (SQLite) before anything is read.
         let locked = sqlx::query("UPDATE requests SET state = state WHERE id = $1")
@@ -410,6 +479,17 @@ impl Store {
         }
         let given = Self::answers(&mut *tx, id).await?;
         let esc = &req.escalation;
+        if let Some(g) = grant {
+            let offer = esc
+                .grants
+                .get(g as usize)
+                .filter(|o| o.fits(&esc.request.kind));
+            if decision != Decision::Approve || offer.is_none() {
+                return Ok(AnswerResult::Refused(format!(
+                    "request {id} does not offer that grant"
+                )));
+            }
+        }
         let ask = Ask {
             // The ladder widens who may answer as time passes.
             groups: esc.groups_at(now - req.created_ms),
@@ -440,7 +520,7 @@ impl Store {
             Outcome::Decided(d) => Some(d),
         };
         let justification = justification.map(str::trim).filter(|j| !j.is_empty());
-        sqlx::query("INSERT INTO answers (request, approver, channel, identity, decision, justification, at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+        sqlx::query("INSERT INTO answers (request, approver, channel, identity, decision, justification, at_ms, grant_idx) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
             .bind(id)
             .bind(who.approver)
             .bind(who.channel)
@@ -448,6 +528,7 @@ impl Store {
             .bind(decision.to_string())
             .bind(justification.map(str::to_owned))
             .bind(now)
+            .bind(grant.map(i64::from))
             .execute(&mut *tx)
             .await?;
         let Some(d) = decided else {
@@ -466,6 +547,7 @@ impl Store {
                 decision: a.decision,
                 justification: a.justification.clone(),
                 at: a.at.clone(),
+                grant: a.grant,
             })
             .collect();
         approvals.push(Approval {
@@ -475,7 +557,26 @@ impl Store {
             decision,
             justification: justification.map(str::to_owned),
             at: rfc3339(now),
+            grant,
         });
+        // A grant is given only if every approval chose it.
+        let chosen = if d == Decision::Approve {
+            let mut picks = approvals
+                .iter()
+                .filter(|a| a.decision == Decision::Approve)
+                .map(|a| a.grant);
+            let first = picks.next().flatten();
+            first.filter(|f| picks.all(|p| p == Some(*f)))
+        } else {
+            None
+        };
+        let grant_statement = chosen
+            .and_then(|g| esc.grants.get(g as usize))
+            .map(|offer| GrantStatement {
+                id: format!("g-{id}"),
+                scope: offer.scope,
+                expires_at: rfc3339(now + (offer.for_secs as i64).saturating_mul(1000)),
+            });
         let stmt = DecisionStatement {
             v: statement::STATEMENT_VERSION,
             approver_key: crate::sign::key_id(&key.verifying_key()).0,
@@ -485,6 +586,7 @@ impl Store {
             decision: d,
             approvals,
             decided_at: rfc3339(now),
+            grant: grant_statement.clone(),
         };
         let envelope = Envelope::sign_json(statement::PAYLOAD_DECISION, &stmt, key)?;
         let updated = sqlx::query(
@@ -507,6 +609,18 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+        if let Some(g) = &grant_statement {
+            let by: Vec<&str> = stmt.approvals.iter().map(|a| a.approver.as_str()).collect();
+            sqlx::query("INSERT INTO grants (id, request, host_id, scope, expires_ms, granted_by) VALUES ($1, $2, $3, $4, $5, $6)")
+                .bind(&g.id)
+                .bind(id)
+                .bind(&esc.host_id)
+                .bind(g.scope.to_string())
+                .bind(parse_rfc3339(&g.expires_at).unwrap_or(now))
+                .bind(by.join(", "))
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(AnswerResult::Decided { decision: d })
     }
@@ -531,6 +645,155 @@ impl Store {
                     r.try_get(0)?,
                     serde_json::from_str(&env)
                         .map_err(|e| StoreError::Corrupt(format!("decision envelope: {e}")))?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Grants, newest first (`active`: not revoked and not expired).
+    pub async fn grants(&self, active: bool, limit: i64) -> Result<Vec<GrantRow>, StoreError> {
+        let rows = sqlx::query("SELECT id, request, host_id, scope, expires_ms, granted_by, revoked_ms, revoked_by FROM grants ORDER BY request DESC LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let now = now_ms();
+        let mut out = Vec::new();
+        for r in &rows {
+            let expires: i64 = r.try_get(4)?;
+            let revoked: Option<i64> = r.try_get(6)?;
+            if active && (revoked.is_some() || expires <= now) {
+                continue;
+            }
+            out.push(GrantRow {
+                id: r.try_get(0)?,
+                request: r.try_get(1)?,
+                host_id: r.try_get(2)?,
+                scope: r.try_get(3)?,
+                expires: rfc3339(expires),
+                granted_by: r.try_get(5)?,
+                revoked: revoked.map(rfc3339),
+                revoked_by: r.try_get(7)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The grant given with request `id`, if any.
+    async fn grant_row(&self, id: i64) -> Result<Option<GrantRow>, StoreError> {
+        let row = sqlx::query("SELECT id, request, host_id, scope, expires_ms, granted_by, revoked_ms, revoked_by FROM grants WHERE request = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some(GrantRow {
+            id: r.try_get(0)?,
+            request: r.try_get(1)?,
+            host_id: r.try_get(2)?,
+            scope: r.try_get(3)?,
+            expires: rfc3339(r.try_get(4)?),
+            granted_by: r.try_get(5)?,
+            revoked: r.try_get::<Option<i64>, _>(6)?.map(rfc3339),
+            revoked_by: r.try_get(7)?,
+        }))
+    }
+
+    /// Revokes grant `grant_id` as `by` (who must be allowed to answer its request), and
+    /// signs the revocation for its host.
+    pub async fn revoke(
+        &self,
+        config: &ApproverConfig,
+        key: &SigningKey,
+        grant_id: &str,
+        approver: &str,
+        by: &str,
+    ) -> Result<RevokeResult, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let locked = sqlx::query("UPDATE grants SET scope = scope WHERE id = $1")
+            .bind(grant_id)
+            .execute(&mut *tx)
+            .await?;
+        if locked.rows_affected() == 0 {
+            return Ok(RevokeResult::NotFound);
+        }
+        let row = sqlx::query("SELECT g.request, g.host_id, g.revoked_ms, g.expires_ms, r.body FROM grants g JOIN requests r ON r.id = g.request WHERE g.id = $1")
+            .bind(grant_id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let host_id: String = row.try_get(1)?;
+        if row.try_get::<Option<i64>, _>(2)?.is_some() {
+            return Ok(RevokeResult::Refused(format!(
+                "grant {grant_id} is revoked already"
+            )));
+        }
+        if row.try_get::<i64, _>(3)? <= now_ms() {
+            return Ok(RevokeResult::Refused(format!(
+                "grant {grant_id} has expired"
+            )));
+        }
+        let body: String = row.try_get(4)?;
+        let esc: Escalation = serde_json::from_str(&body)
+            .map_err(|e| StoreError::Corrupt(format!("request body: {e}")))?;
+        // Anyone who may answer such a request may take the grant back (the agent's owner
+        // too: revoking only ever narrows what runs).
+        let ask = Ask {
+            groups: esc.groups_at(i64::MAX / 2),
+            quorum: 1,
+            each_group: false,
+            justification: false,
+            on_behalf_of: None,
+        };
+        if let Err(why) = decide::may_answer(config, &ask, approver) {
+            return Ok(RevokeResult::Refused(why));
+        }
+        let now = now_ms();
+        let stmt = statement::RevocationStatement {
+            v: statement::STATEMENT_VERSION,
+            approver_key: crate::sign::key_id(&key.verifying_key()).0,
+            host_id: host_id.clone(),
+            grant_id: grant_id.to_owned(),
+            by: by.to_owned(),
+            at: rfc3339(now),
+        };
+        let envelope = Envelope::sign_json(statement::PAYLOAD_REVOCATION, &stmt, key)?;
+        sqlx::query("UPDATE grants SET revoked_ms = $1, revoked_by = $2 WHERE id = $3")
+            .bind(now)
+            .bind(by)
+            .bind(grant_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO revocations (grant_id, host_id, envelope, at_ms) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(grant_id)
+        .bind(&host_id)
+        .bind(serde_json::to_string(&envelope).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(RevokeResult::Revoked)
+    }
+
+    /// Signed revocations for `host_id` after sequence `after`, oldest first.
+    pub async fn revocations_after(
+        &self,
+        host_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, Envelope)>, StoreError> {
+        let rows = sqlx::query("SELECT seq, envelope FROM revocations WHERE host_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
+            .bind(host_id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let env: String = r.try_get(1)?;
+                Ok((
+                    r.try_get(0)?,
+                    serde_json::from_str(&env)
+                        .map_err(|e| StoreError::Corrupt(format!("revocation envelope: {e}")))?,
                 ))
             })
             .collect()
@@ -676,6 +939,7 @@ mod tests {
             sent_at: rfc3339(now_ms()),
             remind_secs: None,
             ladder: Vec::new(),
+            grants: Vec::new(),
         }
     }
 
@@ -722,8 +986,7 @@ mod tests {
                     channel: "api",
                     identity: "t:b"
                 },
-                Decision::Approve,
-                None
+                Choice::plain(Decision::Approve)
             ),
             s.answer(
                 &c,
@@ -734,8 +997,7 @@ mod tests {
                     channel: "api",
                     identity: "t:c"
                 },
-                Decision::Approve,
-                None
+                Choice::plain(Decision::Approve)
             ),
         );
         let decided = [&a, &b]
@@ -780,8 +1042,7 @@ mod tests {
                     channel: "api",
                     identity: "t",
                 },
-                Decision::Approve,
-                None,
+                Choice::plain(Decision::Approve),
             )
             .await
             .unwrap();

@@ -32,6 +32,7 @@ pub fn router() -> Router<Arc<App>> {
         .route("/requests", get(list))
         .route("/requests/{id}", get(show))
         .route("/requests/{id}/answer", post(answer))
+        .route("/requests/{id}/revoke", post(revoke))
 }
 
 /// HTML-escapes text.
@@ -287,15 +288,51 @@ fn render(r: &StoredRequest, csrf_token: Option<&str>) -> String {
     }
     s.push_str("</table>");
     if let (Some(token), "pending") = (csrf_token, r.state.as_str()) {
+        let grants: String = e
+            .grants
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.fits(&v.kind))
+            .map(|(i, g)| {
+                format!(
+                    "<button name=\"choice\" value=\"grant-{i}\" id=\"grant-{id}-{i}\">Approve {}</button>",
+                    esc(&g.describe()),
+                    id = r.id
+                )
+            })
+            .collect();
         let _ = write!(
             s,
             "<form method=\"post\" action=\"/requests/{id}/answer\"><input type=\"hidden\" name=\"csrf\" value=\"{token}\">\
 <label>Reason <input name=\"reason\" id=\"reason-{id}\" size=\"40\"></label> \
-<button name=\"decision\" value=\"approve\" id=\"approve-{id}\">Approve</button>\
-<button name=\"decision\" value=\"deny\" id=\"deny-{id}\">Deny</button>\
-<button name=\"decision\" value=\"kill\" id=\"kill-{id}\">Kill process</button></form>",
+<button name=\"choice\" value=\"approve\" id=\"approve-{id}\">Approve once</button>{grants}\
+<button name=\"choice\" value=\"deny\" id=\"deny-{id}\">Deny</button>\
+<button name=\"choice\" value=\"kill\" id=\"kill-{id}\">Kill process</button></form>",
             id = r.id
         );
+    }
+    if let Some(g) = &r.grant {
+        let state = if g.active() {
+            format!("in force until {}", esc(&g.expires))
+        } else if let Some(by) = &g.revoked_by {
+            format!("revoked by {}", esc(by))
+        } else {
+            "expired".to_owned()
+        };
+        let _ = write!(
+            s,
+            "<p class=\"grant\" id=\"grant-state-{id}\">Grant {} ({}): {state}</p>",
+            esc(&g.id),
+            esc(&g.scope),
+            id = r.id
+        );
+        if let (Some(token), true) = (csrf_token, g.active()) {
+            let _ = write!(
+                s,
+                "<form method=\"post\" action=\"/requests/{id}/revoke\"><input type=\"hidden\" name=\"csrf\" value=\"{token}\"><button id=\"revoke-{id}\">Revoke grant</button></form>",
+                id = r.id
+            );
+        }
     }
     s.push_str("</div>");
     s
@@ -340,7 +377,7 @@ async fn list(State(app): State<Arc<App>>, headers: HeaderMap, Query(f): Query<F
     }
     body.push_str("<h2>History</h2>");
     for r in all.iter().filter(|r| r.state != "pending") {
-        body.push_str(&render(r, None));
+        body.push_str(&render(r, Some(&token)));
     }
     page("Requests", Some(&who), &body).into_response()
 }
@@ -373,7 +410,8 @@ async fn show(
 #[derive(Deserialize)]
 struct AnswerForm {
     csrf: String,
-    decision: Decision,
+    /// `approve`, `deny`, `kill`, or `grant-N` (approve and give the grant offered at N).
+    choice: String,
     reason: Option<String>,
 }
 
@@ -404,7 +442,16 @@ async fn answer(
         identity: &identity,
     };
     let reason = f.reason.as_deref().map(str::trim).filter(|r| !r.is_empty());
-    let (key, text) = match record_answer(&app, id, &a, f.decision, reason).await {
+    let (decision, grant) = match f.choice.as_str() {
+        "approve" => (Decision::Approve, None),
+        "deny" => (Decision::Deny, None),
+        "kill" => (Decision::Kill, None),
+        other => match other.strip_prefix("grant-").and_then(|n| n.parse().ok()) {
+            Some(n) => (Decision::Approve, Some(n)),
+            None => return StatusCode::BAD_REQUEST.into_response(),
+        },
+    };
+    let (key, text) = match record_answer(&app, id, &a, decision, reason, grant).await {
         Ok(AnswerResult::Decided { decision }) => {
             ("msg", format!("Request #{id} decided: {decision}."))
         }
@@ -419,6 +466,34 @@ async fn answer(
             "The answer could not be recorded; try again.".to_owned(),
         ),
     };
+    let q = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair(key, &text)
+        .finish();
+    Redirect::to(&format!("/requests/{id}?{q}")).into_response()
+}
+
+#[derive(Deserialize)]
+struct RevokeForm {
+    csrf: String,
+}
+
+async fn revoke(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+    Form(f): Form<RevokeForm>,
+) -> Response {
+    let Some((who, sid)) = session(&app, &headers).await else {
+        return to_login();
+    };
+    if f.csrf != csrf(&sid) {
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    let (key, text) =
+        match crate::approver::api::revoke_grant(&app, &format!("g-{id}"), &who, "web").await {
+            Ok(t) => ("msg", t),
+            Err(e) => ("err", e.1),
+        };
     let q = url::form_urlencoded::Serializer::new(String::new())
         .append_pair(key, &text)
         .finish();

@@ -118,11 +118,52 @@ impl Remote {
         Ok(())
     }
 
+    /// Approves, giving the grant of scope `grant` if the rule offers one.
+    pub fn approve(
+        &self,
+        id: u64,
+        reason: Option<&str>,
+        grant: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let Some(scope) = grant else {
+            return self.answer_with(id, Decision::Approve, reason, None);
+        };
+        let r = self.call(reqwest::Method::GET, &format!("/v1/requests/{id}"), None)?;
+        let offers = r["grants"].as_array().cloned().unwrap_or_default();
+        let Some(index) = offers.iter().position(|o| o["scope"] == scope) else {
+            let offered: Vec<String> = offers
+                .iter()
+                .filter_map(|o| o["describe"].as_str().map(str::to_owned))
+                .collect();
+            bail!(
+                "request #{id} offers no `{scope}` grant (offered: {})",
+                if offered.is_empty() {
+                    "none".to_owned()
+                } else {
+                    offered.join("; ")
+                }
+            );
+        };
+        self.answer_with(id, Decision::Approve, reason, Some(index))
+    }
+
     pub fn answer(&self, id: u64, decision: Decision, reason: Option<&str>) -> anyhow::Result<()> {
+        self.answer_with(id, decision, reason, None)
+    }
+
+    fn answer_with(
+        &self,
+        id: u64,
+        decision: Decision,
+        reason: Option<&str>,
+        grant: Option<usize>,
+    ) -> anyhow::Result<()> {
         let v = self.call(
             reqwest::Method::POST,
             &format!("/v1/requests/{id}/answer"),
-            Some(serde_json::json!({"decision": decision, "justification": reason})),
+            Some(
+                serde_json::json!({"decision": decision, "justification": reason, "grant": grant}),
+            ),
         )?;
         match v["result"].as_str() {
             Some("decided") => println!(
@@ -136,6 +177,42 @@ impl Remote {
             Some("duplicate") => println!("request #{id}: you answered already"),
             _ => println!("request #{id}: {v}"),
         }
+        Ok(())
+    }
+
+    /// `countersign grants list --approver URL`.
+    pub fn grants(&self, json: bool) -> anyhow::Result<()> {
+        let v = self.call(reqwest::Method::GET, "/v1/grants", None)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+            return Ok(());
+        }
+        let items = v.as_array().cloned().unwrap_or_default();
+        if items.is_empty() {
+            println!("no grants in force");
+        }
+        for g in items {
+            println!(
+                "{:<10} {} for request #{} on host {} until {} (by {})",
+                g["id"].as_str().unwrap_or("?"),
+                g["scope"].as_str().unwrap_or("?"),
+                g["request"],
+                g["host_id"].as_str().unwrap_or("?"),
+                g["expires"].as_str().unwrap_or("?"),
+                g["granted_by"].as_str().unwrap_or("?")
+            );
+        }
+        Ok(())
+    }
+
+    /// `countersign grants revoke ID --approver URL`.
+    pub fn revoke(&self, id: &str) -> anyhow::Result<()> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/grants/{id}/revoke"),
+            None,
+        )?;
+        println!("grant {id}: revoked");
         Ok(())
     }
 }

@@ -117,6 +117,43 @@ pub fn decide(socket_dir: &Path, id: u64, decision: Decision) -> anyhow::Result<
     Ok(())
 }
 
+/// `countersign grants list` on this host.
+pub fn grants(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
+    let Response::Grants { grants } =
+        client::call(socket_dir, paths::CONTROL_SOCKET, &Request::Grants)?
+    else {
+        anyhow::bail!("unexpected answer to grants");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&grants)?);
+        return Ok(());
+    }
+    if grants.is_empty() {
+        println!("no grants in force");
+    }
+    for g in grants {
+        println!(
+            "{:<10} label={} {} until {} (by {})",
+            g.id, g.label, g.covers, g.expires, g.by
+        );
+    }
+    Ok(())
+}
+
+/// `countersign grants revoke ID` on this host.
+pub fn revoke(socket_dir: &Path, id: &str) -> anyhow::Result<()> {
+    let Response::Revoked { id } = client::call(
+        socket_dir,
+        paths::CONTROL_SOCKET,
+        &Request::RevokeGrant { id: id.to_owned() },
+    )?
+    else {
+        anyhow::bail!("unexpected answer to revoke");
+    };
+    println!("grant {id}: revoked");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::quote_argv;

@@ -288,6 +288,7 @@ async fn rotation_forged_approvals_and_self_approvals() {
     // A decision carrying an approver decision signed by an unknown key.
     let host_id = sign::key_id(&key(3).verifying_key()).0;
     let st = crate::sign::statement::DecisionStatement {
+        grant: None,
         v: 1,
         approver_key: "x".into(),
         host_id: host_id.clone(),
@@ -295,6 +296,7 @@ async fn rotation_forged_approvals_and_self_approvals() {
         action_hash: crate::sign::statement::action_hash(&host_id, &view(1)),
         decision: crate::proto::Decision::Approve,
         approvals: vec![crate::sign::statement::Approval {
+            grant: None,
             approver: "alice".into(),
             channel: "api".into(),
             identity: "token:a".into(),

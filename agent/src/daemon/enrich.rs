@@ -51,6 +51,19 @@ pub fn stat(pid: u32) -> Option<(String, char, u32)> {
     Some((comm, state, ppid))
 }
 
+/// When the process started (`/proc/PID/stat` field 22, clock ticks since boot): with the
+/// pid, names one process for good (pids are reused, start times with them are not).
+pub fn start_time(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = text.rfind(')')?;
+    // Fields after the command: state is field 3, so starttime (22) is the 20th.
+    text.get(close + 2..)?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
 pub fn exists(tid: u32) -> bool {
     Path::new(&format!("/proc/{tid}")).exists()
 }

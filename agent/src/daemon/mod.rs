@@ -7,6 +7,7 @@
 pub mod config;
 mod control;
 pub mod enrich;
+pub mod grants;
 mod log;
 pub mod remote;
 mod trace;
@@ -98,6 +99,8 @@ struct Daemon {
     host_name: String,
     /// The remote approver, if one is configured.
     remote: Option<remote::Remote>,
+    /// Grants the approver gave: later actions they cover need no human.
+    grants: grants::Grants,
     config: DaemonConfig,
     log: DecisionLog,
     /// Signed decision records, written before the decision log and before anything is
@@ -232,6 +235,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         host_id,
         host_name,
         remote,
+        grants: grants::Grants::default(),
         config,
         log,
         spool,
@@ -694,7 +698,9 @@ impl Daemon {
     /// request the policy has nothing to say about.
     fn route(&mut self, mut held: Held) -> Option<Held> {
         let Some((outcome, rule, escalation)) = self.policy_verdict(&held) else {
-            // No policy for this label: a human decides (regression: such requests were dropped).
+            // No policy for this label: a human decides (regression: such requests were dropped)
+            // unless a grant covers it.
+            let mut held = self.try_grant(held)?;
             self.escalate(&mut held, None);
             return Some(held);
         };
@@ -714,12 +720,128 @@ impl Daemon {
                         TimeoutOutcome::Kill => Decision::Kill,
                     };
                 }
+                // A grant answers what a human would have been asked.
+                let mut held = self.try_grant(held)?;
                 self.escalate(&mut held, escalation.as_ref());
                 return Some(held);
             }
         };
         self.apply(held, decision, &by);
         None
+    }
+
+    /// The held request as grants see it.
+    fn grant_subject(&self, held: &Held) -> grants::Subject {
+        let pid = held.tgid;
+        let binary = match held.kind {
+            HeldKind::Exec => held.binding.as_ref().and_then(|b| b.exe),
+            HeldKind::ExecLoaded => {
+                enrich::file_id(std::path::Path::new(&format!("/proc/{pid}/exe")))
+            }
+            HeldKind::Connect => None,
+        };
+        let destination = (held.kind == HeldKind::Connect).then(|| {
+            let ev = &held.event;
+            let addr = if ev.family == libc::AF_INET6 as u16 {
+                std::net::IpAddr::from(ev.addr)
+            } else {
+                std::net::IpAddr::from([ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]])
+            };
+            (addr, ev.port, self.sock_type(ev))
+        });
+        let lineage = std::iter::once(pid)
+            .chain(held.view.parents.iter().map(|p| p.pid))
+            .filter_map(|p| enrich::start_time(p).map(|t| (p, t)))
+            .collect();
+        grants::Subject {
+            binary,
+            destination,
+            lineage,
+        }
+    }
+
+    /// Applies a grant that covers `held` (`None`), or gives it back.
+    fn try_grant(&mut self, held: Held) -> Option<Held> {
+        let subject = self.grant_subject(&held);
+        let Some(g) = self
+            .grants
+            .find(&held.view.label, &subject, std::time::SystemTime::now())
+        else {
+            return Some(held);
+        };
+        let by = format!("grant {} ({})", g.id, g.by);
+        self.apply(held, Decision::Approve, &by);
+        None
+    }
+
+    /// Keeps the grant an approver's decision gave for `held`, and records it.
+    fn issue_grant(&mut self, held: &Held, g: &crate::sign::statement::GrantStatement, by: &str) {
+        use crate::sign::statement::GrantScope;
+        let subject = self.grant_subject(held);
+        let key = match g.scope {
+            GrantScope::Binary => subject.binary.map(grants::Key::Binary),
+            GrantScope::Destination => {
+                subject
+                    .destination
+                    .map(|(addr, port, sock_type)| grants::Key::Destination {
+                        addr,
+                        port,
+                        sock_type,
+                    })
+            }
+            GrantScope::Tree => subject
+                .lineage
+                .first()
+                .map(|&(pid, start)| grants::Key::Tree { pid, start }),
+        };
+        let expires = time::OffsetDateTime::parse(
+            &g.expires_at,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .ok()
+        .map(std::time::SystemTime::from);
+        let (Some(key), Some(expires)) = (key, expires) else {
+            tracing::warn!(
+                grant = g.id,
+                "the grant does not fit the request; only the approval applies"
+            );
+            return;
+        };
+        if expires <= std::time::SystemTime::now() {
+            return;
+        }
+        let grant = grants::Grant {
+            id: g.id.clone(),
+            label: held.view.label.clone(),
+            key,
+            expires,
+            by: by.to_owned(),
+        };
+        if !self.grants.add(grant) {
+            tracing::error!(grant = g.id, "too many grants; only the approval applies");
+            return;
+        }
+        tracing::info!(grant = g.id, scope = %g.scope, label = held.view.label, expires = g.expires_at, by, "grant issued");
+        self.append(Body::GrantIssued {
+            grant_id: g.id.clone(),
+            label: held.view.label.clone(),
+            scope: g.scope.to_string(),
+            expires_at: g.expires_at.clone(),
+            by: by.to_owned(),
+        });
+    }
+
+    /// Takes grant `id` back (from the approver or the local CLI), recording who did.
+    fn revoke_grant(&mut self, id: &str, by: &str) -> bool {
+        if self.grants.revoke(id).is_none() {
+            return false;
+        }
+        tracing::info!(grant = id, by, "grant revoked");
+        self.append(Body::GrantRevoked {
+            grant_id: id.to_owned(),
+            by: by.to_owned(),
+        });
+        true
     }
 
     /// Sends a held request to the remote approver (if one is configured), signed with the
@@ -754,6 +876,26 @@ impl Daemon {
             on_timeout: held.on_timeout,
             sent_at: rfc(now),
             remind_secs: rule.and_then(|r| r.remind).map(|d| d.as_secs().max(1)),
+            grants: rule
+                .map(|r| {
+                    r.grants
+                        .iter()
+                        .filter_map(|g| {
+                            use crate::sign::statement::{GrantOffer, GrantScope};
+                            let scope = match g.scope {
+                                policy::schema::GrantScope::Once => return None,
+                                policy::schema::GrantScope::Binary => GrantScope::Binary,
+                                policy::schema::GrantScope::Destination => GrantScope::Destination,
+                                policy::schema::GrantScope::Tree => GrantScope::Tree,
+                            };
+                            Some(GrantOffer {
+                                scope,
+                                for_secs: g.duration?.as_secs(),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             ladder: rule
                 .map(|r| {
                     r.ladder
@@ -782,7 +924,16 @@ impl Daemon {
 
     /// A decision from the remote approver (its signature already verified): applied only if
     /// it is for this host and for a request held now with the same action hash.
-    fn remote_decision(&mut self, d: remote::Incoming) {
+    fn remote_decision(&mut self, incoming: remote::Incoming) {
+        let d = match incoming {
+            remote::Incoming::Decision(d) => d,
+            remote::Incoming::Revocation(r) => {
+                if r.host_id == self.host_id {
+                    self.revoke_grant(&r.grant_id, &format!("approver: {}", r.by));
+                }
+                return;
+            }
+        };
         let s = &d.statement;
         if s.host_id != self.host_id {
             tracing::error!(host = s.host_id, "a decision for another host; ignored");
@@ -812,6 +963,11 @@ impl Daemon {
         match self.kernel.task(held.tid) {
             Some(t) if t.request_id == held.kernel_id && t.state == shared::STATE_PENDING => {
                 let decision = s.decision;
+                if decision == Decision::Approve
+                    && let Some(g) = s.grant.clone()
+                {
+                    self.issue_grant(&held, &g, &who.join(", "));
+                }
                 self.apply_signed(held, decision, &by, Some(d.envelope));
             }
             _ => self.log_or_warn("task-exited", "none", &by, &held.view),
@@ -1076,6 +1232,41 @@ impl Daemon {
                     Err(message) => Response::Error { message },
                 }
             }
+            (R::Grants, Socket::Control) => Response::Grants {
+                grants: self
+                    .grants
+                    .list()
+                    .iter()
+                    .map(|g| crate::proto::GrantView {
+                        id: g.id.clone(),
+                        label: g.label.clone(),
+                        covers: match &g.key {
+                            grants::Key::Binary(f) => format!("binary dev {} inode {}", f.dev, f.ino),
+                            grants::Key::Destination { addr, port, .. } => {
+                                format!("destination {}", std::net::SocketAddr::new(*addr, *port))
+                            }
+                            grants::Key::Tree { pid, .. } => format!("tree of pid {pid}"),
+                        },
+                        expires: time::OffsetDateTime::from(g.expires)
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .unwrap_or_default(),
+                        by: g.by.clone(),
+                    })
+                    .collect(),
+            },
+            (R::RevokeGrant { id }, Socket::Control) => {
+                if let Err(message) = self.may_decide(peer) {
+                    return Response::Error { message };
+                }
+                let by = format!("cli uid={} pid={}", peer.uid, peer.pid);
+                if self.revoke_grant(&id, &by) {
+                    Response::Revoked { id }
+                } else {
+                    Response::Error {
+                        message: format!("no grant {id} in force (see `countersign grants list`)"),
+                    }
+                }
+            }
             (_, Socket::Launch) => Response::Error {
                 message: "this socket only labels and reports status; decisions need the root-only control socket".into(),
             },
@@ -1268,7 +1459,7 @@ impl Daemon {
         };
         let word = if by == "timeout" {
             format!("expired-{word}")
-        } else if by.starts_with("policy") {
+        } else if by.starts_with("policy") || by.starts_with("grant") {
             match decision {
                 Decision::Approve => "auto-allowed",
                 Decision::Deny => "auto-denied",
@@ -1331,6 +1522,9 @@ impl Daemon {
 
     fn tick(&mut self) {
         self.tracer.reap();
+        for g in self.grants.expire(std::time::SystemTime::now()) {
+            tracing::info!(grant = g.id, label = g.label, "grant expired");
+        }
         self.ticks += 1;
         if self.last_heartbeat.elapsed() >= Duration::from_secs(self.config.heartbeat_secs) {
             self.last_heartbeat = Instant::now();

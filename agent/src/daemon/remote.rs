@@ -20,7 +20,7 @@ use crate::{
     sign::{
         self,
         dsse::Envelope,
-        statement::{DecisionStatement, PAYLOAD_DECISION},
+        statement::{DecisionStatement, PAYLOAD_DECISION, PAYLOAD_REVOCATION, RevocationStatement},
     },
 };
 
@@ -64,7 +64,15 @@ struct Enrollment {
 /// A verified decision from the approver (the signature checked; the binding is the main
 /// loop's to check).
 #[derive(Debug, Clone)]
-pub struct Incoming {
+pub enum Incoming {
+    Decision(SignedDecision),
+    /// The approver took a grant back.
+    Revocation(RevocationStatement),
+}
+
+/// A verified decision and its envelope.
+#[derive(Debug, Clone)]
+pub struct SignedDecision {
     pub statement: DecisionStatement,
     /// Embedded in the decision record.
     pub envelope: Envelope,
@@ -300,7 +308,7 @@ async fn enroll_then_poll(
     });
     let _ = key_tx.send(Some(approver_key));
     tracing::info!(url = conn.base, "connected to the approver");
-    let mut after = 0i64;
+    let mut after = (0i64, 0i64);
     let mut backoff = Backoff::default();
     loop {
         match poll_once(&conn, &approver_key, after, &incoming).await {
@@ -383,15 +391,17 @@ async fn enroll(
 }
 
 /// One long poll; the new `after`.
+/// One long poll; the new cursors (decisions, revocations).
 async fn poll_once(
     conn: &Conn,
     approver_key: &VerifyingKey,
-    after: i64,
+    (after, after_revocation): (i64, i64),
     incoming: &mpsc::Sender<Incoming>,
-) -> Result<i64, String> {
+) -> Result<(i64, i64), String> {
     let poll = Poll {
         host_id: conn.host_id.clone(),
         after,
+        after_revocation,
         wait_ms: POLL_WAIT.as_millis() as u64,
         at: crate::approver::store::rfc3339(crate::approver::store::now_ms()),
     };
@@ -409,10 +419,10 @@ async fn poll_once(
             Ok(statement) => {
                 conn.note(|h| h.received += 1);
                 let _ = incoming
-                    .send(Incoming {
+                    .send(Incoming::Decision(SignedDecision {
                         statement,
                         envelope: d.envelope,
-                    })
+                    }))
                     .await;
             }
             // A forged or damaged decision is no decision.
@@ -421,7 +431,22 @@ async fn poll_once(
             }
         }
     }
-    Ok(next)
+    let mut next_revocation = after_revocation;
+    for r in answer.revocations {
+        next_revocation = next_revocation.max(r.seq);
+        match r
+            .envelope
+            .verify_json::<RevocationStatement>(PAYLOAD_REVOCATION, approver_key)
+        {
+            Ok(statement) => {
+                let _ = incoming.send(Incoming::Revocation(statement)).await;
+            }
+            Err(e) => {
+                tracing::error!(seq = r.seq, error = %e, "a revocation from the approver does not verify; ignored");
+            }
+        }
+    }
+    Ok((next, next_revocation))
 }
 
 async fn send_escalations(
@@ -490,6 +515,7 @@ mod tests {
             decision: Decision::Approve,
             approvals: Vec::new(),
             decided_at: "2026-01-01T00:00:00Z".into(),
+            grant: None,
         }
     }
 
@@ -513,6 +539,7 @@ mod tests {
             .unwrap()
             .payload;
         let answer = serde_json::to_value(PollAnswer {
+            revocations: Vec::new(),
             decisions: [forged, retyped, edited, good]
                 .into_iter()
                 .enumerate()
@@ -541,14 +568,16 @@ mod tests {
             health: Arc::default(),
         };
         let (tx, mut rx) = mpsc::channel(8);
-        let after = poll_once(&conn, &approver.verifying_key(), 0, &tx)
+        let after = poll_once(&conn, &approver.verifying_key(), (0, 0), &tx)
             .await
             .unwrap();
-        assert_eq!(after, 4, "the cursor moves past every decision");
+        assert_eq!(after, (4, 0), "the cursor moves past every decision");
         drop(tx);
         let mut got = Vec::new();
         while let Some(i) = rx.recv().await {
-            got.push(i.statement.request);
+            if let Incoming::Decision(d) = i {
+                got.push(d.statement.request);
+            }
         }
         assert_eq!(got, [1], "only the decision the approver signed arrives");
     }

@@ -148,6 +148,21 @@ impl Decision {
     /// `escalate:` only goes with `outcome: escalate`.
     pub fn check(&self) -> Result<(), String> {
         if let Some(e) = &self.escalate {
+            for (i, g) in e.grants.iter().enumerate() {
+                match (g.scope, g.duration) {
+                    (GrantScope::Once, Some(_)) => {
+                        return Err(format!("escalate.grants[{i}]: `once` takes no `for`"));
+                    }
+                    (GrantScope::Binary | GrantScope::Destination | GrantScope::Tree, None) => {
+                        return Err(format!(
+                            "escalate.grants[{i}]: a `{:?}` grant needs `for` (how long it lasts, at most 24h)",
+                            g.scope
+                        )
+                        .to_lowercase());
+                    }
+                    _ => {}
+                }
+            }
             let mut last = Duration::ZERO;
             for (i, step) in e.ladder.iter().enumerate() {
                 if step.after <= last || step.after >= e.timeout {

@@ -88,7 +88,7 @@ pub enum Body {
     /// into the kernel: the task was killed). A decision record states what the daemon is
     /// about to do (it is written first); an outcome record follows when that did not happen.
     Outcome(DecisionRecord),
-    /// A grant was issued (reserved: grants are not built yet).
+    /// The approver's decision gave a grant (see `daemon::grants`).
     GrantIssued {
         grant_id: String,
         label: String,
@@ -96,7 +96,7 @@ pub enum Body {
         expires_at: String,
         by: String,
     },
-    /// A grant was revoked (reserved: grants are not built yet).
+    /// A grant was revoked (by the approver or on the host).
     GrantRevoked { grant_id: String, by: String },
     /// A policy was loaded (at start and on every successful reload).
     PolicyLoaded {

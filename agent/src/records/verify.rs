@@ -515,6 +515,7 @@ mod tests {
     fn statement(id: u64, who: &str, signer: &SigningKey) -> Envelope {
         let host_id = sign::key_id(&host().verifying_key()).0;
         let st = DecisionStatement {
+            grant: None,
             v: STATEMENT_VERSION,
             approver_key: sign::key_id(&signer.verifying_key()).0,
             host_id: host_id.clone(),
@@ -522,6 +523,7 @@ mod tests {
             action_hash: action_hash(&host_id, &view(id)),
             decision: Decision::Approve,
             approvals: vec![Approval {
+                grant: None,
                 approver: who.into(),
                 channel: "api".into(),
                 identity: format!("token:{who}"),

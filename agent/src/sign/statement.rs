@@ -12,6 +12,8 @@ use crate::proto::{Decision, RequestView};
 pub const PAYLOAD_ESCALATION: &str = "application/vnd.countersign.escalation+json";
 /// DSSE payload type of a decision (signed by the approver's key).
 pub const PAYLOAD_DECISION: &str = "application/vnd.countersign.decision+json";
+/// DSSE payload type of a grant's revocation (signed by the approver's key).
+pub const PAYLOAD_REVOCATION: &str = "application/vnd.countersign.revocation+json";
 /// Version of the statements below.
 pub const STATEMENT_VERSION: u32 = 1;
 
@@ -89,6 +91,90 @@ pub struct Escalation {
     /// Groups asked in addition after so many seconds without a decision.
     #[serde(default)]
     pub ladder: Vec<LadderStep>,
+    /// Grants the approvers may give instead of a single approval (from the rule).
+    #[serde(default)]
+    pub grants: Vec<GrantOffer>,
+}
+
+/// What a grant covers, besides the approved action itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantScope {
+    /// The same binary, for the same label (execs).
+    Binary,
+    /// The same destination address, port and protocol, for the same label (connects).
+    Destination,
+    /// Anything the requesting process and its descendants do, for the same label.
+    Tree,
+}
+
+impl std::fmt::Display for GrantScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GrantScope::Binary => "binary",
+            GrantScope::Destination => "destination",
+            GrantScope::Tree => "tree",
+        })
+    }
+}
+
+/// A grant an escalation offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantOffer {
+    pub scope: GrantScope,
+    pub for_secs: u64,
+}
+
+impl GrantOffer {
+    /// Whether it can apply to a request of `kind` (`exec`, `exec-loaded`, `connect`).
+    #[must_use]
+    pub fn fits(&self, kind: &str) -> bool {
+        match self.scope {
+            GrantScope::Binary => kind != "connect",
+            GrantScope::Destination => kind == "connect",
+            GrantScope::Tree => true,
+        }
+    }
+
+    /// For people: `this binary for 30m`.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let what = match self.scope {
+            GrantScope::Binary => "this binary",
+            GrantScope::Destination => "this destination",
+            GrantScope::Tree => "this process tree",
+        };
+        format!(
+            "{what} for {}",
+            humantime::format_duration(std::time::Duration::from_secs(self.for_secs))
+        )
+    }
+}
+
+/// A grant given with an approval (in [`DecisionStatement::grant`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantStatement {
+    /// Unique at this approver (`g-` + its request id).
+    pub id: String,
+    pub scope: GrantScope,
+    /// RFC 3339.
+    pub expires_at: String,
+}
+
+/// The approver revokes a grant (payload of [`PAYLOAD_REVOCATION`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationStatement {
+    pub v: u32,
+    pub approver_key: String,
+    pub host_id: String,
+    pub grant_id: String,
+    /// Who revoked it (`bob via slack`).
+    pub by: String,
+    /// RFC 3339.
+    pub at: String,
 }
 
 /// A rung of the escalation ladder, as sent to the approver.
@@ -154,6 +240,9 @@ pub struct Approval {
     pub justification: Option<String>,
     /// RFC 3339.
     pub at: String,
+    /// The grant this answer offered to give (index into the escalation's `grants`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<u32>,
 }
 
 /// The approver's decision (payload of [`PAYLOAD_DECISION`]).
@@ -171,6 +260,9 @@ pub struct DecisionStatement {
     pub approvals: Vec<Approval>,
     /// RFC 3339.
     pub decided_at: String,
+    /// A grant given with the approval (every approval chose it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<GrantStatement>,
 }
 
 #[cfg(test)]

@@ -478,8 +478,8 @@ fn teams_card_action_approves_a_held_exec() {
     }
 }
 
-/// The same path over TLS: the daemon and the CLI trust the approver's certificate through
-/// `ca_file`; without it the CLI refuses to talk.
+/// The same path over TLS: the daemon and the CLI trust the approver's (self-signed)
+/// certificate through `ca_file`; without it the CLI refuses to talk.
 #[test]
 fn approver_over_tls() {
     let approver = Approver::start_tls();
@@ -624,4 +624,132 @@ fn approvers_are_reloaded_from_the_file() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(list("erin").status.success() && list("bob").status.success());
+}
+
+/// Grants: bob approves with "this binary for 10m" (a Slack button); the label's next exec of
+/// that binary runs without a human (recorded as allowed by the grant); bob revokes it from
+/// the Slack message and the next exec waits for a human again. Then the same through the
+/// CLI (`--grant binary`), revoked on the host itself.
+#[test]
+fn a_grant_answers_later_execs_until_it_is_revoked() {
+    let slack = FakeSlack::start();
+    let approver = Approver::start(Some(&slack));
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy_with(
+        dir.path(),
+        1,
+        false,
+        "60s",
+        ", grants: [{scope: binary, for: 10m}, {scope: destination, for: 10m}]",
+    );
+    let d = start_daemon(&approver, dir.path(), &policy);
+    let url = approver.slack_request_url();
+    let m1 = marker(&d, "first");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m1]);
+    let msg = slack.wait_message(&m1);
+    let text = msg.to_string();
+    assert!(
+        text.contains("this binary for 10m"),
+        "the grant is offered: {text}"
+    );
+    assert!(
+        !text.contains("this destination"),
+        "a connect grant is not offered for an exec: {text}"
+    );
+    let a = slack.click(&url, &msg["ts"], "grant_0", "UBOB", &json!({}));
+    assert_eq!(a[0]["status"], 200, "{a:?}");
+    assert!(p.wait(WAIT).success(), "{}\n{}", d.log(), approver.log());
+    let listed = String::from_utf8_lossy(&d.cli(&["grants", "list"]).stdout).into_owned();
+    assert!(
+        listed.contains("g-1") && listed.contains("label=coder"),
+        "{listed}"
+    );
+
+    // Covered by the grant: no human, no Slack message.
+    let m2 = marker(&d, "second");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m2]);
+    assert!(p.wait(WAIT).success(), "{}", d.log());
+    assert!(Path::new(&m2).exists());
+    assert!(!slack.messages().iter().any(|x| x.to_string().contains(&m2)));
+    let log = d.decisions();
+    assert!(
+        log.iter().any(|e| e["decision"] == "auto-allowed"
+            && e["by"]
+                .as_str()
+                .unwrap()
+                .starts_with("grant g-1 (bob via slack)")),
+        "{log:?}"
+    );
+
+    // Revoked from the Slack message: a human decides again.
+    let deadline = std::time::Instant::now() + WAIT;
+    let revoke_ts = loop {
+        let m = slack
+            .messages()
+            .into_iter()
+            .find(|x| x["ts"] == msg["ts"])
+            .unwrap();
+        if m["blocks"].to_string().contains("Revoke grant") {
+            break m["ts"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no revoke button: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    slack.click(&url, &revoke_ts, "revoke", "UCAROL", &json!({}));
+    slack.wait_reply("revoked");
+    let deadline = std::time::Instant::now() + WAIT;
+    while String::from_utf8_lossy(&d.cli(&["grants", "list"]).stdout).contains("g-1") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the host kept the grant:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m3 = marker(&d, "third");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m3]);
+    let r = approver.wait_request(&m3);
+    assert!(
+        p.still_running_after(Duration::from_millis(300)),
+        "held again"
+    );
+
+    // The CLI gives a grant; the host revokes it locally.
+    let id = r["id"].to_string();
+    let out = approver.cli("bob", &["approve", &id, "--grant", "tree"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("offers no `tree` grant"),
+        "{out:?}"
+    );
+    let out = approver.cli("bob", &["approve", &id, "--grant", "binary"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("decided: approve"),
+        "{out:?}"
+    );
+    assert!(p.wait(WAIT).success());
+    let grant = format!("g-{id}");
+    let deadline = std::time::Instant::now() + WAIT;
+    while !String::from_utf8_lossy(&d.cli(&["grants", "list"]).stdout).contains(&grant) {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = d.cli(&["grants", "revoke", &grant]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spool_records = std::process::Command::new(countersign_tests::countersign_bin())
+        .args(["records", "verify"])
+        .arg(d.spool_dir())
+        .arg("--key")
+        .arg(d.dir().join("host.key.pub"))
+        .arg("--approver-key")
+        .arg(approver.key_path().with_extension("key.pub"))
+        .output()
+        .unwrap();
+    assert!(spool_records.status.success(), "{spool_records:?}");
 }

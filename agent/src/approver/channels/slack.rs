@@ -147,11 +147,15 @@ impl Slack {
         trigger_id: &str,
         id: i64,
         decision: &str,
+        grant: Option<u32>,
     ) -> Result<(), ChannelError> {
         let view = json!({
             "type": "modal",
             "callback_id": REASON_CALLBACK,
-            "private_metadata": format!("{id}:{decision}"),
+            "private_metadata": match grant {
+                Some(g) => format!("{id}:{decision}:{g}"),
+                None => format!("{id}:{decision}"),
+            },
             "title": {"type": "plain_text", "text": "Reason required"},
             "submit": {"type": "plain_text", "text": capitalise(decision)},
             "close": {"type": "plain_text", "text": "Cancel"},
@@ -274,15 +278,22 @@ pub fn blocks(req: &StoredRequest, public_url: Option<&str>) -> Value {
         }
         out.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": ctx}]}));
         let id = req.id.to_string();
+        let mut buttons = vec![
+            json!({"type": "button", "action_id": "approve", "style": "primary", "value": id, "text": {"type": "plain_text", "text": "Approve once"}}),
+        ];
+        for (i, g) in e.grants.iter().enumerate().filter(|(_, g)| g.fits(&v.kind)) {
+            buttons.push(
+                json!({"type": "button", "action_id": format!("grant_{i}"), "value": id,
+                "text": {"type": "plain_text", "text": format!("Approve {}", g.describe())}}),
+            );
+        }
+        buttons.push(json!({"type": "button", "action_id": "deny", "style": "danger", "value": id, "text": {"type": "plain_text", "text": "Deny"}}));
+        buttons.push(json!({"type": "button", "action_id": "kill", "value": id, "text": {"type": "plain_text", "text": "Kill process"},
+                 "confirm": {"title": {"type": "plain_text", "text": "Kill the process?"}, "text": {"type": "plain_text", "text": "The agent's process is killed, not just refused."}, "confirm": {"type": "plain_text", "text": "Kill"}, "deny": {"type": "plain_text", "text": "Cancel"}}}));
         out.push(json!({
             "type": "actions",
             "block_id": format!("countersign_{}", req.id),
-            "elements": [
-                {"type": "button", "action_id": "approve", "style": "primary", "value": id, "text": {"type": "plain_text", "text": "Approve"}},
-                {"type": "button", "action_id": "deny", "style": "danger", "value": id, "text": {"type": "plain_text", "text": "Deny"}},
-                {"type": "button", "action_id": "kill", "value": id, "text": {"type": "plain_text", "text": "Kill process"},
-                 "confirm": {"title": {"type": "plain_text", "text": "Kill the process?"}, "text": {"type": "plain_text", "text": "The agent's process is killed, not just refused."}, "confirm": {"type": "plain_text", "text": "Kill"}, "deny": {"type": "plain_text", "text": "Cancel"}}}
-            ]
+            "elements": buttons
         }));
     } else {
         let who: Vec<String> = req
@@ -311,6 +322,22 @@ pub fn blocks(req: &StoredRequest, public_url: Option<&str>) -> Value {
             }
         );
         out.push(json!({"type": "section", "text": {"type": "mrkdwn", "text": text}}));
+        if let Some(g) = &req.grant {
+            let state = if g.active() {
+                format!("until {}", g.expires)
+            } else if let Some(by) = &g.revoked_by {
+                format!("revoked by {}", escape(by))
+            } else {
+                "expired".to_owned()
+            };
+            out.push(json!({"type": "section", "text": {"type": "mrkdwn",
+                "text": format!("*Grant {}*: {} {state}", g.id, g.scope)}}));
+            if g.active() {
+                out.push(json!({"type": "actions", "block_id": format!("countersign_grant_{}", req.id), "elements": [
+                    {"type": "button", "action_id": "revoke", "style": "danger", "value": req.id.to_string(), "text": {"type": "plain_text", "text": "Revoke grant"}}
+                ]}));
+            }
+        }
     }
     Value::Array(out)
 }
@@ -460,6 +487,8 @@ pub struct Click {
     pub response_url: Option<String>,
     /// A modal submission (answered in the HTTP response) rather than a click.
     pub from_modal: bool,
+    /// An approval that gives the grant offered at this index.
+    pub grant: Option<u32>,
 }
 
 /// Parses a verified callback body (`payload=<JSON>`): a button click or the reason modal's
@@ -490,8 +519,16 @@ pub fn parse_payload(p: &Value) -> Result<Option<Click>, CallbackError> {
             let Some(action) = p["actions"].as_array().and_then(|a| a.first()) else {
                 return Ok(None);
             };
-            let decision = action["action_id"].as_str().unwrap_or_default().to_owned();
-            if !matches!(decision.as_str(), "approve" | "deny" | "kill") {
+            let action_id = action["action_id"].as_str().unwrap_or_default();
+            // `grant_N`: approve and give the grant offered at index N.
+            let (decision, grant) = match action_id.strip_prefix("grant_") {
+                Some(n) => match n.parse::<u32>() {
+                    Ok(n) => ("approve".to_owned(), Some(n)),
+                    Err(_) => return Ok(None),
+                },
+                None => (action_id.to_owned(), None),
+            };
+            if !matches!(decision.as_str(), "approve" | "deny" | "kill" | "revoke") {
                 return Ok(None);
             }
             let id = action["value"]
@@ -509,14 +546,19 @@ pub fn parse_payload(p: &Value) -> Result<Option<Click>, CallbackError> {
                 trigger_id: p["trigger_id"].as_str().map(str::to_owned),
                 response_url: p["response_url"].as_str().map(str::to_owned),
                 from_modal: false,
+                grant,
             }))
         }
         Some("view_submission") if p["view"]["callback_id"] == REASON_CALLBACK => {
+            // `ID:DECISION` or `ID:approve:GRANT`.
             let meta = p["view"]["private_metadata"].as_str().unwrap_or_default();
-            let (id, decision) = meta
-                .split_once(':')
-                .and_then(|(i, d)| Some((i.parse().ok()?, d.to_owned())))
+            let mut parts = meta.split(':');
+            let (id, decision) = parts
+                .next()
+                .and_then(|i| i.parse().ok())
+                .zip(parts.next().map(str::to_owned))
                 .ok_or_else(|| CallbackError::Payload("modal without its request".into()))?;
+            let grant = parts.next().and_then(|g| g.parse().ok());
             let reason = p["view"]["state"]["values"]["reason"]["reason"]["value"]
                 .as_str()
                 .map(str::to_owned);
@@ -531,6 +573,7 @@ pub fn parse_payload(p: &Value) -> Result<Option<Click>, CallbackError> {
                 trigger_id: None,
                 response_url: None,
                 from_modal: true,
+                grant,
             }))
         }
         _ => Ok(None),

@@ -347,6 +347,12 @@ pub fn card(req: &StoredRequest, public_url: Option<&str>) -> Value {
         ] {
             actions.push(json!({"type": "Action.Execute", "verb": verb, "title": title, "data": {"id": req.id}}));
         }
+        for (i, g) in e.grants.iter().enumerate().filter(|(_, g)| g.fits(&v.kind)) {
+            actions.push(json!({"type": "Action.Execute", "verb": "approve", "title": format!("Approve {}", g.describe()), "data": {"id": req.id, "grant": i}}));
+        }
+    } else if let Some(g) = req.grant.as_ref().filter(|g| g.active()) {
+        body.push(json!({"type": "TextBlock", "wrap": true, "text": format!("Grant {} ({}) in force until {}", g.id, g.scope, g.expires)}));
+        actions.push(json!({"type": "Action.Execute", "verb": "revoke", "title": "Revoke grant", "data": {"id": req.id}}));
     }
     if let Some(u) = public_url {
         actions.push(json!({"type": "Action.OpenUrl", "title": "Open in the web page", "url": format!("{}/requests/{}", u.trim_end_matches('/'), req.id)}));
