@@ -94,6 +94,9 @@ pub struct StatusInfo {
     /// Bytes of spool segments (receipted segments are removed).
     #[serde(default)]
     pub spool_bytes: u64,
+    /// The configured alarm threshold (`spool_alarm_bytes`).
+    #[serde(default)]
+    pub spool_alarm_bytes: u64,
     pub timeout_action: String,
     pub holds: u64,
     /// Connects the policy allowed in the kernel (never stopped).

@@ -748,3 +748,23 @@ async fn openapi() -> impl IntoResponse {
         include_str!("openapi.json"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    /// Regression guard: every approver route is described in the served OpenAPI document.
+    #[test]
+    fn the_openapi_document_describes_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(include_str!("openapi.json")).unwrap();
+        let source = include_str!("api.rs");
+        let routes: Vec<&str> = source
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix(".route(\""))
+            .filter_map(|l| l.split('"').next())
+            .filter(|p| p.starts_with("/v1/") || p.starts_with("/slack") || p.starts_with("/teams"))
+            .collect();
+        assert!(routes.len() >= 10, "{routes:?}");
+        for r in routes {
+            assert!(doc["paths"][r].is_object(), "{r} is not in openapi.json");
+        }
+    }
+}

@@ -59,6 +59,12 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
             s.records_written, s.spool_bytes
         ),
     }
+    if s.spool_alarm_bytes > 0 && s.spool_bytes > s.spool_alarm_bytes {
+        println!(
+            "  ALARM: the record spool holds {} bytes, above spool_alarm_bytes ({}): is the collector receipting? Nothing is dropped.",
+            s.spool_bytes, s.spool_alarm_bytes
+        );
+    }
     if let Some(e) = &s.records_error {
         println!("  ALARM: signed records cannot be written; new requests are refused: {e}");
     }

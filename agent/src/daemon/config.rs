@@ -60,6 +60,9 @@ pub struct DaemonConfig {
     pub spool_dir: PathBuf,
     /// Seconds between heartbeat records (silence between them is provable).
     pub heartbeat_secs: u64,
+    /// Above this many bytes of unreceipted spool, `status` raises an alarm (records are
+    /// never dropped to stay under it).
+    pub spool_alarm_bytes: u64,
     /// The collector records are shipped to (none: they stay in the spool).
     pub collector: Option<CollectorTarget>,
     pub mode: ModeRequest,
@@ -84,6 +87,9 @@ impl Default for DaemonConfig {
             // A minute: an auditor can tell a quiet host from a dead one to the minute, for
             // about 1.5 MB of records a day.
             heartbeat_secs: 60,
+            // 1 GiB: months of records for a busy host; reaching it means the collector has
+            // not receipted anything for a long time.
+            spool_alarm_bytes: 1 << 30,
             collector: None,
             // BPF LSM where the kernel runs it; most hosts do not boot with it.
             mode: ModeRequest::Auto,

@@ -1386,6 +1386,7 @@ impl Daemon {
                 .filter(|c| c.chain_id == self.spool.chain_id())
                 .map(|c| c.seq),
             spool_bytes: records::spool::size(self.spool.dir()),
+            spool_alarm_bytes: self.config.spool_alarm_bytes,
             holds: stats[shared::STAT_HOLDS as usize],
             fast_allowed: stats[shared::STAT_FAST_ALLOWED as usize],
             fast_allowed_execs: stats[shared::STAT_FAST_EXEC as usize],
@@ -1528,6 +1529,14 @@ impl Daemon {
         self.ticks += 1;
         if self.last_heartbeat.elapsed() >= Duration::from_secs(self.config.heartbeat_secs) {
             self.last_heartbeat = Instant::now();
+            let spooled = records::spool::size(self.spool.dir());
+            if spooled > self.config.spool_alarm_bytes {
+                tracing::warn!(
+                    spooled,
+                    alarm = self.config.spool_alarm_bytes,
+                    "the record spool is above spool_alarm_bytes (is the collector receipting?); nothing is dropped"
+                );
+            }
             self.append(Body::Heartbeat {
                 pending: self.requests.len() as u64,
                 interval_secs: self.config.heartbeat_secs,

@@ -788,3 +788,27 @@ fn an_exec_approved_through_the_approver_reaches_the_collector_and_its_bundle_ve
         text(&check)
     );
 }
+
+/// A spool above `spool_alarm_bytes` is an alarm in `status`, and nothing is dropped: every
+/// decision still has its record.
+#[test]
+fn a_large_spool_is_an_alarm_not_a_reason_to_drop() {
+    let base = tempfile::tempdir().unwrap();
+    let yaml = base.path().join("daemon.yaml");
+    std::fs::write(&yaml, "spool_alarm_bytes: 1\n").unwrap();
+    let d = Daemon::start_with(&[
+        "--config",
+        yaml.to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    let m = marker(&d, "ran");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let r = d.wait_exec(p.pid(), "touch");
+    d.decide(&r, "approve");
+    assert!(p.wait(WAIT).success());
+    let human = String::from_utf8_lossy(&d.cli(&["status"]).stdout).into_owned();
+    assert!(human.contains("ALARM: the record spool holds"), "{human}");
+    let out = verify(&d.spool_dir(), &d.host_pub());
+    assert!(out.status.success(), "{}", text(&out));
+}
