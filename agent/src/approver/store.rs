@@ -632,7 +632,22 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<(i64, Envelope)>, StoreError> {
-        let rows = sqlx::query("SELECT seq, envelope FROM decisions WHERE host_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
+        self.signed_after("decisions", host_id, after, limit).await
+    }
+
+    /// The envelopes of `table` (`decisions` or `revocations`) for `host_id` after sequence
+    /// `after`, oldest first.
+    async fn signed_after(
+        &self,
+        table: &'static str,
+        host_id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<(i64, Envelope)>, StoreError> {
+        let sql = format!(
+            "SELECT seq, envelope FROM {table} WHERE host_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
             .bind(host_id)
             .bind(after)
             .bind(limit)
@@ -644,7 +659,7 @@ impl Store {
                 Ok((
                     r.try_get(0)?,
                     serde_json::from_str(&env)
-                        .map_err(|e| StoreError::Corrupt(format!("decision envelope: {e}")))?,
+                        .map_err(|e| StoreError::Corrupt(format!("{table} envelope: {e}")))?,
                 ))
             })
             .collect()
@@ -781,22 +796,8 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<(i64, Envelope)>, StoreError> {
-        let rows = sqlx::query("SELECT seq, envelope FROM revocations WHERE host_id = $1 AND seq > $2 ORDER BY seq LIMIT $3")
-            .bind(host_id)
-            .bind(after)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| {
-                let env: String = r.try_get(1)?;
-                Ok((
-                    r.try_get(0)?,
-                    serde_json::from_str(&env)
-                        .map_err(|e| StoreError::Corrupt(format!("revocation envelope: {e}")))?,
-                ))
-            })
-            .collect()
+        self.signed_after("revocations", host_id, after, limit)
+            .await
     }
 
     /// Marks pending requests whose deadline passed as expired; their ids.
