@@ -1024,6 +1024,65 @@ mod tests {
         );
     }
 
+    /// A grant is given only if offered and chosen by every approval of the quorum.
+    #[tokio::test(flavor = "current_thread")]
+    async fn grants_must_be_offered_and_agreed() {
+        use crate::sign::statement::{GrantOffer, GrantScope};
+        let (_d, s) = store().await;
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let mut esc = escalation(9, now_ms() + 60_000);
+        esc.grants = vec![
+            GrantOffer {
+                scope: GrantScope::Binary,
+                for_secs: 600,
+            },
+            GrantOffer {
+                scope: GrantScope::Destination,
+                for_secs: 600,
+            },
+        ];
+        esc.quorum = 2;
+        let (id, _) = s
+            .insert_request(&esc, &envelope(&key), now_ms() + 60_000)
+            .await
+            .unwrap();
+        let c = config();
+        let who = |n: &'static str| Answerer {
+            approver: n,
+            channel: "api",
+            identity: n,
+        };
+        let with = |g: Option<u32>| Choice {
+            decision: Decision::Approve,
+            justification: None,
+            grant: g,
+        };
+        // Out of range, and a connect grant for an exec: refused.
+        for g in [5, 1] {
+            let r = s
+                .answer(&c, &key, id, &who("bob"), with(Some(g)))
+                .await
+                .unwrap();
+            assert!(matches!(r, AnswerResult::Refused(_)), "{g}: {r:?}");
+        }
+        s.answer(&c, &key, id, &who("bob"), with(Some(0)))
+            .await
+            .unwrap();
+        // Carol approves without the grant: approved, but no grant.
+        let r = s
+            .answer(&c, &key, id, &who("carol"), with(None))
+            .await
+            .unwrap();
+        assert!(matches!(r, AnswerResult::Decided { .. }), "{r:?}");
+        let d = s.decisions_after("host", 0, 10).await.unwrap();
+        let stmt: DecisionStatement = d[0]
+            .1
+            .verify_json(statement::PAYLOAD_DECISION, &key.verifying_key())
+            .unwrap();
+        assert!(stmt.grant.is_none(), "{stmt:?}");
+        assert!(s.grants(false, 10).await.unwrap().is_empty());
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn expired_requests_take_no_answers() {
         let (_d, s) = store().await;

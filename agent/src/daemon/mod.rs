@@ -87,6 +87,8 @@ struct Held {
     event: shared::Event,
     /// Set when escalated to the remote approver: what its decision must be bound to.
     action_hash: Option<String>,
+    /// The grants the escalation offered (a decision's grant must be one of them).
+    grant_offers: Vec<crate::sign::statement::GrantOffer>,
 }
 
 struct Daemon {
@@ -607,6 +609,7 @@ impl Daemon {
             on_timeout: self.timeout_decision(),
             event: *ev,
             action_hash: None,
+            grant_offers: Vec::new(),
         }
     }
 
@@ -777,6 +780,18 @@ impl Daemon {
     /// Keeps the grant an approver's decision gave for `held`, and records it.
     fn issue_grant(&mut self, held: &Held, g: &crate::sign::statement::GrantStatement, by: &str) {
         use crate::sign::statement::GrantScope;
+        // Only what this host's policy offered, for no longer than offered (a minute of clock
+        // skew allowed), whatever the approver signed.
+        let longest = held
+            .grant_offers
+            .iter()
+            .filter(|o| o.scope == g.scope && o.fits(&held.view.kind))
+            .map(|o| o.for_secs)
+            .max();
+        let Some(longest) = longest else {
+            tracing::error!(grant = g.id, scope = %g.scope, "the approver gave a grant the policy did not offer; only the approval applies");
+            return;
+        };
         let subject = self.grant_subject(held);
         let key = match g.scope {
             GrantScope::Binary => subject.binary.map(grants::Key::Binary),
@@ -807,7 +822,15 @@ impl Daemon {
             );
             return;
         };
-        if expires <= std::time::SystemTime::now() {
+        let now = std::time::SystemTime::now();
+        if expires <= now {
+            return;
+        }
+        if expires > now + Duration::from_secs(longest + 60) {
+            tracing::error!(
+                grant = g.id,
+                "the grant lasts longer than the policy offers; only the approval applies"
+            );
             return;
         }
         let grant = grants::Grant {
@@ -916,6 +939,7 @@ impl Daemon {
             Ok(env) => {
                 remote.escalate(env, tokio::time::Instant::from_std(held.deadline));
                 held.action_hash = Some(hash);
+                held.grant_offers = esc.grants.clone();
             }
             // Unsendable: nobody remote can decide; the local CLI and the timeout still can.
             Err(e) => tracing::error!(id = held.view.id, error = %e, "cannot sign the escalation"),
