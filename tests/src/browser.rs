@@ -2,6 +2,7 @@
 //! chromedriver's W3C WebDriver HTTP API. `cargo xtask setup` installs both. The driver and
 //! the browser are ended on drop.
 use std::{
+    os::unix::process::CommandExt as _,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -26,8 +27,11 @@ impl Browser {
     #[must_use]
     pub fn start() -> Self {
         let port = free_port();
+        // Its own process group: on drop the driver and every browser process it started go
+        // together, even if the session could not be ended politely.
         let child = Command::new("chromedriver")
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
