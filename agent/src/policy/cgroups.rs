@@ -52,6 +52,28 @@ pub fn unit_matches(unit: &str, path: &str) -> bool {
     !unit.is_empty() && path.rsplit('/').next() == Some(unit)
 }
 
+/// The unit types that own a cgroup; a `systemd_unit` must name one of them.
+pub const UNIT_SUFFIXES: [&str; 3] = [".service", ".scope", ".slice"];
+
+/// Checks a `systemd_unit` value: one path component with its unit type, at most 255 bytes
+/// (a name that could never be a cgroup's last component is an error, not a silent no-match).
+pub fn check_unit(unit: &str) -> Result<(), String> {
+    if unit.is_empty() || unit.len() > 255 || unit.contains(['/', '\0']) {
+        return Err(format!(
+            "systemd_unit `{unit}`: a unit name (1 to 255 bytes, no `/`)"
+        ));
+    }
+    if !UNIT_SUFFIXES
+        .iter()
+        .any(|s| unit.len() > s.len() && unit.ends_with(s))
+    {
+        return Err(format!(
+            "systemd_unit `{unit}`: name the unit with its type (`{unit}.service`; .service, .scope or .slice own cgroups)"
+        ));
+    }
+    Ok(())
+}
+
 /// Whether any label of the policy is matched by cgroup glob or systemd unit.
 #[must_use]
 pub fn uses_cgroup_match(policy: &Policy) -> bool {
@@ -203,6 +225,27 @@ mod tests {
         assert_eq!(label_for(&p, "/system.slice/xfoo.service"), None);
         assert_eq!(label_for(&p, "/system.slice/foo.service.d"), None);
         assert!(!unit_matches("", "/"));
+        for ok in ["foo.service", "a-b@1.scope", "x.slice"] {
+            assert_eq!(check_unit(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "foo", ".service", "a/foo.service", "foo.socket"] {
+            assert!(check_unit(bad).is_err(), "{bad}");
+        }
+        let e = crate::policy::load(&[{
+            let f = d.path().join("bad.yaml");
+            std::fs::write(
+                &f,
+                "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    match: {systemd_unit: [coding-agent]}\n",
+            )
+            .unwrap();
+            f
+        }])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("bad.yaml:3:") && e.contains("`coding-agent.service`"),
+            "{e}"
+        );
         let un = unapplied(&p);
         assert_eq!(un.len(), 3);
         assert_eq!(un[1], ("svc".into(), "systemd unit(s) foo.service".into()));
