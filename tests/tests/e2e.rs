@@ -615,6 +615,8 @@ fn policy_check_lists_cgroups_named_by_globs_and_units() {
     let _agents = cg.child("agents-1");
     let _unit = cg.child("x.service");
     let _other = cg.child("other");
+    // Holds the unit's name but is not the unit: not named.
+    let _not_unit = cg.child("ax.service");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("p.yaml");
     std::fs::write(
@@ -650,7 +652,8 @@ fn policy_check_lists_cgroups_named_by_globs_and_units() {
     assert!(
         !listed
             .iter()
-            .any(|l| l.contains(&format!("{}/other ", cg.name))),
+            .any(|l| l.contains(&format!("{}/other ", cg.name))
+                || l.contains(&format!("{}/ax.service ", cg.name))),
         "{text}"
     );
     assert!(
