@@ -192,6 +192,10 @@ enum PolicyCmd {
         /// Policy files or directories.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Also list the existing cgroups of this host that `match: cgroup`/`systemd_unit`
+        /// name (not applied by the daemon yet).
+        #[arg(long)]
+        cgroups: bool,
     },
     /// Print which rule matches an action and what would happen.
     Test {
@@ -331,8 +335,8 @@ fn main() {
             ..
         } => report(cli::token::hash_token(new)),
         Cmd::Policy {
-            action: PolicyCmd::Check { files },
-        } => cli::policy::check(&files),
+            action: PolicyCmd::Check { files, cgroups },
+        } => cli::policy::check(&files, cgroups),
         Cmd::Policy {
             action:
                 PolicyCmd::Test {

@@ -607,6 +607,63 @@ fn policy_check_reports_validity_by_exit_status() {
     );
 }
 
+/// `policy check --cgroups` lists the existing cgroups a policy's cgroup globs and systemd
+/// units name (by the documented rule) and warns that the daemon does not apply them yet.
+#[test]
+fn policy_check_lists_cgroups_named_by_globs_and_units() {
+    let cg = TestCgroup::new("countersign-match");
+    let _agents = cg.child("agents-1");
+    let _unit = cg.child("x.service");
+    let _other = cg.child("other");
+    // Holds the unit's name but is not the unit: not named.
+    let _not_unit = cg.child("ax.service");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "apiVersion: countersign.dev/v1\nlabels:\n  - name: agents\n    match: {{cgroup: ['{0}/agents-*']}}\n  - name: svc\n    match: {{systemd_unit: [x.service]}}\n",
+            cg.name
+        ),
+    )
+    .unwrap();
+    let out = countersign(&["policy", "check", "--cgroups", file.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Vec<&str> = text.lines().filter(|l| l.starts_with("cgroup ")).collect();
+    let job = format!("cgroup {}/agents-1 (id ", cg.name);
+    let unit = format!("cgroup {}/x.service (id ", cg.name);
+    assert!(
+        listed
+            .iter()
+            .any(|l| l.starts_with(&job) && l.ends_with("): label agents")),
+        "{text}"
+    );
+    assert!(
+        listed
+            .iter()
+            .any(|l| l.starts_with(&unit) && l.ends_with("): label svc")),
+        "{text}"
+    );
+    assert!(
+        !listed
+            .iter()
+            .any(|l| l.contains(&format!("{}/other ", cg.name))
+                || l.contains(&format!("{}/ax.service ", cg.name))),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "warning: label `svc`: systemd unit(s) x.service are checked but not applied"
+        ),
+        "{text}"
+    );
+}
+
 /// `policy test` names the matching rule and the outcome, for execs and connects.
 #[test]
 fn policy_test_names_rule_and_outcome() {

@@ -13,7 +13,8 @@ use crate::{
 };
 
 /// Prints every error (file:line:column: message); the exit status says valid or not.
-pub fn check(files: &[PathBuf]) -> i32 {
+/// With `cgroups`, also lists the existing cgroups `match: cgroup`/`systemd_unit` name.
+pub fn check(files: &[PathBuf], cgroups: bool) -> i32 {
     match policy::load(files) {
         Ok(p) => {
             println!(
@@ -31,6 +32,14 @@ pub fn check(files: &[PathBuf]) -> i32 {
                     );
                 }
             }
+            for (label, what) in policy::cgroups::unapplied(&p) {
+                println!(
+                    "warning: label `{label}`: {what} are checked but not applied by the daemon yet; label those cgroups with cgroup_labels in daemon.yaml"
+                );
+            }
+            if cgroups {
+                return list_cgroups(&p);
+            }
             0
         }
         Err(errors) => {
@@ -38,6 +47,27 @@ pub fn check(files: &[PathBuf]) -> i32 {
                 eprintln!("{e}");
             }
             eprintln!("{} error(s)", errors.0.len());
+            1
+        }
+    }
+}
+
+/// Prints `cgroup PATH (id N): label L` for each existing cgroup the policy names.
+fn list_cgroups(p: &policy::Policy) -> i32 {
+    let Some(root) = crate::ebpf::cgroup2_root() else {
+        eprintln!("error: no cgroup v2 mount in /proc/mounts");
+        return 1;
+    };
+    match policy::cgroups::existing(p, &root) {
+        Ok(found) => {
+            for m in &found {
+                println!("cgroup {} (id {}): label {}", m.path, m.id, m.label);
+            }
+            println!("{} cgroup(s) named by the policy", found.len());
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             1
         }
     }

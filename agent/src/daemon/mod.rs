@@ -1070,6 +1070,13 @@ impl Daemon {
         tracing::info!(entries = execs.len(), "exec fast path installed");
         let mut by_exe = Vec::new();
         if let Some(p) = &self.policy {
+            for (label, what) in policy::cgroups::unapplied(p) {
+                tracing::warn!(
+                    label,
+                    what,
+                    "match by cgroup glob or systemd unit is not applied yet; use cgroup_labels in daemon.yaml"
+                );
+            }
             let (entries, skipped) = policy::compile::executable_labels(p);
             for (label, path, why) in skipped {
                 tracing::error!(label, executable = %path.display(), why, "executable not labelled");

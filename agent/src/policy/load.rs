@@ -227,6 +227,16 @@ impl Loader {
                     }
                     label.defined_in = Some(path.clone());
                     label.matches = matches.clone();
+                    for unit in &matches.systemd_unit {
+                        if let Err(message) = super::cgroups::check_unit(unit) {
+                            self.errors.push(PolicyError {
+                                file: path.clone(),
+                                line,
+                                column,
+                                message: format!("label `{}`: {message}", name.0),
+                            });
+                        }
+                    }
                     label.on_behalf_of.clone_from(on_behalf_of);
                     if let Some(d) = default {
                         if let Err(e) = d.check() {

@@ -2,6 +2,7 @@
 //! or need a human. `schema` is the YAML language, `load` reads and merges files, and this
 //! module evaluates an action against the merged policy (first matching rule wins, then the
 //! label's default).
+pub mod cgroups;
 pub mod compile;
 pub mod load;
 pub mod schema;
