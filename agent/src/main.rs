@@ -58,21 +58,8 @@ enum Cmd {
         action: RequestsCmd,
         #[arg(long, global = true)]
         socket_dir: Option<PathBuf>,
-        /// A remote approver's URL: list and answer its requests instead of this host's
-        /// (also $COUNTERSIGN_APPROVER_URL).
-        #[arg(
-            long,
-            global = true,
-            env = "COUNTERSIGN_APPROVER_URL",
-            conflicts_with = "socket_dir"
-        )]
-        approver: Option<String>,
-        /// A file holding your approver token (also $COUNTERSIGN_APPROVER_TOKEN).
-        #[arg(long, global = true)]
-        token_file: Option<PathBuf>,
-        /// A PEM CA certificate to trust for the approver's TLS.
-        #[arg(long, global = true)]
-        ca_file: Option<PathBuf>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Grants in force (on this host, or at a remote approver), and taking them back.
     Grants {
@@ -80,20 +67,8 @@ enum Cmd {
         action: GrantsCmd,
         #[arg(long, global = true)]
         socket_dir: Option<PathBuf>,
-        /// A remote approver's URL (also $COUNTERSIGN_APPROVER_URL).
-        #[arg(
-            long,
-            global = true,
-            env = "COUNTERSIGN_APPROVER_URL",
-            conflicts_with = "socket_dir"
-        )]
-        approver: Option<String>,
-        /// A file holding your approver token (also $COUNTERSIGN_APPROVER_TOKEN).
-        #[arg(long, global = true)]
-        token_file: Option<PathBuf>,
-        /// A PEM CA certificate to trust for the approver's TLS.
-        #[arg(long, global = true)]
-        ca_file: Option<PathBuf>,
+        #[command(flatten)]
+        remote: RemoteArgs,
     },
     /// Check policy files, or see what they decide for an action.
     Policy {
@@ -161,6 +136,37 @@ struct DaemonArgs {
     /// What a request nobody decides gets.
     #[arg(long, value_enum)]
     timeout_action: Option<TimeoutAction>,
+}
+
+/// How to reach a remote approver (instead of this host's daemon).
+#[derive(clap::Args)]
+struct RemoteArgs {
+    /// A remote approver's URL: work there instead of on this host
+    /// (also $COUNTERSIGN_APPROVER_URL).
+    #[arg(
+        long,
+        global = true,
+        env = "COUNTERSIGN_APPROVER_URL",
+        conflicts_with = "socket_dir"
+    )]
+    approver: Option<String>,
+    /// A file holding your approver token (also $COUNTERSIGN_APPROVER_TOKEN).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    /// A PEM CA certificate to trust for the approver's TLS.
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
+}
+
+impl RemoteArgs {
+    /// The remote approver, if one was named.
+    fn remote(self) -> Option<cli::remote::Remote> {
+        Some(cli::remote::Remote {
+            url: self.approver?,
+            token_file: self.token_file,
+            ca_file: self.ca_file,
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -400,17 +406,10 @@ fn main() {
         }
         Cmd::Requests {
             action,
-            approver: Some(url),
-            token_file,
-            ca_file,
-            ..
-        } => {
-            let remote = cli::remote::Remote {
-                url,
-                token_file,
-                ca_file,
-            };
-            report(match action {
+            socket_dir,
+            remote,
+        } => match remote.remote() {
+            Some(remote) => report(match action {
                 RequestsCmd::List { json, state } => remote.list(state.as_deref(), json),
                 RequestsCmd::Approve { id, reason, grant } => {
                     remote.approve(id, reason.as_deref(), grant.as_deref())
@@ -421,47 +420,36 @@ fn main() {
                 RequestsCmd::Kill { id, reason } => {
                     remote.answer(id, Decision::Kill, reason.as_deref())
                 }
-            })
-        }
+            }),
+            None => {
+                let dir = paths::socket_dir(socket_dir);
+                report(match action {
+                    RequestsCmd::List { json, .. } => cli::requests::list(&dir, json),
+                    RequestsCmd::Approve { id, .. } => {
+                        cli::requests::decide(&dir, id, Decision::Approve)
+                    }
+                    RequestsCmd::Deny { id, .. } => cli::requests::decide(&dir, id, Decision::Deny),
+                    RequestsCmd::Kill { id, .. } => cli::requests::decide(&dir, id, Decision::Kill),
+                })
+            }
+        },
         Cmd::Grants {
             action,
-            approver: Some(url),
-            token_file,
-            ca_file,
-            ..
-        } => {
-            let remote = cli::remote::Remote {
-                url,
-                token_file,
-                ca_file,
-            };
-            report(match action {
+            socket_dir,
+            remote,
+        } => match remote.remote() {
+            Some(remote) => report(match action {
                 GrantsCmd::List { json } => remote.grants(json),
                 GrantsCmd::Revoke { id } => remote.revoke(&id),
-            })
-        }
-        Cmd::Grants {
-            action, socket_dir, ..
-        } => {
-            let dir = paths::socket_dir(socket_dir);
-            report(match action {
-                GrantsCmd::List { json } => cli::requests::grants(&dir, json),
-                GrantsCmd::Revoke { id } => cli::requests::revoke(&dir, &id),
-            })
-        }
-        Cmd::Requests {
-            action, socket_dir, ..
-        } => {
-            let dir = paths::socket_dir(socket_dir);
-            report(match action {
-                RequestsCmd::List { json, .. } => cli::requests::list(&dir, json),
-                RequestsCmd::Approve { id, .. } => {
-                    cli::requests::decide(&dir, id, Decision::Approve)
-                }
-                RequestsCmd::Deny { id, .. } => cli::requests::decide(&dir, id, Decision::Deny),
-                RequestsCmd::Kill { id, .. } => cli::requests::decide(&dir, id, Decision::Kill),
-            })
-        }
+            }),
+            None => {
+                let dir = paths::socket_dir(socket_dir);
+                report(match action {
+                    GrantsCmd::List { json } => cli::requests::grants(&dir, json),
+                    GrantsCmd::Revoke { id } => cli::requests::revoke(&dir, &id),
+                })
+            }
+        },
     };
     std::process::exit(code);
 }
