@@ -59,6 +59,38 @@ pub fn fake_slack_bin() -> PathBuf {
     )
 }
 
+/// Writes `coder.yaml` in `dir`: label `coder` works for alice and escalates every exec of the
+/// probe to group `dev` with these settings (`extra`: more `escalate:` keys, starting with
+/// `, `); its path.
+#[must_use]
+pub fn coder_policy(
+    dir: &Path,
+    quorum: u32,
+    justification: bool,
+    timeout: &str,
+    extra: &str,
+) -> String {
+    let path = dir.join("coder.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: coder
+    on_behalf_of: alice@example.com
+    rules:
+      - name: run-the-probe
+        exec: {{binary: [{probe}]}}
+        outcome: escalate
+        escalate: {{approvers: [dev], quorum: {quorum}, justification: {justification}, timeout: {timeout}, on_timeout: deny{extra}}}
+",
+            probe = crate::probe_bin().display()
+        ),
+    )
+    .expect("policy file");
+    path.to_str().expect("utf-8 path").to_owned()
+}
+
 /// A free TCP port on loopback (bound, then released).
 #[must_use]
 pub fn free_port() -> u16 {

@@ -18,22 +18,9 @@ fn probe() -> String {
 fn approve_in_the_web_page() {
     let approver = Approver::start(None);
     let dir = tempfile::tempdir().unwrap();
-    let policy = dir.path().join("coder.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: countersign.dev/v1\nlabels:\n  - name: coder\n    on_behalf_of: alice@example.com\n    rules:\n      - name: run-the-probe\n        exec: {{binary: [{}]}}\n        outcome: escalate\n        escalate: {{approvers: [dev], timeout: 120s}}\n",
-            probe()
-        ),
-    )
-    .unwrap();
+    let policy = countersign_tests::remote::coder_policy(dir.path(), 1, false, "120s", "");
     let config = approver.daemon_config(dir.path());
-    let d = Daemon::start_with(&[
-        "--config",
-        config.to_str().unwrap(),
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
+    let d = Daemon::start_with(&["--config", config.to_str().unwrap(), "--policy", &policy]);
     let m = d
         .dir()
         .join("ran-from-the-web")

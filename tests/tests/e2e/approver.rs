@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 
 use countersign_tests::{
     Daemon, WAIT,
-    remote::{Approver, FakeSlack, FakeTeams},
+    remote::{Approver, FakeSlack, FakeTeams, coder_policy},
 };
 use serde_json::json;
 
@@ -19,25 +19,7 @@ fn policy(dir: &Path, quorum: u32, justification: bool, timeout: &str) -> String
 
 /// Like [`policy`], with more `escalate:` settings (`extra` starts with `, `).
 fn policy_with(dir: &Path, quorum: u32, justification: bool, timeout: &str, extra: &str) -> String {
-    let path = dir.join("coder.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: countersign.dev/v1
-labels:
-  - name: coder
-    on_behalf_of: alice@example.com
-    rules:
-      - name: run-the-probe
-        exec: {{binary: [{probe}]}}
-        outcome: escalate
-        escalate: {{approvers: [dev], quorum: {quorum}, justification: {justification}, timeout: {timeout}, on_timeout: deny{extra}}}
-",
-            probe = probe()
-        ),
-    )
-    .unwrap();
-    path.to_str().unwrap().to_owned()
+    coder_policy(dir, quorum, justification, timeout, extra)
 }
 
 fn start_daemon(approver: &Approver, dir: &Path, policy: &str) -> Daemon {

@@ -708,21 +708,8 @@ fn an_exec_approved_through_the_approver_reaches_the_collector_and_its_bundle_ve
         base.path().join("collector.key.pub").display()
     ));
     std::fs::write(&config, yaml).unwrap();
-    let policy = base.path().join("coder.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: countersign.dev/v1\nlabels:\n  - name: coder\n    on_behalf_of: alice@example.com\n    rules:\n      - name: run-the-probe\n        exec: {{binary: [{}]}}\n        outcome: escalate\n        escalate: {{approvers: [dev], timeout: 60s}}\n",
-            probe()
-        ),
-    )
-    .unwrap();
-    let mut d = Daemon::start_with(&[
-        "--config",
-        config.to_str().unwrap(),
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
+    let policy = countersign_tests::remote::coder_policy(base.path(), 1, false, "60s", "");
+    let mut d = Daemon::start_with(&["--config", config.to_str().unwrap(), "--policy", &policy]);
     let approver_pub = approver.key_path().with_extension("key.pub");
     let mut c = Collector::start_with(base.path(), port, &[d.host_pub()], &[approver_pub]);
     let m = marker(&d, "approved-remotely");
