@@ -7,6 +7,10 @@
 //! command's exit code back from a marker line that `/init` prints before powering off.
 //! Nothing waits forever: the whole run has a timeout, and qemu is killed (by its pid) on
 //! timeout and on every error path.
+//!
+//! One VM at a time per machine: TCG guests are CPU bound, and two of them on a small host
+//! starve each other until the guest kernels report RCU stalls. A run waits for an exclusive
+//! lock on `vm.lock` in the cache folder (released when the process ends, however it ends).
 
 use std::fmt;
 use std::fs;
@@ -155,12 +159,41 @@ pub fn run_in_vm(
         bail!("VM run on {kernel}: no command given");
     }
     let image = kernels::ensure_kernel(kernel)?;
+    let _lock = machine_lock()?;
     let scratch = RunDir::new(kernel)?;
     let initrd = scratch.0.join("initramfs.cpio");
     build_initramfs(files, command, env)
         .with_context(|| format!("VM run on {kernel}: building the initramfs"))?
         .write_to(&initrd)?;
     boot(kernel, &image.vmlinuz, &initrd, timeout)
+}
+
+/// Takes the machine-wide VM lock, waiting (and saying so) while another run holds it.
+fn machine_lock() -> Result<fs::File> {
+    let dir = paths::cache_dir();
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join("vm.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => return Ok(file),
+        Err(fs::TryLockError::WouldBlock) => {
+            eprintln!(
+                "waiting for another VM run on this machine ({})",
+                path.display()
+            );
+        }
+        Err(fs::TryLockError::Error(err)) => {
+            return Err(err).with_context(|| format!("locking {}", path.display()));
+        }
+    }
+    file.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
 }
 
 /// Assembles the initramfs for one run.
