@@ -8,12 +8,19 @@
 //! - `labelled`: the loop runs under `countersign exec --label bench`, and the policy allows
 //!   its actions (both in the kernel's fast path).
 //!
-//! Usage: cs-bench suite COUNTERSIGN POLICY_DIR_OUT ROUNDS EXECS CONNECTS
-//!        cs-bench exec N          (prints ns per exec)
-//!        cs-bench connect N       (prints ns per connect)
+//! Each loop reports two costs per operation: wall-clock time, and CPU time (user + system,
+//! of the loop's process and of the children it waited for, from `getrusage`). Kernel work
+//! done on the loop's behalf — the countersign hooks included — is charged to the loop's
+//! tasks, so its CPU time measures the hot path while being far less sensitive than wall time
+//! to other work on a shared machine; wall time also shows waiting (e.g. for the daemon).
 //!
-//! `suite` prints one JSON object with the medians (ns per operation) and the ratios to the
-//! baseline.
+//! Usage: cs-bench suite COUNTERSIGN POLICY_DIR_OUT ROUNDS EXECS CONNECTS
+//!        cs-bench exec N          (prints wall and CPU ns per exec)
+//!        cs-bench connect N       (prints wall and CPU ns per connect)
+//!
+//! `suite` prints one JSON object with every round's samples (`samples.LOOP.SETTING.wall` and
+//! `.cpu`, ns per operation, in round order); `cargo xtask bench` turns them into paired
+//! ratios, medians and intervals.
 use std::{
     io::Read as _,
     net::{TcpListener, TcpStream},
@@ -29,11 +36,15 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let code = match args.get(1).map(String::as_str) {
         Some("exec") => {
-            println!("{}", exec_loop(args[2].parse().expect("N")));
+            let n = args[2].parse().expect("N");
+            let (wall, cpu) = measure(n, || exec_loop(n));
+            println!("{wall} {cpu}");
             0
         }
         Some("connect") => {
-            println!("{}", connect_loop(args[2].parse().expect("N")));
+            let n = args[2].parse().expect("N");
+            let (wall, cpu) = measure(n, || connect_loop(n));
+            println!("{wall} {cpu}");
             0
         }
         Some("suite") => suite(
@@ -51,21 +62,40 @@ fn main() {
     std::process::exit(code);
 }
 
-/// Mean nanoseconds per fork+exec+wait of `/bin/true`.
-fn exec_loop(n: u32) -> u64 {
-    let start = Instant::now();
+/// CPU time (user + system) used so far by this process and by its waited-for children.
+fn cpu_ns() -> u128 {
+    let used = |who| {
+        // SAFETY: getrusage fills the zeroed struct it is given.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::getrusage(who, &raw mut ru) }, 0, "getrusage");
+        let tv = |t: libc::timeval| t.tv_sec as u128 * 1_000_000_000 + t.tv_usec as u128 * 1_000;
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    };
+    used(libc::RUSAGE_SELF) + used(libc::RUSAGE_CHILDREN)
+}
+
+/// Runs `body` (n operations) and returns its mean wall and CPU nanoseconds per operation.
+fn measure(n: u32, body: impl FnOnce()) -> (u64, u64) {
+    let (cpu0, start) = (cpu_ns(), Instant::now());
+    body();
+    let wall = start.elapsed().as_nanos();
+    let cpu = cpu_ns() - cpu0;
+    let n = u128::from(n.max(1));
+    ((wall / n) as u64, (cpu / n) as u64)
+}
+
+/// Fork+exec+wait of `/bin/true`, `n` times.
+fn exec_loop(n: u32) {
     for _ in 0..n {
         let status = Command::new(TRUE).status().expect("run /bin/true");
         assert!(status.success(), "/bin/true failed: {status}");
     }
-    (start.elapsed().as_nanos() / u128::from(n.max(1))) as u64
 }
 
-/// Mean nanoseconds per TCP connect+close to a loopback listener of this process.
-fn connect_loop(n: u32) -> u64 {
+/// TCP connect+close to a loopback listener of this process, `n` times.
+fn connect_loop(n: u32) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let start = Instant::now();
     for _ in 0..n {
         let s = TcpStream::connect(addr).expect("connect");
         // Accepted at once, in this thread: the accept queue never fills (a full queue drops
@@ -74,7 +104,6 @@ fn connect_loop(n: u32) -> u64 {
         reset_on_close(&s);
         drop(s);
     }
-    (start.elapsed().as_nanos() / u128::from(n.max(1))) as u64
 }
 
 /// Closes with a reset instead of leaving the port in TIME_WAIT, so that thousands of
@@ -144,8 +173,8 @@ impl Drop for Daemon {
     }
 }
 
-/// Runs `cs-bench WHAT N`, labelled or not, and returns its ns per operation.
-fn run(countersign: &Path, dir: Option<&Path>, what: &str, n: u32) -> u64 {
+/// Runs `cs-bench WHAT N`, labelled or not, and returns its (wall, CPU) ns per operation.
+fn run(countersign: &Path, dir: Option<&Path>, what: &str, n: u32) -> (u64, u64) {
     let me = std::env::current_exe().expect("current_exe");
     let mut cmd = match dir {
         Some(dir) => {
@@ -171,12 +200,31 @@ fn run(countersign: &Path, dir: Option<&Path>, what: &str, n: u32) -> u64 {
         .expect("read");
     let status = child.wait().expect("wait");
     assert!(status.success(), "the {what} loop failed: {status}");
-    out.trim().parse().expect("ns per op")
+    let mut it = out
+        .split_whitespace()
+        .map(|x| x.parse().expect("ns per op"));
+    let (Some(wall), Some(cpu)) = (it.next(), it.next()) else {
+        panic!("the {what} loop printed {out:?}, not WALL CPU");
+    };
+    (wall, cpu)
 }
 
-fn median(v: &mut [u64]) -> u64 {
-    v.sort_unstable();
-    v[v.len() / 2]
+/// The samples of one setting of one loop.
+#[derive(Default)]
+struct Samples {
+    wall: Vec<u64>,
+    cpu: Vec<u64>,
+}
+
+impl Samples {
+    fn push(&mut self, (wall, cpu): (u64, u64)) {
+        self.wall.push(wall);
+        self.cpu.push(cpu);
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"wall": self.wall, "cpu": self.cpu})
+    }
 }
 
 fn suite(countersign: &Path, work: &Path, rounds: u32, execs: u32, connects: u32) -> i32 {
@@ -203,15 +251,14 @@ labels:
     )
     .expect("policy");
     let dir = work.join("daemon");
-    let names = ["baseline", "unlabelled", "labelled"];
-    let mut exec = [Vec::new(), Vec::new(), Vec::new()];
-    let mut connect = [Vec::new(), Vec::new(), Vec::new()];
+    let mut exec: [Samples; 3] = Default::default();
+    let mut connect: [Samples; 3] = Default::default();
     // Warm up caches (page cache, binaries) outside the measurement.
     run(countersign, None, "exec", execs / 10 + 1);
     run(countersign, None, "connect", connects / 10 + 1);
     for round in 0..rounds {
         // Baseline first or last, alternately, so that neither side always runs first.
-        let baseline = |exec: &mut [Vec<u64>; 3], connect: &mut [Vec<u64>; 3]| {
+        let baseline = |exec: &mut [Samples; 3], connect: &mut [Samples; 3]| {
             exec[0].push(run(countersign, None, "exec", execs));
             connect[0].push(run(countersign, None, "connect", connects));
         };
@@ -230,22 +277,19 @@ labels:
         }
         eprintln!("cs-bench: round {}/{rounds} done", round + 1);
     }
-    let exec_m: Vec<u64> = exec.iter_mut().map(|v| median(v)).collect();
-    let connect_m: Vec<u64> = connect.iter_mut().map(|v| median(v)).collect();
-    let ratio = |m: &[u64], i: usize| m[i] as f64 / m[0].max(1) as f64;
-    let mut json = String::from("{");
-    json.push_str(&format!(
-        "\"rounds\":{rounds},\"execs_per_round\":{execs},\"connects_per_round\":{connects}"
-    ));
-    for (loop_name, m) in [("exec", &exec_m), ("connect", &connect_m)] {
-        for (i, n) in names.iter().enumerate() {
-            json.push_str(&format!(",\"{loop_name}_{n}_ns\":{}", m[i]));
-            if i > 0 {
-                json.push_str(&format!(",\"{loop_name}_{n}_ratio\":{:.4}", ratio(m, i)));
-            }
-        }
-    }
-    json.push('}');
+    let setting = |v: &[Samples; 3]| {
+        serde_json::json!({
+            "baseline": v[0].json(),
+            "unlabelled": v[1].json(),
+            "labelled": v[2].json(),
+        })
+    };
+    let json = serde_json::json!({
+        "rounds": rounds,
+        "execs_per_round": execs,
+        "connects_per_round": connects,
+        "samples": {"exec": setting(&exec), "connect": setting(&connect)},
+    });
     println!("{json}");
     0
 }
