@@ -235,15 +235,8 @@ fn render(r: &StoredRequest, csrf_token: Option<&str>) -> String {
             ),
         );
     }
-    if let Some(d) = &v.destination {
-        row(
-            "Destination",
-            format!(
-                "<code>{}</code> {}",
-                esc(d),
-                esc(v.protocol.as_deref().unwrap_or(""))
-            ),
-        );
+    if let Some(d) = v.destination_text() {
+        row("Destination", format!("<code>{}</code>", esc(&d)));
     }
     if let Some(c) = &v.cwd {
         row("cwd", format!("<code>{}</code>", esc(c)));
