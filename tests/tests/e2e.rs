@@ -1261,3 +1261,6 @@ fn a_failed_approved_exec_leaves_no_release() {
 
 #[path = "e2e/records.rs"]
 mod records;
+
+#[path = "e2e/names.rs"]
+mod names;

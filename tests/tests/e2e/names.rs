@@ -1,0 +1,211 @@
+//! Destination names learnt from DNS answers (issues 3 and 4): a real DNS responder on a
+//! loopback address is the daemon's configured resolver; the labelled probe resolves a name
+//! through it (a connected UDP socket, as the C library does) and connects to the answer.
+//! `host:` rules decide by the learnt name, the held request shows it, and answers from a
+//! server the host does not use teach nothing.
+use std::net::Ipv4Addr;
+
+use countersign_tests::{Daemon, Listener, WAIT, dns::DnsResponder};
+
+use super::{EPERM, probe};
+
+const RESOLVER: Ipv4Addr = Ipv4Addr::new(127, 0, 53, 1);
+/// The resolver of the second scenario (the scenarios run in parallel, each with its own).
+const RESOLVER_2: Ipv4Addr = Ipv4Addr::new(127, 0, 53, 3);
+/// A server the probe may ask, but that is not the host's resolver.
+const OTHER_SERVER: Ipv4Addr = Ipv4Addr::new(127, 0, 53, 2);
+
+fn start(dir: &std::path::Path, resolver: Ipv4Addr, extra_rules: &str) -> Daemon {
+    let config = dir.join("daemon.yaml");
+    std::fs::write(&config, format!("dns:\n  resolvers: [{resolver}]\n")).unwrap();
+    let policy = dir.join("names.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: names
+    default: {{outcome: deny}}
+    rules:
+      - {{name: the-probe, exec: {{binary: [{probe}]}}, outcome: allow}}
+      - {{name: dns, connect: {{cidr: [127.0.53.0/24], ports: [53], protocol: udp}}, outcome: allow}}
+      - {{name: no-paste, connect: {{host: ['*.paste.test']}}, outcome: deny}}
+{extra_rules}      - {{name: api, connect: {{host: ['*.example.test']}}, outcome: allow}}
+",
+            probe = probe()
+        ),
+    )
+    .unwrap();
+    Daemon::start_with(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ])
+}
+
+fn resolve_connect(d: &Daemon, name: &str, server: Ipv4Addr, port: u16) -> (Option<i32>, String) {
+    let mut p = d.labelled(
+        "names",
+        &[
+            &probe(),
+            "resolve-connect",
+            name,
+            &server.to_string(),
+            &port.to_string(),
+        ],
+    );
+    let code = p.wait(WAIT).code();
+    (code, p.stdout())
+}
+
+/// `host:` rules match the name the program resolved; the same address without a learnt
+/// name falls to the label's default; a name from another server is not learnt.
+#[test]
+fn host_rules_decide_by_the_name_the_host_resolver_gave() {
+    let api = Listener::on("127.0.54.1");
+    let paste = Listener::on("127.0.54.2");
+    let planted = Listener::on("127.0.54.4");
+    let _resolver = DnsResponder::start(
+        RESOLVER,
+        &[
+            ("api.example.test", Ipv4Addr::new(127, 0, 54, 1)),
+            ("x.paste.test", Ipv4Addr::new(127, 0, 54, 2)),
+        ],
+    );
+    // The program's own server says bank.example.test is 127.0.54.4.
+    let _other = DnsResponder::start(
+        OTHER_SERVER,
+        &[("bank.example.test", Ipv4Addr::new(127, 0, 54, 4))],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(dir.path(), RESOLVER, "");
+
+    // The address before any answer named it: the default (deny).
+    let mut p = d.labelled("names", &[&probe(), "connect", &api.addr()]);
+    assert_eq!(p.wait(WAIT).code(), Some(1));
+    assert_eq!(p.stdout().trim(), format!("error {EPERM}"));
+    assert!(!api.accepted());
+
+    // Resolved through the host's resolver: `*.example.test` allows it.
+    let (code, out) = resolve_connect(&d, "api.example.test", RESOLVER, api.port());
+    assert_eq!(code, Some(0), "{out}\n{}", d.log());
+    assert!(
+        out.contains("resolved 127.0.54.1") && out.contains("connected"),
+        "{out}"
+    );
+    assert!(api.accepted());
+
+    // `*.paste.test` refuses.
+    let (code, out) = resolve_connect(&d, "x.paste.test", RESOLVER, paste.port());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("error {EPERM}")), "{out}");
+    assert!(!paste.accepted());
+
+    // An answer from a server that is not the host's resolver plants no name.
+    let (code, out) = resolve_connect(&d, "bank.example.test", OTHER_SERVER, planted.port());
+    assert!(out.contains("resolved 127.0.54.4"), "{out}");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(!planted.accepted());
+
+    let log = d.decisions();
+    let decided = |dest: &str| {
+        log.iter()
+            .filter(|e| {
+                e["request"]["destination"]
+                    .as_str()
+                    .is_some_and(|x| x.starts_with(dest))
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let api_log = decided("127.0.54.1:");
+    assert_eq!(api_log.len(), 2, "{log:?}");
+    assert!(
+        api_log[0]["request"].get("destination_names").is_none(),
+        "{api_log:?}"
+    );
+    assert_eq!(
+        api_log[1]["request"]["destination_names"],
+        serde_json::json!(["api.example.test"])
+    );
+    assert!(
+        api_log[1]["by"].as_str().unwrap().contains("rule `api`"),
+        "{api_log:?}"
+    );
+    let paste_log = decided("127.0.54.2:");
+    assert!(
+        paste_log[0]["by"]
+            .as_str()
+            .unwrap()
+            .contains("rule `no-paste`"),
+        "{paste_log:?}"
+    );
+    let planted_log = decided("127.0.54.4:");
+    assert!(
+        planted_log[0]["request"].get("destination_names").is_none(),
+        "{planted_log:?}"
+    );
+    let status = d.status();
+    assert!(
+        status["dns"]["untrusted"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    assert!(status["dns"]["error"].is_null(), "{status}");
+}
+
+/// A held connect shows the name next to the address, in `requests list` and its JSON; the
+/// approval is bound to the address, and the record keeps the name.
+#[test]
+fn a_held_connect_shows_its_learnt_name() {
+    let ask = Listener::on("127.0.54.3");
+    let _resolver = DnsResponder::start(
+        RESOLVER_2,
+        &[("ask.example.test", Ipv4Addr::new(127, 0, 54, 3))],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(
+        dir.path(),
+        RESOLVER_2,
+        "      - {name: ask, connect: {host: [ask.example.test]}, outcome: escalate, escalate: {timeout: 60s, on_timeout: deny}}\n",
+    );
+    let mut p = d.labelled(
+        "names",
+        &[
+            &probe(),
+            "resolve-connect",
+            "ask.example.test",
+            &RESOLVER_2.to_string(),
+            &ask.port().to_string(),
+        ],
+    );
+    let r = d.wait_request("the held connect to ask.example.test", |r| {
+        r["pid"] == p.pid() && r["kind"] == "connect"
+    });
+    assert_eq!(
+        r["destination_names"],
+        serde_json::json!(["ask.example.test"]),
+        "{r}"
+    );
+    assert!(r["rule"].as_str().unwrap().contains("rule `ask`"), "{r}");
+    let human = String::from_utf8_lossy(&d.cli(&["requests", "list"]).stdout).into_owned();
+    // (The protocol follows the address where the hook knew it: `/tcp` in LSM mode.)
+    let shown = format!("ask.example.test (DNS) → 127.0.54.3:{}", ask.port());
+    assert!(human.contains(&shown), "{human}");
+    assert!(!ask.accepted(), "held");
+    d.decide(&r, "approve");
+    assert_eq!(p.wait(WAIT).code(), Some(0));
+    assert!(p.stdout().contains("connected"));
+    assert!(ask.accepted());
+    let log = d.decisions();
+    let e = log
+        .iter()
+        .find(|e| e["request"]["id"] == r["id"] && e["decision"] == "approved")
+        .unwrap_or_else(|| panic!("{log:?}"));
+    assert_eq!(
+        e["request"]["destination_names"],
+        serde_json::json!(["ask.example.test"])
+    );
+}
