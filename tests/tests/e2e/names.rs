@@ -209,3 +209,93 @@ fn a_held_connect_shows_its_learnt_name() {
         serde_json::json!(["ask.example.test"])
     );
 }
+
+/// Through the remote approver: the Slack message and the approver's CLI show the name next
+/// to the address, and a Slack approval releases the connect.
+#[test]
+fn the_approver_and_slack_show_the_learnt_name() {
+    use countersign_tests::remote::{Approver, FakeSlack};
+    const RESOLVER_3: Ipv4Addr = Ipv4Addr::new(127, 0, 53, 5);
+    let ask = Listener::on("127.0.54.5");
+    let _resolver = DnsResponder::start(
+        RESOLVER_3,
+        &[("deploy.example.test", Ipv4Addr::new(127, 0, 54, 5))],
+    );
+    let slack = FakeSlack::start();
+    let approver = Approver::start(Some(&slack));
+    let dir = tempfile::tempdir().unwrap();
+    let config = approver.daemon_config(dir.path());
+    let mut yaml = std::fs::read_to_string(&config).unwrap();
+    yaml.push_str(&format!("dns:\n  resolvers: [{RESOLVER_3}]\n"));
+    std::fs::write(&config, yaml).unwrap();
+    let policy = dir.path().join("coder.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: coder
+    on_behalf_of: alice@example.com
+    default: {{outcome: deny}}
+    rules:
+      - {{name: the-probe, exec: {{binary: [{probe}]}}, outcome: allow}}
+      - {{name: dns, connect: {{cidr: [127.0.53.0/24], ports: [53], protocol: udp}}, outcome: allow}}
+      - name: deploys
+        connect: {{host: ['deploy.*.test']}}
+        outcome: escalate
+        escalate: {{approvers: [dev], timeout: 60s, on_timeout: deny}}
+",
+            probe = probe()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+    ]);
+    let deadline = std::time::Instant::now() + WAIT;
+    while d.status()["approver"]["enrolled"] != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not enrolled: {}",
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let mut p = d.labelled(
+        "coder",
+        &[
+            &probe(),
+            "resolve-connect",
+            "deploy.example.test",
+            &RESOLVER_3.to_string(),
+            &ask.port().to_string(),
+        ],
+    );
+    let shown = format!("deploy.example.test (DNS) → 127.0.54.5:{}", ask.port());
+    let msg = slack.wait_message("deploy.example.test");
+    assert!(msg.to_string().contains(&shown), "the Slack message: {msg}");
+    let r = approver.wait_request("deploy.example.test");
+    assert_eq!(
+        r["request"]["destination_names"],
+        serde_json::json!(["deploy.example.test"]),
+        "{r}"
+    );
+    let out = approver.cli("bob", &["list"]);
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(human.contains(&shown), "the approver's CLI: {human}");
+    assert!(!ask.accepted(), "held");
+    let a = slack.click(
+        &approver.slack_request_url(),
+        &msg["ts"],
+        "approve",
+        "UBOB",
+        &serde_json::json!({}),
+    );
+    assert!(a.iter().all(|x| x["status"] == 200), "{a:?}");
+    assert_eq!(p.wait(WAIT).code(), Some(0), "{}", d.log());
+    assert!(p.stdout().contains("connected"));
+    assert!(ask.accepted());
+}
