@@ -126,6 +126,9 @@ pub struct DnsStatus {
     /// Answers read from trusted resolvers, and ignored ones from other servers.
     pub answers: u64,
     pub untrusted: u64,
+    /// Answers from a trusted resolver to no query this host sent (ignored).
+    #[serde(default)]
+    pub unsolicited: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -97,11 +97,12 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
         }
         Some(d) => {
             println!(
-                "  names:          {} address(es) named from DNS answers of {} ({} answers read, {} from other servers ignored)",
+                "  names:          {} address(es) named from DNS answers of {} ({} answers read; ignored: {} from other servers, {} to no query of this host)",
                 d.addresses,
                 d.resolvers.join(", "),
                 d.answers,
-                d.untrusted
+                d.untrusted,
+                d.unsolicited
             );
             if let Some(e) = &d.error {
                 println!("  ALARM: destination names are unknown: {e}");

@@ -1462,6 +1462,7 @@ impl Daemon {
                 addresses: self.names.addresses(),
                 answers: self.names.counters.answers,
                 untrusted: self.names.counters.untrusted,
+                unsolicited: self.names.counters.unsolicited,
             }),
             approver: self.remote.as_ref().map(|r| {
                 let h = r.health.lock().map(|h| h.clone()).unwrap_or_default();

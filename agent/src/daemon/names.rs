@@ -5,8 +5,10 @@
 //!
 //! Trust: only answers from the host's resolvers count (the `nameserver` lines of
 //! `/etc/resolv.conf`, re-read when it changes and on reload, plus `dns.resolvers` of
-//! daemon.yaml), from UDP port 53, with `NOERROR`. A program that asks its own server cannot
-//! plant names. Not seen (the name is then unknown): DNS over TCP, TLS or HTTPS, answers in
+//! daemon.yaml), from UDP port 53, with `NOERROR`, and only as the answer to a query this
+//! host sent them (same resolver, port, id and question, within [`QUERY_WINDOW`]). A program
+//! that asks its own server cannot plant names, nor can an off-path sender of forged
+//! answers without guessing the port and id. Not seen (the name is then unknown): DNS over TCP, TLS or HTTPS, answers in
 //! other network namespaces, fragmented answers, names from `/etc/hosts`.
 //!
 //! Ordering: an answer reaches the packet socket before the program that asked can read it,
@@ -137,6 +139,9 @@ pub enum Skip {
     /// An error answer (NXDOMAIN, SERVFAIL, ...).
     #[error("answer code {0}")]
     Refused(String),
+    /// An answer to no query this host sent (resolver, port, id and question must match one).
+    #[error("an answer to no query sent from this host")]
+    Unsolicited,
 }
 
 /// One address → name fact of an answer.
@@ -149,9 +154,19 @@ pub struct Learnt {
     pub ttl: u32,
 }
 
-/// The source address and UDP payload of an IPv4/IPv6 packet from UDP port 53.
-pub fn udp_from_53(ethertype: u16, packet: &[u8]) -> Result<(IpAddr, &[u8]), Skip> {
-    let (src, udp) = match ethertype {
+/// The addresses, ports and payload of an IPv4/IPv6 UDP datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Udp<'a> {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+    pub payload: &'a [u8],
+}
+
+/// Parses the IP and UDP headers of a whole (unfragmented) datagram, every length checked.
+pub fn udp(ethertype: u16, packet: &[u8]) -> Result<Udp<'_>, Skip> {
+    let (src, dst, udp) = match ethertype {
         0x0800 => {
             let b0 = *packet.first().ok_or(Skip::NotDns)?;
             let ihl = usize::from(b0 & 0x0f) * 4;
@@ -164,7 +179,8 @@ pub fn udp_from_53(ethertype: u16, packet: &[u8]) -> Result<(IpAddr, &[u8]), Ski
                 return Err(Skip::NotDns);
             }
             let src: [u8; 4] = packet[12..16].try_into().map_err(|_| Skip::NotDns)?;
-            (IpAddr::from(src), &packet[ihl..total])
+            let dst: [u8; 4] = packet[16..20].try_into().map_err(|_| Skip::NotDns)?;
+            (IpAddr::from(src), IpAddr::from(dst), &packet[ihl..total])
         }
         0x86dd => {
             if packet.len() < 40 || packet[0] >> 4 != 6 || packet[6] != 17 {
@@ -175,18 +191,29 @@ pub fn udp_from_53(ethertype: u16, packet: &[u8]) -> Result<(IpAddr, &[u8]), Ski
                 return Err(Skip::NotDns);
             }
             let src: [u8; 16] = packet[8..24].try_into().map_err(|_| Skip::NotDns)?;
-            (IpAddr::from(src), &packet[40..40 + payload])
+            let dst: [u8; 16] = packet[24..40].try_into().map_err(|_| Skip::NotDns)?;
+            (
+                IpAddr::from(src),
+                IpAddr::from(dst),
+                &packet[40..40 + payload],
+            )
         }
         _ => return Err(Skip::NotDns),
     };
-    if udp.len() < 8 || u16::from_be_bytes([udp[0], udp[1]]) != 53 {
+    if udp.len() < 8 {
         return Err(Skip::NotDns);
     }
     let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
     if len < 8 || len > udp.len() {
         return Err(Skip::NotDns);
     }
-    Ok((src, &udp[8..len]))
+    Ok(Udp {
+        src,
+        dst,
+        sport: u16::from_be_bytes([udp[0], udp[1]]),
+        dport: u16::from_be_bytes([udp[2], udp[3]]),
+        payload: &udp[8..len],
+    })
 }
 
 /// `name` as kept: lowercase, no trailing dot; `None` when too long or empty.
@@ -196,10 +223,30 @@ fn normalise(name: &Name) -> Option<String> {
     (!s.is_empty() && s.len() <= MAX_NAME_LEN).then_some(s)
 }
 
-/// The address → question name facts of a DNS answer: the question's name maps to every A
-/// or AAAA address reachable from it through the answer's CNAME chain. Anything that is not
-/// a `NOERROR` answer to exactly one IN question teaches nothing.
+/// The facts of a DNS answer (see [`parse_answer`]).
+#[cfg(test)]
 pub fn answers(message: &[u8]) -> Result<Vec<Learnt>, Skip> {
+    parse_answer(message).map(|(_, facts)| facts)
+}
+
+/// A query this host sent: its id and question name (normalised).
+pub fn parse_query(message: &[u8]) -> Result<(u16, String), Skip> {
+    let m = Message::from_vec(message).map_err(|e| Skip::Malformed(e.to_string()))?;
+    let md = &m.metadata;
+    if md.message_type != MessageType::Query || md.op_code != OpCode::Query {
+        return Err(Skip::NotAnswer);
+    }
+    let [q] = m.queries.as_slice() else {
+        return Err(Skip::NotAnswer);
+    };
+    Ok((md.id, normalise(q.name()).ok_or(Skip::NotAnswer)?))
+}
+
+/// The address → question name facts of a DNS answer, with the key that ties the answer to
+/// its query (id, question name): the question's name maps to every A or AAAA address
+/// reachable from it through the answer's CNAME chain. Anything that is not a `NOERROR`
+/// answer to exactly one IN question teaches nothing.
+fn parse_answer(message: &[u8]) -> Result<((u16, String), Vec<Learnt>), Skip> {
     let m = Message::from_vec(message).map_err(|e| Skip::Malformed(e.to_string()))?;
     let md = &m.metadata;
     if md.message_type != MessageType::Response || md.op_code != OpCode::Query || md.truncation {
@@ -256,7 +303,46 @@ pub fn answers(message: &[u8]) -> Result<Vec<Learnt>, Skip> {
             ttl: chain_ttl.min(r.ttl),
         });
     }
-    Ok(out)
+    Ok(((md.id, question), out))
+}
+
+/// How long a sent query waits for its answer.
+pub const QUERY_WINDOW: Duration = Duration::from_secs(30);
+/// Queries remembered at once (more are not remembered: their answers teach nothing).
+pub const MAX_QUERIES: usize = 4096;
+
+/// (resolver, this host's port, id, question name) of a query in flight.
+type QueryKey = (IpAddr, u16, u16, String);
+
+/// The queries this host sent to its resolvers and not yet answered: an answer counts only
+/// if it answers one of them (an off-path sender must guess port and id).
+#[derive(Debug, Default)]
+pub struct Queries {
+    sent: HashMap<QueryKey, Instant>,
+}
+
+impl Queries {
+    fn add(&mut self, key: QueryKey, now: Instant) {
+        if self.sent.len() >= MAX_QUERIES {
+            self.sent
+                .retain(|_, t| now.duration_since(*t) < QUERY_WINDOW);
+        }
+        if self.sent.len() < MAX_QUERIES {
+            self.sent.insert(key, now);
+        }
+    }
+
+    /// Takes the query `key` answers, if one is in flight.
+    fn answer(&mut self, key: &QueryKey, now: Instant) -> bool {
+        self.sent
+            .remove(key)
+            .is_some_and(|t| now.duration_since(t) < QUERY_WINDOW)
+    }
+
+    fn purge(&mut self, now: Instant) {
+        self.sent
+            .retain(|_, t| now.duration_since(*t) < QUERY_WINDOW);
+    }
 }
 
 /// The nameserver addresses of a resolv.conf text. Without any, the C library asks the local
@@ -395,6 +481,8 @@ impl Cache {
 pub struct Counters {
     pub answers: u64,
     pub untrusted: u64,
+    /// Answers from a trusted resolver to no query in flight.
+    pub unsolicited: u64,
     pub learnt: u64,
 }
 
@@ -408,6 +496,7 @@ pub struct Names {
     resolv_stamp: Option<(Option<SystemTime>, u64)>,
     trusted: HashSet<IpAddr>,
     cache: Cache,
+    queries: Queries,
     pub counters: Counters,
     buf: Vec<u8>,
 }
@@ -424,6 +513,7 @@ impl Names {
             resolv_stamp: None,
             trusted: HashSet::new(),
             cache: Cache::new(config),
+            queries: Queries::default(),
             counters: Counters::default(),
             buf: vec![0; 65_536],
         };
@@ -497,8 +587,9 @@ impl Names {
                 }
             };
             let packet = &self.buf[..info.len];
-            match take(&self.trusted, info, packet) {
-                Ok(facts) => {
+            match take(&self.trusted, &mut self.queries, info, packet, now) {
+                Ok(None) => {}
+                Ok(Some(facts)) => {
                     self.counters.answers += 1;
                     for f in &facts {
                         tracing::debug!(addr = %f.addr, name = f.name, ttl = f.ttl, "name learnt");
@@ -509,6 +600,10 @@ impl Names {
                 Err(Skip::Untrusted(from)) => {
                     self.counters.untrusted += 1;
                     tracing::debug!(%from, "DNS answer from a server that is not a host resolver; ignored");
+                }
+                Err(Skip::Unsolicited) => {
+                    self.counters.unsolicited += 1;
+                    tracing::debug!("DNS answer to no query sent from this host; ignored");
                 }
                 Err(why) => tracing::trace!(%why, "packet ignored"),
             }
@@ -521,9 +616,11 @@ impl Names {
         self.cache.lookup(addr, Instant::now())
     }
 
-    /// Drops expired names.
+    /// Drops expired names and queries.
     pub fn purge(&mut self) {
-        self.cache.purge(Instant::now());
+        let now = Instant::now();
+        self.cache.purge(now);
+        self.queries.purge(now);
     }
 
     /// Addresses with names.
@@ -551,16 +648,36 @@ pub async fn readable(socket: Option<&Readiness>) {
     }
 }
 
-/// The facts of one captured packet, if it is an answer from a trusted resolver.
-fn take(trusted: &HashSet<IpAddr>, info: PacketInfo, packet: &[u8]) -> Result<Vec<Learnt>, Skip> {
+/// What one captured packet teaches: a query this host sent to a trusted resolver is
+/// remembered (`None`); an answer from a trusted resolver to a remembered query gives its
+/// facts.
+fn take(
+    trusted: &HashSet<IpAddr>,
+    queries: &mut Queries,
+    info: PacketInfo,
+    packet: &[u8],
+    now: Instant,
+) -> Result<Option<Vec<Learnt>>, Skip> {
+    let u = udp(info.ethertype, packet)?;
     if is_outgoing(info.pkttype) {
+        if u.dport != 53 || !trusted.contains(&u.dst) {
+            return Err(Skip::NotDns);
+        }
+        let (id, name) = parse_query(u.payload)?;
+        queries.add((u.dst, u.sport, id, name), now);
+        return Ok(None);
+    }
+    if u.sport != 53 {
         return Err(Skip::NotDns);
     }
-    let (src, payload) = udp_from_53(info.ethertype, packet)?;
-    if !trusted.contains(&src) {
-        return Err(Skip::Untrusted(src));
+    if !trusted.contains(&u.src) {
+        return Err(Skip::Untrusted(u.src));
     }
-    answers(payload)
+    let ((id, name), facts) = parse_answer(u.payload)?;
+    if !queries.answer(&(u.src, u.dport, id, name), now) {
+        return Err(Skip::Unsolicited);
+    }
+    Ok(Some(facts))
 }
 
 fn file_stamp(p: &Path) -> Option<(Option<SystemTime>, u64)> {

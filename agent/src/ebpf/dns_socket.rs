@@ -1,7 +1,7 @@
 //! The packet socket through which the daemon sees DNS answers (`daemon::names` learns
 //! destination names from them): `AF_PACKET`/`SOCK_DGRAM` on every interface, loopback
-//! included, with a classic BPF socket filter so that only IPv4/IPv6 UDP packets from source
-//! port 53 that are not the outgoing copy of a packet ever reach user space.
+//! included, with a classic BPF socket filter so that only IPv4/IPv6 UDP answers received
+//! from port 53, and the queries this host sends to port 53, ever reach user space.
 //!
 //! The filter only saves work: user space checks every header again (`daemon::names`).
 use std::{
@@ -19,11 +19,18 @@ const ETH_P_IPV6: u32 = 0x86dd;
 const SNAPLEN: u32 = 65_535;
 
 // Classic BPF opcodes (linux/filter.h).
+const LD_IMM: u16 = 0x00; // BPF_LD | BPF_W | BPF_IMM
+const LD_MEM: u16 = 0x60; // BPF_LD | BPF_W | BPF_MEM
+const LDX_MEM: u16 = 0x61; // BPF_LDX | BPF_W | BPF_MEM
+const ST: u16 = 0x02; // BPF_ST
 const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
 const LD_H_ABS: u16 = 0x28; // BPF_LD | BPF_H | BPF_ABS
 const LD_B_ABS: u16 = 0x30; // BPF_LD | BPF_B | BPF_ABS
 const LD_H_IND: u16 = 0x48; // BPF_LD | BPF_H | BPF_IND
 const LDX_B_MSH: u16 = 0xb1; // BPF_LDX | BPF_B | BPF_MSH
+const ADD_X: u16 = 0x0c; // BPF_ALU | BPF_ADD | BPF_X
+const TAX: u16 = 0x07; // BPF_MISC | BPF_TAX
+const JA: u16 = 0x05; // BPF_JMP | BPF_JA
 const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
 const JSET_K: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
 const RET_K: u16 = 0x06; // BPF_RET | BPF_K
@@ -37,31 +44,42 @@ const fn ins(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
 }
 
 /// The filter. Offsets are from the network header (a `SOCK_DGRAM` packet socket's packets
-/// start there). Jumps are relative to the next instruction.
-pub const FILTER: [libc::sock_filter; 18] = [
-    // 0: drop our own outgoing copies (on loopback every packet is seen twice).
+/// start there). Jumps are relative to the next instruction. It keeps IPv4 UDP that is not a
+/// fragment and IPv6 UDP without extension headers that is either received with source port
+/// 53 (answers) or sent by this host with destination port 53 (queries: the daemon matches
+/// answers to them). Scratch `M[0]` holds the offset of the port to check in the UDP header.
+pub const FILTER: [libc::sock_filter; 26] = [
+    // 0: sent by this host → check the destination port (2), else the source port (0).
     ins(LD_W_ABS, 0, 0, AD_PKTTYPE),
-    ins(JEQ_K, 15, 0, PACKET_OUTGOING), // → 17 drop
-    // 2: IPv4 or IPv6?
+    ins(JEQ_K, 0, 2, PACKET_OUTGOING), // else → 4
+    ins(LD_IMM, 0, 0, 2),
+    ins(JA, 0, 0, 1), // → 5
+    ins(LD_IMM, 0, 0, 0),
+    ins(ST, 0, 0, 0),
+    // 6: IPv4 or IPv6?
     ins(LD_W_ABS, 0, 0, AD_PROTOCOL),
-    ins(JEQ_K, 0, 7, ETH_P_IP), // else → 11
-    // 4: IPv4: UDP, not a fragment, source port 53.
+    ins(JEQ_K, 0, 10, ETH_P_IP), // else → 18
+    // 8: IPv4: UDP, not a fragment, the port at IHL + M[0] is 53.
     ins(LD_B_ABS, 0, 0, 9),
-    ins(JEQ_K, 0, 11, libc::IPPROTO_UDP as u32), // else → 17
+    ins(JEQ_K, 0, 15, libc::IPPROTO_UDP as u32), // else → 25
     ins(LD_H_ABS, 0, 0, 6),
-    ins(JSET_K, 9, 0, 0x3fff), // MF or a fragment offset → 17
-    ins(LDX_B_MSH, 0, 0, 0),   // X = 4 * IHL
-    ins(LD_H_IND, 0, 0, 0),    // UDP source port
-    ins(JEQ_K, 5, 6, 53),      // → 16 accept, else → 17
-    // 11: IPv6: next header UDP (no extension headers), source port 53.
-    ins(JEQ_K, 0, 5, ETH_P_IPV6), // else → 17
+    ins(JSET_K, 13, 0, 0x3fff), // MF or a fragment offset → 25
+    ins(LDX_B_MSH, 0, 0, 0),    // X = 4 * IHL
+    ins(LD_MEM, 0, 0, 0),
+    ins(ADD_X, 0, 0, 0),
+    ins(TAX, 0, 0, 0),
+    ins(LD_H_IND, 0, 0, 0),
+    ins(JEQ_K, 6, 7, 53), // → 24 accept, else → 25
+    // 18: IPv6: next header UDP, the port at 40 + M[0] is 53.
+    ins(JEQ_K, 0, 6, ETH_P_IPV6), // else → 25
     ins(LD_B_ABS, 0, 0, 6),
-    ins(JEQ_K, 0, 3, libc::IPPROTO_UDP as u32), // else → 17
-    ins(LD_H_ABS, 0, 0, 40),
-    ins(JEQ_K, 0, 1, 53), // else → 17
-    // 16: accept
+    ins(JEQ_K, 0, 4, libc::IPPROTO_UDP as u32), // else → 25
+    ins(LDX_MEM, 0, 0, 0),
+    ins(LD_H_IND, 0, 0, 40),
+    ins(JEQ_K, 0, 1, 53), // else → 25
+    // 24: accept
     ins(RET_K, 0, 0, SNAPLEN),
-    // 17: drop
+    // 25: drop
     ins(RET_K, 0, 0, 0),
 ];
 
@@ -163,7 +181,7 @@ impl AsRawFd for DnsSocket {
     }
 }
 
-/// Whether a packet type is one this host sends (dropped by the filter too).
+/// Whether a packet type is one this host sends.
 #[must_use]
 pub fn is_outgoing(pkttype: u8) -> bool {
     u32::from(pkttype) == PACKET_OUTGOING

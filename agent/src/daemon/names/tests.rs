@@ -38,8 +38,8 @@ fn bytes(m: &Message) -> Vec<u8> {
     m.to_vec().unwrap()
 }
 
-/// An IPv4 UDP packet from `src`:53.
-fn ipv4_udp(src: [u8; 4], payload: &[u8]) -> Vec<u8> {
+/// An IPv4 UDP packet `src`:`sport` → `dst`:`dport`.
+fn ipv4(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
     let udp_len = 8 + payload.len();
     let total = 20 + udp_len;
     let mut p = vec![
@@ -57,21 +57,39 @@ fn ipv4_udp(src: [u8; 4], payload: &[u8]) -> Vec<u8> {
         0,
     ];
     p.extend_from_slice(&src);
-    p.extend_from_slice(&[127, 0, 0, 1]);
-    p.extend_from_slice(&[0, 53, 0x9c, 0x40, (udp_len >> 8) as u8, udp_len as u8, 0, 0]);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[(udp_len >> 8) as u8, udp_len as u8, 0, 0]);
     p.extend_from_slice(payload);
     p
 }
 
-fn ipv6_udp(src: Ipv6Addr, payload: &[u8]) -> Vec<u8> {
+/// An answer from `src`:53 to 127.0.0.1:40000.
+fn ipv4_udp(src: [u8; 4], payload: &[u8]) -> Vec<u8> {
+    ipv4(src, 53, [127, 0, 0, 1], 40000, payload)
+}
+
+fn ipv6_udp(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
     let udp_len = 8 + payload.len();
     let mut p = vec![0x60, 0, 0, 0, (udp_len >> 8) as u8, udp_len as u8, 17, 64];
     p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
-    p.extend_from_slice(&[0, 53, 0x9c, 0x40, (udp_len >> 8) as u8, udp_len as u8, 0, 0]);
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&[(udp_len >> 8) as u8, udp_len as u8, 0, 0]);
     p.extend_from_slice(payload);
     p
 }
+
+/// The query `answer` (id 7) answers.
+fn query_for(q: &str) -> Vec<u8> {
+    let mut m = Message::new(7, hickory_proto::op::MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(name(q), RecordType::A));
+    bytes(&m)
+}
+
+const OUT: u8 = 4;
 
 fn info(ethertype: u16, len: usize) -> PacketInfo {
     PacketInfo {
@@ -189,32 +207,95 @@ fn error_answers_queries_and_garbage_teach_nothing() {
 }
 
 #[test]
-fn only_answers_from_trusted_resolvers_over_udp_53_count() {
-    let msg = bytes(&answer(
-        "api.example.test.",
-        RecordType::A,
-        vec![a("api.example.test.", 60, [10, 0, 0, 9])],
-    ));
-    let trusted: HashSet<IpAddr> = [IpAddr::from([127, 0, 0, 53])].into();
-    let p = ipv4_udp([127, 0, 0, 53], &msg);
-    let facts = take(&trusted, info(0x0800, p.len()), &p).unwrap();
+fn only_answers_from_trusted_resolvers_to_queries_of_this_host_count() {
+    let q = "api.example.test.";
+    let msg = bytes(&answer(q, RecordType::A, vec![a(q, 60, [10, 0, 0, 9])]));
+    let resolver = [127, 0, 0, 53];
+    let trusted: HashSet<IpAddr> = [IpAddr::from(resolver)].into();
+    let mut queries = Queries::default();
+    let t0 = Instant::now();
+    let mut take_at = |pkttype: u8, p: &[u8], t: Instant| {
+        let mut i = info(0x0800, p.len());
+        i.pkttype = pkttype;
+        take(&trusted, &mut queries, i, p, t)
+    };
+    // An answer nobody here asked for (an off-path forgery, or a replay).
+    let answer_pkt = ipv4_udp(resolver, &msg);
+    assert_eq!(take_at(0, &answer_pkt, t0), Err(Skip::Unsolicited));
+    // The query this host sends (its outgoing copy), then the answer: learnt once.
+    let query_pkt = ipv4([127, 0, 0, 1], 40000, resolver, 53, &query_for(q));
+    assert_eq!(take_at(OUT, &query_pkt, t0), Ok(None));
+    let facts = take_at(0, &answer_pkt, t0).unwrap().unwrap();
     assert_eq!(facts[0].addr, IpAddr::from([10, 0, 0, 9]));
-    // The same answer from a server the program chose itself.
-    let p = ipv4_udp([10, 9, 9, 9], &msg);
     assert_eq!(
-        take(&trusted, info(0x0800, p.len()), &p),
-        Err(Skip::Untrusted(IpAddr::from([10, 9, 9, 9])))
+        take_at(0, &answer_pkt, t0),
+        Err(Skip::Unsolicited),
+        "one answer per query"
     );
-    // Our own outgoing copy.
-    let p = ipv4_udp([127, 0, 0, 53], &msg);
-    let mut out = info(0x0800, p.len());
-    out.pkttype = 4;
-    assert_eq!(take(&trusted, out, &p), Err(Skip::NotDns));
+    // To another port of this host, with another id, for another name, or too late.
+    assert_eq!(take_at(OUT, &query_pkt, t0), Ok(None));
+    let other_port = ipv4(resolver, 53, [127, 0, 0, 1], 40001, &msg);
+    assert_eq!(take_at(0, &other_port, t0), Err(Skip::Unsolicited));
+    let mut other_id = answer(q, RecordType::A, vec![a(q, 60, [10, 0, 0, 9])]);
+    other_id.metadata.id = 8;
+    let p = ipv4_udp(resolver, &bytes(&other_id));
+    assert_eq!(take_at(0, &p, t0), Err(Skip::Unsolicited));
+    let bank = "bank.example.test.";
+    let other_name = answer(bank, RecordType::A, vec![a(bank, 60, [10, 0, 0, 9])]);
+    let p = ipv4_udp(resolver, &bytes(&other_name));
+    assert_eq!(take_at(0, &p, t0), Err(Skip::Unsolicited));
+    assert_eq!(
+        take_at(0, &answer_pkt, t0 + QUERY_WINDOW),
+        Err(Skip::Unsolicited)
+    );
+    // The same exchange with a server the program chose itself.
+    let other = [10, 9, 9, 9];
+    let p = ipv4([127, 0, 0, 1], 40000, other, 53, &query_for(q));
+    assert_eq!(take_at(OUT, &p, t0), Err(Skip::NotDns));
+    assert_eq!(
+        take_at(0, &ipv4_udp(other, &msg), t0),
+        Err(Skip::Untrusted(IpAddr::from(other)))
+    );
+    // The outgoing copy of an answer (a resolver on this host) teaches nothing.
+    assert_eq!(take_at(OUT, &answer_pkt, t0), Err(Skip::NotDns));
     // IPv6.
     let v6 = Ipv6Addr::from_str("fd00::53").unwrap();
     let trusted6: HashSet<IpAddr> = [IpAddr::V6(v6)].into();
-    let p = ipv6_udp(v6, &msg);
-    assert_eq!(take(&trusted6, info(0x86dd, p.len()), &p).unwrap().len(), 1);
+    let me = Ipv6Addr::LOCALHOST;
+    let mut queries6 = Queries::default();
+    let qp = ipv6_udp(me, 40000, v6, 53, &query_for(q));
+    let ap = ipv6_udp(v6, 53, me, 40000, &msg);
+    let mut i = info(0x86dd, qp.len());
+    i.pkttype = OUT;
+    assert_eq!(take(&trusted6, &mut queries6, i, &qp, t0), Ok(None));
+    let got = take(&trusted6, &mut queries6, info(0x86dd, ap.len()), &ap, t0);
+    assert_eq!(got.unwrap().unwrap().len(), 1);
+}
+
+#[test]
+fn queries_in_flight_are_bounded() {
+    let mut qs = Queries::default();
+    let t0 = Instant::now();
+    let key = |i: usize| {
+        (
+            IpAddr::from([127, 0, 0, 53]),
+            1000,
+            i as u16,
+            "x.test".to_owned(),
+        )
+    };
+    for i in 0..MAX_QUERIES + 10 {
+        qs.add(key(i), t0);
+    }
+    assert_eq!(qs.sent.len(), MAX_QUERIES);
+    assert!(
+        !qs.answer(&key(MAX_QUERIES + 5), t0),
+        "not remembered past the bound"
+    );
+    // Once the window passed, room is made again.
+    qs.add(key(MAX_QUERIES + 5), t0 + QUERY_WINDOW);
+    assert_eq!(qs.sent.len(), 1);
+    assert!(qs.answer(&key(MAX_QUERIES + 5), t0 + QUERY_WINDOW));
 }
 
 #[test]
@@ -227,26 +308,31 @@ fn headers_are_bounded() {
     let p = ipv4_udp([127, 0, 0, 53], &msg);
     // Cut anywhere: never a panic, never a fact from a partial datagram.
     for cut in 0..p.len() {
-        assert!(udp_from_53(0x0800, &p[..cut]).is_err(), "cut at {cut}");
+        assert!(udp(0x0800, &p[..cut]).is_err(), "cut at {cut}");
     }
-    assert!(udp_from_53(0x0800, &p).is_ok());
-    // Not from port 53.
-    let mut q = p.clone();
-    q[21] = 54;
-    assert_eq!(udp_from_53(0x0800, &q), Err(Skip::NotDns));
+    let u = udp(0x0800, &p).unwrap();
+    assert_eq!(
+        (u.src, u.sport, u.dport),
+        (IpAddr::from([127, 0, 0, 53]), 53, 40000)
+    );
+    assert_eq!(u.payload, msg.as_slice());
     // A fragment.
     let mut f = p.clone();
     f[6] = 0x20;
-    assert_eq!(udp_from_53(0x0800, &f), Err(Skip::NotDns));
+    assert_eq!(udp(0x0800, &f), Err(Skip::NotDns));
     // TCP.
     let mut t = p.clone();
     t[9] = 6;
-    assert_eq!(udp_from_53(0x0800, &t), Err(Skip::NotDns));
-    let p6 = ipv6_udp(Ipv6Addr::LOCALHOST, &msg);
+    assert_eq!(udp(0x0800, &t), Err(Skip::NotDns));
+    // A UDP length beyond the packet.
+    let mut l = p.clone();
+    l[24] = 0xff;
+    assert_eq!(udp(0x0800, &l), Err(Skip::NotDns));
+    let p6 = ipv6_udp(Ipv6Addr::LOCALHOST, 53, Ipv6Addr::LOCALHOST, 40000, &msg);
     for cut in 0..p6.len() {
-        assert!(udp_from_53(0x86dd, &p6[..cut]).is_err(), "cut at {cut}");
+        assert!(udp(0x86dd, &p6[..cut]).is_err(), "cut at {cut}");
     }
-    assert_eq!(udp_from_53(0x0806, &p), Err(Skip::NotDns));
+    assert_eq!(udp(0x0806, &p), Err(Skip::NotDns));
 }
 
 #[test]
@@ -396,16 +482,24 @@ async fn a_received_answer_is_learnt_by_the_next_drain() {
     let server = std::net::UdpSocket::bind((server_ip, 53)).unwrap();
     let other = std::net::UdpSocket::bind((other_ip, 53)).unwrap();
     let high = std::net::UdpSocket::bind((server_ip, 0)).unwrap();
-    let send = |from: &std::net::UdpSocket, q: &str, ip: [u8; 4]| {
+    // The client asks `from` (when `ask`), which answers; the client has read the answer.
+    let exchange = |from: &std::net::UdpSocket, ask: bool, q: &str, ip: [u8; 4]| {
+        let mut buf = [0u8; 512];
+        if ask {
+            client
+                .send_to(&query_for(q), from.local_addr().unwrap())
+                .unwrap();
+            from.recv(&mut buf).unwrap();
+        }
         let m = answer(q, RecordType::A, vec![a(q, 60, ip)]);
         from.send_to(&bytes(&m), client.local_addr().unwrap())
             .unwrap();
-        let mut buf = [0u8; 512];
         client.recv(&mut buf).unwrap();
     };
-    send(&server, "api.example.test.", [10, 77, 0, 1]);
-    send(&other, "planted.example.test.", [10, 77, 0, 2]);
-    send(&high, "high.example.test.", [10, 77, 0, 3]);
+    exchange(&server, true, "api.example.test.", [10, 77, 0, 1]);
+    exchange(&other, true, "planted.example.test.", [10, 77, 0, 2]);
+    exchange(&high, false, "high.example.test.", [10, 77, 0, 3]);
+    exchange(&server, false, "forged.example.test.", [10, 77, 0, 5]);
     names.drain();
     assert_eq!(
         names.lookup(IpAddr::from([10, 77, 0, 1])),
@@ -419,7 +513,12 @@ async fn a_received_answer_is_learnt_by_the_next_drain() {
         names.lookup(IpAddr::from([10, 77, 0, 3])).is_empty(),
         "not from port 53"
     );
+    assert!(
+        names.lookup(IpAddr::from([10, 77, 0, 5])).is_empty(),
+        "asked by nobody"
+    );
     assert!(names.counters.untrusted >= 1);
+    assert!(names.counters.unsolicited >= 1);
     // On loopback each packet passes twice; the outgoing copy is dropped by the filter.
     assert_eq!(names.counters.answers, 1, "{:?}", names.counters);
 }
