@@ -577,7 +577,7 @@ impl Daemon {
         }
         tracing::info!(id, pid = ev.tgid, label = %view.label, kind = %view.kind,
             binary = view.binary.as_deref().unwrap_or(""), destination = view.destination.as_deref().unwrap_or(""),
-            "held");
+            names = ?view.destination_names, "held");
         let held = self.held(view, kind, ev, binding);
         // The policy decides what it can; a human the rest, within the rule's deadline.
         let Some(held) = self.route(held) else {

@@ -210,25 +210,17 @@ fn a_held_connect_shows_its_learnt_name() {
     );
 }
 
-/// Through the remote approver: the Slack message and the approver's CLI show the name next
-/// to the address, and a Slack approval releases the connect.
-#[test]
-fn the_approver_and_slack_show_the_learnt_name() {
-    use countersign_tests::remote::{Approver, FakeSlack};
-    const RESOLVER_3: Ipv4Addr = Ipv4Addr::new(127, 0, 53, 5);
-    let ask = Listener::on("127.0.54.5");
-    let _resolver = DnsResponder::start(
-        RESOLVER_3,
-        &[("deploy.example.test", Ipv4Addr::new(127, 0, 54, 5))],
-    );
-    let slack = FakeSlack::start();
-    let approver = Approver::start(Some(&slack));
-    let dir = tempfile::tempdir().unwrap();
-    let config = approver.daemon_config(dir.path());
+/// A daemon escalating connects to `deploy.*.test` to `approver`, trusting `resolver`.
+fn approver_daemon(
+    approver: &countersign_tests::remote::Approver,
+    dir: &std::path::Path,
+    resolver: Ipv4Addr,
+) -> Daemon {
+    let config = approver.daemon_config(dir);
     let mut yaml = std::fs::read_to_string(&config).unwrap();
-    yaml.push_str(&format!("dns:\n  resolvers: [{RESOLVER_3}]\n"));
+    yaml.push_str(&format!("dns:\n  resolvers: [{resolver}]\n"));
     std::fs::write(&config, yaml).unwrap();
-    let policy = dir.path().join("coder.yaml");
+    let policy = dir.join("coder.yaml");
     std::fs::write(
         &policy,
         format!(
@@ -264,6 +256,24 @@ labels:
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    d
+}
+
+/// Through the remote approver: the Slack message and the approver's CLI show the name next
+/// to the address, and a Slack approval releases the connect.
+#[test]
+fn the_approver_and_slack_show_the_learnt_name() {
+    use countersign_tests::remote::{Approver, FakeSlack};
+    const RESOLVER_3: Ipv4Addr = Ipv4Addr::new(127, 0, 53, 5);
+    let ask = Listener::on("127.0.54.5");
+    let _resolver = DnsResponder::start(
+        RESOLVER_3,
+        &[("deploy.example.test", Ipv4Addr::new(127, 0, 54, 5))],
+    );
+    let slack = FakeSlack::start();
+    let approver = Approver::start(Some(&slack));
+    let dir = tempfile::tempdir().unwrap();
+    let d = approver_daemon(&approver, dir.path(), RESOLVER_3);
     let mut p = d.labelled(
         "coder",
         &[
@@ -297,5 +307,49 @@ labels:
     assert!(a.iter().all(|x| x["status"] == 200), "{a:?}");
     assert_eq!(p.wait(WAIT).code(), Some(0), "{}", d.log());
     assert!(p.stdout().contains("connected"));
+    assert!(ask.accepted());
+}
+
+/// The Teams card shows the name next to the address; a card action approves.
+#[test]
+fn the_teams_card_shows_the_learnt_name() {
+    use countersign_tests::remote::{Approver, FakeTeams};
+    const RESOLVER_4: Ipv4Addr = Ipv4Addr::new(127, 0, 53, 7);
+    let ask = Listener::on("127.0.54.7");
+    let _resolver = DnsResponder::start(
+        RESOLVER_4,
+        &[("deploy.teams.test", Ipv4Addr::new(127, 0, 54, 7))],
+    );
+    let teams = FakeTeams::start();
+    let approver = Approver::start_with_teams(&teams);
+    let dir = tempfile::tempdir().unwrap();
+    let d = approver_daemon(&approver, dir.path(), RESOLVER_4);
+    let mut p = d.labelled(
+        "coder",
+        &[
+            &probe(),
+            "resolve-connect",
+            "deploy.teams.test",
+            &RESOLVER_4.to_string(),
+            &ask.port().to_string(),
+        ],
+    );
+    let card = teams.wait_card("deploy.teams.test");
+    let shown = format!("deploy.teams.test (DNS) → 127.0.54.7:{}", ask.port());
+    assert!(card.to_string().contains(&shown), "the Teams card: {card}");
+    let id = card["attachments"][0]["content"]["actions"][0]["data"]["id"]
+        .as_i64()
+        .unwrap();
+    let bot = format!("{}/teams/messages", approver.url());
+    let (status, body) = teams.invoke(
+        &bot,
+        &card,
+        id,
+        "approve",
+        "aad-bob",
+        &serde_json::json!({}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(p.wait(WAIT).code(), Some(0), "{}", d.log());
     assert!(ask.accepted());
 }
