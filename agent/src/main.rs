@@ -221,7 +221,12 @@ enum PolicyCmd {
         protocol: ProtocolArg,
         /// For --connect: a name the daemon would know for the address (learnt from DNS);
         /// repeatable. `host:` rules match it.
-        #[arg(long = "host", value_name = "NAME", requires = "connect")]
+        #[arg(
+            long = "host",
+            value_name = "NAME",
+            requires = "connect",
+            conflicts_with = "exec"
+        )]
         hosts: Vec<String>,
     },
 }
