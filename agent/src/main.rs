@@ -219,6 +219,15 @@ enum PolicyCmd {
         /// For --connect.
         #[arg(long, value_enum, default_value = "tcp")]
         protocol: ProtocolArg,
+        /// For --connect: a name the daemon would know for the address (learnt from DNS);
+        /// repeatable. `host:` rules match it.
+        #[arg(
+            long = "host",
+            value_name = "NAME",
+            requires = "connect",
+            conflicts_with = "exec"
+        )]
+        hosts: Vec<String>,
     },
 }
 
@@ -351,6 +360,7 @@ fn main() {
                     exec,
                     connect,
                     protocol,
+                    hosts,
                 },
         } => {
             let what = match (exec, connect) {
@@ -361,6 +371,7 @@ fn main() {
                         ProtocolArg::Tcp => policy::schema::Protocol::Tcp,
                         ProtocolArg::Udp => policy::schema::Protocol::Udp,
                     },
+                    hosts: hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
                 },
                 (None, None) => unreachable!("clap requires --exec or --connect"),
             };

@@ -109,6 +109,26 @@ pub struct StatusInfo {
     /// The remote approver, if one is configured.
     #[serde(default)]
     pub approver: Option<ApproverStatus>,
+    /// Destination names from DNS answers (`None`: `dns.enabled: false`).
+    #[serde(default)]
+    pub dns: Option<DnsStatus>,
+}
+
+/// What the daemon learns from DNS answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DnsStatus {
+    /// Why the packet socket could not be opened (names are then unknown).
+    pub error: Option<String>,
+    /// The resolvers whose answers count.
+    pub resolvers: Vec<String>,
+    /// Addresses with names now.
+    pub addresses: usize,
+    /// Answers read from trusted resolvers, and ignored ones from other servers.
+    pub answers: u64,
+    pub untrusted: u64,
+    /// Answers from a trusted resolver to no query this host sent (ignored).
+    #[serde(default)]
+    pub unsolicited: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -163,6 +183,11 @@ pub struct RequestView {
     pub destination: Option<String>,
     /// `tcp`, `udp` or the socket type number.
     pub protocol: Option<String>,
+    /// For connects: the names the host's resolvers gave for the destination address (most
+    /// recent first), learnt from their DNS answers. Context only: not part of the action
+    /// hash (the address is what is enforced).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_names: Vec<String>,
     pub age_ms: u64,
     pub expires_in_ms: u64,
     /// Extra facts, e.g. that this exec replaced an approved one.
@@ -170,4 +195,24 @@ pub struct RequestView {
     /// The policy rule that decided or escalated it (`None`: no policy for its label).
     #[serde(default)]
     pub rule: Option<String>,
+}
+
+impl RequestView {
+    /// A connect's destination as every channel shows it:
+    /// `api.example.com (DNS) → 93.184.216.34:443/tcp`, or `93.184.216.34:443/tcp` when no
+    /// name was learnt. `None` for execs.
+    #[must_use]
+    pub fn destination_text(&self) -> Option<String> {
+        let d = self.destination.as_deref()?;
+        let proto = self
+            .protocol
+            .as_deref()
+            .map(|p| format!("/{p}"))
+            .unwrap_or_default();
+        Some(if self.destination_names.is_empty() {
+            format!("{d}{proto}")
+        } else {
+            format!("{} (DNS) → {d}{proto}", self.destination_names.join(", "))
+        })
+    }
 }

@@ -22,6 +22,7 @@ use std::{
 use serde_json::Value;
 
 pub mod browser;
+pub mod dns;
 pub mod pg;
 pub mod remote;
 

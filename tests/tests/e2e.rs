@@ -692,6 +692,28 @@ fn policy_test_names_rule_and_outcome() {
         text.contains("the default of label `ci`") && text.contains("outcome: deny"),
         "{text}"
     );
+    // A name the daemon would have learnt for the address: `host:` rules match it.
+    let named = countersign(&[
+        "policy",
+        "test",
+        &p,
+        "--label",
+        "coder",
+        "--connect",
+        "192.0.2.7:443",
+        "--host",
+        "api.anthropic.com",
+    ]);
+    let text = String::from_utf8_lossy(&named.stdout);
+    assert!(
+        text.contains("rule `model-api`") && text.contains("outcome: allow"),
+        "{text}"
+    );
+    let unnamed = policy_test("coder", "--connect", "192.0.2.7:443");
+    assert!(
+        !String::from_utf8_lossy(&unnamed.stdout).contains("model-api"),
+        "no name, no host rule"
+    );
     let out = policy_test("nobody", "--connect", "10.20.1.1:22");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no label `nobody`"));
@@ -1261,3 +1283,6 @@ fn a_failed_approved_exec_leaves_no_release() {
 
 #[path = "e2e/records.rs"]
 mod records;
+
+#[path = "e2e/names.rs"]
+mod names;

@@ -235,15 +235,8 @@ fn render(r: &StoredRequest, csrf_token: Option<&str>) -> String {
             ),
         );
     }
-    if let Some(d) = &v.destination {
-        row(
-            "Destination",
-            format!(
-                "<code>{}</code> {}",
-                esc(d),
-                esc(v.protocol.as_deref().unwrap_or(""))
-            ),
-        );
+    if let Some(d) = v.destination_text() {
+        row("Destination", format!("<code>{}</code>", esc(&d)));
     }
     if let Some(c) = &v.cwd {
         row("cwd", format!("<code>{}</code>", esc(c)));
@@ -502,7 +495,41 @@ async fn revoke(
 
 #[cfg(test)]
 mod tests {
-    use super::esc;
+    use super::{esc, render};
+    use crate::approver::store::StoredRequest;
+
+    #[test]
+    fn a_connect_shows_its_learnt_name_beside_the_address() {
+        let escalation = serde_json::from_value(serde_json::json!({
+            "v": 1, "host_id": "h", "host_name": "build-7", "action_hash": "00",
+            "on_behalf_of": null, "approvers": [], "quorum": 1, "justification": false,
+            "deadline": "2026-11-24T00:00:00Z", "on_timeout": "deny",
+            "sent_at": "2026-11-24T00:00:00Z",
+            "request": {
+                "id": 3, "kind": "connect", "label": "coder", "pid": 10, "tid": 10, "uid": 0,
+                "user": "root", "binary": "/usr/bin/curl", "argv": ["curl"],
+                "argv_truncated": false, "cwd": "/", "parents": [],
+                "destination": "93.184.216.34:443", "protocol": "tcp",
+                "destination_names": ["api.example.com"], "age_ms": 0, "expires_in_ms": 0,
+                "note": null, "rule": null
+            }
+        }))
+        .unwrap();
+        let r = StoredRequest {
+            id: 1,
+            state: "pending".into(),
+            escalation,
+            deadline_ms: 0,
+            created_ms: 0,
+            answers: Vec::new(),
+            grant: None,
+        };
+        let html = render(&r, None);
+        assert!(
+            html.contains("<code>api.example.com (DNS) → 93.184.216.34:443/tcp</code>"),
+            "{html}"
+        );
+    }
 
     #[test]
     fn request_fields_cannot_inject_html() {

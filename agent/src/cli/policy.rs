@@ -32,6 +32,9 @@ pub fn check(files: &[PathBuf], cgroups: bool) -> i32 {
                     );
                 }
             }
+            for w in host_refusal_warnings(&p) {
+                println!("warning: {w}");
+            }
             for (label, what) in policy::cgroups::unapplied(&p) {
                 println!(
                     "warning: label `{label}`: {what} are checked but not applied by the daemon yet; label those cgroups with cgroup_labels in daemon.yaml"
@@ -73,6 +76,30 @@ fn list_cgroups(p: &policy::Policy) -> i32 {
     }
 }
 
+/// `deny`/`kill` rules that match by `host:`: they refuse only connects whose address has a
+/// name learnt from DNS, so a program that connects to the address directly (or resolves it
+/// where the daemon cannot see: DNS over TCP/TLS/HTTPS, /etc/hosts) is not refused by them.
+fn host_refusal_warnings(p: &policy::Policy) -> Vec<String> {
+    use crate::policy::schema::Outcome;
+    let mut out = Vec::new();
+    for l in &p.labels {
+        for r in &l.rules {
+            let policy::CompiledMatcher::Connect(m) = &r.matcher else {
+                continue;
+            };
+            if m.host.is_empty() || !matches!(r.decision.outcome, Outcome::Deny | Outcome::Kill) {
+                continue;
+            }
+            out.push(format!(
+                "label `{}`: {} refuses by `host:`, which matches only names learnt from the host resolvers' DNS answers; a connect to the address directly is not refused by it: add a rule with `cidr:` for the addresses, or make the label's default refuse",
+                l.name,
+                r.describe()
+            ));
+        }
+    }
+    out
+}
+
 fn missing_binaries(l: &policy::Label) -> Vec<(PathBuf, ())> {
     l.rules
         .iter()
@@ -91,14 +118,23 @@ fn missing_binaries(l: &policy::Label) -> Vec<(PathBuf, ())> {
 /// What `policy test` is asked about.
 pub enum TestAction {
     Exec(String),
-    Connect { target: String, protocol: Protocol },
+    Connect {
+        target: String,
+        protocol: Protocol,
+        /// Names known for the address (`--host`), as if learnt from DNS.
+        hosts: Vec<String>,
+    },
 }
 
 pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result<()> {
     let p = policy::load(files).map_err(|e| anyhow::anyhow!("{e}"))?;
     let action = match what {
         TestAction::Exec(cmd) => exec_action(cmd)?,
-        TestAction::Connect { target, protocol } => connect_action(target, *protocol)?,
+        TestAction::Connect {
+            target,
+            protocol,
+            hosts,
+        } => connect_action(target, *protocol, hosts)?,
     };
     let Some(v) = p.evaluate(label, &action) else {
         let known: Vec<&str> = p.labels.iter().map(|l| l.name.as_str()).collect();
@@ -179,13 +215,15 @@ fn describe(a: &Action) -> String {
             addr,
             port,
             protocol,
-            host,
+            hosts,
         } => {
             format!(
                 "connect {addr} port {port} ({protocol:?}){}",
-                host.as_ref()
-                    .map(|h| format!(" host {h}"))
-                    .unwrap_or_default()
+                if hosts.is_empty() {
+                    String::new()
+                } else {
+                    format!(" host {}", hosts.join(", "))
+                }
             )
         }
     }
@@ -236,7 +274,8 @@ fn exec_action(cmd: &str) -> anyhow::Result<Action> {
     })
 }
 
-fn connect_action(target: &str, protocol: Protocol) -> anyhow::Result<Action> {
+/// `hosts`: names the daemon would have learnt for the address (`--host`).
+fn connect_action(target: &str, protocol: Protocol, hosts: &[String]) -> anyhow::Result<Action> {
     let (host, port) = target.rsplit_once(':').with_context(|| {
         format!("--connect `{target}`: expected HOST:PORT (IPv6 as [addr]:port)")
     })?;
@@ -264,7 +303,7 @@ fn connect_action(target: &str, protocol: Protocol) -> anyhow::Result<Action> {
         } else {
             protocol
         },
-        host: name,
+        hosts: name.into_iter().chain(hosts.iter().cloned()).collect(),
     })
 }
 
@@ -295,19 +334,43 @@ mod tests {
     }
 
     #[test]
+    fn refusing_by_host_name_is_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.yaml");
+        std::fs::write(
+            &f,
+            "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - {name: paste, connect: {host: ['*.paste.test']}, outcome: deny}\n      - {name: ok, connect: {host: [api.test]}, outcome: allow}\n      - {name: net, connect: {cidr: [10.0.0.0/8]}, outcome: kill}\n",
+        )
+        .unwrap();
+        let p = policy::load(&[f]).unwrap();
+        let w = host_refusal_warnings(&p);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("rule `paste`") && w[0].contains("cidr"),
+            "{w:?}"
+        );
+    }
+
+    #[test]
     fn connect_targets() {
         let Action::Connect { addr, port, .. } =
-            connect_action("10.1.2.3:443", Protocol::Any).unwrap()
+            connect_action("10.1.2.3:443", Protocol::Any, &[]).unwrap()
         else {
             panic!()
         };
         assert_eq!((addr.to_string(), port), ("10.1.2.3".into(), 443));
-        let Action::Connect { addr, .. } = connect_action("[::1]:80", Protocol::Udp).unwrap()
+        let Action::Connect { addr, .. } = connect_action("[::1]:80", Protocol::Udp, &[]).unwrap()
         else {
             panic!()
         };
         assert!(addr.is_loopback());
-        assert!(connect_action("10.1.2.3", Protocol::Any).is_err());
-        assert!(connect_action("10.1.2.3:http", Protocol::Any).is_err());
+        assert!(connect_action("10.1.2.3", Protocol::Any, &[]).is_err());
+        assert!(connect_action("10.1.2.3:http", Protocol::Any, &[]).is_err());
+        let Action::Connect { hosts, .. } =
+            connect_action("10.1.2.3:443", Protocol::Tcp, &["api.example.com".into()]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(hosts, ["api.example.com"]);
     }
 }

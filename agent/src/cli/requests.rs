@@ -44,12 +44,8 @@ pub fn render(r: &RequestView) -> String {
         r.age_ms / 1000,
         r.expires_in_ms / 1000
     );
-    if let Some(d) = &r.destination {
-        let _ = writeln!(
-            s,
-            "       destination: {d} {}",
-            r.protocol.as_deref().unwrap_or("")
-        );
+    if let Some(d) = r.destination_text() {
+        let _ = writeln!(s, "       destination: {d}");
     }
     if let Some(b) = &r.binary {
         let _ = writeln!(s, "       binary:      {b}");

@@ -91,6 +91,24 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
             }
         }
     }
+    match &s.dns {
+        None => {
+            println!("  names:          off (dns.enabled: false; connects show addresses only)")
+        }
+        Some(d) => {
+            println!(
+                "  names:          {} address(es) named from DNS answers of {} ({} answers read; ignored: {} from other servers, {} to no query of this host)",
+                d.addresses,
+                d.resolvers.join(", "),
+                d.answers,
+                d.untrusted,
+                d.unsolicited
+            );
+            if let Some(e) = &d.error {
+                println!("  ALARM: destination names are unknown: {e}");
+            }
+        }
+    }
     println!("  holds so far:   {}", s.holds);
     println!(
         "  allowed in kernel: {} connects, {} execs (policy fast path)",

@@ -73,6 +73,8 @@ pub struct DaemonConfig {
     pub policy: Vec<PathBuf>,
     /// The remote approver escalations go to (none: decisions are made on this host only).
     pub approver: Option<crate::daemon::remote::RemoteConfig>,
+    /// Destination names learnt from the host resolvers' DNS answers (`daemon::names`).
+    pub dns: crate::daemon::names::DnsConfig,
 }
 
 impl Default for DaemonConfig {
@@ -100,6 +102,7 @@ impl Default for DaemonConfig {
             cgroup_labels: Vec::new(),
             policy: Vec::new(),
             approver: None,
+            dns: crate::daemon::names::DnsConfig::default(),
         }
     }
 }
@@ -203,6 +206,9 @@ impl DaemonConfig {
                 format!("`{}` must start with https:// (or http://)", c.url),
             ));
         }
+        if let Err((field, message)) = self.dns.validate() {
+            return Err(invalid(field, message));
+        }
         for (i, c) in self.cgroup_labels.iter().enumerate() {
             if let Err(m) = validate_label(&c.label) {
                 return Err(invalid(format!("cgroup_labels[{i}].label"), m));
@@ -291,6 +297,25 @@ mod tests {
         let (_d, p) = write("cgroup_labels:\n  - label: ok\n    path: rel\n");
         let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("cgroup_labels[0].path"), "{e}");
+    }
+
+    #[test]
+    fn dns_section_reads_and_checks_its_fields() {
+        let (_d, p) = write(
+            "dns:\n  resolvers: [127.0.0.53, 'fd00::53']\n  min_ttl_secs: 60\n  max_addresses: 100\n",
+        );
+        let c = DaemonConfig::load(Some(&p)).unwrap();
+        assert!(c.dns.enabled);
+        assert_eq!(c.dns.resolvers.len(), 2);
+        assert_eq!(c.dns.min_ttl_secs, 60);
+        assert_eq!(c.dns.max_ttl_secs, 24 * 3600);
+        assert_eq!(c.dns.max_addresses, 100);
+        let (_d, p) = write("dns:\n  resolver: [127.0.0.53]\n");
+        let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("unknown field `resolver`"), "{e}");
+        let (_d, p) = write("dns:\n  max_ttl_secs: 0\n");
+        let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("dns.max_ttl_secs"), "{e}");
     }
 
     #[test]

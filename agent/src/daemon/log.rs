@@ -52,6 +52,7 @@ mod tests {
             parents: vec![],
             destination: Some("10.0.0.1:443".into()),
             protocol: None,
+            destination_names: vec![],
             age_ms: 0,
             expires_in_ms: 0,
             note: None,

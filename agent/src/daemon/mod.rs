@@ -9,6 +9,7 @@ mod control;
 pub mod enrich;
 pub mod grants;
 mod log;
+pub mod names;
 pub mod remote;
 mod trace;
 
@@ -129,6 +130,8 @@ struct Daemon {
     /// Why the last reload failed, until one succeeds.
     reload_error: Option<String>,
     ticks: u64,
+    /// Destination names learnt from the host resolvers' DNS answers.
+    names: names::Names,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -231,6 +234,11 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Command>(64);
     control::serve(&config.socket_dir, tx)?;
     let mut ring = ebpf::watch_ring(ring).context("watching the event ring buffer")?;
+    let names = names::Names::start(&config.dns);
+    if names.active() {
+        tracing::info!(resolvers = ?names.resolvers(), "learning destination names from DNS answers");
+    }
+    let dns_ready = names.readiness();
     let mut daemon = Daemon {
         kernel,
         host_key,
@@ -255,6 +263,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         policy,
         reload_error: None,
         ticks: 0,
+        names,
     };
     if let Some(target) = shipper {
         tracing::info!(url = target.url, "shipping records");
@@ -298,6 +307,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
                 let response = daemon.command(cmd.request, cmd.peer);
                 let _ = cmd.reply.send(response);
             }
+            () = names::readable(dns_ready.as_ref()) => daemon.names.drain(),
             _ = tick.tick() => daemon.tick(),
                         _ = hup.recv() => daemon.reload("SIGHUP"),
             _ = term.recv() => break,
@@ -391,6 +401,15 @@ fn policy_stamp(
             (p, stamp.0, stamp.1)
         })
         .collect()
+}
+
+/// The destination address of a connect event.
+fn event_addr(ev: &shared::Event) -> std::net::IpAddr {
+    if ev.family == libc::AF_INET6 as u16 {
+        std::net::IpAddr::from(ev.addr)
+    } else {
+        std::net::IpAddr::from([ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]])
+    }
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of the kernel's request ids.
@@ -540,6 +559,12 @@ impl Daemon {
             self.kernel.set_user_id(ev.tid, ev.request_id, id);
             id
         };
+        if kind == HeldKind::Connect {
+            // The answer that gave the program this address is queued on the packet socket
+            // before the program could read it: read it before the connect is described and
+            // decided, so that its name is known.
+            self.names.drain();
+        }
         let (view, binding) = self.describe(id, ev, kind, note);
         if self.requests.len() >= MAX_PENDING {
             tracing::error!(
@@ -552,7 +577,7 @@ impl Daemon {
         }
         tracing::info!(id, pid = ev.tgid, label = %view.label, kind = %view.kind,
             binary = view.binary.as_deref().unwrap_or(""), destination = view.destination.as_deref().unwrap_or(""),
-            "held");
+            names = ?view.destination_names, "held");
         let held = self.held(view, kind, ev, binding);
         // The policy decides what it can; a human the rest, within the rule's deadline.
         let Some(held) = self.route(held) else {
@@ -642,6 +667,7 @@ impl Daemon {
             parents: enrich::parents(pid),
             destination: None,
             protocol: None,
+            destination_names: Vec::new(),
             age_ms: 0,
             expires_in_ms: self.config.request_timeout_secs * 1000,
             note,
@@ -685,6 +711,7 @@ impl Daemon {
             }
             HeldKind::Connect => {
                 view.destination = Some(enrich::destination(ev.family, &ev.addr, ev.port));
+                view.destination_names = self.names.lookup(event_addr(ev));
                 view.protocol = enrich::protocol(ev.sock_type);
                 view.binary = enrich::readlink(pid, "exe");
                 if let Some((argv, cut)) = enrich::cmdline(pid) {
@@ -1002,6 +1029,7 @@ impl Daemon {
     /// a good one replaces it at once (fast path included), and every held request is
     /// evaluated against it.
     fn reload(&mut self, why: &str) {
+        self.names.refresh_resolvers(true);
         match load_policy(&self.config) {
             Err(e) => {
                 let message = format!("{e:#}");
@@ -1133,7 +1161,7 @@ impl Daemon {
                     addr,
                     port: ev.port,
                     protocol,
-                    host: None,
+                    hosts: held.view.destination_names.clone(),
                 })
             }
             HeldKind::Exec | HeldKind::ExecLoaded => {
@@ -1423,6 +1451,19 @@ impl Daemon {
             fast_allowed_execs: stats[shared::STAT_FAST_EXEC as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
+            dns: self.config.dns.enabled.then(|| crate::proto::DnsStatus {
+                error: self.names.error.clone(),
+                resolvers: self
+                    .names
+                    .resolvers()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect(),
+                addresses: self.names.addresses(),
+                answers: self.names.counters.answers,
+                untrusted: self.names.counters.untrusted,
+                unsolicited: self.names.counters.unsolicited,
+            }),
             approver: self.remote.as_ref().map(|r| {
                 let h = r.health.lock().map(|h| h.clone()).unwrap_or_default();
                 crate::proto::ApproverStatus {
@@ -1554,6 +1595,8 @@ impl Daemon {
 
     fn tick(&mut self) {
         self.tracer.reap();
+        // Answers left by a drain that stopped at its bound.
+        self.names.drain();
         for g in self.grants.expire(std::time::SystemTime::now()) {
             tracing::info!(grant = g.id, label = g.label, "grant expired");
         }
@@ -1572,6 +1615,10 @@ impl Daemon {
                 pending: self.requests.len() as u64,
                 interval_secs: self.config.heartbeat_secs,
             });
+        }
+        if self.ticks.is_multiple_of(POLICY_CHECK_TICKS) {
+            self.names.purge();
+            self.names.refresh_resolvers(false);
         }
         if self.ticks.is_multiple_of(POLICY_CHECK_TICKS)
             && policy_stamp(&self.config, self.policy.as_ref()) != self.policy_stamp

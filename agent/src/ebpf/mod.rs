@@ -4,6 +4,7 @@
 //! One [`Kernel`] value owns all of it; the daemon's main loop is its only user.
 mod btf;
 mod canary;
+pub mod dns_socket;
 mod format;
 mod pin;
 

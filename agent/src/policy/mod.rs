@@ -141,7 +141,8 @@ pub enum Action {
         addr: IpAddr,
         port: u16,
         protocol: Protocol,
-        host: Option<String>,
+        /// The names known for `addr` (learnt from DNS answers; empty: none known).
+        hosts: Vec<String>,
     },
 }
 
@@ -221,16 +222,16 @@ impl CompiledRule {
                     addr,
                     port,
                     protocol,
-                    host,
+                    hosts,
                 },
             ) => {
                 (c.cidr.is_empty() || c.cidr.iter().any(|n| n.contains(*addr)))
                     && (c.ports.is_empty() || c.ports.iter().any(|p| p.contains(*port)))
                     && (c.protocol == Protocol::Any || c.protocol == *protocol)
+                    // A `host` rule matches when any known name of the address matches; with
+                    // no name known it does not match.
                     && (c.host.is_empty()
-                        || host
-                            .as_ref()
-                            .is_some_and(|h| c.host.iter().any(|g| g.matches(h))))
+                        || hosts.iter().any(|h| c.host.iter().any(|g| g.matches(h))))
             }
             _ => false,
         }

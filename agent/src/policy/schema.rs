@@ -349,9 +349,10 @@ pub struct ConnectMatch {
     pub ports: Vec<PortRange>,
     #[serde(default)]
     pub protocol: Protocol,
-    /// Destination host names (globs), matched where the name is known.
+    /// Destination host names (globs, case-insensitive), matched against the names learnt
+    /// for the address from the host resolvers' DNS answers.
     #[serde(default)]
-    pub host: Vec<Glob>,
+    pub host: Vec<HostGlob>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -444,6 +445,34 @@ impl FromStr for Glob {
     }
 }
 
+/// A host name glob: like [`Glob`], but case-insensitive (DNS names are).
+#[derive(Debug, Clone)]
+pub struct HostGlob {
+    matcher: globset::GlobMatcher,
+}
+
+impl HostGlob {
+    #[must_use]
+    pub fn matches(&self, s: &str) -> bool {
+        self.matcher.is_match(s)
+    }
+}
+
+impl FromStr for HostGlob {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let glob = globset::GlobBuilder::new(s.trim_end_matches('.'))
+            .literal_separator(false)
+            .backslash_escape(true)
+            .case_insensitive(true)
+            .build()
+            .map_err(|e| format!("`{s}` is not a valid host pattern: {e}"))?;
+        Ok(HostGlob {
+            matcher: glob.compile_matcher(),
+        })
+    }
+}
+
 /// Deserializes any `FromStr` type from a string (or, for ports, a number).
 macro_rules! from_str_de {
     ($t:ty) => {
@@ -458,6 +487,7 @@ macro_rules! from_str_de {
 from_str_de!(Cidr);
 from_str_de!(PortRange);
 from_str_de!(Glob);
+from_str_de!(HostGlob);
 
 /// A scalar read as text (YAML gives ports as numbers).
 struct StrOrNum(String);

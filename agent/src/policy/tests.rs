@@ -27,8 +27,60 @@ fn connect(addr: &str, port: u16, host: Option<&str>) -> Action {
         addr: addr.parse::<IpAddr>().unwrap(),
         port,
         protocol: Protocol::Tcp,
-        host: host.map(str::to_owned),
+        hosts: host.map(str::to_owned).into_iter().collect(),
     }
+}
+
+fn connect_named(addr: &str, port: u16, hosts: &[&str]) -> Action {
+    Action::Connect {
+        addr: addr.parse::<IpAddr>().unwrap(),
+        port,
+        protocol: Protocol::Tcp,
+        hosts: hosts.iter().map(|h| (*h).to_owned()).collect(),
+    }
+}
+
+#[test]
+fn host_globs_match_any_learnt_name_of_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "p.yaml",
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    default: {outcome: escalate}\n    rules:\n      - {name: no-paste, connect: {host: ['*.Paste.test']}, outcome: deny}\n      - {name: api, connect: {host: ['api.example.test'], ports: [443]}, outcome: allow}\n",
+    );
+    let p = load(&[f]).unwrap();
+    // One of several names of a shared address is enough (globs are case-insensitive; names
+    // are kept lowercase).
+    assert_eq!(
+        outcome(
+            &p,
+            "a",
+            &connect_named("10.0.0.1", 443, &["cdn.test", "x.paste.test"])
+        ),
+        (Outcome::Deny, Some("no-paste".into()))
+    );
+    assert_eq!(
+        outcome(
+            &p,
+            "a",
+            &connect_named("10.0.0.1", 443, &["cdn.test", "api.example.test"])
+        ),
+        (Outcome::Allow, Some("api".into()))
+    );
+    // The port still counts; no name known: only the default.
+    assert_eq!(
+        outcome(
+            &p,
+            "a",
+            &connect_named("10.0.0.1", 80, &["api.example.test"])
+        )
+        .0,
+        Outcome::Escalate
+    );
+    assert_eq!(
+        outcome(&p, "a", &connect_named("10.0.0.1", 443, &[])).0,
+        Outcome::Escalate
+    );
 }
 
 fn outcome(p: &Policy, label: &str, a: &Action) -> (Outcome, Option<String>) {

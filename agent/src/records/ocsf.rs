@@ -108,7 +108,12 @@ pub fn event(record: &Record) -> Option<Value> {
         obj.insert("activity_id".into(), 1.into());
         obj.insert("activity_name".into(), "Open".into());
         obj.insert("type_uid".into(), 400_101.into());
-        obj.insert("dst_endpoint".into(), json!({"ip": ip, "port": port}));
+        let mut dst = json!({"ip": ip, "port": port});
+        // The most recent name the host's resolver gave for the address (context only).
+        if let Some(name) = q.destination_names.first() {
+            dst["hostname"] = name.clone().into();
+        }
+        obj.insert("dst_endpoint".into(), dst);
         obj.insert(
             "connection_info".into(),
             json!({"protocol_name": q.protocol, "direction_id": 2, "direction": "Outbound"}),
@@ -197,6 +202,13 @@ mod tests {
         assert_eq!(e["disposition"], "Blocked");
         assert_eq!(e["dst_endpoint"]["ip"], "2001:db8::1");
         assert_eq!(e["dst_endpoint"]["port"], 443);
+        assert!(e["dst_endpoint"].get("hostname").is_none());
+        let mut named = view(9);
+        named.kind = "connect".into();
+        named.destination = Some("93.184.216.34:443".into());
+        named.destination_names = vec!["api.example.com".into(), "cdn.example.net".into()];
+        let e = event(&record(decision("approved", named))).unwrap();
+        assert_eq!(e["dst_endpoint"]["hostname"], "api.example.com");
         assert!(
             event(&record(Body::Heartbeat {
                 pending: 0,

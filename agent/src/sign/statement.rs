@@ -296,4 +296,37 @@ mod tests {
         next.id = 8;
         assert_ne!(action_hash("host-a", &next), h);
     }
+
+    #[test]
+    fn destination_names_are_context_outside_the_hash() {
+        let mut v = view();
+        v.kind = "connect".into();
+        v.destination = Some("93.184.216.34:443".into());
+        v.protocol = Some("tcp".into());
+        let h = action_hash("host-a", &v);
+        assert_eq!(v.destination_text().unwrap(), "93.184.216.34:443/tcp");
+        // A view without the field (an older daemon) reads; one without names writes none.
+        assert!(
+            !serde_json::to_string(&v)
+                .unwrap()
+                .contains("destination_names")
+        );
+        let mut named = v.clone();
+        named.destination_names = vec!["api.example.com".into(), "cdn.example.net".into()];
+        assert_eq!(
+            action_hash("host-a", &named),
+            h,
+            "the address is what is bound"
+        );
+        assert_eq!(
+            named.destination_text().unwrap(),
+            "api.example.com, cdn.example.net (DNS) → 93.184.216.34:443/tcp"
+        );
+        let back: RequestView =
+            serde_json::from_str(&serde_json::to_string(&named).unwrap()).unwrap();
+        assert_eq!(back, named);
+        let mut elsewhere = v;
+        elsewhere.destination = Some("10.0.0.1:443".into());
+        assert_ne!(action_hash("host-a", &elsewhere), h);
+    }
 }

@@ -14,6 +14,10 @@
 //!   cs-probe double-fork PATH ARGS...          fork, setsid, fork, exec in the grandchild;
 //!                                              prints the grandchild's pid
 //!   cs-probe touch FILE                        creates FILE (proof that an exec ran)
+//!   cs-probe resolve-connect NAME SERVER PORT  asks SERVER:53 (a connected UDP socket, as
+//!                                              the C library does) for NAME's A record,
+//!                                              prints `resolved ADDR` (or `dns-error ...`),
+//!                                              then TCP connects to ADDR:PORT like `connect`
 //!   cs-probe wait SUBCOMMAND ARGS...           reads a line from stdin, then runs SUBCOMMAND
 use std::{
     ffi::CString,
@@ -44,6 +48,7 @@ fn main() {
             exec(&args[3..], None)
         }
         Some("double-fork") => double_fork(&args[2..]),
+        Some("resolve-connect") => resolve_connect(&args[2], &args[3], &args[4]),
         Some("touch") => {
             std::fs::write(&args[2], b"ran\n").expect("touch");
             0
@@ -54,6 +59,48 @@ fn main() {
         }
     };
     std::process::exit(code);
+}
+
+/// Resolves `name` through `server` (UDP port 53), then connects to the answer.
+fn resolve_connect(name: &str, server: &str, port: &str) -> i32 {
+    use hickory_proto::{
+        op::{Message, Query},
+        rr::{Name, RData, RecordType},
+    };
+    let server: std::net::IpAddr = server.parse().expect("SERVER address");
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("udp socket");
+    if let Err(e) = sock.connect((server, 53)) {
+        say(&format!("dns-error {}", e.raw_os_error().unwrap_or(-1)));
+        return 1;
+    }
+    let mut q = Message::query();
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(
+        Name::from_ascii(name).expect("NAME"),
+        RecordType::A,
+    ));
+    sock.send(&q.to_vec().expect("query"))
+        .expect("sending the query");
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("timeout");
+    let mut buf = [0u8; 1500];
+    let n = match sock.recv(&mut buf) {
+        Ok(n) => n,
+        Err(e) => {
+            say(&format!("dns-error {e}"));
+            return 1;
+        }
+    };
+    let answer = Message::from_vec(&buf[..n]).expect("a DNS answer");
+    let Some(addr) = answer.answers.iter().find_map(|r| match &r.data {
+        RData::A(a) => Some(a.0),
+        _ => None,
+    }) else {
+        say("dns-error no address");
+        return 1;
+    };
+    say(&format!("resolved {addr}"));
+    connect(&format!("{addr}:{port}"), None)
 }
 
 fn say(s: &str) {

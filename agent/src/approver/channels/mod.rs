@@ -64,12 +64,8 @@ pub fn summary(req: &StoredRequest) -> String {
     let v = &e.request;
     let what = match v.kind.as_str() {
         "connect" => format!(
-            "connect to {}{}",
-            v.destination.as_deref().unwrap_or("?"),
-            v.protocol
-                .as_deref()
-                .map(|p| format!(" ({p})"))
-                .unwrap_or_default()
+            "connect to {}",
+            v.destination_text().unwrap_or_else(|| "?".into())
         ),
         _ => format!("run {}", crate::cli::requests::quote_argv(&v.argv)),
     };

@@ -238,12 +238,8 @@ pub fn blocks(req: &StoredRequest, public_url: Option<&str>) -> Value {
             if v.argv_truncated { " (truncated)" } else { "" }
         ));
     }
-    if let Some(d) = &v.destination {
-        detail.push_str(&format!(
-            "*Destination* `{}` {}\n",
-            code(d),
-            escape(v.protocol.as_deref().unwrap_or(""))
-        ));
+    if let Some(d) = v.destination_text() {
+        detail.push_str(&format!("*Destination* `{}`\n", code(&d)));
     }
     if let Some(c) = &v.cwd {
         detail.push_str(&format!("*cwd* `{}`\n", code(c)));

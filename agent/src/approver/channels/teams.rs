@@ -292,11 +292,8 @@ pub fn card(req: &StoredRequest, public_url: Option<&str>) -> Value {
     if !v.argv.is_empty() {
         facts.push(("argv", crate::cli::requests::quote_argv(&v.argv)));
     }
-    if let Some(d) = &v.destination {
-        facts.push((
-            "Destination",
-            format!("{d} {}", v.protocol.as_deref().unwrap_or("")),
-        ));
+    if let Some(d) = v.destination_text() {
+        facts.push(("Destination", d));
     }
     if let Some(c) = &v.cwd {
         facts.push(("cwd", c.clone()));
