@@ -192,9 +192,8 @@ impl Kernel {
             attached.push((name, AttachedLink::TracePoint(id)));
         }
 
-        let previous_mode = config
-            .get(&0, 0)
-            .map_or(shared::MODE_OFF, |c: Config| c.mode);
+        let previous: Config = config.get(&0, 0).unwrap_or_default();
+        let previous_mode = previous.mode;
         let mut kernel = Kernel {
             ebpf,
             tasks,
@@ -212,8 +211,11 @@ impl Kernel {
             exec_fast_path,
             offsets,
             exec_tracepoints: false,
-            cgroup_labels_on: 0,
-            exec_labels_on: 0,
+            // The reused maps keep their entries until this daemon installs its own: so do
+            // the switches (a cgroup made meanwhile is still marked, labelled cgroups still
+            // walked).
+            cgroup_labels_on: previous.cgroup_labels,
+            exec_labels_on: previous.exec_labels,
         };
         // An earlier daemon's programs may still be attached: from now on they must not hold
         // this daemon. Its mode stays in force until ours is proven.
