@@ -331,30 +331,47 @@ impl Daemon {
                     }
                 }
             }
-            Some(TaskLabel::None) => {
-                // An exec held after loading never passes the executable-label lookup again.
-                let exec_label = if kind == HeldKind::ExecLoaded {
-                    std::fs::metadata(format!("/proc/{}/exe", ev.tgid))
-                        .ok()
-                        .and_then(|m| self.kernel.exec_label(ebpf::kernel_dev(m.dev()), m.ino()))
-                        .unwrap_or(shared::LABEL_NONE)
-                } else {
-                    shared::LABEL_NONE
-                };
-                match self
-                    .kernel
-                    .unhold_unclassified(ev.tid, ev.request_id, exec_label)
-                {
-                    Ok(true) => {
-                        tracing::debug!(pid = ev.tgid, "not an agent: continued");
-                        let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGCONT);
-                    }
-                    Ok(false) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, pid = ev.tgid, "cannot release an unlabelled task; killing it");
-                        let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
-                    }
-                }
+            Some(TaskLabel::None) => self.let_go(ev, kind),
+        }
+    }
+
+    /// Continues a task held with the reserved label whose cgroup carries no label: its state
+    /// is removed, or set to the executable label an exec held after loading would have had
+    /// (it never passes that lookup again). Killed if its state cannot be written.
+    fn let_go(&mut self, ev: &shared::Event, kind: HeldKind) {
+        let exec_label = if kind == HeldKind::ExecLoaded {
+            std::fs::metadata(format!("/proc/{}/exe", ev.tgid))
+                .ok()
+                .and_then(|m| self.kernel.exec_label(ebpf::kernel_dev(m.dev()), m.ino()))
+                .unwrap_or(shared::LABEL_NONE)
+        } else {
+            shared::LABEL_NONE
+        };
+        match self
+            .kernel
+            .unhold_unclassified(ev.tid, ev.request_id, exec_label)
+        {
+            Ok(true) => {
+                tracing::debug!(pid = ev.tgid, "not an agent: continued");
+                let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGCONT);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, pid = ev.tgid, "cannot release an unlabelled task; killing it");
+                let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// At shutdown, for a task held with the reserved label: continued if its cgroup carries
+    /// no label, else killed (nothing will decide it once the hooks are off).
+    pub(super) fn let_go_or_kill(&mut self, ev: &shared::Event, kind: HeldKind) {
+        self.classify_marked();
+        match self.task_label(ev.tid) {
+            Some(TaskLabel::None) => self.let_go(ev, kind),
+            None => {}
+            Some(_) => {
+                let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
             }
         }
     }

@@ -1747,10 +1747,10 @@ impl Daemon {
             self.apply(h, Decision::Deny, "daemon shutdown");
             waiting.push((tid, tgid, kernel_id));
         }
-        // Requests still waiting for their cgroup's classification cannot be denied (no
-        // label to hold them under once the hooks are off): fail closed.
+        // Requests still waiting for their cgroup's classification: let go if it carries no
+        // label, else killed (nothing decides them once the hooks are off).
         for w in std::mem::take(&mut self.cgroups.waiting) {
-            let _ = kill(Pid::from_raw(w.event.tgid as i32), Signal::SIGKILL);
+            self.let_go_or_kill(&w.event, w.kind);
         }
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         while Instant::now() < deadline {
@@ -1767,7 +1767,16 @@ impl Daemon {
                         shared::KIND_EXEC | shared::KIND_CONNECT | shared::KIND_EXEC_LOADED
                     )
                 {
-                    let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
+                    if ev.label == shared::LABEL_UNCLASSIFIED {
+                        let kind = match ev.kind {
+                            shared::KIND_EXEC => HeldKind::Exec,
+                            shared::KIND_CONNECT => HeldKind::Connect,
+                            _ => HeldKind::ExecLoaded,
+                        };
+                        self.let_go_or_kill(&ev, kind);
+                    } else {
+                        let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
+                    }
                 }
             }
             if waiting.is_empty() {
