@@ -1,4 +1,5 @@
-//! Which tasks are agents: the per-thread task map, cgroup labels, inheritance at fork.
+//! Which tasks are agents: the per-thread task map, cgroup labels (and the marking of new
+//! cgroups until they are classified), inheritance at fork.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid,
@@ -7,7 +8,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use countersign_ebpf::{
-    LABEL_NONE, MAX_CGROUP_DEPTH, MODE_OFF, STAT_LABEL_INHERIT_FAILED, TaskState,
+    CGROUP_MATCH, KIND_CGROUP_NEW, LABEL_NONE, LABEL_UNCLASSIFIED, MAX_CGROUP_DEPTH, MODE_OFF,
+    STAT_EVENTS_DROPPED, STAT_LABEL_INHERIT_FAILED, STATE_IDLE, TaskState,
 };
 
 use crate::maps::{self, CGROUP_CACHE, CGROUP_LABELS, TASKS};
@@ -36,6 +38,12 @@ pub enum Task {
 
 /// The calling thread. An unlabelled task costs one lookup in the task map, plus one in the
 /// cgroup cache when cgroup labels exist (the ancestor walk runs once per cgroup).
+///
+/// A task under a cgroup the daemon has not classified yet gets the reserved label
+/// [`LABEL_UNCLASSIFIED`]: its action is held like any labelled one until the daemon re-labels
+/// the task or lets it go. An idle task that still carries that label (a child forked while
+/// its cgroup was unclassified) looks at its cgroup again: labelled, unlabelled (its state is
+/// removed) or still unclassified.
 #[inline(always)]
 pub fn current_task() -> Task {
     let config = maps::config();
@@ -43,16 +51,35 @@ pub fn current_task() -> Task {
         return Task::Unlabelled;
     }
     let tid = current_tid();
+    let mut stale: Option<*mut TaskState> = None;
     if let Some(state) = TASKS.get_ptr_mut(tid) {
         if current_tgid() == config.daemon_tgid {
             return Task::Unlabelled;
         }
-        return Task::Labelled(state);
-    }
-    if config.cgroup_labels == 0 || current_tgid() == config.daemon_tgid {
+        // SAFETY: the pointer comes from the map lookup and is valid for this run.
+        let s = unsafe { &*state };
+        if s.label != LABEL_UNCLASSIFIED || s.state != STATE_IDLE {
+            return Task::Labelled(state);
+        }
+        stale = Some(state);
+    } else if config.cgroup_labels == 0 || current_tgid() == config.daemon_tgid {
         return Task::Unlabelled;
     }
-    let Some(label) = cgroup_label_cached() else {
+    let label = cgroup_label_cached();
+    if let Some(state) = stale {
+        return match label {
+            Some(label) => {
+                // SAFETY: as above.
+                unsafe { (*state).label = label };
+                Task::Labelled(state)
+            }
+            None => {
+                let _ = TASKS.remove(tid);
+                Task::Unlabelled
+            }
+        };
+    }
+    let Some(label) = label else {
         return Task::Unlabelled;
     };
     let state = TaskState {
@@ -68,7 +95,8 @@ pub fn current_task() -> Task {
     }
 }
 
-/// The label of the current cgroup, through the cache of walks already made.
+/// The label of the current cgroup, through the cache of walks already made. An
+/// unclassified answer is never cached: the daemon's classification must be seen.
 #[inline(always)]
 fn cgroup_label_cached() -> Option<u32> {
     // SAFETY: helper without arguments.
@@ -78,13 +106,18 @@ fn cgroup_label_cached() -> Option<u32> {
         return (*label != LABEL_NONE).then_some(*label);
     }
     let label = cgroup_label();
+    if label == Some(LABEL_UNCLASSIFIED) {
+        return label;
+    }
     // Cgroup ids are never reused while the system runs, so the answer stays true for as long
-    // as the configured labels do (a new daemon starts with an empty cache).
+    // as the configured labels do (the daemon empties the cache when they change; a new
+    // daemon starts with an empty cache).
     let _ = CGROUP_CACHE.insert(id, label.unwrap_or(LABEL_NONE), 0);
     label
 }
 
-/// The label of the nearest labelled ancestor cgroup of the current task (or its own).
+/// The label of the nearest labelled (or unclassified) ancestor cgroup of the current task,
+/// or its own.
 #[inline(always)]
 fn cgroup_label() -> Option<u32> {
     let mut level = MAX_CGROUP_DEPTH;
@@ -102,6 +135,55 @@ fn cgroup_label() -> Option<u32> {
         level -= 1;
     }
     None
+}
+
+/// The cgroup v2 id in a `cgroup_mkdir`/`cgroup_rmdir` record (`None` for cgroup v1
+/// hierarchies, whose ids are another numbering).
+#[inline(always)]
+fn cgroup_event_id(ctx: &TracePointContext) -> Option<u64> {
+    let (root_at, id_at) = maps::cgroup_event_offsets();
+    // SAFETY: the offsets come from the kernel's own format file for these tracepoints.
+    let root = unsafe { ctx.read_at::<i32>(root_at) }.ok()?;
+    if root != 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { ctx.read_at::<u64>(id_at) }.ok()
+}
+
+/// `cgroup_mkdir` fires before the new directory is visible (no task can be in it yet): while
+/// the policy matches cgroups, the cgroup is marked unclassified, any cached answer for its id
+/// is dropped, and the daemon is told. A mark that cannot be written is reported (that cgroup
+/// is not held: the daemon raises an alarm).
+#[inline(always)]
+pub fn cgroup_mkdir(ctx: &TracePointContext) {
+    let config = maps::config();
+    if config.cgroup_labels & CGROUP_MATCH == 0 || config.mode == MODE_OFF {
+        return;
+    }
+    let Some(id) = cgroup_event_id(ctx) else {
+        return;
+    };
+    let failed = CGROUP_LABELS.insert(id, LABEL_UNCLASSIFIED, 0).is_err();
+    let _ = CGROUP_CACHE.remove(id);
+    let mut ev = crate::hold::event(KIND_CGROUP_NEW, LABEL_UNCLASSIFIED);
+    ev.cgroup_id = id;
+    ev.detail = i32::from(failed);
+    if !maps::emit(&ev) {
+        maps::count(STAT_EVENTS_DROPPED);
+    }
+}
+
+/// `cgroup_rmdir`: a removed cgroup's entry goes (ids are never reused), so that the map holds
+/// only live cgroups.
+#[inline(always)]
+pub fn cgroup_rmdir(ctx: &TracePointContext) {
+    if maps::config().cgroup_labels == 0 {
+        return;
+    }
+    if let Some(id) = cgroup_event_id(ctx) {
+        let _ = CGROUP_LABELS.remove(id);
+    }
 }
 
 /// `sched_process_fork` runs in the parent before the child first runs: the child gets the

@@ -59,8 +59,10 @@ pub const LABEL_NAME_LEN: usize = 64;
 
 /// Capacity of [`MAP_TASKS`]: the number of labelled threads alive at once.
 pub const MAX_LABELLED_TASKS: u32 = 65_536;
-/// Capacity of [`MAP_CGROUP_LABELS`].
-pub const MAX_CGROUP_LABELS: u32 = 1_024;
+/// Capacity of [`MAP_CGROUP_LABELS`]: exact `cgroup_labels`, the cgroups the policy's globs and
+/// units label, and new cgroups not classified yet (entries of removed cgroups are dropped
+/// by the `cgroup_rmdir` program).
+pub const MAX_CGROUP_LABELS: u32 = 16_384;
 /// Deepest cgroup level searched for a cgroup label.
 pub const MAX_CGROUP_DEPTH: i32 = 16;
 /// Size of the event ring buffer in bytes (a power of two, multiple of the page size).
@@ -77,10 +79,16 @@ pub const PROG_TP_SCHED_EXIT: &str = "cs_tp_sched_exit";
 pub const PROG_TP_SYS_ENTER_CONNECT: &str = "cs_tp_sys_enter_connect";
 pub const PROG_CG_CONNECT4: &str = "cs_cg_connect4";
 pub const PROG_CG_CONNECT6: &str = "cs_cg_connect6";
+pub const PROG_TP_CGROUP_MKDIR: &str = "cs_tp_cgroup_mkdir";
+pub const PROG_TP_CGROUP_RMDIR: &str = "cs_tp_cgroup_rmdir";
 
 /// Global set at load time: offset of `child_pid` in the `sched_process_fork` tracepoint
 /// record, read from the kernel's own format file (it moved between kernel versions).
 pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+/// Globals set at load time: offsets of `root` (the hierarchy id, 0 for cgroup v2) and `id`
+/// in the `cgroup_mkdir`/`cgroup_rmdir` tracepoint records, read from the format file.
+pub const GLOBAL_CGROUP_ROOT_OFFSET: &str = "CGROUP_ROOT_OFFSET";
+pub const GLOBAL_CGROUP_ID_OFFSET: &str = "CGROUP_ID_OFFSET";
 /// Global set at load time: the [`KernelOffsets`] read from the kernel's BTF.
 pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 
@@ -89,6 +97,18 @@ pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 pub const LABEL_CANARY: u32 = u32::MAX;
 /// No label: the task is not an agent.
 pub const LABEL_NONE: u32 = 0;
+/// Reserved label of a cgroup created while the policy matches cgroups by glob or systemd
+/// unit, until the daemon has classified it (written by the `cgroup_mkdir` program into
+/// [`MAP_CGROUP_LABELS`]). A task under such a cgroup is held with this label; the daemon
+/// re-labels it or lets it go.
+pub const LABEL_UNCLASSIFIED: u32 = u32::MAX - 1;
+
+/// [`Config::cgroup_labels`] bits: [`MAP_CGROUP_LABELS`] has entries (unlabelled tasks walk
+/// their cgroup's ancestors once per cgroup).
+pub const CGROUP_LABELS_ON: u32 = 1;
+/// The policy matches cgroups by glob or systemd unit: every new cgroup v2 directory is marked
+/// [`LABEL_UNCLASSIFIED`] by the `cgroup_mkdir` program until the daemon classifies it.
+pub const CGROUP_MATCH: u32 = 2;
 
 /// Enforcement mode, in [`Config::mode`].
 pub const MODE_OFF: u32 = 0;
@@ -125,6 +145,10 @@ pub const KIND_CANARY_EXEC: u32 = 4;
 pub const KIND_CANARY_CONNECT: u32 = 5;
 /// Reports a failure in the kernel (for example a full ring buffer); see [`Event::detail`].
 pub const KIND_ERROR: u32 = 6;
+/// A cgroup v2 directory was created and marked [`LABEL_UNCLASSIFIED`]; its id is in
+/// [`Event::cgroup_id`]. [`Event::detail`] is non-zero when the mark could not be written
+/// (the map is full): that cgroup is not held.
+pub const KIND_CGROUP_NEW: u32 = 7;
 
 /// [`TaskState::flags`]: the task passed `sched_process_exec` since its last `execve` entry.
 pub const FLAG_EXEC_LOADED: u32 = 1;
@@ -188,8 +212,9 @@ pub struct Config {
     pub mode: u32,
     /// Thread-group id of the daemon: never held, whatever its label.
     pub daemon_tgid: u32,
-    /// Non-zero when [`MAP_CGROUP_LABELS`] has entries, so that unlabelled tasks skip the
-    /// cgroup walk otherwise.
+    /// [`CGROUP_LABELS_ON`] when [`MAP_CGROUP_LABELS`] has entries, so that unlabelled tasks
+    /// skip the cgroup walk otherwise; [`CGROUP_MATCH`] while new cgroups must be classified.
+    /// (Bits of one field: the pinned config keeps its size across versions.)
     pub cgroup_labels: u32,
     /// Non-zero when [`MAP_EXEC_LABELS`] has entries, so that unlabelled execs skip the
     /// lookup otherwise.

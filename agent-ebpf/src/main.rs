@@ -89,6 +89,20 @@ mod programs {
         0
     }
 
+    /// A new cgroup is marked unclassified while the policy matches cgroups.
+    #[tracepoint(category = "cgroup", name = "cgroup_mkdir")]
+    pub fn cs_tp_cgroup_mkdir(ctx: TracePointContext) -> u32 {
+        label::cgroup_mkdir(&ctx);
+        0
+    }
+
+    /// A removed cgroup's label entry goes.
+    #[tracepoint(category = "cgroup", name = "cgroup_rmdir")]
+    pub fn cs_tp_cgroup_rmdir(ctx: TracePointContext) -> u32 {
+        label::cgroup_rmdir(&ctx);
+        0
+    }
+
     #[tracepoint(category = "sched", name = "sched_process_exit")]
     pub fn cs_tp_sched_exit(_ctx: TracePointContext) -> u32 {
         label::forget_current();

@@ -52,6 +52,24 @@ pub static LABELS: HashMap<u32, LabelName> = HashMap::pinned(MAX_LABELS, 0);
 #[unsafe(no_mangle)]
 pub static FORK_CHILD_PID_OFFSET: u32 = 44;
 
+/// Offsets of `root` and `id` in the `cgroup_mkdir`/`cgroup_rmdir` records (set by the loader).
+#[unsafe(no_mangle)]
+pub static CGROUP_ROOT_OFFSET: u32 = 8;
+#[unsafe(no_mangle)]
+pub static CGROUP_ID_OFFSET: u32 = 16;
+
+#[inline(always)]
+pub fn cgroup_event_offsets() -> (usize, usize) {
+    // SAFETY: plain reads of globals the loader may have rewritten; volatile so the compiler
+    // does not fold the defaults in.
+    unsafe {
+        (
+            core::ptr::read_volatile(&CGROUP_ROOT_OFFSET) as usize,
+            core::ptr::read_volatile(&CGROUP_ID_OFFSET) as usize,
+        )
+    }
+}
+
 /// The daemon's settings; an unset map reads as "off".
 #[inline(always)]
 pub fn config() -> Config {

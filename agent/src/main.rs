@@ -199,7 +199,7 @@ enum PolicyCmd {
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Also list the existing cgroups of this host that `match: cgroup`/`systemd_unit`
-        /// name (not applied by the daemon yet).
+        /// name (what the daemon labels now).
         #[arg(long)]
         cgroups: bool,
     },

@@ -6,6 +6,8 @@ use countersign_tests::{Daemon, Listener, TestCgroup, probe_bin};
 
 #[path = "e2e/approver.rs"]
 mod approver;
+#[path = "e2e/cgmatch.rs"]
+mod cgmatch;
 
 const EPERM: i32 = 1;
 
@@ -608,7 +610,7 @@ fn policy_check_reports_validity_by_exit_status() {
 }
 
 /// `policy check --cgroups` lists the existing cgroups a policy's cgroup globs and systemd
-/// units name (by the documented rule) and warns that the daemon does not apply them yet.
+/// units name (by the documented rule).
 #[test]
 fn policy_check_lists_cgroups_named_by_globs_and_units() {
     let cg = TestCgroup::new("countersign-match");
@@ -658,7 +660,7 @@ fn policy_check_lists_cgroups_named_by_globs_and_units() {
     );
     assert!(
         text.contains(
-            "warning: label `svc`: systemd unit(s) x.service are checked but not applied"
+            "label `svc`: systemd unit(s) x.service; the daemon holds tasks of a new cgroup"
         ),
         "{text}"
     );

@@ -35,9 +35,9 @@ pub fn check(files: &[PathBuf], cgroups: bool) -> i32 {
             for w in host_refusal_warnings(&p) {
                 println!("warning: {w}");
             }
-            for (label, what) in policy::cgroups::unapplied(&p) {
+            for (label, what) in policy::cgroups::summary(&p) {
                 println!(
-                    "warning: label `{label}`: {what} are checked but not applied by the daemon yet; label those cgroups with cgroup_labels in daemon.yaml"
+                    "label `{label}`: {what}; the daemon holds tasks of a new cgroup until it has classified it"
                 );
             }
             if cgroups {

@@ -4,6 +4,7 @@
 //!
 //! One task (the main loop below) owns the kernel state, the request table and the log; the
 //! socket handlers talk to it through [`control::Command`] messages.
+mod cgroups;
 pub mod config;
 mod control;
 pub mod enrich;
@@ -116,6 +117,8 @@ struct Daemon {
     labels: Vec<String>,
     /// (cgroup path as in /proc/PID/cgroup, label id), for refusing labelled callers.
     cgroup_labels: Vec<(String, u32)>,
+    /// Labels by cgroup glob and systemd unit (see `cgroups`).
+    cgroups: cgroups::CgroupMatching,
     requests: BTreeMap<u64, Held>,
     next_id: u64,
     approved_execs: HashMap<u32, ExecBinding>,
@@ -253,6 +256,10 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         last_heartbeat: Instant::now(),
         labels,
         cgroup_labels,
+        cgroups: cgroups::CgroupMatching {
+            fixed: cgroup_ids,
+            ..Default::default()
+        },
         requests: BTreeMap::new(),
         next_id,
         approved_execs: HashMap::new(),
@@ -277,6 +284,8 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     daemon.record_policy();
     // The policy's fast paths (empty without a policy: clears an earlier daemon's).
     daemon.install_fast_path()?;
+    // Before adopting: held tasks of unclassified cgroups are resolved against these labels.
+    daemon.install_cgroup_matches()?;
     daemon.adopt();
     eprintln!(
         "countersign: enforcing in {} mode ({}); sockets in {}",
@@ -469,6 +478,11 @@ impl Daemon {
                 shared::KIND_CONNECT => HeldKind::Connect,
                 _ => HeldKind::ExecLoaded,
             };
+            if st.label == shared::LABEL_UNCLASSIFIED {
+                // Never recorded: resolved against the cgroup labels installed at start.
+                self.unclassified_held(&ev, kind);
+                continue;
+            }
             self.hold_as(
                 &ev,
                 kind,
@@ -495,6 +509,9 @@ impl Daemon {
     }
 
     fn label_name(&self, id: u32) -> String {
+        if id == shared::LABEL_UNCLASSIFIED {
+            return cgroups::UNCLASSIFIED_NAME.to_owned();
+        }
         self.labels
             .get((id as usize).wrapping_sub(1))
             .cloned()
@@ -502,7 +519,18 @@ impl Daemon {
     }
 
     fn event(&mut self, ev: &shared::Event) {
+        if ev.label == shared::LABEL_UNCLASSIFIED {
+            match ev.kind {
+                shared::KIND_EXEC => return self.unclassified_held(ev, HeldKind::Exec),
+                shared::KIND_CONNECT => return self.unclassified_held(ev, HeldKind::Connect),
+                shared::KIND_EXEC_LOADED => {
+                    return self.unclassified_held(ev, HeldKind::ExecLoaded);
+                }
+                _ => {}
+            }
+        }
         match ev.kind {
+            shared::KIND_CGROUP_NEW => self.cgroup_created(ev),
             shared::KIND_EXEC => self.hold(ev, HeldKind::Exec, None),
             shared::KIND_CONNECT => self.hold(ev, HeldKind::Connect, None),
             shared::KIND_EXEC_LOADED if ev.detail as u32 & shared::FLAG_VERIFY != 0 => {
@@ -1046,6 +1074,9 @@ impl Daemon {
                 if let Err(e) = self.install_fast_path() {
                     tracing::error!(error = %e, "installing the fast path failed; the daemon decides instead");
                 }
+                if let Err(e) = self.install_cgroup_matches() {
+                    tracing::error!(error = %format!("{e:#}"), "installing the cgroup labels failed; the earlier ones stay");
+                }
                 let ids: Vec<u64> = self.requests.keys().copied().collect();
                 for id in ids {
                     if let Some(held) = self.requests.remove(&id)
@@ -1098,13 +1129,6 @@ impl Daemon {
         tracing::info!(entries = execs.len(), "exec fast path installed");
         let mut by_exe = Vec::new();
         if let Some(p) = &self.policy {
-            for (label, what) in policy::cgroups::unapplied(p) {
-                tracing::warn!(
-                    label,
-                    what,
-                    "match by cgroup glob or systemd unit is not applied yet; use cgroup_labels in daemon.yaml"
-                );
-            }
             let (entries, skipped) = policy::compile::executable_labels(p);
             for (label, path, why) in skipped {
                 tracing::error!(label, executable = %path.display(), why, "executable not labelled");
@@ -1345,6 +1369,13 @@ impl Daemon {
                 "refused: the caller (pid {}) is a labelled process (label {}); an agent cannot approve its own requests",
                 peer.pid,
                 self.label_name(t.label)
+            ));
+        }
+        if let Some((path, label)) = self.cgroup_label_of_caller(peer.pid) {
+            return Err(format!(
+                "refused: the caller (pid {}) runs in cgroup {path}, labelled {}; an agent cannot approve its own requests",
+                peer.pid,
+                self.label_name(label)
             ));
         }
         if let Some(path) = enrich::cgroup_path(peer.pid) {
@@ -1597,6 +1628,7 @@ impl Daemon {
         self.tracer.reap();
         // Answers left by a drain that stopped at its bound.
         self.names.drain();
+        self.cgroup_tick();
         for g in self.grants.expire(std::time::SystemTime::now()) {
             tracing::info!(grant = g.id, label = g.label, "grant expired");
         }
@@ -1762,6 +1794,11 @@ impl Daemon {
             self.apply(h, Decision::Deny, "daemon shutdown");
             waiting.push((tid, tgid, kernel_id));
         }
+        // Requests still waiting for their cgroup's classification: let go if it carries no
+        // label, else killed (nothing decides them once the hooks are off).
+        for w in std::mem::take(&mut self.cgroups.waiting) {
+            self.let_go_or_kill(&w.event, w.kind);
+        }
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         while Instant::now() < deadline {
             waiting.retain(|&(tid, _, id)| {
@@ -1777,7 +1814,16 @@ impl Daemon {
                         shared::KIND_EXEC | shared::KIND_CONNECT | shared::KIND_EXEC_LOADED
                     )
                 {
-                    let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
+                    if ev.label == shared::LABEL_UNCLASSIFIED {
+                        let kind = match ev.kind {
+                            shared::KIND_EXEC => HeldKind::Exec,
+                            shared::KIND_CONNECT => HeldKind::Connect,
+                            _ => HeldKind::ExecLoaded,
+                        };
+                        self.let_go_or_kill(&ev, kind);
+                    } else {
+                        let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
+                    }
                 }
             }
             if waiting.is_empty() {

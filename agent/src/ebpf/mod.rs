@@ -101,6 +101,9 @@ pub enum KernelError {
 
 type Result<T> = std::result::Result<T, KernelError>;
 
+/// The (unpinned) cache of cgroup walks in the eBPF object.
+const MAP_CGROUP_CACHE: &str = "CS_CGROUP_CACHE";
+
 /// The loaded programs and maps.
 pub struct Kernel {
     ebpf: Ebpf,
@@ -149,11 +152,17 @@ impl Kernel {
         format::ensure_tracefs().map_err(KernelError::Format)?;
         let fork_offset = format::field_offset("sched", "sched_process_fork", "child_pid")
             .map_err(KernelError::Format)?;
+        let cgroup_root_offset =
+            format::field_offset("cgroup", "cgroup_mkdir", "root").map_err(KernelError::Format)?;
+        let cgroup_id_offset =
+            format::field_offset("cgroup", "cgroup_mkdir", "id").map_err(KernelError::Format)?;
         // Without the offsets the exec fast path is off (every exec takes the slow path).
         let (offsets, exec_fast_path) = kernel_offsets();
         let mut ebpf = EbpfLoader::new()
             .override_global(shared::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
             .override_global(shared::GLOBAL_KERNEL_OFFSETS, &offsets, true)
+            .override_global(shared::GLOBAL_CGROUP_ROOT_OFFSET, &cgroup_root_offset, true)
+            .override_global(shared::GLOBAL_CGROUP_ID_OFFSET, &cgroup_id_offset, true)
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
@@ -177,14 +186,15 @@ impl Kernel {
             (shared::PROG_TP_SCHED_FORK, "sched", "sched_process_fork"),
             (shared::PROG_TP_SCHED_EXIT, "sched", "sched_process_exit"),
             (shared::PROG_TP_SCHED_EXEC, "sched", "sched_process_exec"),
+            (shared::PROG_TP_CGROUP_MKDIR, "cgroup", "cgroup_mkdir"),
+            (shared::PROG_TP_CGROUP_RMDIR, "cgroup", "cgroup_rmdir"),
         ] {
             let id = attach_tracepoint(&mut ebpf, name, category, tp)?;
             attached.push((name, AttachedLink::TracePoint(id)));
         }
 
-        let previous_mode = config
-            .get(&0, 0)
-            .map_or(shared::MODE_OFF, |c: Config| c.mode);
+        let previous: Config = config.get(&0, 0).unwrap_or_default();
+        let previous_mode = previous.mode;
         let mut kernel = Kernel {
             ebpf,
             tasks,
@@ -202,8 +212,11 @@ impl Kernel {
             exec_fast_path,
             offsets,
             exec_tracepoints: false,
-            cgroup_labels_on: 0,
-            exec_labels_on: 0,
+            // The reused maps keep their entries until this daemon installs its own: so do
+            // the switches (a cgroup made meanwhile is still marked, labelled cgroups still
+            // walked).
+            cgroup_labels_on: previous.cgroup_labels,
+            exec_labels_on: previous.exec_labels,
         };
         // An earlier daemon's programs may still be attached: from now on they must not hold
         // this daemon. Its mode stays in force until ours is proven.
@@ -357,14 +370,19 @@ impl Kernel {
     }
 
     /// Installs the cgroup labels (after the canary, so that no agent is held before the
-    /// daemon is ready to hear about it), replacing what an earlier daemon installed.
+    /// daemon is ready to hear about it): `labels` (the exact `cgroup_labels` and the cgroups
+    /// the policy's globs and units name) replace what was there, an earlier daemon's
+    /// included, except the marks of new cgroups not classified yet, which the daemon
+    /// classifies one by one ([`Kernel::unclassified_cgroups`]). Empties the cgroup cache.
     pub fn install_cgroup_labels(&mut self, labels: &[(u64, u32)]) -> Result<()> {
-        // Entries an earlier daemon installed that this configuration no longer has.
         let stale: Vec<u64> = self
             .cgroups
-            .keys()
+            .iter()
             .filter_map(std::result::Result::ok)
-            .filter(|id| !labels.iter().any(|(l, _)| l == id))
+            .filter(|(id, label)| {
+                *label != shared::LABEL_UNCLASSIFIED && !labels.iter().any(|(l, _)| l == id)
+            })
+            .map(|(id, _)| id)
             .collect();
         for id in stale {
             let _ = self.cgroups.remove(&id);
@@ -374,8 +392,133 @@ impl Kernel {
                 .insert(id, label, 0)
                 .map_err(|e| map_err(shared::MAP_CGROUP_LABELS, &e))?;
         }
-        self.cgroup_labels_on = u32::from(!labels.is_empty());
+        if !labels.is_empty() {
+            self.cgroup_labels_on |= shared::CGROUP_LABELS_ON;
+        } else if self.cgroup_labels_on & shared::CGROUP_MATCH == 0 {
+            self.cgroup_labels_on = 0;
+        }
+        self.set_config(self.mode_value())?;
+        self.flush_cgroup_cache()
+    }
+
+    /// Turns the marking of new cgroups on or off ([`shared::CGROUP_MATCH`]). On comes
+    /// before the walk of the existing cgroups, so that none created meanwhile is missed.
+    pub fn set_cgroup_match(&mut self, on: bool) -> Result<()> {
+        if on {
+            self.cgroup_labels_on |= shared::CGROUP_MATCH | shared::CGROUP_LABELS_ON;
+        } else {
+            self.cgroup_labels_on &= !shared::CGROUP_MATCH;
+        }
         self.set_config(self.mode_value())
+    }
+
+    /// The cgroups marked unclassified (created while cgroups are matched).
+    #[must_use]
+    pub fn unclassified_cgroups(&self) -> Vec<u64> {
+        self.cgroups
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .filter(|(_, label)| *label == shared::LABEL_UNCLASSIFIED)
+            .map(|(id, _)| id)
+            .collect()
+    }
+
+    /// The entry of one cgroup (`None`: no entry).
+    #[must_use]
+    pub fn cgroup_label(&self, id: u64) -> Option<u32> {
+        self.cgroups.get(&id, 0).ok()
+    }
+
+    /// Classifies a marked cgroup: its label, or no entry for [`shared::LABEL_NONE`] (its
+    /// tasks take their ancestors' label, if any). Hooks never cached the unclassified
+    /// answer, so no cache entry needs to go.
+    pub fn classify_cgroup(&mut self, id: u64, label: u32) -> Result<()> {
+        if label == shared::LABEL_NONE {
+            match self.cgroups.remove(&id) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(shared::MAP_CGROUP_LABELS, &e)),
+            }
+        } else {
+            self.cgroups
+                .insert(id, label, 0)
+                .map_err(|e| map_err(shared::MAP_CGROUP_LABELS, &e))
+        }
+    }
+
+    /// Empties the cache of cgroup walks (after the labels changed).
+    pub fn flush_cgroup_cache(&mut self) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_CGROUP_CACHE)
+            .ok_or(KernelError::Map {
+                name: MAP_CGROUP_CACHE,
+                detail: "missing from the object".into(),
+            })?;
+        let mut cache: HashMap<&mut MapData, u64, u32> =
+            HashMap::try_from(map).map_err(|e| map_err(MAP_CGROUP_CACHE, &e))?;
+        let keys: Vec<u64> = cache.keys().filter_map(std::result::Result::ok).collect();
+        for k in keys {
+            let _ = cache.remove(&k);
+        }
+        Ok(())
+    }
+
+    /// The executable label of a file (kernel device encoding), if the policy names it.
+    #[must_use]
+    pub fn exec_label(&self, dev: u64, ino: u64) -> Option<u32> {
+        let map = self.ebpf.map(shared::MAP_EXEC_LABELS)?;
+        let labels: HashMap<&MapData, shared::FileKey, u32> = HashMap::try_from(map).ok()?;
+        labels
+            .get(&shared::FileKey { dev, ino }, 0)
+            .ok()
+            .filter(|l| *l != shared::LABEL_NONE)
+    }
+
+    /// Gives the pending request `request_id` of `tid` (held with the reserved
+    /// [`shared::LABEL_UNCLASSIFIED`]) its real label. False when that request is no longer
+    /// pending.
+    pub fn relabel(&mut self, tid: u32, request_id: u64, label: u32) -> Result<bool> {
+        let Ok(mut state) = self.tasks.get(&tid, 0) else {
+            return Ok(false);
+        };
+        if state.request_id != request_id || state.state != shared::STATE_PENDING {
+            return Ok(false);
+        }
+        state.label = label;
+        self.tasks
+            .insert(tid, state, 0)
+            .map_err(|e| map_err(shared::MAP_TASKS, &e))?;
+        Ok(true)
+    }
+
+    /// Replaces the state of a task held with the reserved label that turned out not to be
+    /// an agent of its cgroup: `label` [`shared::LABEL_NONE`] removes it (the restarted
+    /// syscall finds no label), another label leaves it idle under that label (an
+    /// executable label the kernel did not apply because the task looked labelled).
+    pub fn unhold_unclassified(&mut self, tid: u32, request_id: u64, label: u32) -> Result<bool> {
+        let Ok(state) = self.tasks.get(&tid, 0) else {
+            return Ok(false);
+        };
+        if state.request_id != request_id || state.label != shared::LABEL_UNCLASSIFIED {
+            return Ok(false);
+        }
+        if label == shared::LABEL_NONE {
+            return match self.tasks.remove(&tid) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(true),
+                Err(e) => Err(map_err(shared::MAP_TASKS, &e)),
+            };
+        }
+        self.tasks
+            .insert(
+                tid,
+                TaskState {
+                    label,
+                    ..TaskState::default()
+                },
+                0,
+            )
+            .map_err(|e| map_err(shared::MAP_TASKS, &e))?;
+        Ok(true)
     }
 
     /// Installs the policy's `match: executable` labels, replacing the earlier ones. Fails

@@ -9,9 +9,9 @@
 //! the policy's order; the first that matches gives the label. Everything below a labelled
 //! cgroup carries its label (the kernel takes the nearest labelled ancestor).
 //!
-//! The daemon does not apply these labels yet (ARCHITECTURE, Known gaps: a new cgroup must be
-//! held in the kernel until it is classified); `countersign policy check --cgroups` shows what
-//! they would label on this host, and the daemon warns about them at every policy load.
+//! The daemon applies these labels (`daemon::cgroups`): to the existing cgroups at start and
+//! every reload, and to each new cgroup, whose tasks the kernel holds until it is classified.
+//! `countersign policy check --cgroups` shows what they label on this host now.
 use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -165,10 +165,9 @@ pub fn existing(policy: &Policy, root: &Path) -> Result<Vec<CgroupMatch>, WalkEr
     Ok(out)
 }
 
-/// The labels whose `match: cgroup`/`systemd_unit` the daemon does not apply, with what they
-/// name, for warnings.
+/// The labels matched by `cgroup`/`systemd_unit`, with what they name (for `policy check`).
 #[must_use]
-pub fn unapplied(policy: &Policy) -> Vec<(String, String)> {
+pub fn summary(policy: &Policy) -> Vec<(String, String)> {
     policy
         .labels
         .iter()
@@ -246,7 +245,7 @@ mod tests {
             e.contains("bad.yaml:3:") && e.contains("`coding-agent.service`"),
             "{e}"
         );
-        let un = unapplied(&p);
+        let un = summary(&p);
         assert_eq!(un.len(), 3);
         assert_eq!(un[1], ("svc".into(), "systemd unit(s) foo.service".into()));
     }
