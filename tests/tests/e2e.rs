@@ -6,6 +6,8 @@ use countersign_tests::{Daemon, Listener, TestCgroup, probe_bin};
 
 #[path = "e2e/approver.rs"]
 mod approver;
+#[path = "e2e/kgrants.rs"]
+mod kgrants;
 
 const EPERM: i32 = 1;
 
