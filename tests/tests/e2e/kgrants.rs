@@ -251,3 +251,64 @@ fn a_grant_a_refusal_could_overlap_stays_with_the_daemon() {
         d.decisions()
     );
 }
+
+/// A destination grant is bound to the socket type: a UDP connect to the address and port a
+/// TCP grant covers is not let through. LSM mode holds it for a human; in fallback mode the
+/// program that sees the type cannot hold, so it is refused (and the daemon says why).
+#[test]
+fn a_tcp_destination_grant_does_not_cover_udp() {
+    let approver = Approver::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let listener = Listener::new();
+    let policy = dir.path().join("coder.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: coder
+    on_behalf_of: alice@example.com
+    rules:
+      - {{exec: {{binary: [{probe}]}}, outcome: allow}}
+      - name: call-out
+        connect: {{cidr: [127.0.0.1/32], ports: [{port}]}}
+        outcome: escalate
+        escalate: {{approvers: [dev], timeout: 60s, on_timeout: deny, grants: [{{scope: destination, for: 10m}}]}}
+",
+            probe = probe(),
+            port = listener.port()
+        ),
+    )
+    .unwrap();
+    let d = start_daemon(&approver, dir.path(), policy.to_str().unwrap());
+    let mut p = d.labelled("coder", &[&probe(), "connect", &listener.addr()]);
+    let destination = approve_with_grant(&approver, &listener.addr(), "destination");
+    assert!(p.wait(WAIT).success(), "{}", d.log());
+    wait_in_kernel(&d, &destination);
+    let (holds, granted, _) = counters(&d);
+    let mut p = d.labelled("coder", &[&probe(), "connect", &listener.addr()]);
+    assert!(p.wait(WAIT).success(), "{}", d.log());
+    let (holds2, granted2, _) = counters(&d);
+    assert_eq!(holds2, holds, "{}", d.log());
+    assert!(granted2 > granted);
+
+    let mut p = d.labelled("coder", &[&probe(), "udp-connect", &listener.addr()]);
+    if d.is_lsm() {
+        let r = approver.wait_request("udp-connect");
+        assert!(p.still_running_after(Duration::from_millis(300)), "held");
+        let out = approver.cli("bob", &["deny", &r["id"].to_string()]);
+        assert!(out.status.success(), "{out:?}");
+    } else {
+        let deadline = Instant::now() + WAIT;
+        while !d
+            .log()
+            .contains("was not covered by it once its socket type was known")
+        {
+            assert!(Instant::now() < deadline, "{}", d.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(counters(&d).0, holds2, "refused, not held");
+    }
+    assert!(!p.wait(WAIT).success());
+    assert_eq!(p.first_line().trim(), "error 1", "EPERM");
+}
