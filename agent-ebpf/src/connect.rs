@@ -1,14 +1,21 @@
 //! Connect holds: the LSM hook (before anything is sent), and in fallback mode a tracepoint
 //! that stops the task plus cgroup programs that make its connect restart or fail.
+//!
+//! What the kernel lets through without a stop: the policy's LPM trie, then the destination
+//! grants (exact address and port, with an expiry per socket type). The fallback tracepoint
+//! does not know the socket type: it passes a granted destination on, and the cgroup program
+//! checks the grant again with the type (refusing, since it cannot hold, what it does not
+//! cover).
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
     helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
     programs::{SockAddrContext, TracePointContext},
 };
 use countersign_ebpf::{
-    CONNECT_KEY_FIXED_BITS, ConnectKey, KIND_CANARY_CONNECT, KIND_CONNECT, LABEL_CANARY,
-    MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED,
-    STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING, connect_hash,
+    CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, FLAG_GRANT_CHECK, GrantConnectKey,
+    KIND_CANARY_CONNECT, KIND_CONNECT, LABEL_CANARY, MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM,
+    PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED, STATE_ALLOWED, STATE_DENIED,
+    STATE_IDLE, STATE_PENDING, connect_hash,
 };
 
 use crate::{
@@ -97,6 +104,39 @@ fn fast_allowed(label: u32, d: &Dest, sock_type: u16) -> bool {
     false
 }
 
+/// What the destination grants say about a connect.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Granted {
+    No,
+    Yes,
+    /// Granted for a socket type, and the type is not known here (0: the fallback tracepoint).
+    IfSockType,
+}
+
+/// Whether a destination grant of `label` covers this connect now. `sock_type` 0: unknown.
+#[inline(always)]
+fn granted(label: u32, d: &Dest, sock_type: u16) -> Granted {
+    let key = GrantConnectKey {
+        label,
+        family: d.family,
+        port: d.port,
+        addr: d.addr,
+    };
+    let Some(g) = maps::connect_grant(&key) else {
+        return Granted::No;
+    };
+    let now = maps::boot_ns();
+    if now < g.any {
+        return Granted::Yes;
+    }
+    match sock_type {
+        1 if now < g.stream => Granted::Yes,
+        2 if now < g.dgram => Granted::Yes,
+        0 if now < g.stream || now < g.dgram => Granted::IfSockType,
+        _ => Granted::No,
+    }
+}
+
 #[inline(always)]
 fn fill(ev: &mut countersign_ebpf::Event, d: &Dest, sock_type: u16) {
     ev.family = d.family;
@@ -140,6 +180,10 @@ pub fn lsm_connect(sock: *const u8, address: *const u8) -> Verdict {
     if !pending_same && fast_allowed(state.label, &dest, sock_type) {
         return Verdict::Allow;
     }
+    if !pending_same && granted(state.label, &dest, sock_type) == Granted::Yes {
+        maps::count(STAT_GRANT_ALLOWED);
+        return Verdict::Allow;
+    }
     hold::decide(state, KIND_CONNECT, hash, &mut ev)
 }
 
@@ -166,6 +210,14 @@ pub fn sys_enter_connect(ctx: &TracePointContext) {
         return;
     };
     let hash = connect_hash(dest.family, dest.port, &dest.addr);
+    if state.flags & FLAG_GRANT_CHECK != 0 {
+        // A grant's pass that never reached the cgroup program (the connect failed before
+        // it): not a decision to keep; this connect is looked at afresh.
+        state.flags &= !FLAG_GRANT_CHECK;
+        if state.state == STATE_ALLOWED {
+            state.state = STATE_IDLE;
+        }
+    }
     if state.kind == KIND_CONNECT && state.action_hash == hash {
         match state.state {
             // A restart while pending: stop again; the cgroup program restarts the syscall.
@@ -183,6 +235,14 @@ pub fn sys_enter_connect(ctx: &TracePointContext) {
         state.kind = KIND_CONNECT;
         state.action_hash = hash;
         state.state = STATE_ALLOWED;
+        return;
+    }
+    if granted(state.label, &dest, 0) != Granted::No {
+        // Passed on; the cgroup program checks the grant again with the socket type.
+        state.kind = KIND_CONNECT;
+        state.action_hash = hash;
+        state.state = STATE_ALLOWED;
+        state.flags |= FLAG_GRANT_CHECK;
         return;
     }
     let mut ev = hold::event(KIND_CONNECT, state.label);
@@ -251,6 +311,18 @@ pub fn cgroup_connect(ctx: &SockAddrContext, v6: bool) -> Verdict {
                 // The tracepoint cannot know the socket type; the daemon reads it here.
                 state.sock_type = sa.type_ as u16;
                 return Verdict::Held;
+            }
+            STATE_ALLOWED if state.flags & FLAG_GRANT_CHECK != 0 => {
+                state.state = STATE_IDLE;
+                state.flags &= !FLAG_GRANT_CHECK;
+                let dest = Dest { family, port, addr };
+                if granted(state.label, &dest, sa.type_ as u16) == Granted::Yes {
+                    maps::count(STAT_GRANT_ALLOWED);
+                    return Verdict::Allow;
+                }
+                // Refused rather than held: this program cannot stop the task (fail closed).
+                hold::report_error(state.label, ERROR_GRANT_RECHECK);
+                return Verdict::Deny;
             }
             STATE_ALLOWED => {
                 state.state = STATE_IDLE;

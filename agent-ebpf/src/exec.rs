@@ -6,7 +6,8 @@
 //! without a stop and without an event. LSM mode checks the file of every binfmt pass (a
 //! script, then its interpreter: both must be allowed); fallback mode checks the loaded image
 //! (`current->mm->exe_file`, the interpreter for a script). Any failed read means "not
-//! allowed here": the slow path decides.
+//! allowed here": the slow path decides. After the policy's entries, the binary grants the
+//! daemon wrote (same key, with an expiry) are looked up the same way.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_task, bpf_probe_read_kernel,
@@ -16,8 +17,9 @@ use aya_ebpf::{
 };
 use countersign_ebpf::{
     ExecKey, FLAG_EXEC_LOADED, FLAG_VERIFY, FileKey, KIND_CANARY_EXEC, KIND_EXEC, KIND_EXEC_LOADED,
-    LABEL_CANARY, LABEL_NONE, MODE_FALLBACK, MODE_LSM, MODE_OFF, STAT_FAST_EXEC, STATE_ALLOWED,
-    STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE, STATE_PENDING, TaskState,
+    LABEL_CANARY, LABEL_NONE, MODE_FALLBACK, MODE_LSM, MODE_OFF, STAT_FAST_EXEC,
+    STAT_GRANT_ALLOWED, STATE_ALLOWED, STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE,
+    STATE_PENDING, TaskState,
 };
 
 use crate::{
@@ -79,6 +81,12 @@ fn fast_allowed(label: u32, file: Option<*const u8>) -> bool {
     // SAFETY: reading a plain value out of the map.
     if unsafe { maps::EXEC_ALLOW.get(&key) }.is_some() {
         maps::count(STAT_FAST_EXEC);
+        return true;
+    }
+    // A binary grant, while it lasts (the daemon deletes it on revocation and expiry; the
+    // expiry here stops it on time even if that delete failed).
+    if maps::exec_granted(&key) {
+        maps::count(STAT_GRANT_ALLOWED);
         return true;
     }
     false

@@ -26,9 +26,15 @@ pub const MAP_EXEC_ALLOW: &str = "CS_EXEC_ALLOW";
 /// Executables whose processes are agents: (device, inode) → label, applied when the file
 /// is loaded by an exec.
 pub const MAP_EXEC_LABELS: &str = "CS_EXEC_LABELS";
+/// Binary grants the kernel answers: (label, device, inode) ([`ExecKey`]) → expiry, in
+/// `CLOCK_BOOTTIME` nanoseconds (`bpf_ktime_get_boot_ns`); allowed only while `now < expiry`.
+pub const MAP_GRANT_EXEC: &str = "CS_GRANT_EXEC";
+/// Destination grants the kernel answers: [`GrantConnectKey`] → [`GrantConnect`] (expiries
+/// per protocol, as in [`MAP_GRANT_EXEC`]).
+pub const MAP_GRANT_CONNECT: &str = "CS_GRANT_CONNECT";
 /// Every map above is pinned by name in the daemon's pin directory, so that holds and labels
 /// survive a daemon restart.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 11] = [
     MAP_TASKS,
     MAP_CGROUP_LABELS,
     MAP_EVENTS,
@@ -38,7 +44,11 @@ pub const PINNED_MAPS: [&str; 9] = [
     MAP_CONNECT_ALLOW,
     MAP_EXEC_ALLOW,
     MAP_EXEC_LABELS,
+    MAP_GRANT_EXEC,
+    MAP_GRANT_CONNECT,
 ];
+/// Capacity of [`MAP_GRANT_EXEC`] and of [`MAP_GRANT_CONNECT`]: the daemon's most grants.
+pub const MAX_KERNEL_GRANTS: u32 = 4_096;
 /// Capacity of [`MAP_EXEC_LABELS`].
 pub const MAX_EXEC_LABELS: u32 = 1_024;
 /// Capacity of [`MAP_EXEC_ALLOW`].
@@ -154,6 +164,15 @@ pub const KIND_CGROUP_NEW: u32 = 7;
 pub const FLAG_EXEC_LOADED: u32 = 1;
 /// The exec that is pending is the verification of an approved one (LSM mode).
 pub const FLAG_VERIFY: u32 = 2;
+/// Fallback mode: the allowed connect was let through by a grant; the cgroup program checks
+/// the grant again with the socket type (which the `connect` tracepoint cannot see).
+pub const FLAG_GRANT_CHECK: u32 = 4;
+
+/// [`Event::detail`] of a [`KIND_ERROR`]: in fallback mode, a connect the tracepoint let
+/// through on a grant was not covered by it at the cgroup program (a grant for another socket
+/// type, which the tracepoint cannot see, or one that ended in between) and was refused: the
+/// program that can see the type cannot hold.
+pub const ERROR_GRANT_RECHECK: i32 = 1;
 
 /// Stats indexes in [`MAP_STATS`].
 pub const STAT_EVENTS_DROPPED: u32 = 0;
@@ -164,7 +183,9 @@ pub const STAT_FAST_ALLOWED: u32 = 3;
 /// Execs allowed in the kernel by the policy's fast path (never stopped). In LSM mode a script
 /// run directly counts once per file the kernel checks (the script, then its interpreter).
 pub const STAT_FAST_EXEC: u32 = 4;
-pub const STAT_COUNT: u32 = 5;
+/// Execs and connects allowed in the kernel by a grant (never stopped).
+pub const STAT_GRANT_ALLOWED: u32 = 5;
+pub const STAT_COUNT: u32 = 6;
 
 /// `-ERESTARTNOINTR`: the syscall restarts after the stop, whatever the signal disposition.
 pub const ERESTARTNOINTR: i32 = 513;
@@ -267,6 +288,34 @@ pub struct ExecKey {
     pub ino: u64,
 }
 const _: () = assert!(size_of::<ExecKey>() == 24);
+
+/// A [`MAP_GRANT_CONNECT`] key: one destination, for one label.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GrantConnectKey {
+    pub label: u32,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// Host byte order.
+    pub port: u16,
+    /// Network order; IPv4 in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<GrantConnectKey>() == 24);
+
+/// What a [`MAP_GRANT_CONNECT`] entry allows: an expiry (`CLOCK_BOOTTIME` ns, 0: none) per
+/// socket type.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GrantConnect {
+    /// Any socket type.
+    pub any: u64,
+    /// `SOCK_STREAM` only.
+    pub stream: u64,
+    /// `SOCK_DGRAM` only.
+    pub dgram: u64,
+}
+const _: () = assert!(size_of::<GrantConnect>() == 24);
 
 /// A file as the kernel knows it (see [`ExecKey`]): a [`MAP_EXEC_LABELS`] key.
 #[repr(C)]
@@ -394,4 +443,8 @@ mod user {
     unsafe impl aya::Pod for super::KernelOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FileKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GrantConnectKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GrantConnect {}
 }

@@ -4,9 +4,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf},
 };
 use countersign_ebpf::{
-    Config, ConnectAllow, ConnectKey, EVENTS_RING_BYTES, Event, ExecKey, FileKey, KernelOffsets,
-    LabelName, MAX_CGROUP_LABELS, MAX_CONNECT_ALLOW, MAX_EXEC_ALLOW, MAX_EXEC_LABELS,
-    MAX_LABELLED_TASKS, MAX_LABELS, STAT_COUNT, TaskState,
+    Config, ConnectAllow, ConnectKey, EVENTS_RING_BYTES, Event, ExecKey, FileKey, GrantConnect,
+    GrantConnectKey, KernelOffsets, LabelName, MAX_CGROUP_LABELS, MAX_CONNECT_ALLOW,
+    MAX_EXEC_ALLOW, MAX_EXEC_LABELS, MAX_KERNEL_GRANTS, MAX_LABELLED_TASKS, MAX_LABELS, STAT_COUNT,
+    TaskState,
 };
 
 // Every map is pinned by name (see `countersign_ebpf::PINNED_MAPS`): a restarted daemon
@@ -43,6 +44,15 @@ pub static EXEC_ALLOW: HashMap<ExecKey, u32> = HashMap::pinned(MAX_EXEC_ALLOW, 0
 /// The policy's `match: executable` labels, written by the daemon: (device, inode) → label.
 #[map(name = "CS_EXEC_LABELS")]
 pub static EXEC_LABELS: HashMap<FileKey, u32> = HashMap::pinned(MAX_EXEC_LABELS, 0);
+
+/// Binary grants, written by the daemon: (label, device, inode) → expiry (boot-time ns).
+#[map(name = "CS_GRANT_EXEC")]
+pub static GRANT_EXEC: HashMap<ExecKey, u64> = HashMap::pinned(MAX_KERNEL_GRANTS, 0);
+
+/// Destination grants, written by the daemon: (label, family, port, address) → expiries.
+#[map(name = "CS_GRANT_CONNECT")]
+pub static GRANT_CONNECT: HashMap<GrantConnectKey, GrantConnect> =
+    HashMap::pinned(MAX_KERNEL_GRANTS, 0);
 
 /// Written and read by the daemon only.
 #[map(name = "CS_LABELS")]
@@ -120,6 +130,31 @@ pub fn fork_child_pid_offset() -> usize {
     // SAFETY: a plain read of a global the loader may have rewritten; volatile so the
     // compiler does not fold the default in.
     unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) as usize }
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds: the clock of grant expiries (it keeps counting through a
+/// suspend, like the wall clock the daemon converts from).
+#[inline(always)]
+pub fn boot_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns() }
+}
+
+/// Whether a binary grant lets `key` run now.
+#[inline(always)]
+pub fn exec_granted(key: &ExecKey) -> bool {
+    // SAFETY: reading a plain value out of the map.
+    match unsafe { GRANT_EXEC.get(key) } {
+        Some(expiry) => boot_ns() < *expiry,
+        None => false,
+    }
+}
+
+/// The expiries a destination grant gives `key`, if any.
+#[inline(always)]
+pub fn connect_grant(key: &GrantConnectKey) -> Option<GrantConnect> {
+    // SAFETY: reading a plain value out of the map.
+    unsafe { GRANT_CONNECT.get(key) }.copied()
 }
 
 #[inline(always)]

@@ -104,6 +104,9 @@ pub struct StatusInfo {
     /// Execs the policy allowed in the kernel (never stopped).
     #[serde(default)]
     pub fast_allowed_execs: u64,
+    /// Execs and connects a grant allowed in the kernel (never stopped).
+    #[serde(default)]
+    pub grant_allowed: u64,
     pub events_dropped: u64,
     pub label_inherit_failed: u64,
     /// The remote approver, if one is configured.
@@ -153,6 +156,9 @@ pub struct GrantView {
     /// RFC 3339.
     pub expires: String,
     pub by: String,
+    /// Answered in the kernel (no stop); false: by the daemon.
+    #[serde(default)]
+    pub in_kernel: bool,
 }
 
 /// One parent in a request's process chain.

@@ -8,6 +8,8 @@ use countersign_tests::{Daemon, Listener, TestCgroup, probe_bin};
 mod approver;
 #[path = "e2e/cgmatch.rs"]
 mod cgmatch;
+#[path = "e2e/kgrants.rs"]
+mod kgrants;
 
 const EPERM: i32 = 1;
 

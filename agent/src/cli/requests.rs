@@ -129,8 +129,13 @@ pub fn grants(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
     }
     for g in grants {
         println!(
-            "{:<10} label={} {} until {} (by {})",
-            g.id, g.label, g.covers, g.expires, g.by
+            "{:<10} label={} {} until {} (by {}) {}",
+            g.id,
+            g.label,
+            g.covers,
+            g.expires,
+            g.by,
+            if g.in_kernel { "[kernel]" } else { "[daemon]" }
         );
     }
     Ok(())

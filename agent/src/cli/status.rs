@@ -111,8 +111,8 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!("  holds so far:   {}", s.holds);
     println!(
-        "  allowed in kernel: {} connects, {} execs (policy fast path)",
-        s.fast_allowed, s.fast_allowed_execs
+        "  allowed in kernel: {} connects, {} execs (policy fast path), {} by grants",
+        s.fast_allowed, s.fast_allowed_execs, s.grant_allowed
     );
     if s.events_dropped > 0 || s.label_inherit_failed > 0 {
         println!(

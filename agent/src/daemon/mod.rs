@@ -9,6 +9,7 @@ pub mod config;
 mod control;
 pub mod enrich;
 pub mod grants;
+mod kgrants;
 mod log;
 pub mod names;
 pub mod remote;
@@ -537,6 +538,10 @@ impl Daemon {
                 self.verify_exec(ev)
             }
             shared::KIND_EXEC_LOADED => self.hold(ev, HeldKind::ExecLoaded, None),
+            shared::KIND_ERROR if ev.detail == shared::ERROR_GRANT_RECHECK => {
+                tracing::warn!(pid = ev.tgid, label = %self.label_name(ev.label),
+                    "a connect let through on a grant was not covered by it once its socket type was known (a grant for another protocol, or it just ended) and was refused");
+            }
             shared::KIND_ERROR => {
                 tracing::warn!(pid = ev.tgid, label = %self.label_name(ev.label), detail = ev.detail,
                     "a labelled task's connect did not pass the connect hold (io_uring or TCP Fast Open?) and was refused");
@@ -891,14 +896,18 @@ impl Daemon {
         let grant = grants::Grant {
             id: g.id.clone(),
             label: held.view.label.clone(),
+            label_id: held.event.label,
+            kernel: self.kernel_key(held, &key),
             key,
             expires,
             by: by.to_owned(),
+            in_kernel: false,
         };
         if !self.grants.add(grant) {
             tracing::error!(grant = g.id, "too many grants; only the approval applies");
             return;
         }
+        self.sync_grants();
         tracing::info!(grant = g.id, scope = %g.scope, label = held.view.label, expires = g.expires_at, by, "grant issued");
         self.append(Body::GrantIssued {
             grant_id: g.id.clone(),
@@ -914,6 +923,7 @@ impl Daemon {
         if self.grants.revoke(id).is_none() {
             return false;
         }
+        self.sync_grants();
         tracing::info!(grant = id, by, "grant revoked");
         self.append(Body::GrantRevoked {
             grant_id: id.to_owned(),
@@ -1145,6 +1155,8 @@ impl Daemon {
         }
         self.kernel.set_exec_labels(&by_exe)?;
         tracing::info!(entries = by_exe.len(), "executable labels installed");
+        // The grants' entries depend on the policy too (a new deny rule removes them).
+        self.sync_grants();
         Ok(fast.len() + execs.len())
     }
 
@@ -1334,6 +1346,7 @@ impl Daemon {
                             .format(&time::format_description::well_known::Rfc3339)
                             .unwrap_or_default(),
                         by: g.by.clone(),
+                        in_kernel: g.in_kernel,
                     })
                     .collect(),
             },
@@ -1480,6 +1493,7 @@ impl Daemon {
             holds: stats[shared::STAT_HOLDS as usize],
             fast_allowed: stats[shared::STAT_FAST_ALLOWED as usize],
             fast_allowed_execs: stats[shared::STAT_FAST_EXEC as usize],
+            grant_allowed: stats[shared::STAT_GRANT_ALLOWED as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
             dns: self.config.dns.enabled.then(|| crate::proto::DnsStatus {
@@ -1629,8 +1643,12 @@ impl Daemon {
         // Answers left by a drain that stopped at its bound.
         self.names.drain();
         self.cgroup_tick();
-        for g in self.grants.expire(std::time::SystemTime::now()) {
+        let expired = self.grants.expire(std::time::SystemTime::now());
+        for g in &expired {
             tracing::info!(grant = g.id, label = g.label, "grant expired");
+        }
+        if !expired.is_empty() {
+            self.sync_grants();
         }
         self.ticks += 1;
         if self.last_heartbeat.elapsed() >= Duration::from_secs(self.config.heartbeat_secs) {

@@ -777,6 +777,54 @@ impl Kernel {
         Ok(())
     }
 
+    /// Replaces the grant entries with `execs` ((label, kernel device, inode) → boot-time
+    /// expiry) and `connects` (→ expiries for any socket type, stream, datagram). Stale
+    /// entries are deleted first. Returns, for each entry given, whether it is in the kernel
+    /// now (an insert fails when the map is full: that grant stays with the daemon).
+    pub fn set_grants(
+        &mut self,
+        execs: &[((u32, u64, u64), u64)],
+        connects: &[(ConnectGrantKey, [u64; 3])],
+    ) -> Result<(Vec<bool>, Vec<bool>)> {
+        let exec_keys: Vec<(shared::ExecKey, u64)> = execs
+            .iter()
+            .map(|&((label, dev, ino), expiry)| {
+                let key = shared::ExecKey {
+                    label,
+                    _pad: 0,
+                    dev,
+                    ino,
+                };
+                (key, expiry)
+            })
+            .collect();
+        let connect_keys: Vec<(shared::GrantConnectKey, shared::GrantConnect)> = connects
+            .iter()
+            .map(|&((label, family, addr, port), [any, stream, dgram])| {
+                let key = shared::GrantConnectKey {
+                    label,
+                    family,
+                    port,
+                    addr,
+                };
+                (key, shared::GrantConnect { any, stream, dgram })
+            })
+            .collect();
+        let exec_ok = replace_hash(
+            &mut self.ebpf,
+            shared::MAP_GRANT_EXEC,
+            &exec_keys,
+            self.exec_fast_path.is_ok(),
+        )?;
+        let connect_ok = replace_hash(
+            &mut self.ebpf,
+            shared::MAP_GRANT_CONNECT,
+            &connect_keys,
+            true,
+        )?;
+        Ok((exec_ok, connect_ok))
+    }
+
     /// Records a label's name in the kernel, for a daemon that restarts.
     pub fn set_label_name(&mut self, id: u32, name: &str) -> Result<()> {
         let mut value = LabelName {
@@ -881,6 +929,50 @@ impl Kernel {
         self.cgroups.keys().count()
     }
 }
+
+/// Makes hash map `name` hold exactly `entries` (deleting the others first, so that a full
+/// map only refuses new keys). With `insert` false it is only emptied of stale keys. Returns
+/// whether each entry is in the map.
+fn replace_hash<K: aya::Pod + PartialEq, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    entries: &[(K, V)],
+    insert: bool,
+) -> Result<Vec<bool>> {
+    let map = ebpf.map_mut(name).ok_or(KernelError::Map {
+        name,
+        detail: "missing from the object".into(),
+    })?;
+    let mut hash: HashMap<&mut MapData, K, V> =
+        HashMap::try_from(map).map_err(|e| map_err(name, &e))?;
+    let stale: Vec<K> = hash
+        .keys()
+        .filter_map(std::result::Result::ok)
+        .filter(|k| !insert || !entries.iter().any(|(e, _)| e == k))
+        .collect();
+    for k in stale {
+        // A key that cannot be deleted still ends at its expiry.
+        if let Err(e) = hash.remove(&k) {
+            tracing::warn!(map = name, error = %e, "a stale grant entry could not be deleted; it ends at its expiry");
+        }
+    }
+    if !insert {
+        return Ok(vec![false; entries.len()]);
+    }
+    Ok(entries
+        .iter()
+        .map(|(k, v)| match hash.insert(k, *v, 0) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(map = name, error = %e, "a grant could not be written into the kernel (map full?); the daemon answers it instead");
+                false
+            }
+        })
+        .collect())
+}
+
+/// A destination grant's key: (label id, family, address as in the events, port).
+pub type ConnectGrantKey = (u32, u16, [u8; 16], u16);
 
 /// One entry of the connect fast path.
 pub struct ConnectAllowEntry {

@@ -13,6 +13,10 @@
 //! the file, not the arguments), whose files existed when the policy was loaded and live on
 //! a filesystem where `stat`'s device number is the kernel's, and with no earlier rule of
 //! the label that is not an `allow` and could match the same file.
+//!
+//! Grants (binary and destination) become kernel entries by the same measure: only where no
+//! `deny` or `kill` of the label could match an action the entry lets through
+//! ([`grant_in_kernel`]).
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -159,6 +163,84 @@ pub fn exec_fast_path(policy: &Policy) -> Vec<ExecEntry> {
     out
 }
 
+/// What a grant lets through, as the kernel would match it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantMatch {
+    /// Every exec of this file (by device and inode), whatever its arguments.
+    Binary(FileId),
+    /// Every connect to this address and port; `Protocol::Any`: whatever the socket type.
+    Destination {
+        addr: std::net::IpAddr,
+        port: u16,
+        protocol: Protocol,
+    },
+}
+
+/// Whether the kernel may answer every action `grant` covers for `label` with "allowed":
+/// true only when the policy could not refuse (deny or kill) any of them, so that the kernel's
+/// answer is the policy's. Rules are taken in order (first match wins): an `allow` or
+/// `escalate` rule that surely matches every covered action settles it (a grant answers an
+/// escalation); a `deny` or `kill` rule that could match one of them, before that, refuses.
+/// When no rule settles it, the label's default must not refuse either. A label the policy
+/// does not know (or no policy) asks a human for everything, which the grant answers.
+#[must_use]
+pub fn grant_in_kernel(policy: Option<&Policy>, label: &str, grant: &GrantMatch) -> bool {
+    let Some(label) = policy.and_then(|p| p.label(label)) else {
+        return true;
+    };
+    let refuses = |o: Outcome| matches!(o, Outcome::Deny | Outcome::Kill);
+    for rule in &label.rules {
+        let outcome = rule.decision.outcome;
+        let (surely, could) = match (&rule.matcher, grant) {
+            (
+                CompiledMatcher::Exec {
+                    binaries,
+                    scripts,
+                    args,
+                },
+                GrantMatch::Binary(file),
+            ) => {
+                // A binary not found at load is matched by path: it could be any file.
+                let could = binaries.is_empty()
+                    || binaries.iter().any(|(_, f)| f.is_none_or(|f| f == *file));
+                let surely = scripts.is_empty()
+                    && args.is_empty()
+                    && (binaries.is_empty() || binaries.iter().any(|(_, f)| *f == Some(*file)));
+                (surely, could)
+            }
+            (
+                CompiledMatcher::Connect(m),
+                GrantMatch::Destination {
+                    addr,
+                    port,
+                    protocol,
+                },
+            ) => {
+                let net = m.cidr.is_empty() || m.cidr.iter().any(|c| c.contains(*addr));
+                let ports = m.ports.is_empty() || m.ports.iter().any(|p| p.contains(*port));
+                let could_proto = m.protocol == Protocol::Any
+                    || *protocol == Protocol::Any
+                    || m.protocol == *protocol;
+                // Names are not known in the kernel: a `host` rule could match any address
+                // it could match without them, and never surely does.
+                let surely = net
+                    && ports
+                    && m.host.is_empty()
+                    && (m.protocol == Protocol::Any || m.protocol == *protocol);
+                (surely, net && ports && could_proto)
+            }
+            _ => (false, false),
+        };
+        if could && refuses(outcome) {
+            return false;
+        }
+        if surely {
+            return true;
+        }
+    }
+    !refuses(label.default.outcome)
+}
+
 /// The policy's `match: executable` labels, resolved to files now; the executables that
 /// cannot be labelled in the kernel come back with the reason, for the daemon to report.
 #[must_use]
@@ -197,7 +279,7 @@ pub fn executable_labels(policy: &Policy) -> (Vec<ExecEntry>, Vec<(String, PathB
 /// read (`inode->i_sb->s_dev`, `inode->i_ino`). True for the common local filesystems; not for
 /// btrfs (per-subvolume device numbers) or overlayfs (its own numbering), whose files stay on
 /// the slow path.
-fn kernel_sees_stat_ids(path: &Path) -> bool {
+pub fn kernel_sees_stat_ids(path: &Path) -> bool {
     const EXT4: i64 = 0xef53;
     const XFS: i64 = 0x5846_5342;
     const TMPFS: i64 = 0x0102_1994;
@@ -414,6 +496,176 @@ mod tests {
             "      - {{exec: {{binary: [/bin/sh]}}, outcome: deny}}\n      - {{exec: {{binary: [{me}]}}, outcome: allow}}\n      - {{exec: {{}}, outcome: kill}}\n"
         ));
         assert_eq!(exec_fast_path(&p).len(), 1);
+    }
+
+    #[test]
+    fn a_binary_grant_is_a_kernel_entry_only_where_no_refusal_could_match() {
+        let Some(me) = test_binary() else { return };
+        let file = crate::daemon::enrich::file_id(Path::new(&me)).unwrap();
+        let g = GrantMatch::Binary(file);
+        // No policy, or a label it does not know: everything goes to a human, whom the grant
+        // answers.
+        assert!(grant_in_kernel(None, "a", &g));
+        let p = policy("      - {exec: {binary: [/bin/sh]}, outcome: deny}\n");
+        assert!(grant_in_kernel(Some(&p), "other", &g));
+        for (rules, expect) in [
+            // The escalation the grant answers, alone or before refusals of this file.
+            (
+                format!("      - {{exec: {{binary: [{me}]}}, outcome: escalate}}\n"),
+                true,
+            ),
+            (
+                format!(
+                    "      - {{exec: {{binary: [{me}]}}, outcome: escalate}}\n      - {{exec: {{binary: [{me}]}}, outcome: kill}}\n"
+                ),
+                true,
+            ),
+            // A refusal of another file does not matter.
+            (
+                format!(
+                    "      - {{exec: {{binary: [/bin/sh]}}, outcome: deny}}\n      - {{exec: {{binary: [{me}]}}, outcome: escalate}}\n"
+                ),
+                true,
+            ),
+            // A refusal of this file with some arguments, or of a script it could run.
+            (
+                format!(
+                    "      - {{exec: {{binary: [{me}], args: [\"rm *\"]}}, outcome: deny}}\n      - {{exec: {{binary: [{me}]}}, outcome: escalate}}\n"
+                ),
+                false,
+            ),
+            (
+                format!(
+                    "      - {{exec: {{script: [/tmp/x.sh]}}, outcome: kill}}\n      - {{exec: {{binary: [{me}]}}, outcome: escalate}}\n"
+                ),
+                false,
+            ),
+            // A refusal by a path that did not exist at load: it could be any file.
+            (
+                format!(
+                    "      - {{exec: {{binary: [/nonexistent/x]}}, outcome: deny}}\n      - {{exec: {{binary: [{me}]}}, outcome: escalate}}\n"
+                ),
+                false,
+            ),
+            // An escalation by arguments does not settle every exec of the file: the refusal
+            // after it still could match.
+            (
+                format!(
+                    "      - {{exec: {{binary: [{me}], args: [\"push *\"]}}, outcome: escalate}}\n      - {{exec: {{}}, outcome: deny}}\n"
+                ),
+                false,
+            ),
+            // Connect rules say nothing about execs.
+            (
+                format!(
+                    "      - {{connect: {{}}, outcome: deny}}\n      - {{exec: {{binary: [{me}]}}, outcome: escalate}}\n"
+                ),
+                true,
+            ),
+        ] {
+            let p = policy(&rules);
+            assert_eq!(grant_in_kernel(Some(&p), "a", &g), expect, "{rules}");
+        }
+        // The label's default counts where no rule settles it.
+        let with_default = |default: &str, rules: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("p.yaml");
+            std::fs::write(
+                &p,
+                format!("apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    default: {{outcome: {default}}}\n    rules:\n{rules}"),
+            )
+            .unwrap();
+            super::super::load(&[p]).unwrap()
+        };
+        let args_only =
+            format!("      - {{exec: {{binary: [{me}], args: [\"x\"]}}, outcome: escalate}}\n");
+        assert!(!grant_in_kernel(
+            Some(&with_default("deny", &args_only)),
+            "a",
+            &g
+        ));
+        assert!(grant_in_kernel(
+            Some(&with_default("escalate", &args_only)),
+            "a",
+            &g
+        ));
+        let whole = format!("      - {{exec: {{binary: [{me}]}}, outcome: escalate}}\n");
+        assert!(grant_in_kernel(
+            Some(&with_default("kill", &whole)),
+            "a",
+            &g
+        ));
+    }
+
+    #[test]
+    fn a_destination_grant_is_a_kernel_entry_only_where_no_refusal_could_match() {
+        let tcp = GrantMatch::Destination {
+            addr: "10.1.2.3".parse().unwrap(),
+            port: 443,
+            protocol: Protocol::Tcp,
+        };
+        let any = GrantMatch::Destination {
+            addr: "10.1.2.3".parse().unwrap(),
+            port: 443,
+            protocol: Protocol::Any,
+        };
+        let esc = "      - {connect: {cidr: [10.0.0.0/8]}, outcome: escalate}\n";
+        for (rules, g, expect) in [
+            (esc.to_owned(), tcp, true),
+            // Overlapping refusals: network, port and protocol all could match.
+            (
+                format!("      - {{connect: {{cidr: [10.1.0.0/16], ports: [443]}}, outcome: deny}}\n{esc}"),
+                tcp,
+                false,
+            ),
+            (
+                format!("      - {{connect: {{ports: [\"400-500\"], protocol: tcp}}, outcome: kill}}\n{esc}"),
+                tcp,
+                false,
+            ),
+            // A refusal by name: the kernel does not know names.
+            (
+                format!("      - {{connect: {{host: [\"*.example.com\"]}}, outcome: deny}}\n{esc}"),
+                tcp,
+                false,
+            ),
+            // Refusals that cannot match: another network, port, or protocol.
+            (
+                format!(
+                    "      - {{connect: {{cidr: [192.168.0.0/16]}}, outcome: deny}}\n      - {{connect: {{ports: [80]}}, outcome: deny}}\n      - {{connect: {{protocol: udp}}, outcome: deny}}\n{esc}"
+                ),
+                tcp,
+                true,
+            ),
+            // A grant for any socket type could meet the UDP refusal.
+            (
+                format!("      - {{connect: {{protocol: udp}}, outcome: deny}}\n{esc}"),
+                any,
+                false,
+            ),
+            // An escalation by name never settles it: the refusal after it still could match.
+            (
+                "      - {connect: {host: [api.example.com]}, outcome: escalate}\n      - {connect: {}, outcome: deny}\n".to_owned(),
+                tcp,
+                false,
+            ),
+            // An escalation for TCP settles a TCP grant, not a grant for any type.
+            (
+                "      - {connect: {protocol: tcp}, outcome: escalate}\n      - {connect: {}, outcome: deny}\n".to_owned(),
+                tcp,
+                true,
+            ),
+            (
+                "      - {connect: {protocol: tcp}, outcome: escalate}\n      - {connect: {}, outcome: deny}\n".to_owned(),
+                any,
+                false,
+            ),
+            // A later refusal after a rule that settles it does not matter.
+            (format!("{esc}      - {{connect: {{}}, outcome: kill}}\n"), tcp, true),
+        ] {
+            let p = policy(&rules);
+            assert_eq!(grant_in_kernel(Some(&p), "a", &g), expect, "{rules} {g:?}");
+        }
     }
 
     #[test]

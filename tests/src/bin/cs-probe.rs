@@ -3,6 +3,7 @@
 //!
 //! Usage:
 //!   cs-probe connect ADDR:PORT                 TCP connect; prints `connected` or `error ERRNO`
+//!   cs-probe udp-connect ADDR:PORT             UDP connect; prints the same
 //!   cs-probe connect-changing ADDR:P1 P2       connect to P1; a SIGCONT handler switches the
 //!                                              address to P2 before the syscall restarts
 //!   cs-probe exec PATH ARGS...                 execv; prints `exec-error ERRNO` if it returns
@@ -35,6 +36,7 @@ fn main() {
     }
     let code = match args.get(1).map(String::as_str) {
         Some("connect") => connect(&args[2], None),
+        Some("udp-connect") => udp_connect(&args[2]),
         Some("connect-changing") => connect(&args[2], Some(args[3].parse().expect("port"))),
         Some("exec") => exec(&args[2..], None),
         Some("exec-changing") => exec(&args[2..4], Some(&args[4])),
@@ -177,6 +179,21 @@ fn connect(target: &str, change_to: Option<u16>) -> i32 {
             0
         } else {
             say(&format!("error {}", *libc::__errno_location()));
+            1
+        }
+    }
+}
+
+fn udp_connect(target: &str) -> i32 {
+    let addr: SocketAddr = target.parse().expect("ADDR:PORT");
+    let socket = std::net::UdpSocket::bind(("0.0.0.0", 0)).expect("bind");
+    match socket.connect(addr) {
+        Ok(()) => {
+            say("connected");
+            0
+        }
+        Err(e) => {
+            say(&format!("error {}", e.raw_os_error().unwrap_or(-1)));
             1
         }
     }

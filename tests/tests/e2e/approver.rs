@@ -647,21 +647,16 @@ fn a_grant_answers_later_execs_until_it_is_revoked() {
         "{listed}"
     );
 
-    // Covered by the grant: no human, no Slack message.
+    // Covered by the grant: no human, no Slack message. The kernel answers it (see
+    // e2e/kgrants.rs): the daemon does not even see it.
     let m2 = marker(&d, "second");
     let mut p = d.labelled("coder", &[&probe(), "touch", &m2]);
     assert!(p.wait(WAIT).success(), "{}", d.log());
     assert!(Path::new(&m2).exists());
     assert!(!slack.messages().iter().any(|x| x.to_string().contains(&m2)));
+    assert!(d.status()["grant_allowed"].as_u64().unwrap() >= 1);
     let log = d.decisions();
-    assert!(
-        log.iter().any(|e| e["decision"] == "auto-allowed"
-            && e["by"]
-                .as_str()
-                .unwrap()
-                .starts_with("grant g-1 (bob via slack)")),
-        "{log:?}"
-    );
+    assert!(!log.iter().any(|e| e.to_string().contains(&m2)), "{log:?}");
 
     // Revoked from the Slack message: a human decides again.
     let deadline = std::time::Instant::now() + WAIT;
