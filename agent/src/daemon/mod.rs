@@ -64,6 +64,18 @@ enum HeldKind {
     Connect,
 }
 
+impl HeldKind {
+    /// The hold a kernel event or task state of kind `kind` stands for (`None`: not a hold).
+    fn of(kind: u32) -> Option<Self> {
+        match kind {
+            shared::KIND_EXEC => Some(Self::Exec),
+            shared::KIND_EXEC_LOADED => Some(Self::ExecLoaded),
+            shared::KIND_CONNECT => Some(Self::Connect),
+            _ => None,
+        }
+    }
+}
+
 /// What an approved exec is bound to: the image that runs must be this one.
 #[derive(Debug, Clone)]
 struct ExecBinding {
@@ -474,11 +486,7 @@ impl Daemon {
                 exec_argv: st.exec_argv,
                 ..shared::Event::default()
             };
-            let kind = match st.kind {
-                shared::KIND_EXEC => HeldKind::Exec,
-                shared::KIND_CONNECT => HeldKind::Connect,
-                _ => HeldKind::ExecLoaded,
-            };
+            let kind = HeldKind::of(st.kind).unwrap_or(HeldKind::ExecLoaded);
             if st.label == shared::LABEL_UNCLASSIFIED {
                 // Never recorded: resolved against the cgroup labels installed at start.
                 self.unclassified_held(&ev, kind);
@@ -520,15 +528,10 @@ impl Daemon {
     }
 
     fn event(&mut self, ev: &shared::Event) {
-        if ev.label == shared::LABEL_UNCLASSIFIED {
-            match ev.kind {
-                shared::KIND_EXEC => return self.unclassified_held(ev, HeldKind::Exec),
-                shared::KIND_CONNECT => return self.unclassified_held(ev, HeldKind::Connect),
-                shared::KIND_EXEC_LOADED => {
-                    return self.unclassified_held(ev, HeldKind::ExecLoaded);
-                }
-                _ => {}
-            }
+        if ev.label == shared::LABEL_UNCLASSIFIED
+            && let Some(kind) = HeldKind::of(ev.kind)
+        {
+            return self.unclassified_held(ev, kind);
         }
         match ev.kind {
             shared::KIND_CGROUP_NEW => self.cgroup_created(ev),
@@ -805,12 +808,7 @@ impl Daemon {
         };
         let destination = (held.kind == HeldKind::Connect).then(|| {
             let ev = &held.event;
-            let addr = if ev.family == libc::AF_INET6 as u16 {
-                std::net::IpAddr::from(ev.addr)
-            } else {
-                std::net::IpAddr::from([ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]])
-            };
-            (addr, ev.port, self.sock_type(ev))
+            (event_addr(ev), ev.port, self.sock_type(ev))
         });
         let lineage = std::iter::once(pid)
             .chain(held.view.parents.iter().map(|p| p.pid))
@@ -1182,11 +1180,7 @@ impl Daemon {
         let pid = v.pid;
         match held.kind {
             HeldKind::Connect => {
-                let addr = if ev.family == libc::AF_INET6 as u16 {
-                    std::net::IpAddr::from(ev.addr)
-                } else {
-                    std::net::IpAddr::from([ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]])
-                };
+                let addr = event_addr(ev);
                 let protocol = match i32::from(self.sock_type(ev)) {
                     libc::SOCK_STREAM => Protocol::Tcp,
                     libc::SOCK_DGRAM => Protocol::Udp,
@@ -1827,17 +1821,9 @@ impl Daemon {
             // Requests raised meanwhile are denied at once too.
             while let Some(item) = ring.next() {
                 if let Some(ev) = ebpf::parse_event(&item)
-                    && matches!(
-                        ev.kind,
-                        shared::KIND_EXEC | shared::KIND_CONNECT | shared::KIND_EXEC_LOADED
-                    )
+                    && let Some(kind) = HeldKind::of(ev.kind)
                 {
                     if ev.label == shared::LABEL_UNCLASSIFIED {
-                        let kind = match ev.kind {
-                            shared::KIND_EXEC => HeldKind::Exec,
-                            shared::KIND_CONNECT => HeldKind::Connect,
-                            _ => HeldKind::ExecLoaded,
-                        };
                         self.let_go_or_kill(&ev, kind);
                     } else {
                         let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
