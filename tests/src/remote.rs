@@ -70,6 +70,24 @@ pub fn coder_policy(
     timeout: &str,
     extra: &str,
 ) -> String {
+    write_coder_policy(
+        dir,
+        &format!(
+            "    rules:
+      - name: run-the-probe
+        exec: {{binary: [{probe}]}}
+        outcome: escalate
+        escalate: {{approvers: [dev], quorum: {quorum}, justification: {justification}, timeout: {timeout}, on_timeout: deny{extra}}}
+",
+            probe = crate::probe_bin().display()
+        ),
+    )
+}
+
+/// Writes `coder.yaml` in `dir`: label `coder`, working for alice, with `body` (its further
+/// keys, indented by four spaces: `default:`, `rules:`); its path.
+#[must_use]
+pub fn write_coder_policy(dir: &Path, body: &str) -> String {
     let path = dir.join("coder.yaml");
     std::fs::write(
         &path,
@@ -78,13 +96,7 @@ pub fn coder_policy(
 labels:
   - name: coder
     on_behalf_of: alice@example.com
-    rules:
-      - name: run-the-probe
-        exec: {{binary: [{probe}]}}
-        outcome: escalate
-        escalate: {{approvers: [dev], quorum: {quorum}, justification: {justification}, timeout: {timeout}, on_timeout: deny{extra}}}
-",
-            probe = crate::probe_bin().display()
+{body}"
         ),
     )
     .expect("policy file");
@@ -678,6 +690,26 @@ impl Approver {
         )
         .expect("daemon.yaml");
         path
+    }
+
+    /// Starts a daemon with `config` (see [`Self::daemon_config`]) and `policy`, and waits
+    /// until it has enrolled (and pinned this approver's key), before anything is escalated.
+    #[must_use]
+    pub fn start_daemon(&self, config: &Path, policy: &str) -> crate::Daemon {
+        let config = config.to_str().expect("utf-8 path");
+        let d = crate::Daemon::start_with(&["--config", config, "--policy", policy]);
+        let deadline = std::time::Instant::now() + crate::WAIT;
+        while d.status()["approver"]["enrolled"] != true {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not enrolled: {}\n{}\n{}",
+                d.status(),
+                d.log(),
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        d
     }
 
     /// `countersign requests ARGS --approver URL` with `who`'s token.

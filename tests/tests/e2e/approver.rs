@@ -23,21 +23,7 @@ fn policy_with(dir: &Path, quorum: u32, justification: bool, timeout: &str, extr
 }
 
 fn start_daemon(approver: &Approver, dir: &Path, policy: &str) -> Daemon {
-    let config = approver.daemon_config(dir);
-    let d = Daemon::start_with(&["--config", config.to_str().unwrap(), "--policy", policy]);
-    // Enrolled (and the approver's key pinned) before anything is escalated.
-    let deadline = std::time::Instant::now() + WAIT;
-    while d.status()["approver"]["enrolled"] != true {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not enrolled: {}\n{}\n{}",
-            d.status(),
-            d.log(),
-            approver.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    d
+    approver.start_daemon(&approver.daemon_config(dir), policy)
 }
 
 /// The whole path: held exec → Slack message with the full context → refused clicks (the

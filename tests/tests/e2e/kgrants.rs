@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use countersign_tests::{Daemon, Listener, WAIT, remote::Approver};
+use countersign_tests::{
+    Daemon, Listener, WAIT,
+    remote::{Approver, write_coder_policy},
+};
 use serde_json::Value;
 
 use super::{marker, probe};
@@ -15,15 +18,10 @@ use super::{marker, probe};
 /// Label `coder`: every exec of the probe and every connect to `port` on loopback go to group
 /// `dev`, which may grant the binary (10 minutes) and the destination (`dest_for`).
 fn grant_policy(dir: &Path, port: u16, dest_for: &str) -> String {
-    let path = dir.join("coder.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: countersign.dev/v1
-labels:
-  - name: coder
-    on_behalf_of: alice@example.com
-    rules:
+    write_coder_policy(
+        dir,
+        &format!(
+            "    rules:
       - name: run-the-probe
         exec: {{binary: [{probe}]}}
         outcome: escalate
@@ -36,19 +34,10 @@ labels:
             probe = probe()
         ),
     )
-    .expect("policy file");
-    path.to_str().expect("utf-8 path").to_owned()
 }
 
 fn start_daemon(approver: &Approver, dir: &Path, policy: &str) -> Daemon {
-    let config = approver.daemon_config(dir);
-    let d = Daemon::start_with(&["--config", config.to_str().unwrap(), "--policy", policy]);
-    let deadline = Instant::now() + WAIT;
-    while d.status()["approver"]["enrolled"] != true {
-        assert!(Instant::now() < deadline, "not enrolled: {}", d.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    d
+    approver.start_daemon(&approver.daemon_config(dir), policy)
 }
 
 /// The host's grants (`grants list --json`).
@@ -260,15 +249,10 @@ fn a_tcp_destination_grant_does_not_cover_udp() {
     let approver = Approver::start(None);
     let dir = tempfile::tempdir().unwrap();
     let listener = Listener::new();
-    let policy = dir.path().join("coder.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: countersign.dev/v1
-labels:
-  - name: coder
-    on_behalf_of: alice@example.com
-    rules:
+    let policy = write_coder_policy(
+        dir.path(),
+        &format!(
+            "    rules:
       - {{exec: {{binary: [{probe}]}}, outcome: allow}}
       - name: call-out
         connect: {{cidr: [127.0.0.1/32], ports: [{port}]}}
@@ -278,9 +262,8 @@ labels:
             probe = probe(),
             port = listener.port()
         ),
-    )
-    .unwrap();
-    let d = start_daemon(&approver, dir.path(), policy.to_str().unwrap());
+    );
+    let d = start_daemon(&approver, dir.path(), &policy);
     let mut p = d.labelled("coder", &[&probe(), "connect", &listener.addr()]);
     let destination = approve_with_grant(&approver, &listener.addr(), "destination");
     assert!(p.wait(WAIT).success(), "{}", d.log());

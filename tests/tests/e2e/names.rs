@@ -220,15 +220,10 @@ fn approver_daemon(
     let mut yaml = std::fs::read_to_string(&config).unwrap();
     yaml.push_str(&format!("dns:\n  resolvers: [{resolver}]\n"));
     std::fs::write(&config, yaml).unwrap();
-    let policy = dir.join("coder.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: countersign.dev/v1
-labels:
-  - name: coder
-    on_behalf_of: alice@example.com
-    default: {{outcome: deny}}
+    let policy = countersign_tests::remote::write_coder_policy(
+        dir,
+        &format!(
+            "    default: {{outcome: deny}}
     rules:
       - {{name: the-probe, exec: {{binary: [{probe}]}}, outcome: allow}}
       - {{name: dns, connect: {{cidr: [127.0.53.0/24], ports: [53], protocol: udp}}, outcome: allow}}
@@ -239,24 +234,8 @@ labels:
 ",
             probe = probe()
         ),
-    )
-    .unwrap();
-    let d = Daemon::start_with(&[
-        "--config",
-        config.to_str().unwrap(),
-        "--policy",
-        policy.to_str().unwrap(),
-    ]);
-    let deadline = std::time::Instant::now() + WAIT;
-    while d.status()["approver"]["enrolled"] != true {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not enrolled: {}",
-            d.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    d
+    );
+    approver.start_daemon(&config, &policy)
 }
 
 /// Through the remote approver: the Slack message and the approver's CLI show the name next
