@@ -30,8 +30,11 @@ use crate::paths;
 use crate::process::{ChildGuard, run_captured, tail};
 
 /// The kernel command line: serial console, the BPF LSM enabled, and a panic ends the run
-/// (panic=-1 reboots at once, and qemu's -no-reboot turns the reboot into an exit).
-pub const KERNEL_APPEND: &str = "console=ttyS0 quiet lsm=lockdown,capability,bpf panic=-1";
+/// (panic=-1 reboots at once, and qemu's -no-reboot turns the reboot into an exit). A soft
+/// lockup or an oops panics, with every CPU's backtrace, so that a stuck kernel fails the
+/// run within seconds and names where it was stuck, instead of spinning until the timeout.
+pub const KERNEL_APPEND: &str = "console=ttyS0 quiet lsm=lockdown,capability,bpf panic=-1 \
+    softlockup_panic=1 softlockup_all_cpu_backtrace=1 oops=panic";
 
 /// Where busybox-static installs its binary.
 const BUSYBOX: &str = "/bin/busybox";
@@ -45,8 +48,21 @@ const LSM_MARKER: &str = "XTASK-VM-LSM=";
 /// Printed by `/init` with `uname -r`.
 const KERNEL_MARKER: &str = "XTASK-VM-KERNEL=";
 
-/// How many lines of guest output an error carries.
-const ERROR_TAIL_LINES: usize = 100;
+/// How many of the last lines of guest output an error carries.
+const ERROR_TAIL_LINES: usize = 40;
+/// How many lines from the first kernel trouble message an error carries.
+const ERROR_TROUBLE_LINES: usize = 120;
+/// Kernel messages that say the guest kernel itself went wrong.
+const KERNEL_TROUBLE: [&str; 8] = [
+    "BUG:",
+    "Oops",
+    "Kernel panic",
+    "WARNING:",
+    "general protection fault",
+    "rcu: INFO",
+    "watchdog:",
+    "Call Trace:",
+];
 
 /// How long qemu gets to power off after the exit marker before it is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(60);
@@ -75,14 +91,14 @@ pub enum VmError {
     Timeout {
         kernel: KernelId,
         timeout: Duration,
-        last_lines: String,
+        report: String,
     },
     /// qemu exited without the exit marker (kernel panic, /init failure, qemu error).
     NoExitMarker {
         kernel: KernelId,
         qemu_status: String,
         qemu_stderr: String,
-        last_lines: String,
+        report: String,
     },
 }
 
@@ -92,21 +108,21 @@ impl fmt::Display for VmError {
             VmError::Timeout {
                 kernel,
                 timeout,
-                last_lines,
+                report,
             } => write!(
                 f,
-                "VM run on {kernel} timed out after {} s (qemu killed); last {ERROR_TAIL_LINES} lines of guest output:\n{last_lines}",
+                "VM run on {kernel} timed out after {} s (qemu killed); {report}",
                 timeout.as_secs()
             ),
             VmError::NoExitMarker {
                 kernel,
                 qemu_status,
                 qemu_stderr,
-                last_lines,
+                report,
             } => write!(
                 f,
                 "VM run on {kernel}: qemu exited ({qemu_status}) without the command's exit marker {EXIT_MARKER}; \
-                 qemu stderr: {qemu_stderr:?}; last {ERROR_TAIL_LINES} lines of guest output:\n{last_lines}"
+                 qemu stderr: {qemu_stderr:?}; {report}"
             ),
         }
     }
@@ -546,13 +562,13 @@ fn boot(kernel: KernelId, vmlinuz: &Path, initrd: &Path, timeout: Duration) -> R
     let timed_out = !console_closed && exit_code.is_none();
     qemu.kill();
     let qemu_stderr = stderr_reader.join().unwrap_or_default();
-    let last_lines = tail(&console.join("\n"), ERROR_TAIL_LINES);
+    let report = || failure_report(kernel, &console);
 
     if timed_out {
         return Err(VmError::Timeout {
             kernel,
             timeout,
-            last_lines,
+            report: report(),
         }
         .into());
     }
@@ -561,7 +577,7 @@ fn boot(kernel: KernelId, vmlinuz: &Path, initrd: &Path, timeout: Duration) -> R
             kernel,
             qemu_status: status.map_or_else(|| "killed".to_owned(), |s| s.to_string()),
             qemu_stderr: qemu_stderr.trim().to_owned(),
-            last_lines,
+            report: report(),
         }
         .into());
     };
@@ -572,6 +588,49 @@ fn boot(kernel: KernelId, vmlinuz: &Path, initrd: &Path, timeout: Duration) -> R
         lsm,
         kernel_release,
     })
+}
+
+/// What an error about a run that did not finish says of the guest: where the whole console
+/// is kept, the last test libtest named (it names a test before running it, so a line
+/// without a result is the test that was running), the kernel's first trouble message
+/// onwards, and the last lines.
+fn failure_report(kernel: KernelId, console: &[String]) -> String {
+    let saved = paths::vm_dir().join(format!("{kernel}-console.log"));
+    let saved_note = match std::fs::write(&saved, console.join("\n") + "\n") {
+        Ok(()) => format!("the whole guest console is in {}", saved.display()),
+        Err(e) => format!(
+            "the guest console could not be saved to {}: {e}",
+            saved.display()
+        ),
+    };
+    let mut report = saved_note;
+    if let Some(line) = console.iter().rev().find(|l| is_test_line(l)) {
+        report.push_str(&format!("\nthe last test line: {line}"));
+    }
+    if let Some(first) = console
+        .iter()
+        .position(|l| KERNEL_TROUBLE.iter().any(|t| l.contains(t)))
+    {
+        let end = (first + ERROR_TROUBLE_LINES).min(console.len());
+        report.push_str(&format!(
+            "\nthe guest kernel reported trouble (lines {}..{end} of the console):\n{}",
+            first + 1,
+            console[first..end].join("\n")
+        ));
+    }
+    report.push_str(&format!(
+        "\nlast {ERROR_TAIL_LINES} lines of guest output:\n{}",
+        tail(&console.join("\n"), ERROR_TAIL_LINES)
+    ));
+    report
+}
+
+/// Whether a console line is libtest's progress line (`test name ... ok`, or `test name ... `
+/// while it runs, possibly followed by kernel messages on the same console line).
+fn is_test_line(line: &str) -> bool {
+    line.strip_prefix("test ")
+        .and_then(|rest| rest.split_once(" ... "))
+        .is_some_and(|(name, _)| !name.is_empty() && !name.contains(' '))
 }
 
 /// A console line without its line end and without terminal control sequences (the
@@ -673,6 +732,27 @@ mod tests {
         assert_eq!(marker_value("nothing", EXIT_MARKER), None);
     }
 
+    #[test]
+    fn a_failure_report_names_the_test_and_the_kernel_trouble() {
+        let console: Vec<String> = [
+            "XTASK-VM-COMMAND-START",
+            "test first ... ok",
+            "test second ... [ 9.1] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [x:1]",
+            "[ 9.2] Call Trace:",
+            "[ 9.3]  <TASK>",
+        ]
+        .map(String::from)
+        .to_vec();
+        let report = failure_report(KernelId::Debian12, &console);
+        assert!(report.contains("the last test line: test second ... [ 9.1] watchdog"));
+        assert!(report.contains("trouble (lines 3..5 of the console):\ntest second"));
+        assert!(report.contains("[ 9.3]  <TASK>"));
+        let saved = paths::vm_dir().join("debian12-console.log");
+        assert!(report.contains(&saved.display().to_string()), "{report}");
+        assert!(!is_test_line("test result: ok. 1 passed"));
+        assert!(is_test_line("test a::b ... "));
+    }
+
     /// Boots a real VM (about 10 s): `cargo test -p xtask -- --ignored`.
     #[test]
     #[ignore = "boots qemu; needs `cargo xtask setup`"]
@@ -693,6 +773,27 @@ mod tests {
         assert_eq!(outcome.output, "it's me\ntail");
         assert!(outcome.lsm.unwrap().split(',').any(|l| l == "bpf"));
         assert!(outcome.kernel_release.unwrap().starts_with("6.1."));
+    }
+
+    /// Boots a real VM whose kernel crashes: the run ends at once, with the crash reported.
+    #[test]
+    #[ignore = "boots qemu; needs `cargo xtask setup`"]
+    fn a_crashed_kernel_ends_the_run_with_its_report() {
+        let command =
+            ["/bin/sh", "-c", "echo c > /proc/sysrq-trigger; sleep 1000"].map(String::from);
+        let started = Instant::now();
+        let err = run_in_vm(
+            KernelId::Debian12,
+            &[],
+            &command,
+            &[],
+            Duration::from_secs(600),
+        )
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(300));
+        let text = err.to_string();
+        assert!(text.contains("without the command's exit marker"), "{text}");
+        assert!(text.contains("the guest kernel reported trouble"), "{text}");
     }
 
     /// Boots a real VM and lets it time out: `cargo test -p xtask -- --ignored`.
