@@ -32,7 +32,18 @@ pub const MAP_GRANT_EXEC: &str = "CS_GRANT_EXEC";
 /// Destination grants the kernel answers: [`GrantConnectKey`] → [`GrantConnect`] (expiries
 /// per protocol, as in [`MAP_GRANT_EXEC`]).
 pub const MAP_GRANT_CONNECT: &str = "CS_GRANT_CONNECT";
-/// Every map above is pinned by name in the daemon's pin directory, so that holds and labels
+/// Ring buffer of [`DnsPacket`]s: the DNS queries to and answers from port 53 that local
+/// sockets send and receive (`daemon::names` learns destination names from them). Not
+/// pinned: it belongs to the daemon that reads it.
+pub const MAP_DNS: &str = "CS_DNS";
+/// Socket cookie → 1 for the UDP sockets whose DNS packets are captured (an LRU map of
+/// [`MAX_DNS_SOCKETS`]). Not pinned.
+pub const MAP_DNS_SOCKETS: &str = "CS_DNS_SOCKETS";
+/// Capacity of [`MAP_DNS_SOCKETS`].
+pub const MAX_DNS_SOCKETS: u32 = 8_192;
+/// One `u64`: DNS packets the capture could not put in [`MAP_DNS`] (it was full). Not pinned.
+pub const MAP_DNS_DROPPED: &str = "CS_DNS_DROPPED";
+/// Every map above but the DNS ones is pinned by name in the daemon's pin directory, so that holds and labels
 /// survive a daemon restart.
 pub const PINNED_MAPS: [&str; 11] = [
     MAP_TASKS,
@@ -77,6 +88,13 @@ pub const MAX_CGROUP_LABELS: u32 = 16_384;
 pub const MAX_CGROUP_DEPTH: i32 = 16;
 /// Size of the event ring buffer in bytes (a power of two, multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 256 * 1024;
+/// Size of the DNS ring buffer in bytes (a power of two, multiple of the page size): room for
+/// 255 packets between two reads.
+pub const DNS_RING_BYTES: u32 = 1024 * 1024;
+/// Bytes of a DNS packet captured, from the IP header on (a power of two). EDNS answers
+/// are kept under 1232 bytes by resolvers that follow DNS Flag Day 2020; a longer packet is
+/// kept truncated (and then not parsed).
+pub const DNS_CAPTURE_BYTES: usize = 4096;
 
 pub const PROG_LSM_BPRM_CHECK: &str = "cs_lsm_bprm_check";
 pub const PROG_LSM_SOCKET_CONNECT: &str = "cs_lsm_socket_connect";
@@ -91,6 +109,14 @@ pub const PROG_CG_CONNECT4: &str = "cs_cg_connect4";
 pub const PROG_CG_CONNECT6: &str = "cs_cg_connect6";
 pub const PROG_TP_CGROUP_MKDIR: &str = "cs_tp_cgroup_mkdir";
 pub const PROG_TP_CGROUP_RMDIR: &str = "cs_tp_cgroup_rmdir";
+pub const PROG_CG_DNS_EGRESS: &str = "cs_cg_dns_egress";
+pub const PROG_CG_DNS_CONNECT4: &str = "cs_cg_dns_connect4";
+pub const PROG_CG_DNS_CONNECT6: &str = "cs_cg_dns_connect6";
+pub const PROG_CG_DNS_SENDMSG4: &str = "cs_cg_dns_sendmsg4";
+pub const PROG_CG_DNS_SENDMSG6: &str = "cs_cg_dns_sendmsg6";
+/// The global the loader sets to its network namespace cookie (`SO_NETNS_COOKIE`).
+pub const GLOBAL_HOST_NETNS_COOKIE: &str = "HOST_NETNS_COOKIE";
+pub const PROG_CG_DNS_INGRESS: &str = "cs_cg_dns_ingress";
 
 /// Global set at load time: offset of `child_pid` in the `sched_process_fork` tracepoint
 /// record, read from the kernel's own format file (it moved between kernel versions).
@@ -190,6 +216,21 @@ pub const STAT_COUNT: u32 = 6;
 /// `-ERESTARTNOINTR`: the syscall restarts after the stop, whatever the signal disposition.
 pub const ERESTARTNOINTR: i32 = 513;
 pub const EPERM: i32 = 1;
+
+/// One captured DNS packet in [`MAP_DNS`].
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DnsPacket {
+    /// Bytes of `data` that hold the packet (from the IP header on).
+    pub len: u32,
+    /// The packet's whole length (more than `len` when truncated).
+    pub wire_len: u32,
+    /// 1: sent by a local socket (a query to port 53); 0: received (an answer from port 53).
+    pub outgoing: u32,
+    pub _pad: u32,
+    pub data: [u8; DNS_CAPTURE_BYTES],
+}
+const _: () = assert!(size_of::<DnsPacket>() == 16 + DNS_CAPTURE_BYTES);
 
 /// State of one labelled thread.
 #[repr(C)]

@@ -6,6 +6,8 @@
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]
+mod dns;
+#[cfg(target_arch = "bpf")]
 mod exec;
 #[cfg(target_arch = "bpf")]
 mod hold;
@@ -17,11 +19,11 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        macros::{cgroup_sock_addr, lsm, tracepoint},
-        programs::{LsmContext, SockAddrContext, TracePointContext},
+        macros::{cgroup_skb, cgroup_sock_addr, lsm, tracepoint},
+        programs::{LsmContext, SkBuffContext, SockAddrContext, TracePointContext},
     };
 
-    use crate::{connect, exec, hold::Verdict, label};
+    use crate::{connect, dns, exec, hold::Verdict, label};
 
     /// `bprm_check_security`: holds a labelled task's exec before the new image is loaded.
     /// Fails closed: an exec it cannot record is denied.
@@ -127,6 +129,46 @@ mod programs {
     #[cgroup_sock_addr(connect6)]
     pub fn cs_cg_connect6(ctx: SockAddrContext) -> i32 {
         connect::cgroup_connect(&ctx, true).cgroup_return()
+    }
+
+    /// Marks UDP sockets connected or sending to port 53 in the daemon's network namespace,
+    /// whose DNS packets the two programs below capture. Refuses nothing.
+    #[cgroup_sock_addr(connect4)]
+    pub fn cs_cg_dns_connect4(ctx: SockAddrContext) -> i32 {
+        dns::mark(&ctx);
+        1
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn cs_cg_dns_connect6(ctx: SockAddrContext) -> i32 {
+        dns::mark(&ctx);
+        1
+    }
+
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn cs_cg_dns_sendmsg4(ctx: SockAddrContext) -> i32 {
+        dns::mark(&ctx);
+        1
+    }
+
+    #[cgroup_sock_addr(sendmsg6)]
+    pub fn cs_cg_dns_sendmsg6(ctx: SockAddrContext) -> i32 {
+        dns::mark(&ctx);
+        1
+    }
+
+    /// Copies DNS queries local sockets send to the daemon's DNS ring. Passes every packet.
+    #[cgroup_skb(egress)]
+    pub fn cs_cg_dns_egress(ctx: SkBuffContext) -> i32 {
+        dns::capture(&ctx, true);
+        1
+    }
+
+    /// Copies DNS answers local sockets receive to the daemon's DNS ring. Passes every packet.
+    #[cgroup_skb(ingress)]
+    pub fn cs_cg_dns_ingress(ctx: SkBuffContext) -> i32 {
+        dns::capture(&ctx, false);
+        1
     }
 
     impl Verdict {

@@ -4,10 +4,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf},
 };
 use countersign_ebpf::{
-    Config, ConnectAllow, ConnectKey, EVENTS_RING_BYTES, Event, ExecKey, FileKey, GrantConnect,
-    GrantConnectKey, KernelOffsets, LabelName, MAX_CGROUP_LABELS, MAX_CONNECT_ALLOW,
-    MAX_EXEC_ALLOW, MAX_EXEC_LABELS, MAX_KERNEL_GRANTS, MAX_LABELLED_TASKS, MAX_LABELS, STAT_COUNT,
-    TaskState,
+    Config, ConnectAllow, ConnectKey, DNS_RING_BYTES, EVENTS_RING_BYTES, Event, ExecKey, FileKey,
+    GrantConnect, GrantConnectKey, KernelOffsets, LabelName, MAX_CGROUP_LABELS, MAX_CONNECT_ALLOW,
+    MAX_DNS_SOCKETS, MAX_EXEC_ALLOW, MAX_EXEC_LABELS, MAX_KERNEL_GRANTS, MAX_LABELLED_TASKS,
+    MAX_LABELS, STAT_COUNT, TaskState,
 };
 
 // Every map is pinned by name (see `countersign_ebpf::PINNED_MAPS`): a restarted daemon
@@ -57,6 +57,18 @@ pub static GRANT_CONNECT: HashMap<GrantConnectKey, GrantConnect> =
 /// Written and read by the daemon only.
 #[map(name = "CS_LABELS")]
 pub static LABELS: HashMap<u32, LabelName> = HashMap::pinned(MAX_LABELS, 0);
+
+/// DNS queries and answers for the daemon's names (see `dns`). Not pinned: they belong to the
+/// daemon that attached the capture.
+#[map(name = "CS_DNS")]
+pub static DNS: RingBuf = RingBuf::with_byte_size(DNS_RING_BYTES, 0);
+
+/// Socket cookies of the UDP sockets whose DNS packets are captured (see `dns::mark`).
+#[map(name = "CS_DNS_SOCKETS")]
+pub static DNS_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_DNS_SOCKETS, 0);
+
+#[map(name = "CS_DNS_DROPPED")]
+pub static DNS_DROPPED: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Offset of `child_pid` in the `sched_process_fork` record (set by the loader).
 #[unsafe(no_mangle)]

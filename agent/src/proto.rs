@@ -120,7 +120,7 @@ pub struct StatusInfo {
 /// What the daemon learns from DNS answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DnsStatus {
-    /// Why the packet socket could not be opened (names are then unknown).
+    /// Why the DNS capture could not be attached (names are then unknown).
     pub error: Option<String>,
     /// The resolvers whose answers count.
     pub resolvers: Vec<String>,
@@ -132,6 +132,9 @@ pub struct DnsStatus {
     /// Answers from a trusted resolver to no query this host sent (ignored).
     #[serde(default)]
     pub unsolicited: u64,
+    /// DNS packets the kernel could not queue for the daemon (names may be missing).
+    #[serde(default)]
+    pub dropped: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

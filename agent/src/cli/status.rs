@@ -107,6 +107,12 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
             if let Some(e) = &d.error {
                 println!("  ALARM: destination names are unknown: {e}");
             }
+            if d.dropped > 0 {
+                println!(
+                    "  warning: {} DNS packet(s) arrived faster than the daemon read them; their names are unknown",
+                    d.dropped
+                );
+            }
         }
     }
     println!("  holds so far:   {}", s.holds);

@@ -250,7 +250,11 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     let (tx, mut rx) = mpsc::channel::<Command>(64);
     control::serve(&config.socket_dir, tx)?;
     let mut ring = ebpf::watch_ring(ring).context("watching the event ring buffer")?;
-    let names = names::Names::start(&config.dns);
+    let names = names::Names::start(&config.dns, || {
+        kernel
+            .capture_dns()
+            .map_err(|e| crate::ebpf::error_chain(&e))
+    });
     if names.active() {
         tracing::info!(resolvers = ?names.resolvers(), "learning destination names from DNS answers");
     }
@@ -596,7 +600,7 @@ impl Daemon {
             id
         };
         if kind == HeldKind::Connect {
-            // The answer that gave the program this address is queued on the packet socket
+            // The answer that gave the program this address was copied to the DNS capture
             // before the program could read it: read it before the connect is described and
             // decided, so that its name is known.
             self.names.drain();
@@ -1502,6 +1506,7 @@ impl Daemon {
                 answers: self.names.counters.answers,
                 untrusted: self.names.counters.untrusted,
                 unsolicited: self.names.counters.unsolicited,
+                dropped: self.names.counters.dropped,
             }),
             approver: self.remote.as_ref().map(|r| {
                 let h = r.health.lock().map(|h| h.clone()).unwrap_or_default();

@@ -1,5 +1,6 @@
 //! Destination names learnt from DNS answers: the daemon watches the answers the host's
-//! resolvers send (`ebpf::dns_socket`), and remembers, per address, the names programs asked
+//! resolvers send (`ebpf::dns`: only on sockets that connect or send to port 53 in the
+//! daemon's network namespace), and remembers, per address, the names programs asked
 //! for. A held connect then shows `api.example.com (DNS) → 93.184.216.34:443/tcp`, and
 //! `host:` globs of connect rules match its names.
 //!
@@ -8,12 +9,13 @@
 //! daemon.yaml), from UDP port 53, with `NOERROR`, and only as the answer to a query this
 //! host sent them (same resolver, port, id and question, within [`QUERY_WINDOW`]). A program
 //! that asks its own server cannot plant names, nor can an off-path sender of forged
-//! answers without guessing the port and id. Not seen (the name is then unknown): DNS over TCP, TLS or HTTPS, answers in
-//! other network namespaces, fragmented answers, names from `/etc/hosts`.
+//! answers without guessing the port and id. Not seen (the name is then unknown): DNS over
+//! TCP, TLS or HTTPS, queries and answers in other network namespaces (where a program could
+//! be its own "resolver"), fragmented or truncated answers, names from `/etc/hosts`.
 //!
-//! Ordering: an answer reaches the packet socket before the program that asked can read it,
-//! so the daemon drains the socket ([`Names::drain`]) before it describes a held connect; the
-//! name the program just resolved is then known.
+//! Ordering: the kernel copies an answer to the capture ring before it queues it on the
+//! program's socket, so the daemon drains the ring ([`Names::drain`]) before it describes a
+//! held connect; the name the program just resolved is then known.
 //!
 //! Bounds: at most `max_addresses` addresses (the least recently learnt go first), at most
 //! [`MAX_NAMES_PER_ADDRESS`] names each (most recent first), names of at most 253 bytes,
@@ -32,7 +34,7 @@ use hickory_proto::{
 };
 use serde::Deserialize;
 
-use crate::ebpf::dns_socket::{DnsSocket, PacketInfo, is_outgoing};
+use crate::ebpf::dns::{DnsCapture, PacketInfo};
 
 /// Names kept per address.
 pub const MAX_NAMES_PER_ADDRESS: usize = 8;
@@ -484,12 +486,15 @@ pub struct Counters {
     /// Answers from a trusted resolver to no query in flight.
     pub unsolicited: u64,
     pub learnt: u64,
+    /// Packets the kernel could not queue for the daemon (its ring was full).
+    pub dropped: u64,
 }
 
-/// The learner: socket, trusted resolvers, cache.
+/// The learner: capture, trusted resolvers, cache.
 pub struct Names {
-    socket: Option<Readiness>,
-    /// Why the socket could not be opened, if it could not.
+    capture: Option<DnsCapture>,
+    ready: Option<Readiness>,
+    /// Why the capture could not be attached, if it could not.
     pub error: Option<String>,
     config: DnsConfig,
     resolv_conf: PathBuf,
@@ -502,11 +507,12 @@ pub struct Names {
 }
 
 impl Names {
-    /// Opens the packet socket (a failure is kept and reported: names stay unknown). Must run
-    /// inside the tokio runtime.
-    pub fn start(config: &DnsConfig) -> Self {
+    /// Starts the capture with `attach` when names are enabled (a failure is kept and
+    /// reported: names stay unknown). Must run inside the tokio runtime.
+    pub fn start(config: &DnsConfig, attach: impl FnOnce() -> Result<DnsCapture, String>) -> Self {
         let mut n = Self {
-            socket: None,
+            capture: None,
+            ready: None,
             error: None,
             config: config.clone(),
             resolv_conf: PathBuf::from(RESOLV_CONF),
@@ -515,15 +521,29 @@ impl Names {
             cache: Cache::new(config),
             queries: Queries::default(),
             counters: Counters::default(),
-            buf: vec![0; 65_536],
+            buf: vec![0; countersign_ebpf::DNS_CAPTURE_BYTES],
         };
         if !config.enabled {
             return n;
         }
-        match DnsSocket::open().and_then(DnsSocket::watch) {
-            Ok(s) => n.socket = Some(std::sync::Arc::new(s)),
+        let started = attach().and_then(|capture| {
+            let fd = capture
+                .readiness_fd()
+                .and_then(|fd| {
+                    // SAFETY: the AsyncFd owns the descriptor (a duplicate of the ring's); it
+                    // stays open and unchanged for as long as the AsyncFd lives.
+                    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)
+                })
+                .map_err(|e| format!("cannot wait on the DNS capture: {e}"))?;
+            Ok((capture, fd))
+        });
+        match started {
+            Ok((capture, fd)) => {
+                n.capture = Some(capture);
+                n.ready = Some(std::sync::Arc::new(fd));
+            }
             Err(e) => {
-                let message = format!("cannot open the packet socket for DNS answers: {e}");
+                let message = format!("cannot capture DNS answers: {e}");
                 tracing::error!(error = %message, "destination names will be unknown");
                 n.error = Some(message);
             }
@@ -535,7 +555,7 @@ impl Names {
     /// Whether names are learnt.
     #[must_use]
     pub fn active(&self) -> bool {
-        self.socket.is_some()
+        self.capture.is_some()
     }
 
     /// Re-reads /etc/resolv.conf if it changed (or always with `force`).
@@ -565,26 +585,21 @@ impl Names {
         v
     }
 
-    /// The socket's readiness, for the main loop to wait on ([`readable`]).
+    /// The capture's readiness, for the main loop to wait on ([`readable`]).
     #[must_use]
     pub fn readiness(&self) -> Option<Readiness> {
-        self.socket.clone()
+        self.ready.clone()
     }
 
     /// Reads what is queued (at most [`MAX_DRAIN`] packets) into the cache.
     pub fn drain(&mut self) {
-        let Some(sock) = &self.socket else {
+        let Some(capture) = &mut self.capture else {
             return;
         };
         let now = Instant::now();
         for _ in 0..MAX_DRAIN {
-            let info = match sock.get_ref().recv(&mut self.buf) {
-                Ok(Some(info)) => info,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading DNS answers");
-                    break;
-                }
+            let Some(info) = capture.next(&mut self.buf) else {
+                break;
             };
             let packet = &self.buf[..info.len];
             match take(&self.trusted, &mut self.queries, info, packet, now) {
@@ -616,8 +631,11 @@ impl Names {
         self.cache.lookup(addr, Instant::now())
     }
 
-    /// Drops expired names and queries.
+    /// Drops expired names and queries, and reads the kernel's drop count.
     pub fn purge(&mut self) {
+        if let Some(capture) = &self.capture {
+            self.counters.dropped = capture.dropped();
+        }
         let now = Instant::now();
         self.cache.purge(now);
         self.queries.purge(now);
@@ -630,17 +648,17 @@ impl Names {
     }
 }
 
-/// The packet socket as the runtime watches it.
-pub type Readiness = std::sync::Arc<tokio::io::unix::AsyncFd<DnsSocket>>;
+/// The capture's ring buffer as the runtime watches it.
+pub type Readiness = std::sync::Arc<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>;
 
-/// Waits until the socket has packets (forever without a socket); the caller then drains.
+/// Waits until the capture has packets (forever without one); the caller then drains.
 pub async fn readable(socket: Option<&Readiness>) {
     match socket {
         Some(s) => match s.readable().await {
             // Cleared before the drain: a packet arriving meanwhile wakes us again.
             Ok(mut g) => g.clear_ready(),
             Err(e) => {
-                tracing::error!(error = %e, "waiting on the DNS packet socket; answers are read on the tick only");
+                tracing::error!(error = %e, "waiting on the DNS capture; answers are read on the tick only");
                 std::future::pending::<()>().await;
             }
         },
@@ -659,7 +677,7 @@ fn take(
     now: Instant,
 ) -> Result<Option<Vec<Learnt>>, Skip> {
     let u = udp(info.ethertype, packet)?;
-    if is_outgoing(info.pkttype) {
+    if info.outgoing {
         if u.dport != 53 || !trusted.contains(&u.dst) {
             return Err(Skip::NotDns);
         }

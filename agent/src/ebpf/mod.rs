@@ -4,7 +4,7 @@
 //! One [`Kernel`] value owns all of it; the daemon's main loop is its only user.
 mod btf;
 mod canary;
-pub mod dns_socket;
+pub mod dns;
 mod format;
 mod pin;
 
@@ -130,6 +130,8 @@ pub struct Kernel {
     offsets: shared::KernelOffsets,
     /// The `sys_enter_execve`/`execveat` tracepoints are attached.
     exec_tracepoints: bool,
+    /// The daemon's network namespace cookie (0: unknown); DNS is captured only there.
+    netns_cookie: u64,
     /// [`Config::cgroup_labels`] and [`Config::exec_labels`] as installed.
     cgroup_labels_on: u32,
     exec_labels_on: u32,
@@ -158,7 +160,9 @@ impl Kernel {
             format::field_offset("cgroup", "cgroup_mkdir", "id").map_err(KernelError::Format)?;
         // Without the offsets the exec fast path is off (every exec takes the slow path).
         let (offsets, exec_fast_path) = kernel_offsets();
+        let netns_cookie = dns::netns_cookie();
         let mut ebpf = EbpfLoader::new()
+            .override_global(shared::GLOBAL_HOST_NETNS_COOKIE, &netns_cookie, true)
             .override_global(shared::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
             .override_global(shared::GLOBAL_KERNEL_OFFSETS, &offsets, true)
             .override_global(shared::GLOBAL_CGROUP_ROOT_OFFSET, &cgroup_root_offset, true)
@@ -212,6 +216,7 @@ impl Kernel {
             exec_fast_path,
             offsets,
             exec_tracepoints: false,
+            netns_cookie,
             // The reused maps keep their entries until this daemon installs its own: so do
             // the switches (a cgroup made meanwhile is still marked, labelled cgroups still
             // walked).
@@ -1076,7 +1081,8 @@ fn attach_tracepoint(
         .map_err(|error| KernelError::Program { name, error })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its sources, joined by ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {

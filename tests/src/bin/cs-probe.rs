@@ -19,6 +19,10 @@
 //!                                              the C library does) for NAME's A record,
 //!                                              prints `resolved ADDR` (or `dns-error ...`),
 //!                                              then TCP connects to ADDR:PORT like `connect`
+//!   cs-probe answer-self NAME ADDR SERVER      in a new network namespace of its own (needs
+//!                                              CAP_SYS_ADMIN, or a user namespace), serves
+//!                                              NAME → ADDR on SERVER:53 and asks it there
+//!                                              through a connected UDP socket; prints `answered`
 //!   cs-probe wait SUBCOMMAND ARGS...           reads a line from stdin, then runs SUBCOMMAND
 use std::{
     ffi::CString,
@@ -51,6 +55,7 @@ fn main() {
         }
         Some("double-fork") => double_fork(&args[2..]),
         Some("resolve-connect") => resolve_connect(&args[2], &args[3], &args[4]),
+        Some("answer-self") => answer_self(&args[2], &args[3], &args[4]),
         Some("touch") => {
             std::fs::write(&args[2], b"ran\n").expect("touch");
             0
@@ -103,6 +108,81 @@ fn resolve_connect(name: &str, server: &str, port: &str) -> i32 {
     };
     say(&format!("resolved {addr}"));
     connect(&format!("{addr}:{port}"), None)
+}
+
+/// Plays both the program and its "resolver" in a network namespace of its own.
+fn answer_self(name: &str, addr: &str, server: &str) -> i32 {
+    use hickory_proto::{
+        op::{Message, MessageType, Query},
+        rr::{Name, RData, Record, RecordType, rdata::A},
+    };
+    // SAFETY: plain syscall; the probe is single-threaded here.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        say(&format!(
+            "unshare-error {}",
+            std::io::Error::last_os_error()
+        ));
+        return 2;
+    }
+    if let Err(e) = loopback_up() {
+        say(&format!("lo-error {e}"));
+        return 2;
+    }
+    let server: std::net::IpAddr = server.parse().expect("SERVER address");
+    let addr: std::net::Ipv4Addr = addr.parse().expect("ADDR");
+    let resolver = std::net::UdpSocket::bind((server, 53)).expect("binding SERVER:53");
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+    client
+        .connect((server, 53))
+        .expect("connecting to SERVER:53");
+    let mut q = Message::query();
+    q.add_query(Query::query(
+        Name::from_ascii(name).expect("NAME"),
+        RecordType::A,
+    ));
+    client.send(&q.to_vec().expect("query")).expect("query");
+    let mut buf = [0u8; 1500];
+    let (n, from) = resolver.recv_from(&mut buf).expect("the query");
+    let query = Message::from_vec(&buf[..n]).expect("a DNS query");
+    let mut answer = Message::new(
+        query.metadata.id,
+        MessageType::Response,
+        query.metadata.op_code,
+    );
+    answer.add_queries(query.queries.clone());
+    answer.add_answer(Record::from_rdata(
+        Name::from_ascii(name).expect("NAME"),
+        60,
+        RData::A(A(addr)),
+    ));
+    resolver
+        .send_to(&answer.to_vec().expect("answer"), from)
+        .expect("answering");
+    client.recv(&mut buf).expect("the answer");
+    say("answered");
+    0
+}
+
+/// Brings `lo` up in the current network namespace.
+fn loopback_up() -> std::io::Result<()> {
+    // SAFETY: an ioctl on a socket this function owns, with an `ifreq` it owns.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut req: libc::ifreq = std::mem::zeroed();
+        req.ifr_name[0] = b'l' as libc::c_char;
+        req.ifr_name[1] = b'o' as libc::c_char;
+        req.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        let rc = libc::ioctl(fd, libc::SIOCSIFFLAGS, &raw mut req);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if rc != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 fn say(s: &str) {

@@ -110,6 +110,26 @@ fn host_rules_decide_by_the_name_the_host_resolver_gave() {
     assert_eq!(code, Some(1), "{out}");
     assert!(!planted.accepted());
 
+    // Nor does a program that plays the host's resolver (its address, port 53) in a network
+    // namespace of its own, where any address can be local.
+    let own = Listener::on("127.0.54.6");
+    let mut p = d.labelled(
+        "names",
+        &[
+            &probe(),
+            "answer-self",
+            "own.example.test",
+            "127.0.54.6",
+            &RESOLVER.to_string(),
+        ],
+    );
+    assert_eq!(p.wait(WAIT).code(), Some(0), "{}", p.stdout());
+    assert!(p.stdout().contains("answered"), "{}", p.stdout());
+    let mut p = d.labelled("names", &[&probe(), "connect", &own.addr()]);
+    assert_eq!(p.wait(WAIT).code(), Some(1), "{}", d.log());
+    assert_eq!(p.stdout().trim(), format!("error {EPERM}"));
+    assert!(!own.accepted());
+
     let log = d.decisions();
     let decided = |dest: &str| {
         log.iter()
@@ -143,11 +163,13 @@ fn host_rules_decide_by_the_name_the_host_resolver_gave() {
             .contains("rule `no-paste`"),
         "{paste_log:?}"
     );
-    let planted_log = decided("127.0.54.4:");
-    assert!(
-        planted_log[0]["request"].get("destination_names").is_none(),
-        "{planted_log:?}"
-    );
+    for planted in ["127.0.54.4:", "127.0.54.6:"] {
+        let planted_log = decided(planted);
+        assert!(
+            planted_log[0]["request"].get("destination_names").is_none(),
+            "{planted_log:?}"
+        );
+    }
     let status = d.status();
     assert!(
         status["dns"]["untrusted"].as_u64().unwrap() >= 1,
