@@ -547,21 +547,37 @@ pub fn cgroup2_root() -> PathBuf {
         .expect("a cgroup v2 mount")
 }
 
-/// A cgroup made for one test, removed (once empty) on drop.
+/// Held by every [`TestCgroup`]: scenarios that make cgroups run one at a time. A daemon
+/// whose policy matches cgroups marks *every* new cgroup on the host until it classifies it
+/// (and a crashed one leaves them marked until it is back), so another scenario's new
+/// cgroup would be held by it.
+static CGROUP_SCENARIOS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A cgroup made for one test, removed (once empty) on drop. Declare it before the test's
+/// daemon, so that the daemon is gone before the next cgroup scenario starts.
 pub struct TestCgroup {
     pub path: PathBuf,
     /// As `/proc/PID/cgroup` shows it.
     pub name: String,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 impl TestCgroup {
     #[must_use]
     pub fn new(name: &str) -> Self {
+        // A scenario that failed still frees the next one.
+        let serial = CGROUP_SCENARIOS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let name = format!("/{name}-{}", std::process::id());
         let path = cgroup2_root().join(name.trim_start_matches('/'));
         std::fs::create_dir(&path)
             .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
-        Self { path, name }
+        Self {
+            path,
+            name,
+            _serial: serial,
+        }
     }
 
     /// A child cgroup (removed with this one).
