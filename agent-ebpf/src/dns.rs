@@ -1,4 +1,13 @@
-//! DNS capture for destination names, on the cgroup v2 root:
+//! DNS capture for destination names. Where the kernel runs `fentry` programs (BPF LSM
+//! kernels do), three of them on the kernel's UDP paths, so that no other packet pays:
+//!
+//! - `ip_send_skb`/`ip6_send_skb` (every UDP datagram a local socket sends) copy datagrams
+//!   to port 53 (queries), and `__udp_enqueue_schedule_skb` (every datagram queued on a UDP
+//!   socket) copies datagrams from port 53 (answers), when the socket's network namespace is
+//!   the daemon's (in another namespace any address can be local, so a program that made its
+//!   own namespace could otherwise answer its own queries in a resolver's name).
+//!
+//! Elsewhere, on the cgroup v2 root:
 //!
 //! - `connect4/6` and `sendmsg4/6` programs mark the UDP sockets that a program connects or
 //!   sends to port 53 *in the daemon's network namespace* (their socket cookies go into
@@ -12,10 +21,16 @@
 //! Only headers are checked here; the daemon checks them again, trusts only answers from the
 //! host's resolvers to queries seen here, and parses the DNS (`daemon::names`).
 use aya_ebpf::{
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_skb_load_bytes},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{
+            bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_probe_read_kernel as read_into,
+            bpf_skb_load_bytes,
+        },
+    },
     programs::{SkBuffContext, SockAddrContext},
 };
-use countersign_ebpf::{DNS_CAPTURE_BYTES, DnsPacket};
+use countersign_ebpf::{DNS_CAPTURE_BYTES, DnsOffsets, DnsPacket};
 
 use crate::maps::{DNS, DNS_DROPPED, DNS_SOCKETS};
 
@@ -25,6 +40,170 @@ use crate::maps::{DNS, DNS_DROPPED, DNS_SOCKETS};
 pub static HOST_NETNS_COOKIE: u64 = 0;
 
 const SOCK_DGRAM: u32 = 2;
+
+/// Set by the loader (see [`DnsOffsets`]); all zero means the `fentry` capture is off.
+#[unsafe(no_mangle)]
+pub static DNS_OFFSETS: DnsOffsets = DnsOffsets {
+    valid: 0,
+    host_netns_inum: 0,
+    skb_sk: 0,
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_len: 0,
+    skb_data_len: 0,
+    sk_net: 0,
+    net_inum: 0,
+};
+
+#[inline(always)]
+fn offsets() -> DnsOffsets {
+    // SAFETY: a plain read of a global the loader may have rewritten; volatile so the
+    // compiler does not fold the defaults in.
+    unsafe { core::ptr::read_volatile(&DNS_OFFSETS) }
+}
+
+/// A kernel value at `base + offset`, read with the checked helper (a bad address fails).
+#[inline(always)]
+fn read<T>(base: *const u8, offset: u32) -> Option<T> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: read with the checked helper; a bad address fails the read, nothing else.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.ok()
+}
+
+/// `fentry` capture: copies `skb` when it is UDP to (`outgoing`) or from port 53, linear,
+/// and its socket is in the daemon's network namespace. `sk` is the socket when the hook
+/// has it, else the skb's. A datagram being sent has no IP length yet (`ip_local_out`
+/// writes it): its length is the skb's, and the copy gets it.
+#[inline(always)]
+pub fn capture_kernel_skb(sk: *const u8, skb: *const u8, outgoing: bool) {
+    let o = offsets();
+    if o.valid == 0 {
+        return;
+    }
+    let Some(head) = read::<u64>(skb, o.skb_head) else {
+        return;
+    };
+    let Some(network) = read::<u16>(skb, o.skb_network_header) else {
+        return;
+    };
+    let ip = (head as *const u8).wrapping_add(usize::from(network));
+    let Some(first) = read::<[u8; 8]>(ip, 0) else {
+        return;
+    };
+    // The datagram's length from its IP header, and where its UDP header is.
+    let (header_len, udp_at) = match first[0] >> 4 {
+        4 => {
+            let Some(rest) = read::<[u8; 4]>(ip, 8) else {
+                return;
+            };
+            let fragment = u16::from_be_bytes([first[6], first[7]]) & 0x3fff;
+            if rest[1] != IPPROTO_UDP || fragment != 0 {
+                return;
+            }
+            (
+                u32::from(u16::from_be_bytes([first[2], first[3]])),
+                u32::from(first[0] & 0x0f) * 4,
+            )
+        }
+        6 => {
+            if first[6] != IPPROTO_UDP {
+                return;
+            }
+            (40 + u32::from(u16::from_be_bytes([first[4], first[5]])), 40)
+        }
+        _ => return,
+    };
+    let Some(ports) = read::<[u8; 4]>(ip, udp_at) else {
+        return;
+    };
+    let port = if outgoing {
+        u16::from_be_bytes([ports[2], ports[3]])
+    } else {
+        u16::from_be_bytes([ports[0], ports[1]])
+    };
+    if port != DNS_PORT {
+        return;
+    }
+    // Paged data would not follow the header in memory.
+    if read::<u32>(skb, o.skb_data_len) != Some(0) {
+        return;
+    }
+    let len = if outgoing {
+        match read::<u32>(skb, o.skb_len) {
+            Some(n) => n,
+            None => return,
+        }
+    } else {
+        header_len
+    };
+    let v4 = first[0] >> 4 == 4;
+    let sk = if sk.is_null() {
+        match read::<u64>(skb, o.skb_sk) {
+            Some(p) => p as *const u8,
+            None => return,
+        }
+    } else {
+        sk
+    };
+    let Some(net) = read::<u64>(sk, o.sk_net) else {
+        return;
+    };
+    if read::<u32>(net as *const u8, o.net_inum) != Some(o.host_netns_inum) {
+        return;
+    }
+    let Some(mut entry) = DNS.reserve::<DnsPacket>(0) else {
+        count_dropped();
+        return;
+    };
+    let wire_len = len;
+    let len = if len as usize > DNS_CAPTURE_BYTES {
+        DNS_CAPTURE_BYTES as u32
+    } else {
+        len
+    };
+    // In 1..=DNS_CAPTURE_BYTES in a form every verifier can follow (see `copy`).
+    let len = (len.wrapping_sub(1) & (DNS_CAPTURE_BYTES as u32 - 1)) + 1;
+    let packet = entry.as_mut_ptr();
+    // SAFETY: `packet` is the reserved record, valid for writes of its size until submitted
+    // or discarded; `len` is at most the size of `data`; the source is read with the
+    // checked helper.
+    let copied = unsafe {
+        (*packet).len = len;
+        (*packet).wire_len = wire_len;
+        (*packet).outgoing = u32::from(outgoing);
+        (*packet)._pad = 0;
+        read_into((*packet).data.as_mut_ptr().cast(), len, ip.cast()) == 0
+    };
+    if copied && outgoing {
+        // SAFETY: as above; both fields are inside the first 40 bytes of `data`.
+        unsafe {
+            if v4 {
+                let n = (wire_len as u16).to_be_bytes();
+                (*packet).data[2] = n[0];
+                (*packet).data[3] = n[1];
+            } else {
+                let n = (wire_len.wrapping_sub(40) as u16).to_be_bytes();
+                (*packet).data[4] = n[0];
+                (*packet).data[5] = n[1];
+            }
+        }
+    }
+    if copied {
+        entry.submit(0);
+    } else {
+        entry.discard(0);
+    }
+}
+
+#[inline(always)]
+fn count_dropped() {
+    if let Some(n) = DNS_DROPPED.get_ptr_mut(0) {
+        // SAFETY: the pointer comes from the map lookup and is valid for this run.
+        unsafe { *n += 1 };
+    }
+}
 
 /// `skb->protocol` (network byte order) of IPv4 and IPv6.
 const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
@@ -113,10 +292,7 @@ fn udp_ports(ctx: &SkBuffContext) -> Option<[u16; 2]> {
 #[inline(always)]
 fn copy(ctx: &SkBuffContext, outgoing: bool) {
     let Some(mut entry) = DNS.reserve::<DnsPacket>(0) else {
-        if let Some(n) = DNS_DROPPED.get_ptr_mut(0) {
-            // SAFETY: the pointer comes from the map lookup and is valid for this run.
-            unsafe { *n += 1 };
-        }
+        count_dropped();
         return;
     };
     let wire_len = ctx.len();

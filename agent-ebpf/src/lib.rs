@@ -110,10 +110,15 @@ pub const PROG_CG_CONNECT6: &str = "cs_cg_connect6";
 pub const PROG_TP_CGROUP_MKDIR: &str = "cs_tp_cgroup_mkdir";
 pub const PROG_TP_CGROUP_RMDIR: &str = "cs_tp_cgroup_rmdir";
 pub const PROG_CG_DNS_EGRESS: &str = "cs_cg_dns_egress";
+pub const PROG_FE_DNS_SEND4: &str = "cs_fe_dns_send4";
+pub const PROG_FE_DNS_SEND6: &str = "cs_fe_dns_send6";
+pub const PROG_FE_DNS_ENQUEUE: &str = "cs_fe_dns_enqueue";
 pub const PROG_CG_DNS_CONNECT4: &str = "cs_cg_dns_connect4";
 pub const PROG_CG_DNS_CONNECT6: &str = "cs_cg_dns_connect6";
 pub const PROG_CG_DNS_SENDMSG4: &str = "cs_cg_dns_sendmsg4";
 pub const PROG_CG_DNS_SENDMSG6: &str = "cs_cg_dns_sendmsg6";
+/// The global the loader sets to the [`DnsOffsets`] of the running kernel.
+pub const GLOBAL_DNS_OFFSETS: &str = "DNS_OFFSETS";
 /// The global the loader sets to its network namespace cookie (`SO_NETNS_COOKIE`).
 pub const GLOBAL_HOST_NETNS_COOKIE: &str = "HOST_NETNS_COOKIE";
 pub const PROG_CG_DNS_INGRESS: &str = "cs_cg_dns_ingress";
@@ -216,6 +221,27 @@ pub const STAT_COUNT: u32 = 6;
 /// `-ERESTARTNOINTR`: the syscall restarts after the stop, whatever the signal disposition.
 pub const ERESTARTNOINTR: i32 = 513;
 pub const EPERM: i32 = 1;
+
+/// What the `fentry` DNS capture reads of the kernel's structures, from its BTF, and the
+/// daemon's network namespace (`valid` 0: unknown, the capture is not attached).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsOffsets {
+    pub valid: u32,
+    /// The inode number of the daemon's network namespace (`/proc/self/ns/net`).
+    pub host_netns_inum: u32,
+    /// `struct sk_buff`: `sk`, `head`, `network_header` (u16), `len` and `data_len` (u32).
+    pub skb_sk: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_len: u32,
+    pub skb_data_len: u32,
+    /// `struct sock`: `__sk_common.skc_net` (a `struct net *`).
+    pub sk_net: u32,
+    /// `struct net`: `ns.inum` (u32).
+    pub net_inum: u32,
+}
+const _: () = assert!(size_of::<DnsOffsets>() == 36);
 
 /// One captured DNS packet in [`MAP_DNS`].
 #[repr(C)]
@@ -488,4 +514,6 @@ mod user {
     unsafe impl aya::Pod for super::GrantConnectKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GrantConnect {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::DnsOffsets {}
 }

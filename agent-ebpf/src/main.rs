@@ -19,8 +19,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        macros::{cgroup_skb, cgroup_sock_addr, lsm, tracepoint},
-        programs::{LsmContext, SkBuffContext, SockAddrContext, TracePointContext},
+        macros::{cgroup_skb, cgroup_sock_addr, fentry, lsm, tracepoint},
+        programs::{FEntryContext, LsmContext, SkBuffContext, SockAddrContext, TracePointContext},
     };
 
     use crate::{connect, dns, exec, hold::Verdict, label};
@@ -129,6 +129,28 @@ mod programs {
     #[cgroup_sock_addr(connect6)]
     pub fn cs_cg_connect6(ctx: SockAddrContext) -> i32 {
         connect::cgroup_connect(&ctx, true).cgroup_return()
+    }
+
+    /// `ip_send_skb(struct net *, struct sk_buff *)`: every IPv4 UDP datagram sent.
+    #[fentry(function = "ip_send_skb")]
+    pub fn cs_fe_dns_send4(ctx: FEntryContext) -> i32 {
+        dns::capture_kernel_skb(core::ptr::null(), ctx.arg(1), true);
+        0
+    }
+
+    /// `ip6_send_skb(struct sk_buff *)`: every IPv6 UDP datagram sent.
+    #[fentry(function = "ip6_send_skb")]
+    pub fn cs_fe_dns_send6(ctx: FEntryContext) -> i32 {
+        dns::capture_kernel_skb(core::ptr::null(), ctx.arg(0), true);
+        0
+    }
+
+    /// `__udp_enqueue_schedule_skb(struct sock *, struct sk_buff *)`: every datagram queued
+    /// on a UDP socket (IPv4 and IPv6), before the program can read it.
+    #[fentry(function = "__udp_enqueue_schedule_skb")]
+    pub fn cs_fe_dns_enqueue(ctx: FEntryContext) -> i32 {
+        dns::capture_kernel_skb(ctx.arg(0), ctx.arg(1), false);
+        0
     }
 
     /// Marks UDP sockets connected or sending to port 53 in the daemon's network namespace,

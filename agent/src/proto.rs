@@ -135,6 +135,9 @@ pub struct DnsStatus {
     /// DNS packets the kernel could not queue for the daemon (names may be missing).
     #[serde(default)]
     pub dropped: u64,
+    /// Which kernel programs capture DNS (`None`: none could be attached).
+    #[serde(default)]
+    pub capture: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -104,6 +104,9 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
                 d.untrusted,
                 d.unsolicited
             );
+            if let Some(c) = &d.capture {
+                println!("  DNS captured on: {c}");
+            }
             if let Some(e) = &d.error {
                 println!("  ALARM: destination names are unknown: {e}");
             }

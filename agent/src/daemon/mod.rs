@@ -256,7 +256,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
             .map_err(|e| crate::ebpf::error_chain(&e))
     });
     if names.active() {
-        tracing::info!(resolvers = ?names.resolvers(), "learning destination names from DNS answers");
+        tracing::info!(resolvers = ?names.resolvers(), capture = names.capture_programs(), "learning destination names from DNS answers");
     }
     let dns_ready = names.readiness();
     let mut daemon = Daemon {
@@ -1507,6 +1507,7 @@ impl Daemon {
                 untrusted: self.names.counters.untrusted,
                 unsolicited: self.names.counters.unsolicited,
                 dropped: self.names.counters.dropped,
+                capture: self.names.capture_programs().map(str::to_owned),
             }),
             approver: self.remote.as_ref().map(|r| {
                 let h = r.health.lock().map(|h| h.clone()).unwrap_or_default();

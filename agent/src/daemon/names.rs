@@ -585,6 +585,12 @@ impl Names {
         v
     }
 
+    /// Which programs capture (`None`: no capture).
+    #[must_use]
+    pub fn capture_programs(&self) -> Option<&'static str> {
+        self.capture.as_ref().map(|c| c.programs)
+    }
+
     /// The capture's readiness, for the main loop to wait on ([`readable`]).
     #[must_use]
     pub fn readiness(&self) -> Option<Readiness> {

@@ -215,6 +215,23 @@ impl Btf {
         })
     }
 
+    /// What the `fentry` DNS capture reads (`host_netns_inum` is the caller's to fill in).
+    pub fn dns_offsets(&self) -> Result<countersign_ebpf::DnsOffsets, BtfError> {
+        Ok(countersign_ebpf::DnsOffsets {
+            valid: 1,
+            host_netns_inum: 0,
+            skb_sk: self.member_offset("sk_buff", "sk")?,
+            skb_head: self.member_offset("sk_buff", "head")?,
+            skb_network_header: self.member_offset("sk_buff", "network_header")?,
+            skb_len: self.member_offset("sk_buff", "len")?,
+            skb_data_len: self.member_offset("sk_buff", "data_len")?,
+            // `possible_net_t` holds just the `struct net *`.
+            sk_net: self.member_offset("sock", "__sk_common")?
+                + self.member_offset("sock_common", "skc_net")?,
+            net_inum: self.member_offset("net", "ns")? + self.member_offset("ns_common", "inum")?,
+        })
+    }
+
     /// Adds the `struct pt_regs` offsets the LSM exec hook reads the syscall arguments with
     /// (x86-64 only; elsewhere the syscall tracepoints record them).
     pub fn exec_arg_regs(&self, o: &mut KernelOffsets) -> Result<(), BtfError> {
@@ -316,6 +333,14 @@ mod tests {
     }
 
     /// The running kernel's BTF has every field the fast path reads, at plausible places.
+    #[test]
+    fn running_kernel_dns_offsets() {
+        let btf = Btf::from_sys_fs().expect("the running kernel's BTF");
+        let o = btf.dns_offsets().expect("sk_buff, sock and net members");
+        assert_eq!(o.valid, 1);
+        assert!(o.skb_head > o.skb_sk && o.net_inum > 0, "{o:?}");
+    }
+
     #[test]
     fn running_kernel_offsets() {
         if !Path::new(VMLINUX_BTF).exists() {

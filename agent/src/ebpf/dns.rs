@@ -1,8 +1,10 @@
 //! The daemon's side of the DNS capture through which it sees DNS queries and answers
-//! (`daemon::names` learns destination names from them). The `cs_cg_dns_*` programs on the
-//! cgroup v2 root mark the UDP sockets that connect or send to port 53 in the daemon's network
-//! namespace and copy those sockets' datagrams to and from port 53 to a ring buffer; nothing
-//! else on the host is copied, and no packet waits for the daemon.
+//! (`daemon::names` learns destination names from them): kernel programs copy the UDP
+//! datagrams to and from port 53 of sockets in the daemon's network namespace to a ring
+//! buffer; nothing else on the host is copied, and no packet waits for the daemon. Where the
+//! kernel runs `fentry` programs, the `cs_fe_dns_*` programs on its UDP send and receive
+//! paths do it (no other packet pays); elsewhere the `cs_cg_dns_*` programs on the cgroup v2
+//! root (every packet of a local socket passes them).
 //!
 //! The programs only check headers; user space checks every header again (`daemon::names`).
 use std::{
@@ -12,8 +14,9 @@ use std::{
 };
 
 use aya::{
+    Btf,
     maps::{Array, MapData, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, FEntry},
 };
 use countersign_ebpf as shared;
 
@@ -35,7 +38,13 @@ pub struct PacketInfo {
 pub struct DnsCapture {
     ring: RingBuf<MapData>,
     dropped: Array<MapData, u64>,
+    /// Which programs capture (for `status`).
+    pub programs: &'static str,
 }
+
+/// [`DnsCapture::programs`] of the two captures.
+pub const CAPTURE_FENTRY: &str = "kernel UDP paths (fentry)";
+pub const CAPTURE_CGROUP: &str = "cgroup programs";
 
 impl std::fmt::Debug for DnsCapture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -96,9 +105,68 @@ fn read_record(record: &[u8], buf: &mut [u8]) -> Option<PacketInfo> {
 }
 
 impl Kernel {
-    /// Attaches the DNS capture to the cgroup v2 root. It needs the kernel's network
-    /// namespace cookies (Linux 5.14) and a cgroup v2 mount.
+    /// Attaches the DNS capture: on the kernel's UDP paths where it can, else on the cgroup v2
+    /// root, which needs network namespace cookies (Linux 5.14) and a cgroup v2 mount.
     pub fn capture_dns(&mut self) -> Result<DnsCapture> {
+        let programs = match self.attach_dns_fentry() {
+            Ok(()) => CAPTURE_FENTRY,
+            Err(why) => {
+                tracing::info!(reason = %why, "DNS capture on the kernel's UDP paths not available; using cgroup programs");
+                self.attach_dns_cgroup()?;
+                CAPTURE_CGROUP
+            }
+        };
+        let ring = RingBuf::try_from(take_map(&mut self.ebpf, shared::MAP_DNS)?)
+            .map_err(|e| map_err(shared::MAP_DNS, &e))?;
+        let dropped = Array::try_from(take_map(&mut self.ebpf, shared::MAP_DNS_DROPPED)?)
+            .map_err(|e| map_err(shared::MAP_DNS_DROPPED, &e))?;
+        Ok(DnsCapture {
+            ring,
+            dropped,
+            programs,
+        })
+    }
+
+    /// The `fentry` capture (all three programs, or none).
+    fn attach_dns_fentry(&mut self) -> std::result::Result<(), String> {
+        if self.dns_offsets.valid == 0 {
+            return Err("the kernel's sk_buff/sock/net layout is unknown (no BTF)".into());
+        }
+        let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
+        let programs = [
+            (shared::PROG_FE_DNS_SEND4, "ip_send_skb"),
+            (shared::PROG_FE_DNS_SEND6, "ip6_send_skb"),
+            (shared::PROG_FE_DNS_ENQUEUE, "__udp_enqueue_schedule_skb"),
+        ];
+        let mut result = Ok(());
+        for (name, function) in programs {
+            let attached = match self.ebpf.program_mut(name) {
+                None => Err(format!("program {name} missing from the object")),
+                Some(p) => <&mut FEntry>::try_from(p)
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| {
+                        p.load(function, &btf)
+                            .and_then(|()| p.attach())
+                            .map_err(|e| format!("{function}: {}", super::error_chain(&e)))
+                    }),
+            };
+            if let Err(e) = attached {
+                result = Err(e);
+                break;
+            }
+        }
+        if result.is_err() {
+            for (name, _) in programs {
+                if let Some(Ok(p)) = self.ebpf.program_mut(name).map(<&mut FEntry>::try_from) {
+                    let _ = p.unload();
+                }
+            }
+        }
+        result
+    }
+
+    /// The cgroup capture.
+    fn attach_dns_cgroup(&mut self) -> Result<()> {
         if self.netns_cookie == 0 {
             return Err(KernelError::Map {
                 name: shared::GLOBAL_HOST_NETNS_COOKIE,
@@ -150,11 +218,26 @@ impl Kernel {
             prog.attach(&cgroup, direction, CgroupAttachMode::Single)
                 .map_err(|error| KernelError::Program { name, error })?;
         }
-        let ring = RingBuf::try_from(take_map(&mut self.ebpf, shared::MAP_DNS)?)
-            .map_err(|e| map_err(shared::MAP_DNS, &e))?;
-        let dropped = Array::try_from(take_map(&mut self.ebpf, shared::MAP_DNS_DROPPED)?)
-            .map_err(|e| map_err(shared::MAP_DNS_DROPPED, &e))?;
-        Ok(DnsCapture { ring, dropped })
+        Ok(())
+    }
+}
+
+/// What the `fentry` capture reads, from the kernel's BTF, and this process's network
+/// namespace; `valid` 0 when either is unknown.
+pub(super) fn kernel_offsets() -> shared::DnsOffsets {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(ns) = std::fs::metadata("/proc/self/ns/net") else {
+        return shared::DnsOffsets::default();
+    };
+    match super::btf::Btf::from_sys_fs().and_then(|b| b.dns_offsets()) {
+        Ok(mut o) => {
+            o.host_netns_inum = ns.ino() as u32;
+            o
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "kernel layout for the DNS capture unknown");
+            shared::DnsOffsets::default()
+        }
     }
 }
 

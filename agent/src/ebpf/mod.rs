@@ -132,6 +132,8 @@ pub struct Kernel {
     exec_tracepoints: bool,
     /// The daemon's network namespace cookie (0: unknown); DNS is captured only there.
     netns_cookie: u64,
+    /// What the `fentry` DNS capture reads (`valid` 0: it is not tried).
+    dns_offsets: shared::DnsOffsets,
     /// [`Config::cgroup_labels`] and [`Config::exec_labels`] as installed.
     cgroup_labels_on: u32,
     exec_labels_on: u32,
@@ -161,8 +163,10 @@ impl Kernel {
         // Without the offsets the exec fast path is off (every exec takes the slow path).
         let (offsets, exec_fast_path) = kernel_offsets();
         let netns_cookie = dns::netns_cookie();
+        let dns_offsets = dns::kernel_offsets();
         let mut ebpf = EbpfLoader::new()
             .override_global(shared::GLOBAL_HOST_NETNS_COOKIE, &netns_cookie, true)
+            .override_global(shared::GLOBAL_DNS_OFFSETS, &dns_offsets, true)
             .override_global(shared::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
             .override_global(shared::GLOBAL_KERNEL_OFFSETS, &offsets, true)
             .override_global(shared::GLOBAL_CGROUP_ROOT_OFFSET, &cgroup_root_offset, true)
@@ -217,6 +221,7 @@ impl Kernel {
             offsets,
             exec_tracepoints: false,
             netns_cookie,
+            dns_offsets,
             // The reused maps keep their entries until this daemon installs its own: so do
             // the switches (a cgroup made meanwhile is still marked, labelled cgroups still
             // walked).

@@ -176,6 +176,14 @@ fn host_rules_decide_by_the_name_the_host_resolver_gave() {
         "{status}"
     );
     assert!(status["dns"]["error"].is_null(), "{status}");
+    // Kernels that run BPF LSM run `fentry` programs too: there, only UDP pays for the
+    // capture.
+    let expected = if d.is_lsm() {
+        "kernel UDP paths (fentry)"
+    } else {
+        "cgroup programs"
+    };
+    assert_eq!(status["dns"]["capture"], expected, "{status}");
 }
 
 /// A held connect shows the name next to the address, in `requests list` and its JSON; the
