@@ -67,8 +67,8 @@ pub fn run_bench() -> Result<()> {
         guest("countersign"),
         "/tmp/bench".into(),
         VM_ROUNDS.into(),
-        "40".into(),
-        "400".into(),
+        "100".into(),
+        "2000".into(),
     ];
     let outcome = vm::run_in_vm(
         KernelId::Debian12,
@@ -131,7 +131,7 @@ pub fn run_bench() -> Result<()> {
 }
 
 const NATIVE_ROUNDS: &str = "21";
-const VM_ROUNDS: &str = "7";
+const VM_ROUNDS: &str = "21";
 
 /// One setting of one loop, judged against its target.
 #[derive(Debug, serde::Serialize)]
