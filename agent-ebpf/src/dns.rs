@@ -153,44 +153,62 @@ pub fn capture_kernel_skb(sk: *const u8, skb: *const u8, outgoing: bool) {
     if read::<u32>(net as *const u8, o.net_inum) != Some(o.host_netns_inum) {
         return;
     }
+    // SAFETY: the source is kernel memory read with the checked helper.
+    emit(
+        outgoing,
+        len,
+        |to, n| unsafe { read_into(to, n, ip.cast()) == 0 },
+        |data| {
+            // A datagram being sent has no IP length yet; the copy gets it.
+            if outgoing {
+                if v4 {
+                    let n = (len as u16).to_be_bytes();
+                    data[2] = n[0];
+                    data[3] = n[1];
+                } else {
+                    let n = (len.wrapping_sub(40) as u16).to_be_bytes();
+                    data[4] = n[0];
+                    data[5] = n[1];
+                }
+            }
+        },
+    );
+}
+
+/// Queues one packet of `wire_len` bytes on the DNS ring: `read(to, n)` copies its first `n`
+/// bytes (1 ..= [`DNS_CAPTURE_BYTES`]) to `to`, `patch` may then change the copy.
+#[inline(always)]
+fn emit(
+    outgoing: bool,
+    wire_len: u32,
+    read: impl FnOnce(*mut core::ffi::c_void, u32) -> bool,
+    patch: impl FnOnce(&mut [u8; DNS_CAPTURE_BYTES]),
+) {
     let Some(mut entry) = DNS.reserve::<DnsPacket>(0) else {
         count_dropped();
         return;
     };
-    let wire_len = len;
-    let len = if len as usize > DNS_CAPTURE_BYTES {
+    let len = if wire_len as usize > DNS_CAPTURE_BYTES {
         DNS_CAPTURE_BYTES as u32
     } else {
-        len
+        wire_len
     };
-    // In 1..=DNS_CAPTURE_BYTES in a form every verifier can follow (see `copy`).
+    // In 1..=DNS_CAPTURE_BYTES in a form every verifier can follow (the same value for every
+    // `len` in that range; an empty packet asks for more bytes than it has, and fails).
     let len = (len.wrapping_sub(1) & (DNS_CAPTURE_BYTES as u32 - 1)) + 1;
     let packet = entry.as_mut_ptr();
     // SAFETY: `packet` is the reserved record, valid for writes of its size until submitted
-    // or discarded; `len` is at most the size of `data`; the source is read with the
-    // checked helper.
+    // or discarded; `len` is at most the size of `data`.
     let copied = unsafe {
         (*packet).len = len;
         (*packet).wire_len = wire_len;
         (*packet).outgoing = u32::from(outgoing);
         (*packet)._pad = 0;
-        read_into((*packet).data.as_mut_ptr().cast(), len, ip.cast()) == 0
+        read((*packet).data.as_mut_ptr().cast(), len)
     };
-    if copied && outgoing {
-        // SAFETY: as above; both fields are inside the first 40 bytes of `data`.
-        unsafe {
-            if v4 {
-                let n = (wire_len as u16).to_be_bytes();
-                (*packet).data[2] = n[0];
-                (*packet).data[3] = n[1];
-            } else {
-                let n = (wire_len.wrapping_sub(40) as u16).to_be_bytes();
-                (*packet).data[4] = n[0];
-                (*packet).data[5] = n[1];
-            }
-        }
-    }
     if copied {
+        // SAFETY: as above.
+        patch(unsafe { &mut (*packet).data });
         entry.submit(0);
     } else {
         entry.discard(0);
@@ -291,37 +309,12 @@ fn udp_ports(ctx: &SkBuffContext) -> Option<[u16; 2]> {
 
 #[inline(always)]
 fn copy(ctx: &SkBuffContext, outgoing: bool) {
-    let Some(mut entry) = DNS.reserve::<DnsPacket>(0) else {
-        count_dropped();
-        return;
-    };
-    let wire_len = ctx.len();
-    let len = if wire_len as usize > DNS_CAPTURE_BYTES {
-        DNS_CAPTURE_BYTES as u32
-    } else {
-        wire_len
-    };
-    // In 1..=DNS_CAPTURE_BYTES in a form every verifier can follow (the same value for every
-    // `len` in that range; an empty packet asks for more bytes than it has, and fails).
-    let len = (len.wrapping_sub(1) & (DNS_CAPTURE_BYTES as u32 - 1)) + 1;
-    let packet = entry.as_mut_ptr();
-    // SAFETY: `packet` is the reserved record, valid for writes of its size until submitted
-    // or discarded; `len` is at most the size of `data`.
-    let copied = unsafe {
-        (*packet).len = len;
-        (*packet).wire_len = wire_len;
-        (*packet).outgoing = u32::from(outgoing);
-        (*packet)._pad = 0;
-        bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            0,
-            (*packet).data.as_mut_ptr().cast(),
-            len,
-        ) == 0
-    };
-    if copied {
-        entry.submit(0);
-    } else {
-        entry.discard(0);
-    }
+    let skb = ctx.skb.skb.cast();
+    // SAFETY: helper call on the program's own context, into the reserved record.
+    emit(
+        outgoing,
+        ctx.len(),
+        |to, n| unsafe { bpf_skb_load_bytes(skb, 0, to, n) == 0 },
+        |_| {},
+    );
 }

@@ -20,7 +20,7 @@ use aya::{
 };
 use countersign_ebpf as shared;
 
-use super::{Kernel, KernelError, Result, cgroup2_root, map_err, take_map};
+use super::{Kernel, KernelError, Result, cgroup2_root, map_err, program_as, take_map};
 
 /// One captured packet: the network-layer bytes and what they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,15 +185,7 @@ impl Kernel {
             shared::PROG_CG_DNS_SENDMSG4,
             shared::PROG_CG_DNS_SENDMSG6,
         ] {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Map {
-                    name,
-                    detail: "program missing from the object".into(),
-                })?
-                .try_into()
-                .map_err(|error| KernelError::Program { name, error })?;
+            let prog: &mut CgroupSockAddr = program_as(&mut self.ebpf, name)?;
             prog.load()
                 .map_err(|error| KernelError::Program { name, error })?;
             // Links are "multi": other programs on the root or below keep working.
@@ -204,15 +196,7 @@ impl Kernel {
             (shared::PROG_CG_DNS_EGRESS, CgroupSkbAttachType::Egress),
             (shared::PROG_CG_DNS_INGRESS, CgroupSkbAttachType::Ingress),
         ] {
-            let prog: &mut CgroupSkb = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Map {
-                    name,
-                    detail: "program missing from the object".into(),
-                })?
-                .try_into()
-                .map_err(|error| KernelError::Program { name, error })?;
+            let prog: &mut CgroupSkb = program_as(&mut self.ebpf, name)?;
             prog.load()
                 .map_err(|error| KernelError::Program { name, error })?;
             prog.attach(&cgroup, direction, CgroupAttachMode::Single)

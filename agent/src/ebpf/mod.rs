@@ -359,15 +359,7 @@ impl Kernel {
             error,
         })?;
         for name in [shared::PROG_CG_CONNECT4, shared::PROG_CG_CONNECT6] {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(KernelError::Map {
-                    name,
-                    detail: "program missing from the object".into(),
-                })?
-                .try_into()
-                .map_err(|error| KernelError::Program { name, error })?;
+            let prog: &mut CgroupSockAddr = program_as(&mut self.ebpf, name)?;
             prog.load()
                 .map_err(|error| KernelError::Program { name, error })?;
             // A bpf_link is always "multi" for cgroups; the kernel refuses the flag on links.
@@ -1050,6 +1042,20 @@ pub fn parse_event(bytes: &[u8]) -> Option<Event> {
     }
     // SAFETY: the length is checked above; Event is plain old data and read unaligned.
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Event>()) })
+}
+
+/// The program `name` of the object, as its type.
+fn program_as<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(KernelError::Map {
+            name,
+            detail: "program missing from the object".into(),
+        })?
+        .try_into()
+        .map_err(|error| KernelError::Program { name, error })
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map> {
