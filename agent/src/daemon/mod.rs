@@ -255,6 +255,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
             .capture_dns()
             .map_err(|e| crate::ebpf::error_chain(&e))
     });
+    kernel.drop_btf();
     if names.active() {
         tracing::info!(resolvers = ?names.resolvers(), capture = names.capture_programs(), "learning destination names from DNS answers");
     }

@@ -132,7 +132,10 @@ impl Kernel {
         if self.dns_offsets.valid == 0 {
             return Err("the kernel's sk_buff/sock/net layout is unknown (no BTF)".into());
         }
-        let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
+        let btf = match self.aya_btf.take() {
+            Some(b) => b,
+            None => Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?,
+        };
         let programs = [
             (shared::PROG_FE_DNS_SEND4, "ip_send_skb"),
             (shared::PROG_FE_DNS_SEND6, "ip6_send_skb"),
@@ -208,12 +211,12 @@ impl Kernel {
 
 /// What the `fentry` capture reads, from the kernel's BTF, and this process's network
 /// namespace; `valid` 0 when either is unknown.
-pub(super) fn kernel_offsets() -> shared::DnsOffsets {
+pub(super) fn kernel_offsets(btf: Option<&super::btf::Btf>) -> shared::DnsOffsets {
     use std::os::unix::fs::MetadataExt as _;
-    let Ok(ns) = std::fs::metadata("/proc/self/ns/net") else {
+    let (Ok(ns), Some(btf)) = (std::fs::metadata("/proc/self/ns/net"), btf) else {
         return shared::DnsOffsets::default();
     };
-    match super::btf::Btf::from_sys_fs().and_then(|b| b.dns_offsets()) {
+    match btf.dns_offsets() {
         Ok(mut o) => {
             o.host_netns_inum = ns.ino() as u32;
             o

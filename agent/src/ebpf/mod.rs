@@ -134,6 +134,9 @@ pub struct Kernel {
     netns_cookie: u64,
     /// What the `fentry` DNS capture reads (`valid` 0: it is not tried).
     dns_offsets: shared::DnsOffsets,
+    /// The kernel's BTF as aya parsed it for the LSM programs, until the DNS capture has used
+    /// it (parsing it is the slow part of a start on small machines).
+    aya_btf: Option<Btf>,
     /// [`Config::cgroup_labels`] and [`Config::exec_labels`] as installed.
     cgroup_labels_on: u32,
     exec_labels_on: u32,
@@ -161,9 +164,12 @@ impl Kernel {
         let cgroup_id_offset =
             format::field_offset("cgroup", "cgroup_mkdir", "id").map_err(KernelError::Format)?;
         // Without the offsets the exec fast path is off (every exec takes the slow path).
-        let (offsets, exec_fast_path) = kernel_offsets();
+        // Parsed once: reading the kernel's BTF is the slow part of a start on small machines.
+        let parsed_btf = btf::Btf::from_sys_fs();
+        let (offsets, exec_fast_path) = kernel_offsets(&parsed_btf);
         let netns_cookie = dns::netns_cookie();
-        let dns_offsets = dns::kernel_offsets();
+        let dns_offsets = dns::kernel_offsets(parsed_btf.as_ref().ok());
+        drop(parsed_btf);
         let mut ebpf = EbpfLoader::new()
             .override_global(shared::GLOBAL_HOST_NETNS_COOKIE, &netns_cookie, true)
             .override_global(shared::GLOBAL_DNS_OFFSETS, &dns_offsets, true)
@@ -222,6 +228,7 @@ impl Kernel {
             exec_tracepoints: false,
             netns_cookie,
             dns_offsets,
+            aya_btf: None,
             // The reused maps keep their entries until this daemon installs its own: so do
             // the switches (a cgroup made meanwhile is still marked, labelled cgroups still
             // walked).
@@ -289,6 +296,8 @@ impl Kernel {
                 }
             }
         }
+        // Kept for the DNS capture's `fentry` programs (`drop_btf` frees it).
+        self.aya_btf = Some(btf);
         self.set_config(shared::MODE_LSM)
             .map_err(|e| e.to_string())?;
         self.mode = Mode::Lsm;
@@ -305,6 +314,11 @@ impl Kernel {
                 ))
             }
         }
+    }
+
+    /// Frees the kernel's BTF kept for the DNS capture (once it is attached, or not wanted).
+    pub fn drop_btf(&mut self) {
+        self.aya_btf = None;
     }
 
     fn unload_lsm(&mut self) {
@@ -988,8 +1002,10 @@ pub struct ConnectAllowEntry {
 /// The kernel struct offsets for the programs, from the running kernel's BTF, and whether
 /// the exec fast path can work (or why not). The register offsets are only used by the LSM
 /// hook, which runs with the BTF-typed task pointer those need.
-fn kernel_offsets() -> (shared::KernelOffsets, std::result::Result<(), String>) {
-    let parsed = match btf::Btf::from_sys_fs() {
+fn kernel_offsets(
+    parsed: &std::result::Result<btf::Btf, btf::BtfError>,
+) -> (shared::KernelOffsets, std::result::Result<(), String>) {
+    let parsed = match parsed {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "exec fast path off: no kernel BTF");
