@@ -578,18 +578,24 @@ mod tests {
 
     /// Environment variable that turns the test below into the writer it kills.
     const WRITER_ENV: &str = "COUNTERSIGN_TEST_SPOOL_WRITER";
+    /// What the writer prints once its first record is stored.
+    const WRITER_STARTED: &str = "writer-started";
 
     #[test]
     fn sigkill_during_writes_leaves_a_spool_that_recovers_and_verifies() {
         if let Some(dir) = std::env::var_os(WRITER_ENV) {
-            // The writer: append as fast as possible until killed.
+            // The writer: append as fast as possible until killed; says when the first
+            // record is stored, so that a slow start on a busy machine is not taken for a
+            // writer that wrote nothing.
             let mut s = Spool::open(Path::new(&dir), key(1), "h").unwrap();
+            let heartbeat = || Body::Heartbeat {
+                pending: 0,
+                interval_secs: 1,
+            };
+            s.append(heartbeat()).unwrap();
+            println!("{WRITER_STARTED}");
             loop {
-                s.append(Body::Heartbeat {
-                    pending: 0,
-                    interval_secs: 1,
-                })
-                .unwrap();
+                s.append(heartbeat()).unwrap();
             }
         }
         let dir = tempfile::tempdir().unwrap();
@@ -600,14 +606,20 @@ mod tests {
                     "--exact",
                     "records::spool::tests::sigkill_during_writes_leaves_a_spool_that_recovers_and_verifies",
                     "--test-threads=1",
+                    "--nocapture",
                 ])
                 .env(WRITER_ENV, dir.path())
-                .stdout(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::null())
                 .spawn()
                 .unwrap();
+            let out = child.stdout.take().unwrap();
+            let started = std::io::BufRead::lines(std::io::BufReader::new(out))
+                .map_while(Result::ok)
+                .any(|l| l.trim_end().ends_with(WRITER_STARTED));
+            assert!(started, "round {round}: the writer did not start");
             // Kill it at a different point of its writing each round.
-            std::thread::sleep(std::time::Duration::from_millis(30 + round * 7));
+            std::thread::sleep(std::time::Duration::from_millis(5 + round * 7));
             child.kill().unwrap();
             child.wait().unwrap();
             // Reopening recovers; what is stored is whole and the chain is unbroken.
