@@ -164,27 +164,34 @@ pub fn lsm_connect(sock: *const u8, address: *const u8) -> Verdict {
     // `struct socket` starts with `socket_state state; short type;`.
     // SAFETY: read with the checked helper.
     let sock_type = unsafe { bpf_probe_read_kernel(sock.add(4).cast::<u16>()) }.unwrap_or(0);
-    let mut ev = hold::event(KIND_CONNECT, state.label);
-    fill(&mut ev, &dest, sock_type);
-    if state.label == LABEL_CANARY {
-        ev.kind = KIND_CANARY_CONNECT;
-        maps::emit(&ev);
+    let label = state.label;
+    let event = |kind| {
+        let mut ev = hold::event(kind, label);
+        fill(&mut ev, &dest, sock_type);
+        ev
+    };
+    if label == LABEL_CANARY {
+        maps::emit(&event(KIND_CANARY_CONNECT));
         return Verdict::Deny;
     }
     if maps::config().mode != MODE_LSM {
         return Verdict::Allow;
     }
-    let hash = connect_hash(dest.family, dest.port, &dest.addr);
+    let hash = || connect_hash(dest.family, dest.port, &dest.addr);
+    // The same connect pending or decided goes to the state machine; anything else may pass
+    // in the kernel (an idle task's connect does not even hash its destination).
     let pending_same =
-        state.kind == KIND_CONNECT && state.action_hash == hash && state.state != STATE_IDLE;
-    if !pending_same && fast_allowed(state.label, &dest, sock_type) {
-        return Verdict::Allow;
+        state.state != STATE_IDLE && state.kind == KIND_CONNECT && state.action_hash == hash();
+    if !pending_same {
+        if fast_allowed(label, &dest, sock_type) {
+            return Verdict::Allow;
+        }
+        if granted(label, &dest, sock_type) == Granted::Yes {
+            maps::count(STAT_GRANT_ALLOWED);
+            return Verdict::Allow;
+        }
     }
-    if !pending_same && granted(state.label, &dest, sock_type) == Granted::Yes {
-        maps::count(STAT_GRANT_ALLOWED);
-        return Verdict::Allow;
-    }
-    hold::decide(state, KIND_CONNECT, hash, &mut ev)
+    hold::decide(state, KIND_CONNECT, hash(), || event(KIND_CONNECT))
 }
 
 /// Fallback: `sys_enter_connect(int fd, struct sockaddr *uservaddr, int addrlen)`.

@@ -59,9 +59,15 @@ pub fn kill_current() {
 /// - the same action decided: the decision is consumed (allowed or denied once);
 /// - anything else: a new request is recorded, reported and held.
 ///
-/// `ev` is the filled event used if a new request is made.
+/// `event` makes the filled event, only when a new request is made (the common paths do not
+/// pay for it).
 #[inline(always)]
-pub fn decide(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) -> Verdict {
+pub fn decide(
+    state: &mut TaskState,
+    kind: u32,
+    hash: u64,
+    event: impl FnOnce() -> Event,
+) -> Verdict {
     let same = state.kind == kind && state.action_hash == hash;
     if same {
         match state.state {
@@ -80,7 +86,7 @@ pub fn decide(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) -> Ve
             _ => {}
         }
     }
-    if request(state, kind, hash, ev) {
+    if request(state, kind, hash, &mut event()) {
         stop_current();
         Verdict::Held
     } else {
