@@ -301,6 +301,12 @@ impl Daemon {
         self.dir.path()
     }
 
+    /// The daemon's process id.
+    #[must_use]
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
     /// The daemon's own log.
     #[must_use]
     pub fn log(&self) -> String {

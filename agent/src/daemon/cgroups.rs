@@ -144,6 +144,14 @@ pub struct CgroupMatching {
     pub mark_failed: u64,
 }
 
+impl CgroupMatching {
+    /// Whether the tick has work here: a cache to empty, cgroups to classify, held tasks
+    /// waiting for their cgroup's class.
+    pub fn needs_tick(&self) -> bool {
+        self.flush_due || !self.unseen.is_empty() || !self.waiting.is_empty()
+    }
+}
+
 /// What the cgroups say about a task.
 enum TaskLabel {
     Label(u32),

@@ -127,6 +127,12 @@ impl Grants {
         Some(self.list.remove(i))
     }
 
+    /// When the next grant expires.
+    #[must_use]
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        self.list.iter().map(|g| g.expires).min()
+    }
+
     /// Removes and returns the grants expired at `now`.
     pub fn expire(&mut self, now: SystemTime) -> Vec<Grant> {
         let (gone, keep) = std::mem::take(&mut self.list)

@@ -45,12 +45,16 @@ use crate::{
     proto::{Decision, RequestView, Response, StatusInfo},
 };
 
-/// How often deadlines and vanished tasks are checked.
+/// How often deadlines and vanished tasks are checked while anything waits on the tick
+/// (held requests, traced execs, unclassified cgroups, a DNS backlog).
 const TICK: Duration = Duration::from_millis(100);
+/// How often an idle daemon wakes up (policy files, resolvers, heartbeats, grant expiry): an
+/// idle host is not woken ten times a second.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 /// At shutdown, how long denied tasks get to consume their denial before they are killed.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// How often (in ticks) the policy files are checked for changes.
-const POLICY_CHECK_TICKS: u64 = 10;
+/// How often the policy files (and the resolvers) are checked for changes.
+const POLICY_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Most requests held at once; beyond it new ones are denied at once.
 const MAX_PENDING: usize = 4096;
 
@@ -145,7 +149,8 @@ struct Daemon {
     policy_stamp: Vec<(std::path::PathBuf, Option<std::time::SystemTime>, u64)>,
     /// Why the last reload failed, until one succeeds.
     reload_error: Option<String>,
-    ticks: u64,
+    /// When the policy files were last checked for changes.
+    last_policy_check: Instant,
     /// Destination names learnt from the host resolvers' DNS answers.
     names: names::Names,
 }
@@ -247,8 +252,6 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let (tx, mut rx) = mpsc::channel::<Command>(64);
-    control::serve(&config.socket_dir, tx)?;
     let mut ring = ebpf::watch_ring(ring).context("watching the event ring buffer")?;
     let names = names::Names::start(&config.dns, || {
         kernel
@@ -287,7 +290,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         policy_stamp: stamp,
         policy,
         reload_error: None,
-        ticks: 0,
+        last_policy_check: Instant::now(),
         names,
     };
     if let Some(target) = shipper {
@@ -305,6 +308,10 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     // Before adopting: held tasks of unclassified cgroups are resolved against these labels.
     daemon.install_cgroup_matches()?;
     daemon.adopt();
+    // The sockets appear once everything above is in place: a caller that sees them (a
+    // supervisor's readiness check, `countersign exec`) finds the daemon ready, not loading.
+    let (tx, mut rx) = mpsc::channel::<Command>(64);
+    control::serve(&daemon.config.socket_dir, tx)?;
     eprintln!(
         "countersign: enforcing in {} mode ({}); sockets in {}",
         daemon.kernel.mode(),
@@ -316,7 +323,8 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     // SIGHUP will reload the policy; until there is one, it must not kill the daemon.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut tick = tokio::time::interval(TICK);
+    let tick = tokio::time::sleep(TICK);
+    tokio::pin!(tick);
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -335,10 +343,16 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
                 let _ = cmd.reply.send(response);
             }
             () = names::readable(dns_ready.as_ref()) => daemon.names.drain(),
-            _ = tick.tick() => daemon.tick(),
+            () = &mut tick => daemon.tick(),
                         _ = hup.recv() => daemon.reload("SIGHUP"),
             _ = term.recv() => break,
             _ = int.recv() => break,
+        }
+        // After a tick the next one is due in `next_tick`; after anything else it may only
+        // come sooner (a new request must be watched from now on).
+        let next = tokio::time::Instant::now() + daemon.next_tick();
+        if tick.is_elapsed() || next < tick.deadline() {
+            tick.as_mut().reset(next);
         }
     }
     daemon.shutdown(ring.get_mut(), "signal");
@@ -1639,6 +1653,26 @@ impl Daemon {
         }
     }
 
+    /// How long until the next tick: [`TICK`] while anything waits on it, otherwise
+    /// [`IDLE_TICK`] or until the next grant expires, whichever comes first.
+    fn next_tick(&self) -> Duration {
+        let busy = !self.requests.is_empty()
+            || !self.approved_execs.is_empty()
+            || self.tracer.is_tracing()
+            || self.cgroups.needs_tick()
+            || self.names.backlog();
+        if busy {
+            return TICK;
+        }
+        match self.grants.next_expiry() {
+            Some(at) => at
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+                .clamp(TICK, IDLE_TICK),
+            None => IDLE_TICK,
+        }
+    }
+
     fn tick(&mut self) {
         self.tracer.reap();
         // Answers left by a drain that stopped at its bound.
@@ -1651,7 +1685,6 @@ impl Daemon {
         if !expired.is_empty() {
             self.sync_grants();
         }
-        self.ticks += 1;
         if self.last_heartbeat.elapsed() >= Duration::from_secs(self.config.heartbeat_secs) {
             self.last_heartbeat = Instant::now();
             let spooled = records::spool::size(self.spool.dir());
@@ -1667,14 +1700,13 @@ impl Daemon {
                 interval_secs: self.config.heartbeat_secs,
             });
         }
-        if self.ticks.is_multiple_of(POLICY_CHECK_TICKS) {
+        if self.last_policy_check.elapsed() >= POLICY_CHECK_EVERY {
+            self.last_policy_check = Instant::now();
             self.names.purge();
             self.names.refresh_resolvers(false);
-        }
-        if self.ticks.is_multiple_of(POLICY_CHECK_TICKS)
-            && policy_stamp(&self.config, self.policy.as_ref()) != self.policy_stamp
-        {
-            self.reload("policy files changed");
+            if policy_stamp(&self.config, self.policy.as_ref()) != self.policy_stamp {
+                self.reload("policy files changed");
+            }
         }
         let now = Instant::now();
         let ids: Vec<u64> = self.requests.keys().copied().collect();

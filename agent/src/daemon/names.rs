@@ -504,6 +504,8 @@ pub struct Names {
     queries: Queries,
     pub counters: Counters,
     buf: Vec<u8>,
+    /// The last drain left packets queued.
+    backlog: bool,
 }
 
 impl Names {
@@ -522,6 +524,7 @@ impl Names {
             queries: Queries::default(),
             counters: Counters::default(),
             buf: vec![0; countersign_ebpf::DNS_CAPTURE_BYTES],
+            backlog: false,
         };
         if !config.enabled {
             return n;
@@ -597,14 +600,17 @@ impl Names {
         self.ready.clone()
     }
 
-    /// Reads what is queued (at most [`MAX_DRAIN`] packets) into the cache.
+    /// Reads what is queued (at most [`MAX_DRAIN`] packets) into the cache; what is left
+    /// beyond the bound is read on the next tick ([`Names::backlog`]).
     pub fn drain(&mut self) {
         let Some(capture) = &mut self.capture else {
             return;
         };
         let now = Instant::now();
+        self.backlog = true;
         for _ in 0..MAX_DRAIN {
             let Some(info) = capture.next(&mut self.buf) else {
+                self.backlog = false;
                 break;
             };
             let packet = &self.buf[..info.len];
@@ -629,6 +635,12 @@ impl Names {
                 Err(why) => tracing::trace!(%why, "packet ignored"),
             }
         }
+    }
+
+    /// Whether the last drain stopped at its bound with packets left.
+    #[must_use]
+    pub fn backlog(&self) -> bool {
+        self.backlog
     }
 
     /// The known names of `addr`.

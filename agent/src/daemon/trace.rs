@@ -90,6 +90,12 @@ impl Tracer {
         }
     }
 
+    /// Whether any task is traced (its notifications are reaped on the tick).
+    #[must_use]
+    pub fn is_tracing(&self) -> bool {
+        !self.traced.is_empty()
+    }
+
     #[must_use]
     pub fn is_traced(&self, pid: u32) -> bool {
         self.traced.contains(&pid)
