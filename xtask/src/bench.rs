@@ -3,7 +3,8 @@
 //! process, and for a labelled process whose actions the policy allows, in rounds interleaved
 //! in one run; this task runs it on this machine (the mode the daemon picks here) and in the
 //! Debian 12 VM (LSM mode), prints medians and ratios to the baseline, and writes them as
-//! JSON under `target/bench/`.
+//! JSON under `target/bench/`. The VM has one processor on an instruction clock
+//! ([`vm::Clock::Instructions`]): its times are work done, not the emulating host's speed.
 //!
 //! The ratios are paired: each round's setting is divided by the same round's baseline, so
 //! that slow drift of a shared machine cancels, and the median of those ratios is reported
@@ -53,7 +54,7 @@ pub fn run_bench() -> Result<()> {
     std::fs::write(out_dir.join("native.json"), native.to_string())?;
 
     println!(
-        "xtask bench: in a VM booting {} (LSM mode, {VM_ROUNDS} rounds, emulated: slow)",
+        "xtask bench: in a VM booting {} (LSM mode, {VM_ROUNDS} rounds, one processor, instruction clock)",
         KernelId::Debian12
     );
     let guest = |n: &str| format!("/opt/countersign/{n}");
@@ -72,6 +73,7 @@ pub fn run_bench() -> Result<()> {
     ];
     let outcome = vm::run_in_vm(
         KernelId::Debian12,
+        vm::Clock::Instructions,
         &files,
         &command,
         &[],

@@ -53,6 +53,10 @@ struct VmRunArgs {
     /// An environment variable for the guest command.
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// One processor whose clock counts instructions, as the benchmark runs (default: two
+    /// processors on the host's clock, as the tests run).
+    #[arg(long)]
+    instruction_clock: bool,
     /// The command to run in the guest, after `--`.
     #[arg(last = true, required = true, value_name = "GUEST_COMMAND")]
     command: Vec<String>,
@@ -101,8 +105,14 @@ fn vm_run(args: VmRunArgs) -> Result<ExitCode> {
         .map(|e| vm::parse_env_arg(e))
         .collect::<Result<_>>()?;
     setup::setup()?;
+    let clock = if args.instruction_clock {
+        vm::Clock::Instructions
+    } else {
+        vm::Clock::Parallel
+    };
     let outcome = vm::run_in_vm(
         args.kernel,
+        clock,
         &files,
         &args.command,
         &env,

@@ -189,8 +189,15 @@ fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
     ]
     .map(|(k, v)| (k.to_owned(), v));
     let command = [guest("e2e"), "--test-threads".into(), "1".into()];
-    let outcome = vm::run_in_vm(kernel, &files, &command, &env, VM_TIMEOUT)
-        .with_context(|| format!("end-to-end suite in the {kernel} VM"))?;
+    let outcome = vm::run_in_vm(
+        kernel,
+        vm::Clock::Parallel,
+        &files,
+        &command,
+        &env,
+        VM_TIMEOUT,
+    )
+    .with_context(|| format!("end-to-end suite in the {kernel} VM"))?;
     if outcome.exit_code != 0 {
         bail!(
             "end-to-end suite failed in the {kernel} VM (exit code {}); the guest printed:\n{}",

@@ -166,6 +166,7 @@ pub fn parse_env_arg(arg: &str) -> Result<(String, String)> {
 /// or when the guest never reports the exit code.
 pub fn run_in_vm(
     kernel: KernelId,
+    clock: Clock,
     files: &[(PathBuf, String)],
     command: &[String],
     env: &[(String, String)],
@@ -181,7 +182,30 @@ pub fn run_in_vm(
     build_initramfs(files, command, env)
         .with_context(|| format!("VM run on {kernel}: building the initramfs"))?
         .write_to(&initrd)?;
-    boot(kernel, &image.vmlinuz, &initrd, timeout)
+    boot(kernel, clock, &image.vmlinuz, &initrd, timeout)
+}
+
+/// How the guest's processors and clock are emulated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clock {
+    /// Two processors emulated in parallel, the guest's clock following the host's: for the
+    /// tests (real concurrency, timeouts in real time).
+    Parallel,
+    /// One processor whose clock counts the instructions it executes (qemu `-icount
+    /// shift=0,sleep=off`: an instruction is a nanosecond, idle time is skipped): for the
+    /// benchmark, where a time then measures the work done, user and kernel, and no longer
+    /// depends on the host's load or on how fast the host emulates each instruction.
+    Instructions,
+}
+
+/// qemu's machine arguments for `clock` (the emulator is TCG: no KVM on the test machines).
+fn machine_args(clock: Clock) -> Vec<&'static str> {
+    let mut args = vec!["-accel", "tcg", "-cpu", "max", "-m", "2048"];
+    match clock {
+        Clock::Parallel => args.extend(["-smp", "2"]),
+        Clock::Instructions => args.extend(["-smp", "1", "-icount", "shift=0,sleep=off"]),
+    }
+    args
 }
 
 /// Takes the machine-wide VM lock, waiting (and saying so) while another run holds it.
@@ -444,10 +468,16 @@ poweroff -f
 }
 
 /// Boots qemu and follows its console until the exit marker and qemu's exit, or timeout.
-fn boot(kernel: KernelId, vmlinuz: &Path, initrd: &Path, timeout: Duration) -> Result<VmOutcome> {
+fn boot(
+    kernel: KernelId,
+    clock: Clock,
+    vmlinuz: &Path,
+    initrd: &Path,
+    timeout: Duration,
+) -> Result<VmOutcome> {
     let deadline = Instant::now() + timeout;
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-m", "2048", "-smp", "2"])
+    cmd.args(machine_args(clock))
         .args(["-nographic", "-no-reboot", "-nic", "none"])
         .arg("-kernel")
         .arg(vmlinuz)
@@ -763,6 +793,7 @@ mod tests {
         let env = [("GREETING".to_owned(), "it's me".to_owned())];
         let outcome = run_in_vm(
             KernelId::Debian12,
+            Clock::Parallel,
             &[(PathBuf::from("/usr/bin/stat"), "/opt/stat".to_owned())],
             &command,
             &env,
@@ -775,6 +806,37 @@ mod tests {
         assert!(outcome.kernel_release.unwrap().starts_with("6.1."));
     }
 
+    #[test]
+    fn the_benchmark_clock_is_one_processor_counting_instructions() {
+        let bench = machine_args(Clock::Instructions).join(" ");
+        assert!(bench.contains("-smp 1"), "{bench}");
+        assert!(bench.contains("-icount shift=0,sleep=off"), "{bench}");
+        let tests = machine_args(Clock::Parallel).join(" ");
+        assert!(tests.contains("-smp 2"), "{tests}");
+        assert!(!tests.contains("icount"), "{tests}");
+    }
+
+    /// Boots a real VM on the benchmark's clock: one processor, and a guest clock that does
+    /// not run while the guest sleeps (idle time is skipped, so a long sleep is quick).
+    #[test]
+    #[ignore = "boots qemu; needs `cargo xtask setup`"]
+    fn the_instruction_clock_runs_one_processor_and_skips_idle_time() {
+        let command = ["/bin/sh", "-c", "nproc; sleep 120; echo slept"].map(String::from);
+        let started = Instant::now();
+        let outcome = run_in_vm(
+            KernelId::Debian12,
+            Clock::Instructions,
+            &[(PathBuf::from("/usr/bin/nproc"), "/bin/nproc".to_owned())],
+            &command,
+            &[],
+            Duration::from_secs(300),
+        )
+        .unwrap();
+        assert_eq!(outcome.exit_code, 0);
+        assert_eq!(outcome.output, "1\nslept");
+        assert!(started.elapsed() < Duration::from_secs(100));
+    }
+
     /// Boots a real VM whose kernel crashes: the run ends at once, with the crash reported.
     #[test]
     #[ignore = "boots qemu; needs `cargo xtask setup`"]
@@ -784,6 +846,7 @@ mod tests {
         let started = Instant::now();
         let err = run_in_vm(
             KernelId::Debian12,
+            Clock::Parallel,
             &[],
             &command,
             &[],
@@ -803,6 +866,7 @@ mod tests {
         let command = ["sleep".to_owned(), "1000".to_owned()];
         let err = run_in_vm(
             KernelId::Debian13,
+            Clock::Parallel,
             &[],
             &command,
             &[],
