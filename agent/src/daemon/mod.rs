@@ -344,7 +344,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
             }
             () = names::readable(dns_ready.as_ref()) => daemon.names.drain(),
             () = &mut tick => daemon.tick(),
-                        _ = hup.recv() => daemon.reload("SIGHUP"),
+            _ = hup.recv() => daemon.reload("SIGHUP"),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
