@@ -743,6 +743,7 @@ fn policy_test_names_rule_and_outcome() {
         text.contains("the default of label `ci`") && text.contains("outcome: deny"),
         "{text}"
     );
+    assert!(text.contains("connect 10.20.1.1 port 22/tcp"), "{text}");
     // A name the daemon would have learnt for the address: `host:` rules match it.
     let named = countersign(&[
         "policy",

@@ -218,7 +218,7 @@ fn describe(a: &Action) -> String {
             hosts,
         } => {
             format!(
-                "connect {addr} port {port} ({protocol:?}){}",
+                "connect {addr} port {port}/{protocol}{}",
                 if hosts.is_empty() {
                     String::new()
                 } else {
