@@ -332,7 +332,7 @@ mod tests {
         assert!(Btf::parse(&cut).is_err());
     }
 
-    /// The running kernel's BTF has every field the fast path reads, at plausible places.
+    /// The running kernel's BTF has every field the `fentry` DNS capture reads.
     #[test]
     fn running_kernel_dns_offsets() {
         let btf = Btf::from_sys_fs().expect("the running kernel's BTF");
@@ -341,6 +341,7 @@ mod tests {
         assert!(o.skb_head > o.skb_sk && o.net_inum > 0, "{o:?}");
     }
 
+    /// The running kernel's BTF has every field the fast path reads, at plausible places.
     #[test]
     fn running_kernel_offsets() {
         if !Path::new(VMLINUX_BTF).exists() {

@@ -141,26 +141,19 @@ impl Kernel {
             (shared::PROG_FE_DNS_SEND6, "ip6_send_skb"),
             (shared::PROG_FE_DNS_ENQUEUE, "__udp_enqueue_schedule_skb"),
         ];
-        let mut result = Ok(());
-        for (name, function) in programs {
-            let attached = match self.ebpf.program_mut(name) {
-                None => Err(format!("program {name} missing from the object")),
-                Some(p) => <&mut FEntry>::try_from(p)
-                    .map_err(|e| e.to_string())
-                    .and_then(|p| {
-                        p.load(function, &btf)
-                            .and_then(|()| p.attach())
-                            .map_err(|e| format!("{function}: {}", super::error_chain(&e)))
-                    }),
-            };
-            if let Err(e) = attached {
-                result = Err(e);
-                break;
+        let attach = |ebpf: &mut aya::Ebpf| -> std::result::Result<(), String> {
+            for (name, function) in programs {
+                let p: &mut FEntry = program_as(ebpf, name).map_err(|e| e.to_string())?;
+                p.load(function, &btf)
+                    .and_then(|()| p.attach())
+                    .map_err(|e| format!("{function}: {}", super::error_chain(&e)))?;
             }
-        }
+            Ok(())
+        };
+        let result = attach(&mut self.ebpf);
         if result.is_err() {
             for (name, _) in programs {
-                if let Some(Ok(p)) = self.ebpf.program_mut(name).map(<&mut FEntry>::try_from) {
+                if let Ok(p) = program_as::<FEntry>(&mut self.ebpf, name) {
                     let _ = p.unload();
                 }
             }
