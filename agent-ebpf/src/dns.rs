@@ -89,17 +89,17 @@ pub fn capture_kernel_skb(sk: *const u8, skb: *const u8, outgoing: bool) {
         return;
     };
     let ip = (head as *const u8).wrapping_add(usize::from(network));
-    let Some(first) = read::<[u8; 8]>(ip, 0) else {
+    // One read covers what either header says here (an IPv4 header has at least 20 bytes,
+    // an IPv6 one 40): every UDP datagram of the host passes this.
+    let Some(first) = read::<[u8; 12]>(ip, 0) else {
         return;
     };
+    let v4 = first[0] >> 4 == 4;
     // The datagram's length from its IP header, and where its UDP header is.
     let (header_len, udp_at) = match first[0] >> 4 {
         4 => {
-            let Some(rest) = read::<[u8; 4]>(ip, 8) else {
-                return;
-            };
             let fragment = u16::from_be_bytes([first[6], first[7]]) & 0x3fff;
-            if rest[1] != IPPROTO_UDP || fragment != 0 {
+            if first[9] != IPPROTO_UDP || fragment != 0 {
                 return;
             }
             (
@@ -138,7 +138,6 @@ pub fn capture_kernel_skb(sk: *const u8, skb: *const u8, outgoing: bool) {
     } else {
         header_len
     };
-    let v4 = first[0] >> 4 == 4;
     let sk = if sk.is_null() {
         match read::<u64>(skb, o.skb_sk) {
             Some(p) => p as *const u8,
