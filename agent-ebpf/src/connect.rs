@@ -1,5 +1,16 @@
-//! Connect holds: the LSM hook (before anything is sent), and in fallback mode a tracepoint
-//! that stops the task plus cgroup programs that make its connect restart or fail.
+//! Outbound holds: connects and datagram sends. LSM mode: the `socket_connect` and
+//! `socket_sendmsg` hooks (before anything is sent). Fallback mode: syscall tracepoints stop
+//! the task, cgroup programs make its syscall restart or fail on the kernel's copy of the
+//! address.
+//!
+//! A send with a destination (`sendto`, `sendmsg`, `sendmmsg`, on a UDP socket, a TCP Fast
+//! Open `sendto`, io_uring's send opcodes) is held like a connect to that destination; once a
+//! process has consumed the decision, later datagrams of that process to that destination are
+//! answered in the kernel (`SEND_DECIDED`), allowed or refused, without a stop.
+//!
+//! Hooks reached where nothing restarts (io_uring's threads and inline submissions) cannot
+//! hold: there the kernel's own answers (policy, grants, decided destinations) apply and
+//! anything else is refused and reported.
 //!
 //! What the kernel lets through without a stop: the policy's LPM trie, then the destination
 //! grants (exact address and port, with an expiry per socket type). The fallback tracepoint
@@ -12,16 +23,18 @@ use aya_ebpf::{
     programs::{SockAddrContext, TracePointContext},
 };
 use countersign_ebpf::{
-    CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, FLAG_GRANT_CHECK, GrantConnectKey,
-    KIND_CANARY_CONNECT, KIND_CONNECT, LABEL_CANARY, MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM,
-    PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED, STATE_ALLOWED, STATE_DENIED,
-    STATE_IDLE, STATE_PENDING, connect_hash,
+    CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_UNHOLDABLE, FLAG_GRANT_CHECK,
+    GrantConnectKey, KIND_CANARY_CONNECT, KIND_CONNECT, KIND_SEND, LABEL_CANARY, MAX_PORT_SPANS,
+    MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED,
+    STAT_SEND_DECIDED, STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING,
+    SendDecided, SendKey, TaskState, connect_hash,
 };
 
 use crate::{
     hold::{self, Verdict},
-    label::{self, Task},
-    maps::{self, CONNECT_ALLOW},
+    label::{self, Task, current_tgid},
+    maps::{self, CONNECT_ALLOW, SEND_DECIDED},
+    task,
 };
 
 const AF_INET: u16 = 2;
@@ -35,8 +48,38 @@ struct Dest {
     addr: [u8; 16],
 }
 
+impl Dest {
+    /// An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is the IPv4 destination it reaches: the
+    /// kernel sends it as IPv4 (and runs the IPv4 cgroup programs with it), and the policy's
+    /// IPv4 rules must match it.
+    #[inline(always)]
+    fn unmapped(mut self) -> Self {
+        if self.family == AF_INET6 {
+            let a = self.addr;
+            let mut zero = true;
+            let mut i = 0;
+            while i < 10 {
+                zero &= a[i] == 0;
+                i += 1;
+            }
+            if zero && a[10] == 0xff && a[11] == 0xff {
+                self.family = AF_INET;
+                self.addr = [
+                    a[12], a[13], a[14], a[15], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                ];
+            }
+        }
+        self
+    }
+
+    #[inline(always)]
+    fn hash(&self) -> u64 {
+        connect_hash(self.family, self.port, &self.addr)
+    }
+}
+
 /// Reads a `sockaddr_in`/`sockaddr_in6` (UAPI layouts) through `read`; `None` for other
-/// families, which countersign does not hold.
+/// families, which are not network destinations.
 #[inline(always)]
 fn read_dest(sa: *const u8, read: impl Fn(*const u8) -> Option<[u8; 8]>) -> Option<Dest> {
     let head = read(sa)?;
@@ -59,11 +102,15 @@ fn read_dest(sa: *const u8, read: impl Fn(*const u8) -> Option<[u8; 8]>) -> Opti
         }
         _ => return None,
     }
-    Some(Dest { family, port, addr })
+    Some(Dest { family, port, addr }.unmapped())
 }
 
+/// `sock_type` of a check made where the type is unknown but some type would do (the fallback
+/// send tracepoint: the cgroup program checks again with the real one).
+const ANY_TYPE: u16 = u16::MAX;
+
 /// Whether the policy allows this connect in the kernel (no stop, no event). `sock_type` 0
-/// (unknown) only matches entries that allow any protocol.
+/// (unknown) only matches entries that allow any protocol; [`ANY_TYPE`] entries for any.
 #[inline(always)]
 fn fast_allowed(label: u32, d: &Dest, sock_type: u16) -> bool {
     let bits = if d.family == AF_INET6 { 128 } else { 32 };
@@ -83,6 +130,7 @@ fn fast_allowed(label: u32, d: &Dest, sock_type: u16) -> bool {
         let bit = match sock_type {
             1 => PROTO_TCP,
             2 => PROTO_UDP,
+            ANY_TYPE => any,
             _ => 0,
         };
         if allow.protocols & bit == 0 {
@@ -96,7 +144,9 @@ fn fast_allowed(label: u32, d: &Dest, sock_type: u16) -> bool {
         }
         let span = allow.spans[i];
         if d.port >= span.first && d.port <= span.last {
-            maps::count(STAT_FAST_ALLOWED);
+            if sock_type != ANY_TYPE {
+                maps::count(STAT_FAST_ALLOWED);
+            }
             return true;
         }
         i += 1;
@@ -145,6 +195,133 @@ fn fill(ev: &mut countersign_ebpf::Event, d: &Dest, sock_type: u16) {
     ev.sock_type = sock_type;
 }
 
+/// The decision a process already consumed for sending to `d` (see the module doc).
+#[inline(always)]
+fn decided(label: u32, d: &Dest, sock_type: u16) -> Option<u32> {
+    let key = send_key(label, d, sock_type);
+    // SAFETY: reading a plain value out of the map.
+    let entry = unsafe { SEND_DECIDED.get(&key) }?;
+    if entry.start_time != task::process_start() {
+        // An earlier process with the same pid.
+        return None;
+    }
+    maps::count(STAT_SEND_DECIDED);
+    Some(entry.verdict)
+}
+
+#[inline(always)]
+fn send_key(label: u32, d: &Dest, sock_type: u16) -> SendKey {
+    SendKey {
+        tgid: current_tgid(),
+        label,
+        family: d.family,
+        port: d.port,
+        sock_type: u32::from(sock_type),
+        addr: d.addr,
+    }
+}
+
+/// Remembers the decision a send of the process consumed (best effort: without the entry
+/// the next datagram is simply asked about again).
+#[inline(always)]
+fn remember(label: u32, d: &Dest, sock_type: u16, verdict: u32) {
+    let value = SendDecided {
+        start_time: task::process_start(),
+        verdict,
+        _pad: 0,
+    };
+    let _ = SEND_DECIDED.insert(send_key(label, d, sock_type), value, 0);
+}
+
+/// Consumes the decision of the same action (pending actions are the caller's), remembering
+/// a send's for its process. `None`: there is none.
+#[inline(always)]
+fn consume(state: &mut TaskState, kind: u32, d: &Dest, sock_type: u16) -> Option<Verdict> {
+    if state.kind != kind || state.action_hash != d.hash() {
+        return None;
+    }
+    let verdict = match state.state {
+        STATE_ALLOWED => Verdict::Allow,
+        STATE_DENIED => Verdict::Deny,
+        _ => return None,
+    };
+    if kind == KIND_SEND {
+        remember(state.label, d, sock_type, state.state);
+    }
+    state.state = STATE_IDLE;
+    Some(verdict)
+}
+
+/// What the kernel answers by itself for a destination: the policy's fast path, a grant, a
+/// decision the process already consumed (sends). `None`: nothing; it must be held.
+#[inline(always)]
+fn kernel_answer(label: u32, kind: u32, d: &Dest, sock_type: u16) -> Option<Verdict> {
+    if fast_allowed(label, d, sock_type) {
+        return Some(Verdict::Allow);
+    }
+    if granted(label, d, sock_type) == Granted::Yes {
+        maps::count(STAT_GRANT_ALLOWED);
+        return Some(Verdict::Allow);
+    }
+    if kind == KIND_SEND {
+        return match decided(label, d, sock_type) {
+            Some(STATE_ALLOWED) => Some(Verdict::Allow),
+            Some(_) => Some(Verdict::Deny),
+            None => None,
+        };
+    }
+    None
+}
+
+/// Refuses an action nothing in the kernel allowed, where it cannot be held, and tells the
+/// daemon.
+#[inline(always)]
+fn refuse_unholdable(label: u32, kind: u32, d: &Dest, sock_type: u16) -> Verdict {
+    maps::count(STAT_UNHOLDABLE);
+    let mut ev = hold::event(countersign_ebpf::KIND_ERROR, label);
+    fill(&mut ev, d, sock_type);
+    ev.action = kind as u16;
+    ev.detail = ERROR_UNHOLDABLE;
+    if !maps::emit(&ev) {
+        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
+    }
+    Verdict::Deny
+}
+
+/// LSM mode: decides a labelled task's connect or send to `dest`.
+#[inline(always)]
+fn lsm_outbound(state: &mut TaskState, kind: u32, dest: &Dest, sock_type: u16) -> Verdict {
+    let label = state.label;
+    let event = |kind| {
+        let mut ev = hold::event(kind, label);
+        fill(&mut ev, dest, sock_type);
+        ev
+    };
+    if label == LABEL_CANARY {
+        maps::emit(&event(KIND_CANARY_CONNECT));
+        return Verdict::Deny;
+    }
+    if maps::config().mode != MODE_LSM {
+        return Verdict::Allow;
+    }
+    // The same action pending or decided goes to the state machine; anything else may be
+    // answered in the kernel (an idle task's allowed connect does not even hash it).
+    let same = state.state != STATE_IDLE && state.kind == kind && state.action_hash == dest.hash();
+    if same {
+        if let Some(v) = consume(state, kind, dest, sock_type) {
+            return v;
+        }
+    } else {
+        if let Some(v) = kernel_answer(label, kind, dest, sock_type) {
+            return v;
+        }
+        if !task::can_hold_net() {
+            return refuse_unholdable(label, kind, dest, sock_type);
+        }
+    }
+    hold::decide(state, kind, dest.hash(), || event(kind))
+}
+
 /// `socket_connect(struct socket *sock, struct sockaddr *address, int addrlen)`.
 #[inline(always)]
 pub fn lsm_connect(sock: *const u8, address: *const u8) -> Verdict {
@@ -161,37 +338,61 @@ pub fn lsm_connect(sock: *const u8, address: *const u8) -> Verdict {
     }) else {
         return Verdict::Allow;
     };
-    // `struct socket` starts with `socket_state state; short type;`.
+    let (_, sock_type) = socket_state_type(sock);
+    lsm_outbound(state, KIND_CONNECT, &dest, sock_type)
+}
+
+/// `struct socket` starts with `socket_state state; short type;`: (state, type).
+#[inline(always)]
+fn socket_state_type(sock: *const u8) -> (u32, u16) {
     // SAFETY: read with the checked helper.
-    let sock_type = unsafe { bpf_probe_read_kernel(sock.add(4).cast::<u16>()) }.unwrap_or(0);
-    let label = state.label;
-    let event = |kind| {
-        let mut ev = hold::event(kind, label);
-        fill(&mut ev, &dest, sock_type);
-        ev
+    let state = unsafe { bpf_probe_read_kernel(sock.cast::<u32>()) }.unwrap_or(0);
+    // SAFETY: as above.
+    let ty = unsafe { bpf_probe_read_kernel(sock.wrapping_add(4).cast::<u16>()) }.unwrap_or(0);
+    (state, ty)
+}
+
+/// `socket_sendmsg(struct socket *sock, struct msghdr *msg, int size)`: a send that names a
+/// destination (`msg->msg_name`, the kernel's copy) is an action for that destination; one
+/// without (a connected socket's) was decided by its connect. A stream socket's destination
+/// counts only while it is unconnected (TCP Fast Open opens the connection here, without
+/// `socket_connect`); a connected one ignores it.
+#[inline(always)]
+pub fn lsm_sendmsg(sock: *const u8, msg: *const u8) -> Verdict {
+    const SS_UNCONNECTED: u32 = 1;
+    const SOCK_STREAM: u16 = 1;
+    let state = match label::current_task() {
+        Task::Labelled(state) => state,
+        Task::Unlabelled => return Verdict::Allow,
+        Task::NoRoom => return Verdict::Deny,
     };
-    if label == LABEL_CANARY {
-        maps::emit(&event(KIND_CANARY_CONNECT));
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    let o = maps::kernel_offsets();
+    if o.task_valid == 0 {
+        // Without `msghdr`'s layout the destination cannot be read: refused, not guessed.
         return Verdict::Deny;
     }
-    if maps::config().mode != MODE_LSM {
+    // SAFETY: read with the checked helper.
+    let Ok(name) =
+        (unsafe { bpf_probe_read_kernel(msg.wrapping_add(o.msghdr_name as usize).cast::<u64>()) })
+    else {
+        return Verdict::Deny;
+    };
+    if name == 0 {
         return Verdict::Allow;
     }
-    let hash = || connect_hash(dest.family, dest.port, &dest.addr);
-    // The same connect pending or decided goes to the state machine; anything else may pass
-    // in the kernel (an idle task's connect does not even hash its destination).
-    let pending_same =
-        state.state != STATE_IDLE && state.kind == KIND_CONNECT && state.action_hash == hash();
-    if !pending_same {
-        if fast_allowed(label, &dest, sock_type) {
-            return Verdict::Allow;
-        }
-        if granted(label, &dest, sock_type) == Granted::Yes {
-            maps::count(STAT_GRANT_ALLOWED);
-            return Verdict::Allow;
-        }
+    // SAFETY: as in `lsm_connect`.
+    let Some(dest) = read_dest(name as *const u8, |p| {
+        unsafe { bpf_probe_read_kernel(p.cast::<[u8; 8]>()) }.ok()
+    }) else {
+        return Verdict::Allow;
+    };
+    let (sock_state, sock_type) = socket_state_type(sock);
+    if sock_type == SOCK_STREAM && sock_state != SS_UNCONNECTED {
+        return Verdict::Allow;
     }
-    hold::decide(state, KIND_CONNECT, hash(), || event(KIND_CONNECT))
+    lsm_outbound(state, KIND_SEND, &dest, sock_type)
 }
 
 /// Fallback: `sys_enter_connect(int fd, struct sockaddr *uservaddr, int addrlen)`.
@@ -216,7 +417,7 @@ pub fn sys_enter_connect(ctx: &TracePointContext) {
     }) else {
         return;
     };
-    let hash = connect_hash(dest.family, dest.port, &dest.addr);
+    let hash = dest.hash();
     if state.flags & FLAG_GRANT_CHECK != 0 {
         // A grant's pass that never reached the cgroup program (the connect failed before
         // it): not a decision to keep; this connect is looked at afresh.
@@ -282,6 +483,182 @@ pub fn cgroup_connect(ctx: &SockAddrContext, v6: bool) -> Verdict {
     if maps::config().mode != MODE_FALLBACK {
         return Verdict::Allow;
     }
+    let dest = sock_addr_dest(ctx, v6);
+    let hash = dest.hash();
+    // SAFETY: the context pointer is valid for this run.
+    let sock_type = unsafe { (*ctx.sock_addr).type_ } as u16;
+    // A TCP Fast Open `sendto` connects here after its send tracepoint made the request.
+    if state.kind == KIND_SEND && state.action_hash == hash {
+        return match consume(state, KIND_SEND, &dest, sock_type) {
+            Some(v) => v,
+            None if state.state == STATE_PENDING => Verdict::Held,
+            None => refuse_unholdable(state.label, KIND_CONNECT, &dest, sock_type),
+        };
+    }
+    if state.kind == KIND_CONNECT && state.action_hash == hash {
+        match state.state {
+            STATE_PENDING => {
+                // The tracepoint cannot know the socket type; the daemon reads it here.
+                state.sock_type = sock_type;
+                return Verdict::Held;
+            }
+            STATE_ALLOWED if state.flags & FLAG_GRANT_CHECK != 0 => {
+                state.state = STATE_IDLE;
+                state.flags &= !FLAG_GRANT_CHECK;
+                if granted(state.label, &dest, sock_type) == Granted::Yes {
+                    maps::count(STAT_GRANT_ALLOWED);
+                    return Verdict::Allow;
+                }
+                // Refused rather than held: this program cannot stop the task (fail closed).
+                hold::report_error(state.label, ERROR_GRANT_RECHECK);
+                return Verdict::Deny;
+            }
+            STATE_ALLOWED => {
+                state.state = STATE_IDLE;
+                return Verdict::Allow;
+            }
+            STATE_DENIED => {
+                state.state = STATE_IDLE;
+                return Verdict::Deny;
+            }
+            _ => {}
+        }
+    }
+    // A labelled connect that did not pass the tracepoint (io_uring, a 32-bit syscall, a
+    // rewritten address): nobody was asked; what the kernel allows passes, the rest is
+    // refused.
+    match kernel_answer(state.label, KIND_CONNECT, &dest, sock_type) {
+        Some(v) => v,
+        None => refuse_unholdable(state.label, KIND_CONNECT, &dest, sock_type),
+    }
+}
+
+/// Where a send system call's destination is.
+#[derive(Clone, Copy)]
+pub enum SendCall {
+    /// `sendto(fd, buf, len, flags, addr, addrlen)`.
+    SendTo,
+    /// `sendmsg(fd, msg, flags)`: `msg->msg_name`.
+    SendMsg,
+    /// `sendmmsg(fd, msgvec, vlen, flags)`: the first message's `msg_name`.
+    SendMmsg,
+}
+
+/// Fallback: `sys_enter_sendto`/`sendmsg`/`sendmmsg`. A labelled send that names a
+/// destination the kernel does not answer becomes a request and the task is stopped; the
+/// cgroup `sendmsg4/6` programs (UDP) or `connect4/6` (TCP Fast Open) make the syscall
+/// restart until it is decided, on the kernel's copy of the address. Only a `sendmmsg`'s
+/// first destination is read here: another undecided one in the batch is refused.
+#[inline(always)]
+pub fn sys_enter_send(ctx: &TracePointContext, call: SendCall) {
+    let Task::Labelled(state) = label::current_task() else {
+        return;
+    };
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    if maps::config().mode != MODE_FALLBACK || state.label == LABEL_CANARY {
+        return;
+    }
+    // The syscall's second argument (`sys_enter_*` records: args from offset 16, 8 each);
+    // `sendto`'s address is its fifth.
+    let at = match call {
+        SendCall::SendTo => 48,
+        SendCall::SendMsg | SendCall::SendMmsg => 24,
+    };
+    // SAFETY: a fixed argument slot of the record.
+    let Ok(arg) = (unsafe { ctx.read_at::<u64>(at) }) else {
+        return;
+    };
+    let uaddr = match call {
+        SendCall::SendTo => arg,
+        // `struct msghdr` (and `struct mmsghdr`, which starts with one) begins with
+        // `msg_name` in the UAPI.
+        // SAFETY: user memory of the current task, read with the checked helper.
+        SendCall::SendMsg | SendCall::SendMmsg => {
+            unsafe { bpf_probe_read_user(arg as *const u64) }.unwrap_or(0)
+        }
+    };
+    if uaddr == 0 {
+        return;
+    }
+    // SAFETY: as in `sys_enter_connect`.
+    let Some(dest) = read_dest(uaddr as *const u8, |p| {
+        unsafe { bpf_probe_read_user(p.cast::<[u8; 8]>()) }.ok()
+    }) else {
+        return;
+    };
+    let hash = dest.hash();
+    if state.kind == KIND_SEND && state.action_hash == hash {
+        match state.state {
+            STATE_PENDING => {
+                hold::stop_current();
+                return;
+            }
+            // The cgroup program consumes the decision.
+            STATE_ALLOWED | STATE_DENIED => return,
+            _ => {}
+        }
+    }
+    // What the kernel may answer for some socket type is left to the cgroup program, which
+    // knows the type.
+    let label = state.label;
+    if fast_allowed(label, &dest, ANY_TYPE)
+        || granted(label, &dest, 0) != Granted::No
+        || decided(label, &dest, 2).is_some()
+        || decided(label, &dest, 1).is_some()
+    {
+        return;
+    }
+    let mut ev = hold::event(KIND_SEND, label);
+    fill(&mut ev, &dest, 0);
+    if hold::request(state, KIND_SEND, hash, &mut ev) {
+        hold::stop_current();
+    } else {
+        state.state = STATE_IDLE;
+        state.kind = 0;
+    }
+}
+
+/// Fallback: the cgroup `sendmsg4`/`sendmsg6` programs, for every UDP send with an address,
+/// on the kernel's copy of it.
+#[inline(always)]
+pub fn cgroup_sendmsg(ctx: &SockAddrContext, v6: bool) -> Verdict {
+    let state = match label::current_task() {
+        Task::Labelled(state) => state,
+        Task::Unlabelled => return Verdict::Allow,
+        Task::NoRoom => return Verdict::Deny,
+    };
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    if state.label == LABEL_CANARY {
+        return Verdict::Deny;
+    }
+    if maps::config().mode != MODE_FALLBACK {
+        return Verdict::Allow;
+    }
+    let dest = sock_addr_dest(ctx, v6);
+    // SAFETY: the context pointer is valid for this run.
+    let sock_type = unsafe { (*ctx.sock_addr).type_ } as u16;
+    if state.kind == KIND_SEND && state.action_hash == dest.hash() {
+        if let Some(v) = consume(state, KIND_SEND, &dest, sock_type) {
+            return v;
+        }
+        if state.state == STATE_PENDING {
+            // The daemon shows the type the tracepoint could not see.
+            state.sock_type = sock_type;
+            return Verdict::Held;
+        }
+    }
+    match kernel_answer(state.label, KIND_SEND, &dest, sock_type) {
+        Some(v) => v,
+        // Did not pass the tracepoint: io_uring, a 32-bit syscall, a batch's other address.
+        None => refuse_unholdable(state.label, KIND_SEND, &dest, sock_type),
+    }
+}
+
+/// The destination in a cgroup `sock_addr` context (IPv4-mapped IPv6 as IPv4).
+#[inline(always)]
+fn sock_addr_dest(ctx: &SockAddrContext, v6: bool) -> Dest {
     // SAFETY: the context pointer is valid for this run; these are direct context loads.
     let sa = unsafe { &*ctx.sock_addr };
     let port = u16::from_be(sa.user_port as u16);
@@ -311,39 +688,5 @@ pub fn cgroup_connect(ctx: &SockAddrContext, v6: bool) -> Verdict {
         addr[3] = b[3];
         AF_INET
     };
-    let hash = connect_hash(family, port, &addr);
-    if state.kind == KIND_CONNECT && state.action_hash == hash {
-        match state.state {
-            STATE_PENDING => {
-                // The tracepoint cannot know the socket type; the daemon reads it here.
-                state.sock_type = sa.type_ as u16;
-                return Verdict::Held;
-            }
-            STATE_ALLOWED if state.flags & FLAG_GRANT_CHECK != 0 => {
-                state.state = STATE_IDLE;
-                state.flags &= !FLAG_GRANT_CHECK;
-                let dest = Dest { family, port, addr };
-                if granted(state.label, &dest, sa.type_ as u16) == Granted::Yes {
-                    maps::count(STAT_GRANT_ALLOWED);
-                    return Verdict::Allow;
-                }
-                // Refused rather than held: this program cannot stop the task (fail closed).
-                hold::report_error(state.label, ERROR_GRANT_RECHECK);
-                return Verdict::Deny;
-            }
-            STATE_ALLOWED => {
-                state.state = STATE_IDLE;
-                return Verdict::Allow;
-            }
-            STATE_DENIED => {
-                state.state = STATE_IDLE;
-                return Verdict::Deny;
-            }
-            _ => {}
-        }
-    }
-    // A labelled connect that did not pass the tracepoint (io_uring, TCP Fast Open, a
-    // rewritten address): nobody was asked, so it is refused.
-    hold::report_error(state.label, -(countersign_ebpf::EPERM));
-    Verdict::Deny
+    Dest { family, port, addr }.unmapped()
 }

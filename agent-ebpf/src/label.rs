@@ -1,5 +1,5 @@
 //! Which tasks are agents: the per-thread task map, cgroup labels (and the marking of new
-//! cgroups until they are classified), inheritance at fork.
+//! cgroups until they are classified), inheritance by every task the kernel creates.
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid,
@@ -186,9 +186,12 @@ pub fn cgroup_rmdir(ctx: &TracePointContext) {
     }
 }
 
-/// `sched_process_fork` runs in the parent before the child first runs: the child gets the
-/// parent's label. A full map cannot be refused from a tracepoint; it is counted and the
-/// daemon raises an alarm.
+/// `task_newtask` fires at the end of `copy_process` for every task the kernel creates, in
+/// the creating task, with the new task's pid assigned and before it first runs: forks,
+/// threads, and the threads the kernel starts for a process (io_uring's workers and SQPOLL
+/// thread, which never pass `sched_process_fork`). The new task gets its creator's label. A
+/// full map cannot be refused from a tracepoint; it is counted and the daemon raises an
+/// alarm.
 #[inline(always)]
 pub fn inherit(ctx: &TracePointContext) {
     let parent = current_tid();
@@ -198,7 +201,7 @@ pub fn inherit(ctx: &TracePointContext) {
     };
     let label = state.label;
     // SAFETY: the offset comes from the kernel's own format file for this tracepoint.
-    let Ok(child) = (unsafe { ctx.read_at::<i32>(maps::fork_child_pid_offset()) }) else {
+    let Ok(child) = (unsafe { ctx.read_at::<i32>(maps::newtask_pid_offset()) }) else {
         maps::count(STAT_LABEL_INHERIT_FAILED);
         return;
     };

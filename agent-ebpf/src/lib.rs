@@ -43,9 +43,20 @@ pub const MAP_DNS_SOCKETS: &str = "CS_DNS_SOCKETS";
 pub const MAX_DNS_SOCKETS: u32 = 8_192;
 /// One `u64`: DNS packets the capture could not put in [`MAP_DNS`] (it was full). Not pinned.
 pub const MAP_DNS_DROPPED: &str = "CS_DNS_DROPPED";
+/// Datagram destinations already decided for a process: [`SendKey`] → [`SendDecided`] (an
+/// LRU map of [`MAX_SEND_DECIDED`]). Written by the hooks when a process consumes the decision
+/// of a held send, so that its later datagrams to that destination are answered in the kernel.
+pub const MAP_SEND_DECIDED: &str = "CS_SEND_DECIDED";
+/// Capacity of [`MAP_SEND_DECIDED`].
+pub const MAX_SEND_DECIDED: u32 = 16_384;
+/// The policy's fast path for socket creation: [`SocketKey`] → 1 for the (label, family, type)
+/// a rule allows.
+pub const MAP_SOCKET_ALLOW: &str = "CS_SOCKET_ALLOW";
+/// Capacity of [`MAP_SOCKET_ALLOW`].
+pub const MAX_SOCKET_ALLOW: u32 = 4_096;
 /// Every map above but the DNS ones is pinned by name in the daemon's pin directory, so that holds and labels
 /// survive a daemon restart.
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 13] = [
     MAP_TASKS,
     MAP_CGROUP_LABELS,
     MAP_EVENTS,
@@ -57,6 +68,8 @@ pub const PINNED_MAPS: [&str; 11] = [
     MAP_EXEC_LABELS,
     MAP_GRANT_EXEC,
     MAP_GRANT_CONNECT,
+    MAP_SEND_DECIDED,
+    MAP_SOCKET_ALLOW,
 ];
 /// Capacity of [`MAP_GRANT_EXEC`] and of [`MAP_GRANT_CONNECT`]: the daemon's most grants.
 pub const MAX_KERNEL_GRANTS: u32 = 4_096;
@@ -102,11 +115,20 @@ pub const PROG_LSM_BPRM_CREDS: &str = "cs_lsm_bprm_creds_for_exec";
 pub const PROG_TP_SYS_ENTER_EXECVE: &str = "cs_tp_sys_enter_execve";
 pub const PROG_TP_SYS_ENTER_EXECVEAT: &str = "cs_tp_sys_enter_execveat";
 pub const PROG_TP_SCHED_EXEC: &str = "cs_tp_sched_exec";
-pub const PROG_TP_SCHED_FORK: &str = "cs_tp_sched_fork";
+pub const PROG_TP_TASK_NEWTASK: &str = "cs_tp_task_newtask";
 pub const PROG_TP_SCHED_EXIT: &str = "cs_tp_sched_exit";
 pub const PROG_TP_SYS_ENTER_CONNECT: &str = "cs_tp_sys_enter_connect";
 pub const PROG_CG_CONNECT4: &str = "cs_cg_connect4";
 pub const PROG_CG_CONNECT6: &str = "cs_cg_connect6";
+pub const PROG_LSM_SOCKET_SENDMSG: &str = "cs_lsm_socket_sendmsg";
+pub const PROG_LSM_SOCKET_CREATE: &str = "cs_lsm_socket_create";
+pub const PROG_TP_SYS_ENTER_SENDTO: &str = "cs_tp_sys_enter_sendto";
+pub const PROG_TP_SYS_ENTER_SENDMSG: &str = "cs_tp_sys_enter_sendmsg";
+pub const PROG_TP_SYS_ENTER_SENDMMSG: &str = "cs_tp_sys_enter_sendmmsg";
+pub const PROG_TP_SYS_ENTER_SOCKET: &str = "cs_tp_sys_enter_socket";
+pub const PROG_CG_SENDMSG4: &str = "cs_cg_sendmsg4";
+pub const PROG_CG_SENDMSG6: &str = "cs_cg_sendmsg6";
+pub const PROG_CG_SOCK_CREATE: &str = "cs_cg_sock_create";
 pub const PROG_TP_CGROUP_MKDIR: &str = "cs_tp_cgroup_mkdir";
 pub const PROG_TP_CGROUP_RMDIR: &str = "cs_tp_cgroup_rmdir";
 pub const PROG_CG_DNS_EGRESS: &str = "cs_cg_dns_egress";
@@ -123,9 +145,9 @@ pub const GLOBAL_DNS_OFFSETS: &str = "DNS_OFFSETS";
 pub const GLOBAL_HOST_NETNS_COOKIE: &str = "HOST_NETNS_COOKIE";
 pub const PROG_CG_DNS_INGRESS: &str = "cs_cg_dns_ingress";
 
-/// Global set at load time: offset of `child_pid` in the `sched_process_fork` tracepoint
-/// record, read from the kernel's own format file (it moved between kernel versions).
-pub const GLOBAL_FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+/// Global set at load time: offset of `pid` in the `task_newtask` tracepoint record, read
+/// from the kernel's own format file.
+pub const GLOBAL_NEWTASK_PID_OFFSET: &str = "NEWTASK_PID_OFFSET";
 /// Globals set at load time: offsets of `root` (the hierarchy id, 0 for cgroup v2) and `id`
 /// in the `cgroup_mkdir`/`cgroup_rmdir` tracepoint records, read from the format file.
 pub const GLOBAL_CGROUP_ROOT_OFFSET: &str = "CGROUP_ROOT_OFFSET";
@@ -190,6 +212,13 @@ pub const KIND_ERROR: u32 = 6;
 /// [`Event::cgroup_id`]. [`Event::detail`] is non-zero when the mark could not be written
 /// (the map is full): that cgroup is not held.
 pub const KIND_CGROUP_NEW: u32 = 7;
+/// A datagram (or a TCP Fast Open `sendto`) to a destination not yet decided for the
+/// process: `sendto`, `sendmsg`, `sendmmsg` with an address. The destination is in the event
+/// as for a connect.
+pub const KIND_SEND: u32 = 8;
+/// Creating a socket that is not an ordinary TCP/UDP/local one (raw, packet, ICMP, other
+/// families): [`Event::family`], [`Event::sock_type`] and the protocol in [`Event::port`].
+pub const KIND_SOCKET: u32 = 9;
 
 /// [`TaskState::flags`]: the task passed `sched_process_exec` since its last `execve` entry.
 pub const FLAG_EXEC_LOADED: u32 = 1;
@@ -204,6 +233,15 @@ pub const FLAG_GRANT_CHECK: u32 = 4;
 /// type, which the tracepoint cannot see, or one that ended in between) and was refused: the
 /// program that can see the type cannot hold.
 pub const ERROR_GRANT_RECHECK: i32 = 1;
+/// [`Event::detail`] of a [`KIND_ERROR`]: an action of a labelled task from a context that
+/// cannot be held (an io_uring worker or SQPOLL thread, an io_uring submission, a path that
+/// did not pass the syscall the hold restarts) and that nothing in the kernel allowed: it was
+/// refused. [`Event::action`] carries the `KIND_*` of the action, the rest is filled in as
+/// for a hold.
+pub const ERROR_UNHOLDABLE: i32 = 2;
+/// Fallback mode: a labelled task created a socket of a family no cgroup program can refuse
+/// (not IPv4/IPv6) and the policy does not allow it in the kernel: the task was killed.
+pub const ERROR_SOCKET_KILLED: i32 = 3;
 
 /// Stats indexes in [`MAP_STATS`].
 pub const STAT_EVENTS_DROPPED: u32 = 0;
@@ -216,7 +254,13 @@ pub const STAT_FAST_ALLOWED: u32 = 3;
 pub const STAT_FAST_EXEC: u32 = 4;
 /// Execs and connects allowed in the kernel by a grant (never stopped).
 pub const STAT_GRANT_ALLOWED: u32 = 5;
-pub const STAT_COUNT: u32 = 6;
+/// Actions of labelled tasks refused because they came from a context that cannot be held
+/// (see [`ERROR_UNHOLDABLE`]).
+pub const STAT_UNHOLDABLE: u32 = 6;
+/// Datagrams let through (or refused) by a decision already made for their process and
+/// destination ([`MAP_SEND_DECIDED`]).
+pub const STAT_SEND_DECIDED: u32 = 7;
+pub const STAT_COUNT: u32 = 8;
 
 /// `-ERESTARTNOINTR`: the syscall restarts after the stop, whatever the signal disposition.
 pub const ERESTARTNOINTR: i32 = 513;
@@ -427,8 +471,105 @@ pub struct KernelOffsets {
     /// The syscall numbers of `execve` and `execveat` on this architecture.
     pub nr_execve: u32,
     pub nr_execveat: u32,
+    /// Non-zero when the `task_struct` offsets below are known.
+    pub task_valid: u32,
+    /// `task_struct.flags` (u32), `group_leader` (pointer), `start_time` (u64).
+    pub task_flags: u32,
+    pub task_group_leader: u32,
+    pub task_start_time: u32,
+    /// `msghdr.msg_name` (the kernel's copy of a send's destination, or null).
+    pub msghdr_name: u32,
+    /// The system calls (native and compat) through which a network hold is restartable:
+    /// `socket`, `connect`, `sendto`, `sendmsg`, `sendmmsg`, and the 32-bit ones (0: unused).
+    /// A network hook reached under any other (`io_uring_enter`) cannot hold (with
+    /// [`KernelOffsets::regs_valid`]).
+    pub nr_net: [u32; NR_NET_SYSCALLS],
 }
-const _: () = assert!(size_of::<KernelOffsets>() == 60);
+/// Entries of [`KernelOffsets::nr_net`].
+pub const NR_NET_SYSCALLS: usize = 12;
+const _: () = assert!(size_of::<KernelOffsets>() == 128);
+
+/// `task_struct.flags`: an io_uring worker or SQPOLL thread (`PF_IO_WORKER`).
+pub const PF_IO_WORKER: u32 = 0x10;
+
+/// A [`MAP_SEND_DECIDED`] key: a destination for one process and label.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendKey {
+    pub tgid: u32,
+    pub label: u32,
+    /// `AF_INET` or `AF_INET6` (IPv4-mapped IPv6 addresses are IPv4).
+    pub family: u16,
+    /// Host byte order.
+    pub port: u16,
+    /// The socket's type (`SOCK_DGRAM`; `SOCK_STREAM` for TCP Fast Open): a decision for
+    /// datagrams is not one for a connection.
+    pub sock_type: u32,
+    /// Network order; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<SendKey>() == 32);
+
+/// A [`MAP_SEND_DECIDED`] value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendDecided {
+    /// The process's `start_time` (of its thread-group leader): an entry of an earlier
+    /// process with the same pid never matches.
+    pub start_time: u64,
+    /// [`STATE_ALLOWED`] or [`STATE_DENIED`].
+    pub verdict: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<SendDecided>() == 16);
+
+/// A [`MAP_SOCKET_ALLOW`] key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SocketKey {
+    pub label: u32,
+    /// `AF_*`.
+    pub family: u16,
+    /// `SOCK_*`, without `SOCK_NONBLOCK`/`SOCK_CLOEXEC`.
+    pub sock_type: u16,
+}
+const _: () = assert!(size_of::<SocketKey>() == 8);
+
+/// Whether a socket is one every program needs and no policy decides: local (`AF_UNIX`),
+/// netlink, and TCP or UDP over IPv4/IPv6 (their connects and sends are the actions). Every
+/// other socket (raw, packet, ICMP, SCTP, vsock, ...) is a [`KIND_SOCKET`] action.
+#[inline(always)]
+#[must_use]
+pub fn ordinary_socket(family: u16, sock_type: u16, protocol: u32) -> bool {
+    const AF_UNIX: u16 = 1;
+    const AF_INET: u16 = 2;
+    const AF_INET6: u16 = 10;
+    const AF_NETLINK: u16 = 16;
+    match family {
+        AF_UNIX | AF_NETLINK => true,
+        AF_INET | AF_INET6 => match sock_type {
+            // TCP (and multipath TCP, which connects like it).
+            1 => matches!(protocol, 0 | 6 | 262),
+            2 => matches!(protocol, 0 | 17),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The hash a socket creation is bound to (family, type and protocol).
+#[inline(always)]
+#[must_use]
+pub fn socket_hash(family: u16, sock_type: u16, protocol: u32) -> u64 {
+    let mut addr = [0u8; 16];
+    let p = protocol.to_ne_bytes();
+    addr[0] = p[0];
+    addr[1] = p[1];
+    addr[2] = p[2];
+    addr[3] = p[3];
+    // Not a destination: the family is moved out of the AF_* range so the two never collide.
+    connect_hash(family | 0x8000, sock_type, &addr)
+}
 
 /// A label's name, NUL-padded.
 #[repr(C)]
@@ -455,7 +596,8 @@ pub struct Event {
     pub sock_type: u16,
     /// Destination port (host byte order) for connects.
     pub port: u16,
-    pub _pad: [u8; 2],
+    /// For a [`KIND_ERROR`] about an action: that action's `KIND_*` (0 otherwise).
+    pub action: u16,
     /// Kind-specific detail: for [`KIND_ERROR`] a negative errno or a reason code.
     pub detail: i32,
     pub request_id: u64,
@@ -516,4 +658,10 @@ mod user {
     unsafe impl aya::Pod for super::GrantConnect {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::DnsOffsets {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SendKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SendDecided {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SocketKey {}
 }

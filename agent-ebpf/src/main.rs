@@ -15,15 +15,27 @@ mod hold;
 mod label;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod socket;
+#[cfg(target_arch = "bpf")]
+mod task;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        macros::{cgroup_skb, cgroup_sock_addr, fentry, lsm, tracepoint},
-        programs::{FEntryContext, LsmContext, SkBuffContext, SockAddrContext, TracePointContext},
+        macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, fentry, lsm, tracepoint},
+        programs::{
+            FEntryContext, LsmContext, SkBuffContext, SockAddrContext, SockContext,
+            TracePointContext,
+        },
     };
 
-    use crate::{connect, dns, exec, hold::Verdict, label};
+    use crate::{
+        connect::{self, SendCall},
+        dns, exec,
+        hold::Verdict,
+        label, socket,
+    };
 
     /// `bprm_check_security`: holds a labelled task's exec before the new image is loaded.
     /// Fails closed: an exec it cannot record is denied.
@@ -62,6 +74,27 @@ mod programs {
         connect::lsm_connect(ctx.arg(0), ctx.arg(1)).lsm_return()
     }
 
+    /// `socket_sendmsg`: holds a labelled task's send to a destination not decided for it
+    /// (datagrams, TCP Fast Open) before anything is sent. Fails closed.
+    #[lsm(hook = "socket_sendmsg")]
+    pub fn cs_lsm_socket_sendmsg(ctx: LsmContext) -> i32 {
+        let previous: i32 = ctx.arg(3);
+        if previous != 0 {
+            return previous;
+        }
+        connect::lsm_sendmsg(ctx.arg(0), ctx.arg(1)).lsm_return()
+    }
+
+    /// `socket_create`: holds a labelled task's raw, packet, ICMP or other unusual socket.
+    #[lsm(hook = "socket_create")]
+    pub fn cs_lsm_socket_create(ctx: LsmContext) -> i32 {
+        let previous: i32 = ctx.arg(4);
+        if previous != 0 {
+            return previous;
+        }
+        socket::lsm_socket_create(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3)).lsm_return()
+    }
+
     /// Records the filename and argv pointers of a labelled task's exec, for the daemon to
     /// read while the task is held. Cannot refuse anything (a tracepoint).
     #[tracepoint(category = "syscalls", name = "sys_enter_execve")]
@@ -84,9 +117,10 @@ mod programs {
         0
     }
 
-    /// Children inherit their parent's label before they first run.
-    #[tracepoint(category = "sched", name = "sched_process_fork")]
-    pub fn cs_tp_sched_fork(ctx: TracePointContext) -> u32 {
+    /// Every task the kernel creates inherits its creator's label before it first runs
+    /// (forks, threads, io_uring's worker and SQPOLL threads).
+    #[tracepoint(category = "task", name = "task_newtask")]
+    pub fn cs_tp_task_newtask(ctx: TracePointContext) -> u32 {
         label::inherit(&ctx);
         0
     }
@@ -119,8 +153,56 @@ mod programs {
         0
     }
 
+    /// Fallback mode: stops a labelled task whose send names a destination not decided for
+    /// it; the cgroup programs make the syscall restart while it is pending.
+    #[tracepoint(category = "syscalls", name = "sys_enter_sendto")]
+    pub fn cs_tp_sys_enter_sendto(ctx: TracePointContext) -> u32 {
+        connect::sys_enter_send(&ctx, SendCall::SendTo);
+        0
+    }
+
+    #[tracepoint(category = "syscalls", name = "sys_enter_sendmsg")]
+    pub fn cs_tp_sys_enter_sendmsg(ctx: TracePointContext) -> u32 {
+        connect::sys_enter_send(&ctx, SendCall::SendMsg);
+        0
+    }
+
+    #[tracepoint(category = "syscalls", name = "sys_enter_sendmmsg")]
+    pub fn cs_tp_sys_enter_sendmmsg(ctx: TracePointContext) -> u32 {
+        connect::sys_enter_send(&ctx, SendCall::SendMmsg);
+        0
+    }
+
+    /// Fallback mode: stops a labelled task creating an unusual socket (or kills it, for
+    /// families no cgroup program can refuse).
+    #[tracepoint(category = "syscalls", name = "sys_enter_socket")]
+    pub fn cs_tp_sys_enter_socket(ctx: TracePointContext) -> u32 {
+        socket::sys_enter_socket(&ctx);
+        0
+    }
+
+    /// Fallback mode: decides a labelled task's UDP send with an address, on the kernel's
+    /// copy. Fails closed: one that did not pass the send tracepoints is refused unless the
+    /// kernel allows it.
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn cs_cg_sendmsg4(ctx: SockAddrContext) -> i32 {
+        connect::cgroup_sendmsg(&ctx, false).cgroup_return()
+    }
+
+    #[cgroup_sock_addr(sendmsg6)]
+    pub fn cs_cg_sendmsg6(ctx: SockAddrContext) -> i32 {
+        connect::cgroup_sendmsg(&ctx, true).cgroup_return()
+    }
+
+    /// Fallback mode: decides a labelled task's IPv4/IPv6 socket creation.
+    #[cgroup_sock(sock_create)]
+    pub fn cs_cg_sock_create(ctx: SockContext) -> i32 {
+        socket::cgroup_sock_create(&ctx).cgroup_return()
+    }
+
     /// Fallback mode: decides a labelled task's connect. Fails closed: a labelled connect
-    /// that did not come through `sys_enter_connect` (io_uring, TCP Fast Open) is refused.
+    /// that did not come through `sys_enter_connect` (io_uring, a 32-bit syscall) is
+    /// refused unless the kernel allows it.
     #[cgroup_sock_addr(connect4)]
     pub fn cs_cg_connect4(ctx: SockAddrContext) -> i32 {
         connect::cgroup_connect(&ctx, false).cgroup_return()

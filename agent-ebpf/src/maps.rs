@@ -7,7 +7,8 @@ use countersign_ebpf::{
     Config, ConnectAllow, ConnectKey, DNS_RING_BYTES, EVENTS_RING_BYTES, Event, ExecKey, FileKey,
     GrantConnect, GrantConnectKey, KernelOffsets, LabelName, MAX_CGROUP_LABELS, MAX_CONNECT_ALLOW,
     MAX_DNS_SOCKETS, MAX_EXEC_ALLOW, MAX_EXEC_LABELS, MAX_KERNEL_GRANTS, MAX_LABELLED_TASKS,
-    MAX_LABELS, STAT_COUNT, TaskState,
+    MAX_LABELS, MAX_SEND_DECIDED, MAX_SOCKET_ALLOW, NR_NET_SYSCALLS, STAT_COUNT, SendDecided,
+    SendKey, SocketKey, TaskState,
 };
 
 // Every map is pinned by name (see `countersign_ebpf::PINNED_MAPS`): a restarted daemon
@@ -54,6 +55,14 @@ pub static GRANT_EXEC: HashMap<ExecKey, u64> = HashMap::pinned(MAX_KERNEL_GRANTS
 pub static GRANT_CONNECT: HashMap<GrantConnectKey, GrantConnect> =
     HashMap::pinned(MAX_KERNEL_GRANTS, 0);
 
+/// Datagram destinations decided for a process (see `send`).
+#[map(name = "CS_SEND_DECIDED")]
+pub static SEND_DECIDED: LruHashMap<SendKey, SendDecided> = LruHashMap::pinned(MAX_SEND_DECIDED, 0);
+
+/// The policy's fast path for socket creation, written by the daemon: (label, family, type).
+#[map(name = "CS_SOCKET_ALLOW")]
+pub static SOCKET_ALLOW: HashMap<SocketKey, u32> = HashMap::pinned(MAX_SOCKET_ALLOW, 0);
+
 /// Written and read by the daemon only.
 #[map(name = "CS_LABELS")]
 pub static LABELS: HashMap<u32, LabelName> = HashMap::pinned(MAX_LABELS, 0);
@@ -70,9 +79,9 @@ pub static DNS_SOCKETS: LruHashMap<u64, u8> = LruHashMap::with_max_entries(MAX_D
 #[map(name = "CS_DNS_DROPPED")]
 pub static DNS_DROPPED: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Offset of `child_pid` in the `sched_process_fork` record (set by the loader).
+/// Offset of `pid` in the `task_newtask` record (set by the loader).
 #[unsafe(no_mangle)]
-pub static FORK_CHILD_PID_OFFSET: u32 = 44;
+pub static NEWTASK_PID_OFFSET: u32 = 8;
 
 /// Offsets of `root` and `id` in the `cgroup_mkdir`/`cgroup_rmdir` records (set by the loader).
 #[unsafe(no_mangle)]
@@ -128,6 +137,12 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     regs_arg2: 0,
     nr_execve: 0,
     nr_execveat: 0,
+    task_valid: 0,
+    task_flags: 0,
+    task_group_leader: 0,
+    task_start_time: 0,
+    msghdr_name: 0,
+    nr_net: [0; NR_NET_SYSCALLS],
 };
 
 #[inline(always)]
@@ -138,10 +153,10 @@ pub fn kernel_offsets() -> KernelOffsets {
 }
 
 #[inline(always)]
-pub fn fork_child_pid_offset() -> usize {
+pub fn newtask_pid_offset() -> usize {
     // SAFETY: a plain read of a global the loader may have rewritten; volatile so the
     // compiler does not fold the default in.
-    unsafe { core::ptr::read_volatile(&FORK_CHILD_PID_OFFSET) as usize }
+    unsafe { core::ptr::read_volatile(&NEWTASK_PID_OFFSET) as usize }
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds: the clock of grant expiries (it keeps counting through a

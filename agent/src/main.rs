@@ -204,6 +204,7 @@ enum PolicyCmd {
         cgroups: bool,
     },
     /// Print which rule matches an action and what would happen.
+    #[command(group(clap::ArgGroup::new("action").required(true)))]
     Test {
         /// Policy files or directories.
         #[arg(required = true)]
@@ -211,22 +212,25 @@ enum PolicyCmd {
         #[arg(long)]
         label: String,
         /// A command line, e.g. '/usr/bin/curl https://example.com'.
-        #[arg(long, conflicts_with = "connect", required_unless_present = "connect")]
+        #[arg(long, group = "action")]
         exec: Option<String>,
         /// HOST:PORT, e.g. 10.1.2.3:443 or api.example.com:443.
-        #[arg(long)]
+        #[arg(long, group = "action")]
         connect: Option<String>,
-        /// For --connect.
-        #[arg(long, value_enum, default_value = "tcp")]
-        protocol: ProtocolArg,
-        /// For --connect: a name the daemon would know for the address (learnt from DNS);
-        /// repeatable. `host:` rules match it.
-        #[arg(
-            long = "host",
-            value_name = "NAME",
-            requires = "connect",
-            conflicts_with = "exec"
-        )]
+        /// HOST:PORT a datagram is sent to without a connect (`sendto`); connect rules
+        /// decide it. The protocol defaults to udp.
+        #[arg(long, group = "action")]
+        send: Option<String>,
+        /// A socket that is not ordinary TCP/UDP/local: FAMILY/TYPE, e.g. packet/raw,
+        /// inet/raw, inet6/dgram (an ICMP socket), vsock/stream.
+        #[arg(long, group = "action")]
+        socket: Option<String>,
+        /// For --connect (default tcp) and --send (default udp).
+        #[arg(long, value_enum)]
+        protocol: Option<ProtocolArg>,
+        /// For --connect and --send: a name the daemon would know for the address (learnt
+        /// from DNS); repeatable. `host:` rules match it.
+        #[arg(long = "host", value_name = "NAME")]
         hosts: Vec<String>,
     },
 }
@@ -359,21 +363,35 @@ fn main() {
                     label,
                     exec,
                     connect,
+                    send,
+                    socket,
                     protocol,
                     hosts,
                 },
         } => {
-            let what = match (exec, connect) {
-                (Some(cmd), _) => cli::policy::TestAction::Exec(cmd),
-                (None, Some(target)) => cli::policy::TestAction::Connect {
+            let protocol = |default| match protocol.unwrap_or(default) {
+                ProtocolArg::Tcp => policy::schema::Protocol::Tcp,
+                ProtocolArg::Udp => policy::schema::Protocol::Udp,
+            };
+            let hosts: Vec<String> = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+            let what = match (exec, connect, send, socket) {
+                (Some(cmd), ..) => cli::policy::TestAction::Exec(cmd),
+                (None, Some(target), ..) => cli::policy::TestAction::Connect {
                     target,
-                    protocol: match protocol {
-                        ProtocolArg::Tcp => policy::schema::Protocol::Tcp,
-                        ProtocolArg::Udp => policy::schema::Protocol::Udp,
-                    },
-                    hosts: hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+                    protocol: protocol(ProtocolArg::Tcp),
+                    hosts,
+                    send: false,
                 },
-                (None, None) => unreachable!("clap requires --exec or --connect"),
+                (None, None, Some(target), _) => cli::policy::TestAction::Connect {
+                    target,
+                    protocol: protocol(ProtocolArg::Udp),
+                    hosts,
+                    send: true,
+                },
+                (None, None, None, Some(socket)) => cli::policy::TestAction::Socket(socket),
+                (None, None, None, None) => {
+                    unreachable!("clap requires one of --exec, --connect, --send, --socket")
+                }
             };
             report(cli::policy::test(&files, &label, &what))
         }

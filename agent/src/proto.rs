@@ -107,6 +107,13 @@ pub struct StatusInfo {
     /// Execs and connects a grant allowed in the kernel (never stopped).
     #[serde(default)]
     pub grant_allowed: u64,
+    /// Datagrams answered in the kernel by a decision their process already consumed.
+    #[serde(default)]
+    pub send_decided: u64,
+    /// Actions refused in the kernel because they were made where they cannot be held
+    /// (io_uring threads and submissions, 32-bit system calls in fallback mode).
+    #[serde(default)]
+    pub unholdable_refused: u64,
     pub events_dropped: u64,
     pub label_inherit_failed: u64,
     /// The remote approver, if one is configured.
@@ -175,12 +182,86 @@ pub struct ProcInfo {
     pub exe: Option<String>,
 }
 
+/// What a held action is: one type from the kernel's events to the records, the approver's
+/// channels and OCSF. On the wire it is the kebab-case name (`exec`, `exec-loaded`,
+/// `connect`, `send`, `socket`), so records and escalations read as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActionKind {
+    /// An exec held before the new image loads (LSM mode); deny is `EPERM`.
+    Exec,
+    /// An exec held after its image loaded, before its first instruction; deny kills.
+    ExecLoaded,
+    /// An outbound `connect`.
+    Connect,
+    /// A datagram (or TCP Fast Open) send to a destination not yet decided for the process.
+    Send,
+    /// Creating a raw, packet, ICMP or other socket that is not ordinary TCP/UDP/local.
+    Socket,
+}
+
+impl ActionKind {
+    /// The action a kernel event or task state of `KIND_*` `kind` holds (`None`: not a hold).
+    #[must_use]
+    pub fn from_kernel(kind: u32) -> Option<Self> {
+        use countersign_ebpf as k;
+        Some(match kind {
+            k::KIND_EXEC => Self::Exec,
+            k::KIND_EXEC_LOADED => Self::ExecLoaded,
+            k::KIND_CONNECT => Self::Connect,
+            k::KIND_SEND => Self::Send,
+            k::KIND_SOCKET => Self::Socket,
+            _ => return None,
+        })
+    }
+
+    /// The wire name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exec => "exec",
+            Self::ExecLoaded => "exec-loaded",
+            Self::Connect => "connect",
+            Self::Send => "send",
+            Self::Socket => "socket",
+        }
+    }
+
+    /// Runs a program (a binary grant can cover it).
+    #[must_use]
+    pub fn is_exec(self) -> bool {
+        matches!(self, Self::Exec | Self::ExecLoaded)
+    }
+
+    /// Reaches a network destination (connect rules and destination grants apply).
+    #[must_use]
+    pub fn has_destination(self) -> bool {
+        matches!(self, Self::Connect | Self::Send)
+    }
+
+    /// What a person reads: `run ...`, `connect to ...`.
+    #[must_use]
+    pub fn verb(self) -> &'static str {
+        match self {
+            Self::Exec | Self::ExecLoaded => "run",
+            Self::Connect => "connect to",
+            Self::Send => "send to",
+            Self::Socket => "open a socket:",
+        }
+    }
+}
+
+impl std::fmt::Display for ActionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A held request as the approver sees it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RequestView {
     pub id: u64,
-    /// `exec`, `exec-loaded` (held after the image loaded: deny kills) or `connect`.
-    pub kind: String,
+    pub kind: ActionKind,
     pub label: String,
     pub pid: u32,
     pub tid: u32,
@@ -195,6 +276,9 @@ pub struct RequestView {
     pub destination: Option<String>,
     /// `tcp`, `udp` or the socket type number.
     pub protocol: Option<String>,
+    /// For sockets: `family/type protocol N` (`packet/raw protocol 768`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
     /// For connects: the names the host's resolvers gave for the destination address (most
     /// recent first), learnt from their DNS answers. Context only: not part of the action
     /// hash (the address is what is enforced).
@@ -210,11 +294,27 @@ pub struct RequestView {
 }
 
 impl RequestView {
-    /// A connect's destination as every channel shows it:
+    /// What the request asks, in a few words: `connect to …`, `send to …`, `open a socket:
+    /// …`, `run …`.
+    #[must_use]
+    pub fn what(&self) -> String {
+        let object = if self.kind.is_exec() {
+            crate::cli::requests::quote_argv(&self.argv)
+        } else {
+            self.destination_text().unwrap_or_else(|| "?".into())
+        };
+        format!("{} {object}", self.kind.verb())
+    }
+
+    /// A connect's or send's destination as every channel shows it:
     /// `api.example.com (DNS) → 93.184.216.34:443/tcp`, or `93.184.216.34:443/tcp` when no
-    /// name was learnt. `None` for execs.
+    /// name was learnt; a socket action's socket (`socket packet/raw protocol 768`). `None`
+    /// for execs.
     #[must_use]
     pub fn destination_text(&self) -> Option<String> {
+        if let Some(s) = &self.socket {
+            return Some(format!("socket {s}"));
+        }
         let d = self.destination.as_deref()?;
         let proto = self
             .protocol
@@ -226,5 +326,33 @@ impl RequestView {
         } else {
             format!("{} (DNS) → {d}{proto}", self.destination_names.join(", "))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ActionKind;
+
+    /// The wire names are what records, escalations and OCSF carry: they must not change.
+    #[test]
+    fn action_kinds_keep_their_wire_names() {
+        use countersign_ebpf as k;
+        for (kernel, kind, name) in [
+            (k::KIND_EXEC, ActionKind::Exec, "exec"),
+            (k::KIND_EXEC_LOADED, ActionKind::ExecLoaded, "exec-loaded"),
+            (k::KIND_CONNECT, ActionKind::Connect, "connect"),
+            (k::KIND_SEND, ActionKind::Send, "send"),
+            (k::KIND_SOCKET, ActionKind::Socket, "socket"),
+        ] {
+            assert_eq!(ActionKind::from_kernel(kernel), Some(kind));
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(serde_json::to_value(kind).unwrap(), name);
+            assert_eq!(
+                serde_json::from_value::<ActionKind>(name.into()).unwrap(),
+                kind
+            );
+        }
+        assert_eq!(ActionKind::from_kernel(k::KIND_ERROR), None);
+        assert!(ActionKind::Send.has_destination() && !ActionKind::Socket.has_destination());
     }
 }

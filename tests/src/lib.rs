@@ -6,6 +6,7 @@
 //! Environment:
 //! - `COUNTERSIGN_BIN`: the countersign binary (default: target/debug/countersign).
 //! - `COUNTERSIGN_PROBE`: the cs-probe binary (default: the one cargo built beside the tests).
+//! - `COUNTERSIGN_ESCAPE`: the cs-escape binary (default: beside cs-probe).
 //! - `COUNTERSIGN_POLICIES`: the example policies (default: the workspace's `policies/`).
 //! - `COUNTERSIGN_E2E_MODE`: `lsm` or `fallback`: the mode the daemon is started in
 //!   (`--mode`) and must report. The VM runs set `lsm`, so a kernel without working BPF LSM
@@ -50,6 +51,13 @@ pub fn probe_bin() -> PathBuf {
         },
         PathBuf::from,
     )
+}
+
+/// The cs-escape binary (`COUNTERSIGN_ESCAPE`, else beside cs-probe).
+#[must_use]
+pub fn escape_bin() -> PathBuf {
+    std::env::var_os("COUNTERSIGN_ESCAPE")
+        .map_or_else(|| probe_bin().with_file_name("cs-escape"), PathBuf::from)
 }
 
 /// The mode the suite expects, if it was told.
@@ -415,6 +423,41 @@ impl Daemon {
         })
     }
 
+    /// Makes the daemon's directory reachable by every user and puts a link (or copy) of
+    /// `from` there named `name`, for scenarios that run as another user: the checkout the
+    /// binaries were built in may not be reachable by them (a private temporary folder).
+    #[must_use]
+    pub fn for_other_users(&self, from: &Path, name: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(self.dir(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the test directory");
+        let to = self.dir().join(name);
+        if !to.exists() && std::fs::hard_link(from, &to).is_err() {
+            std::fs::copy(from, &to).expect("copy a binary for other users");
+        }
+        to
+    }
+
+    /// Starts `countersign exec --label L -- CMD` as user `uid` (group `uid` too), with the
+    /// countersign binary made reachable for that user.
+    #[must_use]
+    pub fn labelled_as(&self, uid: u32, label: &str, cmd: &[&str]) -> Proc {
+        use std::os::unix::process::CommandExt as _;
+        let bin = self.for_other_users(&countersign_bin(), "countersign-for-others");
+        let child = Command::new(bin)
+            .args(["exec", "--label", label, "--"])
+            .args(cmd)
+            .env("COUNTERSIGN_SOCKET_DIR", self.dir.path())
+            .uid(uid)
+            .gid(uid)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("countersign exec as another user");
+        Proc { child }
+    }
+
     /// Runs `countersign exec --label L -- cs-probe ARGS` and approves the probe's own exec,
     /// so that the probe runs labelled; returns it.
     pub fn labelled_probe(&self, label: &str, args: &[&str]) -> Proc {
@@ -537,6 +580,43 @@ impl Listener {
 impl Default for Listener {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// A UDP socket on loopback that must (or must not) receive a datagram.
+pub struct UdpReceiver {
+    inner: std::net::UdpSocket,
+}
+
+impl UdpReceiver {
+    /// A receiver on `ip` (`127.0.0.1`, `::1`), on a free port.
+    #[must_use]
+    pub fn on(ip: &str) -> Self {
+        let inner = std::net::UdpSocket::bind((ip, 0)).expect("bind udp");
+        inner.set_nonblocking(true).expect("nonblocking");
+        Self { inner }
+    }
+
+    /// `ip:port` (`[ip]:port` for IPv6).
+    #[must_use]
+    pub fn addr(&self) -> String {
+        self.inner.local_addr().expect("addr").to_string()
+    }
+
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.inner.local_addr().expect("addr").port()
+    }
+
+    /// How many datagrams have arrived since the last call (without waiting).
+    #[must_use]
+    pub fn received(&self) -> usize {
+        let mut buf = [0u8; 2048];
+        let mut n = 0;
+        while self.inner.recv_from(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
     }
 }
 

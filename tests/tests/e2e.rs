@@ -8,6 +8,8 @@ use countersign_tests::{Daemon, Listener, TestCgroup, probe_bin};
 mod approver;
 #[path = "e2e/cgmatch.rs"]
 mod cgmatch;
+#[path = "e2e/escape.rs"]
+mod escape;
 #[path = "e2e/kgrants.rs"]
 mod kgrants;
 
@@ -552,19 +554,9 @@ fn daemon_crash_keeps_held_requests_held_and_a_restart_takes_them_over() {
 fn non_root_may_label_itself_but_not_decide() {
     use std::os::unix::process::CommandExt as _;
     let d = Daemon::start();
-    // The test's own directory must be reachable by nobody for the socket to be.
-    std::fs::set_permissions(d.dir(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    // nobody runs links (or copies) of the binaries from there: the checkout they were built
-    // in may not be reachable by other users (a private temporary folder).
-    let for_nobody = |from: std::path::PathBuf, name: &str| {
-        let to = d.dir().join(name);
-        if std::fs::hard_link(&from, &to).is_err() {
-            std::fs::copy(&from, &to).unwrap();
-        }
-        to
-    };
-    let bin = for_nobody(
-        countersign_tests::countersign_bin(),
+    // nobody runs links (or copies) of the binaries from the test's directory.
+    let bin = d.for_other_users(
+        &countersign_tests::countersign_bin(),
         "countersign-for-nobody",
     );
     let as_nobody = |args: &[&str]| {
@@ -591,7 +583,7 @@ fn non_root_may_label_itself_but_not_decide() {
     );
     // A labelled process of another user is held like any other.
     let l = Listener::new();
-    let p = for_nobody(countersign_tests::probe_bin(), "cs-probe-for-nobody");
+    let p = d.for_other_users(&countersign_tests::probe_bin(), "cs-probe-for-nobody");
     let p = p.to_str().unwrap();
     let mut agent = {
         let child = std::process::Command::new(&bin)

@@ -60,6 +60,7 @@ pub fn run_tests() -> Result<()> {
 struct E2eBins {
     countersign: PathBuf,
     probe: PathBuf,
+    escape: PathBuf,
     fake_slack: PathBuf,
     fake_teams: PathBuf,
     suite: PathBuf,
@@ -121,6 +122,7 @@ fn build_e2e() -> Result<E2eBins> {
     Ok(E2eBins {
         countersign: debug.join("countersign"),
         probe: debug.join("cs-probe"),
+        escape: debug.join("cs-escape"),
         fake_slack: debug.join("fake-slack"),
         fake_teams: debug.join("fake-teams"),
         suite: PathBuf::from(suite),
@@ -143,6 +145,7 @@ fn run_native(bins: &E2eBins) -> Result<String> {
             .env("COUNTERSIGN_E2E_MODE", "fallback")
             .env("COUNTERSIGN_BIN", &bins.countersign)
             .env("COUNTERSIGN_PROBE", &bins.probe)
+            .env("COUNTERSIGN_ESCAPE", &bins.escape)
             .env("COUNTERSIGN_FAKE_SLACK", &bins.fake_slack)
             .env("COUNTERSIGN_FAKE_TEAMS", &bins.fake_teams)
             .env("RUST_BACKTRACE", "1"),
@@ -172,6 +175,7 @@ fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
     let files = [
         (bins.countersign.clone(), guest("countersign")),
         (bins.probe.clone(), guest("cs-probe")),
+        (bins.escape.clone(), guest("cs-escape")),
         (bins.fake_slack.clone(), guest("fake-slack")),
         (bins.fake_teams.clone(), guest("fake-teams")),
         (bins.suite.clone(), guest("e2e")),
@@ -182,6 +186,7 @@ fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
         ("COUNTERSIGN_E2E_MODE", "lsm".to_owned()),
         ("COUNTERSIGN_BIN", guest("countersign")),
         ("COUNTERSIGN_PROBE", guest("cs-probe")),
+        ("COUNTERSIGN_ESCAPE", guest("cs-escape")),
         ("COUNTERSIGN_FAKE_SLACK", guest("fake-slack")),
         ("COUNTERSIGN_FAKE_TEAMS", guest("fake-teams")),
         ("COUNTERSIGN_POLICIES", guest("policies")),

@@ -483,7 +483,7 @@ impl Store {
             let offer = esc
                 .grants
                 .get(g as usize)
-                .filter(|o| o.fits(&esc.request.kind));
+                .filter(|o| o.fits(esc.request.kind));
             if decision != Decision::Approve || offer.is_none() {
                 return Ok(AnswerResult::Refused(format!(
                     "request {id} does not offer that grant"

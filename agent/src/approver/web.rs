@@ -195,7 +195,7 @@ fn render(r: &StoredRequest, csrf_token: Option<&str>) -> String {
         r.id,
         r.id,
         r.id,
-        esc(&v.kind),
+        esc(v.kind.as_str()),
         esc(&r.state)
     );
     let mut row = |k: &str, val: String| {
@@ -285,7 +285,7 @@ fn render(r: &StoredRequest, csrf_token: Option<&str>) -> String {
             .grants
             .iter()
             .enumerate()
-            .filter(|(_, g)| g.fits(&v.kind))
+            .filter(|(_, g)| g.fits(v.kind))
             .map(|(i, g)| {
                 format!(
                     "<button name=\"choice\" value=\"grant-{i}\" id=\"grant-{id}-{i}\">Approve {}</button>",

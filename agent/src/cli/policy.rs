@@ -107,7 +107,7 @@ fn missing_binaries(l: &policy::Label) -> Vec<(PathBuf, ())> {
             policy::CompiledMatcher::Exec {
                 binaries, scripts, ..
             } => Some(binaries.iter().chain(scripts)),
-            policy::CompiledMatcher::Connect(_) => None,
+            policy::CompiledMatcher::Connect(_) | policy::CompiledMatcher::Socket(_) => None,
         })
         .flatten()
         .filter(|(_, f)| f.is_none())
@@ -123,7 +123,11 @@ pub enum TestAction {
         protocol: Protocol,
         /// Names known for the address (`--host`), as if learnt from DNS.
         hosts: Vec<String>,
+        /// A send without connect (`--send`), decided by the same rules.
+        send: bool,
     },
+    /// `FAMILY/TYPE`.
+    Socket(String),
 }
 
 pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result<()> {
@@ -134,7 +138,13 @@ pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result
             target,
             protocol,
             hosts,
+            ..
         } => connect_action(target, *protocol, hosts)?,
+        TestAction::Socket(s) => socket_action(s)?,
+    };
+    let verb = match what {
+        TestAction::Connect { send: true, .. } => "send",
+        _ => "connect",
     };
     let Some(v) = p.evaluate(label, &action) else {
         let known: Vec<&str> = p.labels.iter().map(|l| l.name.as_str()).collect();
@@ -143,7 +153,11 @@ pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result
             known.join(", ")
         );
     };
-    println!("label {label} ({}): {}", v.label.source, describe(&action));
+    println!(
+        "label {label} ({}): {}",
+        v.label.source,
+        describe(&action, verb)
+    );
     println!("  matches {}", v.describe_rule());
     match v.decision.escalation() {
         None => println!("  outcome: {}", v.decision.outcome),
@@ -197,7 +211,8 @@ pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result
     Ok(())
 }
 
-fn describe(a: &Action) -> String {
+/// `verb`: how a destination is reached (`connect`, `send`).
+fn describe(a: &Action, verb: &str) -> String {
     match a {
         Action::Exec {
             binary,
@@ -218,7 +233,7 @@ fn describe(a: &Action) -> String {
             hosts,
         } => {
             format!(
-                "connect {addr} port {port}/{protocol}{}",
+                "{verb} {addr} port {port}/{protocol}{}",
                 if hosts.is_empty() {
                     String::new()
                 } else {
@@ -226,7 +241,37 @@ fn describe(a: &Action) -> String {
                 }
             )
         }
+        Action::Socket { family, sock_type } => format!(
+            "socket {}/{}",
+            crate::policy::schema::SocketFamily(*family),
+            crate::policy::schema::SocketType(*sock_type)
+        ),
     }
+}
+
+/// `--socket FAMILY/TYPE`. An ordinary socket is no action: said so, not evaluated.
+fn socket_action(s: &str) -> anyhow::Result<Action> {
+    use crate::policy::schema::{SocketFamily, SocketType};
+    let (family, ty) = s
+        .split_once('/')
+        .with_context(|| format!("--socket `{s}`: expected FAMILY/TYPE, e.g. packet/raw"))?;
+    let family: SocketFamily = family
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--socket `{s}`: {e}"))?;
+    let ty: SocketType = ty
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--socket `{s}`: {e}"))?;
+    // The protocol an ordinary socket of this type would use (0), so that TCP/UDP are told
+    // apart from the rest as the kernel does.
+    if countersign_ebpf::ordinary_socket(family.0, ty.0, 0) {
+        bail!(
+            "--socket `{s}`: an ordinary socket (TCP, UDP, local, netlink) is not an action; its connects and sends are"
+        );
+    }
+    Ok(Action::Socket {
+        family: family.0,
+        sock_type: ty.0,
+    })
 }
 
 /// The binary `name` would run: a path as given, else the first match on `$PATH`.

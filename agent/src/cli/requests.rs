@@ -4,7 +4,7 @@ use std::path::Path;
 use crate::{
     cli::client,
     paths,
-    proto::{Decision, Request, RequestView, Response},
+    proto::{ActionKind, Decision, Request, RequestView, Response},
 };
 
 pub fn list(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
@@ -77,7 +77,7 @@ pub fn render(r: &RequestView) -> String {
     if let Some(n) = &r.note {
         let _ = writeln!(s, "       note:        {n}");
     }
-    if r.kind == "exec-loaded" {
+    if r.kind == ActionKind::ExecLoaded {
         let _ = writeln!(s, "       (held after loading: deny kills the process)");
     }
     s

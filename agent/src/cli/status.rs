@@ -123,6 +123,16 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
         "  allowed in kernel: {} connects, {} execs (policy fast path), {} by grants",
         s.fast_allowed, s.fast_allowed_execs, s.grant_allowed
     );
+    println!(
+        "  sends decided in kernel: {} (a decision their process already had)",
+        s.send_decided
+    );
+    if s.unholdable_refused > 0 {
+        println!(
+            "  refused where no hold is possible (io_uring, 32-bit calls): {}",
+            s.unholdable_refused
+        );
+    }
     if s.events_dropped > 0 || s.label_inherit_failed > 0 {
         println!(
             "  ALARM: {} events dropped (those actions were refused), {} children not labelled",

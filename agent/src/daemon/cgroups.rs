@@ -32,7 +32,7 @@ use nix::{
     unistd::Pid,
 };
 
-use super::{Daemon, HeldKind, enrich, label_id};
+use super::{ActionKind, Daemon, enrich, label_id};
 use crate::{ebpf, policy};
 
 /// How long a marked cgroup whose id names no directory is kept (a directory becomes visible
@@ -125,7 +125,7 @@ impl CgroupFs {
 /// A request held with the reserved label, waiting for its cgroup's classification.
 pub struct Waiting {
     pub event: shared::Event,
-    pub kind: HeldKind,
+    pub kind: ActionKind,
     pub since: Instant,
 }
 
@@ -305,7 +305,7 @@ impl Daemon {
 
     /// A request held with the reserved label: re-labelled and routed, let go, or kept
     /// waiting for the classification.
-    pub(super) fn unclassified_held(&mut self, ev: &shared::Event, kind: HeldKind) {
+    pub(super) fn unclassified_held(&mut self, ev: &shared::Event, kind: ActionKind) {
         self.classify_marked();
         match self.task_label(ev.tid) {
             // The task is gone.
@@ -346,8 +346,8 @@ impl Daemon {
     /// Continues a task held with the reserved label whose cgroup carries no label: its state
     /// is removed, or set to the executable label an exec held after loading would have had
     /// (it never passes that lookup again). Killed if its state cannot be written.
-    fn let_go(&mut self, ev: &shared::Event, kind: HeldKind) {
-        let exec_label = if kind == HeldKind::ExecLoaded {
+    fn let_go(&mut self, ev: &shared::Event, kind: ActionKind) {
+        let exec_label = if kind == ActionKind::ExecLoaded {
             std::fs::metadata(format!("/proc/{}/exe", ev.tgid))
                 .ok()
                 .and_then(|m| self.kernel.exec_label(ebpf::kernel_dev(m.dev()), m.ino()))
@@ -373,7 +373,7 @@ impl Daemon {
 
     /// At shutdown, for a task held with the reserved label: continued if its cgroup carries
     /// no label, else killed (nothing will decide it once the hooks are off).
-    pub(super) fn let_go_or_kill(&mut self, ev: &shared::Event, kind: HeldKind) {
+    pub(super) fn let_go_or_kill(&mut self, ev: &shared::Event, kind: ActionKind) {
         self.classify_marked();
         match self.task_label(ev.tid) {
             Some(TaskLabel::None) => self.let_go(ev, kind),

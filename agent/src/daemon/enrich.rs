@@ -15,6 +15,17 @@ use nix::{
 
 use crate::proto::ProcInfo;
 
+/// A socket action as people read it: `packet/dgram protocol 768`.
+#[must_use]
+pub fn socket(family: u16, sock_type: u16, protocol: u16) -> String {
+    use crate::policy::schema::{SocketFamily, SocketType};
+    format!(
+        "{}/{} protocol {protocol}",
+        SocketFamily(family),
+        SocketType(sock_type)
+    )
+}
+
 /// At most this many argv entries are read.
 pub const MAX_ARGS: usize = 256;
 /// At most this many bytes of one argument or path.

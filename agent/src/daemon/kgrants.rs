@@ -6,7 +6,7 @@
 //! ([`Daemon::kernel_key`]); everything else is answered by the daemon as before.
 use std::path::{Path, PathBuf};
 
-use super::{Daemon, Held, HeldKind, enrich, grants};
+use super::{ActionKind, Daemon, Held, enrich, grants};
 use crate::{
     ebpf,
     policy::{
@@ -23,12 +23,12 @@ impl Daemon {
         match *key {
             grants::Key::Binary(file) => {
                 let path: PathBuf = match held.kind {
-                    HeldKind::Exec => {
+                    ActionKind::Exec => {
                         let b = held.binding.as_ref()?;
                         enrich::resolve_in_task(held.tgid, &b.filename)
                     }
-                    HeldKind::ExecLoaded => format!("/proc/{}/exe", held.tgid).into(),
-                    HeldKind::Connect => return None,
+                    ActionKind::ExecLoaded => format!("/proc/{}/exe", held.tgid).into(),
+                    ActionKind::Connect | ActionKind::Send | ActionKind::Socket => return None,
                 };
                 kernel_file(&path, file)
             }

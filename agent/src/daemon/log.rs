@@ -39,7 +39,7 @@ mod tests {
     fn view(id: u64) -> RequestView {
         RequestView {
             id,
-            kind: "connect".into(),
+            kind: crate::proto::ActionKind::Connect,
             label: "l".into(),
             pid: 1,
             tid: 1,
@@ -52,6 +52,7 @@ mod tests {
             parents: vec![],
             destination: Some("10.0.0.1:443".into()),
             protocol: None,
+            socket: None,
             destination_names: vec![],
             age_ms: 0,
             expires_in_ms: 0,

@@ -42,7 +42,7 @@ use crate::{
         self, Action, Policy,
         schema::{Outcome, Protocol, TimeoutOutcome},
     },
-    proto::{Decision, RequestView, Response, StatusInfo},
+    proto::{ActionKind, Decision, RequestView, Response, StatusInfo},
 };
 
 /// How often deadlines and vanished tasks are checked while anything waits on the tick
@@ -58,28 +58,6 @@ const POLICY_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Most requests held at once; beyond it new ones are denied at once.
 const MAX_PENDING: usize = 4096;
 
-/// What kind of hold a request is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum HeldKind {
-    /// LSM mode: before the new image loads; deny is EPERM.
-    Exec,
-    /// The image is loaded, not yet run; deny kills.
-    ExecLoaded,
-    Connect,
-}
-
-impl HeldKind {
-    /// The hold a kernel event or task state of kind `kind` stands for (`None`: not a hold).
-    fn of(kind: u32) -> Option<Self> {
-        match kind {
-            shared::KIND_EXEC => Some(Self::Exec),
-            shared::KIND_EXEC_LOADED => Some(Self::ExecLoaded),
-            shared::KIND_CONNECT => Some(Self::Connect),
-            _ => None,
-        }
-    }
-}
-
 /// What an approved exec is bound to: the image that runs must be this one.
 #[derive(Debug, Clone)]
 struct ExecBinding {
@@ -93,7 +71,7 @@ struct ExecBinding {
 
 struct Held {
     view: RequestView,
-    kind: HeldKind,
+    kind: ActionKind,
     tid: u32,
     tgid: u32,
     kernel_id: u64,
@@ -505,7 +483,7 @@ impl Daemon {
                 exec_argv: st.exec_argv,
                 ..shared::Event::default()
             };
-            let kind = HeldKind::of(st.kind).unwrap_or(HeldKind::ExecLoaded);
+            let kind = ActionKind::from_kernel(st.kind).unwrap_or(ActionKind::ExecLoaded);
             if st.label == shared::LABEL_UNCLASSIFIED {
                 // Never recorded: resolved against the cgroup labels installed at start.
                 self.unclassified_held(&ev, kind);
@@ -548,32 +526,54 @@ impl Daemon {
 
     fn event(&mut self, ev: &shared::Event) {
         if ev.label == shared::LABEL_UNCLASSIFIED
-            && let Some(kind) = HeldKind::of(ev.kind)
+            && let Some(kind) = ActionKind::from_kernel(ev.kind)
         {
             return self.unclassified_held(ev, kind);
         }
         match ev.kind {
             shared::KIND_CGROUP_NEW => self.cgroup_created(ev),
-            shared::KIND_EXEC => self.hold(ev, HeldKind::Exec, None),
-            shared::KIND_CONNECT => self.hold(ev, HeldKind::Connect, None),
             shared::KIND_EXEC_LOADED if ev.detail as u32 & shared::FLAG_VERIFY != 0 => {
                 self.verify_exec(ev)
             }
-            shared::KIND_EXEC_LOADED => self.hold(ev, HeldKind::ExecLoaded, None),
+            shared::KIND_EXEC
+            | shared::KIND_EXEC_LOADED
+            | shared::KIND_CONNECT
+            | shared::KIND_SEND
+            | shared::KIND_SOCKET => {
+                if let Some(kind) = ActionKind::from_kernel(ev.kind) {
+                    self.hold(ev, kind, None);
+                }
+            }
             shared::KIND_ERROR if ev.detail == shared::ERROR_GRANT_RECHECK => {
                 tracing::warn!(pid = ev.tgid, label = %self.label_name(ev.label),
                     "a connect let through on a grant was not covered by it once its socket type was known (a grant for another protocol, or it just ended) and was refused");
             }
+            shared::KIND_ERROR if ev.detail == shared::ERROR_UNHOLDABLE => {
+                let action = ActionKind::from_kernel(u32::from(ev.action))
+                    .map_or("an action", ActionKind::as_str);
+                let what = if ev.action as u32 == shared::KIND_SOCKET {
+                    enrich::socket(ev.family, ev.sock_type, ev.port)
+                } else {
+                    enrich::destination(ev.family, &ev.addr, ev.port)
+                };
+                tracing::warn!(pid = ev.tgid, tid = ev.tid, label = %self.label_name(ev.label), action, what,
+                    "refused in the kernel: made where it cannot be held (an io_uring thread or submission, a 32-bit system call, or another destination in one batch) and not allowed by the policy's fast path, a grant or an earlier decision");
+            }
+            shared::KIND_ERROR if ev.detail == shared::ERROR_SOCKET_KILLED => {
+                tracing::warn!(pid = ev.tgid, label = %self.label_name(ev.label),
+                    socket = enrich::socket(ev.family, ev.sock_type, ev.port),
+                    "killed: created a socket of a family the fallback hooks cannot refuse, not allowed by the policy");
+            }
             shared::KIND_ERROR => {
                 tracing::warn!(pid = ev.tgid, label = %self.label_name(ev.label), detail = ev.detail,
-                    "a labelled task's connect did not pass the connect hold (io_uring or TCP Fast Open?) and was refused");
+                    "the kernel reported an error for a labelled task");
             }
             _ => {}
         }
     }
 
     /// A new held request.
-    fn hold(&mut self, ev: &shared::Event, kind: HeldKind, note: Option<String>) {
+    fn hold(&mut self, ev: &shared::Event, kind: ActionKind, note: Option<String>) {
         self.hold_as(ev, kind, note, 0);
     }
 
@@ -581,7 +581,7 @@ impl Daemon {
     fn hold_as(
         &mut self,
         ev: &shared::Event,
-        kind: HeldKind,
+        kind: ActionKind,
         note: Option<String>,
         adopted_id: u64,
     ) {
@@ -614,7 +614,7 @@ impl Daemon {
             self.kernel.set_user_id(ev.tid, ev.request_id, id);
             id
         };
-        if kind == HeldKind::Connect {
+        if kind.has_destination() {
             // The answer that gave the program this address was copied to the DNS capture
             // before the program could read it: read it before the connect is described and
             // decided, so that its name is known.
@@ -638,7 +638,7 @@ impl Daemon {
         let Some(held) = self.route(held) else {
             return;
         };
-        if kind == HeldKind::ExecLoaded
+        if kind == ActionKind::ExecLoaded
             && let Err(why) = self.tracer.hold(ev.tgid)
         {
             // Without the ptrace stop a SIGCONT could let the image run: fail closed.
@@ -672,7 +672,7 @@ impl Daemon {
     fn held(
         &self,
         view: RequestView,
-        kind: HeldKind,
+        kind: ActionKind,
         ev: &shared::Event,
         binding: Option<ExecBinding>,
     ) -> Held {
@@ -698,18 +698,13 @@ impl Daemon {
         &self,
         id: u64,
         ev: &shared::Event,
-        kind: HeldKind,
+        kind: ActionKind,
         note: Option<String>,
     ) -> (RequestView, Option<ExecBinding>) {
         let pid = ev.tgid;
         let mut view = RequestView {
             id,
-            kind: match kind {
-                HeldKind::Exec => "exec",
-                HeldKind::ExecLoaded => "exec-loaded",
-                HeldKind::Connect => "connect",
-            }
-            .into(),
+            kind,
             label: self.label_name(ev.label),
             pid,
             tid: ev.tid,
@@ -722,6 +717,7 @@ impl Daemon {
             parents: enrich::parents(pid),
             destination: None,
             protocol: None,
+            socket: None,
             destination_names: Vec::new(),
             age_ms: 0,
             expires_in_ms: self.config.request_timeout_secs * 1000,
@@ -730,7 +726,7 @@ impl Daemon {
         };
         let mut binding = None;
         match kind {
-            HeldKind::Exec => {
+            ActionKind::Exec => {
                 let filename = if ev.exec_filename == 0 {
                     None
                 } else {
@@ -757,14 +753,22 @@ impl Daemon {
                     view.binary = Some(filename);
                 }
             }
-            HeldKind::ExecLoaded => {
+            ActionKind::ExecLoaded => {
                 view.binary = enrich::readlink(pid, "exe");
                 if let Some((argv, cut)) = enrich::cmdline(pid) {
                     view.argv = argv;
                     view.argv_truncated = cut;
                 }
             }
-            HeldKind::Connect => {
+            ActionKind::Socket => {
+                view.socket = Some(enrich::socket(ev.family, ev.sock_type, ev.port));
+                view.binary = enrich::readlink(pid, "exe");
+                if let Some((argv, cut)) = enrich::cmdline(pid) {
+                    view.argv = argv;
+                    view.argv_truncated = cut;
+                }
+            }
+            ActionKind::Connect | ActionKind::Send => {
                 view.destination = Some(enrich::destination(ev.family, &ev.addr, ev.port));
                 view.destination_names = self.names.lookup(event_addr(ev));
                 view.protocol = enrich::protocol(ev.sock_type);
@@ -782,6 +786,10 @@ impl Daemon {
     /// escalation gets the rule's deadline and timeout outcome and comes back, as does a
     /// request the policy has nothing to say about.
     fn route(&mut self, mut held: Held) -> Option<Held> {
+        if self.trusted_dns(&held) {
+            self.apply(held, Decision::Approve, "dns: a trusted resolver");
+            return None;
+        }
         let Some((outcome, rule, escalation)) = self.policy_verdict(&held) else {
             // No policy for this label: a human decides (regression: such requests were dropped)
             // unless a grant covers it.
@@ -819,13 +827,13 @@ impl Daemon {
     fn grant_subject(&self, held: &Held) -> grants::Subject {
         let pid = held.tgid;
         let binary = match held.kind {
-            HeldKind::Exec => held.binding.as_ref().and_then(|b| b.exe),
-            HeldKind::ExecLoaded => {
+            ActionKind::Exec => held.binding.as_ref().and_then(|b| b.exe),
+            ActionKind::ExecLoaded => {
                 enrich::file_id(std::path::Path::new(&format!("/proc/{pid}/exe")))
             }
-            HeldKind::Connect => None,
+            ActionKind::Connect | ActionKind::Send | ActionKind::Socket => None,
         };
-        let destination = (held.kind == HeldKind::Connect).then(|| {
+        let destination = held.kind.has_destination().then(|| {
             let ev = &held.event;
             (event_addr(ev), ev.port, self.sock_type(ev))
         });
@@ -862,7 +870,7 @@ impl Daemon {
         let longest = held
             .grant_offers
             .iter()
-            .filter(|o| o.scope == g.scope && o.fits(&held.view.kind))
+            .filter(|o| o.scope == g.scope && o.fits(held.view.kind))
             .map(|o| o.for_secs)
             .max();
         let Some(longest) = longest else {
@@ -1172,6 +1180,21 @@ impl Daemon {
         }
         self.kernel.set_exec_labels(&by_exe)?;
         tracing::info!(entries = by_exe.len(), "executable labels installed");
+        let mut sockets = Vec::new();
+        if let Some(p) = &self.policy {
+            for e in policy::compile::socket_fast_path(p) {
+                let id = label_id(&mut self.labels, &e.label);
+                self.kernel.set_label_name(id, &e.label)?;
+                sockets.push(shared::SocketKey {
+                    label: id,
+                    family: e.family,
+                    sock_type: e.sock_type,
+                });
+            }
+        }
+        self.kernel.set_socket_allow(&sockets)?;
+        // What processes' sends were decided under the earlier policy is asked again.
+        self.kernel.forget_send_decisions()?;
         // The grants' entries depend on the policy too (a new deny rule removes them).
         self.sync_grants();
         Ok(fast.len() + execs.len())
@@ -1193,12 +1216,35 @@ impl Daemon {
         ))
     }
 
+    /// A query to one of the host's trusted resolvers (port 53) that no rule of the label
+    /// names: programs must resolve names without a human, and the daemon learns the names
+    /// from these answers. A rule that names it (to deny, say) still decides.
+    fn trusted_dns(&self, held: &Held) -> bool {
+        let ev = &held.event;
+        if !held.kind.has_destination()
+            || ev.port != 53
+            || !self.names.resolvers().contains(&event_addr(ev))
+        {
+            return false;
+        }
+        let named = self.policy.as_ref().is_some_and(|p| {
+            self.action(held, ev)
+                .and_then(|a| p.evaluate(&held.view.label, &a).map(|v| v.rule.is_some()))
+                .unwrap_or(false)
+        });
+        !named
+    }
+
     /// The held request as a policy action.
     fn action(&self, held: &Held, ev: &shared::Event) -> Option<Action> {
         let v = &held.view;
         let pid = v.pid;
         match held.kind {
-            HeldKind::Connect => {
+            ActionKind::Socket => Some(Action::Socket {
+                family: ev.family,
+                sock_type: ev.sock_type,
+            }),
+            ActionKind::Connect | ActionKind::Send => {
                 let addr = event_addr(ev);
                 let protocol = match i32::from(self.sock_type(ev)) {
                     libc::SOCK_STREAM => Protocol::Tcp,
@@ -1213,9 +1259,9 @@ impl Daemon {
                     hosts: held.view.destination_names.clone(),
                 })
             }
-            HeldKind::Exec | HeldKind::ExecLoaded => {
+            ActionKind::Exec | ActionKind::ExecLoaded => {
                 let in_task = |p: &str| enrich::resolve_in_task(pid, p);
-                let (binary, binary_file) = if held.kind == HeldKind::Exec {
+                let (binary, binary_file) = if held.kind == ActionKind::Exec {
                     let name = v.binary.clone()?;
                     let file = enrich::file_id(&in_task(&name));
                     (name, file)
@@ -1226,7 +1272,7 @@ impl Daemon {
                     )
                 };
                 // A script run directly: its interpreter runs, the script is matched too.
-                if held.kind == HeldKind::Exec
+                if held.kind == ActionKind::Exec
                     && let Some((interp, _)) = enrich::shebang(&in_task(&binary))
                 {
                     return Some(Action::Exec {
@@ -1285,7 +1331,7 @@ impl Daemon {
         let verdict = binding.as_ref().map(|b| exec_matches(b, exe, &argv));
         match (binding, verdict) {
             (Some(b), Some(Ok(()))) => {
-                let (view, _) = self.describe(b.request, ev, HeldKind::ExecLoaded, None);
+                let (view, _) = self.describe(b.request, ev, ActionKind::ExecLoaded, None);
                 if let Err(e) = self.record("exec-verified", "released", "daemon", &view, None) {
                     tracing::error!(error = %e, "cannot record; killing the unverified exec");
                     let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
@@ -1313,7 +1359,7 @@ impl Daemon {
                     why,
                     "approved exec did not match what loaded; held again"
                 );
-                self.hold(ev, HeldKind::ExecLoaded, Some(why));
+                self.hold(ev, ActionKind::ExecLoaded, Some(why));
             }
         }
     }
@@ -1507,6 +1553,8 @@ impl Daemon {
             fast_allowed: stats[shared::STAT_FAST_ALLOWED as usize],
             fast_allowed_execs: stats[shared::STAT_FAST_EXEC as usize],
             grant_allowed: stats[shared::STAT_GRANT_ALLOWED as usize],
+            send_decided: stats[shared::STAT_SEND_DECIDED as usize],
+            unholdable_refused: stats[shared::STAT_UNHOLDABLE as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
             dns: self.config.dns.enabled.then(|| crate::proto::DnsStatus {
@@ -1572,16 +1620,18 @@ impl Daemon {
     ) -> String {
         // (kernel state to write, signal, what the caller sees)
         let (state, signal, applied) = match (held.kind, decision) {
-            (HeldKind::Exec | HeldKind::Connect, Decision::Approve) => {
-                (Some(shared::STATE_ALLOWED), Signal::SIGCONT, "released")
-            }
-            (HeldKind::Exec | HeldKind::Connect, Decision::Deny) => {
-                (Some(shared::STATE_DENIED), Signal::SIGCONT, "eperm")
-            }
-            (HeldKind::ExecLoaded, Decision::Approve) => {
+            (
+                ActionKind::Exec | ActionKind::Connect | ActionKind::Send | ActionKind::Socket,
+                Decision::Approve,
+            ) => (Some(shared::STATE_ALLOWED), Signal::SIGCONT, "released"),
+            (
+                ActionKind::Exec | ActionKind::Connect | ActionKind::Send | ActionKind::Socket,
+                Decision::Deny,
+            ) => (Some(shared::STATE_DENIED), Signal::SIGCONT, "eperm"),
+            (ActionKind::ExecLoaded, Decision::Approve) => {
                 (Some(shared::STATE_IDLE), Signal::SIGCONT, "released")
             }
-            (HeldKind::ExecLoaded, Decision::Deny) | (_, Decision::Kill) => {
+            (ActionKind::ExecLoaded, Decision::Deny) | (_, Decision::Kill) => {
                 (None, Signal::SIGKILL, "sigkill")
             }
         };
@@ -1632,7 +1682,7 @@ impl Daemon {
             }
         }
         if decision == Decision::Approve
-            && held.kind == HeldKind::Exec
+            && held.kind == ActionKind::Exec
             && let Some(b) = held.binding.clone()
         {
             self.approved_execs.insert(held.tid, b);
@@ -1860,7 +1910,7 @@ impl Daemon {
             // Requests raised meanwhile are denied at once too.
             while let Some(item) = ring.next() {
                 if let Some(ev) = ebpf::parse_event(&item)
-                    && let Some(kind) = HeldKind::of(ev.kind)
+                    && let Some(kind) = ActionKind::from_kernel(ev.kind)
                 {
                     if ev.label == shared::LABEL_UNCLASSIFIED {
                         self.let_go_or_kill(&ev, kind);

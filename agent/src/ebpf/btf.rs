@@ -215,6 +215,19 @@ impl Btf {
         })
     }
 
+    /// Adds what the network hooks read of the calling task and of a send: `task_struct`'s
+    /// `flags` (io_uring threads), `group_leader` and `start_time` (a process's identity
+    /// beside its pid), `msghdr.msg_name`, and the system calls a network hold can restart.
+    pub fn task_offsets(&self, o: &mut KernelOffsets) -> Result<(), BtfError> {
+        o.task_flags = self.member_offset("task_struct", "flags")?;
+        o.task_group_leader = self.member_offset("task_struct", "group_leader")?;
+        o.task_start_time = self.member_offset("task_struct", "start_time")?;
+        o.msghdr_name = self.member_offset("msghdr", "msg_name")?;
+        o.nr_net = net_syscalls();
+        o.task_valid = 1;
+        Ok(())
+    }
+
     /// What the `fentry` DNS capture reads (`host_netns_inum` is the caller's to fill in).
     pub fn dns_offsets(&self) -> Result<countersign_ebpf::DnsOffsets, BtfError> {
         Ok(countersign_ebpf::DnsOffsets {
@@ -249,6 +262,35 @@ impl Btf {
         o.regs_valid = 1;
         Ok(())
     }
+}
+
+/// The system calls under which a network hook may hold (the syscall restarts after the
+/// stop): `socket`, `connect`, `sendto`, `sendmsg`, `sendmmsg`, and on x86-64 their 32-bit
+/// numbers (`socketcall`, and the direct ones), which any process may use through `int $0x80`.
+fn net_syscalls() -> [u32; countersign_ebpf::NR_NET_SYSCALLS] {
+    let mut nr = [0; countersign_ebpf::NR_NET_SYSCALLS];
+    let native = [
+        libc::SYS_socket,
+        libc::SYS_connect,
+        libc::SYS_sendto,
+        libc::SYS_sendmsg,
+        libc::SYS_sendmmsg,
+    ];
+    // i386: socketcall, socket, connect, sendto, sendmsg, sendmmsg.
+    let compat: &[u32] = if cfg!(target_arch = "x86_64") {
+        &[102, 359, 362, 369, 370, 345]
+    } else {
+        &[]
+    };
+    for (slot, n) in nr.iter_mut().zip(
+        native
+            .iter()
+            .map(|&n| n as u32)
+            .chain(compat.iter().copied()),
+    ) {
+        *slot = n;
+    }
+    nr
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, Lsm, TracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, TracePoint,
+        cgroup_sock::CgroupSockLinkId,
         cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
         lsm::LsmLinkId,
@@ -147,6 +148,7 @@ enum AttachedLink {
     TracePoint(TracePointLinkId),
     Lsm(LsmLinkId),
     Cgroup(CgroupSockAddrLinkId),
+    CgroupSock(CgroupSockLinkId),
 }
 
 impl Kernel {
@@ -157,8 +159,8 @@ impl Kernel {
         pin::prepare(pin_dir)?;
         let adopted = pin::has_previous_links(pin_dir);
         format::ensure_tracefs().map_err(KernelError::Format)?;
-        let fork_offset = format::field_offset("sched", "sched_process_fork", "child_pid")
-            .map_err(KernelError::Format)?;
+        let newtask_pid_offset =
+            format::field_offset("task", "task_newtask", "pid").map_err(KernelError::Format)?;
         let cgroup_root_offset =
             format::field_offset("cgroup", "cgroup_mkdir", "root").map_err(KernelError::Format)?;
         let cgroup_id_offset =
@@ -173,7 +175,7 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .override_global(shared::GLOBAL_HOST_NETNS_COOKIE, &netns_cookie, true)
             .override_global(shared::GLOBAL_DNS_OFFSETS, &dns_offsets, true)
-            .override_global(shared::GLOBAL_FORK_CHILD_PID_OFFSET, &fork_offset, true)
+            .override_global(shared::GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid_offset, true)
             .override_global(shared::GLOBAL_KERNEL_OFFSETS, &offsets, true)
             .override_global(shared::GLOBAL_CGROUP_ROOT_OFFSET, &cgroup_root_offset, true)
             .override_global(shared::GLOBAL_CGROUP_ID_OFFSET, &cgroup_id_offset, true)
@@ -197,7 +199,7 @@ impl Kernel {
         let mut attached = Vec::new();
 
         for (name, category, tp) in [
-            (shared::PROG_TP_SCHED_FORK, "sched", "sched_process_fork"),
+            (shared::PROG_TP_TASK_NEWTASK, "task", "task_newtask"),
             (shared::PROG_TP_SCHED_EXIT, "sched", "sched_process_exit"),
             (shared::PROG_TP_SCHED_EXEC, "sched", "sched_process_exec"),
             (shared::PROG_TP_CGROUP_MKDIR, "cgroup", "cgroup_mkdir"),
@@ -273,6 +275,8 @@ impl Kernel {
         let mut hooks = vec![
             (shared::PROG_LSM_BPRM_CHECK, "bprm_check_security"),
             (shared::PROG_LSM_SOCKET_CONNECT, "socket_connect"),
+            (shared::PROG_LSM_SOCKET_SENDMSG, "socket_sendmsg"),
+            (shared::PROG_LSM_SOCKET_CREATE, "socket_create"),
         ];
         if self.offsets.regs_valid == 0 {
             self.attach_exec_tracepoints().map_err(|e| e.to_string())?;
@@ -327,6 +331,8 @@ impl Kernel {
         for name in [
             shared::PROG_LSM_BPRM_CHECK,
             shared::PROG_LSM_SOCKET_CONNECT,
+            shared::PROG_LSM_SOCKET_SENDMSG,
+            shared::PROG_LSM_SOCKET_CREATE,
             shared::PROG_LSM_BPRM_CREDS,
         ] {
             if let Some(prog) = self.ebpf.program_mut(name) {
@@ -357,22 +363,27 @@ impl Kernel {
 
     fn attach_fallback(&mut self) -> Result<()> {
         self.attach_exec_tracepoints()?;
-        let id = attach_tracepoint(
-            &mut self.ebpf,
-            shared::PROG_TP_SYS_ENTER_CONNECT,
-            "syscalls",
-            "sys_enter_connect",
-        )?;
-        self.attached.push((
-            shared::PROG_TP_SYS_ENTER_CONNECT,
-            AttachedLink::TracePoint(id),
-        ));
+        for (name, tp) in [
+            (shared::PROG_TP_SYS_ENTER_CONNECT, "sys_enter_connect"),
+            (shared::PROG_TP_SYS_ENTER_SENDTO, "sys_enter_sendto"),
+            (shared::PROG_TP_SYS_ENTER_SENDMSG, "sys_enter_sendmsg"),
+            (shared::PROG_TP_SYS_ENTER_SENDMMSG, "sys_enter_sendmmsg"),
+            (shared::PROG_TP_SYS_ENTER_SOCKET, "sys_enter_socket"),
+        ] {
+            let id = attach_tracepoint(&mut self.ebpf, name, "syscalls", tp)?;
+            self.attached.push((name, AttachedLink::TracePoint(id)));
+        }
         let root = cgroup2_root().ok_or(KernelError::NoCgroup2)?;
         let cgroup = File::open(&root).map_err(|error| KernelError::Io {
             path: root.clone(),
             error,
         })?;
-        for name in [shared::PROG_CG_CONNECT4, shared::PROG_CG_CONNECT6] {
+        for name in [
+            shared::PROG_CG_CONNECT4,
+            shared::PROG_CG_CONNECT6,
+            shared::PROG_CG_SENDMSG4,
+            shared::PROG_CG_SENDMSG6,
+        ] {
             let prog: &mut CgroupSockAddr = program_as(&mut self.ebpf, name)?;
             prog.load()
                 .map_err(|error| KernelError::Program { name, error })?;
@@ -382,6 +393,14 @@ impl Kernel {
                 .map_err(|error| KernelError::Program { name, error })?;
             self.attached.push((name, AttachedLink::Cgroup(id)));
         }
+        let name = shared::PROG_CG_SOCK_CREATE;
+        let prog: &mut CgroupSock = program_as(&mut self.ebpf, name)?;
+        prog.load()
+            .map_err(|error| KernelError::Program { name, error })?;
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|error| KernelError::Program { name, error })?;
+        self.attached.push((name, AttachedLink::CgroupSock(id)));
         Ok(())
     }
 
@@ -657,6 +676,15 @@ impl Kernel {
                     .map_err(|error| KernelError::Program { name, error })?;
                 FdLink::try_from(link).map_err(|e| invalid(&e))?
             }
+            AttachedLink::CgroupSock(id) => {
+                let p: &mut CgroupSock = prog
+                    .try_into()
+                    .map_err(|error| KernelError::Program { name, error })?;
+                let link = p
+                    .take_link(id)
+                    .map_err(|error| KernelError::Program { name, error })?;
+                FdLink::try_from(link).map_err(|e| invalid(&e))?
+            }
         })
     }
 
@@ -790,6 +818,30 @@ impl Kernel {
                 .insert(key, 1, 0)
                 .map_err(|e| map_err(shared::MAP_EXEC_ALLOW, &e))?;
         }
+        Ok(())
+    }
+
+    /// Replaces the socket fast path with `entries` ((label id, family, type) a rule allows).
+    pub fn set_socket_allow(&mut self, entries: &[shared::SocketKey]) -> Result<()> {
+        let pairs: Vec<(shared::SocketKey, u32)> = entries.iter().map(|k| (*k, 1)).collect();
+        let written = replace_hash(&mut self.ebpf, shared::MAP_SOCKET_ALLOW, &pairs, true)?;
+        if written.iter().any(|w| !w) {
+            tracing::warn!(
+                "some socket rules could not be written into the kernel: the daemon decides those sockets"
+            );
+        }
+        Ok(())
+    }
+
+    /// Forgets the destinations decided for processes' sends (a new policy or daemon asks
+    /// again: fail closed).
+    pub fn forget_send_decisions(&mut self) -> Result<()> {
+        replace_hash::<shared::SendKey, shared::SendDecided>(
+            &mut self.ebpf,
+            shared::MAP_SEND_DECIDED,
+            &[],
+            false,
+        )?;
         Ok(())
     }
 
@@ -1021,6 +1073,9 @@ fn kernel_offsets(
     };
     if let Err(e) = parsed.exec_arg_regs(&mut offsets) {
         tracing::info!(reason = %e, "exec arguments are recorded by the syscall tracepoints");
+    }
+    if let Err(e) = parsed.task_offsets(&mut offsets) {
+        tracing::warn!(reason = %e, "io_uring threads cannot be told apart and sends that name a destination are refused (no BTF for them)");
     }
     (offsets, Ok(()))
 }

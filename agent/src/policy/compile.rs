@@ -38,6 +38,50 @@ pub struct ConnectEntry {
     pub ports: Vec<(u16, u16)>,
 }
 
+/// A socket the policy allows in the kernel: (label, family, type).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketEntry {
+    pub label: String,
+    pub family: u16,
+    pub sock_type: u16,
+}
+
+/// The socket fast path of `policy`: every (family, type) an `allow` socket rule names with
+/// both lists given, unless an earlier socket rule of the label with another outcome could
+/// match it (first match wins). Rules with an empty list stay with the daemon.
+#[must_use]
+pub fn socket_fast_path(policy: &Policy) -> Vec<SocketEntry> {
+    let mut out = Vec::new();
+    for label in &policy.labels {
+        let mut earlier: Vec<&crate::policy::schema::SocketMatch> = Vec::new();
+        for rule in &label.rules {
+            let CompiledMatcher::Socket(m) = &rule.matcher else {
+                continue;
+            };
+            if rule.decision.outcome != Outcome::Allow {
+                earlier.push(m);
+                continue;
+            }
+            for f in &m.family {
+                for t in &m.types {
+                    if earlier.iter().any(|e| e.matches(f.0, t.0)) {
+                        continue;
+                    }
+                    let entry = SocketEntry {
+                        label: label.name.clone(),
+                        family: f.0,
+                        sock_type: t.0,
+                    };
+                    if !out.contains(&entry) {
+                        out.push(entry);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The connect fast path of `policy`.
 #[must_use]
 pub fn connect_fast_path(policy: &Policy) -> Vec<ConnectEntry> {

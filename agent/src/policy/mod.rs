@@ -13,7 +13,9 @@ use std::{
 };
 
 pub use load::load;
-use schema::{ConnectMatch, Decision, ExecMatch, Glob, MatchSpec, Matcher, Protocol, Rule};
+use schema::{
+    ConnectMatch, Decision, ExecMatch, Glob, MatchSpec, Matcher, Protocol, Rule, SocketMatch,
+};
 
 use crate::daemon::enrich::{FileId, file_id};
 
@@ -90,6 +92,7 @@ pub enum CompiledMatcher {
         args: Vec<Glob>,
     },
     Connect(ConnectMatch),
+    Socket(SocketMatch),
 }
 
 impl CompiledRule {
@@ -106,6 +109,7 @@ impl CompiledRule {
                 args: args.clone(),
             },
             Matcher::Connect(c) => CompiledMatcher::Connect(c.clone()),
+            Matcher::Socket(s) => CompiledMatcher::Socket(s.clone()),
         };
         Self {
             name: rule.name.clone(),
@@ -137,6 +141,7 @@ pub enum Action {
         script_file: Option<FileId>,
         argv: Vec<String>,
     },
+    /// A connect, or a send to a destination (connect rules decide both).
     Connect {
         addr: IpAddr,
         port: u16,
@@ -144,6 +149,8 @@ pub enum Action {
         /// The names known for `addr` (learnt from DNS answers; empty: none known).
         hosts: Vec<String>,
     },
+    /// Creating a socket that is not an ordinary TCP/UDP/local one.
+    Socket { family: u16, sock_type: u16 },
 }
 
 /// What the policy says about an action.
@@ -232,6 +239,9 @@ impl CompiledRule {
                     // no name known it does not match.
                     && (c.host.is_empty()
                         || hosts.iter().any(|h| c.host.iter().any(|g| g.matches(h))))
+            }
+            (CompiledMatcher::Socket(s), Action::Socket { family, sock_type }) => {
+                s.matches(*family, *sock_type)
             }
             _ => false,
         }

@@ -92,7 +92,9 @@ pub struct Rule {
 #[derive(Debug, Clone)]
 pub enum Matcher {
     Exec(ExecMatch),
+    /// Connects and sends: any way to reach a destination.
     Connect(ConnectMatch),
+    Socket(SocketMatch),
 }
 
 #[derive(Deserialize)]
@@ -104,6 +106,8 @@ struct RawRule {
     exec: Option<ExecMatch>,
     #[serde(default)]
     connect: Option<ConnectMatch>,
+    #[serde(default)]
+    socket: Option<SocketMatch>,
     outcome: Outcome,
     #[serde(default)]
     escalate: Option<Escalation>,
@@ -117,17 +121,18 @@ impl TryFrom<RawRule> for Rule {
             .name
             .as_deref()
             .map_or_else(|| "rule".to_owned(), |n| format!("rule `{n}`"));
-        let matcher = match (r.exec, r.connect) {
-            (Some(e), None) => Matcher::Exec(e),
-            (None, Some(c)) => Matcher::Connect(c),
-            (Some(_), Some(_)) => {
+        let matcher = match (r.exec, r.connect, r.socket) {
+            (Some(e), None, None) => Matcher::Exec(e),
+            (None, Some(c), None) => Matcher::Connect(c),
+            (None, None, Some(s)) => Matcher::Socket(s),
+            (None, None, None) => {
                 return Err(format!(
-                    "{what} has both `exec` and `connect`; split it into two rules"
+                    "{what} needs `exec: {{...}}`, `connect: {{...}}` or `socket: {{...}}`"
                 ));
             }
-            (None, None) => {
+            _ => {
                 return Err(format!(
-                    "{what} needs `exec: {{...}}` or `connect: {{...}}`"
+                    "{what} has more than one of `exec`, `connect` and `socket`; split it into one rule each"
                 ));
             }
         };
@@ -375,6 +380,125 @@ impl std::fmt::Display for Protocol {
     }
 }
 
+/// Which sockets a rule names (empty lists: any). Only sockets that are not ordinary TCP,
+/// UDP, local or netlink ones are actions: `socket: {family: [packet]}`,
+/// `socket: {family: [inet], type: [raw]}`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketMatch {
+    #[serde(default)]
+    pub family: Vec<SocketFamily>,
+    #[serde(default, rename = "type")]
+    pub types: Vec<SocketType>,
+}
+
+impl SocketMatch {
+    #[must_use]
+    pub fn matches(&self, family: u16, sock_type: u16) -> bool {
+        (self.family.is_empty() || self.family.iter().any(|f| f.0 == family))
+            && (self.types.is_empty() || self.types.iter().any(|t| t.0 == sock_type))
+    }
+}
+
+/// Socket families by name (`AF_*` without the prefix, lowercase) or number.
+const SOCKET_FAMILIES: &[(&str, u16)] = &[
+    ("unix", 1),
+    ("inet", 2),
+    ("ax25", 3),
+    ("ipx", 4),
+    ("appletalk", 5),
+    ("x25", 9),
+    ("inet6", 10),
+    ("key", 15),
+    ("netlink", 16),
+    ("packet", 17),
+    ("rds", 21),
+    ("llc", 26),
+    ("ib", 27),
+    ("mpls", 28),
+    ("can", 29),
+    ("tipc", 30),
+    ("bluetooth", 31),
+    ("alg", 38),
+    ("nfc", 39),
+    ("vsock", 40),
+    ("kcm", 41),
+    ("qipcrtr", 42),
+    ("smc", 43),
+    ("xdp", 44),
+    ("mctp", 45),
+];
+
+/// Socket types by name (`SOCK_*` without the prefix, lowercase) or number.
+const SOCKET_TYPES: &[(&str, u16)] = &[
+    ("stream", 1),
+    ("dgram", 2),
+    ("raw", 3),
+    ("rdm", 4),
+    ("seqpacket", 5),
+    ("dccp", 6),
+    ("packet", 10),
+];
+
+/// A socket family (`AF_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketFamily(pub u16);
+
+/// A socket type (`SOCK_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketType(pub u16);
+
+/// A name from `table` or a number below `max`.
+fn name_or_number(s: &str, table: &[(&str, u16)], what: &str, max: u16) -> Result<u16, String> {
+    if let Some((_, n)) = table.iter().find(|(name, _)| name.eq_ignore_ascii_case(s)) {
+        return Ok(*n);
+    }
+    match s.parse::<u16>() {
+        Ok(n) if n < max => Ok(n),
+        _ => {
+            let names: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
+            Err(format!(
+                "`{s}` is not a socket {what} (one of {}, or a number below {max})",
+                names.join(", ")
+            ))
+        }
+    }
+}
+
+/// The name of `n` in `table`, else the number.
+fn number_name(n: u16, table: &[(&str, u16)]) -> String {
+    table
+        .iter()
+        .find(|(_, v)| *v == n)
+        .map_or_else(|| n.to_string(), |(name, _)| (*name).to_owned())
+}
+
+impl FromStr for SocketFamily {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        name_or_number(s, SOCKET_FAMILIES, "family", 64).map(SocketFamily)
+    }
+}
+
+impl FromStr for SocketType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        name_or_number(s, SOCKET_TYPES, "type", 16).map(SocketType)
+    }
+}
+
+impl fmt::Display for SocketFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&number_name(self.0, SOCKET_FAMILIES))
+    }
+}
+
+impl fmt::Display for SocketType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&number_name(self.0, SOCKET_TYPES))
+    }
+}
+
 /// An IPv4 or IPv6 network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr(pub ipnet::IpNet);
@@ -498,6 +622,8 @@ macro_rules! from_str_de {
 from_str_de!(Cidr);
 from_str_de!(PortRange);
 from_str_de!(Glob);
+from_str_de!(SocketFamily);
+from_str_de!(SocketType);
 from_str_de!(HostGlob);
 
 /// A scalar read as text (YAML gives ports as numbers).

@@ -299,7 +299,21 @@ fn errors_name_file_line_column_and_suggest() {
         dir.path(),
         "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - exec: {}\n        connect: {}\n        outcome: allow\n",
     );
-    assert!(e.contains("both `exec` and `connect`"), "{e}");
+    assert!(
+        e.contains("more than one of `exec`, `connect` and `socket`"),
+        "{e}"
+    );
+
+    let e = errors(
+        dir.path(),
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - socket: {family: [pakket]}\n        outcome: allow\n",
+    );
+    assert!(
+        e.contains("p.yaml:5:")
+            && e.contains("`pakket` is not a socket family")
+            && e.contains("packet"),
+        "{e}"
+    );
 
     let e = errors(
         dir.path(),
@@ -436,4 +450,40 @@ fn reminders_and_the_escalation_ladder_are_read_and_checked() {
         e.contains("late.yaml") && e.contains("ladder[0].after"),
         "{e}"
     );
+}
+
+/// Socket rules: families and types by name or number, first match wins, and only `allow`
+/// rules naming both family and type go into the kernel (unless an earlier refusal overlaps).
+#[test]
+fn socket_rules_match_and_compile() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "p.yaml",
+        "apiVersion: countersign.dev/v1
+labels:
+  - name: a
+    default: {outcome: deny}
+    rules:
+      - {name: no-raw-v6, socket: {family: [inet6], type: [raw]}, outcome: kill}
+      - {name: ping, socket: {family: [inet, inet6], type: [dgram, raw]}, outcome: allow}
+      - {name: vsock, socket: {family: [40]}, outcome: escalate}
+",
+    );
+    let p = load(&[p]).unwrap_or_else(|e| panic!("{e}"));
+    let socket = |family, sock_type| Action::Socket { family, sock_type };
+    assert_eq!(outcome(&p, "a", &socket(2, 3)).0, Outcome::Allow);
+    assert_eq!(outcome(&p, "a", &socket(10, 3)).0, Outcome::Kill);
+    assert_eq!(outcome(&p, "a", &socket(40, 1)).0, Outcome::Escalate);
+    assert_eq!(outcome(&p, "a", &socket(17, 3)).0, Outcome::Deny);
+    // A connect rule never matches a socket, nor a socket rule a connect.
+    assert_eq!(
+        outcome(&p, "a", &connect("10.0.0.1", 443, None)).0,
+        Outcome::Deny
+    );
+    let fast: Vec<(u16, u16)> = crate::policy::compile::socket_fast_path(&p)
+        .into_iter()
+        .map(|e| (e.family, e.sock_type))
+        .collect();
+    assert_eq!(fast, [(2, 2), (2, 3), (10, 2)], "inet6/raw stays refused");
 }

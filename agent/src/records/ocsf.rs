@@ -90,7 +90,7 @@ pub fn event(record: &Record) -> Option<Value> {
         },
     });
     let obj = ev.as_object_mut().expect("an object");
-    if q.kind == "connect" {
+    if q.kind.has_destination() {
         let (ip, port) = q
             .destination
             .as_deref()
@@ -192,7 +192,7 @@ mod tests {
     #[test]
     fn a_denied_connect_is_a_blocked_network_open() {
         let mut v = view(8);
-        v.kind = "connect".into();
+        v.kind = crate::proto::ActionKind::Connect;
         v.destination = Some("[2001:db8::1]:443".into());
         v.protocol = Some("tcp".into());
         let e = event(&record(decision("denied", v))).unwrap();
@@ -204,7 +204,7 @@ mod tests {
         assert_eq!(e["dst_endpoint"]["port"], 443);
         assert!(e["dst_endpoint"].get("hostname").is_none());
         let mut named = view(9);
-        named.kind = "connect".into();
+        named.kind = crate::proto::ActionKind::Connect;
         named.destination = Some("93.184.216.34:443".into());
         named.destination_names = vec!["api.example.com".into(), "cdn.example.net".into()];
         let e = event(&record(decision("approved", named))).unwrap();

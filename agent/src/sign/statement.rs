@@ -6,7 +6,7 @@
 //!   verifies and matches the request it holds, and the host's records embed it.
 use serde::{Deserialize, Serialize};
 
-use crate::proto::{Decision, RequestView};
+use crate::proto::{ActionKind, Decision, RequestView};
 
 /// DSSE payload type of an escalation (signed by the host key).
 pub const PAYLOAD_ESCALATION: &str = "application/vnd.countersign.escalation+json";
@@ -33,6 +33,9 @@ pub struct ActionDigest<'a> {
     pub cwd: Option<&'a str>,
     pub destination: Option<&'a str>,
     pub protocol: Option<&'a str>,
+    /// Only for socket actions (absent otherwise, so other actions hash as before).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket: Option<&'a str>,
 }
 
 /// SHA-256 (hex) of the canonical JSON of the action in `view`, on host `host_id`.
@@ -41,7 +44,7 @@ pub fn action_hash(host_id: &str, view: &RequestView) -> String {
     let digest = ActionDigest {
         host: host_id,
         request: view.id,
-        kind: &view.kind,
+        kind: view.kind.as_str(),
         label: &view.label,
         pid: view.pid,
         uid: view.uid,
@@ -51,6 +54,7 @@ pub fn action_hash(host_id: &str, view: &RequestView) -> String {
         cwd: view.cwd.as_deref(),
         destination: view.destination.as_deref(),
         protocol: view.protocol.as_deref(),
+        socket: view.socket.as_deref(),
     };
     // Only strings, integers and booleans: canonical JSON cannot fail.
     super::sha256_hex(&super::canonical(&digest).expect("canonical JSON of an action"))
@@ -127,12 +131,12 @@ pub struct GrantOffer {
 }
 
 impl GrantOffer {
-    /// Whether it can apply to a request of `kind` (`exec`, `exec-loaded`, `connect`).
+    /// Whether it can apply to a request of `kind`.
     #[must_use]
-    pub fn fits(&self, kind: &str) -> bool {
+    pub fn fits(&self, kind: ActionKind) -> bool {
         match self.scope {
-            GrantScope::Binary => kind != "connect",
-            GrantScope::Destination => kind == "connect",
+            GrantScope::Binary => kind.is_exec(),
+            GrantScope::Destination => kind.has_destination(),
             GrantScope::Tree => true,
         }
     }
@@ -300,7 +304,7 @@ mod tests {
     #[test]
     fn destination_names_are_context_outside_the_hash() {
         let mut v = view();
-        v.kind = "connect".into();
+        v.kind = crate::proto::ActionKind::Connect;
         v.destination = Some("93.184.216.34:443".into());
         v.protocol = Some("tcp".into());
         let h = action_hash("host-a", &v);

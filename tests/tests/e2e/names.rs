@@ -29,6 +29,8 @@ labels:
     rules:
       - {{name: the-probe, exec: {{binary: [{probe}]}}, outcome: allow}}
       - {{name: dns, connect: {{cidr: [127.0.53.0/24], ports: [53], protocol: udp}}, outcome: allow}}
+      # The answer a program playing a resolver sends back (a datagram without connect).
+      - {{name: dns-replies, connect: {{cidr: [127.0.0.1/32], ports: [1024-65535], protocol: udp}}, outcome: allow}}
       - {{name: no-paste, connect: {{host: ['*.paste.test']}}, outcome: deny}}
 {extra_rules}      - {{name: api, connect: {{host: ['*.example.test']}}, outcome: allow}}
 ",

@@ -62,15 +62,12 @@ pub trait Channel: Send + Sync {
 pub fn summary(req: &StoredRequest) -> String {
     let e = &req.escalation;
     let v = &e.request;
-    let what = match v.kind.as_str() {
-        "connect" => format!(
-            "connect to {}",
-            v.destination_text().unwrap_or_else(|| "?".into())
-        ),
-        _ => format!("run {}", crate::cli::requests::quote_argv(&v.argv)),
-    };
     format!(
         "#{} {} on {}: label {} wants to {}",
-        req.id, req.state, e.host_name, v.label, what
+        req.id,
+        req.state,
+        e.host_name,
+        v.label,
+        v.what()
     )
 }

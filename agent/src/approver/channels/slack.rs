@@ -217,7 +217,7 @@ pub fn blocks(req: &StoredRequest, public_url: Option<&str>) -> Value {
             escape(v.user.as_deref().unwrap_or("?")),
             v.uid
         ),
-        format!("*Kind*\n{}", escape(&v.kind)),
+        format!("*Kind*\n{}", escape(v.kind.as_str())),
     ];
     if let Some(rule) = &v.rule {
         fields.push(format!("*Rule*\n{}", escape(rule)));
@@ -277,7 +277,7 @@ pub fn blocks(req: &StoredRequest, public_url: Option<&str>) -> Value {
         let mut buttons = vec![
             json!({"type": "button", "action_id": "approve", "style": "primary", "value": id, "text": {"type": "plain_text", "text": "Approve once"}}),
         ];
-        for (i, g) in e.grants.iter().enumerate().filter(|(_, g)| g.fits(&v.kind)) {
+        for (i, g) in e.grants.iter().enumerate().filter(|(_, g)| g.fits(v.kind)) {
             buttons.push(
                 json!({"type": "button", "action_id": format!("grant_{i}"), "value": id,
                 "text": {"type": "plain_text", "text": format!("Approve {}", g.describe())}}),

@@ -344,7 +344,7 @@ pub fn card(req: &StoredRequest, public_url: Option<&str>) -> Value {
         ] {
             actions.push(json!({"type": "Action.Execute", "verb": verb, "title": title, "data": {"id": req.id}}));
         }
-        for (i, g) in e.grants.iter().enumerate().filter(|(_, g)| g.fits(&v.kind)) {
+        for (i, g) in e.grants.iter().enumerate().filter(|(_, g)| g.fits(v.kind)) {
             actions.push(json!({"type": "Action.Execute", "verb": "approve", "title": format!("Approve {}", g.describe()), "data": {"id": req.id, "grant": i}}));
         }
     } else if let Some(g) = req.grant.as_ref().filter(|g| g.active()) {

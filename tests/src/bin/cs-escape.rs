@@ -1,0 +1,746 @@
+//! Escape attempts: the ways a determined agent could try to get an outbound action past the
+//! hold. Each invocation performs exactly one technique and prints one line: `sent N` (a send
+//! reported N bytes sent), `connected` (a TCP connect, and the payload write after it,
+//! succeeded) or `error ERRNO`; it exits 0 on success and 1 on error. What is sent is always
+//! the ASCII bytes `cs-escape`, so a listener can recognise it. The scenarios run each technique
+//! unlabelled first (it must deliver) and then labelled (nothing may arrive).
+//!
+//! Usage (ADDR:PORT is `127.0.0.1:4000` or `[::1]:4000`; IPV4:PORT takes only the former):
+//!   cs-escape udp-sendto ADDR:PORT [COUNT]    unconnected UDP socket, sendto (COUNT times from
+//!                                             one socket: prints the bytes sent in all)
+//!   cs-escape udp-sendmsg ADDR:PORT           sendmsg with msg_name set
+//!   cs-escape udp-sendmmsg ADDR:PORT          sendmmsg of two datagrams to ADDR:PORT; prints the
+//!                                             bytes of the datagrams reported sent
+//!   cs-escape udp-mapped IPV4:PORT            AF_INET6 socket (IPV6_V6ONLY off), sendto to
+//!                                             ::ffff:IPV4
+//!   cs-escape udp-connect-then-sendto FIRST SECOND
+//!                                             UDP connect to FIRST, then sendto SECOND; prints
+//!                                             the sendto's result (or the connect's error)
+//!   cs-escape tcp-fastopen ADDR:PORT          TCP sendto(MSG_FASTOPEN): connect and data at once
+//!   cs-escape tcp-fastopen-connect ADDR:PORT  TCP_FASTOPEN_CONNECT, connect, write
+//!   cs-escape uring-connect ADDR:PORT [MODE]  io_uring TCP connect, then a plain write
+//!   cs-escape uring-sendmsg ADDR:PORT [MODE]  io_uring SendMsg on an unconnected UDP socket
+//!   cs-escape uring-sendto ADDR:PORT [MODE]   io_uring Send with a destination address (6.0+)
+//!                                             MODE: none for an inline submission; `async`
+//!                                             (IOSQE_ASYNC: an io-wq worker thread issues it);
+//!                                             `sqpoll` (a SQPOLL ring: the kernel's submission
+//!                                             thread issues it); `link` (it follows a NOP
+//!                                             linked to it, so it is issued on the NOP's
+//!                                             completion)
+//!   cs-escape thread-connect ADDR:PORT        TCP connect and write from a spawned thread
+//!   cs-escape thread-sendto ADDR:PORT         udp-sendto from a spawned thread
+//!   cs-escape raw-udp IPV4:PORT               SOCK_RAW/IPPROTO_UDP with a hand-built UDP header
+//!                                             (needs CAP_NET_RAW)
+//!   cs-escape packet-lo IPV4:PORT             AF_PACKET/SOCK_DGRAM on `lo` with a hand-built
+//!                                             IPv4 + UDP packet from 127.0.0.1 (CAP_NET_RAW;
+//!                                             delivered only with net.ipv4.conf.lo.
+//!                                             route_localnet=1 and accept_local=1)
+//!   cs-escape ping ADDR                       one ICMP (or ICMPv6) echo request from a datagram
+//!                                             socket (allowed by net.ipv4.ping_group_range)
+//!   cs-escape udp-sendto-compat ADDR:PORT [socketcall]
+//!                                             socket and sendto through `int $0x80`, the ia32
+//!                                             entry (the ia32 socket syscalls, or socketcall
+//!                                             with `socketcall`); x86-64 only; `error 38`
+//!                                             (ENOSYS) without ia32 emulation
+//!   cs-escape tcp-connect-compat ADDR:PORT [socketcall]
+//!                                             socket and connect the same way, then a 64-bit
+//!                                             write
+use std::{
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+use io_uring::{IoUring, opcode, squeue, types::Fd};
+
+/// What every technique sends.
+const PAYLOAD: &[u8] = b"cs-escape";
+
+/// The source port of the hand-built UDP headers.
+const SOURCE_PORT: u16 = 40_000;
+
+/// What a technique achieved.
+enum Done {
+    Sent(usize),
+    Connected,
+}
+
+/// A technique's result: `Err` holds a positive errno.
+type Outcome = Result<Done, i32>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |i: usize| args.get(i).map(String::as_str);
+    let target = |i: usize| -> SocketAddr {
+        arg(i)
+            .and_then(|a| a.parse().ok())
+            .expect("an ADDR:PORT argument")
+    };
+    let outcome = match arg(1) {
+        Some("udp-sendto") => match arg(3) {
+            None => udp_sendto(target(2)),
+            Some(n) => udp_sendto_many(target(2), n.parse().expect("a COUNT")),
+        },
+        Some("udp-sendmsg") => udp_sendmsg(target(2)),
+        Some("udp-sendmmsg") => udp_sendmmsg(target(2)),
+        Some("udp-mapped") => udp_mapped(target(2)),
+        Some("udp-connect-then-sendto") => udp_connect_then_sendto(target(2), target(3)),
+        Some("tcp-fastopen") => tcp_fastopen(target(2)),
+        Some("tcp-fastopen-connect") => tcp_connect(target(2), true),
+        Some("uring-connect") => uring_connect(target(2), Mode::parse(arg(3))),
+        Some("uring-sendmsg") => uring_sendmsg(target(2), Mode::parse(arg(3))),
+        Some("uring-sendto") => uring_sendto(target(2), Mode::parse(arg(3))),
+        Some("thread-connect") => in_thread(|to| tcp_connect(to, false), target(2)),
+        Some("thread-sendto") => in_thread(udp_sendto, target(2)),
+        Some("raw-udp") => raw_udp(target(2)),
+        Some("packet-lo") => packet_lo(target(2)),
+        Some("ping") => ping(
+            arg(2)
+                .and_then(|a| a.parse().ok())
+                .expect("an ADDR argument"),
+        ),
+        #[cfg(target_arch = "x86_64")]
+        Some("udp-sendto-compat") => compat::run(target(2), false, arg(3)),
+        #[cfg(target_arch = "x86_64")]
+        Some("tcp-connect-compat") => compat::run(target(2), true, arg(3)),
+        _ => {
+            eprintln!("cs-escape: unknown usage {args:?}");
+            std::process::exit(2);
+        }
+    };
+    let (line, code) = match outcome {
+        Ok(Done::Sent(n)) => (format!("sent {n}"), 0),
+        Ok(Done::Connected) => ("connected".to_owned(), 0),
+        Err(errno) => (format!("error {errno}"), 1),
+    };
+    say(&line);
+    std::process::exit(code);
+}
+
+fn say(s: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{s}");
+    let _ = out.flush();
+}
+
+// ---- Plain socket calls -------------------------------------------------------------------
+
+fn udp_sendto(target: SocketAddr) -> Outcome {
+    let to = Sockaddr::new(target);
+    let fd = socket(to.family(), libc::SOCK_DGRAM, 0)?;
+    sendto(&fd, PAYLOAD, 0, &to).map(Done::Sent)
+}
+
+/// `count` datagrams from one socket: the bytes sent in all.
+fn udp_sendto_many(target: SocketAddr, count: usize) -> Outcome {
+    let to = Sockaddr::new(target);
+    let fd = socket(to.family(), libc::SOCK_DGRAM, 0)?;
+    let mut total = 0;
+    for _ in 0..count {
+        total += sendto(&fd, PAYLOAD, 0, &to)?;
+    }
+    Ok(Done::Sent(total))
+}
+
+fn udp_sendmsg(target: SocketAddr) -> Outcome {
+    let to = Sockaddr::new(target);
+    let fd = socket(to.family(), libc::SOCK_DGRAM, 0)?;
+    let mut iov = payload_iov();
+    let msg = message_to(&to, &mut iov);
+    // SAFETY: `msg` points at `to` and `iov`, both alive for the call.
+    check(unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) }).map(Done::Sent)
+}
+
+fn udp_sendmmsg(target: SocketAddr) -> Outcome {
+    let to = Sockaddr::new(target);
+    let fd = socket(to.family(), libc::SOCK_DGRAM, 0)?;
+    let mut iovs = [payload_iov(), payload_iov()];
+    let mut msgs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .map(|iov| libc::mmsghdr {
+            msg_hdr: message_to(&to, iov),
+            msg_len: 0,
+        })
+        .collect();
+    // SAFETY: every message points at `to` and at its own iovec, all alive for the call.
+    let rc = unsafe { libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), 2, 0) };
+    let count = check(rc)?;
+    Ok(Done::Sent(
+        msgs[..count].iter().map(|m| m.msg_len as usize).sum(),
+    ))
+}
+
+fn udp_mapped(target: SocketAddr) -> Outcome {
+    let v4 = ipv4(target);
+    let to = Sockaddr::new(SocketAddr::new(
+        IpAddr::V6(v4.ip().to_ipv6_mapped()),
+        v4.port(),
+    ));
+    let fd = socket(libc::AF_INET6, libc::SOCK_DGRAM, 0)?;
+    set_int_option(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
+    sendto(&fd, PAYLOAD, 0, &to).map(Done::Sent)
+}
+
+fn udp_connect_then_sendto(first: SocketAddr, second: SocketAddr) -> Outcome {
+    let (first, second) = (Sockaddr::new(first), Sockaddr::new(second));
+    let fd = socket(first.family(), libc::SOCK_DGRAM, 0)?;
+    connect(&fd, &first)?;
+    sendto(&fd, PAYLOAD, 0, &second).map(Done::Sent)
+}
+
+fn tcp_fastopen(target: SocketAddr) -> Outcome {
+    let to = Sockaddr::new(target);
+    let fd = socket(to.family(), libc::SOCK_STREAM, 0)?;
+    sendto(&fd, PAYLOAD, libc::MSG_FASTOPEN, &to).map(Done::Sent)
+}
+
+/// A TCP connect (with TCP_FASTOPEN_CONNECT set first if `fastopen`: with a cookie cached,
+/// the SYN then leaves only with the write) and the payload write after it.
+fn tcp_connect(target: SocketAddr, fastopen: bool) -> Outcome {
+    let to = Sockaddr::new(target);
+    let fd = socket(to.family(), libc::SOCK_STREAM, 0)?;
+    if fastopen {
+        set_int_option(&fd, libc::IPPROTO_TCP, libc::TCP_FASTOPEN_CONNECT, 1)?;
+    }
+    connect(&fd, &to)?;
+    write(&fd, PAYLOAD)?;
+    Ok(Done::Connected)
+}
+
+/// Runs `technique` in a new thread, so that a thread other than the main one acts.
+fn in_thread(technique: fn(SocketAddr) -> Outcome, target: SocketAddr) -> Outcome {
+    std::thread::spawn(move || technique(target))
+        .join()
+        .expect("the technique's thread")
+}
+
+// ---- Hand-built packets -------------------------------------------------------------------
+
+fn raw_udp(target: SocketAddr) -> Outcome {
+    let target = ipv4(target);
+    let fd = socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP)?;
+    // The kernel adds the IP header; the port of a raw socket's address is not used.
+    let to = Sockaddr::new(SocketAddr::new(IpAddr::V4(*target.ip()), 0));
+    sendto(&fd, &udp_datagram(target.port()), 0, &to).map(Done::Sent)
+}
+
+/// Injected packets carry no route: the kernel routes them as input, where a loopback
+/// destination and a local source are martians unless lo has `route_localnet` and
+/// `accept_local` set: a scenario sets both before using this technique.
+fn packet_lo(target: SocketAddr) -> Outcome {
+    let target = ipv4(target);
+    let udp = udp_datagram(target.port());
+    let mut packet = ipv4_header(Ipv4Addr::LOCALHOST, *target.ip(), udp.len());
+    packet.extend_from_slice(&udp);
+    let protocol = (libc::ETH_P_IP as u16).to_be();
+    let fd = socket(libc::AF_PACKET, libc::SOCK_DGRAM, protocol.into())?;
+    // SAFETY: a NUL-terminated interface name.
+    let ifindex = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    if ifindex == 0 {
+        return Err(errno());
+    }
+    // SAFETY: all-zero is a valid sockaddr_ll; its all-zero hardware address is lo's own.
+    let mut ll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    ll.sll_family = libc::AF_PACKET as libc::sa_family_t;
+    ll.sll_protocol = protocol;
+    ll.sll_ifindex = i32::try_from(ifindex).expect("an interface index");
+    ll.sll_halen = 6;
+    // SAFETY: `packet` and `ll` are alive for the call.
+    check(unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            packet.as_ptr().cast(),
+            packet.len(),
+            0,
+            (&raw const ll).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })
+    .map(Done::Sent)
+}
+
+fn ping(addr: IpAddr) -> Outcome {
+    let (family, protocol, echo_request) = match addr {
+        IpAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP, 8),
+        IpAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6, 128),
+    };
+    let fd = socket(family, libc::SOCK_DGRAM, protocol)?;
+    // Type, code, checksum and identifier (the kernel fills these two in), sequence 1.
+    let mut echo = vec![echo_request, 0, 0, 0, 0, 0, 0, 1];
+    echo.extend_from_slice(PAYLOAD);
+    sendto(&fd, &echo, 0, &Sockaddr::new(SocketAddr::new(addr, 0))).map(Done::Sent)
+}
+
+/// A UDP header to `port` and the payload; checksum 0 ("none") is valid over IPv4.
+fn udp_datagram(port: u16) -> Vec<u8> {
+    let len = u16::try_from(8 + PAYLOAD.len()).expect("a small datagram");
+    let mut datagram = [
+        SOURCE_PORT.to_be_bytes(),
+        port.to_be_bytes(),
+        len.to_be_bytes(),
+        [0, 0],
+    ]
+    .concat();
+    datagram.extend_from_slice(PAYLOAD);
+    datagram
+}
+
+/// An IPv4 header (no options, don't fragment, TTL 64) of a UDP packet, its checksum computed.
+fn ipv4_header(source: Ipv4Addr, destination: Ipv4Addr, payload_len: usize) -> Vec<u8> {
+    let total = u16::try_from(20 + payload_len).expect("a small packet");
+    let protocol = u8::try_from(libc::IPPROTO_UDP).expect("an IP protocol number");
+    let mut header = [
+        [0x45, 0],
+        total.to_be_bytes(),
+        [0, 0],
+        [0x40, 0],
+        [64, protocol],
+        [0, 0],
+    ]
+    .concat();
+    header.extend_from_slice(&source.octets());
+    header.extend_from_slice(&destination.octets());
+    let mut sum: u32 = header
+        .chunks_exact(2)
+        .map(|word| u32::from(u16::from_be_bytes([word[0], word[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let checksum = !u16::try_from(sum).expect("folded to 16 bits");
+    header[10..12].copy_from_slice(&checksum.to_be_bytes());
+    header
+}
+
+// ---- io_uring -----------------------------------------------------------------------------
+
+/// How the io_uring request is issued.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Inline,
+    Async,
+    Sqpoll,
+    Link,
+}
+
+impl Mode {
+    fn parse(arg: Option<&str>) -> Self {
+        match arg {
+            None => Self::Inline,
+            Some("async") => Self::Async,
+            Some("sqpoll") => Self::Sqpoll,
+            Some("link") => Self::Link,
+            Some(other) => panic!("unknown io_uring mode {other:?}"),
+        }
+    }
+}
+
+fn uring_connect(target: SocketAddr, mode: Mode) -> Outcome {
+    let to = Sockaddr::new(target);
+    let fd = socket(to.family(), libc::SOCK_STREAM, 0)?;
+    let entry = opcode::Connect::new(Fd(fd.as_raw_fd()), to.ptr(), to.len).build();
+    // SAFETY: the entry points at `to`, alive until `uring` returns.
+    unsafe { uring(entry, mode) }?;
+    write(&fd, PAYLOAD)?;
+    Ok(Done::Connected)
+}
+
+fn uring_sendmsg(target: SocketAddr, mode: Mode) -> Outcome {
+    let to = Sockaddr::new(target);
+    let fd = socket(to.family(), libc::SOCK_DGRAM, 0)?;
+    let mut iov = payload_iov();
+    let msg = message_to(&to, &mut iov);
+    let entry = opcode::SendMsg::new(Fd(fd.as_raw_fd()), &msg).build();
+    // SAFETY: the entry points at `msg`, which points at `to` and `iov`: all alive until
+    // `uring` returns.
+    unsafe { uring(entry, mode) }.map(Done::Sent)
+}
+
+fn uring_sendto(target: SocketAddr, mode: Mode) -> Outcome {
+    let to = Sockaddr::new(target);
+    let fd = socket(to.family(), libc::SOCK_DGRAM, 0)?;
+    let len = u32::try_from(PAYLOAD.len()).expect("a small payload");
+    let entry = opcode::Send::new(Fd(fd.as_raw_fd()), PAYLOAD.as_ptr(), len)
+        .dest_addr(to.ptr())
+        .dest_addr_len(to.len)
+        .build();
+    // SAFETY: the entry points at `to`, alive until `uring` returns, and at the static payload.
+    unsafe { uring(entry, mode) }.map(Done::Sent)
+}
+
+/// Submits `entry` on a new ring as `mode` says and returns its result once it completed.
+///
+/// # Safety
+/// Whatever `entry` points at must stay valid until this returns. It returns early only when
+/// `io_uring_enter` fails, and the caller then only reports the error and exits.
+unsafe fn uring(entry: squeue::Entry, mode: Mode) -> Result<usize, i32> {
+    const TAG: u64 = 1;
+    let mut builder = IoUring::builder();
+    if mode == Mode::Sqpoll {
+        builder.setup_sqpoll(1000);
+    }
+    let mut ring: IoUring = builder.build(4).map_err(os_errno)?;
+    let mut entry = entry.user_data(TAG);
+    if mode == Mode::Async {
+        entry = entry.flags(squeue::Flags::ASYNC);
+    }
+    {
+        let mut queue = ring.submission();
+        if mode == Mode::Link {
+            let nop = opcode::Nop::new().build().flags(squeue::Flags::IO_LINK);
+            // SAFETY: a NOP points at nothing.
+            unsafe { queue.push(&nop) }.expect("room in a new ring");
+        }
+        // SAFETY: the caller keeps what `entry` points at valid until we return.
+        unsafe { queue.push(&entry) }.expect("room in a new ring");
+    }
+    loop {
+        match ring.submit_and_wait(1) {
+            // A held request may stop and continue us, which interrupts the wait.
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(os_errno(e)),
+            Ok(_) => {}
+        }
+        if let Some(cqe) = ring.completion().find(|cqe| cqe.user_data() == TAG) {
+            return usize::try_from(cqe.result()).map_err(|_| -cqe.result());
+        }
+    }
+}
+
+// ---- Helpers ------------------------------------------------------------------------------
+
+/// A socket address as the kernel takes it.
+struct Sockaddr {
+    storage: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+impl Sockaddr {
+    fn new(addr: SocketAddr) -> Self {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                // SAFETY: sockaddr_storage is larger than, and aligned for, sockaddr_in.
+                let sin = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in>() };
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_port = a.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+                size_of::<libc::sockaddr_in>()
+            }
+            SocketAddr::V6(a) => {
+                // SAFETY: sockaddr_storage is larger than, and aligned for, sockaddr_in6.
+                let sin6 = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_in6>() };
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_flowinfo = a.flowinfo();
+                sin6.sin6_addr.s6_addr = a.ip().octets();
+                sin6.sin6_scope_id = a.scope_id();
+                size_of::<libc::sockaddr_in6>()
+            }
+        };
+        let len = libc::socklen_t::try_from(len).expect("a small sockaddr");
+        Self { storage, len }
+    }
+
+    fn family(&self) -> i32 {
+        self.storage.ss_family.into()
+    }
+
+    fn ptr(&self) -> *const libc::sockaddr {
+        (&raw const self.storage).cast()
+    }
+}
+
+/// The IPv4 address of a technique that only takes one (a usage error otherwise).
+fn ipv4(target: SocketAddr) -> SocketAddrV4 {
+    match target {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => panic!("this technique takes an IPv4 ADDR"),
+    }
+}
+
+fn socket(family: i32, kind: i32, protocol: i32) -> Result<OwnedFd, i32> {
+    // SAFETY: plain syscall; a non-negative result is a new descriptor that nothing else owns.
+    unsafe {
+        let fd = libc::socket(family, kind | libc::SOCK_CLOEXEC, protocol);
+        if fd < 0 {
+            Err(errno())
+        } else {
+            Ok(OwnedFd::from_raw_fd(fd))
+        }
+    }
+}
+
+fn connect(fd: &OwnedFd, to: &Sockaddr) -> Result<(), i32> {
+    // SAFETY: `to` is alive for the call.
+    check(unsafe { libc::connect(fd.as_raw_fd(), to.ptr(), to.len) }).map(drop)
+}
+
+fn sendto(fd: &OwnedFd, buf: &[u8], flags: i32, to: &Sockaddr) -> Result<usize, i32> {
+    // SAFETY: `buf` and `to` are alive for the call.
+    check(unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            flags,
+            to.ptr(),
+            to.len,
+        )
+    })
+}
+
+fn write(fd: &OwnedFd, buf: &[u8]) -> Result<usize, i32> {
+    // SAFETY: `buf` is alive for the call.
+    check(unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) })
+}
+
+fn set_int_option(fd: &OwnedFd, level: i32, name: i32, value: libc::c_int) -> Result<(), i32> {
+    // SAFETY: `value` is alive for the call, and its size is passed.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+fn payload_iov() -> libc::iovec {
+    libc::iovec {
+        iov_base: PAYLOAD.as_ptr().cast_mut().cast(),
+        iov_len: PAYLOAD.len(),
+    }
+}
+
+/// A message of `iov` to `to` (both must outlive its use).
+fn message_to(to: &Sockaddr, iov: &mut libc::iovec) -> libc::msghdr {
+    // SAFETY: all-zero is a valid msghdr: no name, no data, no control messages.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = to.ptr().cast_mut().cast();
+    msg.msg_namelen = to.len;
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg
+}
+
+/// A syscall's non-negative result, or the errno it set.
+fn check(rc: impl TryInto<usize>) -> Result<usize, i32> {
+    rc.try_into().map_err(|_| errno())
+}
+
+fn errno() -> i32 {
+    os_errno(std::io::Error::last_os_error())
+}
+
+fn os_errno(e: std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+// ---- The ia32 entry -----------------------------------------------------------------------
+
+/// Socket calls through `int $0x80` from this 64-bit process: the kernel's ia32 syscall table,
+/// whose numbers and entry points differ from the 64-bit ones.
+#[cfg(target_arch = "x86_64")]
+mod compat {
+    use super::{Done, Outcome, OwnedFd, PAYLOAD, Sockaddr, SocketAddr, errno, write};
+    use std::os::fd::FromRawFd as _;
+
+    /// socketcall(2), the ia32 multiplexer of the socket calls.
+    const SOCKETCALL: u32 = 102;
+    /// Where the low page holds the payload, the socket address and socketcall's arguments.
+    const PAYLOAD_AT: usize = 0;
+    const SOCKADDR_AT: usize = 64;
+    const ARGS_AT: usize = 192;
+
+    /// The socket calls used: each has an ia32 syscall number and a socketcall number.
+    #[derive(Clone, Copy)]
+    enum Call {
+        Socket,
+        Connect,
+        Sendto,
+    }
+
+    impl Call {
+        fn numbers(self) -> (u32, u32) {
+            match self {
+                Self::Socket => (359, 1),
+                Self::Connect => (362, 3),
+                Self::Sendto => (369, 11),
+            }
+        }
+    }
+
+    /// Opens a TCP (`tcp`) or UDP socket of `target`'s family through the ia32 entry, then
+    /// connects it and writes the payload, or sends the payload to `target` with sendto.
+    /// `mode` is none for the ia32 socket syscalls, `socketcall` for the multiplexer.
+    pub fn run(target: SocketAddr, tcp: bool, mode: Option<&str>) -> Outcome {
+        let via_socketcall = match mode {
+            None => false,
+            Some("socketcall") => true,
+            Some(other) => panic!("unknown compat mode {other:?}"),
+        };
+        let to = Sockaddr::new(target);
+        let page = LowPage::map(via_socketcall)?;
+        let kind = if tcp {
+            libc::SOCK_STREAM
+        } else {
+            libc::SOCK_DGRAM
+        };
+        let fd = page.call(Call::Socket, &[to.family() as u32, kind as u32, 0])?;
+        // SAFETY: the descriptor the socket call just returned; nothing else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let addr = page.put_sockaddr(&to);
+        if tcp {
+            page.call(Call::Connect, &[fd, addr, to.len])?;
+            write(&owned, PAYLOAD)?;
+            return Ok(Done::Connected);
+        }
+        let (payload, len) = (page.addr(PAYLOAD_AT), PAYLOAD.len() as u32);
+        let sent = page.call(Call::Sendto, &[fd, payload, len, 0, addr, to.len])?;
+        Ok(Done::Sent(sent as usize))
+    }
+
+    /// A page below 4 GiB, where the 32-bit pointers that the ia32 calls take can point, with
+    /// the payload at its start. It is never unmapped: the process exits soon after.
+    struct LowPage {
+        base: *mut u8,
+        via_socketcall: bool,
+    }
+
+    impl LowPage {
+        fn map(via_socketcall: bool) -> Result<Self, i32> {
+            // SAFETY: a new anonymous mapping, then a copy into its start.
+            let base = unsafe {
+                let base = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_32BIT,
+                    -1,
+                    0,
+                );
+                if base == libc::MAP_FAILED {
+                    return Err(errno());
+                }
+                let base = base.cast::<u8>();
+                std::ptr::copy_nonoverlapping(
+                    PAYLOAD.as_ptr(),
+                    base.add(PAYLOAD_AT),
+                    PAYLOAD.len(),
+                );
+                base
+            };
+            catch_missing_int80();
+            Ok(Self {
+                base,
+                via_socketcall,
+            })
+        }
+
+        /// The 32-bit address of `offset` in the page.
+        fn addr(&self, offset: usize) -> u32 {
+            u32::try_from(self.base as usize + offset).expect("MAP_32BIT maps below 4 GiB")
+        }
+
+        /// Copies `to` into the page and returns its 32-bit address.
+        fn put_sockaddr(&self, to: &Sockaddr) -> u32 {
+            // SAFETY: a socket address (at most 28 bytes) fits between SOCKADDR_AT and ARGS_AT.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    to.ptr().cast::<u8>(),
+                    self.base.add(SOCKADDR_AT),
+                    to.len as usize,
+                );
+            }
+            self.addr(SOCKADDR_AT)
+        }
+
+        /// Makes `call` with `args` (at most six), as an ia32 syscall or through socketcall.
+        fn call(&self, call: Call, args: &[u32]) -> Result<u32, i32> {
+            let (direct, multiplexed) = call.numbers();
+            let mut registers = [0u32; 6];
+            let number = if self.via_socketcall {
+                // SAFETY: six u32s fit between ARGS_AT and the end of the page, 4-aligned.
+                unsafe {
+                    let at = self.base.add(ARGS_AT).cast::<u32>();
+                    std::ptr::copy_nonoverlapping(args.as_ptr(), at, args.len());
+                }
+                registers[..2].copy_from_slice(&[multiplexed, self.addr(ARGS_AT)]);
+                SOCKETCALL
+            } else {
+                registers[..args.len()].copy_from_slice(args);
+                direct
+            };
+            let rc = int80(number, &registers) as i32;
+            u32::try_from(rc).map_err(|_| -rc)
+        }
+    }
+
+    /// The ia32 syscall `number` with `args` in ebx, ecx, edx, esi, edi and ebp.
+    fn int80(number: u32, args: &[u32; 6]) -> u32 {
+        let mut rc = number;
+        // SAFETY: `int $0x80` enters the kernel's ia32 syscall table, which reads only the
+        // lower 32 bits of each register: every pointer among `args` is in the low page. rbx
+        // and rbp, which the compiler may not hand out as operands, are saved around the call
+        // (rdi, which holds `args`, is loaded last); r8-r11 are declared clobbered for kernels
+        // that do not preserve them.
+        unsafe {
+            core::arch::asm!(
+                "push rbx",
+                "push rbp",
+                "mov ebx, [rdi]",
+                "mov ecx, [rdi + 4]",
+                "mov edx, [rdi + 8]",
+                "mov esi, [rdi + 12]",
+                "mov ebp, [rdi + 20]",
+                "mov edi, [rdi + 16]",
+                "int 0x80",
+                "pop rbp",
+                "pop rbx",
+                inout("rdi") args.as_ptr() => _,
+                inout("eax") rc,
+                out("ecx") _,
+                out("edx") _,
+                out("esi") _,
+                out("r8") _,
+                out("r9") _,
+                out("r10") _,
+                out("r11") _,
+            );
+        }
+        rc
+    }
+
+    /// Without ia32 emulation (not built in, or `ia32_emulation=0`) `int $0x80` has no gate
+    /// and faults: this SIGSEGV handler turns that fault into an ENOSYS result instead.
+    fn catch_missing_int80() {
+        // SAFETY: installing a handler that touches only the interrupted context.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_segv as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO;
+            libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut());
+        }
+    }
+
+    extern "C" fn on_segv(_: libc::c_int, _: *mut libc::siginfo_t, context: *mut libc::c_void) {
+        // SAFETY: the kernel hands an SA_SIGINFO handler the interrupted ucontext_t; the
+        // faulting instruction is in this program's code, which is readable.
+        unsafe {
+            let registers = &mut (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
+            let rip = registers[libc::REG_RIP as usize];
+            if *(rip as usize as *const [u8; 2]) == [0xcd, 0x80] {
+                registers[libc::REG_RAX as usize] = -i64::from(libc::ENOSYS);
+                registers[libc::REG_RIP as usize] = rip + 2;
+            } else {
+                // Any other fault repeats on return, and kills the process as usual.
+                libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+            }
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! Escape attempts: every way out of a labelled process we know of, tried as a determined
+//! agent would (`cs-escape`, one technique per run). Each technique first runs unlabelled and
+//! must deliver its payload (else the labelled run would prove nothing); then it runs labelled
+//! with nobody approving — every request it raises is denied — and nothing may arrive. Root
+//! and an unprivileged user, natively (fallback mode) and in the LSM VMs.
+use std::time::{Duration, Instant};
+
+use countersign_tests::{Daemon, Listener, Proc, UdpReceiver, WAIT, escape_bin};
+use serde_json::Value;
+
+/// The unprivileged user of the scenarios.
+const NOBODY: u32 = 65534;
+
+/// Who runs a technique.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum As {
+    Root,
+    Nobody,
+}
+
+/// Where a technique's payload may arrive.
+enum Sink {
+    Udp(UdpReceiver),
+    Tcp(Listener),
+    /// No receiver of ours (ICMP): the technique's own report (`sent N`) is the evidence.
+    Report,
+}
+
+impl Sink {
+    fn addr(&self) -> String {
+        match self {
+            Sink::Udp(u) => u.addr(),
+            Sink::Tcp(l) => l.addr(),
+            Sink::Report => "127.0.0.1".into(),
+        }
+    }
+
+    /// Whether anything arrived (since the last call).
+    fn arrived(&self, stdout: &str) -> bool {
+        match self {
+            Sink::Udp(u) => u.received() > 0,
+            Sink::Tcp(l) => l.accepted(),
+            Sink::Report => stdout.starts_with("sent"),
+        }
+    }
+}
+
+/// What a labelled run did: its output, the requests it raised (each denied), and how the
+/// daemon's refusal counter moved.
+struct Attempt {
+    stdout: String,
+    requests: Vec<Value>,
+    refused_in_kernel: u64,
+    killed: bool,
+}
+
+fn escape() -> String {
+    escape_bin().to_str().expect("utf-8 path").to_owned()
+}
+
+/// The binary `who` runs.
+fn escape_for(d: &Daemon, who: As) -> String {
+    match who {
+        As::Root => escape(),
+        As::Nobody => d
+            .for_other_users(&escape_bin(), "cs-escape-for-nobody")
+            .to_str()
+            .expect("utf-8 path")
+            .to_owned(),
+    }
+}
+
+fn spawn(d: &Daemon, who: As, args: &[String]) -> Proc {
+    let bin = escape_for(d, who);
+    let mut cmd: Vec<&str> = vec![&bin];
+    cmd.extend(args.iter().map(String::as_str));
+    match who {
+        As::Root => d.labelled("agent", &cmd),
+        As::Nobody => d.labelled_as(NOBODY, "agent", &cmd),
+    }
+}
+
+/// Runs a technique unlabelled: it must deliver (positive control).
+fn unlabelled_delivers(d: &Daemon, who: As, args: &[String], sink: &Sink) {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new(escape_for(d, who));
+    cmd.args(args);
+    if who == As::Nobody {
+        cmd.uid(NOBODY).gid(NOBODY);
+    }
+    let out = cmd.output().expect("cs-escape unlabelled");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        out.status.success() && sink.arrived(&stdout),
+        "as {who:?}, `cs-escape {}` does not work even unlabelled on this machine ({stdout}; {}): the labelled run would prove nothing",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+/// Runs a technique labelled. Its own exec is approved; every other request it raises is
+/// decided by `decide` (which says `approve` or `deny`), until it ends.
+fn labelled_attempt(
+    d: &Daemon,
+    who: As,
+    args: &[String],
+    decide: impl Fn(&Value) -> &'static str,
+) -> Attempt {
+    use std::os::unix::process::ExitStatusExt as _;
+    let refused_before = refused_in_kernel(d);
+    let mut p = spawn(d, who, args);
+    let exec = d.wait_exec(p.pid(), &args[0]);
+    d.decide(&exec, "approve");
+    let mut requests = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = p.child.try_wait().expect("try_wait") {
+            break status;
+        }
+        for r in d.list() {
+            if r["pid"] == p.pid() && !requests.iter().any(|x: &Value| x["id"] == r["id"]) {
+                d.decide(&r, decide(&r));
+                requests.push(r);
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "`cs-escape {}` did not end; held: {:?}",
+            args.join(" "),
+            d.list()
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    };
+    Attempt {
+        stdout: p.stdout().trim().to_owned(),
+        requests,
+        refused_in_kernel: refused_in_kernel(d) - refused_before,
+        killed: status.signal() == Some(libc::SIGKILL),
+    }
+}
+
+fn refused_in_kernel(d: &Daemon) -> u64 {
+    d.status()["unholdable_refused"].as_u64().unwrap_or(0)
+}
+
+/// The technique is stopped: nothing arrived, it saw an error (or was killed), and the path
+/// it took was mediated — a request of one of `kinds` was raised (and denied), or the kernel
+/// refused it where it could not be held.
+fn assert_contained(name: &str, who: As, a: &Attempt, sink: &Sink, kinds: &[&str]) {
+    assert!(
+        !sink.arrived(&a.stdout),
+        "ESCAPE as {who:?}: {name} delivered its payload ({}); requests {:?}",
+        a.stdout,
+        a.requests
+    );
+    assert!(
+        a.killed || a.stdout.starts_with("error"),
+        "as {who:?}: {name} did not fail: {}",
+        a.stdout
+    );
+    let held = a
+        .requests
+        .iter()
+        .any(|r| kinds.iter().any(|k| r["kind"] == *k));
+    assert!(
+        held || a.refused_in_kernel > 0 || a.killed,
+        "as {who:?}: {name} failed ({}) but nothing shows it was stopped by countersign: no {kinds:?} request, no refusal in the kernel; requests {:?}",
+        a.stdout,
+        a.requests
+    );
+}
+
+/// One technique against a fresh sink, unlabelled then labelled (every request denied).
+fn contained(d: &Daemon, who: As, technique: &str, sink: impl Fn() -> Sink, kinds: &[&str]) {
+    contained_with(d, who, technique, &[], sink, kinds);
+}
+
+fn contained_with(
+    d: &Daemon,
+    who: As,
+    technique: &str,
+    extra: &[&str],
+    sink: impl Fn() -> Sink,
+    kinds: &[&str],
+) {
+    let control = sink();
+    let mut args = vec![technique.to_owned(), control.addr()];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    unlabelled_delivers(d, who, &args, &control);
+    let target = sink();
+    args[1] = target.addr();
+    let a = labelled_attempt(d, who, &args, |_| "deny");
+    assert_contained(&args.join(" "), who, &a, &target, kinds);
+}
+
+fn udp4() -> Sink {
+    Sink::Udp(UdpReceiver::on("127.0.0.1"))
+}
+
+fn udp6() -> Sink {
+    Sink::Udp(UdpReceiver::on("::1"))
+}
+
+fn tcp4() -> Sink {
+    Sink::Tcp(Listener::new())
+}
+
+const SEND: &[&str] = &["send"];
+const CONNECT: &[&str] = &["connect"];
+const SEND_OR_CONNECT: &[&str] = &["send", "connect"];
+const SOCKET: &[&str] = &["socket"];
+
+/// Datagrams without connect, every syscall and family: each is held as a `send` and, denied,
+/// never leaves.
+fn datagrams(who: As) {
+    let d = Daemon::start();
+    for t in ["udp-sendto", "udp-sendmsg", "udp-sendmmsg"] {
+        contained(&d, who, t, udp4, SEND);
+        contained(&d, who, t, udp6, SEND);
+    }
+    contained(&d, who, "udp-mapped", udp4, SEND);
+    contained(&d, who, "thread-sendto", udp4, SEND);
+}
+
+#[test]
+fn datagrams_are_held_as_root() {
+    datagrams(As::Root);
+}
+
+#[test]
+fn datagrams_are_held_as_nobody() {
+    datagrams(As::Nobody);
+}
+
+/// A UDP socket connected to an approved destination still cannot send elsewhere.
+#[test]
+fn a_connected_udp_socket_cannot_send_elsewhere() {
+    let d = Daemon::start();
+    let first = UdpReceiver::on("127.0.0.1");
+    let second = UdpReceiver::on("127.0.0.1");
+    let args = vec![
+        "udp-connect-then-sendto".to_owned(),
+        first.addr(),
+        second.addr(),
+    ];
+    let first_addr = first.addr();
+    let a = labelled_attempt(&d, As::Root, &args, |r| {
+        if r["kind"] == "connect" && r["destination"] == first_addr.as_str() {
+            "approve"
+        } else {
+            "deny"
+        }
+    });
+    assert_contained(
+        "udp-connect-then-sendto",
+        As::Root,
+        &a,
+        &Sink::Udp(second),
+        SEND,
+    );
+}
+
+/// TCP Fast Open opens a connection from `sendto`, without `connect`.
+fn fast_open(who: As) {
+    let d = Daemon::start();
+    contained(&d, who, "tcp-fastopen", tcp4, SEND_OR_CONNECT);
+    contained(&d, who, "tcp-fastopen-connect", tcp4, CONNECT);
+}
+
+#[test]
+fn tcp_fast_open_is_held_as_root() {
+    fast_open(As::Root);
+}
+
+#[test]
+fn tcp_fast_open_is_held_as_nobody() {
+    fast_open(As::Nobody);
+}
+
+/// io_uring in every submission mode: the kernel's own threads issue the operation (the
+/// labels must reach them) and nothing restarts there, so what the kernel does not allow is
+/// refused.
+fn io_uring(who: As) {
+    let d = Daemon::start();
+    for mode in [None, Some("async"), Some("sqpoll"), Some("link")] {
+        let extra: Vec<&str> = mode.into_iter().collect();
+        contained_with(&d, who, "uring-connect", &extra, tcp4, CONNECT);
+        contained_with(&d, who, "uring-sendmsg", &extra, udp4, SEND);
+        contained_with(&d, who, "uring-sendto", &extra, udp4, SEND);
+    }
+}
+
+#[test]
+fn io_uring_cannot_get_out_as_root() {
+    io_uring(As::Root);
+}
+
+#[test]
+fn io_uring_cannot_get_out_as_nobody() {
+    io_uring(As::Nobody);
+}
+
+/// A thread of a labelled process is labelled.
+#[test]
+fn threads_are_held() {
+    let d = Daemon::start();
+    contained(&d, As::Nobody, "thread-connect", tcp4, CONNECT);
+}
+
+/// The 32-bit system call entry (`int $0x80`), which skips the per-syscall tracepoints.
+fn compat(who: As) {
+    if !cfg!(target_arch = "x86_64") {
+        eprintln!("not applicable: the 32-bit entry is x86-64's");
+        return;
+    }
+    let d = Daemon::start();
+    for extra in [&[][..], &["socketcall"][..]] {
+        contained_with(&d, who, "udp-sendto-compat", extra, udp4, SEND);
+        contained_with(&d, who, "tcp-connect-compat", extra, tcp4, CONNECT);
+    }
+}
+
+#[test]
+fn the_32_bit_entry_is_held_as_root() {
+    compat(As::Root);
+}
+
+#[test]
+fn the_32_bit_entry_is_held_as_nobody() {
+    compat(As::Nobody);
+}
+
+/// A sysctl set for a scenario and put back when it ends (also on failure).
+struct Sysctl {
+    path: String,
+    was: String,
+}
+
+impl Sysctl {
+    fn set(name: &str, value: &str) -> Self {
+        let path = format!("/proc/sys/{name}");
+        let was = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        std::fs::write(&path, value).unwrap_or_else(|e| panic!("{path}: {e}"));
+        Self { path, was }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, self.was.trim());
+    }
+}
+
+/// Raw, packet and ICMP sockets: creating one is an action of its own.
+#[test]
+fn raw_packet_and_icmp_sockets_are_held() {
+    // So that the positive controls can deliver: a packet put on `lo` by hand is routed as
+    // incoming (loopback destination, local source), and ICMP datagram sockets are off for
+    // every group by default.
+    let _localnet = Sysctl::set("net/ipv4/conf/lo/route_localnet", "1");
+    let _accept_local = Sysctl::set("net/ipv4/conf/lo/accept_local", "1");
+    let _ping = Sysctl::set("net/ipv4/ping_group_range", "0 2147483647");
+    let d = Daemon::start();
+    contained(&d, As::Root, "raw-udp", udp4, SOCKET);
+    contained(&d, As::Root, "packet-lo", udp4, SOCKET);
+    contained(&d, As::Nobody, "ping", || Sink::Report, SOCKET);
+}
+
+/// A send approved once is decided for that process and destination: its later datagrams
+/// there never leave the kernel, while another destination is asked about again.
+#[test]
+fn an_approved_destination_is_decided_in_the_kernel() {
+    let d = Daemon::start();
+    let sink = UdpReceiver::on("127.0.0.1");
+    let args = vec!["udp-sendto".to_owned(), sink.addr(), "20".to_owned()];
+    let before = d.status()["send_decided"].as_u64().unwrap_or(0);
+    let a = labelled_attempt(&d, As::Root, &args, |_| "approve");
+    assert_eq!(a.stdout, format!("sent {}", 20 * 9), "{:?}", a.requests);
+    assert_eq!(a.requests.len(), 1, "one request, not one per datagram");
+    assert_eq!(a.requests[0]["kind"], "send");
+    assert_eq!(a.requests[0]["destination"], sink.addr().as_str());
+    assert_eq!(sink.received(), 20);
+    let decided = d.status()["send_decided"].as_u64().unwrap_or(0) - before;
+    assert!(decided >= 19, "{decided} datagrams answered in the kernel");
+}
