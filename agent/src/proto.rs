@@ -252,8 +252,9 @@ impl ActionKind {
 }
 
 impl std::fmt::Display for ActionKind {
+    /// The wire name; honours width and alignment (`{:<11}` in `requests list`).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -354,5 +355,6 @@ mod tests {
         }
         assert_eq!(ActionKind::from_kernel(k::KIND_ERROR), None);
         assert!(ActionKind::Send.has_destination() && !ActionKind::Socket.has_destination());
+        assert_eq!(format!("[{:<7}]", ActionKind::Send), "[send   ]");
     }
 }

@@ -495,6 +495,23 @@ impl Daemon {
         names
     }
 
+    /// Waits for a decision log entry matching `pred`.
+    pub fn wait_decision(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(e) = self.decisions().into_iter().find(|e| pred(e)) {
+                return e;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no decision for {what} within {WAIT:?}; decisions: {:?}\n{}",
+                self.decisions(),
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+
     /// The decision log's entries.
     #[must_use]
     pub fn decisions(&self) -> Vec<Value> {

@@ -57,6 +57,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 const POLICY_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Most requests held at once; beyond it new ones are denied at once.
 const MAX_PENDING: usize = 4096;
+/// How often the same refusal in the kernel (same process, same action) is recorded.
+const REFUSAL_RECORD_EVERY: Duration = Duration::from_secs(60);
+/// Most distinct refusals remembered for that.
+const MAX_REFUSALS: usize = 1024;
 
 /// What an approved exec is bound to: the image that runs must be this one.
 #[derive(Debug, Clone)]
@@ -120,6 +124,9 @@ struct Daemon {
     started: Instant,
     /// Requests taken over from a daemon that did not stop cleanly.
     adopted: usize,
+    /// Refusals the kernel reported lately, by (process, what): the first of a storm is
+    /// recorded, its repeats within [`REFUSAL_RECORD_EVERY`] only counted by the kernel.
+    refusals: HashMap<(u32, String), Instant>,
     /// Loaded-but-not-run execs held in a ptrace stop.
     tracer: trace::Tracer,
     policy: Option<Policy>,
@@ -264,6 +271,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         approved_execs: HashMap::new(),
         started: Instant::now(),
         adopted: 0,
+        refusals: HashMap::new(),
         tracer: trace::Tracer::default(),
         policy_stamp: stamp,
         policy,
@@ -549,26 +557,58 @@ impl Daemon {
                     "a connect let through on a grant was not covered by it once its socket type was known (a grant for another protocol, or it just ended) and was refused");
             }
             shared::KIND_ERROR if ev.detail == shared::ERROR_UNHOLDABLE => {
-                let action = ActionKind::from_kernel(u32::from(ev.action))
-                    .map_or("an action", ActionKind::as_str);
-                let what = if ev.action as u32 == shared::KIND_SOCKET {
-                    enrich::socket(ev.family, ev.sock_type, ev.port)
-                } else {
-                    enrich::destination(ev.family, &ev.addr, ev.port)
-                };
-                tracing::warn!(pid = ev.tgid, tid = ev.tid, label = %self.label_name(ev.label), action, what,
-                    "refused in the kernel: made where it cannot be held (an io_uring thread or submission, a 32-bit system call, or another destination in one batch) and not allowed by the policy's fast path, a grant or an earlier decision");
+                self.kernel_refused(ev, "denied", "eperm",
+                    "kernel: made where it cannot be held (an io_uring thread or submission, a 32-bit system call, another destination of one batch) and not allowed by the policy's fast path, a grant or an earlier decision");
             }
             shared::KIND_ERROR if ev.detail == shared::ERROR_SOCKET_KILLED => {
-                tracing::warn!(pid = ev.tgid, label = %self.label_name(ev.label),
-                    socket = enrich::socket(ev.family, ev.sock_type, ev.port),
-                    "killed: created a socket of a family the fallback hooks cannot refuse, not allowed by the policy");
+                self.kernel_refused(ev, "killed", "sigkill",
+                    "kernel: a socket of a family the fallback hooks cannot refuse, not allowed by the policy");
             }
             shared::KIND_ERROR => {
                 tracing::warn!(pid = ev.tgid, label = %self.label_name(ev.label), detail = ev.detail,
                     "the kernel reported an error for a labelled task");
             }
             _ => {}
+        }
+    }
+
+    /// An action the kernel refused (or killed) by itself: logged, and recorded as a signed
+    /// decision so that the evidence shows the attempt — once a minute for the same process
+    /// and action, so that a storm of refusals cannot flood the spool.
+    fn kernel_refused(&mut self, ev: &shared::Event, decision: &str, applied: &str, by: &str) {
+        let Some(kind) = ActionKind::from_kernel(u32::from(ev.action)) else {
+            return;
+        };
+        let what = if kind == ActionKind::Socket {
+            enrich::socket(ev.family, ev.sock_type, ev.port)
+        } else {
+            enrich::destination(ev.family, &ev.addr, ev.port)
+        };
+        tracing::warn!(pid = ev.tgid, tid = ev.tid, label = %self.label_name(ev.label),
+            action = %kind, what, decision, "{by}");
+        let now = Instant::now();
+        let key = (ev.tgid, format!("{kind} {what}"));
+        if self
+            .refusals
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < REFUSAL_RECORD_EVERY)
+        {
+            return;
+        }
+        if self.refusals.len() >= MAX_REFUSALS {
+            self.refusals
+                .retain(|_, t| now.duration_since(*t) < REFUSAL_RECORD_EVERY);
+            if self.refusals.len() >= MAX_REFUSALS {
+                return;
+            }
+        }
+        self.refusals.insert(key, now);
+        let id = self.next_id;
+        self.next_id += 1;
+        let (mut view, _) = self.describe(id, ev, kind, None);
+        view.expires_in_ms = 0;
+        if let Err(e) = self.record(decision, applied, by, &view, None) {
+            tracing::error!(error = %e, "cannot record a refusal of the kernel");
         }
     }
 

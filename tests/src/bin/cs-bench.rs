@@ -1,7 +1,8 @@
 //! countersign's benchmark driver (run by `cargo xtask bench`, on the host and in the VMs).
 //!
-//! Two loops — fork+exec of a tiny binary, and TCP connect+close to a loopback listener — are
-//! timed in three settings, interleaved round by round so that drift of the machine affects
+//! Three loops — fork+exec of a tiny binary, TCP connect+close to a loopback listener, and
+//! UDP `sendto` of a small datagram to a loopback socket (no connect: each send names its
+//! destination) — are timed in three settings, interleaved round by round so that drift of the machine affects
 //! them alike:
 //! - `baseline`: no daemon, no hooks;
 //! - `unlabelled`: the daemon runs, the loop's process is not an agent;
@@ -14,9 +15,10 @@
 //! tasks, so its CPU time measures the hot path while being far less sensitive than wall time
 //! to other work on a shared machine; wall time also shows waiting (e.g. for the daemon).
 //!
-//! Usage: cs-bench suite COUNTERSIGN POLICY_DIR_OUT ROUNDS EXECS CONNECTS
+//! Usage: cs-bench suite COUNTERSIGN POLICY_DIR_OUT ROUNDS EXECS CONNECTS SENDS
 //!        cs-bench exec N          (prints wall and CPU ns per exec)
 //!        cs-bench connect N       (prints wall and CPU ns per connect)
+//!        cs-bench send N          (prints wall and CPU ns per datagram sent)
 //!
 //! `suite` prints one JSON object with every round's samples (`samples.LOOP.SETTING.wall` and
 //! `.cpu`, ns per operation, in round order); `cargo xtask bench` turns them into paired
@@ -47,12 +49,21 @@ fn main() {
             println!("{wall} {cpu}");
             0
         }
+        Some("send") => {
+            let n = args[2].parse().expect("N");
+            let (wall, cpu) = measure(n, || send_loop(n));
+            println!("{wall} {cpu}");
+            0
+        }
         Some("suite") => suite(
             Path::new(&args[2]),
             Path::new(&args[3]),
             args[4].parse().expect("ROUNDS"),
-            args[5].parse().expect("EXECS"),
-            args[6].parse().expect("CONNECTS"),
+            Counts {
+                exec: args[5].parse().expect("EXECS"),
+                connect: args[6].parse().expect("CONNECTS"),
+                send: args[7].parse().expect("SENDS"),
+            },
         ),
         _ => {
             eprintln!("cs-bench: unknown usage {args:?}");
@@ -103,6 +114,23 @@ fn connect_loop(n: u32) {
         drop(listener.accept().expect("accept"));
         reset_on_close(&s);
         drop(s);
+    }
+}
+
+/// UDP `sendto` of a 32-byte datagram to a loopback socket of this process, `n` times; the
+/// receiver is drained now and then so that the datagrams are really queued, not dropped.
+fn send_loop(n: u32) {
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+    receiver.set_nonblocking(true).expect("nonblocking");
+    let to = receiver.local_addr().expect("addr");
+    let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+    let payload = [7u8; 32];
+    let mut buf = [0u8; 64];
+    for i in 0..n {
+        sender.send_to(&payload, to).expect("sendto");
+        if i % 64 == 63 {
+            while receiver.recv(&mut buf).is_ok() {}
+        }
     }
 }
 
@@ -227,7 +255,17 @@ impl Samples {
     }
 }
 
-fn suite(countersign: &Path, work: &Path, rounds: u32, execs: u32, connects: u32) -> i32 {
+/// Operations per loop run.
+struct Counts {
+    exec: u32,
+    connect: u32,
+    send: u32,
+}
+
+/// The loops, in the order they run.
+const LOOPS: [&str; 3] = ["exec", "connect", "send"];
+
+fn suite(countersign: &Path, work: &Path, rounds: u32, counts: Counts) -> i32 {
     std::fs::create_dir_all(work).expect("work dir");
     let me = std::env::current_exe().expect("current_exe");
     let policy = work.join("bench-policy.yaml");
@@ -251,29 +289,37 @@ labels:
     )
     .expect("policy");
     let dir = work.join("daemon");
-    let mut exec: [Samples; 3] = Default::default();
-    let mut connect: [Samples; 3] = Default::default();
+    let count = |op: &str| match op {
+        "exec" => counts.exec,
+        "connect" => counts.connect,
+        _ => counts.send,
+    };
+    // samples[loop][setting]: baseline, unlabelled, labelled.
+    let mut samples: [[Samples; 3]; 3] = Default::default();
     // Warm up caches (page cache, binaries) outside the measurement.
-    run(countersign, None, "exec", execs / 10 + 1);
-    run(countersign, None, "connect", connects / 10 + 1);
+    for op in LOOPS {
+        run(countersign, None, op, count(op) / 10 + 1);
+    }
     for round in 0..rounds {
         // Baseline first or last, alternately, so that neither side always runs first.
-        let baseline = |exec: &mut [Samples; 3], connect: &mut [Samples; 3]| {
-            exec[0].push(run(countersign, None, "exec", execs));
-            connect[0].push(run(countersign, None, "connect", connects));
+        let baseline = |samples: &mut [[Samples; 3]; 3]| {
+            for (i, op) in LOOPS.iter().enumerate() {
+                samples[i][0].push(run(countersign, None, op, count(op)));
+            }
         };
         if round % 2 == 0 {
-            baseline(&mut exec, &mut connect);
+            baseline(&mut samples);
         }
         let daemon = Daemon::start(countersign, &policy, &dir);
         for s in [1, 2] {
             let dir = (s == 2).then_some(daemon.dir.as_path());
-            exec[s].push(run(countersign, dir, "exec", execs));
-            connect[s].push(run(countersign, dir, "connect", connects));
+            for (i, op) in LOOPS.iter().enumerate() {
+                samples[i][s].push(run(countersign, dir, op, count(op)));
+            }
         }
         drop(daemon);
         if round % 2 == 1 {
-            baseline(&mut exec, &mut connect);
+            baseline(&mut samples);
         }
         eprintln!("cs-bench: round {}/{rounds} done", round + 1);
     }
@@ -286,9 +332,14 @@ labels:
     };
     let json = serde_json::json!({
         "rounds": rounds,
-        "execs_per_round": execs,
-        "connects_per_round": connects,
-        "samples": {"exec": setting(&exec), "connect": setting(&connect)},
+        "execs_per_round": counts.exec,
+        "connects_per_round": counts.connect,
+        "sends_per_round": counts.send,
+        "samples": {
+            "exec": setting(&samples[0]),
+            "connect": setting(&samples[1]),
+            "send": setting(&samples[2]),
+        },
     });
     println!("{json}");
     0

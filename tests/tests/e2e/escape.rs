@@ -48,6 +48,7 @@ impl Sink {
 /// What a labelled run did: its output, the requests it raised (each denied), and how the
 /// daemon's refusal counter moved.
 struct Attempt {
+    pid: u32,
     stdout: String,
     requests: Vec<Value>,
     refused_in_kernel: u64,
@@ -132,6 +133,7 @@ fn labelled_attempt(
         std::thread::sleep(Duration::from_millis(30));
     };
     Attempt {
+        pid: p.pid(),
         stdout: p.stdout().trim().to_owned(),
         requests,
         refused_in_kernel: refused_in_kernel(d) - refused_before,
@@ -146,7 +148,7 @@ fn refused_in_kernel(d: &Daemon) -> u64 {
 /// The technique is stopped: nothing arrived, it saw an error (or was killed), and the path
 /// it took was mediated — a request of one of `kinds` was raised (and denied), or the kernel
 /// refused it where it could not be held.
-fn assert_contained(name: &str, who: As, a: &Attempt, sink: &Sink, kinds: &[&str]) {
+fn assert_contained(d: &Daemon, name: &str, who: As, a: &Attempt, sink: &Sink, kinds: &[&str]) {
     assert!(
         !sink.arrived(&a.stdout),
         "ESCAPE as {who:?}: {name} delivered its payload ({}); requests {:?}",
@@ -168,6 +170,17 @@ fn assert_contained(name: &str, who: As, a: &Attempt, sink: &Sink, kinds: &[&str
         a.stdout,
         a.requests
     );
+    if !held {
+        // What the kernel refused by itself is in the evidence too.
+        let record = d.wait_decision(&format!("the kernel's refusal of {name}"), |e| {
+            e["request"]["pid"] == a.pid
+                && e["by"].as_str().is_some_and(|b| b.starts_with("kernel:"))
+        });
+        assert!(
+            kinds.iter().any(|k| record["request"]["kind"] == *k),
+            "{record}"
+        );
+    }
 }
 
 /// One technique against a fresh sink, unlabelled then labelled (every request denied).
@@ -190,7 +203,7 @@ fn contained_with(
     let target = sink();
     args[1] = target.addr();
     let a = labelled_attempt(d, who, &args, |_| "deny");
-    assert_contained(&args.join(" "), who, &a, &target, kinds);
+    assert_contained(d, &args.join(" "), who, &a, &target, kinds);
 }
 
 fn udp4() -> Sink {
@@ -252,6 +265,7 @@ fn a_connected_udp_socket_cannot_send_elsewhere() {
         }
     });
     assert_contained(
+        &d,
         "udp-connect-then-sendto",
         As::Root,
         &a,
@@ -288,6 +302,20 @@ fn io_uring(who: As) {
         contained_with(&d, who, "uring-sendmsg", &extra, udp4, SEND);
         contained_with(&d, who, "uring-sendto", &extra, udp4, SEND);
     }
+    // The kernel's refusals are signed records like every decision: the chain verifies.
+    let out = std::process::Command::new(countersign_tests::countersign_bin())
+        .args(["records", "verify"])
+        .arg(d.spool_dir())
+        .arg("--key")
+        .arg(d.host_pub())
+        .output()
+        .expect("records verify");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
