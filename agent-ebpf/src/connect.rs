@@ -379,6 +379,13 @@ pub fn lsm_sendmsg(sock: *const u8, msg: *const u8) -> Verdict {
     else {
         return Verdict::Deny;
     };
+    let (sock_state, sock_type) = socket_state_type(sock);
+    // A raw, packet or other unusual socket this process was not allowed to create (passed
+    // in by another process, or made before it was labelled) sends nothing, whatever the
+    // address says.
+    if !crate::socket::may_send_on(state.label, sock, sock_type) {
+        return Verdict::Deny;
+    }
     if name == 0 {
         return Verdict::Allow;
     }
@@ -388,7 +395,6 @@ pub fn lsm_sendmsg(sock: *const u8, msg: *const u8) -> Verdict {
     }) else {
         return Verdict::Allow;
     };
-    let (sock_state, sock_type) = socket_state_type(sock);
     if sock_type == SOCK_STREAM && sock_state != SS_UNCONNECTED {
         return Verdict::Allow;
     }

@@ -479,6 +479,9 @@ pub struct KernelOffsets {
     pub task_start_time: u32,
     /// `msghdr.msg_name` (the kernel's copy of a send's destination, or null).
     pub msghdr_name: u32,
+    /// `socket.ops` and `proto_ops.family`: the family of a socket a send is made on.
+    pub socket_ops: u32,
+    pub proto_ops_family: u32,
     /// The system calls (native and compat) through which a network hold is restartable:
     /// `socket`, `connect`, `sendto`, `sendmsg`, `sendmmsg`, and the 32-bit ones (0: unused).
     /// A network hook reached under any other (`io_uring_enter`) cannot hold (with
@@ -487,7 +490,7 @@ pub struct KernelOffsets {
 }
 /// Entries of [`KernelOffsets::nr_net`].
 pub const NR_NET_SYSCALLS: usize = 12;
-const _: () = assert!(size_of::<KernelOffsets>() == 128);
+const _: () = assert!(size_of::<KernelOffsets>() == 136);
 
 /// `task_struct.flags`: an io_uring worker or SQPOLL thread (`PF_IO_WORKER`).
 pub const PF_IO_WORKER: u32 = 0x10;

@@ -142,6 +142,8 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     task_group_leader: 0,
     task_start_time: 0,
     msghdr_name: 0,
+    socket_ops: 0,
+    proto_ops_family: 0,
     nr_net: [0; NR_NET_SYSCALLS],
 };
 

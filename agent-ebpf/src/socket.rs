@@ -4,17 +4,20 @@
 //! and IPv6 ones through the `socket` tracepoint (stop) and the cgroup `sock_create` program
 //! (restart or refuse); other families cannot be refused there, so a task that creates one the
 //! policy does not allow is killed.
-use aya_ebpf::programs::{SockContext, TracePointContext};
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
+    programs::{SockContext, TracePointContext},
+};
 use countersign_ebpf::{
     ERROR_SOCKET_KILLED, ERROR_UNHOLDABLE, KIND_ERROR, KIND_SOCKET, LABEL_CANARY, MODE_FALLBACK,
     MODE_LSM, STAT_EVENTS_DROPPED, STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED, STATE_IDLE,
-    STATE_PENDING, SocketKey, TaskState, ordinary_socket, socket_hash,
+    STATE_PENDING, SendDecided, SendKey, SocketKey, TaskState, ordinary_socket, socket_hash,
 };
 
 use crate::{
     hold::{self, Verdict},
-    label::{self, Task},
-    maps::{self, SOCKET_ALLOW},
+    label::{self, Task, current_tgid},
+    maps::{self, SEND_DECIDED, SOCKET_ALLOW},
     task,
 };
 
@@ -127,7 +130,73 @@ pub fn lsm_socket_create(family: u64, sock_type: u64, protocol: u64, kern: u64) 
         }
     }
     let label = state.label;
-    hold::decide(state, KIND_SOCKET, hash, || s.event(KIND_SOCKET, label))
+    let verdict = hold::decide(state, KIND_SOCKET, hash, || s.event(KIND_SOCKET, label));
+    if same && verdict == Verdict::Allow {
+        // Its sends may use it (see `may_send_on`).
+        remember_approved(label, &s);
+    }
+    verdict
+}
+
+/// The [`SEND_DECIDED`] key under which a process's approved socket kind is kept: family
+/// moved out of the `AF_*` range, the type in the port.
+#[inline(always)]
+fn approved_key(label: u32, family: u16, sock_type: u16) -> SendKey {
+    SendKey {
+        tgid: current_tgid(),
+        label,
+        family: family | 0x8000,
+        port: sock_type,
+        sock_type: 0,
+        addr: [0; 16],
+    }
+}
+
+#[inline(always)]
+fn remember_approved(label: u32, s: &Socket) {
+    let value = SendDecided {
+        start_time: task::process_start(),
+        verdict: STATE_ALLOWED,
+        _pad: 0,
+    };
+    let _ = SEND_DECIDED.insert(approved_key(label, s.family, s.sock_type), value, 0);
+}
+
+/// LSM mode, before any send: whether a labelled task may send on `sock` at all. Ordinary
+/// sockets: yes. A raw, packet or other unusual one: only if the policy allows such sockets
+/// in the kernel or this process had its creation approved — not one passed in by another
+/// process or made before the task was labelled. A refusal is reported.
+#[inline(always)]
+pub fn may_send_on(label: u32, sock: *const u8, sock_type: u16) -> bool {
+    let o = maps::kernel_offsets();
+    // SAFETY: reads with the checked helper; a failed read is a refusal.
+    let ops =
+        unsafe { bpf_probe_read_kernel(sock.wrapping_add(o.socket_ops as usize).cast::<u64>()) }
+            .unwrap_or(0) as *const u8;
+    if ops.is_null() {
+        return false;
+    }
+    // SAFETY: as above.
+    let Ok(family) = (unsafe {
+        bpf_probe_read_kernel(ops.wrapping_add(o.proto_ops_family as usize).cast::<i32>())
+    }) else {
+        return false;
+    };
+    let s = Socket::new(family as u64, u64::from(sock_type), 0);
+    if s.ordinary() || s.allowed(label) {
+        return true;
+    }
+    let key = approved_key(label, s.family, s.sock_type);
+    // SAFETY: reading a plain value out of the map.
+    if let Some(d) = unsafe { SEND_DECIDED.get(&key) }
+        && d.verdict == STATE_ALLOWED
+        && d.start_time == task::process_start()
+    {
+        return true;
+    }
+    maps::count(STAT_UNHOLDABLE);
+    report(&s, label, ERROR_UNHOLDABLE);
+    false
 }
 
 /// Fallback: `sys_enter_socket(int family, int type, int protocol)`.

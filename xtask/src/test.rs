@@ -4,7 +4,8 @@
 //! 2. the unit tests of every crate;
 //! 3. the end-to-end scenarios (`tests/`) three ways: natively on this machine in fallback
 //!    mode, and in qemu VMs booting the Debian 12 and Debian 13 kernels with BPF LSM, where
-//!    the daemon must run in LSM mode.
+//!    the daemon must run in LSM mode; the enforcing ones (holds, escapes) also natively
+//!    against the release build.
 //!
 //! Every step has a timeout; the first failure stops the run.
 use std::{path::PathBuf, process::Command, time::Duration};
@@ -46,6 +47,10 @@ pub fn run_tests() -> Result<()> {
     let bins = build_e2e()?;
     let mut summary = Vec::new();
     summary.push(format!("native (fallback): {}", run_native(&bins)?));
+    summary.push(format!(
+        "native, release build (fallback): {}",
+        run_native_release(&bins)?
+    ));
     for kernel in KernelId::ALL {
         summary.push(format!("{kernel} (lsm): {}", run_vm(&bins, kernel)?));
     }
@@ -165,6 +170,41 @@ fn run_native(bins: &E2eBins) -> Result<String> {
             &format!("the {name} scenarios"),
         )?;
     }
+    Ok("passed".to_owned())
+}
+
+/// The scenarios that enforce (holds, escapes) against the release build too: the binary
+/// users run, whose timing differs from the debug one.
+const RELEASE_SCENARIOS: [&str; 5] = [
+    "escape::",
+    "labelled_",
+    "spurious_sigcont",
+    "changed_",
+    "label_survives",
+];
+
+fn run_native_release(bins: &E2eBins) -> Result<String> {
+    cargo_step(
+        "build countersign (release)",
+        &["build", "--release", "-p", "countersign"],
+        60 * 60,
+    )?;
+    println!("xtask test: the enforcing scenarios against the release build, natively");
+    run_streaming(
+        Command::new(&bins.suite)
+            .args(["--test-threads", "2"])
+            .args(RELEASE_SCENARIOS)
+            .env("COUNTERSIGN_E2E_MODE", "fallback")
+            .env(
+                "COUNTERSIGN_BIN",
+                paths::target_dir().join("release").join("countersign"),
+            )
+            .env("COUNTERSIGN_PROBE", &bins.probe)
+            .env("COUNTERSIGN_ESCAPE", &bins.escape)
+            .env("RUST_BACKTRACE", "1"),
+        Duration::from_secs(15 * 60),
+        "the enforcing scenarios (release build)",
+    )?;
     Ok("passed".to_owned())
 }
 

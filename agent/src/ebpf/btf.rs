@@ -223,6 +223,8 @@ impl Btf {
         o.task_group_leader = self.member_offset("task_struct", "group_leader")?;
         o.task_start_time = self.member_offset("task_struct", "start_time")?;
         o.msghdr_name = self.member_offset("msghdr", "msg_name")?;
+        o.socket_ops = self.member_offset("socket", "ops")?;
+        o.proto_ops_family = self.member_offset("proto_ops", "family")?;
         o.nr_net = net_syscalls();
         o.task_valid = 1;
         Ok(())

@@ -105,9 +105,15 @@ pub fn event(record: &Record) -> Option<Value> {
         obj.insert("class_name".into(), "Network Activity".into());
         obj.insert("category_uid".into(), 4.into());
         obj.insert("category_name".into(), "Network Activity".into());
-        obj.insert("activity_id".into(), 1.into());
-        obj.insert("activity_name".into(), "Open".into());
-        obj.insert("type_uid".into(), 400_101.into());
+        // A connect opens a connection; a send without one is traffic.
+        let (activity, name) = if q.kind == crate::proto::ActionKind::Send {
+            (6, "Traffic")
+        } else {
+            (1, "Open")
+        };
+        obj.insert("activity_id".into(), activity.into());
+        obj.insert("activity_name".into(), name.into());
+        obj.insert("type_uid".into(), (400_100 + activity).into());
         let mut dst = json!({"ip": ip, "port": port});
         // The most recent name the host's resolver gave for the address (context only).
         if let Some(name) = q.destination_names.first() {
@@ -117,6 +123,19 @@ pub fn event(record: &Record) -> Option<Value> {
         obj.insert(
             "connection_info".into(),
             json!({"protocol_name": q.protocol, "direction_id": 2, "direction": "Outbound"}),
+        );
+    } else if let Some(socket) = &q.socket {
+        // Creating a raw, packet or other unusual socket: network activity of no other kind.
+        obj.insert("class_uid".into(), 4001.into());
+        obj.insert("class_name".into(), "Network Activity".into());
+        obj.insert("category_uid".into(), 4.into());
+        obj.insert("category_name".into(), "Network Activity".into());
+        obj.insert("activity_id".into(), 99.into());
+        obj.insert("activity_name".into(), "Other".into());
+        obj.insert("type_uid".into(), 400_199.into());
+        obj.insert(
+            "connection_info".into(),
+            json!({"protocol_name": socket, "direction_id": 2, "direction": "Outbound"}),
         );
     } else {
         obj.insert("class_uid".into(), 1007.into());
@@ -134,6 +153,7 @@ pub fn event(record: &Record) -> Option<Value> {
 fn target(q: &crate::proto::RequestView) -> String {
     q.destination
         .clone()
+        .or_else(|| q.socket.as_ref().map(|s| format!("socket {s}")))
         .or_else(|| q.binary.clone())
         .unwrap_or_default()
 }
@@ -215,6 +235,33 @@ mod tests {
                 interval_secs: 60
             }))
             .is_none()
+        );
+    }
+
+    #[test]
+    fn sends_are_traffic_and_sockets_other_network_activity() {
+        let mut v = view(10);
+        v.kind = crate::proto::ActionKind::Send;
+        v.destination = Some("10.0.0.9:514".into());
+        v.protocol = Some("udp".into());
+        let e = event(&record(decision("denied", v))).unwrap();
+        assert_eq!(e["class_uid"], 4001);
+        assert_eq!(e["type_uid"], 400_106);
+        assert_eq!(e["activity_name"], "Traffic");
+        assert_eq!(e["dst_endpoint"]["port"], 514);
+        let mut v = view(11);
+        v.kind = crate::proto::ActionKind::Socket;
+        v.socket = Some("packet/raw protocol 768".into());
+        let e = event(&record(decision("denied", v))).unwrap();
+        assert_eq!(e["class_uid"], 4001);
+        assert_eq!(e["type_uid"], 400_199);
+        assert_eq!(
+            e["connection_info"]["protocol_name"],
+            "packet/raw protocol 768"
+        );
+        assert!(
+            e["message"].as_str().unwrap().contains("socket packet/raw"),
+            "{e}"
         );
     }
 }

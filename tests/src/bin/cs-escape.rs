@@ -31,6 +31,7 @@
 //!   cs-escape thread-sendto ADDR:PORT         udp-sendto from a spawned thread
 //!   cs-escape raw-udp IPV4:PORT               SOCK_RAW/IPPROTO_UDP with a hand-built UDP header
 //!                                             (needs CAP_NET_RAW)
+//!   cs-escape raw-udp-on FD IPV4:PORT         the same on an inherited raw socket (descriptor FD)
 //!   cs-escape packet-lo IPV4:PORT             AF_PACKET/SOCK_DGRAM on `lo` with a hand-built
 //!                                             IPv4 + UDP packet from 127.0.0.1 (CAP_NET_RAW;
 //!                                             delivered only with net.ipv4.conf.lo.
@@ -93,6 +94,10 @@ fn main() {
         Some("thread-connect") => in_thread(|to| tcp_connect(to, false), target(2)),
         Some("thread-sendto") => in_thread(udp_sendto, target(2)),
         Some("raw-udp") => raw_udp(target(2)),
+        Some("raw-udp-on") => raw_udp_on(
+            arg(2).and_then(|a| a.parse().ok()).expect("an FD argument"),
+            target(3),
+        ),
         Some("packet-lo") => packet_lo(target(2)),
         Some("ping") => ping(
             arg(2)
@@ -220,6 +225,15 @@ fn raw_udp(target: SocketAddr) -> Outcome {
     let target = ipv4(target);
     let fd = socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP)?;
     // The kernel adds the IP header; the port of a raw socket's address is not used.
+    let to = Sockaddr::new(SocketAddr::new(IpAddr::V4(*target.ip()), 0));
+    sendto(&fd, &udp_datagram(target.port()), 0, &to).map(Done::Sent)
+}
+
+/// `raw_udp` on a raw socket this process did not create: descriptor `fd`, inherited.
+fn raw_udp_on(fd: i32, target: SocketAddr) -> Outcome {
+    let target = ipv4(target);
+    // SAFETY: the caller hands this process the descriptor; nothing else here owns it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     let to = Sockaddr::new(SocketAddr::new(IpAddr::V4(*target.ip()), 0));
     sendto(&fd, &udp_datagram(target.port()), 0, &to).map(Done::Sent)
 }
