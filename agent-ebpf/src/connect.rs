@@ -24,10 +24,10 @@ use aya_ebpf::{
 };
 use countersign_ebpf::{
     CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_UNHOLDABLE, FLAG_GRANT_CHECK,
-    GrantConnectKey, KIND_CANARY_CONNECT, KIND_CONNECT, KIND_SEND, LABEL_CANARY, MAX_PORT_SPANS,
-    MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED,
-    STAT_SEND_DECIDED, STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING,
-    SendDecided, SendKey, TaskState, connect_hash,
+    GrantConnectKey, KIND_CANARY_CONNECT, KIND_CONNECT, KIND_SEND, KIND_UNIX, LABEL_CANARY,
+    MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED,
+    STAT_GRANT_ALLOWED, STAT_SEND_DECIDED, STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED,
+    STATE_IDLE, STATE_PENDING, SendDecided, SendKey, TaskState, UNIX_ALLOW, connect_hash,
 };
 
 use crate::{
@@ -37,6 +37,7 @@ use crate::{
     task,
 };
 
+const AF_UNIX: u16 = 1;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 
@@ -245,7 +246,7 @@ fn consume(state: &mut TaskState, kind: u32, d: &Dest, sock_type: u16) -> Option
         STATE_DENIED => Verdict::Deny,
         _ => return None,
     };
-    if kind == KIND_SEND {
+    if kind == KIND_SEND || kind == KIND_UNIX {
         remember(state.label, d, sock_type, state.state);
     }
     state.state = STATE_IDLE;
@@ -278,11 +279,14 @@ fn kernel_answer(label: u32, kind: u32, d: &Dest, sock_type: u16) -> Option<Verd
 #[inline(always)]
 fn refuse_unholdable(label: u32, kind: u32, d: &Dest, sock_type: u16) -> Verdict {
     maps::count(STAT_UNHOLDABLE);
-    let mut ev = hold::event(countersign_ebpf::KIND_ERROR, label);
-    fill(&mut ev, d, sock_type);
+    let Some(ev) = hold::event(countersign_ebpf::KIND_ERROR, label) else {
+        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
+        return Verdict::Deny;
+    };
+    fill(ev, d, sock_type);
     ev.action = kind as u16;
     ev.detail = ERROR_UNHOLDABLE;
-    if !maps::emit(&ev) {
+    if !maps::emit(ev) {
         maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
     }
     Verdict::Deny
@@ -293,12 +297,14 @@ fn refuse_unholdable(label: u32, kind: u32, d: &Dest, sock_type: u16) -> Verdict
 fn lsm_outbound(state: &mut TaskState, kind: u32, dest: &Dest, sock_type: u16) -> Verdict {
     let label = state.label;
     let event = |kind| {
-        let mut ev = hold::event(kind, label);
-        fill(&mut ev, dest, sock_type);
-        ev
+        let ev = hold::event(kind, label)?;
+        fill(ev, dest, sock_type);
+        Some(ev)
     };
     if label == LABEL_CANARY {
-        maps::emit(&event(KIND_CANARY_CONNECT));
+        if let Some(ev) = event(KIND_CANARY_CONNECT) {
+            maps::emit(ev);
+        }
         return Verdict::Deny;
     }
     if maps::config().mode != MODE_LSM {
@@ -342,6 +348,63 @@ pub fn lsm_connect(sock: *const u8, address: *const u8) -> Verdict {
     lsm_outbound(state, KIND_CONNECT, &dest, sock_type)
 }
 
+/// LSM mode: a labelled task's connect (`unix_stream_connect`) or datagram (`unix_may_send`)
+/// to the local socket `peer_sk` (`struct sock *`). The policy's rules for the peer's file or
+/// abstract name are in the kernel: allowed passes; named otherwise, or unnamed for a label
+/// that holds every local socket, is held (or refused where nothing restarts) — and once the
+/// process consumed a decision for that socket, its later connects and datagrams there are
+/// answered in the kernel. Other local sockets pass.
+#[inline(always)]
+pub fn lsm_unix(peer_sk: *const u8, sock_type: u16) -> Verdict {
+    let state = match label::current_task() {
+        Task::Labelled(state) => state,
+        Task::Unlabelled => return Verdict::Allow,
+        Task::NoRoom => return Verdict::Deny,
+    };
+    // SAFETY: the pointer comes from the map lookup and is valid for this run.
+    let state = unsafe { &mut *state };
+    if maps::config().mode != MODE_LSM || state.label == LABEL_CANARY {
+        return Verdict::Allow;
+    }
+    let Some(peer) = crate::unix::peer(peer_sk) else {
+        return Verdict::Allow;
+    };
+    let dest = Dest {
+        family: AF_UNIX,
+        port: 0,
+        addr: peer.to_addr(),
+    };
+    let label = state.label;
+    let same =
+        state.state != STATE_IDLE && state.kind == KIND_UNIX && state.action_hash == dest.hash();
+    if same {
+        if let Some(v) = consume(state, KIND_UNIX, &dest, 0) {
+            return v;
+        }
+    } else {
+        match crate::unix::rule(label, peer) {
+            Some(UNIX_ALLOW) => return Verdict::Allow,
+            Some(_) => {}
+            None if crate::unix::hold_all(label) => {}
+            None => return Verdict::Allow,
+        }
+        match decided(label, &dest, 0) {
+            Some(STATE_ALLOWED) => return Verdict::Allow,
+            Some(_) => return Verdict::Deny,
+            None => {}
+        }
+        if !task::can_hold_net() {
+            return refuse_unholdable(label, KIND_UNIX, &dest, sock_type);
+        }
+    }
+    hold::decide(state, KIND_UNIX, dest.hash(), || {
+        let ev = hold::event(KIND_UNIX, label)?;
+        fill(ev, &dest, sock_type);
+        ev.unix_name_len = crate::unix::read_name(peer_sk, &mut ev.unix_name);
+        Some(ev)
+    })
+}
+
 /// `struct socket` starts with `socket_state state; short type;`: (state, type).
 #[inline(always)]
 fn socket_state_type(sock: *const u8) -> (u32, u16) {
@@ -359,6 +422,7 @@ fn socket_state_type(sock: *const u8) -> (u32, u16) {
 /// `socket_connect`); a connected one ignores it.
 #[inline(always)]
 pub fn lsm_sendmsg(sock: *const u8, msg: *const u8) -> Verdict {
+    // (Local sockets' datagrams are decided in `unix_may_send`.)
     const SS_UNCONNECTED: u32 = 1;
     const SOCK_STREAM: u16 = 1;
     let state = match label::current_task() {
@@ -459,9 +523,11 @@ pub fn sys_enter_connect(ctx: &TracePointContext) {
         state.flags |= FLAG_GRANT_CHECK;
         return;
     }
-    let mut ev = hold::event(KIND_CONNECT, state.label);
-    fill(&mut ev, &dest, 0);
-    if hold::request(state, KIND_CONNECT, hash, &mut ev) {
+    let requested = hold::event(KIND_CONNECT, state.label).is_some_and(|ev| {
+        fill(ev, &dest, 0);
+        hold::request(state, KIND_CONNECT, hash, ev)
+    });
+    if requested {
         hold::stop_current();
     } else {
         // The cgroup program refuses what is not pending or decided.
@@ -481,9 +547,10 @@ pub fn cgroup_connect(ctx: &SockAddrContext, v6: bool) -> Verdict {
     // SAFETY: as above.
     let state = unsafe { &mut *state };
     if state.label == LABEL_CANARY {
-        let mut ev = hold::event(KIND_CANARY_CONNECT, state.label);
-        ev.family = if v6 { AF_INET6 } else { AF_INET };
-        maps::emit(&ev);
+        if let Some(ev) = hold::event(KIND_CANARY_CONNECT, state.label) {
+            ev.family = if v6 { AF_INET6 } else { AF_INET };
+            maps::emit(ev);
+        }
         return Verdict::Deny;
     }
     if maps::config().mode != MODE_FALLBACK {
@@ -615,9 +682,11 @@ pub fn sys_enter_send(ctx: &TracePointContext, call: SendCall) {
     {
         return;
     }
-    let mut ev = hold::event(KIND_SEND, label);
-    fill(&mut ev, &dest, 0);
-    if hold::request(state, KIND_SEND, hash, &mut ev) {
+    let requested = hold::event(KIND_SEND, label).is_some_and(|ev| {
+        fill(ev, &dest, 0);
+        hold::request(state, KIND_SEND, hash, ev)
+    });
+    if requested {
         hold::stop_current();
     } else {
         state.state = STATE_IDLE;

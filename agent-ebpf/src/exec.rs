@@ -36,7 +36,7 @@ pub const EXECVEAT_ARGS: (usize, usize) = (24, 32);
 
 /// Reads a kernel pointer at `base + offset`; `None` for a failed read or a null pointer.
 #[inline(always)]
-fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
+pub fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
     if base.is_null() {
         return None;
     }
@@ -53,7 +53,16 @@ fn file_id(file: *const u8) -> Option<(u64, u64)> {
     if o.valid == 0 {
         return None;
     }
-    let inode = read_ptr(file, o.file_inode)?;
+    inode_id(read_ptr(file, o.file_inode)?)
+}
+
+/// (device, inode) of a `struct inode`.
+#[inline(always)]
+pub fn inode_id(inode: *const u8) -> Option<(u64, u64)> {
+    let o = maps::kernel_offsets();
+    if o.valid == 0 {
+        return None;
+    }
     // SAFETY: as in `read_ptr`.
     let ino =
         unsafe { bpf_probe_read_kernel(inode.wrapping_add(o.inode_ino as usize).cast::<u64>()) }
@@ -192,8 +201,9 @@ pub fn bprm_check(bprm: *const u8) -> Verdict {
     // SAFETY: as above.
     let state = unsafe { &mut *state };
     if state.label == LABEL_CANARY {
-        let ev = hold::event(KIND_CANARY_EXEC, state.label);
-        maps::emit(&ev);
+        if let Some(ev) = hold::event(KIND_CANARY_EXEC, state.label) {
+            maps::emit(ev);
+        }
         return Verdict::Deny;
     }
     if maps::config().mode != MODE_LSM {
@@ -226,8 +236,8 @@ pub fn bprm_check(bprm: *const u8) -> Verdict {
         return Verdict::Allow;
     }
     record_exec_args(state);
-    let mut ev = hold::event(KIND_EXEC, state.label);
-    if hold::request(state, KIND_EXEC, 0, &mut ev) {
+    if hold::event(KIND_EXEC, state.label).is_some_and(|ev| hold::request(state, KIND_EXEC, 0, ev))
+    {
         hold::stop_current();
         Verdict::Held
     } else {
@@ -307,8 +317,9 @@ pub fn sched_exec(ctx: &TracePointContext) {
     let mode = maps::config().mode;
     if state.label == LABEL_CANARY {
         // Only reached in fallback mode (the LSM hook refuses the canary's exec).
-        let ev = hold::event(KIND_CANARY_EXEC, state.label);
-        maps::emit(&ev);
+        if let Some(ev) = hold::event(KIND_CANARY_EXEC, state.label) {
+            maps::emit(ev);
+        }
         hold::kill_current();
         return;
     }
@@ -325,9 +336,12 @@ pub fn sched_exec(ctx: &TracePointContext) {
     } else {
         state.flags &= !FLAG_VERIFY;
     }
-    let mut ev = hold::event(KIND_EXEC_LOADED, state.label);
-    ev.detail = (state.flags & FLAG_VERIFY) as i32;
-    if hold::request(state, KIND_EXEC_LOADED, 0, &mut ev) {
+    let detail = (state.flags & FLAG_VERIFY) as i32;
+    let requested = hold::event(KIND_EXEC_LOADED, state.label).is_some_and(|ev| {
+        ev.detail = detail;
+        hold::request(state, KIND_EXEC_LOADED, 0, ev)
+    });
+    if requested {
         hold::stop_current();
     } else {
         // Nobody would decide it: fail closed before the first instruction.

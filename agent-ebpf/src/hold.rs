@@ -27,19 +27,26 @@ pub enum Verdict {
     Held,
 }
 
-/// The event skeleton for the current task.
+/// The event skeleton for the current task, in this CPU's scratch slot (an `Event` is too
+/// big for the BPF stack next to a hook's own variables). `None` only if the slot cannot be
+/// had, which the callers treat as an event that cannot be delivered (refused).
 #[inline(always)]
-pub fn event(kind: u32, label: u32) -> Event {
-    Event {
-        kind,
-        label,
-        tgid: current_tgid(),
-        tid: current_tid(),
-        uid: bpf_get_current_uid_gid() as u32,
-        // SAFETY: helper without arguments.
-        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        ..Event::default()
-    }
+pub fn event(kind: u32, label: u32) -> Option<&'static mut Event> {
+    let ev = maps::EVENT_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the slot belongs to this CPU for this program run (programs do not migrate
+    // while they run); zeroed, then filled.
+    let ev = unsafe {
+        core::ptr::write_bytes(ev, 0, 1);
+        &mut *ev
+    };
+    ev.kind = kind;
+    ev.label = label;
+    ev.tgid = current_tgid();
+    ev.tid = current_tid();
+    ev.uid = bpf_get_current_uid_gid() as u32;
+    // SAFETY: helper without arguments.
+    ev.cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+    Some(ev)
 }
 
 #[inline(always)]
@@ -66,7 +73,7 @@ pub fn decide(
     state: &mut TaskState,
     kind: u32,
     hash: u64,
-    event: impl FnOnce() -> Event,
+    event: impl FnOnce() -> Option<&'static mut Event>,
 ) -> Verdict {
     let same = state.kind == kind && state.action_hash == hash;
     if same {
@@ -86,7 +93,7 @@ pub fn decide(
             _ => {}
         }
     }
-    if request(state, kind, hash, &mut event()) {
+    if event().is_some_and(|ev| request(state, kind, hash, ev)) {
         stop_current();
         Verdict::Held
     } else {
@@ -127,9 +134,12 @@ pub fn request(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) -> b
 /// Reports a kernel-side failure to the daemon (best effort).
 #[inline(always)]
 pub fn report_error(label: u32, detail: i32) {
-    let mut ev = event(KIND_ERROR, label);
+    let Some(ev) = event(KIND_ERROR, label) else {
+        maps::count(STAT_EVENTS_DROPPED);
+        return;
+    };
     ev.detail = detail;
-    if !maps::emit(&ev) {
+    if !maps::emit(ev) {
         maps::count(STAT_EVENTS_DROPPED);
     }
 }

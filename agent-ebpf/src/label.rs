@@ -166,10 +166,13 @@ pub fn cgroup_mkdir(ctx: &TracePointContext) {
     };
     let failed = CGROUP_LABELS.insert(id, LABEL_UNCLASSIFIED, 0).is_err();
     let _ = CGROUP_CACHE.remove(id);
-    let mut ev = crate::hold::event(KIND_CGROUP_NEW, LABEL_UNCLASSIFIED);
+    let Some(ev) = crate::hold::event(KIND_CGROUP_NEW, LABEL_UNCLASSIFIED) else {
+        maps::count(STAT_EVENTS_DROPPED);
+        return;
+    };
     ev.cgroup_id = id;
     ev.detail = i32::from(failed);
-    if !maps::emit(&ev) {
+    if !maps::emit(ev) {
         maps::count(STAT_EVENTS_DROPPED);
     }
 }

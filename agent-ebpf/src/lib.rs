@@ -54,9 +54,22 @@ pub const MAX_SEND_DECIDED: u32 = 16_384;
 pub const MAP_SOCKET_ALLOW: &str = "CS_SOCKET_ALLOW";
 /// Capacity of [`MAP_SOCKET_ALLOW`].
 pub const MAX_SOCKET_ALLOW: u32 = 4_096;
+/// Local sockets the policy names: [`ExecKey`] (label, peer's file or abstract name, see
+/// [`UnixPeer`]) → [`UNIX_ALLOW`] or [`UNIX_HOLD`].
+pub const MAP_UNIX_RULES: &str = "CS_UNIX_RULES";
+/// Capacity of [`MAP_UNIX_RULES`].
+pub const MAX_UNIX_RULES: u32 = 4_096;
+/// Labels whose local sockets not named by a rule are held (label → 1); others pass.
+pub const MAP_UNIX_HOLD_ALL: &str = "CS_UNIX_HOLD_ALL";
+/// [`MAP_UNIX_RULES`] values.
+pub const UNIX_ALLOW: u32 = 1;
+pub const UNIX_HOLD: u32 = 2;
+/// The `dev` of a [`MAP_UNIX_RULES`] key for an abstract name (its `ino` is
+/// [`abstract_hash`] of the name).
+pub const UNIX_ABSTRACT_DEV: u64 = u64::MAX;
 /// Every map above but the DNS ones is pinned by name in the daemon's pin directory, so that holds and labels
 /// survive a daemon restart.
-pub const PINNED_MAPS: [&str; 13] = [
+pub const PINNED_MAPS: [&str; 15] = [
     MAP_TASKS,
     MAP_CGROUP_LABELS,
     MAP_EVENTS,
@@ -70,6 +83,8 @@ pub const PINNED_MAPS: [&str; 13] = [
     MAP_GRANT_CONNECT,
     MAP_SEND_DECIDED,
     MAP_SOCKET_ALLOW,
+    MAP_UNIX_RULES,
+    MAP_UNIX_HOLD_ALL,
 ];
 /// Capacity of [`MAP_GRANT_EXEC`] and of [`MAP_GRANT_CONNECT`]: the daemon's most grants.
 pub const MAX_KERNEL_GRANTS: u32 = 4_096;
@@ -129,6 +144,8 @@ pub const PROG_TP_SYS_ENTER_SOCKET: &str = "cs_tp_sys_enter_socket";
 pub const PROG_CG_SENDMSG4: &str = "cs_cg_sendmsg4";
 pub const PROG_CG_SENDMSG6: &str = "cs_cg_sendmsg6";
 pub const PROG_CG_SOCK_CREATE: &str = "cs_cg_sock_create";
+pub const PROG_LSM_UNIX_STREAM_CONNECT: &str = "cs_lsm_unix_stream_connect";
+pub const PROG_LSM_UNIX_MAY_SEND: &str = "cs_lsm_unix_may_send";
 pub const PROG_TP_CGROUP_MKDIR: &str = "cs_tp_cgroup_mkdir";
 pub const PROG_TP_CGROUP_RMDIR: &str = "cs_tp_cgroup_rmdir";
 pub const PROG_CG_DNS_EGRESS: &str = "cs_cg_dns_egress";
@@ -219,6 +236,9 @@ pub const KIND_SEND: u32 = 8;
 /// Creating a socket that is not an ordinary TCP/UDP/local one (raw, packet, ICMP, other
 /// families): [`Event::family`], [`Event::sock_type`] and the protocol in [`Event::port`].
 pub const KIND_SOCKET: u32 = 9;
+/// A connect or datagram to a local (`AF_UNIX`) socket: [`Event::addr`] holds the peer's
+/// [`UnixPeer`] key, [`Event::unix_name`] the name it was bound to.
+pub const KIND_UNIX: u32 = 10;
 
 /// [`TaskState::flags`]: the task passed `sched_process_exec` since its last `execve` entry.
 pub const FLAG_EXEC_LOADED: u32 = 1;
@@ -482,6 +502,16 @@ pub struct KernelOffsets {
     /// `socket.ops` and `proto_ops.family`: the family of a socket a send is made on.
     pub socket_ops: u32,
     pub proto_ops_family: u32,
+    /// Non-zero when the `AF_UNIX` offsets below are known.
+    pub unix_valid: u32,
+    /// `socket.sk`; `unix_sock.addr` (a `unix_address *`) and `unix_sock.path.dentry`;
+    /// `dentry.d_inode`; `unix_address.len` (int) and `unix_address.name` (sockaddr_un).
+    pub socket_sk: u32,
+    pub unix_addr: u32,
+    pub unix_path_dentry: u32,
+    pub dentry_inode: u32,
+    pub unix_address_len: u32,
+    pub unix_address_name: u32,
     /// The system calls (native and compat) through which a network hold is restartable:
     /// `socket`, `connect`, `sendto`, `sendmsg`, `sendmmsg`, and the 32-bit ones (0: unused).
     /// A network hook reached under any other (`io_uring_enter`) cannot hold (with
@@ -489,8 +519,8 @@ pub struct KernelOffsets {
     pub nr_net: [u32; NR_NET_SYSCALLS],
 }
 /// Entries of [`KernelOffsets::nr_net`].
-pub const NR_NET_SYSCALLS: usize = 12;
-const _: () = assert!(size_of::<KernelOffsets>() == 136);
+pub const NR_NET_SYSCALLS: usize = 16;
+const _: () = assert!(size_of::<KernelOffsets>() == 180);
 
 /// `task_struct.flags`: an io_uring worker or SQPOLL thread (`PF_IO_WORKER`).
 pub const PF_IO_WORKER: u32 = 0x10;
@@ -584,7 +614,7 @@ const _: () = assert!(size_of::<LabelName>() == LABEL_NAME_LEN);
 
 /// An event from a hook to the daemon.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
     /// One of the `KIND_*` values.
     pub kind: u32,
@@ -611,8 +641,94 @@ pub struct Event {
     pub exec_filename: u64,
     pub exec_argv: u64,
     pub cgroup_id: u64,
+    /// [`KIND_UNIX`]: the `sockaddr_un` the peer was bound with (`sun_path`, NUL-padded; a
+    /// leading NUL is an abstract name), and its length in bytes.
+    pub unix_name_len: u32,
+    pub unix_name: [u8; UNIX_NAME_LEN],
 }
-const _: () = assert!(size_of::<Event>() == 88);
+const _: () = assert!(size_of::<Event>() == 200);
+
+impl Default for Event {
+    fn default() -> Self {
+        Self {
+            kind: 0,
+            label: 0,
+            tgid: 0,
+            tid: 0,
+            uid: 0,
+            family: 0,
+            sock_type: 0,
+            port: 0,
+            action: 0,
+            detail: 0,
+            request_id: 0,
+            action_hash: 0,
+            addr: [0; 16],
+            exec_filename: 0,
+            exec_argv: 0,
+            cgroup_id: 0,
+            unix_name_len: 0,
+            unix_name: [0; UNIX_NAME_LEN],
+        }
+    }
+}
+
+/// Bytes of `sun_path`.
+pub const UNIX_NAME_LEN: usize = 108;
+
+/// How a local socket is known to the kernel side: the (device, inode) of the file it is
+/// bound to, or for an abstract name ([`UNIX_ABSTRACT_DEV`], [`abstract_hash`]). Laid out in
+/// [`Event::addr`] as two native-endian `u64`s.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UnixPeer {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl UnixPeer {
+    #[inline(always)]
+    #[must_use]
+    pub fn to_addr(self) -> [u8; 16] {
+        let d = self.dev.to_ne_bytes();
+        let i = self.ino.to_ne_bytes();
+        [
+            d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], i[0], i[1], i[2], i[3], i[4], i[5],
+            i[6], i[7],
+        ]
+    }
+
+    #[must_use]
+    pub fn from_addr(a: &[u8; 16]) -> Self {
+        let mut d = [0u8; 8];
+        let mut i = [0u8; 8];
+        d.copy_from_slice(&a[..8]);
+        i.copy_from_slice(&a[8..]);
+        Self {
+            dev: u64::from_ne_bytes(d),
+            ino: u64::from_ne_bytes(i),
+        }
+    }
+}
+
+/// FNV-1a over an abstract socket name: `sun_path` after its leading NUL, the bytes past
+/// `len` taken as NULs — so a name bound with the whole NUL-padded `sockaddr_un` hashes like
+/// the short one. A fixed number of rounds without an early exit, so the verifier walks it
+/// once. Never 0.
+#[inline(always)]
+#[must_use]
+pub fn abstract_hash(name: &[u8; UNIX_NAME_LEN], len: usize) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let mut h = OFFSET;
+    let mut i = 1;
+    while i < UNIX_NAME_LEN {
+        let b = if i < len { name[i] } else { 0 };
+        h = (h ^ u64::from(b)).wrapping_mul(PRIME);
+        i += 1;
+    }
+    h | 1
+}
 
 /// FNV-1a over the fields that make a connect the same connect: family, port and address.
 /// Both the tracepoint (reading the user's sockaddr) and the cgroup program (reading the
@@ -667,4 +783,6 @@ mod user {
     unsafe impl aya::Pod for super::SendDecided {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SocketKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UnixPeer {}
 }

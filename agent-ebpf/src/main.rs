@@ -19,6 +19,8 @@ mod maps;
 mod socket;
 #[cfg(target_arch = "bpf")]
 mod task;
+#[cfg(target_arch = "bpf")]
+mod unix;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -86,6 +88,7 @@ mod programs {
     }
 
     /// `socket_create`: holds a labelled task's raw, packet, ICMP or other unusual socket.
+    /// Fails closed: one it cannot record is refused.
     #[lsm(hook = "socket_create")]
     pub fn cs_lsm_socket_create(ctx: LsmContext) -> i32 {
         let previous: i32 = ctx.arg(4);
@@ -93,6 +96,33 @@ mod programs {
             return previous;
         }
         socket::lsm_socket_create(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3)).lsm_return()
+    }
+
+    /// `unix_stream_connect(struct sock *sock, struct sock *other, struct sock *newsk)`: holds
+    /// a labelled task's connect to a local socket the policy names. Fails closed for named
+    /// sockets (one it cannot record is refused); a peer it cannot identify is treated as
+    /// unnamed, which passes (as every socket a rule does not name does).
+    #[lsm(hook = "unix_stream_connect")]
+    pub fn cs_lsm_unix_stream_connect(ctx: LsmContext) -> i32 {
+        let previous: i32 = ctx.arg(3);
+        if previous != 0 {
+            return previous;
+        }
+        connect::lsm_unix(ctx.arg(1), 1).lsm_return()
+    }
+
+    /// `unix_may_send(struct socket *sock, struct socket *other)`: every datagram (and
+    /// datagram connect) to a local socket. As `unix_stream_connect`.
+    #[lsm(hook = "unix_may_send")]
+    pub fn cs_lsm_unix_may_send(ctx: LsmContext) -> i32 {
+        let previous: i32 = ctx.arg(2);
+        if previous != 0 {
+            return previous;
+        }
+        match crate::unix::socket_sk(ctx.arg(1)) {
+            Some(peer) => connect::lsm_unix(peer, 2).lsm_return(),
+            None => 0,
+        }
     }
 
     /// Records the filename and argv pointers of a labelled task's exec, for the daemon to
@@ -154,7 +184,8 @@ mod programs {
     }
 
     /// Fallback mode: stops a labelled task whose send names a destination not decided for
-    /// it; the cgroup programs make the syscall restart while it is pending.
+    /// it; the cgroup programs make the syscall restart while it is pending. Cannot refuse
+    /// (a tracepoint): the cgroup programs fail closed.
     #[tracepoint(category = "syscalls", name = "sys_enter_sendto")]
     pub fn cs_tp_sys_enter_sendto(ctx: TracePointContext) -> u32 {
         connect::sys_enter_send(&ctx, SendCall::SendTo);
@@ -174,7 +205,7 @@ mod programs {
     }
 
     /// Fallback mode: stops a labelled task creating an unusual socket (or kills it, for
-    /// families no cgroup program can refuse).
+    /// families no cgroup program can refuse: fails closed by SIGKILL).
     #[tracepoint(category = "syscalls", name = "sys_enter_socket")]
     pub fn cs_tp_sys_enter_socket(ctx: TracePointContext) -> u32 {
         socket::sys_enter_socket(&ctx);
@@ -194,7 +225,8 @@ mod programs {
         connect::cgroup_sendmsg(&ctx, true).cgroup_return()
     }
 
-    /// Fallback mode: decides a labelled task's IPv4/IPv6 socket creation.
+    /// Fallback mode: decides a labelled task's IPv4/IPv6 socket creation. Fails closed: one
+    /// that did not pass the socket tracepoint is refused unless the policy allows it.
     #[cgroup_sock(sock_create)]
     pub fn cs_cg_sock_create(ctx: SockContext) -> i32 {
         socket::cgroup_sock_create(&ctx).cgroup_return()

@@ -1,14 +1,14 @@
 //! The maps, and small typed accessors around them.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use countersign_ebpf::{
     Config, ConnectAllow, ConnectKey, DNS_RING_BYTES, EVENTS_RING_BYTES, Event, ExecKey, FileKey,
     GrantConnect, GrantConnectKey, KernelOffsets, LabelName, MAX_CGROUP_LABELS, MAX_CONNECT_ALLOW,
     MAX_DNS_SOCKETS, MAX_EXEC_ALLOW, MAX_EXEC_LABELS, MAX_KERNEL_GRANTS, MAX_LABELLED_TASKS,
-    MAX_LABELS, MAX_SEND_DECIDED, MAX_SOCKET_ALLOW, NR_NET_SYSCALLS, STAT_COUNT, SendDecided,
-    SendKey, SocketKey, TaskState,
+    MAX_LABELS, MAX_SEND_DECIDED, MAX_SOCKET_ALLOW, MAX_UNIX_RULES, NR_NET_SYSCALLS, STAT_COUNT,
+    SendDecided, SendKey, SocketKey, TaskState,
 };
 
 // Every map is pinned by name (see `countersign_ebpf::PINNED_MAPS`): a restarted daemon
@@ -62,6 +62,24 @@ pub static SEND_DECIDED: LruHashMap<SendKey, SendDecided> = LruHashMap::pinned(M
 /// The policy's fast path for socket creation, written by the daemon: (label, family, type).
 #[map(name = "CS_SOCKET_ALLOW")]
 pub static SOCKET_ALLOW: HashMap<SocketKey, u32> = HashMap::pinned(MAX_SOCKET_ALLOW, 0);
+
+/// Local sockets the policy names, written by the daemon (see `unix`).
+#[map(name = "CS_UNIX_RULES")]
+pub static UNIX_RULES: HashMap<ExecKey, u32> = HashMap::pinned(MAX_UNIX_RULES, 0);
+
+/// Labels whose unnamed local sockets are held, written by the daemon.
+#[map(name = "CS_UNIX_HOLD_ALL")]
+pub static UNIX_HOLD_ALL: HashMap<u32, u32> = HashMap::pinned(MAX_LABELS, 0);
+
+/// One event per CPU being filled (an `Event` does not fit on the BPF stack beside a hook's
+/// own variables). Not pinned.
+#[map(name = "CS_EVENT_SCRATCH")]
+pub static EVENT_SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
+
+/// One local socket name per CPU being read (see `unix::peer`). Not pinned.
+#[map(name = "CS_NAME_SCRATCH")]
+pub static NAME_SCRATCH: PerCpuArray<[u8; countersign_ebpf::UNIX_NAME_LEN]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Written and read by the daemon only.
 #[map(name = "CS_LABELS")]
@@ -144,6 +162,13 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     msghdr_name: 0,
     socket_ops: 0,
     proto_ops_family: 0,
+    unix_valid: 0,
+    socket_sk: 0,
+    unix_addr: 0,
+    unix_path_dentry: 0,
+    dentry_inode: 0,
+    unix_address_len: 0,
+    unix_address_name: 0,
     nr_net: [0; NR_NET_SYSCALLS],
 };
 

@@ -64,22 +64,25 @@ impl Socket {
     }
 
     #[inline(always)]
-    fn event(&self, kind: u32, label: u32) -> countersign_ebpf::Event {
-        let mut ev = hold::event(kind, label);
+    fn event(&self, kind: u32, label: u32) -> Option<&'static mut countersign_ebpf::Event> {
+        let ev = hold::event(kind, label)?;
         ev.family = self.family;
         ev.sock_type = self.sock_type;
         ev.port = self.protocol as u16;
-        ev
+        Some(ev)
     }
 }
 
 /// Tells the daemon about a refusal or a kill (`detail`).
 #[inline(always)]
 fn report(s: &Socket, label: u32, detail: i32) {
-    let mut ev = s.event(KIND_ERROR, label);
+    let Some(ev) = s.event(KIND_ERROR, label) else {
+        maps::count(STAT_EVENTS_DROPPED);
+        return;
+    };
     ev.action = KIND_SOCKET as u16;
     ev.detail = detail;
-    if !maps::emit(&ev) {
+    if !maps::emit(ev) {
         maps::count(STAT_EVENTS_DROPPED);
     }
 }
@@ -235,8 +238,10 @@ pub fn sys_enter_socket(ctx: &TracePointContext) {
         hold::kill_current();
         return;
     }
-    let mut ev = s.event(KIND_SOCKET, state.label);
-    if hold::request(state, KIND_SOCKET, hash, &mut ev) {
+    let requested = s
+        .event(KIND_SOCKET, state.label)
+        .is_some_and(|ev| hold::request(state, KIND_SOCKET, hash, ev));
+    if requested {
         hold::stop_current();
     } else {
         state.state = STATE_IDLE;

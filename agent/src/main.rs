@@ -225,6 +225,9 @@ enum PolicyCmd {
         /// inet/raw, inet6/dgram (an ICMP socket), vsock/stream.
         #[arg(long, group = "action")]
         socket: Option<String>,
+        /// A local socket: a path (/run/docker.sock) or @abstract name.
+        #[arg(long, group = "action")]
+        unix: Option<String>,
         /// For --connect (default tcp) and --send (default udp).
         #[arg(long, value_enum)]
         protocol: Option<ProtocolArg>,
@@ -365,6 +368,7 @@ fn main() {
                     connect,
                     send,
                     socket,
+                    unix,
                     protocol,
                     hosts,
                 },
@@ -374,24 +378,28 @@ fn main() {
                 ProtocolArg::Udp => policy::schema::Protocol::Udp,
             };
             let hosts: Vec<String> = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
-            let what = match (exec, connect, send, socket) {
-                (Some(cmd), ..) => cli::policy::TestAction::Exec(cmd),
-                (None, Some(target), ..) => cli::policy::TestAction::Connect {
+            let what = if let Some(cmd) = exec {
+                cli::policy::TestAction::Exec(cmd)
+            } else if let Some(target) = connect {
+                cli::policy::TestAction::Connect {
                     target,
                     protocol: protocol(ProtocolArg::Tcp),
                     hosts,
                     send: false,
-                },
-                (None, None, Some(target), _) => cli::policy::TestAction::Connect {
+                }
+            } else if let Some(target) = send {
+                cli::policy::TestAction::Connect {
                     target,
                     protocol: protocol(ProtocolArg::Udp),
                     hosts,
                     send: true,
-                },
-                (None, None, None, Some(socket)) => cli::policy::TestAction::Socket(socket),
-                (None, None, None, None) => {
-                    unreachable!("clap requires one of --exec, --connect, --send, --socket")
                 }
+            } else if let Some(s) = socket {
+                cli::policy::TestAction::Socket(s)
+            } else if let Some(u) = unix {
+                cli::policy::TestAction::Unix(u)
+            } else {
+                unreachable!("clap requires one of --exec, --connect, --send, --socket, --unix")
             };
             report(cli::policy::test(&files, &label, &what))
         }

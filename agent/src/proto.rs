@@ -198,6 +198,8 @@ pub enum ActionKind {
     Send,
     /// Creating a raw, packet, ICMP or other socket that is not ordinary TCP/UDP/local.
     Socket,
+    /// A connect or datagram to a local (`AF_UNIX`) socket the policy names.
+    Unix,
 }
 
 impl ActionKind {
@@ -211,6 +213,7 @@ impl ActionKind {
             k::KIND_CONNECT => Self::Connect,
             k::KIND_SEND => Self::Send,
             k::KIND_SOCKET => Self::Socket,
+            k::KIND_UNIX => Self::Unix,
             _ => return None,
         })
     }
@@ -224,6 +227,7 @@ impl ActionKind {
             Self::Connect => "connect",
             Self::Send => "send",
             Self::Socket => "socket",
+            Self::Unix => "unix",
         }
     }
 
@@ -247,6 +251,7 @@ impl ActionKind {
             Self::Connect => "connect to",
             Self::Send => "send to",
             Self::Socket => "open a socket:",
+            Self::Unix => "talk to the local service at",
         }
     }
 }
@@ -344,6 +349,7 @@ mod tests {
             (k::KIND_CONNECT, ActionKind::Connect, "connect"),
             (k::KIND_SEND, ActionKind::Send, "send"),
             (k::KIND_SOCKET, ActionKind::Socket, "socket"),
+            (k::KIND_UNIX, ActionKind::Unix, "unix"),
         ] {
             assert_eq!(ActionKind::from_kernel(kernel), Some(kind));
             assert_eq!(kind.as_str(), name);

@@ -107,7 +107,9 @@ fn missing_binaries(l: &policy::Label) -> Vec<(PathBuf, ())> {
             policy::CompiledMatcher::Exec {
                 binaries, scripts, ..
             } => Some(binaries.iter().chain(scripts)),
-            policy::CompiledMatcher::Connect(_) | policy::CompiledMatcher::Socket(_) => None,
+            policy::CompiledMatcher::Connect(_)
+            | policy::CompiledMatcher::Socket(_)
+            | policy::CompiledMatcher::Unix { .. } => None,
         })
         .flatten()
         .filter(|(_, f)| f.is_none())
@@ -128,6 +130,8 @@ pub enum TestAction {
     },
     /// `FAMILY/TYPE`.
     Socket(String),
+    /// A path or `@abstract` name.
+    Unix(String),
 }
 
 pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result<()> {
@@ -141,6 +145,7 @@ pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result
             ..
         } => connect_action(target, *protocol, hosts)?,
         TestAction::Socket(s) => socket_action(s)?,
+        TestAction::Unix(u) => unix_action(u)?,
     };
     let verb = match what {
         TestAction::Connect { send: true, .. } => "send",
@@ -241,12 +246,31 @@ fn describe(a: &Action, verb: &str) -> String {
                 }
             )
         }
+        Action::Unix { name, .. } => format!("unix {name}"),
         Action::Socket { family, sock_type } => format!(
             "socket {}/{}",
             crate::policy::schema::SocketFamily(*family),
             crate::policy::schema::SocketType(*sock_type)
         ),
     }
+}
+
+/// `--unix PATH|@NAME`: a path is identified by the file it is now (as the kernel would).
+fn unix_action(s: &str) -> anyhow::Result<Action> {
+    use crate::policy::schema::UnixName;
+    let name: UnixName = s.parse().map_err(|e| anyhow::anyhow!("--unix {e}"))?;
+    Ok(match name {
+        UnixName::Abstract(a) => Action::Unix {
+            file: None,
+            abstract_name: Some(a),
+            name: s.to_owned(),
+        },
+        UnixName::Path(p) => Action::Unix {
+            file: crate::daemon::enrich::file_id(&p),
+            abstract_name: None,
+            name: s.to_owned(),
+        },
+    })
 }
 
 /// `--socket FAMILY/TYPE`. An ordinary socket is no action: said so, not evaluated.

@@ -42,6 +42,19 @@ pub struct FileId {
     pub ino: u64,
 }
 
+impl FileId {
+    /// From the kernel's encoding of the device (`MAJOR << 20 | MINOR`, as the hooks read it
+    /// from a super block) to `stat`'s.
+    #[must_use]
+    pub fn from_kernel(dev: u64, ino: u64) -> Self {
+        let (major, minor) = ((dev >> 20) as u32, (dev & 0xf_ffff) as u32);
+        Self {
+            dev: libc::makedev(major, minor),
+            ino,
+        }
+    }
+}
+
 pub fn file_id(path: &Path) -> Option<FileId> {
     let m = std::fs::metadata(path).ok()?;
     Some(FileId {

@@ -28,7 +28,10 @@ impl Daemon {
                         enrich::resolve_in_task(held.tgid, &b.filename)
                     }
                     ActionKind::ExecLoaded => format!("/proc/{}/exe", held.tgid).into(),
-                    ActionKind::Connect | ActionKind::Send | ActionKind::Socket => return None,
+                    ActionKind::Connect
+                    | ActionKind::Send
+                    | ActionKind::Socket
+                    | ActionKind::Unix => return None,
                 };
                 kernel_file(&path, file)
             }

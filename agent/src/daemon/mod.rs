@@ -411,9 +411,11 @@ fn policy_stamp(
             paths.push(root);
         }
     }
-    // An agent executable replaced (a new inode) or installed later: labelled once reloaded.
+    // An agent executable replaced (a new inode) or installed later: labelled once reloaded;
+    // likewise a local socket a rule names (a service started later binds a new file).
     if let Some(p) = policy {
         paths.extend(p.labels.iter().flat_map(|l| l.matches.executable.clone()));
+        paths.extend(policy::compile::unix_paths(p));
     }
     paths.sort();
     paths.dedup();
@@ -431,6 +433,35 @@ fn policy_stamp(
 }
 
 /// The destination address of a connect event.
+/// The name a local socket's peer was bound with: its path, or `@name` for an abstract one
+/// (empty when unknown).
+fn unix_name(ev: &shared::Event) -> String {
+    let len = (ev.unix_name_len as usize).min(shared::UNIX_NAME_LEN);
+    let bytes = &ev.unix_name[..len];
+    match bytes.split_first() {
+        Some((0, rest)) => {
+            let end = rest.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+            format!("@{}", String::from_utf8_lossy(&rest[..end]))
+        }
+        _ => {
+            let end = bytes.iter().position(|b| *b == 0).unwrap_or(len);
+            String::from_utf8_lossy(&bytes[..end]).into_owned()
+        }
+    }
+}
+
+/// A local socket as people read it: `unix:/run/docker.sock`, `unix:@name`, or by its file
+/// when it has no name.
+fn unix_text(ev: &shared::Event) -> String {
+    let name = unix_name(ev);
+    if name.is_empty() {
+        let peer = shared::UnixPeer::from_addr(&ev.addr);
+        format!("unix:(file {}:{})", peer.dev, peer.ino)
+    } else {
+        format!("unix:{name}")
+    }
+}
+
 fn event_addr(ev: &shared::Event) -> std::net::IpAddr {
     if ev.family == libc::AF_INET6 as u16 {
         std::net::IpAddr::from(ev.addr)
@@ -547,7 +578,8 @@ impl Daemon {
             | shared::KIND_EXEC_LOADED
             | shared::KIND_CONNECT
             | shared::KIND_SEND
-            | shared::KIND_SOCKET => {
+            | shared::KIND_SOCKET
+            | shared::KIND_UNIX => {
                 if let Some(kind) = ActionKind::from_kernel(ev.kind) {
                     self.hold(ev, kind, None);
                 }
@@ -579,10 +611,10 @@ impl Daemon {
         let Some(kind) = ActionKind::from_kernel(u32::from(ev.action)) else {
             return;
         };
-        let what = if kind == ActionKind::Socket {
-            enrich::socket(ev.family, ev.sock_type, ev.port)
-        } else {
-            enrich::destination(ev.family, &ev.addr, ev.port)
+        let what = match kind {
+            ActionKind::Socket => enrich::socket(ev.family, ev.sock_type, ev.port),
+            ActionKind::Unix => unix_text(ev),
+            _ => enrich::destination(ev.family, &ev.addr, ev.port),
         };
         tracing::warn!(pid = ev.tgid, tid = ev.tid, label = %self.label_name(ev.label),
             action = %kind, what, decision, "{by}");
@@ -800,6 +832,14 @@ impl Daemon {
                     view.argv_truncated = cut;
                 }
             }
+            ActionKind::Unix => {
+                view.destination = Some(unix_text(ev));
+                view.binary = enrich::readlink(pid, "exe");
+                if let Some((argv, cut)) = enrich::cmdline(pid) {
+                    view.argv = argv;
+                    view.argv_truncated = cut;
+                }
+            }
             ActionKind::Socket => {
                 view.socket = Some(enrich::socket(ev.family, ev.sock_type, ev.port));
                 view.binary = enrich::readlink(pid, "exe");
@@ -871,7 +911,7 @@ impl Daemon {
             ActionKind::ExecLoaded => {
                 enrich::file_id(std::path::Path::new(&format!("/proc/{pid}/exe")))
             }
-            ActionKind::Connect | ActionKind::Send | ActionKind::Socket => None,
+            ActionKind::Connect | ActionKind::Send | ActionKind::Socket | ActionKind::Unix => None,
         };
         let destination = held.kind.has_destination().then(|| {
             let ev = &held.event;
@@ -1233,6 +1273,33 @@ impl Daemon {
             }
         }
         self.kernel.set_socket_allow(&sockets)?;
+        let mut unix = Vec::new();
+        let mut hold_all = Vec::new();
+        if let Some(p) = &self.policy {
+            let (entries, holding) = policy::compile::unix_rules(p);
+            for e in entries {
+                let id = label_id(&mut self.labels, &e.label);
+                self.kernel.set_label_name(id, &e.label)?;
+                let key = shared::ExecKey {
+                    label: id,
+                    _pad: 0,
+                    dev: e.dev,
+                    ino: e.ino,
+                };
+                let value = if e.allow {
+                    shared::UNIX_ALLOW
+                } else {
+                    shared::UNIX_HOLD
+                };
+                unix.push((key, value));
+            }
+            for l in holding {
+                let id = label_id(&mut self.labels, &l);
+                self.kernel.set_label_name(id, &l)?;
+                hold_all.push(id);
+            }
+        }
+        self.kernel.set_unix_rules(&unix, &hold_all)?;
         // What processes' sends were decided under the earlier policy is asked again.
         self.kernel.forget_send_decisions()?;
         // The grants' entries depend on the policy too (a new deny rule removes them).
@@ -1284,6 +1351,23 @@ impl Daemon {
                 family: ev.family,
                 sock_type: ev.sock_type,
             }),
+            ActionKind::Unix => {
+                let peer = shared::UnixPeer::from_addr(&ev.addr);
+                let name = unix_name(ev);
+                Some(if peer.dev == shared::UNIX_ABSTRACT_DEV {
+                    Action::Unix {
+                        file: None,
+                        abstract_name: name.strip_prefix('@').map(str::to_owned),
+                        name,
+                    }
+                } else {
+                    Action::Unix {
+                        file: Some(FileId::from_kernel(peer.dev, peer.ino)),
+                        abstract_name: None,
+                        name,
+                    }
+                })
+            }
             ActionKind::Connect | ActionKind::Send => {
                 let addr = event_addr(ev);
                 let protocol = match i32::from(self.sock_type(ev)) {
@@ -1660,20 +1744,16 @@ impl Daemon {
     ) -> String {
         // (kernel state to write, signal, what the caller sees)
         let (state, signal, applied) = match (held.kind, decision) {
-            (
-                ActionKind::Exec | ActionKind::Connect | ActionKind::Send | ActionKind::Socket,
-                Decision::Approve,
-            ) => (Some(shared::STATE_ALLOWED), Signal::SIGCONT, "released"),
-            (
-                ActionKind::Exec | ActionKind::Connect | ActionKind::Send | ActionKind::Socket,
-                Decision::Deny,
-            ) => (Some(shared::STATE_DENIED), Signal::SIGCONT, "eperm"),
+            // Held after loading: nothing restarts, the task is let go or killed.
             (ActionKind::ExecLoaded, Decision::Approve) => {
                 (Some(shared::STATE_IDLE), Signal::SIGCONT, "released")
             }
             (ActionKind::ExecLoaded, Decision::Deny) | (_, Decision::Kill) => {
                 (None, Signal::SIGKILL, "sigkill")
             }
+            // Held before it happened: the restarted syscall consumes the decision.
+            (_, Decision::Approve) => (Some(shared::STATE_ALLOWED), Signal::SIGCONT, "released"),
+            (_, Decision::Deny) => (Some(shared::STATE_DENIED), Signal::SIGCONT, "eperm"),
         };
         let word = match decision {
             Decision::Approve => "approved",

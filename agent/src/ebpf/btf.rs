@@ -225,6 +225,14 @@ impl Btf {
         o.msghdr_name = self.member_offset("msghdr", "msg_name")?;
         o.socket_ops = self.member_offset("socket", "ops")?;
         o.proto_ops_family = self.member_offset("proto_ops", "family")?;
+        o.socket_sk = self.member_offset("socket", "sk")?;
+        o.unix_addr = self.member_offset("unix_sock", "addr")?;
+        o.unix_path_dentry =
+            self.member_offset("unix_sock", "path")? + self.member_offset("path", "dentry")?;
+        o.dentry_inode = self.member_offset("dentry", "d_inode")?;
+        o.unix_address_len = self.member_offset("unix_address", "len")?;
+        o.unix_address_name = self.member_offset("unix_address", "name")?;
+        o.unix_valid = 1;
         o.nr_net = net_syscalls();
         o.task_valid = 1;
         Ok(())
@@ -267,8 +275,9 @@ impl Btf {
 }
 
 /// The system calls under which a network hook may hold (the syscall restarts after the
-/// stop): `socket`, `connect`, `sendto`, `sendmsg`, `sendmmsg`, and on x86-64 their 32-bit
-/// numbers (`socketcall`, and the direct ones), which any process may use through `int $0x80`.
+/// stop): `socket`, `connect`, `sendto`, `sendmsg`, `sendmmsg`, `write` and `writev` (on a
+/// connected local datagram socket), and on x86-64 their 32-bit numbers (`socketcall`, and
+/// the direct ones), which any process may use through `int $0x80`.
 fn net_syscalls() -> [u32; countersign_ebpf::NR_NET_SYSCALLS] {
     let mut nr = [0; countersign_ebpf::NR_NET_SYSCALLS];
     let native = [
@@ -277,10 +286,12 @@ fn net_syscalls() -> [u32; countersign_ebpf::NR_NET_SYSCALLS] {
         libc::SYS_sendto,
         libc::SYS_sendmsg,
         libc::SYS_sendmmsg,
+        libc::SYS_write,
+        libc::SYS_writev,
     ];
-    // i386: socketcall, socket, connect, sendto, sendmsg, sendmmsg.
+    // i386: socketcall, socket, connect, sendto, sendmsg, sendmmsg, write, writev.
     let compat: &[u32] = if cfg!(target_arch = "x86_64") {
-        &[102, 359, 362, 369, 370, 345]
+        &[102, 359, 362, 369, 370, 345, 4, 146]
     } else {
         &[]
     };

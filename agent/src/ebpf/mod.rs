@@ -277,6 +277,8 @@ impl Kernel {
             (shared::PROG_LSM_SOCKET_CONNECT, "socket_connect"),
             (shared::PROG_LSM_SOCKET_SENDMSG, "socket_sendmsg"),
             (shared::PROG_LSM_SOCKET_CREATE, "socket_create"),
+            (shared::PROG_LSM_UNIX_STREAM_CONNECT, "unix_stream_connect"),
+            (shared::PROG_LSM_UNIX_MAY_SEND, "unix_may_send"),
         ];
         if self.offsets.regs_valid == 0 {
             self.attach_exec_tracepoints().map_err(|e| e.to_string())?;
@@ -333,6 +335,8 @@ impl Kernel {
             shared::PROG_LSM_SOCKET_CONNECT,
             shared::PROG_LSM_SOCKET_SENDMSG,
             shared::PROG_LSM_SOCKET_CREATE,
+            shared::PROG_LSM_UNIX_STREAM_CONNECT,
+            shared::PROG_LSM_UNIX_MAY_SEND,
             shared::PROG_LSM_BPRM_CREDS,
         ] {
             if let Some(prog) = self.ebpf.program_mut(name) {
@@ -830,6 +834,24 @@ impl Kernel {
                 "some socket rules could not be written into the kernel: the daemon decides those sockets"
             );
         }
+        Ok(())
+    }
+
+    /// Replaces the local-socket rules (`(label, file or abstract name) → UNIX_ALLOW |
+    /// UNIX_HOLD`) and the labels that hold every local socket no rule names.
+    pub fn set_unix_rules(
+        &mut self,
+        rules: &[(shared::ExecKey, u32)],
+        hold_all: &[u32],
+    ) -> Result<()> {
+        let written = replace_hash(&mut self.ebpf, shared::MAP_UNIX_RULES, rules, true)?;
+        if written.iter().any(|w| !w) {
+            tracing::error!(
+                "some local-socket rules could not be written into the kernel (map full): those sockets are not held"
+            );
+        }
+        let labels: Vec<(u32, u32)> = hold_all.iter().map(|l| (*l, 1)).collect();
+        replace_hash(&mut self.ebpf, shared::MAP_UNIX_HOLD_ALL, &labels, true)?;
         Ok(())
     }
 

@@ -82,6 +82,89 @@ pub fn socket_fast_path(policy: &Policy) -> Vec<SocketEntry> {
     out
 }
 
+/// A local socket a rule names, for the kernel: (label, the kernel's device and inode of its
+/// file, or [`countersign_ebpf::UNIX_ABSTRACT_DEV`] and the hash of an abstract name), and
+/// whether the first rule naming it allows it (else the daemon decides: held).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixEntry {
+    pub label: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub allow: bool,
+}
+
+/// The kernel's local-socket rules of `policy` (first rule naming a socket wins; a path that
+/// does not exist when the policy is loaded has no entry until it does and the policy is
+/// reloaded — the daemon's change check sees it appear), and the labels whose `unix_default`
+/// holds every other local socket.
+#[must_use]
+pub fn unix_rules(policy: &Policy) -> (Vec<UnixEntry>, Vec<String>) {
+    let mut out: Vec<UnixEntry> = Vec::new();
+    let mut holding = Vec::new();
+    for label in &policy.labels {
+        if label
+            .unix_default
+            .as_ref()
+            .is_some_and(|d| d.outcome != Outcome::Allow)
+        {
+            holding.push(label.name.clone());
+        }
+        for rule in &label.rules {
+            let CompiledMatcher::Unix { paths, abstracts } = &rule.matcher else {
+                continue;
+            };
+            let allow = rule.decision.outcome == Outcome::Allow;
+            let files = paths
+                .iter()
+                .filter_map(|(_, f)| f.map(|f| (crate::ebpf::kernel_dev(f.dev), f.ino)));
+            let names = abstracts
+                .iter()
+                .map(|a| (countersign_ebpf::UNIX_ABSTRACT_DEV, abstract_name_hash(a)));
+            for (dev, ino) in files.chain(names) {
+                if out
+                    .iter()
+                    .any(|e| e.label == label.name && e.dev == dev && e.ino == ino)
+                {
+                    continue;
+                }
+                out.push(UnixEntry {
+                    label: label.name.clone(),
+                    dev,
+                    ino,
+                    allow,
+                });
+            }
+        }
+    }
+    (out, holding)
+}
+
+/// The hash the kernel computes for the abstract name `name` (written without its `@`).
+#[must_use]
+pub fn abstract_name_hash(name: &str) -> u64 {
+    let mut buf = [0u8; countersign_ebpf::UNIX_NAME_LEN];
+    let bytes = name.as_bytes();
+    let n = bytes.len().min(buf.len() - 1);
+    buf[1..=n].copy_from_slice(&bytes[..n]);
+    countersign_ebpf::abstract_hash(&buf, n + 1)
+}
+
+/// The local socket paths the policy's rules name (watched for changes: a service started
+/// later binds a new file).
+#[must_use]
+pub fn unix_paths(policy: &Policy) -> Vec<std::path::PathBuf> {
+    policy
+        .labels
+        .iter()
+        .flat_map(|l| &l.rules)
+        .filter_map(|r| match &r.matcher {
+            CompiledMatcher::Unix { paths, .. } => Some(paths.iter().map(|(p, _)| p.clone())),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
 /// The connect fast path of `policy`.
 #[must_use]
 pub fn connect_fast_path(policy: &Policy) -> Vec<ConnectEntry> {

@@ -188,6 +188,7 @@ impl Loader {
                     matches,
                     on_behalf_of,
                     default,
+                    unix_default,
                     rules,
                 } = spec;
                 let (line, column) = locate(text, &format!("name: {}", name.0));
@@ -209,7 +210,8 @@ impl Loader {
                     || !matches.systemd_unit.is_empty()
                     || !matches.executable.is_empty()
                     || on_behalf_of.is_some()
-                    || default.is_some();
+                    || default.is_some()
+                    || unix_default.is_some();
                 if defined_here {
                     if let Some(first) = &label.defined_in {
                         let msg = format!(
@@ -248,6 +250,17 @@ impl Loader {
                             });
                         }
                         label.default = d.clone();
+                    }
+                    if let Some(d) = unix_default {
+                        if let Err(e) = d.check() {
+                            self.errors.push(PolicyError {
+                                file: path.clone(),
+                                line,
+                                column,
+                                message: format!("label `{}` unix_default: {e}", name.0),
+                            });
+                        }
+                        label.unix_default = Some(d.clone());
                     }
                 }
                 for (i, rule) in rules.iter().enumerate() {

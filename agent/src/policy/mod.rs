@@ -14,7 +14,8 @@ use std::{
 
 pub use load::load;
 use schema::{
-    ConnectMatch, Decision, ExecMatch, Glob, MatchSpec, Matcher, Protocol, Rule, SocketMatch,
+    ConnectMatch, Decision, ExecMatch, Glob, MatchSpec, Matcher, Outcome, Protocol, Rule,
+    SocketMatch, UnixName,
 };
 
 use crate::daemon::enrich::{FileId, file_id};
@@ -55,6 +56,8 @@ pub struct Label {
     pub matches: MatchSpec,
     pub on_behalf_of: Option<String>,
     pub default: Decision,
+    /// For local sockets no rule names (`None`: let through).
+    pub unix_default: Option<Decision>,
     pub rules: Vec<CompiledRule>,
     pub source: Source,
     /// The file that set `match`/`on_behalf_of`/`default`, if any did.
@@ -68,6 +71,7 @@ impl Label {
             matches: MatchSpec::default(),
             on_behalf_of: None,
             default: Decision::default(),
+            unix_default: None,
             rules: Vec::new(),
             source,
             defined_in: None,
@@ -93,6 +97,11 @@ pub enum CompiledMatcher {
     },
     Connect(ConnectMatch),
     Socket(SocketMatch),
+    /// Paths resolved to files when the policy was loaded, and abstract names.
+    Unix {
+        paths: Vec<(PathBuf, Option<FileId>)>,
+        abstracts: Vec<String>,
+    },
 }
 
 impl CompiledRule {
@@ -110,6 +119,22 @@ impl CompiledRule {
             },
             Matcher::Connect(c) => CompiledMatcher::Connect(c.clone()),
             Matcher::Socket(s) => CompiledMatcher::Socket(s.clone()),
+            Matcher::Unix(names) => CompiledMatcher::Unix {
+                paths: names
+                    .iter()
+                    .filter_map(|n| match n {
+                        UnixName::Path(p) => Some((p.clone(), file_id(p))),
+                        UnixName::Abstract(_) => None,
+                    })
+                    .collect(),
+                abstracts: names
+                    .iter()
+                    .filter_map(|n| match n {
+                        UnixName::Abstract(a) => Some(a.clone()),
+                        UnixName::Path(_) => None,
+                    })
+                    .collect(),
+            },
         };
         Self {
             name: rule.name.clone(),
@@ -151,7 +176,20 @@ pub enum Action {
     },
     /// Creating a socket that is not an ordinary TCP/UDP/local one.
     Socket { family: u16, sock_type: u16 },
+    /// A connect or datagram to a local socket: the file it is bound to (`stat` numbers), or
+    /// for an abstract one its name; `name` is the path or `@name` it was bound with.
+    Unix {
+        file: Option<FileId>,
+        abstract_name: Option<String>,
+        name: String,
+    },
 }
+
+/// The outcome of a local socket no rule names when the label sets no `unix_default`.
+static LET_THROUGH: Decision = Decision {
+    outcome: Outcome::Allow,
+    escalate: None,
+};
 
 /// What the policy says about an action.
 #[derive(Debug, Clone)]
@@ -183,10 +221,14 @@ impl Policy {
     pub fn evaluate(&self, label: &str, action: &Action) -> Option<Verdict<'_>> {
         let label = self.label(label)?;
         let rule = label.rules.iter().find(|r| r.matches(action));
+        let default = match action {
+            Action::Unix { .. } => label.unix_default.as_ref().unwrap_or(&LET_THROUGH),
+            _ => &label.default,
+        };
         Some(Verdict {
             label,
             rule,
-            decision: rule.map_or(&label.default, |r| &r.decision),
+            decision: rule.map_or(default, |r| &r.decision),
         })
     }
 
@@ -243,6 +285,19 @@ impl CompiledRule {
             (CompiledMatcher::Socket(s), Action::Socket { family, sock_type }) => {
                 s.matches(*family, *sock_type)
             }
+            (
+                CompiledMatcher::Unix { paths, abstracts },
+                Action::Unix {
+                    file,
+                    abstract_name,
+                    name,
+                },
+            ) => match abstract_name {
+                Some(a) => abstracts.iter().any(|x| x == a),
+                None => paths
+                    .iter()
+                    .any(|p| same_file(p, std::path::Path::new(name), *file)),
+            },
             _ => false,
         }
     }

@@ -39,6 +39,10 @@ pub struct LabelSpec {
     /// What happens to an action no rule matches (default: escalate).
     #[serde(default)]
     pub default: Option<Decision>,
+    /// What happens to a local (`AF_UNIX`) socket no rule names: absent, it is let through
+    /// in the kernel (local IPC is everywhere); `{outcome: escalate}` holds every one.
+    #[serde(default)]
+    pub unix_default: Option<Decision>,
     #[serde(default)]
     pub rules: Vec<Rule>,
 }
@@ -95,6 +99,8 @@ pub enum Matcher {
     /// Connects and sends: any way to reach a destination.
     Connect(ConnectMatch),
     Socket(SocketMatch),
+    /// Local sockets: paths, `@abstract` names.
+    Unix(Vec<UnixName>),
 }
 
 #[derive(Deserialize)]
@@ -108,6 +114,8 @@ struct RawRule {
     connect: Option<ConnectMatch>,
     #[serde(default)]
     socket: Option<SocketMatch>,
+    #[serde(default)]
+    unix: Option<Vec<UnixName>>,
     outcome: Outcome,
     #[serde(default)]
     escalate: Option<Escalation>,
@@ -121,18 +129,22 @@ impl TryFrom<RawRule> for Rule {
             .name
             .as_deref()
             .map_or_else(|| "rule".to_owned(), |n| format!("rule `{n}`"));
-        let matcher = match (r.exec, r.connect, r.socket) {
-            (Some(e), None, None) => Matcher::Exec(e),
-            (None, Some(c), None) => Matcher::Connect(c),
-            (None, None, Some(s)) => Matcher::Socket(s),
-            (None, None, None) => {
+        let matcher = match (r.exec, r.connect, r.socket, r.unix) {
+            (Some(e), None, None, None) => Matcher::Exec(e),
+            (None, Some(c), None, None) => Matcher::Connect(c),
+            (None, None, Some(s), None) => Matcher::Socket(s),
+            (None, None, None, Some(u)) if !u.is_empty() => Matcher::Unix(u),
+            (None, None, None, Some(_)) => {
+                return Err(format!("{what}: `unix` names no socket"));
+            }
+            (None, None, None, None) => {
                 return Err(format!(
-                    "{what} needs `exec: {{...}}`, `connect: {{...}}` or `socket: {{...}}`"
+                    "{what} needs `exec: {{...}}`, `connect: {{...}}`, `socket: {{...}}` or `unix: [...]`"
                 ));
             }
             _ => {
                 return Err(format!(
-                    "{what} has more than one of `exec`, `connect` and `socket`; split it into one rule each"
+                    "{what} has more than one of `exec`, `connect`, `socket` and `unix`; split it into one rule each"
                 ));
             }
         };
@@ -400,6 +412,43 @@ impl SocketMatch {
     }
 }
 
+/// A local socket a rule names: an absolute path (`/run/docker.sock`, matched by the file it
+/// is, whatever path reaches it) or an abstract name written `@name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnixName {
+    Path(std::path::PathBuf),
+    Abstract(String),
+}
+
+impl FromStr for UnixName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(name) = s.strip_prefix('@') {
+            if name.is_empty() || name.len() > 107 {
+                return Err(format!(
+                    "`{s}`: an abstract name has 1 to 107 bytes after `@`"
+                ));
+            }
+            return Ok(UnixName::Abstract(name.to_owned()));
+        }
+        if !s.starts_with('/') || s.len() > 107 {
+            return Err(format!(
+                "`{s}` is not a local socket: an absolute path of at most 107 bytes, or `@name` for an abstract one"
+            ));
+        }
+        Ok(UnixName::Path(s.into()))
+    }
+}
+
+impl fmt::Display for UnixName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnixName::Path(p) => write!(f, "{}", p.display()),
+            UnixName::Abstract(n) => write!(f, "@{n}"),
+        }
+    }
+}
+
 /// Socket families by name (`AF_*` without the prefix, lowercase) or number.
 const SOCKET_FAMILIES: &[(&str, u16)] = &[
     ("unix", 1),
@@ -624,6 +673,7 @@ from_str_de!(PortRange);
 from_str_de!(Glob);
 from_str_de!(SocketFamily);
 from_str_de!(SocketType);
+from_str_de!(UnixName);
 from_str_de!(HostGlob);
 
 /// A scalar read as text (YAML gives ports as numbers).

@@ -176,6 +176,22 @@ fn coding_agent_example_decides_as_documented() {
         p.label("coder").unwrap().on_behalf_of.as_deref(),
         Some("alice@example.com")
     );
+    // Local deputies are refused whatever the label's default.
+    let deputy = Action::Unix {
+        file: None,
+        abstract_name: None,
+        name: "/run/docker.sock".into(),
+    };
+    let (o, rule) = outcome(&p, "coder", &deputy);
+    assert_eq!(o, Outcome::Deny);
+    assert!(rule.unwrap().contains("local-deputies"));
+    // Local sockets no rule names are let through (no `unix_default`).
+    let journal = Action::Unix {
+        file: None,
+        abstract_name: None,
+        name: "/run/systemd/journal/socket".into(),
+    };
+    assert_eq!(outcome(&p, "coder", &journal), (Outcome::Allow, None));
 }
 
 #[test]
@@ -300,7 +316,7 @@ fn errors_name_file_line_column_and_suggest() {
         "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - exec: {}\n        connect: {}\n        outcome: allow\n",
     );
     assert!(
-        e.contains("more than one of `exec`, `connect` and `socket`"),
+        e.contains("more than one of `exec`, `connect`, `socket` and `unix`"),
         "{e}"
     );
 
@@ -486,4 +502,79 @@ labels:
         .map(|e| (e.family, e.sock_type))
         .collect();
     assert_eq!(fast, [(2, 2), (2, 3), (10, 2)], "inet6/raw stays refused");
+}
+
+/// Local-socket rules: the first rule naming a socket decides it in the kernel; an abstract
+/// name hashes as the kernel hashes the bound name (trailing NULs of a padded bind ignored);
+/// `unix_default` that holds puts the label in the hold-everything set.
+#[test]
+fn unix_rules_compile_for_the_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("svc.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let p = write(
+        dir.path(),
+        "p.yaml",
+        &format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: a
+    unix_default: {{outcome: escalate}}
+    rules:
+      - {{name: svc, unix: [{}, '@bus'], outcome: deny}}
+      - {{name: svc-again, unix: [{}], outcome: allow}}
+      - {{name: missing, unix: [/nonexistent/x.sock], outcome: deny}}
+  - name: b
+    rules:
+      - {{name: ok, unix: ['@bus'], outcome: allow}}
+",
+            sock.display(),
+            sock.display()
+        ),
+    );
+    let p = load(&[p]).unwrap_or_else(|e| panic!("{e}"));
+    let (entries, holding) = crate::policy::compile::unix_rules(&p);
+    assert_eq!(holding, ["a"]);
+    let a: Vec<_> = entries.iter().filter(|e| e.label == "a").collect();
+    assert_eq!(
+        a.len(),
+        2,
+        "the file once, the name once, the missing path not: {a:?}"
+    );
+    assert!(
+        a.iter().all(|e| !e.allow),
+        "the first rule (deny) wins: {a:?}"
+    );
+    let b: Vec<_> = entries.iter().filter(|e| e.label == "b").collect();
+    assert!(b.len() == 1 && b[0].allow);
+    assert_eq!(b[0].dev, countersign_ebpf::UNIX_ABSTRACT_DEV);
+    // The kernel's hash of `\0bus` bound with the whole sockaddr_un (NUL-padded).
+    let mut bound = [0u8; countersign_ebpf::UNIX_NAME_LEN];
+    bound[1..4].copy_from_slice(b"bus");
+    assert_eq!(
+        b[0].ino,
+        countersign_ebpf::abstract_hash(&bound, countersign_ebpf::UNIX_NAME_LEN)
+    );
+    assert_eq!(b[0].ino, countersign_ebpf::abstract_hash(&bound, 4));
+    assert_ne!(
+        b[0].ino,
+        crate::policy::compile::abstract_name_hash("bux"),
+        "another name"
+    );
+    // Rules match by file: another path to the same socket is the same socket.
+    let alias = dir.path().join("alias.sock");
+    std::os::unix::fs::symlink(&sock, &alias).unwrap();
+    let by_alias = Action::Unix {
+        file: crate::daemon::enrich::file_id(&alias),
+        abstract_name: None,
+        name: alias.display().to_string(),
+    };
+    assert_eq!(outcome(&p, "a", &by_alias).0, Outcome::Deny);
+    let unnamed = Action::Unix {
+        file: None,
+        abstract_name: Some("other".into()),
+        name: "@other".into(),
+    };
+    assert_eq!(outcome(&p, "a", &unnamed).0, Outcome::Escalate);
+    assert_eq!(outcome(&p, "b", &unnamed), (Outcome::Allow, None));
 }

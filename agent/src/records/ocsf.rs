@@ -124,8 +124,13 @@ pub fn event(record: &Record) -> Option<Value> {
             "connection_info".into(),
             json!({"protocol_name": q.protocol, "direction_id": 2, "direction": "Outbound"}),
         );
-    } else if let Some(socket) = &q.socket {
-        // Creating a raw, packet or other unusual socket: network activity of no other kind.
+    } else if let Some(socket) = q.socket.as_ref().or(q
+        .destination
+        .as_ref()
+        .filter(|_| q.kind == crate::proto::ActionKind::Unix))
+    {
+        // Creating a raw, packet or other unusual socket, or reaching a local service:
+        // network activity of no other kind.
         obj.insert("class_uid".into(), 4001.into());
         obj.insert("class_name".into(), "Network Activity".into());
         obj.insert("category_uid".into(), 4.into());

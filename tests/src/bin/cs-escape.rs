@@ -31,6 +31,8 @@
 //!   cs-escape thread-sendto ADDR:PORT         udp-sendto from a spawned thread
 //!   cs-escape raw-udp IPV4:PORT               SOCK_RAW/IPPROTO_UDP with a hand-built UDP header
 //!                                             (needs CAP_NET_RAW)
+//!   cs-escape unix-connect PATH|@NAME         stream connect to a local socket, then a write
+//!   cs-escape unix-send PATH|@NAME            a datagram to a local socket, without connect
 //!   cs-escape raw-udp-on FD IPV4:PORT         the same on an inherited raw socket (descriptor FD)
 //!   cs-escape packet-lo IPV4:PORT             AF_PACKET/SOCK_DGRAM on `lo` with a hand-built
 //!                                             IPv4 + UDP packet from 127.0.0.1 (CAP_NET_RAW;
@@ -93,6 +95,8 @@ fn main() {
         Some("uring-sendto") => uring_sendto(target(2), Mode::parse(arg(3))),
         Some("thread-connect") => in_thread(|to| tcp_connect(to, false), target(2)),
         Some("thread-sendto") => in_thread(udp_sendto, target(2)),
+        Some("unix-connect") => unix_connect(arg(2).expect("a PATH or @NAME argument")),
+        Some("unix-send") => unix_send(arg(2).expect("a PATH or @NAME argument")),
         Some("raw-udp") => raw_udp(target(2)),
         Some("raw-udp-on") => raw_udp_on(
             arg(2).and_then(|a| a.parse().ok()).expect("an FD argument"),
@@ -217,6 +221,34 @@ fn in_thread(technique: fn(SocketAddr) -> Outcome, target: SocketAddr) -> Outcom
     std::thread::spawn(move || technique(target))
         .join()
         .expect("the technique's thread")
+}
+
+// ---- Local sockets --------------------------------------------------------------------------
+
+/// A local socket address: a path, or `@name` for an abstract one.
+fn unix_addr(name: &str) -> std::os::unix::net::SocketAddr {
+    use std::os::linux::net::SocketAddrExt as _;
+    match name.strip_prefix('@') {
+        Some(a) => std::os::unix::net::SocketAddr::from_abstract_name(a.as_bytes()),
+        None => std::os::unix::net::SocketAddr::from_pathname(name),
+    }
+    .expect("a local socket address")
+}
+
+/// Stream connect to a local service, then the payload.
+fn unix_connect(name: &str) -> Outcome {
+    use std::io::Write as _;
+    let mut s = std::os::unix::net::UnixStream::connect_addr(&unix_addr(name)).map_err(os_errno)?;
+    s.write_all(PAYLOAD).map_err(os_errno)?;
+    Ok(Done::Connected)
+}
+
+/// A datagram to a local socket, without connect.
+fn unix_send(name: &str) -> Outcome {
+    let s = std::os::unix::net::UnixDatagram::unbound().map_err(os_errno)?;
+    s.send_to_addr(PAYLOAD, &unix_addr(name))
+        .map(Done::Sent)
+        .map_err(os_errno)
 }
 
 // ---- Hand-built packets -------------------------------------------------------------------

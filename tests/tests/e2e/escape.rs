@@ -24,6 +24,13 @@ enum Sink {
     Tcp(Listener),
     /// No receiver of ours (ICMP): the technique's own report (`sent N`) is the evidence.
     Report,
+    /// A local service (stream) or datagram socket, by its path or `@name`.
+    Local(String, LocalSocket),
+}
+
+enum LocalSocket {
+    Stream(std::os::unix::net::UnixListener),
+    Datagram(std::os::unix::net::UnixDatagram),
 }
 
 impl Sink {
@@ -32,6 +39,7 @@ impl Sink {
             Sink::Udp(u) => u.addr(),
             Sink::Tcp(l) => l.addr(),
             Sink::Report => "127.0.0.1".into(),
+            Sink::Local(name, _) => name.clone(),
         }
     }
 
@@ -41,6 +49,8 @@ impl Sink {
             Sink::Udp(u) => u.received() > 0,
             Sink::Tcp(l) => l.accepted(),
             Sink::Report => stdout.starts_with("sent"),
+            Sink::Local(_, LocalSocket::Stream(l)) => l.accept().is_ok(),
+            Sink::Local(_, LocalSocket::Datagram(u)) => u.recv(&mut [0u8; 64]).is_ok(),
         }
     }
 }
@@ -468,4 +478,99 @@ fn an_inherited_raw_socket_sends_nothing_in_lsm_mode() {
     let a = labelled_attempt(&d, As::Root, &args, |_| "deny");
     assert_contained(&d, "raw-udp-on", As::Root, &a, &target, SOCKET);
     drop(raw);
+}
+
+/// A local socket bound at `name` (a path, or `@name` for an abstract one), non-blocking.
+fn local(name: &str, datagram: bool) -> Sink {
+    use std::os::linux::net::SocketAddrExt as _;
+    use std::os::unix::net::{SocketAddr, UnixDatagram, UnixListener};
+    let addr = match name.strip_prefix('@') {
+        Some(a) => SocketAddr::from_abstract_name(a.as_bytes()),
+        None => SocketAddr::from_pathname(name),
+    }
+    .expect("a local socket address");
+    let socket = if datagram {
+        let u = UnixDatagram::bind_addr(&addr).expect("bind a local datagram socket");
+        u.set_nonblocking(true).expect("nonblocking");
+        LocalSocket::Datagram(u)
+    } else {
+        let l = UnixListener::bind_addr(&addr).expect("bind a local socket");
+        l.set_nonblocking(true).expect("nonblocking");
+        LocalSocket::Stream(l)
+    };
+    Sink::Local(name.to_owned(), socket)
+}
+
+/// Local services that would act for the agent (a container runtime's socket, the system
+/// bus) are named by the policy and held: by the file they are — a symlink to the path is the
+/// same socket —, by abstract name, for connects and datagrams; a local socket no rule names
+/// is let through without a stop. Fallback mode does not see local sockets (a documented
+/// limit, README "Not held yet").
+#[test]
+fn local_services_the_policy_names_are_held() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |n: &str| dir.path().join(n).to_str().expect("utf-8").to_owned();
+    let (deputy, log, other) = (path("deputy.sock"), path("log.sock"), path("other.sock"));
+    let abstract_name = format!("@countersign-escape-{}", std::process::id());
+    let deputy_sink = local(&deputy, false);
+    let log_sink = local(&log, true);
+    let abstract_sink = local(&abstract_name, false);
+    let other_sink = local(&other, false);
+    let alias = path("alias.sock");
+    std::os::unix::fs::symlink(&deputy, &alias).expect("symlink");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: agent
+    rules:
+      - name: deputies
+        unix: [{deputy}, {log}, \"{abstract_name}\"]
+        outcome: escalate
+"
+        ),
+    )
+    .expect("policy");
+    let d = Daemon::start_with(&["--policy", policy.to_str().expect("utf-8")]);
+    let attempt = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        labelled_attempt(&d, As::Root, &args, |_| "deny")
+    };
+    if !d.is_lsm() {
+        let a = attempt(&["unix-connect", &deputy]);
+        assert_eq!(
+            a.stdout, "connected",
+            "fallback mode does not hold local sockets"
+        );
+        eprintln!("fallback mode: local sockets are not held (README: Not held yet)");
+        return;
+    }
+    for (technique, name, sink, shown) in [
+        ("unix-connect", &deputy, &deputy_sink, &deputy),
+        ("unix-connect", &alias, &deputy_sink, &deputy),
+        ("unix-send", &log, &log_sink, &log),
+        (
+            "unix-connect",
+            &abstract_name,
+            &abstract_sink,
+            &abstract_name,
+        ),
+    ] {
+        let args = vec![technique.to_owned(), name.clone()];
+        unlabelled_delivers(&d, As::Root, &args, sink);
+        let a = labelled_attempt(&d, As::Root, &args, |_| "deny");
+        assert_contained(&d, &args.join(" "), As::Root, &a, sink, &["unix"]);
+        assert_eq!(
+            a.requests[0]["destination"],
+            format!("unix:{shown}").as_str(),
+            "{:?}",
+            a.requests
+        );
+    }
+    let a = attempt(&["unix-connect", &other]);
+    assert_eq!(a.stdout, "connected");
+    assert!(a.requests.is_empty(), "{:?}", a.requests);
+    assert!(other_sink.arrived(""));
 }

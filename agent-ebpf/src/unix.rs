@@ -1,0 +1,96 @@
+//! Local sockets (`AF_UNIX`): which socket a connect or datagram reaches, as the kernel knows
+//! it — the file it is bound to (device, inode: a symlink, a copy of the path or a bind mount
+//! does not change it) or its abstract name — and what the policy says about it in the kernel.
+//! The hold itself is `connect::lsm_unix`.
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use countersign_ebpf::{ExecKey, UNIX_ABSTRACT_DEV, UNIX_NAME_LEN, UnixPeer, abstract_hash};
+
+use crate::{
+    exec::{inode_id, read_ptr},
+    maps::{self, NAME_SCRATCH, UNIX_HOLD_ALL, UNIX_RULES},
+};
+
+/// The `sun_path` the peer `unix_sock` (`struct sock *`) was bound with, into `name`; its
+/// length in bytes (0: unnamed, or unreadable).
+#[inline(always)]
+pub fn read_name(sk: *const u8, name: &mut [u8; UNIX_NAME_LEN]) -> u32 {
+    let o = maps::kernel_offsets();
+    if o.unix_valid == 0 {
+        return 0;
+    }
+    let Some(addr) = read_ptr(sk, o.unix_addr) else {
+        return 0;
+    };
+    // SAFETY: reads with the checked helper.
+    let Ok(len) = (unsafe {
+        bpf_probe_read_kernel(addr.wrapping_add(o.unix_address_len as usize).cast::<i32>())
+    }) else {
+        return 0;
+    };
+    // `struct sockaddr_un` is `sa_family_t sun_family; char sun_path[108]`.
+    let path = addr.wrapping_add(o.unix_address_name as usize + 2);
+    // SAFETY: as above; read straight into `name` (no copy on the BPF stack).
+    match unsafe { bpf_probe_read_kernel_buf(path, name) } {
+        Ok(()) => (len.clamp(2, 2 + UNIX_NAME_LEN as i32) - 2) as u32,
+        Err(_) => 0,
+    }
+}
+
+/// The peer socket `sk` (`struct sock *` of a `unix_sock`) as the policy names it; `None`
+/// for an unnamed one (a socketpair's, or one never bound), which no other process can reach
+/// by name.
+#[inline(always)]
+pub fn peer(sk: *const u8) -> Option<UnixPeer> {
+    let o = maps::kernel_offsets();
+    if o.unix_valid == 0 {
+        return None;
+    }
+    if let Some(dentry) = read_ptr(sk, o.unix_path_dentry) {
+        let inode = read_ptr(dentry, o.dentry_inode)?;
+        let (dev, ino) = inode_id(inode)?;
+        return Some(UnixPeer { dev, ino });
+    }
+    // This CPU's scratch slot: 108 bytes do not fit on the BPF stack beside the hook's own.
+    let name = NAME_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: the slot belongs to this CPU for this program run.
+    let name = unsafe { &mut *name };
+    let len = read_name(sk, name);
+    if len == 0 || name[0] != 0 {
+        return None;
+    }
+    Some(UnixPeer {
+        dev: UNIX_ABSTRACT_DEV,
+        ino: abstract_hash(name, len as usize),
+    })
+}
+
+/// The `sk` of a `struct socket`.
+#[inline(always)]
+pub fn socket_sk(sock: *const u8) -> Option<*const u8> {
+    let o = maps::kernel_offsets();
+    if o.unix_valid == 0 {
+        return None;
+    }
+    read_ptr(sock, o.socket_sk)
+}
+
+/// What a rule of `label` says about `peer` in the kernel (`UNIX_ALLOW`, `UNIX_HOLD`), or
+/// `None` when no rule names it.
+#[inline(always)]
+pub fn rule(label: u32, peer: UnixPeer) -> Option<u32> {
+    let key = ExecKey {
+        label,
+        _pad: 0,
+        dev: peer.dev,
+        ino: peer.ino,
+    };
+    // SAFETY: reading a plain value out of the map.
+    unsafe { UNIX_RULES.get(&key) }.copied()
+}
+
+/// Whether `label` holds the local sockets no rule names.
+#[inline(always)]
+pub fn hold_all(label: u32) -> bool {
+    // SAFETY: as above.
+    unsafe { UNIX_HOLD_ALL.get(label) }.is_some()
+}
