@@ -707,7 +707,8 @@ fn policy_check_lists_cgroups_named_by_globs_and_units() {
     );
 }
 
-/// `policy test` names the matching rule and the outcome, for execs and connects.
+/// `policy test` names the matching rule and the outcome, for execs, connects, sends, local
+/// services and unusual sockets.
 #[test]
 fn policy_test_names_rule_and_outcome() {
     let p = policies();
@@ -722,7 +723,7 @@ fn policy_test_names_rule_and_outcome() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("rule `git-push`") && text.contains("coding-agent.yaml:26"),
+        text.contains("rule `git-push`") && text.contains("coding-agent.yaml:39"),
         "{text}"
     );
     assert!(
@@ -761,6 +762,37 @@ fn policy_test_names_rule_and_outcome() {
     let out = policy_test("nobody", "--connect", "10.20.1.1:22");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no label `nobody`"));
+    // A datagram without connect: connect rules decide it, as UDP by default.
+    let text =
+        String::from_utf8_lossy(&policy_test("ci", "--send", "10.30.4.1:9005").stdout).into_owned();
+    assert!(
+        text.contains("send 10.30.4.1 port 9005/udp")
+            && text.contains("rule `artifact-store`")
+            && text.contains("outcome: allow"),
+        "{text}"
+    );
+    // A local deputy, whatever the label's default.
+    let text = String::from_utf8_lossy(&policy_test("coder", "--unix", "/run/docker.sock").stdout)
+        .into_owned();
+    assert!(
+        text.contains("unix /run/docker.sock")
+            && text.contains("rule `local-deputies`")
+            && text.contains("outcome: deny"),
+        "{text}"
+    );
+    let text =
+        String::from_utf8_lossy(&policy_test("ci", "--socket", "packet/raw").stdout).into_owned();
+    assert!(
+        text.contains("socket packet/raw") && text.contains("rule `no-raw-sockets`"),
+        "{text}"
+    );
+    let out = policy_test("ci", "--socket", "inet/stream");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not an action"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// With a policy, the daemon applies its verdicts: allowed actions run and denied or killed
