@@ -11,15 +11,15 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_task, bpf_probe_read_kernel,
-        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+        generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
     },
     programs::TracePointContext,
 };
 use countersign_ebpf::{
-    ExecKey, FLAG_EXEC_LOADED, FLAG_VERIFY, FileKey, KIND_CANARY_EXEC, KIND_EXEC, KIND_EXEC_LOADED,
-    LABEL_CANARY, LABEL_NONE, MODE_FALLBACK, MODE_LSM, MODE_OFF, STAT_FAST_EXEC,
-    STAT_GRANT_ALLOWED, STATE_ALLOWED, STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE,
-    STATE_PENDING, TaskState,
+    ARGV_VERIFY_MAX, ApprovedExec, ERROR_EXEC_UNVERIFIED, ExecKey, FLAG_EXEC_LOADED, FLAG_NOTIFIED,
+    FLAG_VERIFY, FileKey, KIND_CANARY_EXEC, KIND_ERROR, KIND_EXEC, KIND_EXEC_LOADED, LABEL_CANARY,
+    LABEL_NONE, MODE_FALLBACK, MODE_LSM, MODE_OFF, STAT_FAST_EXEC, STAT_GRANT_ALLOWED,
+    STATE_ALLOWED, STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE, STATE_PENDING, TaskState,
 };
 
 use crate::{
@@ -323,6 +323,10 @@ pub fn sched_exec(ctx: &TracePointContext) {
         hold::kill_current();
         return;
     }
+    if mode == MODE_FALLBACK && state.flags & FLAG_NOTIFIED != 0 {
+        verify_notified(state, old_pid);
+        return;
+    }
     let verify = mode == MODE_LSM && state.state == STATE_EXEC_RELEASED;
     if !verify && mode != MODE_FALLBACK {
         return;
@@ -347,4 +351,120 @@ pub fn sched_exec(ctx: &TracePointContext) {
         // Nobody would decide it: fail closed before the first instruction.
         hold::kill_current();
     }
+}
+
+/// Fallback mode, a task under the seccomp notifier: its `execve` was let start either by an
+/// approval (armed in [`maps::EXEC_APPROVED`] under the thread that made the call) or as one
+/// the fast path allows. The loaded image runs if it is exactly the approved one (file and
+/// argv) or one the policy allows; anything else — a file or an argv changed after the
+/// approval, an exec that never asked — is killed before its first instruction.
+#[inline(always)]
+fn verify_notified(state: &mut TaskState, tid: u32) {
+    let approved = maps::EXEC_APPROVED.get_ptr(&tid);
+    let mut request = 0;
+    let mut verified = false;
+    if let Some(a) = approved {
+        // SAFETY: as above; only read.
+        let a = unsafe { &*a };
+        request = a.request_id;
+        verified = state.state == STATE_ALLOWED
+            && state.kind == KIND_EXEC
+            && state.request_id == a.request_id
+            && loaded_is(a);
+    }
+    if approved.is_some() {
+        let _ = maps::EXEC_APPROVED.remove(&tid);
+    }
+    if verified {
+        state.state = STATE_IDLE;
+        return;
+    }
+    if fast_allowed(state.label, current_exe_file()) {
+        return;
+    }
+    if let Some(ev) = hold::event(KIND_ERROR, state.label) {
+        ev.action = KIND_EXEC as u16;
+        ev.detail = ERROR_EXEC_UNVERIFIED;
+        ev.request_id = request;
+        maps::emit(ev);
+    }
+    hold::kill_current();
+}
+
+/// Bytes of the loaded argv compared per step.
+const ARGV_CHUNK: usize = 64;
+
+/// Whether the current task's loaded image and argv are the approved ones. Any failed read
+/// is a mismatch.
+#[inline(always)]
+fn loaded_is(a: &ApprovedExec) -> bool {
+    let Some((dev, ino)) = current_exe_file().and_then(file_id) else {
+        return false;
+    };
+    if dev != a.dev || ino != a.ino {
+        return false;
+    }
+    let o = maps::kernel_offsets();
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let Some(mm) = read_ptr(task, o.task_mm) else {
+        return false;
+    };
+    let read = |at: u32| {
+        // SAFETY: read with the checked helper.
+        unsafe { bpf_probe_read_kernel(mm.wrapping_add(at as usize).cast::<u64>()) }.ok()
+    };
+    let (Some(start), Some(end)) = (read(o.mm_arg_start), read(o.mm_arg_end)) else {
+        return false;
+    };
+    let len = a.argv_len as usize;
+    if end < start || end - start != len as u64 || len > ARGV_VERIFY_MAX {
+        return false;
+    }
+    // Whole chunks, then the rest: each step has one way on and short ways out, so that the
+    // verifier's walk stays linear in the number of chunks.
+    for i in 0..ARGV_VERIFY_MAX / ARGV_CHUNK {
+        let off = i * ARGV_CHUNK;
+        if off + ARGV_CHUNK > len {
+            break;
+        }
+        if !chunk_is(start + off as u64, ARGV_CHUNK as u32, a, off) {
+            return false;
+        }
+    }
+    let rest = len % ARGV_CHUNK;
+    if rest == 0 {
+        return true;
+    }
+    // `len - rest` is a whole number of chunks below the limit; the mask tells the verifier.
+    let off = (len - rest) & (ARGV_VERIFY_MAX - ARGV_CHUNK) & !(ARGV_CHUNK - 1);
+    chunk_is(
+        start + off as u64,
+        rest as u32 & (ARGV_CHUNK as u32 - 1),
+        a,
+        off,
+    )
+}
+
+/// Whether the `n` bytes of user memory at `at` are the approved argv's bytes at `off` (the
+/// approved bytes past the argv are zero, as are the unread bytes of the chunk).
+#[inline(always)]
+fn chunk_is(at: u64, n: u32, a: &ApprovedExec, off: usize) -> bool {
+    let mut got = [0u64; ARGV_CHUNK / 8];
+    // SAFETY: at most `ARGV_CHUNK` bytes into `got`, read with the checked helper.
+    let failed =
+        unsafe { bpf_probe_read_user(got.as_mut_ptr().cast(), n, at as *const core::ffi::c_void) }
+            != 0;
+    if failed {
+        return false;
+    }
+    let want = a.argv.as_ptr().cast::<u64>();
+    for (w, g) in got.iter().enumerate() {
+        // SAFETY: `off + 8 * w + 8 <= ARGV_VERIFY_MAX` (callers keep `off` below the limit by
+        // a chunk): inside the map value; the array starts 8-aligned.
+        if unsafe { *want.add(off / 8 + w) } != *g {
+            return false;
+        }
+    }
+    true
 }

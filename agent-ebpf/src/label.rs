@@ -8,8 +8,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use countersign_ebpf::{
-    CGROUP_MATCH, KIND_CGROUP_NEW, LABEL_NONE, LABEL_UNCLASSIFIED, MAX_CGROUP_DEPTH, MODE_OFF,
-    STAT_EVENTS_DROPPED, STAT_LABEL_INHERIT_FAILED, STATE_IDLE, TaskState,
+    CGROUP_MATCH, FLAG_NOTIFIED, KIND_CGROUP_NEW, LABEL_NONE, LABEL_UNCLASSIFIED, MAX_CGROUP_DEPTH,
+    MODE_OFF, STAT_EVENTS_DROPPED, STAT_LABEL_INHERIT_FAILED, STATE_IDLE, TaskState,
 };
 
 use crate::maps::{self, CGROUP_CACHE, CGROUP_LABELS, TASKS};
@@ -203,6 +203,8 @@ pub fn inherit(ctx: &TracePointContext) {
         return;
     };
     let label = state.label;
+    // The seccomp filter behind it is inherited too.
+    let flags = state.flags & FLAG_NOTIFIED;
     // SAFETY: the offset comes from the kernel's own format file for this tracepoint.
     let Ok(child) = (unsafe { ctx.read_at::<i32>(maps::newtask_pid_offset()) }) else {
         maps::count(STAT_LABEL_INHERIT_FAILED);
@@ -210,6 +212,7 @@ pub fn inherit(ctx: &TracePointContext) {
     };
     let child_state = TaskState {
         label,
+        flags,
         ..TaskState::default()
     };
     if TASKS.insert(child as u32, child_state, 0).is_err() {

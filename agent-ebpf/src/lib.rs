@@ -67,7 +67,10 @@ pub const UNIX_HOLD: u32 = 2;
 /// The `dev` of a [`MAP_UNIX_RULES`] key for an abstract name (its `ino` is
 /// [`abstract_hash`] of the name).
 pub const UNIX_ABSTRACT_DEV: u64 = u64::MAX;
-/// Every map above but the DNS ones is pinned by name in the daemon's pin directory, so that holds and labels
+/// Thread id → [`ApprovedExec`] (fallback mode, tasks under the seccomp notifier). Not
+/// pinned: the notifier does not outlive its daemon.
+pub const MAP_EXEC_APPROVED: &str = "CS_EXEC_APPROVED";
+/// Every map above but the DNS ones and [`MAP_EXEC_APPROVED`] is pinned by name in the daemon's pin directory, so that holds and labels
 /// survive a daemon restart.
 pub const PINNED_MAPS: [&str; 15] = [
     MAP_TASKS,
@@ -247,6 +250,11 @@ pub const FLAG_VERIFY: u32 = 2;
 /// Fallback mode: the allowed connect was let through by a grant; the cgroup program checks
 /// the grant again with the socket type (which the `connect` tracepoint cannot see).
 pub const FLAG_GRANT_CHECK: u32 = 4;
+/// Fallback mode: the task's execs are decided before they start, by the daemon's seccomp
+/// notifier (`countersign exec` installed the filter; children inherit it and this flag). An
+/// image such a task loads runs only if it is the one [`MAP_EXEC_APPROVED`] holds for the
+/// task, or one the fast path allows: anything else is killed before its first instruction.
+pub const FLAG_NOTIFIED: u32 = 8;
 
 /// [`Event::detail`] of a [`KIND_ERROR`]: in fallback mode, a connect the tracepoint let
 /// through on a grant was not covered by it at the cgroup program (a grant for another socket
@@ -262,6 +270,38 @@ pub const ERROR_UNHOLDABLE: i32 = 2;
 /// Fallback mode: a labelled task created a socket of a family no cgroup program can refuse
 /// (not IPv4/IPv6) and the policy does not allow it in the kernel: the task was killed.
 pub const ERROR_SOCKET_KILLED: i32 = 3;
+/// Fallback mode: a task under the seccomp notifier loaded an image that is not the one
+/// approved for it (its file or argv changed after the approval), or one that was never
+/// approved: it was killed before its first instruction. [`Event::request_id`] is the
+/// approved request, if any.
+pub const ERROR_EXEC_UNVERIFIED: i32 = 4;
+
+/// Longest argv (the bytes of the strings with their terminators) an approved exec can be
+/// verified against in the kernel (see [`ApprovedExec`]).
+pub const ARGV_VERIFY_MAX: usize = 16 * 1024;
+/// Execs approved at once and not yet loaded (one per task at most).
+pub const MAX_EXEC_APPROVED: u32 = 1_024;
+
+/// What an approved exec must load, written by the daemon before it lets the `execve` of a
+/// task under the seccomp notifier start; keyed by thread id. `sched_process_exec` compares
+/// the loaded image's (device, inode) and its argv (`mm->arg_start..arg_end`, the kernel's
+/// own copy) byte for byte, then removes the entry.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ApprovedExec {
+    /// The request the approval is for ([`TaskState::request_id`]).
+    pub request_id: u64,
+    /// The image that must load (for a script: its interpreter).
+    pub dev: u64,
+    pub ino: u64,
+    /// Bytes of `argv` used; the rest of the array is zero.
+    pub argv_len: u32,
+    pub _pad: u32,
+    /// The argv the image must get: each string with its terminating NUL, as the kernel lays
+    /// them out (for a script: interpreter, its argument, the script's name, the rest).
+    pub argv: [u8; ARGV_VERIFY_MAX],
+}
+const _: () = assert!(size_of::<ApprovedExec>() == 32 + ARGV_VERIFY_MAX);
 
 /// Stats indexes in [`MAP_STATS`].
 pub const STAT_EVENTS_DROPPED: u32 = 0;
@@ -479,6 +519,9 @@ pub struct KernelOffsets {
     pub task_mm: u32,
     /// `mm_struct.exe_file`
     pub mm_exe_file: u32,
+    /// `mm_struct.arg_start` and `arg_end` (the loaded image's argv).
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
     /// Non-zero when the LSM exec hook reads the exec's filename and argv pointers from the
     /// task's saved user registers (below), so that no syscall tracepoint is needed. Zero:
     /// the `sys_enter_execve`/`execveat` tracepoints record them.
@@ -520,7 +563,7 @@ pub struct KernelOffsets {
 }
 /// Entries of [`KernelOffsets::nr_net`].
 pub const NR_NET_SYSCALLS: usize = 16;
-const _: () = assert!(size_of::<KernelOffsets>() == 180);
+const _: () = assert!(size_of::<KernelOffsets>() == 188);
 
 /// `task_struct.flags`: an io_uring worker or SQPOLL thread (`PF_IO_WORKER`).
 pub const PF_IO_WORKER: u32 = 0x10;
@@ -785,4 +828,6 @@ mod user {
     unsafe impl aya::Pod for super::SocketKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::UnixPeer {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ApprovedExec {}
 }

@@ -4,12 +4,15 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use countersign_ebpf::{
-    Config, ConnectAllow, ConnectKey, DNS_RING_BYTES, EVENTS_RING_BYTES, Event, ExecKey, FileKey,
-    GrantConnect, GrantConnectKey, KernelOffsets, LabelName, MAX_CGROUP_LABELS, MAX_CONNECT_ALLOW,
-    MAX_DNS_SOCKETS, MAX_EXEC_ALLOW, MAX_EXEC_LABELS, MAX_KERNEL_GRANTS, MAX_LABELLED_TASKS,
-    MAX_LABELS, MAX_SEND_DECIDED, MAX_SOCKET_ALLOW, MAX_UNIX_RULES, NR_NET_SYSCALLS, STAT_COUNT,
-    SendDecided, SendKey, SocketKey, TaskState,
+    ApprovedExec, Config, ConnectAllow, ConnectKey, DNS_RING_BYTES, EVENTS_RING_BYTES, Event,
+    ExecKey, FileKey, GrantConnect, GrantConnectKey, KernelOffsets, LabelName, MAX_CGROUP_LABELS,
+    MAX_CONNECT_ALLOW, MAX_DNS_SOCKETS, MAX_EXEC_ALLOW, MAX_EXEC_APPROVED, MAX_EXEC_LABELS,
+    MAX_KERNEL_GRANTS, MAX_LABELLED_TASKS, MAX_LABELS, MAX_SEND_DECIDED, MAX_SOCKET_ALLOW,
+    MAX_UNIX_RULES, NR_NET_SYSCALLS, STAT_COUNT, SendDecided, SendKey, SocketKey, TaskState,
 };
+
+/// `BPF_F_NO_PREALLOC`: a hash map whose entries are allocated when inserted.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 // Every map is pinned by name (see `countersign_ebpf::PINNED_MAPS`): a restarted daemon
 // reuses them, so held tasks stay held and labelled tasks stay labelled across restarts.
@@ -41,6 +44,12 @@ pub static CONNECT_ALLOW: LpmTrie<ConnectKey, ConnectAllow> = LpmTrie::pinned(MA
 /// The policy's exec fast path, written by the daemon: (label, device, inode) → 1.
 #[map(name = "CS_EXEC_ALLOW")]
 pub static EXEC_ALLOW: HashMap<ExecKey, u32> = HashMap::pinned(MAX_EXEC_ALLOW, 0);
+
+/// Execs approved through the seccomp notifier, not yet loaded (see `exec::verify_notified`).
+/// Allocated on use: the values are large.
+#[map(name = "CS_EXEC_APPROVED")]
+pub static EXEC_APPROVED: HashMap<u32, ApprovedExec> =
+    HashMap::with_max_entries(MAX_EXEC_APPROVED, BPF_F_NO_PREALLOC);
 
 /// The policy's `match: executable` labels, written by the daemon: (device, inode) → label.
 #[map(name = "CS_EXEC_LABELS")]
@@ -148,6 +157,8 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     sb_dev: 0,
     task_mm: 0,
     mm_exe_file: 0,
+    mm_arg_start: 0,
+    mm_arg_end: 0,
     regs_valid: 0,
     regs_nr: 0,
     regs_arg0: 0,

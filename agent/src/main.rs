@@ -136,6 +136,9 @@ struct DaemonArgs {
     /// What a request nobody decides gets.
     #[arg(long, value_enum)]
     timeout_action: Option<TimeoutAction>,
+    /// Fallback mode: how launched agents' execs are held (see the configuration file).
+    #[arg(long, value_enum)]
+    fallback_exec_hold: Option<daemon::config::FallbackExecHold>,
 }
 
 /// How to reach a remote approver (instead of this host's daemon).
@@ -567,6 +570,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     if let Some(a) = args.timeout_action {
         config.timeout_action = a;
+    }
+    if let Some(h) = args.fallback_exec_hold {
+        config.fallback_exec_hold = h;
     }
     config
         .validate(std::path::Path::new("command line"))

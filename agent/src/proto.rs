@@ -16,6 +16,10 @@ pub enum Request {
     Decide { id: u64, decision: Decision },
     /// Label the calling process (used by `countersign exec`).
     Label { label: String },
+    /// Fallback mode: take the seccomp listener `fd` of the calling (labelled) process, whose
+    /// filter sends its `execve`s to the daemon before they start (used by `countersign
+    /// exec` when [`Response::Labelled`] asks for it).
+    ExecNotifier { fd: i32 },
     /// The grants in force.
     Grants,
     /// Take a grant back (root, not from a labelled process).
@@ -49,13 +53,40 @@ impl std::fmt::Display for Decision {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
     Status(Box<StatusInfo>),
-    List { requests: Vec<RequestView> },
-    Decided { id: u64, outcome: String },
-    Labelled { label: String, pid: u32 },
-    Grants { grants: Vec<GrantView> },
-    Revoked { id: String },
-    KeyRotated { old: String, new: String, seq: u64 },
-    Error { message: String },
+    List {
+        requests: Vec<RequestView>,
+    },
+    Decided {
+        id: u64,
+        outcome: String,
+    },
+    Labelled {
+        label: String,
+        pid: u32,
+        /// The daemon decides this process's execs before they start once it has its seccomp
+        /// listener ([`Request::ExecNotifier`]): fallback mode, where the kernel can only
+        /// hold an exec after the new image is loaded.
+        #[serde(default)]
+        notify_execs: bool,
+    },
+    /// The listener was taken: from now on the process's execs wait for the daemon.
+    NotifierTaken {
+        pid: u32,
+    },
+    Grants {
+        grants: Vec<GrantView>,
+    },
+    Revoked {
+        id: String,
+    },
+    KeyRotated {
+        old: String,
+        new: String,
+        seq: u64,
+    },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,6 +147,13 @@ pub struct StatusInfo {
     pub unholdable_refused: u64,
     pub events_dropped: u64,
     pub label_inherit_failed: u64,
+    /// Fallback mode: how a launched agent's execs are held — `before` they start (the
+    /// seccomp notifier) or `after` loading (a stop), with why not before.
+    #[serde(default)]
+    pub exec_hold: Option<String>,
+    /// Launched agents whose execs the daemon decides before they start.
+    #[serde(default)]
+    pub exec_notifiers: usize,
     /// The remote approver, if one is configured.
     #[serde(default)]
     pub approver: Option<ApproverStatus>,

@@ -334,10 +334,16 @@ impl Daemon {
         self.mode() == "lsm"
     }
 
-    /// The kind an exec is held as in this mode.
+    /// The kind an exec of a launched agent (`countersign exec`) is held as: before it
+    /// starts (`exec`) in LSM mode, and in fallback mode where the daemon has the seccomp
+    /// notifier; otherwise after loading (`exec-loaded`).
     #[must_use]
     pub fn exec_kind(&self) -> &'static str {
-        if self.is_lsm() { "exec" } else { "exec-loaded" }
+        let before = self.is_lsm()
+            || self.status()["exec_hold"]
+                .as_str()
+                .is_some_and(|h| h.starts_with("before"));
+        if before { "exec" } else { "exec-loaded" }
     }
 
     /// Runs the countersign CLI against this daemon.
@@ -412,10 +418,15 @@ impl Daemon {
 
     /// Waits for the held exec of `pid` whose argv contains `needle`.
     pub fn wait_exec(&self, pid: u32, needle: &str) -> Value {
-        let kind = self.exec_kind();
+        // Agents labelled otherwise than by `countersign exec` (cgroups, executables) are held
+        // after loading in fallback mode.
+        let kinds = [
+            self.exec_kind(),
+            if self.is_lsm() { "exec" } else { "exec-loaded" },
+        ];
         self.wait_request(&format!("exec of {needle} by pid {pid}"), |r| {
             r["pid"] == pid
-                && r["kind"] == kind
+                && kinds.iter().any(|k| r["kind"] == *k)
                 && r["argv"].as_array().is_some_and(|a| {
                     a.iter()
                         .any(|x| x.as_str().is_some_and(|s| s.contains(needle)))

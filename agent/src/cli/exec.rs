@@ -1,8 +1,21 @@
 //! `countersign exec --label L -- CMD...`: labels itself through the daemon, then becomes CMD.
 //! Fails closed: if the label cannot be applied, CMD is not run.
-use std::{os::unix::process::CommandExt as _, path::Path, process::Command};
+//!
+//! In fallback mode the daemon also asks for the launcher's exec notifier: a seccomp filter
+//! that makes every exec of CMD and of what it starts wait for the daemon before it begins
+//! (see `daemon::notify`). If it cannot be installed and handed over, CMD is not run either.
+use std::{
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::Path,
+    process::Command,
+};
 
-use crate::{cli::client, paths, proto::Request};
+use crate::{
+    cli::client,
+    daemon::notify,
+    paths,
+    proto::{Request, Response},
+};
 
 /// Exit status when labelling fails (CMD never ran).
 pub const EXIT_NOT_LABELLED: i32 = 125;
@@ -16,13 +29,24 @@ pub fn run(socket_dir: &Path, label: &str, command: &[String]) -> i32 {
         );
         return EXIT_NOT_LABELLED;
     };
-    if let Err(e) = client::call(
+    let notify_execs = match client::call(
         socket_dir,
         paths::LAUNCH_SOCKET,
         &Request::Label {
             label: label.to_owned(),
         },
     ) {
+        Ok(Response::Labelled { notify_execs, .. }) => notify_execs,
+        Ok(other) => {
+            eprintln!("countersign exec: not running {program}: unexpected answer {other:?}");
+            return EXIT_NOT_LABELLED;
+        }
+        Err(e) => {
+            eprintln!("countersign exec: not running {program}: {e:#}");
+            return EXIT_NOT_LABELLED;
+        }
+    };
+    if notify_execs && let Err(e) = hand_over_notifier(socket_dir) {
         eprintln!("countersign exec: not running {program}: {e:#}");
         return EXIT_NOT_LABELLED;
     }
@@ -32,5 +56,28 @@ pub fn run(socket_dir: &Path, label: &str, command: &[String]) -> i32 {
         126
     } else {
         EXIT_CANNOT_EXEC
+    }
+}
+
+/// Installs the exec filter on this (single-threaded) process and hands its listener to the
+/// daemon, which takes it from this process while the call is answered; this process's copy
+/// is closed before CMD starts.
+fn hand_over_notifier(socket_dir: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let listener = notify::install_filter().context("installing the exec notifier")?;
+    let answer = client::call(
+        socket_dir,
+        paths::LAUNCH_SOCKET,
+        &Request::ExecNotifier {
+            fd: listener.as_raw_fd(),
+        },
+    )
+    .context("handing the exec notifier to the daemon")?;
+    drop(listener);
+    match answer {
+        Response::NotifierTaken { .. } => Ok(()),
+        other => {
+            anyhow::bail!("handing the exec notifier to the daemon: unexpected answer {other:?}")
+        }
     }
 }

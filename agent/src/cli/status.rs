@@ -38,6 +38,12 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
         }
     );
     println!("  cgroup labels:  {}", s.cgroup_labels);
+    if let Some(h) = &s.exec_hold {
+        println!("  execs held:     {h}");
+        if s.exec_notifiers > 0 {
+            println!("  notifiers:      {} launched agent(s)", s.exec_notifiers);
+        }
+    }
     if s.policy_files == 0 {
         println!("  policy:         none (every held action waits for a human)");
     } else {

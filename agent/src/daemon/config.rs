@@ -24,6 +24,22 @@ impl std::fmt::Display for TimeoutAction {
     }
 }
 
+/// Fallback mode: how the execs of agents started by `countersign exec` are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FallbackExecHold {
+    /// Before they start, by a seccomp notifier the launcher hands to the daemon: nothing
+    /// the agent does lets an exec run early, and an approved exec must load exactly what
+    /// was approved. The notifier does not outlive the daemon: after a daemon restart the
+    /// agent's execs fail (`ENOSYS`) until it is started again.
+    #[default]
+    Notify,
+    /// After the new program has loaded, by a stop (and a ptrace stop against `SIGCONT`):
+    /// held execs survive a daemon restart, but a process that traces itself or its
+    /// children can run a held program early (README "Not held yet").
+    Stop,
+}
+
 /// Where the daemon ships its records.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +84,8 @@ pub struct DaemonConfig {
     pub mode: ModeRequest,
     pub request_timeout_secs: u64,
     pub timeout_action: TimeoutAction,
+    /// Fallback mode: how launched agents' execs are held.
+    pub fallback_exec_hold: FallbackExecHold,
     pub cgroup_labels: Vec<CgroupLabel>,
     /// Policy files and directories (default: /etc/countersign/policies.d when it exists).
     pub policy: Vec<PathBuf>,
@@ -99,6 +117,8 @@ impl Default for DaemonConfig {
             request_timeout_secs: 120,
             // Fail closed.
             timeout_action: TimeoutAction::Deny,
+            // Nothing runs early.
+            fallback_exec_hold: FallbackExecHold::Notify,
             cgroup_labels: Vec::new(),
             policy: Vec::new(),
             approver: None,

@@ -53,6 +53,12 @@ impl FileId {
             ino,
         }
     }
+
+    /// The kernel's encoding of the device (the inverse of [`FileId::from_kernel`]).
+    #[must_use]
+    pub fn kernel_dev(self) -> u64 {
+        (u64::from(libc::major(self.dev)) << 20) | u64::from(libc::minor(self.dev))
+    }
 }
 
 pub fn file_id(path: &Path) -> Option<FileId> {
@@ -162,6 +168,12 @@ fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> Option<usize> {
 /// A NUL-terminated string in the task's memory, at most [`MAX_ARG_BYTES`] long; the bool
 /// says whether it was cut.
 pub fn read_cstring(pid: u32, addr: u64) -> Option<(String, bool)> {
+    let (bytes, cut) = read_cbytes(pid, addr)?;
+    Some((String::from_utf8_lossy(&bytes).into_owned(), cut))
+}
+
+/// [`read_cstring`], the bytes as they are.
+pub fn read_cbytes(pid: u32, addr: u64) -> Option<(Vec<u8>, bool)> {
     let mut out = Vec::new();
     let mut chunk = [0u8; 256];
     let mut at = addr;
@@ -179,29 +191,41 @@ pub fn read_cstring(pid: u32, addr: u64) -> Option<(String, bool)> {
             // The terminator can lie past the limit within the last chunk.
             let cut = out.len() > MAX_ARG_BYTES;
             out.truncate(MAX_ARG_BYTES);
-            return Some((String::from_utf8_lossy(&out).into_owned(), cut));
+            return Some((out, cut));
         }
         out.extend_from_slice(&chunk[..n]);
         at += n as u64;
     }
     out.truncate(MAX_ARG_BYTES);
-    Some((String::from_utf8_lossy(&out).into_owned(), true))
+    Some((out, true))
 }
 
 /// The argv array at `argv` in the task's memory (bounded by the `MAX_*` limits).
 pub fn read_argv(pid: u32, argv: u64) -> Option<(Vec<String>, bool)> {
+    let (args, cut) = read_argv_bytes(pid, argv, 8)?;
+    Some((
+        args.iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+        cut,
+    ))
+}
+
+/// [`read_argv`], the strings as they are, of an array of `width`-byte pointers (4 for a
+/// 32-bit caller).
+pub fn read_argv_bytes(pid: u32, argv: u64, width: usize) -> Option<(Vec<Vec<u8>>, bool)> {
     let mut args = Vec::new();
     let mut total = 0;
     for i in 0..MAX_ARGS as u64 {
         let mut ptr = [0u8; 8];
-        if read_remote(pid, argv + 8 * i, &mut ptr)? != 8 {
+        if read_remote(pid, argv + width as u64 * i, &mut ptr[..width])? != width {
             return None;
         }
-        let ptr = u64::from_ne_bytes(ptr);
+        let ptr = u64::from_le_bytes(ptr);
         if ptr == 0 {
             return Some((args, false));
         }
-        let (arg, cut) = read_cstring(pid, ptr)?;
+        let (arg, cut) = read_cbytes(pid, ptr)?;
         total += arg.len();
         args.push(arg);
         if cut || total > MAX_ARGV_BYTES {
@@ -221,23 +245,50 @@ pub fn resolve_in_task(pid: u32, filename: &str) -> PathBuf {
     }
 }
 
-/// The interpreter named by a `#!` line, if `path` is a script.
+/// The interpreter named by a `#!` line, if `path` is a script (see [`shebang_bytes`]).
 pub fn shebang(path: &Path) -> Option<(String, Option<String>)> {
+    let (interp, arg) = shebang_bytes(path)?;
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    Some((text(interp), arg.map(text)))
+}
+
+/// The interpreter and its argument a `#!` line names, parsed as the kernel does
+/// (`binfmt_script`): spaces and tabs after `#!` skipped, the interpreter up to the next
+/// space, tab or end of line, the argument the rest of the line without the spaces and tabs
+/// around it. `None` if `path` is not a script.
+pub fn shebang_bytes(path: &Path) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
     use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let mut head = [0u8; 256];
-    let n = std::fs::File::open(path).ok()?.read(&mut head).ok()?;
+    // Never blocks: a path an agent names may be a FIFO (or, through /proc/PID/fd, a pipe).
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut n = 0;
+    while n < head.len() {
+        match file.read(&mut head[n..]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
     let line = head[..n].strip_prefix(b"#!")?;
     let line = &line[..line.iter().position(|b| *b == b'\n').unwrap_or(line.len())];
-    let line = String::from_utf8_lossy(line);
-    let line = line.trim();
-    let (interp, arg) = match line.split_once([' ', '\t']) {
-        Some((i, a)) => (
-            i.to_owned(),
-            Some(a.trim().to_owned()).filter(|a| !a.is_empty()),
-        ),
-        None => (line.to_owned(), None),
-    };
-    (!interp.is_empty()).then_some((interp, arg))
+    let blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = line.iter().position(|b| !blank(b))?;
+    let line = &line[start..];
+    let end = line.iter().position(blank).unwrap_or(line.len());
+    let (interp, rest) = line.split_at(end);
+    let rest = rest
+        .iter()
+        .position(|b| !blank(b))
+        .map_or(&[][..], |s| &rest[s..]);
+    let rest = &rest[..rest.iter().rposition(|b| !blank(b)).map_or(0, |e| e + 1)];
+    (!interp.is_empty()).then(|| (interp.to_vec(), (!rest.is_empty()).then(|| rest.to_vec())))
 }
 
 /// `address:port` for display (`[v6]:port` for IPv6).
@@ -330,5 +381,35 @@ mod tests {
         assert_eq!(shebang(&p), Some(("/bin/sh".into(), Some("-e".into()))));
         std::fs::write(&p, "echo\n").unwrap();
         assert_eq!(shebang(&p), None);
+    }
+
+    /// As `binfmt_script` reads it: blanks after `#!` skipped, the interpreter up to a blank,
+    /// the argument the rest of the line with the blanks around it removed (inner ones kept).
+    #[test]
+    fn parses_shebang_as_the_kernel_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s");
+        let parsed = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            shebang_bytes(&p)
+        };
+        let s = |t: &str| t.as_bytes().to_vec();
+        assert_eq!(parsed("#! \t/bin/sh\n"), Some((s("/bin/sh"), None)));
+        assert_eq!(
+            parsed("#!/usr/bin/env  python3 -u \t\nx"),
+            Some((s("/usr/bin/env"), Some(s("python3 -u"))))
+        );
+        assert_eq!(parsed("#!/bin/sh"), Some((s("/bin/sh"), None)));
+        assert_eq!(parsed("#!  \n"), None);
+        assert_eq!(parsed("#"), None);
+    }
+
+    /// A path an agent names may be a FIFO: reading its `#!` line must not wait for a writer.
+    #[test]
+    fn a_fifo_is_not_a_script_and_does_not_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fifo");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        assert_eq!(shebang_bytes(&p), None);
     }
 }

@@ -12,6 +12,8 @@ pub mod grants;
 mod kgrants;
 mod log;
 pub mod names;
+mod notified;
+pub mod notify;
 pub mod remote;
 mod trace;
 
@@ -129,6 +131,11 @@ struct Daemon {
     refusals: HashMap<(u32, String), Instant>,
     /// Loaded-but-not-run execs held in a ptrace stop.
     tracer: trace::Tracer,
+    /// Fallback mode: the seccomp listeners of launched agents, whose execs are decided
+    /// before they start (`None` in LSM mode, or where the kernel cannot).
+    notifier: Option<notified::Notifier>,
+    /// Fallback mode: how launched agents' execs are held (for `status`).
+    exec_hold: Option<String>,
     policy: Option<Policy>,
     /// What the policy files looked like when read (to notice changes).
     policy_stamp: Vec<(std::path::PathBuf, Option<std::time::SystemTime>, u64)>,
@@ -244,6 +251,25 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
             .map_err(|e| crate::ebpf::error_chain(&e))
     });
     kernel.drop_btf();
+    let (notify_tx, mut notify_rx) = mpsc::channel::<notify::Notification>(64);
+    let (notifier, exec_hold) = match (kernel.mode(), kernel.can_verify_execs()) {
+        (ebpf::Mode::Lsm, _) => (None, None),
+        _ if config.fallback_exec_hold == config::FallbackExecHold::Stop => (
+            None,
+            Some("after loading, by a stop (fallback_exec_hold: stop)".to_owned()),
+        ),
+        (_, false) => (None, Some("after loading, by a stop: the kernel cannot identify executables (no BTF offsets)".to_owned())),
+        (_, true) => match notify::available() {
+            Ok(()) => (
+                Some(notified::Notifier::new(notify_tx)),
+                Some("before they start, by the seccomp notifier (launched agents; others after loading, by a stop)".to_owned()),
+            ),
+            Err(why) => {
+                tracing::warn!(why, "launched agents' execs are held after loading (a stop), not before: the kernel cannot notify them");
+                (None, Some(format!("after loading, by a stop: {why}")))
+            }
+        },
+    };
     if names.active() {
         tracing::info!(resolvers = ?names.resolvers(), capture = names.capture_programs(), "learning destination names from DNS answers");
     }
@@ -273,6 +299,8 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         adopted: 0,
         refusals: HashMap::new(),
         tracer: trace::Tracer::default(),
+        notifier,
+        exec_hold,
         policy_stamp: stamp,
         policy,
         reload_error: None,
@@ -328,6 +356,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
                 let response = daemon.command(cmd.request, cmd.peer);
                 let _ = cmd.reply.send(response);
             }
+            Some(n) = notify_rx.recv() => daemon.exec_notified(n),
             () = names::readable(dns_ready.as_ref()) => daemon.names.drain(),
             () = &mut tick => daemon.tick(),
             _ = hup.recv() => daemon.reload("SIGHUP"),
@@ -502,6 +531,12 @@ impl Daemon {
             let Some((tgid, uid)) = tgid_uid(tid) else {
                 continue;
             };
+            if st.flags & shared::FLAG_NOTIFIED != 0 && st.kind == shared::KIND_EXEC {
+                // Held by the seccomp notifier of the daemon that died: its listener closed
+                // with it, and the kernel failed the waiting call (ENOSYS). Nothing is held.
+                let _ = self.kernel.decide(tid, st.request_id, shared::STATE_IDLE);
+                continue;
+            }
             if st.state != shared::STATE_PENDING {
                 let _ = kill(Pid::from_raw(tgid as i32), Signal::SIGCONT);
                 continue;
@@ -551,6 +586,13 @@ impl Daemon {
             adopted = self.adopted,
             "an earlier daemon did not stop cleanly; its held requests were taken over"
         );
+        let orphaned = self.kernel.notified_processes();
+        if !orphaned.is_empty() {
+            tracing::warn!(
+                pids = ?orphaned,
+                "these launched agents had their execs decided by the earlier daemon's notifier, which ended with it: their execs fail (ENOSYS) until they are started again"
+            );
+        }
     }
 
     fn label_name(&self, id: u32) -> String {
@@ -596,6 +638,10 @@ impl Daemon {
                 self.kernel_refused(ev, "killed", "sigkill",
                     "kernel: a socket of a family the fallback hooks cannot refuse, not allowed by the policy");
             }
+            shared::KIND_ERROR if ev.detail == shared::ERROR_EXEC_UNVERIFIED => {
+                self.kernel_refused(ev, "killed", "sigkill",
+                    "kernel: an exec that loaded something other than what was approved (its file or argv changed after the approval), or that never asked");
+            }
             shared::KIND_ERROR => {
                 tracing::warn!(pid = ev.tgid, label = %self.label_name(ev.label), detail = ev.detail,
                     "the kernel reported an error for a labelled task");
@@ -613,6 +659,8 @@ impl Daemon {
         };
         let what = match kind {
             ActionKind::Socket => enrich::socket(ev.family, ev.sock_type, ev.port),
+            ActionKind::Exec | ActionKind::ExecLoaded => enrich::readlink(ev.tgid, "exe")
+                .unwrap_or_else(|| "an exec (its process already gone)".into()),
             ActionKind::Unix => unix_text(ev),
             _ => enrich::destination(ev.family, &ev.addr, ev.port),
         };
@@ -799,31 +847,19 @@ impl Daemon {
         let mut binding = None;
         match kind {
             ActionKind::Exec => {
-                let filename = if ev.exec_filename == 0 {
-                    None
-                } else {
-                    enrich::read_cstring(ev.tid, ev.exec_filename)
+                binding = match self.notified_exec(ev.tid, ev.request_id) {
+                    // Read once, while the call waited: what is shown is what the kernel
+                    // will check the loaded image against.
+                    Some(n) => {
+                        view.argv = n.binding.argv.clone();
+                        view.binary = Some(String::from_utf8_lossy(&n.filename).into_owned());
+                        Some(ExecBinding {
+                            request: id,
+                            ..n.binding.clone()
+                        })
+                    }
+                    None => exec_from_memory(id, ev, &mut view),
                 };
-                if let Some((argv, cut)) = (ev.exec_argv != 0)
-                    .then(|| enrich::read_argv(ev.tid, ev.exec_argv))
-                    .flatten()
-                {
-                    view.argv = argv;
-                    view.argv_truncated = cut;
-                }
-                if let Some((filename, _)) = filename {
-                    let path = enrich::resolve_in_task(pid, &filename);
-                    let interp = enrich::shebang(&path)
-                        .and_then(|(i, _)| enrich::file_id(&enrich::resolve_in_task(pid, &i)));
-                    binding = Some(ExecBinding {
-                        request: id,
-                        filename: filename.clone(),
-                        exe: enrich::file_id(&path),
-                        interp,
-                        argv: view.argv.clone(),
-                    });
-                    view.binary = Some(filename);
-                }
             }
             ActionKind::ExecLoaded => {
                 view.binary = enrich::readlink(pid, "exe");
@@ -1493,6 +1529,7 @@ impl Daemon {
         match (request, peer.socket) {
             (R::Status, _) => Response::Status(Box::new(self.status())),
             (R::Label { label }, _) => self.label(&label, peer),
+            (R::ExecNotifier { fd }, _) => self.take_notifier(fd, peer),
             (R::List, Socket::Control) => Response::List { requests: self.list() },
             (R::RotateKey, Socket::Control) => {
                 if let Err(message) = self.may_decide(peer) {
@@ -1618,6 +1655,7 @@ impl Daemon {
             return Response::Labelled {
                 label: label.to_owned(),
                 pid: peer.pid,
+                notify_execs: self.notifier.is_some(),
             };
         }
         match self.kernel.label_task(peer.pid, id) {
@@ -1626,6 +1664,7 @@ impl Daemon {
                 Response::Labelled {
                     label: label.to_owned(),
                     pid: peer.pid,
+                    notify_execs: self.notifier.is_some(),
                 }
             }
             Err(e) => Response::Error {
@@ -1673,7 +1712,8 @@ impl Daemon {
                 .map(|c| c.seq),
             spool_bytes: records::spool::size(self.spool.dir()),
             spool_alarm_bytes: self.config.spool_alarm_bytes,
-            holds: stats[shared::STAT_HOLDS as usize],
+            holds: stats[shared::STAT_HOLDS as usize]
+                + self.notifier.as_ref().map_or(0, |n| n.holds),
             fast_allowed: stats[shared::STAT_FAST_ALLOWED as usize],
             fast_allowed_execs: stats[shared::STAT_FAST_EXEC as usize],
             grant_allowed: stats[shared::STAT_GRANT_ALLOWED as usize],
@@ -1681,6 +1721,8 @@ impl Daemon {
             unholdable_refused: stats[shared::STAT_UNHOLDABLE as usize],
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
+            exec_hold: self.exec_hold.clone(),
+            exec_notifiers: self.notifier.as_ref().map_or(0, notified::Notifier::live),
             dns: self.config.dns.enabled.then(|| crate::proto::DnsStatus {
                 error: self.names.error.clone(),
                 resolvers: self
@@ -1783,6 +1825,25 @@ impl Daemon {
             let id = held.view.id;
             self.requests.insert(id, held);
             return format!("not applied: {e}");
+        }
+        if held.kind == ActionKind::Exec && self.notified_exec(held.tid, held.kernel_id).is_some() {
+            // Held before it started, by the seccomp notifier: the answer is the system
+            // call's.
+            let (approve, kill_it) = (decision == Decision::Approve, decision == Decision::Kill);
+            if let Err(why) =
+                self.apply_notified(held.tid, held.tgid, held.kernel_id, approve, kill_it)
+            {
+                tracing::warn!(
+                    id = held.view.id,
+                    pid = held.tgid,
+                    why,
+                    "the decision could not be applied; the exec was refused"
+                );
+                self.log_or_warn("apply-failed", "eperm", "daemon", &view);
+                return format!("not applied: {why}; the exec was refused");
+            }
+            tracing::info!(id = held.view.id, pid = held.tgid, decision = %word, applied, by, "decided");
+            return format!("{word} ({applied})");
         }
         if let Some(state) = state {
             match self.kernel.decide(held.tid, held.kernel_id, state) {
@@ -1901,6 +1962,7 @@ impl Daemon {
         }
         // Approvals whose exec never loaded (the exec failed) are dropped with their task.
         self.approved_execs.retain(|tid, _| enrich::exists(*tid));
+        self.notified_tick();
     }
 
     fn log_or_warn(&mut self, decision: &str, applied: &str, by: &str, view: &RequestView) {
@@ -2055,6 +2117,35 @@ impl Daemon {
         let _ = std::fs::remove_file(self.config.socket_dir.join(crate::paths::LAUNCH_SOCKET));
         eprintln!("countersign: stopped");
     }
+}
+
+/// An exec's context, read from the caller's memory as the hook left it (LSM mode: the
+/// caller waits in a restartable stop), and what an approval binds to.
+fn exec_from_memory(id: u64, ev: &shared::Event, view: &mut RequestView) -> Option<ExecBinding> {
+    let filename = if ev.exec_filename == 0 {
+        None
+    } else {
+        enrich::read_cstring(ev.tid, ev.exec_filename)
+    };
+    if let Some((argv, cut)) = (ev.exec_argv != 0)
+        .then(|| enrich::read_argv(ev.tid, ev.exec_argv))
+        .flatten()
+    {
+        view.argv = argv;
+        view.argv_truncated = cut;
+    }
+    let (filename, _) = filename?;
+    let path = enrich::resolve_in_task(ev.tgid, &filename);
+    let interp = enrich::shebang(&path)
+        .and_then(|(i, _)| enrich::file_id(&enrich::resolve_in_task(ev.tgid, &i)));
+    view.binary = Some(filename.clone());
+    Some(ExecBinding {
+        request: id,
+        filename,
+        exe: enrich::file_id(&path),
+        interp,
+        argv: view.argv.clone(),
+    })
 }
 
 /// Whether the loaded image (`exe`, `argv`) is the approved exec.

@@ -211,6 +211,8 @@ impl Btf {
             sb_dev: self.member_offset("super_block", "s_dev")?,
             task_mm: self.member_offset("task_struct", "mm")?,
             mm_exe_file: self.member_offset("mm_struct", "exe_file")?,
+            mm_arg_start: self.member_offset("mm_struct", "arg_start")?,
+            mm_arg_end: self.member_offset("mm_struct", "arg_end")?,
             ..KernelOffsets::default()
         })
     }

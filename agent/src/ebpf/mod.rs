@@ -720,6 +720,21 @@ impl Kernel {
             .collect()
     }
 
+    /// Processes (thread-group leaders) whose execs a seccomp notifier decides.
+    #[must_use]
+    pub fn notified_processes(&self) -> Vec<u32> {
+        self.tasks
+            .iter()
+            .filter_map(std::result::Result::ok)
+            .filter(|(_, t)| t.flags & shared::FLAG_NOTIFIED != 0)
+            .map(|(tid, _)| tid)
+            .filter(|tid| {
+                std::fs::read_to_string(format!("/proc/{tid}/status"))
+                    .is_ok_and(|s| s.lines().any(|l| l == format!("Tgid:\t{tid}")))
+            })
+            .collect()
+    }
+
     /// Replaces the connect fast path with `entries` (label id, network, protocols, ports).
     pub fn set_connect_allow(&mut self, entries: &[ConnectAllowEntry]) -> Result<()> {
         use aya::maps::lpm_trie::{Key, LpmTrie};
@@ -998,6 +1013,94 @@ impl Kernel {
         }
     }
 
+    /// Whether the kernel can verify the image an approved exec loads (the seccomp notifier of
+    /// fallback mode needs it: without it a notified task's execs could not be let run).
+    #[must_use]
+    pub fn can_verify_execs(&self) -> bool {
+        self.mode == Mode::Fallback && self.exec_fast_path.is_ok() && self.offsets.valid != 0
+    }
+
+    /// Marks a labelled thread as one whose execs the seccomp notifier decides (inherited by
+    /// what it starts). Fails if the thread is not labelled.
+    pub fn set_notified(&mut self, tid: u32) -> Result<()> {
+        let mut state = self
+            .tasks
+            .get(&tid, 0)
+            .map_err(|e| map_err(shared::MAP_TASKS, &e))?;
+        state.flags |= shared::FLAG_NOTIFIED;
+        self.tasks
+            .insert(tid, state, 0)
+            .map_err(|e| map_err(shared::MAP_TASKS, &e))
+    }
+
+    /// Records a held exec of a notified thread: pending, with the daemon's request id and
+    /// the pointers its `execve` passed (for the request's description). Returns false if the
+    /// thread is not labelled.
+    pub fn hold_notified_exec(
+        &mut self,
+        tid: u32,
+        request_id: u64,
+        filename: u64,
+        argv: u64,
+    ) -> Result<bool> {
+        let Ok(mut state) = self.tasks.get(&tid, 0) else {
+            return Ok(false);
+        };
+        state.state = shared::STATE_PENDING;
+        state.kind = shared::KIND_EXEC;
+        state.request_id = request_id;
+        state.action_hash = 0;
+        state.exec_filename = filename;
+        state.exec_argv = argv;
+        state.user_id = 0;
+        self.tasks
+            .insert(tid, state, 0)
+            .map_err(|e| map_err(shared::MAP_TASKS, &e))?;
+        Ok(true)
+    }
+
+    /// Arms the kernel's check of an approved exec of a notified thread (see
+    /// [`shared::ApprovedExec`]); it must be written before the `execve` is let start.
+    pub fn arm_exec(&mut self, tid: u32, approved: &shared::ApprovedExec) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(shared::MAP_EXEC_APPROVED)
+            .ok_or(KernelError::Map {
+                name: shared::MAP_EXEC_APPROVED,
+                detail: "missing from the object".into(),
+            })?;
+        let mut armed: HashMap<&mut MapData, u32, shared::ApprovedExec> =
+            HashMap::try_from(map).map_err(|e| map_err(shared::MAP_EXEC_APPROVED, &e))?;
+        armed
+            .insert(tid, approved, 0)
+            .map_err(|e| map_err(shared::MAP_EXEC_APPROVED, &e))
+    }
+
+    /// Whether the kernel lets label `label` run the file (the kernel's encoding of its
+    /// device, its inode) without asking: the policy's fast path, or a binary grant while it
+    /// lasts. The same test as the exec hooks'.
+    #[must_use]
+    pub fn exec_fast_allowed(&self, label: u32, dev: u64, ino: u64) -> bool {
+        let key = shared::ExecKey {
+            label,
+            _pad: 0,
+            dev,
+            ino,
+        };
+        let allowed = self
+            .ebpf
+            .map(shared::MAP_EXEC_ALLOW)
+            .and_then(|m| HashMap::<&MapData, shared::ExecKey, u32>::try_from(m).ok())
+            .is_some_and(|allow| allow.get(&key, 0).is_ok());
+        allowed
+            || self
+                .ebpf
+                .map(shared::MAP_GRANT_EXEC)
+                .and_then(|m| HashMap::<&MapData, shared::ExecKey, u64>::try_from(m).ok())
+                .and_then(|grants| grants.get(&key, 0).ok())
+                .is_some_and(|expiry| boot_ns() < expiry)
+    }
+
     /// Removes a thread's entry (the canary, once done).
     pub fn forget_task(&mut self, tid: u32) {
         let _ = self.tasks.remove(&tid);
@@ -1241,6 +1344,13 @@ pub fn watch_ring(
     // SAFETY: the ring buffer owns its map fd; it stays open and unchanged for as long as the
     // AsyncFd owns the ring buffer.
     unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
+}
+
+/// `CLOCK_BOOTTIME` in nanoseconds: the clock of the kernel's grant expiries.
+fn boot_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

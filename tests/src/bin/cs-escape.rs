@@ -48,6 +48,21 @@
 //!   cs-escape tcp-connect-compat ADDR:PORT [socketcall]
 //!                                             socket and connect the same way, then a 64-bit
 //!                                             write
+//!
+//! Exec escapes run `cs-escape mark MARKER` (which writes the file MARKER and prints `ran`)
+//! against the hold; they print `ran` if MARKER exists once they are done, else `error N`:
+//!   cs-escape exec-traceme MARKER             a child that asked to be traced execs; the
+//!                                             parent continues each stop
+//!   cs-escape exec-attach MARKER              the parent seizes its child before it execs,
+//!                                             then the same
+//!   cs-escape exec-sigcont MARKER             a child execs under a flood of SIGCONT
+//!   cs-escape exec-own-notifier MARKER        its own seccomp filter and listener answer its
+//!                                             exec "go on"
+//!   cs-escape exec-path PATH MARKER           execs PATH (the scenario replaces the file)
+//!   cs-escape exec-swap-argv FIRST SECOND GO SWAPPED
+//!                                             execs `mark FIRST`; once file GO exists another
+//!                                             thread rewrites FIRST to SECOND in place and
+//!                                             creates SWAPPED
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -55,6 +70,9 @@ use std::{
 };
 
 use io_uring::{IoUring, opcode, squeue, types::Fd};
+
+#[path = "escape/exec.rs"]
+mod exec;
 
 /// What every technique sends.
 const PAYLOAD: &[u8] = b"cs-escape";
@@ -66,6 +84,8 @@ const SOURCE_PORT: u16 = 40_000;
 enum Done {
     Sent(usize),
     Connected,
+    /// An exec escape's marked program ran.
+    Ran,
 }
 
 /// A technique's result: `Err` holds a positive errno.
@@ -112,6 +132,21 @@ fn main() {
         Some("udp-sendto-compat") => compat::run(target(2), false, arg(3)),
         #[cfg(target_arch = "x86_64")]
         Some("tcp-connect-compat") => compat::run(target(2), true, arg(3)),
+        Some("mark") => exec::mark(arg(2).expect("a MARKER argument")),
+        Some("exec-traceme") => exec::traceme(arg(2).expect("a MARKER argument")),
+        Some("exec-attach") => exec::attach(arg(2).expect("a MARKER argument")),
+        Some("exec-sigcont") => exec::sigcont(arg(2).expect("a MARKER argument")),
+        Some("exec-own-notifier") => exec::own_notifier(arg(2).expect("a MARKER argument")),
+        Some("exec-path") => exec::path(
+            arg(2).expect("a PATH argument"),
+            arg(3).expect("a MARKER argument"),
+        ),
+        Some("exec-swap-argv") => exec::swap_argv(
+            arg(2).expect("FIRST"),
+            arg(3).expect("SECOND"),
+            arg(4).expect("GO"),
+            arg(5).expect("SWAPPED"),
+        ),
         _ => {
             eprintln!("cs-escape: unknown usage {args:?}");
             std::process::exit(2);
@@ -120,6 +155,7 @@ fn main() {
     let (line, code) = match outcome {
         Ok(Done::Sent(n)) => (format!("sent {n}"), 0),
         Ok(Done::Connected) => ("connected".to_owned(), 0),
+        Ok(Done::Ran) => ("ran".to_owned(), 0),
         Err(errno) => (format!("error {errno}"), 1),
     };
     say(&line);

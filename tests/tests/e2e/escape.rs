@@ -3,7 +3,10 @@
 //! must deliver its payload (else the labelled run would prove nothing); then it runs labelled
 //! with nobody approving — every request it raises is denied — and nothing may arrive. Root
 //! and an unprivileged user, natively (fallback mode) and in the LSM VMs.
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use countersign_tests::{Daemon, Listener, Proc, UdpReceiver, WAIT, escape_bin};
 use serde_json::Value;
@@ -26,6 +29,8 @@ enum Sink {
     Report,
     /// A local service (stream) or datagram socket, by its path or `@name`.
     Local(String, LocalSocket),
+    /// An exec escape's marker file: the marked program ran.
+    Marker(PathBuf),
 }
 
 enum LocalSocket {
@@ -40,6 +45,7 @@ impl Sink {
             Sink::Tcp(l) => l.addr(),
             Sink::Report => "127.0.0.1".into(),
             Sink::Local(name, _) => name.clone(),
+            Sink::Marker(path) => path.to_str().expect("utf-8 path").to_owned(),
         }
     }
 
@@ -51,6 +57,7 @@ impl Sink {
             Sink::Report => stdout.starts_with("sent"),
             Sink::Local(_, LocalSocket::Stream(l)) => l.accept().is_ok(),
             Sink::Local(_, LocalSocket::Datagram(u)) => u.recv(&mut [0u8; 64]).is_ok(),
+            Sink::Marker(path) => std::fs::remove_file(path).is_ok(),
         }
     }
 }
@@ -129,7 +136,7 @@ fn labelled_attempt(
             break status;
         }
         for r in d.list() {
-            if r["pid"] == p.pid() && !requests.iter().any(|x: &Value| x["id"] == r["id"]) {
+            if from(&r, p.pid()) && !requests.iter().any(|x: &Value| x["id"] == r["id"]) {
                 d.decide(&r, decide(&r));
                 requests.push(r);
             }
@@ -149,6 +156,14 @@ fn labelled_attempt(
         refused_in_kernel: refused_in_kernel(d) - refused_before,
         killed: status.signal() == Some(libc::SIGKILL),
     }
+}
+
+/// Whether request `r` comes from process `pid` or one it started.
+fn from(r: &Value, pid: u32) -> bool {
+    r["pid"] == pid
+        || r["parents"]
+            .as_array()
+            .is_some_and(|ps| ps.iter().any(|p| p["pid"] == pid))
 }
 
 fn refused_in_kernel(d: &Daemon) -> u64 {
@@ -573,4 +588,202 @@ labels:
     assert_eq!(a.stdout, "connected");
     assert!(a.requests.is_empty(), "{:?}", a.requests);
     assert!(other_sink.arrived(""));
+}
+
+// ---- Execs ---------------------------------------------------------------------------------
+
+const EXEC: &[&str] = &["exec", "exec-loaded"];
+
+/// A directory every user may write markers to.
+fn marks(d: &Daemon) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = d.for_other_users(&escape_bin(), "cs-escape-for-nobody");
+    let dir = d.dir().join("marks");
+    std::fs::create_dir_all(&dir).expect("the marker directory");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o1777))
+        .expect("chmod the marker directory");
+    dir
+}
+
+fn marker(d: &Daemon, name: &str) -> Sink {
+    Sink::Marker(marks(d).join(name))
+}
+
+/// A held exec never runs before its decision, whatever its process does meanwhile: a child
+/// that asked to be traced, a parent that attaches, a flood of `SIGCONT`, a seccomp listener
+/// of its own answering "go on". Each exec is denied: nothing may run.
+fn execs(who: As) {
+    let d = Daemon::start();
+    for t in ["exec-traceme", "exec-attach", "exec-sigcont"] {
+        contained(&d, who, t, || marker(&d, t), EXEC);
+    }
+    // A listener of its own: where countersign's notifier holds the execs, the kernel refuses
+    // a second one in the same process tree (EBUSY); elsewhere it installs, and its "go on"
+    // meets the hold all the same.
+    let t = "exec-own-notifier";
+    let control = marker(&d, t);
+    let args = [t.to_owned(), control.addr()];
+    unlabelled_delivers(&d, who, &args, &control);
+    let a = labelled_attempt(&d, who, &args, |_| "deny");
+    if d.exec_kind() == "exec" && !d.is_lsm() {
+        assert_eq!(
+            a.stdout,
+            format!("error {}", libc::EBUSY),
+            "as {who:?}: {:?}",
+            a.requests
+        );
+        assert!(!control.arrived(&a.stdout));
+    } else {
+        assert_contained(&d, t, who, &a, &control, EXEC);
+    }
+}
+
+#[test]
+fn a_held_exec_cannot_be_run_early_as_root() {
+    execs(As::Root);
+}
+
+#[test]
+fn a_held_exec_cannot_be_run_early_as_nobody() {
+    execs(As::Nobody);
+}
+
+/// What runs is what was approved: an exec whose argv is rewritten by another thread after
+/// the approver saw it, or whose file is replaced after the approval, is killed (fallback: by
+/// the kernel's check of the loaded image; LSM: held again, and here denied) — never run.
+fn swapped_execs(who: As) {
+    let d = Daemon::start();
+    let dir = marks(&d);
+    let path = |name: &str| dir.join(name).to_str().expect("utf-8 path").to_owned();
+    let approve_after = |cue: &str, done: &str| {
+        std::fs::write(cue, b"").expect("the cue");
+        let deadline = Instant::now() + WAIT;
+        while !std::path::Path::new(done).exists() {
+            assert!(Instant::now() < deadline, "{done} never appeared");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        "approve"
+    };
+
+    // The argument, rewritten in place by another thread once the approver has seen it
+    // (fallback mode: the thread runs while the exec waits). In LSM mode the held process is
+    // stopped whole, so no thread of it runs before the approval:
+    // `changed_exec_after_approval_is_held_again_in_lsm_mode` rewrites it from the handler of
+    // the release's SIGCONT instead.
+    if !d.is_lsm() {
+        argv_rewritten(&d, who, &path, &approve_after);
+    }
+
+    // The file, replaced once the approver has seen it.
+    let (run, other) = (path("run"), path("other"));
+    std::fs::copy(escape_bin(), &run).expect("copy the program");
+    std::fs::copy(escape_bin(), &other).expect("copy the program");
+    let ran = path("file-swapped");
+    let args: Vec<String> = ["exec-path", &run, &ran].map(str::to_owned).into();
+    let a = labelled_attempt(&d, who, &args, |r| {
+        if r["kind"] == "exec"
+            && r["binary"] == run.as_str()
+            && std::path::Path::new(&other).exists()
+        {
+            std::fs::rename(&other, &run).expect("replace the approved file");
+            "approve"
+        } else {
+            "deny"
+        }
+    });
+    assert!(
+        !std::path::Path::new(&other).exists(),
+        "the file was never replaced"
+    );
+    assert!(
+        !std::path::Path::new(&ran).exists(),
+        "ESCAPE as {who:?}: an exec whose file was replaced after the approval ran ({}; requests {:?})",
+        a.stdout,
+        a.requests
+    );
+    assert!(a.killed || a.stdout.starts_with("error"), "{}", a.stdout);
+}
+
+/// Fallback mode: the exec's argument rewritten in place after the approver saw it.
+fn argv_rewritten(
+    d: &Daemon,
+    who: As,
+    path: &dyn Fn(&str) -> String,
+    approve_after: &dyn Fn(&str, &str) -> &'static str,
+) {
+    let (first, second) = (path("argv-AAAA"), path("argv-BBBB"));
+    let (go, swapped) = (path("go"), path("swapped"));
+    let args: Vec<String> = ["exec-swap-argv", &first, &second, &go, &swapped]
+        .map(str::to_owned)
+        .into();
+    let a = labelled_attempt(d, who, &args, |r| {
+        let shows_first = r["argv"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| *x == first.as_str()));
+        if r["kind"] == "exec" && shows_first && !std::path::Path::new(&go).exists() {
+            approve_after(&go, &swapped)
+        } else {
+            "deny"
+        }
+    });
+    assert!(
+        std::path::Path::new(&swapped).exists(),
+        "the argument was never rewritten"
+    );
+    for m in [&first, &second] {
+        assert!(
+            !std::path::Path::new(m).exists(),
+            "ESCAPE as {who:?}: an exec whose argv changed after the approval ran ({m}; {}; requests {:?})",
+            a.stdout,
+            a.requests
+        );
+    }
+    assert!(a.killed || a.stdout.starts_with("error"), "{}", a.stdout);
+}
+
+#[test]
+fn an_exec_changed_after_its_approval_never_runs_as_root() {
+    swapped_execs(As::Root);
+}
+
+#[test]
+fn an_exec_changed_after_its_approval_never_runs_as_nobody() {
+    swapped_execs(As::Nobody);
+}
+
+/// Nothing is released because the daemon is gone: a held exec does not run when the daemon
+/// is killed and the process gets a `SIGCONT`. LSM mode: it stays held and the restarted
+/// daemon takes it over (here: denies it). Fallback mode: the notifier closed with the daemon,
+/// and the kernel failed the waiting call (`ENOSYS`).
+#[test]
+fn a_held_exec_does_not_run_without_the_daemon() {
+    let mut d = Daemon::start();
+    let ran = marks(&d).join("crash");
+    let ran_s = ran.to_str().expect("utf-8 path").to_owned();
+    let mut p = spawn(
+        &d,
+        As::Root,
+        &["exec-path".to_owned(), escape(), ran_s.clone()],
+    );
+    let exec = d.wait_exec(p.pid(), "exec-path");
+    d.decide(&exec, "approve");
+    let r = d.wait_request("the held exec", |r| {
+        r["pid"] == p.pid() && EXEC.iter().any(|k| r["kind"] == *k) && r["id"] != exec["id"]
+    });
+    d.crash();
+    // SAFETY: signalling the process this test started.
+    unsafe { libc::kill(p.pid() as i32, libc::SIGCONT) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!ran.exists(), "ESCAPE: the held exec ran without a daemon");
+    d.restart();
+    if d.exec_kind() == "exec" && !d.is_lsm() {
+        assert_eq!(p.wait(WAIT).code(), Some(1));
+        assert_eq!(p.stdout().trim(), format!("error {}", libc::ENOSYS));
+    } else {
+        let adopted = d.wait_request("the adopted exec", |x| x["pid"] == p.pid());
+        assert_eq!(adopted["id"], r["id"]);
+        d.decide(&adopted, "deny");
+        p.wait(WAIT);
+    }
+    assert!(!ran.exists(), "ESCAPE: the held exec ran");
 }

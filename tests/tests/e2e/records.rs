@@ -612,7 +612,16 @@ fn sigkill_during_decisions_repeatedly_loses_no_record() {
     )
     .unwrap();
     let policy = policy.to_str().unwrap().to_owned();
-    let mut d = Daemon::start_with(&["--request-timeout", "60", "--policy", &policy]);
+    // The execs of a launched agent must outlive the daemon's restarts: in fallback mode
+    // they are held by a stop (the notifier does not survive its daemon).
+    let mut d = Daemon::start_with(&[
+        "--request-timeout",
+        "60",
+        "--policy",
+        &policy,
+        "--fallback-exec-hold",
+        "stop",
+    ]);
     let count = marker(&d, "count");
     let script =
         format!("i=0; while [ $i -lt 100000 ]; do /bin/true; i=$((i+1)); echo $i > {count}; done");

@@ -1,0 +1,460 @@
+//! The daemon's side of the exec notifier (fallback mode; see [`super::notify`]): taking a
+//! launcher's listener, and turning each notified `execve` into a held request whose
+//! decision is the answer to the system call.
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use countersign_ebpf as shared;
+use tokio::sync::mpsc;
+
+use super::{
+    Daemon, ExecBinding, Peer, enrich,
+    enrich::FileId,
+    notify::{self, Call, Notification, Reply},
+};
+use crate::proto::{ActionKind, Response};
+
+/// The listeners the daemon watches.
+pub struct Notifier {
+    tx: mpsc::Sender<Notification>,
+    live: Arc<AtomicUsize>,
+    /// Held execs, by the thread that waits.
+    pub execs: HashMap<u32, NotifiedExec>,
+    /// Execs held so far (the kernel counts the other holds).
+    pub holds: u64,
+}
+
+impl Notifier {
+    #[must_use]
+    pub fn new(tx: mpsc::Sender<Notification>) -> Self {
+        Self {
+            tx,
+            live: Arc::new(AtomicUsize::new(0)),
+            execs: HashMap::new(),
+            holds: 0,
+        }
+    }
+
+    /// Listeners being watched (launched agents that still have a task).
+    #[must_use]
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
+/// A held exec of a notified task: what it names, as read while it waited, and what the
+/// kernel will check the loaded image against if it is approved.
+pub struct NotifiedExec {
+    pub n: Notification,
+    /// The request id the daemon gave the kernel's task state (even: the kernel's are odd).
+    pub kernel_id: u64,
+    /// The path as passed, and where it and argv are in the caller's memory.
+    pub filename: Vec<u8>,
+    pub filename_at: u64,
+    pub argv_at: u64,
+    pub binding: ExecBinding,
+    /// What an approval arms (see [`shared::ApprovedExec`]).
+    pub expect_file: FileId,
+    pub expect_argv: Vec<u8>,
+}
+
+/// Why a notified exec is refused without asking anyone.
+type Refusal = String;
+
+impl Daemon {
+    /// `countersign exec` hands over the listener of the filter it installed on itself.
+    pub(super) fn take_notifier(&mut self, fd: i32, peer: Peer) -> Response {
+        let Some(notifier) = &self.notifier else {
+            return Response::Error {
+                message: "this daemon does not decide execs by seccomp notification (LSM mode, or the kernel lacks it: see `countersign status`)".into(),
+            };
+        };
+        match self.kernel.task(peer.pid) {
+            None => {
+                return Response::Error {
+                    message: format!(
+                        "pid {} is not labelled: only a labelled launcher hands over its exec notifier",
+                        peer.pid
+                    ),
+                };
+            }
+            Some(t) if t.flags & shared::FLAG_NOTIFIED != 0 => {
+                return Response::Error {
+                    message: format!(
+                        "pid {} already has its execs decided by a notifier",
+                        peer.pid
+                    ),
+                };
+            }
+            Some(_) => {}
+        }
+        if notifier.live() >= notify::MAX_LISTENERS {
+            return Response::Error {
+                message: format!(
+                    "too many launched agents watched at once (at most {})",
+                    notify::MAX_LISTENERS
+                ),
+            };
+        }
+        let listener = match notify::take_listener(peer.pid, fd) {
+            Ok(l) => l,
+            Err(e) => {
+                return Response::Error {
+                    message: format!("taking descriptor {fd} of pid {}: {e}", peer.pid),
+                };
+            }
+        };
+        if let Err(e) = self.kernel.set_notified(peer.pid) {
+            return Response::Error {
+                message: format!("marking pid {}: {e}", peer.pid),
+            };
+        }
+        let live = notifier.live.clone();
+        live.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = notify::watch(listener, notifier.tx.clone(), live.clone()) {
+            // The thread never started: nothing uncounts it.
+            live.fetch_sub(1, Ordering::Relaxed);
+            return Response::Error {
+                message: format!("watching the notifier of pid {}: {e}", peer.pid),
+            };
+        }
+        tracing::info!(pid = peer.pid, "execs decided before they start");
+        Response::NotifierTaken { pid: peer.pid }
+    }
+
+    /// A notified exec: let go at once (the fast path; a file that does not exist), refused
+    /// (what cannot be verified), or held as a request.
+    pub(super) fn exec_notified(&mut self, n: Notification) {
+        let Some(state) = self.kernel.task(n.tid) else {
+            // Only a labelled launcher installs the filter, and labels are inherited: a task
+            // without one is not what the filter was meant for. Fail closed.
+            tracing::warn!(
+                tid = n.tid,
+                "an unlabelled task under the exec notifier; refused"
+            );
+            let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
+            return;
+        };
+        // The same call again (a signal interrupted the wait and the call restarted): the
+        // request stands, answered through the new notification.
+        if state.state == shared::STATE_PENDING
+            && state.kind == shared::KIND_EXEC
+            && let Some(e) = self.notifier.as_mut().and_then(|t| t.execs.get_mut(&n.tid))
+            && e.kernel_id == state.request_id
+        {
+            e.n = n;
+            return;
+        }
+        match self.read_exec(&n, state.label) {
+            Ok(None) => {
+                let _ = notify::respond(&n.listener, n.id, Reply::Continue);
+            }
+            Ok(Some(exec)) => self.hold_notified(exec, state.label),
+            Err(why) => {
+                tracing::warn!(tid = n.tid, label = %self.label_name(state.label), why, "exec refused");
+                let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
+            }
+        }
+    }
+
+    /// Reads what the exec names. `None`: it may go on without a request (the kernel checks
+    /// what it loads either way).
+    fn read_exec(&self, n: &Notification, label: u32) -> Result<Option<NotifiedExec>, Refusal> {
+        let call = Call::of(n.arch, n.nr)
+            .ok_or_else(|| format!("not an exec (arch {:#x} nr {})", n.arch, n.nr))?;
+        let narrow = |v: u64| if call.narrow { v & 0xffff_ffff } else { v };
+        let (dirfd, filename_at, argv_at, flags) = if call.at {
+            (
+                n.args[0] as i32,
+                narrow(n.args[1]),
+                narrow(n.args[2]),
+                n.args[4] as i32,
+            )
+        } else {
+            (libc::AT_FDCWD, narrow(n.args[0]), narrow(n.args[1]), 0)
+        };
+        let (filename, cut) = enrich::read_cbytes(n.tid, filename_at)
+            .ok_or("its filename cannot be read from the caller's memory")?;
+        if cut {
+            return Err("its filename is too long to show".into());
+        }
+        let width = if call.narrow { 4 } else { 8 };
+        let (argv, cut) = enrich::read_argv_bytes(n.tid, argv_at, width)
+            .ok_or("its argv cannot be read from the caller's memory")?;
+        if cut {
+            return Err("its argv is too long to show and verify".into());
+        }
+        if argv.is_empty() {
+            return Err("an empty argv".into());
+        }
+        // What was read belongs to the task that waits, not to one that took its pid over.
+        if !notify::still_waiting(&n.listener, n.id) {
+            return Err("the caller is gone".into());
+        }
+        let name = String::from_utf8_lossy(&filename).into_owned();
+        let relative = !filename.starts_with(b"/");
+        let (path, kernel_name) = if call.at && dirfd != libc::AT_FDCWD && relative {
+            if filename.is_empty() {
+                if flags & libc::AT_EMPTY_PATH == 0 {
+                    // The kernel answers ENOENT.
+                    return Ok(None);
+                }
+                (
+                    PathBuf::from(format!("/proc/{}/fd/{dirfd}", n.tid)),
+                    format!("/dev/fd/{dirfd}").into_bytes(),
+                )
+            } else {
+                (
+                    PathBuf::from(format!("/proc/{}/fd/{dirfd}/{name}", n.tid)),
+                    [format!("/dev/fd/{dirfd}/").as_bytes(), &filename].concat(),
+                )
+            }
+        } else {
+            (enrich::resolve_in_task(n.tid, &name), filename.clone())
+        };
+        let Some(file) = enrich::file_id(&path) else {
+            // Nothing there (a `PATH` search tries many): the kernel fails the call. Should a
+            // file appear meanwhile, the kernel's check refuses to run it unapproved.
+            return Ok(None);
+        };
+        let script = enrich::shebang_bytes(&path);
+        let interp = script.as_ref().and_then(|(i, _)| {
+            enrich::file_id(&enrich::resolve_in_task(n.tid, &String::from_utf8_lossy(i)))
+        });
+        let fast = |f: FileId| self.kernel.exec_fast_allowed(label, f.kernel_dev(), f.ino);
+        if fast(file) && (script.is_none() || interp.is_some_and(fast)) {
+            return Ok(None);
+        }
+        let (expect_file, expect_argv) = match &script {
+            None => (file, nul_joined(argv.iter().map(Vec::as_slice))),
+            Some((i, arg)) => {
+                // No interpreter there: the kernel fails the call (and refuses to run one that
+                // appears meanwhile, unapproved).
+                let Some(interp) = interp else {
+                    return Ok(None);
+                };
+                let head = [
+                    Some(i.as_slice()),
+                    arg.as_deref(),
+                    Some(kernel_name.as_slice()),
+                ];
+                let rest = argv.iter().skip(1).map(Vec::as_slice);
+                (interp, nul_joined(head.into_iter().flatten().chain(rest)))
+            }
+        };
+        if expect_argv.len() > shared::ARGV_VERIFY_MAX {
+            return Err(format!(
+                "its argv ({} bytes) is longer than the kernel can verify ({} bytes)",
+                expect_argv.len(),
+                shared::ARGV_VERIFY_MAX
+            ));
+        }
+        let binding = ExecBinding {
+            request: 0,
+            filename: String::from_utf8_lossy(&kernel_name).into_owned(),
+            exe: Some(file),
+            interp,
+            argv: argv
+                .iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect(),
+        };
+        Ok(Some(NotifiedExec {
+            n: n.clone(),
+            kernel_id: 0,
+            filename,
+            filename_at,
+            argv_at,
+            binding,
+            expect_file,
+            expect_argv,
+        }))
+    }
+
+    fn hold_notified(&mut self, mut exec: NotifiedExec, label: u32) {
+        let tid = exec.n.tid;
+        // Even, so never one of the kernel's (odd) request ids.
+        let kernel_id = (super::monotonic_ns() & !1).max(2);
+        exec.kernel_id = kernel_id;
+        let (filename_ptr, argv_ptr) = (exec.filename_at, exec.argv_at);
+        let (n, listener) = (exec.n.id, exec.n.listener.clone());
+        match self
+            .kernel
+            .hold_notified_exec(tid, kernel_id, filename_ptr, argv_ptr)
+        {
+            Ok(true) => {}
+            Ok(false) | Err(_) => {
+                let _ = notify::respond(&listener, n, Reply::Fail(libc::EPERM));
+                return;
+            }
+        }
+        let Some((tgid, uid)) = super::tgid_uid(tid) else {
+            let _ = self.kernel.decide(tid, kernel_id, shared::STATE_IDLE);
+            let _ = notify::respond(&listener, n, Reply::Fail(libc::EPERM));
+            return;
+        };
+        let ev = shared::Event {
+            kind: shared::KIND_EXEC,
+            label,
+            tgid,
+            tid,
+            uid,
+            request_id: kernel_id,
+            exec_filename: filename_ptr,
+            exec_argv: argv_ptr,
+            ..shared::Event::default()
+        };
+        if let Some(t) = self.notifier.as_mut() {
+            t.execs.insert(tid, exec);
+            t.holds += 1;
+        }
+        self.hold(&ev, ActionKind::Exec, None);
+        // Whatever did not end in an answer (a request refused before it was held) is
+        // refused here: a notified call never waits without a request.
+        let waiting = self
+            .requests
+            .values()
+            .any(|h| h.tid == tid && h.kernel_id == kernel_id);
+        if !waiting {
+            self.refuse_notified(tid, kernel_id);
+        }
+    }
+
+    /// The held exec of `tid` under `kernel_id`, if it is one the notifier holds.
+    pub(super) fn notified_exec(&self, tid: u32, kernel_id: u64) -> Option<&NotifiedExec> {
+        self.notifier
+            .as_ref()?
+            .execs
+            .get(&tid)
+            .filter(|e| e.kernel_id == kernel_id)
+    }
+
+    /// Answers a held notified exec with `EPERM` (if still unanswered) and forgets it.
+    pub(super) fn refuse_notified(&mut self, tid: u32, kernel_id: u64) {
+        let Some(t) = self.notifier.as_mut() else {
+            return;
+        };
+        if t.execs.get(&tid).is_some_and(|e| e.kernel_id == kernel_id)
+            && let Some(e) = t.execs.remove(&tid)
+        {
+            let _ = self.kernel.decide(tid, kernel_id, shared::STATE_IDLE);
+            let _ = notify::respond(&e.n.listener, e.n.id, Reply::Fail(libc::EPERM));
+        }
+    }
+
+    /// Applies a decision (already recorded) to a held notified exec. Approve: the kernel's
+    /// check is armed, then the call goes on. Deny: `EPERM`. Kill: `SIGKILL`. Never lets the
+    /// call go on after an error.
+    pub(super) fn apply_notified(
+        &mut self,
+        tid: u32,
+        tgid: u32,
+        kernel_id: u64,
+        approve: bool,
+        kill_it: bool,
+    ) -> Result<(), String> {
+        let Some(exec) = self.notifier.as_mut().and_then(|t| {
+            t.execs
+                .get(&tid)
+                .is_some_and(|e| e.kernel_id == kernel_id)
+                .then(|| t.execs.remove(&tid))
+                .flatten()
+        }) else {
+            return Err("its call no longer waits".into());
+        };
+        let refuse = |e: &NotifiedExec| {
+            let _ = notify::respond(&e.n.listener, e.n.id, Reply::Fail(libc::EPERM));
+        };
+        if kill_it {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(tgid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            refuse(&exec);
+            return Ok(());
+        }
+        if !approve {
+            let _ = self.kernel.decide(tid, kernel_id, shared::STATE_IDLE);
+            refuse(&exec);
+            return Ok(());
+        }
+        let mut armed = Box::new(shared::ApprovedExec {
+            request_id: kernel_id,
+            dev: exec.expect_file.kernel_dev(),
+            ino: exec.expect_file.ino,
+            argv_len: exec.expect_argv.len() as u32,
+            _pad: 0,
+            argv: [0; shared::ARGV_VERIFY_MAX],
+        });
+        armed.argv[..exec.expect_argv.len()].copy_from_slice(&exec.expect_argv);
+        if let Err(e) = self.kernel.arm_exec(tid, &armed) {
+            refuse(&exec);
+            return Err(format!("arming the kernel's check: {e}"));
+        }
+        match self.kernel.decide(tid, kernel_id, shared::STATE_ALLOWED) {
+            Ok(true) => {}
+            Ok(false) => {
+                refuse(&exec);
+                return Err("its task state changed".into());
+            }
+            Err(e) => {
+                refuse(&exec);
+                return Err(format!("writing the decision: {e}"));
+            }
+        }
+        if let Err(e) = notify::respond(&exec.n.listener, exec.n.id, Reply::Continue) {
+            // Gone, or interrupted: a restarted call is notified again and held anew.
+            let _ = self.kernel.decide(tid, kernel_id, shared::STATE_IDLE);
+            return Err(format!("its call no longer waits ({e})"));
+        }
+        Ok(())
+    }
+
+    /// Refuses the notified execs whose request is gone (superseded, its task exited).
+    pub(super) fn notified_tick(&mut self) {
+        let Some(t) = self.notifier.as_ref() else {
+            return;
+        };
+        let stale: Vec<(u32, u64)> = t
+            .execs
+            .iter()
+            .filter(|(tid, e)| {
+                !self
+                    .requests
+                    .values()
+                    .any(|h| h.tid == **tid && h.kernel_id == e.kernel_id)
+            })
+            .map(|(tid, e)| (*tid, e.kernel_id))
+            .collect();
+        for (tid, kernel_id) in stale {
+            self.refuse_notified(tid, kernel_id);
+        }
+    }
+}
+
+/// Strings laid out as the kernel lays out argv: each with its terminating NUL.
+fn nul_joined<'a>(parts: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend_from_slice(p);
+        out.push(0);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv_is_laid_out_as_the_kernel_does() {
+        let argv: [&[u8]; 3] = [b"sh", b"-c", b""];
+        assert_eq!(nul_joined(argv.into_iter()), b"sh\0-c\0\0");
+    }
+}

@@ -1,0 +1,455 @@
+//! Fallback mode: the execs of a launched agent are decided before they start.
+//!
+//! Without BPF LSM the kernel side can only see an exec once its new image is loaded, and a
+//! task stopped there could be let run by a `SIGCONT` or a tracer. So `countersign exec`
+//! installs a seccomp filter that turns every `execve`/`execveat` of the agent (and of
+//! everything it starts: the filter is inherited and cannot be removed) into a user
+//! notification, and hands the filter's listener to the daemon. A notified task waits inside
+//! the kernel, killable only (where the kernel offers `WAIT_KILLABLE_RECV`, 5.19+): no signal,
+//! tracer or other process can make it go on; only the daemon's answer can. If the daemon
+//! dies, the listener closes and the waiting `execve` fails (`ENOSYS`): nothing runs.
+//!
+//! The daemon reads what the exec names, decides (the policy, a grant, a human), and either
+//! refuses (`EPERM`) or lets the system call go on. What the kernel then loads is not taken
+//! on trust — the filename and argv live in the agent's memory, which another of its threads
+//! can rewrite in between: `sched_process_exec` compares the loaded image and its argv with
+//! what was approved (see `countersign_ebpf::ApprovedExec`) and kills a mismatch before its
+//! first instruction.
+use std::{
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use tokio::sync::mpsc;
+
+/// Launched agents whose listeners one daemon watches at once.
+pub const MAX_LISTENERS: usize = 512;
+/// How often a listener's thread looks whether the filter still has tasks.
+const POLL_MS: i32 = 1_000;
+
+// The architectures a filter checks (`AUDIT_ARCH_*`, from the kernel's uapi `audit.h`).
+#[cfg(target_arch = "x86_64")]
+const NATIVE_ARCH: u32 = 0xC000_003E;
+#[cfg(target_arch = "x86_64")]
+const COMPAT_ARCH: u32 = 0x4000_0003;
+#[cfg(target_arch = "aarch64")]
+const NATIVE_ARCH: u32 = 0xC000_00B7;
+#[cfg(target_arch = "aarch64")]
+const COMPAT_ARCH: u32 = 0x4000_0028;
+
+/// x86_64's x32 ABI: the same architecture, system call numbers with this bit.
+#[cfg(target_arch = "x86_64")]
+const X32_BIT: u32 = 0x4000_0000;
+
+/// `execve`, `execveat` of the native ABI (and on x86_64 of x32).
+#[cfg(target_arch = "x86_64")]
+const NATIVE_EXECS: [u32; 4] = [59, 322, X32_BIT | 520, X32_BIT | 545];
+#[cfg(target_arch = "aarch64")]
+const NATIVE_EXECS: [u32; 2] = [221, 281];
+/// `execve`, `execveat` of the 32-bit ABI.
+#[cfg(target_arch = "x86_64")]
+const COMPAT_EXECS: [u32; 2] = [11, 358];
+#[cfg(target_arch = "aarch64")]
+const COMPAT_EXECS: [u32; 2] = [11, 387];
+
+/// `execveat` in each ABI (the others are `execve`).
+#[cfg(target_arch = "x86_64")]
+const EXECVEATS: [u32; 3] = [322, X32_BIT | 545, 358];
+#[cfg(target_arch = "aarch64")]
+const EXECVEATS: [u32; 2] = [281, 387];
+
+/// What a notified system call is, as the daemon needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Call {
+    /// `execveat` (dirfd, path, argv, envp, flags) rather than `execve` (path, argv, envp).
+    pub at: bool,
+    /// Pointers in the agent's memory are 4 bytes wide (a 32-bit or x32 caller).
+    pub narrow: bool,
+}
+
+impl Call {
+    /// `None` for anything the filter should not have sent.
+    #[must_use]
+    pub fn of(arch: u32, nr: i32) -> Option<Self> {
+        let nr = nr as u32;
+        let (native, compat) = (arch == NATIVE_ARCH, arch == COMPAT_ARCH);
+        if !(native && NATIVE_EXECS.contains(&nr) || compat && COMPAT_EXECS.contains(&nr)) {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        let x32 = native && nr & X32_BIT != 0;
+        #[cfg(not(target_arch = "x86_64"))]
+        let x32 = false;
+        Some(Self {
+            at: EXECVEATS.contains(&nr),
+            narrow: compat || x32,
+        })
+    }
+}
+
+/// The filter: every exec system call of every ABI goes to the listener; the rest is allowed.
+fn program() -> Vec<libc::sock_filter> {
+    use libc::{
+        BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, SECCOMP_RET_ALLOW,
+        SECCOMP_RET_USER_NOTIF,
+    };
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (BPF_JMP | BPF_JEQ | BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    // Offsets in `struct seccomp_data`.
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    let mut p = vec![stmt(BPF_LD | BPF_W | BPF_ABS, ARCH)];
+    // Laid out as: arch checks, then one block of number checks per arch, each ending in
+    // ALLOW, then NOTIFY. Jumps are relative to the next instruction.
+    let native_block = 1 + NATIVE_EXECS.len() + 1;
+    let compat_block = 1 + COMPAT_EXECS.len() + 1;
+    // [1] native? -> native block (at 3), else [2]
+    p.push(jeq(NATIVE_ARCH, 1, 0));
+    // [2] compat? -> compat block, else ALLOW (the native block's last instruction)
+    p.push(jeq(
+        COMPAT_ARCH,
+        native_block as u8,
+        (native_block - 1) as u8,
+    ));
+    let notify_at = 3 + native_block + compat_block;
+    for (execs, start) in [
+        (&NATIVE_EXECS[..], 3),
+        (&COMPAT_EXECS[..], 3 + native_block),
+    ] {
+        p.push(stmt(BPF_LD | BPF_W | BPF_ABS, NR));
+        for (i, nr) in execs.iter().enumerate() {
+            let here = start + 1 + i;
+            p.push(jeq(*nr, (notify_at - here - 1) as u8, 0));
+        }
+        p.push(stmt(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
+    }
+    p.push(stmt(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF));
+    debug_assert_eq!(p.len(), notify_at + 1);
+    p
+}
+
+/// Installs the filter on the calling process (the launcher, single-threaded, before it
+/// executes the agent) and returns its listener. Without `CAP_SYS_ADMIN` the kernel requires
+/// `no_new_privs` first: set-user-id programs then no longer gain privileges in the agent.
+pub fn install_filter() -> io::Result<OwnedFd> {
+    let filter = program();
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    let base = libc::SECCOMP_FILTER_FLAG_NEW_LISTENER;
+    let attempt = |flags: libc::c_ulong| {
+        // SAFETY: `prog` points at `filter`, alive for the call.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                flags,
+                &raw const prog,
+            )
+        };
+        if fd < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            // SAFETY: a new descriptor the kernel just gave us.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+        }
+    };
+    let install = || match attempt(base | libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV) {
+        // Before 5.19: waits that a signal interrupts restart the call, which is notified
+        // again; nothing runs in between.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => attempt(base),
+        other => other,
+    };
+    match install() {
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+            // SAFETY: plain prctl.
+            if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            install()
+        }
+        other => other,
+    }
+}
+
+/// Whether this kernel can hold execs this way: user notifications (5.0), `pidfd_open` (5.3)
+/// and `pidfd_getfd` (5.6). The reason if not.
+pub fn available() -> Result<(), String> {
+    let mut action = libc::SECCOMP_RET_USER_NOTIF;
+    // SAFETY: the argument points at a u32, as the operation expects.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_GET_ACTION_AVAIL,
+            0,
+            &raw mut action,
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "seccomp user notifications: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    // Taking a descriptor of another process is a ptrace-class access.
+    if std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").is_ok_and(|v| v.trim() == "3")
+    {
+        return Err("kernel.yama.ptrace_scope=3 forbids taking a launcher's listener".into());
+    }
+    // A bad descriptor tells the call exists (EBADF), ENOSYS that it does not.
+    // SAFETY: no memory is passed.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, -1, 0, 0) };
+    let e = io::Error::last_os_error();
+    if r < 0 && e.raw_os_error() == Some(libc::ENOSYS) {
+        return Err("pidfd_getfd: not in this kernel (5.6+)".into());
+    }
+    Ok(())
+}
+
+/// Takes descriptor `fd` of process `pid` (the launcher, which is waiting for the answer)
+/// and checks it is a seccomp listener.
+pub fn take_listener(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain system call; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    // SAFETY: as above.
+    let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor, with close-on-exec set by the kernel.
+    let listener = unsafe { OwnedFd::from_raw_fd(got as RawFd) };
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd()))?;
+    if target.as_os_str() != "anon_inode:seccomp notify" {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "descriptor {fd} of pid {pid} is {}, not a seccomp listener",
+                target.display()
+            ),
+        ));
+    }
+    Ok(listener)
+}
+
+/// One notified system call, waiting for [`respond`].
+#[derive(Clone)]
+pub struct Notification {
+    pub listener: Arc<OwnedFd>,
+    pub id: u64,
+    /// The calling thread (in the daemon's pid namespace).
+    pub tid: u32,
+    pub arch: u32,
+    pub nr: i32,
+    pub args: [u64; 6],
+}
+
+/// Watches `listener` on a thread of its own, sending each notification to `tx`, until the
+/// filter has no task left (or the daemon stops).
+/// `live` counts the watched listeners: the caller counted this one; the thread uncounts it
+/// when it ends.
+pub fn watch(
+    listener: OwnedFd,
+    tx: mpsc::Sender<Notification>,
+    live: Arc<AtomicUsize>,
+) -> io::Result<()> {
+    struct Uncount(Arc<AtomicUsize>);
+    impl Drop for Uncount {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let listener = Arc::new(listener);
+    std::thread::Builder::new()
+        .name("cs-notify".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let _uncount = Uncount(live);
+            loop {
+                let mut pfd = libc::pollfd {
+                    fd: listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd.
+                let n = unsafe { libc::poll(&raw mut pfd, 1, POLL_MS) };
+                if n < 0 {
+                    if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                        continue;
+                    }
+                    return;
+                }
+                if pfd.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
+                    return;
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                if pfd.revents & libc::POLLIN == 0 {
+                    continue;
+                }
+                // SAFETY: zeroed, as the kernel requires.
+                let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+                // SAFETY: the ioctl fills `n`.
+                let r = unsafe {
+                    libc::ioctl(
+                        listener.as_raw_fd(),
+                        libc::SECCOMP_IOCTL_NOTIF_RECV,
+                        &raw mut n,
+                    )
+                };
+                if r != 0 {
+                    // ENOENT: the task went away (killed) before we took its call.
+                    continue;
+                }
+                let sent = tx.blocking_send(Notification {
+                    listener: listener.clone(),
+                    id: n.id,
+                    tid: n.pid,
+                    arch: n.data.arch,
+                    nr: n.data.nr,
+                    args: n.data.args,
+                });
+                if sent.is_err() {
+                    return;
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+/// The answer to a notified call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The system call goes on (the kernel's exec check still applies).
+    Continue,
+    /// It fails with this errno, having done nothing.
+    Fail(i32),
+}
+
+/// Answers notification `id`. An error means the call is no longer waiting (its task died,
+/// or a signal interrupted the wait: the call is then notified again).
+pub fn respond(listener: &OwnedFd, id: u64, reply: Reply) -> io::Result<()> {
+    let resp = libc::seccomp_notif_resp {
+        id,
+        val: 0,
+        error: match reply {
+            Reply::Continue => 0,
+            Reply::Fail(errno) => -errno,
+        },
+        flags: match reply {
+            Reply::Continue => libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+            Reply::Fail(_) => 0,
+        },
+    };
+    // SAFETY: the ioctl reads `resp`.
+    let r = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SEND,
+            &raw const resp,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether notification `id` still waits: checked after reading the caller's memory, so that
+/// what was read belongs to the task that waits (not to a new task that took over its pid).
+#[must_use]
+pub fn still_waiting(listener: &OwnedFd, id: u64) -> bool {
+    // SAFETY: the ioctl reads the u64.
+    unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_ID_VALID,
+            &raw const id,
+        ) == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs the filter program on one `seccomp_data` (a tiny interpreter of the three
+    /// instruction kinds it uses).
+    fn run(p: &[libc::sock_filter], arch: u32, nr: u32) -> u32 {
+        let mut acc = 0u32;
+        let mut pc = 0usize;
+        loop {
+            let i = p[pc];
+            match u32::from(i.code) {
+                c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
+                    acc = if i.k == 0 { nr } else { arch };
+                    pc += 1;
+                }
+                c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => {
+                    pc += 1 + usize::from(if acc == i.k { i.jt } else { i.jf });
+                }
+                c if c == libc::BPF_RET | libc::BPF_K => return i.k,
+                c => panic!("unexpected instruction {c:#x}"),
+            }
+        }
+    }
+
+    #[test]
+    fn every_exec_of_every_abi_is_notified_and_nothing_else() {
+        let p = program();
+        for nr in NATIVE_EXECS {
+            assert_eq!(
+                run(&p, NATIVE_ARCH, nr),
+                libc::SECCOMP_RET_USER_NOTIF,
+                "{nr}"
+            );
+            assert!(Call::of(NATIVE_ARCH, nr as i32).is_some());
+        }
+        for nr in COMPAT_EXECS {
+            assert_eq!(
+                run(&p, COMPAT_ARCH, nr),
+                libc::SECCOMP_RET_USER_NOTIF,
+                "{nr}"
+            );
+            assert!(Call::of(COMPAT_ARCH, nr as i32).unwrap().narrow);
+        }
+        for nr in [0, 1, 2, 42, 56, 57, 58, 60, 321, 323, 435] {
+            assert_eq!(run(&p, NATIVE_ARCH, nr), libc::SECCOMP_RET_ALLOW, "{nr}");
+            assert_eq!(run(&p, COMPAT_ARCH, nr), libc::SECCOMP_RET_ALLOW, "{nr}");
+            assert!(Call::of(NATIVE_ARCH, nr as i32).is_none());
+        }
+        // A native exec number under another architecture is not an exec there.
+        assert_eq!(run(&p, 0x1234, NATIVE_EXECS[0]), libc::SECCOMP_RET_ALLOW);
+    }
+
+    #[test]
+    fn execveat_is_told_apart() {
+        assert!(!Call::of(NATIVE_ARCH, NATIVE_EXECS[0] as i32).unwrap().at);
+        assert!(Call::of(NATIVE_ARCH, NATIVE_EXECS[1] as i32).unwrap().at);
+        assert!(
+            !Call::of(NATIVE_ARCH, NATIVE_EXECS[1] as i32)
+                .unwrap()
+                .narrow
+        );
+    }
+}
