@@ -261,7 +261,13 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         (_, false) => (None, Some("after loading, by a stop: the kernel cannot identify executables (no BTF offsets)".to_owned())),
         (_, true) => match notify::available() {
             Ok(()) => (
-                Some(notified::Notifier::new(notify_tx)),
+                Some(notified::Notifier::new(
+                    notify_tx,
+                    ebpf::ExecFastPath::open(&config.bpf_pin_dir)
+                        .inspect_err(|e| tracing::warn!(error = %e, "the exec notifier's threads cannot read the fast path; the main loop answers every exec"))
+                        .ok()
+                        .map(std::sync::Arc::new),
+                )),
                 Some("before they start, by the seccomp notifier (launched agents; others after loading, by a stop)".to_owned()),
             ),
             Err(why) => {

@@ -3,7 +3,6 @@
 //! decision is the answer to the system call.
 use std::{
     collections::HashMap,
-    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -18,11 +17,17 @@ use super::{
     enrich::FileId,
     notify::{self, Call, Notification, Reply},
 };
-use crate::proto::{ActionKind, Response};
+use crate::{
+    ebpf::ExecFastPath,
+    proto::{ActionKind, Response},
+};
 
 /// The listeners the daemon watches.
 pub struct Notifier {
     tx: mpsc::Sender<Notification>,
+    /// The kernel's exec fast path, shared with the listeners' threads (which answer what it
+    /// allows without the main loop).
+    fast: Option<Arc<ExecFastPath>>,
     live: Arc<AtomicUsize>,
     /// Held execs, by the thread that waits.
     pub execs: HashMap<u32, NotifiedExec>,
@@ -32,9 +37,10 @@ pub struct Notifier {
 
 impl Notifier {
     #[must_use]
-    pub fn new(tx: mpsc::Sender<Notification>) -> Self {
+    pub fn new(tx: mpsc::Sender<Notification>, fast: Option<Arc<ExecFastPath>>) -> Self {
         Self {
             tx,
+            fast,
             live: Arc::new(AtomicUsize::new(0)),
             execs: HashMap::new(),
             holds: 0,
@@ -117,7 +123,12 @@ impl Daemon {
         }
         let live = notifier.live.clone();
         live.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = notify::watch(listener, notifier.tx.clone(), live.clone()) {
+        if let Err(e) = notify::watch(
+            listener,
+            notifier.tx.clone(),
+            live.clone(),
+            notifier.fast.clone(),
+        ) {
             // The thread never started: nothing uncounts it.
             live.fetch_sub(1, Ordering::Relaxed);
             return Response::Error {
@@ -166,26 +177,15 @@ impl Daemon {
     /// Reads what the exec names. `None`: it may go on without a request (the kernel checks
     /// what it loads either way).
     fn read_exec(&self, n: &Notification, label: u32) -> Result<Option<NotifiedExec>, Refusal> {
-        let call = Call::of(n.arch, n.nr)
-            .ok_or_else(|| format!("not an exec (arch {:#x} nr {})", n.arch, n.nr))?;
-        let narrow = |v: u64| if call.narrow { v & 0xffff_ffff } else { v };
-        let (dirfd, filename_at, argv_at, flags) = if call.at {
-            (
-                n.args[0] as i32,
-                narrow(n.args[1]),
-                narrow(n.args[2]),
-                n.args[4] as i32,
-            )
-        } else {
-            (libc::AT_FDCWD, narrow(n.args[0]), narrow(n.args[1]), 0)
-        };
-        let (filename, cut) = enrich::read_cbytes(n.tid, filename_at)
-            .ok_or("its filename cannot be read from the caller's memory")?;
-        if cut {
-            return Err("its filename is too long to show".into());
+        let named = notify::Named::read(n)?;
+        if named.goes_on(|f| self.fast_allows(label, f)) {
+            return Ok(None);
         }
+        let (Some(file), Some(call)) = (named.file, Call::of(n.arch, n.nr)) else {
+            return Ok(None);
+        };
         let width = if call.narrow { 4 } else { 8 };
-        let (argv, cut) = enrich::read_argv_bytes(n.tid, argv_at, width)
+        let (argv, cut) = enrich::read_argv_bytes(n.tid, named.argv_at, width)
             .ok_or("its argv cannot be read from the caller's memory")?;
         if cut {
             return Err("its argv is too long to show and verify".into());
@@ -197,56 +197,19 @@ impl Daemon {
         if !notify::still_waiting(&n.listener, n.id) {
             return Err("the caller is gone".into());
         }
-        let name = String::from_utf8_lossy(&filename).into_owned();
-        let relative = !filename.starts_with(b"/");
-        let (path, kernel_name) = if call.at && dirfd != libc::AT_FDCWD && relative {
-            if filename.is_empty() {
-                if flags & libc::AT_EMPTY_PATH == 0 {
-                    // The kernel answers ENOENT.
-                    return Ok(None);
-                }
-                (
-                    PathBuf::from(format!("/proc/{}/fd/{dirfd}", n.tid)),
-                    format!("/dev/fd/{dirfd}").into_bytes(),
-                )
-            } else {
-                (
-                    PathBuf::from(format!("/proc/{}/fd/{dirfd}/{name}", n.tid)),
-                    [format!("/dev/fd/{dirfd}/").as_bytes(), &filename].concat(),
-                )
-            }
-        } else {
-            (enrich::resolve_in_task(n.tid, &name), filename.clone())
-        };
-        let Some(file) = enrich::file_id(&path) else {
-            // Nothing there (a `PATH` search tries many): the kernel fails the call. Should a
-            // file appear meanwhile, the kernel's check refuses to run it unapproved.
-            return Ok(None);
-        };
-        let script = enrich::shebang_bytes(&path);
-        let interp = script.as_ref().and_then(|(i, _)| {
-            enrich::file_id(&enrich::resolve_in_task(n.tid, &String::from_utf8_lossy(i)))
-        });
-        let fast = |f: FileId| self.kernel.exec_fast_allowed(label, f.kernel_dev(), f.ino);
-        if fast(file) && (script.is_none() || interp.is_some_and(fast)) {
-            return Ok(None);
-        }
-        let (expect_file, expect_argv) = match &script {
-            None => (file, nul_joined(argv.iter().map(Vec::as_slice))),
-            Some((i, arg)) => {
-                // No interpreter there: the kernel fails the call (and refuses to run one that
-                // appears meanwhile, unapproved).
-                let Some(interp) = interp else {
-                    return Ok(None);
-                };
+        let (expect_file, expect_argv) = match (&named.script, named.interp) {
+            (None, _) => (file, nul_joined(argv.iter().map(Vec::as_slice))),
+            (Some((i, arg)), Some(interp)) => {
                 let head = [
                     Some(i.as_slice()),
                     arg.as_deref(),
-                    Some(kernel_name.as_slice()),
+                    Some(named.kernel_name.as_slice()),
                 ];
                 let rest = argv.iter().skip(1).map(Vec::as_slice);
                 (interp, nul_joined(head.into_iter().flatten().chain(rest)))
             }
+            // No interpreter there: the kernel fails the call.
+            (Some(_), None) => return Ok(None),
         };
         if expect_argv.len() > shared::ARGV_VERIFY_MAX {
             return Err(format!(
@@ -257,9 +220,9 @@ impl Daemon {
         }
         let binding = ExecBinding {
             request: 0,
-            filename: String::from_utf8_lossy(&kernel_name).into_owned(),
+            filename: String::from_utf8_lossy(&named.kernel_name).into_owned(),
             exe: Some(file),
-            interp,
+            interp: named.interp,
             argv: argv
                 .iter()
                 .map(|a| String::from_utf8_lossy(a).into_owned())
@@ -268,13 +231,21 @@ impl Daemon {
         Ok(Some(NotifiedExec {
             n: n.clone(),
             kernel_id: 0,
-            filename,
-            filename_at,
-            argv_at,
+            filename: named.filename,
+            filename_at: named.filename_at,
+            argv_at: named.argv_at,
             binding,
             expect_file,
             expect_argv,
         }))
+    }
+
+    /// The kernel's own test (see [`crate::ebpf::ExecFastPath::allows`]).
+    fn fast_allows(&self, label: u32, f: FileId) -> bool {
+        self.notifier
+            .as_ref()
+            .and_then(|t| t.fast.as_ref())
+            .is_some_and(|fast| fast.allows(label, f.kernel_dev(), f.ino))
     }
 
     fn hold_notified(&mut self, mut exec: NotifiedExec, label: u32) {

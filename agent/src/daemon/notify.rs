@@ -18,6 +18,7 @@
 use std::{
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    path::PathBuf,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -25,6 +26,9 @@ use std::{
 };
 
 use tokio::sync::mpsc;
+
+use super::enrich::{self, FileId};
+use crate::ebpf::ExecFastPath;
 
 /// Launched agents whose listeners one daemon watches at once.
 pub const MAX_LISTENERS: usize = 512;
@@ -267,10 +271,12 @@ pub struct Notification {
 /// filter has no task left (or the daemon stops).
 /// `live` counts the watched listeners: the caller counted this one; the thread uncounts it
 /// when it ends.
+/// What the kernel allows by itself (`fast`) is answered here, without the main loop.
 pub fn watch(
     listener: OwnedFd,
     tx: mpsc::Sender<Notification>,
     live: Arc<AtomicUsize>,
+    fast: Option<Arc<ExecFastPath>>,
 ) -> io::Result<()> {
     struct Uncount(Arc<AtomicUsize>);
     impl Drop for Uncount {
@@ -321,20 +327,131 @@ pub fn watch(
                     // ENOENT: the task went away (killed) before we took its call.
                     continue;
                 }
-                let sent = tx.blocking_send(Notification {
+                let n = Notification {
                     listener: listener.clone(),
                     id: n.id,
                     tid: n.pid,
                     arch: n.data.arch,
                     nr: n.data.nr,
                     args: n.data.args,
-                });
+                };
+                if fast.as_deref().is_some_and(|f| goes_on_by_itself(f, &n))
+                    && respond(&listener, n.id, Reply::Continue).is_ok()
+                {
+                    continue;
+                }
+                let sent = tx.blocking_send(n);
                 if sent.is_err() {
                     return;
                 }
             }
         })
         .map(|_| ())
+}
+
+/// What a notified exec names, read from the caller's memory while it waits.
+pub struct Named {
+    /// The path as passed, and where it and argv are in the caller's memory.
+    pub filename: Vec<u8>,
+    pub filename_at: u64,
+    pub argv_at: u64,
+    /// The name the kernel gives the program (`/dev/fd/N[/path]` through a descriptor):
+    /// what a script's interpreter gets as its argument.
+    pub kernel_name: Vec<u8>,
+    /// The file, resolved as the kernel would from the caller (`None`: nothing there, the
+    /// kernel fails the call).
+    pub file: Option<FileId>,
+    /// For a `#!` script: its interpreter and argument, and the interpreter's file.
+    pub script: Option<(Vec<u8>, Option<Vec<u8>>)>,
+    pub interp: Option<FileId>,
+}
+
+impl Named {
+    /// Reads the filename and resolves it from the caller's root, cwd or `execveat`
+    /// descriptor.
+    pub fn read(n: &Notification) -> Result<Self, String> {
+        let call = Call::of(n.arch, n.nr)
+            .ok_or_else(|| format!("not an exec (arch {:#x} nr {})", n.arch, n.nr))?;
+        let narrow = |v: u64| if call.narrow { v & 0xffff_ffff } else { v };
+        let (dirfd, filename_at, argv_at, flags) = if call.at {
+            (
+                n.args[0] as i32,
+                narrow(n.args[1]),
+                narrow(n.args[2]),
+                n.args[4] as i32,
+            )
+        } else {
+            (libc::AT_FDCWD, narrow(n.args[0]), narrow(n.args[1]), 0)
+        };
+        let (filename, cut) = enrich::read_cbytes(n.tid, filename_at)
+            .ok_or("its filename cannot be read from the caller's memory")?;
+        if cut {
+            return Err("its filename is too long to show".into());
+        }
+        let name = String::from_utf8_lossy(&filename).into_owned();
+        let relative = !filename.starts_with(b"/");
+        let (path, kernel_name) = if call.at && dirfd != libc::AT_FDCWD && relative {
+            if filename.is_empty() && flags & libc::AT_EMPTY_PATH == 0 {
+                // The kernel answers ENOENT.
+                (None, Vec::new())
+            } else if filename.is_empty() {
+                (
+                    Some(PathBuf::from(format!("/proc/{}/fd/{dirfd}", n.tid))),
+                    format!("/dev/fd/{dirfd}").into_bytes(),
+                )
+            } else {
+                (
+                    Some(PathBuf::from(format!("/proc/{}/fd/{dirfd}/{name}", n.tid))),
+                    [format!("/dev/fd/{dirfd}/").as_bytes(), &filename].concat(),
+                )
+            }
+        } else {
+            (
+                Some(enrich::resolve_in_task(n.tid, &name)),
+                filename.clone(),
+            )
+        };
+        let file = path.as_deref().and_then(enrich::file_id);
+        let script = file.and(path.as_deref()).and_then(enrich::shebang_bytes);
+        let interp = script.as_ref().and_then(|(i, _)| {
+            enrich::file_id(&enrich::resolve_in_task(n.tid, &String::from_utf8_lossy(i)))
+        });
+        Ok(Self {
+            filename,
+            filename_at,
+            argv_at,
+            kernel_name,
+            file,
+            script,
+            interp,
+        })
+    }
+
+    /// Whether the call goes on without a request: nothing is there to run (the kernel fails
+    /// it; a file that appears meanwhile is not approved, and the kernel's check refuses to
+    /// run it), or the kernel allows the file by itself (`allows`) — a script and its
+    /// interpreter both.
+    pub fn goes_on(&self, allows: impl Fn(FileId) -> bool) -> bool {
+        match (self.file, &self.script, self.interp) {
+            (None, _, _) | (Some(_), Some(_), None) => true,
+            (Some(f), None, _) => allows(f),
+            (Some(f), Some(_), Some(i)) => allows(f) && allows(i),
+        }
+    }
+}
+
+/// Whether the watcher thread may answer `n` "go on" by itself: a labelled thread's exec the
+/// kernel allows without asking (the same test the main loop makes first).
+fn goes_on_by_itself(fast: &ExecFastPath, n: &Notification) -> bool {
+    let Some(state) = fast.task(n.tid) else {
+        return false;
+    };
+    // A call restarted while held belongs to its request.
+    if state.state == countersign_ebpf::STATE_PENDING {
+        return false;
+    }
+    Named::read(n)
+        .is_ok_and(|named| named.goes_on(|f| fast.allows(state.label, f.kernel_dev(), f.ino)))
 }
 
 /// The answer to a notified call.

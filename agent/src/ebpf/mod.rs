@@ -1076,31 +1076,6 @@ impl Kernel {
             .map_err(|e| map_err(shared::MAP_EXEC_APPROVED, &e))
     }
 
-    /// Whether the kernel lets label `label` run the file (the kernel's encoding of its
-    /// device, its inode) without asking: the policy's fast path, or a binary grant while it
-    /// lasts. The same test as the exec hooks'.
-    #[must_use]
-    pub fn exec_fast_allowed(&self, label: u32, dev: u64, ino: u64) -> bool {
-        let key = shared::ExecKey {
-            label,
-            _pad: 0,
-            dev,
-            ino,
-        };
-        let allowed = self
-            .ebpf
-            .map(shared::MAP_EXEC_ALLOW)
-            .and_then(|m| HashMap::<&MapData, shared::ExecKey, u32>::try_from(m).ok())
-            .is_some_and(|allow| allow.get(&key, 0).is_ok());
-        allowed
-            || self
-                .ebpf
-                .map(shared::MAP_GRANT_EXEC)
-                .and_then(|m| HashMap::<&MapData, shared::ExecKey, u64>::try_from(m).ok())
-                .and_then(|grants| grants.get(&key, 0).ok())
-                .is_some_and(|expiry| boot_ns() < expiry)
-    }
-
     /// Removes a thread's entry (the canary, once done).
     pub fn forget_task(&mut self, tid: u32) {
         let _ = self.tasks.remove(&tid);
@@ -1344,6 +1319,59 @@ pub fn watch_ring(
     // SAFETY: the ring buffer owns its map fd; it stays open and unchanged for as long as the
     // AsyncFd owns the ring buffer.
     unsafe { tokio::io::unix::AsyncFd::register(ring) }.map_err(|e| e.into_parts().1)
+}
+
+/// The maps that tell whether a labelled task may exec a file without asking, opened from
+/// their pins: the exec notifier's threads answer those execs without the daemon's main loop.
+pub struct ExecFastPath {
+    tasks: HashMap<MapData, u32, TaskState>,
+    allow: HashMap<MapData, shared::ExecKey, u32>,
+    grants: HashMap<MapData, shared::ExecKey, u64>,
+}
+
+impl ExecFastPath {
+    /// Opens the maps pinned in `pin_dir` (the daemon's, after it loaded).
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        fn open<K: aya::Pod, V: aya::Pod>(
+            pin_dir: &Path,
+            name: &'static str,
+        ) -> Result<HashMap<MapData, K, V>> {
+            let data = MapData::from_pin(pin_dir.join(name)).map_err(|e| KernelError::Map {
+                name,
+                detail: format!("opening its pin: {e}"),
+            })?;
+            HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|e| map_err(name, &e))
+        }
+        Ok(Self {
+            tasks: open(pin_dir, shared::MAP_TASKS)?,
+            allow: open(pin_dir, shared::MAP_EXEC_ALLOW)?,
+            grants: open(pin_dir, shared::MAP_GRANT_EXEC)?,
+        })
+    }
+
+    /// The thread's state, if it is labelled.
+    #[must_use]
+    pub fn task(&self, tid: u32) -> Option<TaskState> {
+        self.tasks.get(&tid, 0).ok()
+    }
+
+    /// Whether the kernel lets label `label` run the file (the kernel's encoding of its
+    /// device, its inode) without asking: the policy's fast path, or a binary grant while it
+    /// lasts — the exec hooks' own test.
+    #[must_use]
+    pub fn allows(&self, label: u32, dev: u64, ino: u64) -> bool {
+        let key = shared::ExecKey {
+            label,
+            _pad: 0,
+            dev,
+            ino,
+        };
+        self.allow.get(&key, 0).is_ok()
+            || self
+                .grants
+                .get(&key, 0)
+                .is_ok_and(|expiry| boot_ns() < expiry)
+    }
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds: the clock of the kernel's grant expiries.
