@@ -17,9 +17,10 @@ use aya_ebpf::{
 };
 use countersign_ebpf::{
     ARGV_VERIFY_MAX, ApprovedExec, ERROR_EXEC_UNVERIFIED, ExecKey, FLAG_EXEC_LOADED, FLAG_NOTIFIED,
-    FLAG_VERIFY, FileKey, KIND_CANARY_EXEC, KIND_ERROR, KIND_EXEC, KIND_EXEC_LOADED, LABEL_CANARY,
-    LABEL_NONE, MODE_FALLBACK, MODE_LSM, MODE_OFF, STAT_FAST_EXEC, STAT_GRANT_ALLOWED,
-    STATE_ALLOWED, STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE, STATE_PENDING, TaskState,
+    FileKey, KIND_CANARY_EXEC, KIND_ERROR, KIND_EXEC, KIND_EXEC_LOADED, KIND_EXEC_VERIFIED,
+    LABEL_CANARY, LABEL_NONE, MODE_FALLBACK, MODE_LSM, MODE_OFF, STAT_FAST_EXEC,
+    STAT_GRANT_ALLOWED, STATE_ALLOWED, STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE,
+    STATE_PENDING, TaskState,
 };
 
 use crate::{
@@ -236,8 +237,17 @@ pub fn bprm_check(bprm: *const u8) -> Verdict {
         return Verdict::Allow;
     }
     record_exec_args(state);
-    if hold::event(KIND_EXEC, state.label).is_some_and(|ev| hold::request(state, KIND_EXEC, 0, ev))
-    {
+    let file = bprm_file(bprm).and_then(file_id);
+    let requested = hold::event(KIND_EXEC, state.label).is_some_and(|ev| {
+        // The file the kernel opened: the daemon binds the approval to it, whatever name
+        // (or descriptor) the caller used.
+        if let Some((dev, ino)) = file {
+            ev.addr[..8].copy_from_slice(&dev.to_le_bytes());
+            ev.addr[8..].copy_from_slice(&ino.to_le_bytes());
+        }
+        hold::request(state, KIND_EXEC, 0, ev)
+    });
+    if requested {
         hold::stop_current();
         Verdict::Held
     } else {
@@ -323,28 +333,25 @@ pub fn sched_exec(ctx: &TracePointContext) {
         hold::kill_current();
         return;
     }
-    if mode == MODE_FALLBACK && state.flags & FLAG_NOTIFIED != 0 {
-        verify_notified(state, old_pid);
+    // An approved exec (LSM: released by the hook; fallback: let go by the notifier) runs
+    // only as approved.
+    if mode == MODE_LSM && state.state == STATE_EXEC_RELEASED {
+        verify_approved(state, old_pid, STATE_EXEC_RELEASED);
         return;
     }
-    let verify = mode == MODE_LSM && state.state == STATE_EXEC_RELEASED;
-    if !verify && mode != MODE_FALLBACK {
+    if mode != MODE_FALLBACK {
+        return;
+    }
+    if state.flags & FLAG_NOTIFIED != 0 {
+        verify_approved(state, old_pid, STATE_ALLOWED);
         return;
     }
     // Fallback: the loaded image is one the policy allows; it runs without a stop.
-    if !verify && fast_allowed(state.label, current_exe_file()) {
+    if fast_allowed(state.label, current_exe_file()) {
         return;
     }
-    if verify {
-        state.flags |= FLAG_VERIFY;
-    } else {
-        state.flags &= !FLAG_VERIFY;
-    }
-    let detail = (state.flags & FLAG_VERIFY) as i32;
-    let requested = hold::event(KIND_EXEC_LOADED, state.label).is_some_and(|ev| {
-        ev.detail = detail;
-        hold::request(state, KIND_EXEC_LOADED, 0, ev)
-    });
+    let requested = hold::event(KIND_EXEC_LOADED, state.label)
+        .is_some_and(|ev| hold::request(state, KIND_EXEC_LOADED, 0, ev));
     if requested {
         hold::stop_current();
     } else {
@@ -353,13 +360,16 @@ pub fn sched_exec(ctx: &TracePointContext) {
     }
 }
 
-/// Fallback mode, a task under the seccomp notifier: its `execve` was let start either by an
-/// approval (armed in [`maps::EXEC_APPROVED`] under the thread that made the call) or as one
-/// the fast path allows. The loaded image runs if it is exactly the approved one (file and
-/// argv) or one the policy allows; anything else — a file or an argv changed after the
-/// approval, an exec that never asked — is killed before its first instruction.
+/// An exec that was let start by an approval — in LSM mode released by the exec hook
+/// (`released` is `STATE_EXEC_RELEASED`), in fallback mode let go by the seccomp notifier
+/// (`STATE_ALLOWED`) — or, under the notifier, as one the fast path allows. The approval is
+/// armed in [`maps::EXEC_APPROVED`] under the thread that made the call: the loaded image
+/// runs if it is exactly the approved one (file and argv, read by the kernel itself after
+/// the approval) or one the policy allows; anything else — a file or an argv changed after
+/// the approval, an exec that never asked — is killed before its first instruction. No stop,
+/// so nothing (a `SIGCONT`, a tracer) can let it run before the check.
 #[inline(always)]
-fn verify_notified(state: &mut TaskState, tid: u32) {
+fn verify_approved(state: &mut TaskState, tid: u32, released: u32) {
     let approved = maps::EXEC_APPROVED.get_ptr(&tid);
     let mut request = 0;
     let mut verified = false;
@@ -367,7 +377,7 @@ fn verify_notified(state: &mut TaskState, tid: u32) {
         // SAFETY: as above; only read.
         let a = unsafe { &*a };
         request = a.request_id;
-        verified = state.state == STATE_ALLOWED
+        verified = state.state == released
             && state.kind == KIND_EXEC
             && state.request_id == a.request_id
             && loaded_is(a);
@@ -377,9 +387,16 @@ fn verify_notified(state: &mut TaskState, tid: u32) {
     }
     if verified {
         state.state = STATE_IDLE;
+        if let Some(ev) = hold::event(KIND_EXEC_VERIFIED, state.label) {
+            ev.request_id = request;
+            maps::emit(ev);
+        }
         return;
     }
     if fast_allowed(state.label, current_exe_file()) {
+        if state.state == released {
+            state.state = STATE_IDLE;
+        }
         return;
     }
     if let Some(ev) = hold::event(KIND_ERROR, state.label) {

@@ -67,12 +67,12 @@ pub const UNIX_HOLD: u32 = 2;
 /// The `dev` of a [`MAP_UNIX_RULES`] key for an abstract name (its `ino` is
 /// [`abstract_hash`] of the name).
 pub const UNIX_ABSTRACT_DEV: u64 = u64::MAX;
-/// Thread id → [`ApprovedExec`] (fallback mode, tasks under the seccomp notifier). Not
-/// pinned: the notifier does not outlive its daemon.
+/// Thread id → [`ApprovedExec`]: what an approved exec must load (LSM mode, and fallback
+/// mode's seccomp notifier).
 pub const MAP_EXEC_APPROVED: &str = "CS_EXEC_APPROVED";
-/// Every map above but the DNS ones and [`MAP_EXEC_APPROVED`] is pinned by name in the daemon's pin directory, so that holds and labels
+/// Every map above but the DNS ones is pinned by name in the daemon's pin directory, so that holds and labels
 /// survive a daemon restart.
-pub const PINNED_MAPS: [&str; 15] = [
+pub const PINNED_MAPS: [&str; 16] = [
     MAP_TASKS,
     MAP_CGROUP_LABELS,
     MAP_EVENTS,
@@ -88,6 +88,7 @@ pub const PINNED_MAPS: [&str; 15] = [
     MAP_SOCKET_ALLOW,
     MAP_UNIX_RULES,
     MAP_UNIX_HOLD_ALL,
+    MAP_EXEC_APPROVED,
 ];
 /// Capacity of [`MAP_GRANT_EXEC`] and of [`MAP_GRANT_CONNECT`]: the daemon's most grants.
 pub const MAX_KERNEL_GRANTS: u32 = 4_096;
@@ -242,11 +243,14 @@ pub const KIND_SOCKET: u32 = 9;
 /// A connect or datagram to a local (`AF_UNIX`) socket: [`Event::addr`] holds the peer's
 /// [`UnixPeer`] key, [`Event::unix_name`] the name it was bound to.
 pub const KIND_UNIX: u32 = 10;
+/// An approved exec loaded exactly what was approved and runs ([`Event::request_id`] is the
+/// approved request): evidence for the record, nothing to decide.
+pub const KIND_EXEC_VERIFIED: u32 = 11;
 
 /// [`TaskState::flags`]: the task passed `sched_process_exec` since its last `execve` entry.
 pub const FLAG_EXEC_LOADED: u32 = 1;
-/// The exec that is pending is the verification of an approved one (LSM mode).
-pub const FLAG_VERIFY: u32 = 2;
+/// (Bit 2 was the after-load verification of an approved exec in LSM mode; the kernel
+/// compares the loaded image with [`MAP_EXEC_APPROVED`] itself now.)
 /// Fallback mode: the allowed connect was let through by a grant; the cgroup program checks
 /// the grant again with the socket type (which the `connect` tracepoint cannot see).
 pub const FLAG_GRANT_CHECK: u32 = 4;
@@ -679,6 +683,8 @@ pub struct Event {
     pub request_id: u64,
     pub action_hash: u64,
     /// Destination address: 4 bytes for IPv4 (the rest zero) or 16 for IPv6, network order.
+    /// For a [`KIND_EXEC`] in LSM mode: the (device, inode) of the file the kernel opened,
+    /// each 8 bytes little-endian (zero if it could not be read).
     pub addr: [u8; 16],
     /// User pointers of the exec's filename and argv (see [`TaskState::exec_filename`]).
     pub exec_filename: u64,

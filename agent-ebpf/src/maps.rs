@@ -45,11 +45,11 @@ pub static CONNECT_ALLOW: LpmTrie<ConnectKey, ConnectAllow> = LpmTrie::pinned(MA
 #[map(name = "CS_EXEC_ALLOW")]
 pub static EXEC_ALLOW: HashMap<ExecKey, u32> = HashMap::pinned(MAX_EXEC_ALLOW, 0);
 
-/// Execs approved through the seccomp notifier, not yet loaded (see `exec::verify_notified`).
+/// Approved execs not yet loaded (see `exec::verify_approved`).
 /// Allocated on use: the values are large.
 #[map(name = "CS_EXEC_APPROVED")]
 pub static EXEC_APPROVED: HashMap<u32, ApprovedExec> =
-    HashMap::with_max_entries(MAX_EXEC_APPROVED, BPF_F_NO_PREALLOC);
+    HashMap::pinned(MAX_EXEC_APPROVED, BPF_F_NO_PREALLOC);
 
 /// The policy's `match: executable` labels, written by the daemon: (device, inode) → label.
 #[map(name = "CS_EXEC_LABELS")]

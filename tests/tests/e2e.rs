@@ -66,6 +66,13 @@ fn labelled_exec_held_then_approved_runs() {
     assert_eq!(e["decision"], "approved");
     assert_eq!(e["applied"], "released");
     assert!(e["by"].as_str().unwrap().starts_with("cli uid=0"), "{e}");
+    if d.exec_kind() == "exec" {
+        // The kernel compared what loaded with the approval, and said so.
+        let verified = d.wait_decision("the exec-verified outcome", |x| {
+            x["request"]["id"] == r["id"] && x["decision"] == "exec-verified"
+        });
+        assert_eq!(verified["by"], "kernel", "{verified}");
+    }
     assert!(
         e["request"]["age_ms"].as_u64().unwrap() >= 300,
         "the record says how long it was held: {e}"
@@ -365,10 +372,10 @@ fn changed_connect_after_approval_is_held_again() {
     assert!(!other.accepted());
 }
 
-/// LSM mode: an approved exec whose argv changes before the restart is held again (the loaded
-/// image is verified against the approval) and its deny kills it before it runs.
+/// LSM mode: an approved exec whose argv changes before the restart is killed before its
+/// first instruction: the kernel compares what it loaded with the approval, and records why.
 #[test]
-fn changed_exec_after_approval_is_held_again_in_lsm_mode() {
+fn changed_exec_after_approval_is_killed_before_it_runs_in_lsm_mode() {
     let d = Daemon::start();
     if !d.is_lsm() {
         eprintln!(
@@ -382,22 +389,22 @@ fn changed_exec_after_approval_is_held_again_in_lsm_mode() {
     let mut p = d.labelled_probe("coder", &["exec-changing", &probe(), &a, &b]);
     let r = d.wait_exec(p.pid(), "AAAA");
     d.decide(&r, "approve");
-    let again = d.wait_request("the changed exec", |x| {
-        x["pid"] == p.pid() && x["id"] != r["id"]
-    });
-    assert_eq!(again["kind"], "exec-loaded");
-    assert!(
-        again["note"]
-            .as_str()
-            .unwrap_or("")
-            .contains("replaces approved request"),
-        "{again}"
-    );
-    d.decide(&again, "deny");
     use std::os::unix::process::ExitStatusExt as _;
     assert_eq!(
         p.wait(countersign_tests::WAIT).signal(),
         Some(libc::SIGKILL)
+    );
+    let record = d.wait_decision("the kernel's refusal of the changed exec", |e| {
+        e["request"]["pid"] == p.pid()
+            && e["by"]
+                .as_str()
+                .is_some_and(|by| by.starts_with("kernel:") && by.contains("approved"))
+    });
+    assert_eq!(record["request"]["kind"], "exec", "{record}");
+    assert_eq!(record["decision"], "killed", "{record}");
+    assert!(
+        d.list().iter().all(|x| x["pid"] != p.pid()),
+        "nothing asked again"
     );
 }
 

@@ -167,12 +167,6 @@ fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> Option<usize> {
 
 /// A NUL-terminated string in the task's memory, at most [`MAX_ARG_BYTES`] long; the bool
 /// says whether it was cut.
-pub fn read_cstring(pid: u32, addr: u64) -> Option<(String, bool)> {
-    let (bytes, cut) = read_cbytes(pid, addr)?;
-    Some((String::from_utf8_lossy(&bytes).into_owned(), cut))
-}
-
-/// [`read_cstring`], the bytes as they are.
 pub fn read_cbytes(pid: u32, addr: u64) -> Option<(Vec<u8>, bool)> {
     let mut out = Vec::new();
     let mut chunk = [0u8; 256];
@@ -200,19 +194,8 @@ pub fn read_cbytes(pid: u32, addr: u64) -> Option<(Vec<u8>, bool)> {
     Some((out, true))
 }
 
-/// The argv array at `argv` in the task's memory (bounded by the `MAX_*` limits).
-pub fn read_argv(pid: u32, argv: u64) -> Option<(Vec<String>, bool)> {
-    let (args, cut) = read_argv_bytes(pid, argv, 8)?;
-    Some((
-        args.iter()
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect(),
-        cut,
-    ))
-}
-
-/// [`read_argv`], the strings as they are, of an array of `width`-byte pointers (4 for a
-/// 32-bit caller).
+/// The argv array at `argv` in the task's memory, of `width`-byte pointers (4 for a 32-bit
+/// caller), bounded by the `MAX_*` limits; the bool says whether it was cut.
 pub fn read_argv_bytes(pid: u32, argv: u64, width: usize) -> Option<(Vec<Vec<u8>>, bool)> {
     let mut args = Vec::new();
     let mut total = 0;
@@ -323,6 +306,16 @@ pub fn cgroup_path(pid: u32) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn read_argv_text(at: u64) -> Option<(Vec<String>, bool)> {
+        let (argv, cut) = read_argv_bytes(std::process::id(), at, 8)?;
+        Some((
+            argv.iter()
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect(),
+            cut,
+        ))
+    }
+
     #[test]
     fn formats_destinations() {
         let mut a = [0u8; 16];
@@ -341,7 +334,7 @@ mod tests {
             .map(|a| a.as_ptr() as u64)
             .chain(std::iter::once(0))
             .collect();
-        let (argv, cut) = read_argv(std::process::id(), ptrs.as_ptr() as u64).unwrap();
+        let (argv, cut) = read_argv_text(ptrs.as_ptr() as u64).unwrap();
         assert_eq!(argv, ["/bin/echo", "hello world", ""]);
         assert!(!cut);
     }
@@ -353,13 +346,13 @@ mod tests {
         for extra in [1, 100, 255, 256, 5000] {
             let long = std::ffi::CString::new(vec![b'a'; MAX_ARG_BYTES + extra]).unwrap();
             let ptrs = [long.as_ptr() as u64, 0];
-            let (argv, cut) = read_argv(std::process::id(), ptrs.as_ptr() as u64).unwrap();
+            let (argv, cut) = read_argv_text(ptrs.as_ptr() as u64).unwrap();
             assert!(cut, "{extra} bytes over");
             assert_eq!(argv[0].len(), MAX_ARG_BYTES);
         }
         let exact = std::ffi::CString::new(vec![b'a'; MAX_ARG_BYTES]).unwrap();
         let ptrs = [exact.as_ptr() as u64, 0];
-        let (argv, cut) = read_argv(std::process::id(), ptrs.as_ptr() as u64).unwrap();
+        let (argv, cut) = read_argv_text(ptrs.as_ptr() as u64).unwrap();
         assert_eq!(argv[0].len(), MAX_ARG_BYTES);
         assert!(!cut, "exactly at the limit is whole");
     }

@@ -67,12 +67,17 @@ const MAX_REFUSALS: usize = 1024;
 /// What an approved exec is bound to: the image that runs must be this one.
 #[derive(Debug, Clone)]
 struct ExecBinding {
-    request: u64,
     filename: String,
     exe: Option<FileId>,
-    /// For a `#!` script: the interpreter's file.
-    interp: Option<FileId>,
     argv: Vec<String>,
+    /// What the kernel checks the loaded image against once approved (the file, or a
+    /// script's interpreter, and the argv bytes as the kernel lays them out). `None`: nothing
+    /// is there to load (no file, no interpreter): the exec fails by itself, and should
+    /// something appear meanwhile the kernel kills it, unapproved.
+    expect: Option<(FileId, Vec<u8>)>,
+    /// Why an approval could not be checked by the kernel (argv cut or too long): such an
+    /// exec is refused rather than released.
+    unverifiable: Option<String>,
 }
 
 struct Held {
@@ -122,7 +127,6 @@ struct Daemon {
     cgroups: cgroups::CgroupMatching,
     requests: BTreeMap<u64, Held>,
     next_id: u64,
-    approved_execs: HashMap<u32, ExecBinding>,
     started: Instant,
     /// Requests taken over from a daemon that did not stop cleanly.
     adopted: usize,
@@ -131,6 +135,9 @@ struct Daemon {
     refusals: HashMap<(u32, String), Instant>,
     /// Loaded-but-not-run execs held in a ptrace stop.
     tracer: trace::Tracer,
+    /// Approved execs on their way to the kernel's check, by request id (the kernel's): the
+    /// approved request, recorded again as `exec-verified` once what loaded matched.
+    verifying: HashMap<u64, (u32, RequestView)>,
     /// Fallback mode: the seccomp listeners of launched agents, whose execs are decided
     /// before they start (`None` in LSM mode, or where the kernel cannot).
     notifier: Option<notified::Notifier>,
@@ -300,11 +307,11 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         },
         requests: BTreeMap::new(),
         next_id,
-        approved_execs: HashMap::new(),
         started: Instant::now(),
         adopted: 0,
         refusals: HashMap::new(),
         tracer: trace::Tracer::default(),
+        verifying: HashMap::new(),
         notifier,
         exec_hold,
         policy_stamp: stamp,
@@ -558,7 +565,12 @@ impl Daemon {
                 port: st.port,
                 request_id: st.request_id,
                 action_hash: st.action_hash,
-                addr: st.addr,
+                // An exec's file is not in the state: resolved by name.
+                addr: if st.kind == shared::KIND_EXEC {
+                    [0; 16]
+                } else {
+                    st.addr
+                },
                 exec_filename: st.exec_filename,
                 exec_argv: st.exec_argv,
                 ..shared::Event::default()
@@ -619,8 +631,10 @@ impl Daemon {
         }
         match ev.kind {
             shared::KIND_CGROUP_NEW => self.cgroup_created(ev),
-            shared::KIND_EXEC_LOADED if ev.detail as u32 & shared::FLAG_VERIFY != 0 => {
-                self.verify_exec(ev)
+            shared::KIND_EXEC_VERIFIED => {
+                if let Some((_, view)) = self.verifying.remove(&ev.request_id) {
+                    self.log_or_warn("exec-verified", "released", "kernel", &view);
+                }
             }
             shared::KIND_EXEC
             | shared::KIND_EXEC_LOADED
@@ -859,12 +873,9 @@ impl Daemon {
                     Some(n) => {
                         view.argv = n.binding.argv.clone();
                         view.binary = Some(String::from_utf8_lossy(&n.filename).into_owned());
-                        Some(ExecBinding {
-                            request: id,
-                            ..n.binding.clone()
-                        })
+                        Some(n.binding.clone())
                     }
-                    None => exec_from_memory(id, ev, &mut view),
+                    None => exec_from_memory(ev, &mut view),
                 };
             }
             ActionKind::ExecLoaded => {
@@ -1489,47 +1500,6 @@ impl Daemon {
         0
     }
 
-    /// LSM mode: an approved exec's image is loaded; it runs only if it is what was approved.
-    fn verify_exec(&mut self, ev: &shared::Event) {
-        let binding = self.approved_execs.remove(&ev.tid);
-        let exe = enrich::file_id(std::path::Path::new(&format!("/proc/{}/exe", ev.tgid)));
-        let argv = enrich::cmdline(ev.tgid).map(|(a, _)| a).unwrap_or_default();
-        let verdict = binding.as_ref().map(|b| exec_matches(b, exe, &argv));
-        match (binding, verdict) {
-            (Some(b), Some(Ok(()))) => {
-                let (view, _) = self.describe(b.request, ev, ActionKind::ExecLoaded, None);
-                if let Err(e) = self.record("exec-verified", "released", "daemon", &view, None) {
-                    tracing::error!(error = %e, "cannot record; killing the unverified exec");
-                    let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
-                    return;
-                }
-                match self
-                    .kernel
-                    .decide(ev.tid, ev.request_id, shared::STATE_IDLE)
-                {
-                    Ok(true) => {
-                        let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGCONT);
-                    }
-                    _ => tracing::warn!(pid = ev.tgid, "verified exec vanished before release"),
-                }
-            }
-            (b, v) => {
-                let why = match (&b, v) {
-                    (Some(b), Some(Err(why))) => {
-                        format!("replaces approved request #{}: {why}", b.request)
-                    }
-                    _ => "an exec released without a recorded approval".to_owned(),
-                };
-                tracing::warn!(
-                    pid = ev.tgid,
-                    why,
-                    "approved exec did not match what loaded; held again"
-                );
-                self.hold(ev, ActionKind::ExecLoaded, Some(why));
-            }
-        }
-    }
-
     fn command(&mut self, request: crate::proto::Request, peer: Peer) -> Response {
         use crate::proto::Request as R;
         match (request, peer.socket) {
@@ -1836,6 +1806,10 @@ impl Daemon {
             // Held before it started, by the seccomp notifier: the answer is the system
             // call's.
             let (approve, kill_it) = (decision == Decision::Approve, decision == Decision::Kill);
+            if approve {
+                self.verifying
+                    .insert(held.kernel_id, (held.tid, view.clone()));
+            }
             if let Err(why) =
                 self.apply_notified(held.tid, held.tgid, held.kernel_id, approve, kill_it)
             {
@@ -1850,6 +1824,32 @@ impl Daemon {
             }
             tracing::info!(id = held.view.id, pid = held.tgid, decision = %word, applied, by, "decided");
             return format!("{word} ({applied})");
+        }
+        if decision == Decision::Approve
+            && held.kind == ActionKind::Exec
+            && let Err(why) = held
+                .binding
+                .as_ref()
+                .ok_or_else(|| "nothing binds it".to_owned())
+                .and_then(|b| self.arm(held.tid, held.kernel_id, b))
+        {
+            // Never released unchecked: refused instead.
+            tracing::error!(
+                id = held.view.id,
+                pid = held.tgid,
+                why,
+                "an approved exec cannot be bound to what it loads; refusing it"
+            );
+            let _ = self
+                .kernel
+                .decide(held.tid, held.kernel_id, shared::STATE_DENIED);
+            let _ = kill(Pid::from_raw(held.tgid as i32), Signal::SIGCONT);
+            self.log_or_warn("apply-failed", "eperm", "daemon", &view);
+            return format!("not applied: {why}; the exec was refused");
+        }
+        if decision == Decision::Approve && held.kind == ActionKind::Exec {
+            self.verifying
+                .insert(held.kernel_id, (held.tid, view.clone()));
         }
         if let Some(state) = state {
             match self.kernel.decide(held.tid, held.kernel_id, state) {
@@ -1867,12 +1867,6 @@ impl Daemon {
                     return format!("killed: writing the decision failed ({e})");
                 }
             }
-        }
-        if decision == Decision::Approve
-            && held.kind == ActionKind::Exec
-            && let Some(b) = held.binding.clone()
-        {
-            self.approved_execs.insert(held.tid, b);
         }
         let _ = kill(Pid::from_raw(held.tgid as i32), signal);
         if signal == Signal::SIGCONT && self.tracer.is_traced(held.tgid) {
@@ -1894,7 +1888,6 @@ impl Daemon {
     /// [`IDLE_TICK`] or until the next grant expires, whichever comes first.
     fn next_tick(&self) -> Duration {
         let busy = !self.requests.is_empty()
-            || !self.approved_execs.is_empty()
             || self.tracer.is_tracing()
             || self.cgroups.needs_tick()
             || self.names.backlog();
@@ -1966,8 +1959,9 @@ impl Daemon {
                 self.apply(h, d, "timeout");
             }
         }
-        // Approvals whose exec never loaded (the exec failed) are dropped with their task.
-        self.approved_execs.retain(|tid, _| enrich::exists(*tid));
+        // Approvals whose exec never loaded (the exec failed) go with their task.
+        self.kernel.forget_approvals(|tid| !enrich::exists(tid));
+        self.verifying.retain(|_, (tid, _)| enrich::exists(*tid));
         self.notified_tick();
     }
 
@@ -2127,140 +2121,67 @@ impl Daemon {
 
 /// An exec's context, read from the caller's memory as the hook left it (LSM mode: the
 /// caller waits in a restartable stop), and what an approval binds to.
-fn exec_from_memory(id: u64, ev: &shared::Event, view: &mut RequestView) -> Option<ExecBinding> {
+fn exec_from_memory(ev: &shared::Event, view: &mut RequestView) -> Option<ExecBinding> {
     let filename = if ev.exec_filename == 0 {
         None
     } else {
-        enrich::read_cstring(ev.tid, ev.exec_filename)
+        enrich::read_cbytes(ev.tid, ev.exec_filename)
     };
-    if let Some((argv, cut)) = (ev.exec_argv != 0)
-        .then(|| enrich::read_argv(ev.tid, ev.exec_argv))
-        .flatten()
-    {
-        view.argv = argv;
-        view.argv_truncated = cut;
+    let argv = (ev.exec_argv != 0)
+        .then(|| enrich::read_argv_bytes(ev.tid, ev.exec_argv, 8))
+        .flatten();
+    if let Some((argv, cut)) = &argv {
+        view.argv = argv
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        view.argv_truncated = *cut;
     }
-    let (filename, _) = filename?;
-    let path = enrich::resolve_in_task(ev.tgid, &filename);
-    let interp = enrich::shebang(&path)
-        .and_then(|(i, _)| enrich::file_id(&enrich::resolve_in_task(ev.tgid, &i)));
-    view.binary = Some(filename.clone());
+    let (filename, cut) = filename?;
+    let name = String::from_utf8_lossy(&filename).into_owned();
+    let path = enrich::resolve_in_task(ev.tgid, &name);
+    // The file the kernel opened (LSM mode), else the name resolved from the task's root and
+    // cwd.
+    let opened = (
+        u64::from_le_bytes(ev.addr[..8].try_into().unwrap_or_default()),
+        u64::from_le_bytes(ev.addr[8..].try_into().unwrap_or_default()),
+    );
+    let exe = if opened.1 != 0 {
+        Some(FileId::from_kernel(opened.0, opened.1))
+    } else {
+        enrich::file_id(&path)
+    };
+    let script = enrich::shebang_bytes(&path);
+    let interp = script.as_ref().and_then(|(i, _)| {
+        enrich::file_id(&enrich::resolve_in_task(
+            ev.tgid,
+            &String::from_utf8_lossy(i),
+        ))
+    });
+    let (expect, unverifiable) = match (exe, &argv) {
+        _ if cut => (None, Some("its filename is too long".to_owned())),
+        (_, None) => (None, Some("its argv cannot be read".to_owned())),
+        (_, Some((_, true))) => (None, Some("its argv is too long".to_owned())),
+        (_, Some((argv, false))) if argv.is_empty() => (None, Some("an empty argv".to_owned())),
+        (None, _) => (None, None),
+        (Some(f), Some((argv, false))) => (
+            notified::expected(f, script.as_ref(), interp, &filename, argv),
+            None,
+        ),
+    };
+    view.binary = Some(name.clone());
     Some(ExecBinding {
-        request: id,
-        filename,
-        exe: enrich::file_id(&path),
-        interp,
+        filename: name,
+        exe,
         argv: view.argv.clone(),
+        expect,
+        unverifiable,
     })
-}
-
-/// Whether the loaded image (`exe`, `argv`) is the approved exec.
-fn exec_matches(b: &ExecBinding, exe: Option<FileId>, argv: &[String]) -> Result<(), String> {
-    let Some(exe) = exe else {
-        return Err("the loaded image cannot be identified".into());
-    };
-    if Some(exe) == b.exe {
-        return if argv == b.argv.as_slice() {
-            Ok(())
-        } else {
-            Err(format!("argv is {argv:?}, approved {:?}", b.argv))
-        };
-    }
-    if Some(exe) == b.interp {
-        // A script: the interpreter runs with [interp, (arg), script, approved argv[1..]].
-        let rest = b.argv.get(1..).unwrap_or(&[]);
-        let n = rest.len() + 1;
-        if argv.len() >= n
-            && argv[argv.len() - n] == b.filename
-            && argv[argv.len() - rest.len()..] == *rest
-        {
-            return Ok(());
-        }
-        return Err(format!("script argv is {argv:?}, approved {:?}", b.argv));
-    }
-    Err(format!(
-        "the loaded binary (dev {} inode {}) is not the approved {}",
-        exe.dev, exe.ino, b.filename
-    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn binding() -> ExecBinding {
-        ExecBinding {
-            request: 1,
-            filename: "/tmp/s.sh".into(),
-            exe: Some(FileId { dev: 1, ino: 10 }),
-            interp: Some(FileId { dev: 1, ino: 20 }),
-            argv: vec!["s.sh".into(), "a".into()],
-        }
-    }
-
-    #[test]
-    fn exact_binary_and_argv_match() {
-        let b = binding();
-        assert!(
-            exec_matches(
-                &b,
-                Some(FileId { dev: 1, ino: 10 }),
-                &["s.sh".into(), "a".into()]
-            )
-            .is_ok()
-        );
-    }
-
-    #[test]
-    fn changed_argv_or_binary_does_not_match() {
-        let b = binding();
-        assert!(
-            exec_matches(
-                &b,
-                Some(FileId { dev: 1, ino: 10 }),
-                &["s.sh".into(), "b".into()]
-            )
-            .is_err()
-        );
-        assert!(
-            exec_matches(
-                &b,
-                Some(FileId { dev: 2, ino: 10 }),
-                &["s.sh".into(), "a".into()]
-            )
-            .is_err()
-        );
-        assert!(exec_matches(&b, None, &["s.sh".into(), "a".into()]).is_err());
-    }
-
-    #[test]
-    fn script_runs_under_its_interpreter() {
-        let b = binding();
-        let sh = Some(FileId { dev: 1, ino: 20 });
-        assert!(exec_matches(&b, sh, &["/bin/sh".into(), "/tmp/s.sh".into(), "a".into()]).is_ok());
-        assert!(
-            exec_matches(
-                &b,
-                sh,
-                &[
-                    "/bin/sh".into(),
-                    "-e".into(),
-                    "/tmp/s.sh".into(),
-                    "a".into()
-                ]
-            )
-            .is_ok()
-        );
-        assert!(
-            exec_matches(
-                &b,
-                sh,
-                &["/bin/sh".into(), "/tmp/other.sh".into(), "a".into()]
-            )
-            .is_err()
-        );
-        assert!(exec_matches(&b, sh, &["/bin/sh".into(), "/tmp/s.sh".into(), "x".into()]).is_err());
-    }
 
     #[test]
     fn label_ids_are_stable_and_start_at_one() {

@@ -64,10 +64,8 @@ pub struct NotifiedExec {
     pub filename: Vec<u8>,
     pub filename_at: u64,
     pub argv_at: u64,
+    /// What an approval binds to, [`ExecBinding::expect`] included.
     pub binding: ExecBinding,
-    /// What an approval arms (see [`shared::ApprovedExec`]).
-    pub expect_file: FileId,
-    pub expect_argv: Vec<u8>,
 }
 
 /// Why a notified exec is refused without asking anyone.
@@ -197,36 +195,32 @@ impl Daemon {
         if !notify::still_waiting(&n.listener, n.id) {
             return Err("the caller is gone".into());
         }
-        let (expect_file, expect_argv) = match (&named.script, named.interp) {
-            (None, _) => (file, nul_joined(argv.iter().map(Vec::as_slice))),
-            (Some((i, arg)), Some(interp)) => {
-                let head = [
-                    Some(i.as_slice()),
-                    arg.as_deref(),
-                    Some(named.kernel_name.as_slice()),
-                ];
-                let rest = argv.iter().skip(1).map(Vec::as_slice);
-                (interp, nul_joined(head.into_iter().flatten().chain(rest)))
-            }
+        let Some(expect) = expected(
+            file,
+            named.script.as_ref(),
+            named.interp,
+            &named.kernel_name,
+            &argv,
+        ) else {
             // No interpreter there: the kernel fails the call.
-            (Some(_), None) => return Ok(None),
+            return Ok(None);
         };
-        if expect_argv.len() > shared::ARGV_VERIFY_MAX {
+        if expect.1.len() > shared::ARGV_VERIFY_MAX {
             return Err(format!(
                 "its argv ({} bytes) is longer than the kernel can verify ({} bytes)",
-                expect_argv.len(),
+                expect.1.len(),
                 shared::ARGV_VERIFY_MAX
             ));
         }
         let binding = ExecBinding {
-            request: 0,
             filename: String::from_utf8_lossy(&named.kernel_name).into_owned(),
             exe: Some(file),
-            interp: named.interp,
             argv: argv
                 .iter()
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect(),
+            expect: Some(expect),
+            unverifiable: None,
         };
         Ok(Some(NotifiedExec {
             n: n.clone(),
@@ -235,8 +229,6 @@ impl Daemon {
             filename_at: named.filename_at,
             argv_at: named.argv_at,
             binding,
-            expect_file,
-            expect_argv,
         }))
     }
 
@@ -355,18 +347,9 @@ impl Daemon {
             refuse(&exec);
             return Ok(());
         }
-        let mut armed = Box::new(shared::ApprovedExec {
-            request_id: kernel_id,
-            dev: exec.expect_file.kernel_dev(),
-            ino: exec.expect_file.ino,
-            argv_len: exec.expect_argv.len() as u32,
-            _pad: 0,
-            argv: [0; shared::ARGV_VERIFY_MAX],
-        });
-        armed.argv[..exec.expect_argv.len()].copy_from_slice(&exec.expect_argv);
-        if let Err(e) = self.kernel.arm_exec(tid, &armed) {
+        if let Err(e) = self.arm(tid, kernel_id, &exec.binding) {
             refuse(&exec);
-            return Err(format!("arming the kernel's check: {e}"));
+            return Err(e);
         }
         match self.kernel.decide(tid, kernel_id, shared::STATE_ALLOWED) {
             Ok(true) => {}
@@ -385,6 +368,38 @@ impl Daemon {
             return Err(format!("its call no longer waits ({e})"));
         }
         Ok(())
+    }
+
+    /// Arms the kernel's check of an approved exec (see [`shared::ApprovedExec`]): written
+    /// before the exec is let go.
+    pub(super) fn arm(&mut self, tid: u32, kernel_id: u64, b: &ExecBinding) -> Result<(), String> {
+        if let Some(why) = &b.unverifiable {
+            return Err(format!("the kernel cannot check it: {why}"));
+        }
+        let Some((file, argv)) = &b.expect else {
+            // Nothing there to load: the exec fails by itself, and anything that appears
+            // meanwhile finds no approval armed and is killed once loaded.
+            return Ok(());
+        };
+        if argv.len() > shared::ARGV_VERIFY_MAX {
+            return Err(format!(
+                "its argv ({} bytes) is longer than the kernel can verify ({} bytes)",
+                argv.len(),
+                shared::ARGV_VERIFY_MAX
+            ));
+        }
+        let mut armed = Box::new(shared::ApprovedExec {
+            request_id: kernel_id,
+            dev: file.kernel_dev(),
+            ino: file.ino,
+            argv_len: argv.len() as u32,
+            _pad: 0,
+            argv: [0; shared::ARGV_VERIFY_MAX],
+        });
+        armed.argv[..argv.len()].copy_from_slice(argv);
+        self.kernel
+            .arm_exec(tid, &armed)
+            .map_err(|e| format!("arming the kernel's check: {e}"))
     }
 
     /// Refuses the notified execs whose request is gone (superseded, its task exited).
@@ -409,6 +424,27 @@ impl Daemon {
     }
 }
 
+/// What an exec of `file` with `argv` loads, as the kernel will check it: the file and argv,
+/// or for a `#!` script its interpreter with [interpreter, its argument, `name` (the name the
+/// kernel gives the script), argv[1..]]. `None`: a script whose interpreter is not there.
+pub(super) fn expected(
+    file: FileId,
+    script: Option<&(Vec<u8>, Option<Vec<u8>>)>,
+    interp: Option<FileId>,
+    name: &[u8],
+    argv: &[Vec<u8>],
+) -> Option<(FileId, Vec<u8>)> {
+    match (script, interp) {
+        (None, _) => Some((file, nul_joined(argv.iter().map(Vec::as_slice)))),
+        (Some((i, arg)), Some(interp)) => {
+            let head = [Some(i.as_slice()), arg.as_deref(), Some(name)];
+            let rest = argv.iter().skip(1).map(Vec::as_slice);
+            Some((interp, nul_joined(head.into_iter().flatten().chain(rest))))
+        }
+        (Some(_), None) => None,
+    }
+}
+
 /// Strings laid out as the kernel lays out argv: each with its terminating NUL.
 fn nul_joined<'a>(parts: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
     let mut out = Vec::new();
@@ -427,5 +463,28 @@ mod tests {
     fn argv_is_laid_out_as_the_kernel_does() {
         let argv: [&[u8]; 3] = [b"sh", b"-c", b""];
         assert_eq!(nul_joined(argv.into_iter()), b"sh\0-c\0\0");
+    }
+
+    /// A script runs as its interpreter, with the interpreter's argument and the script's
+    /// name before the script's own arguments (argv[0] is dropped), as `binfmt_script` does.
+    #[test]
+    fn a_script_is_expected_as_its_interpreter_runs_it() {
+        let (file, sh) = (FileId { dev: 1, ino: 10 }, FileId { dev: 1, ino: 20 });
+        let argv = vec![b"s".to_vec(), b"a b".to_vec()];
+        assert_eq!(
+            expected(file, None, None, b"./s", &argv),
+            Some((file, b"s\0a b\0".to_vec()))
+        );
+        let script = (b"/bin/sh".to_vec(), Some(b"-e".to_vec()));
+        assert_eq!(
+            expected(file, Some(&script), Some(sh), b"./s", &argv),
+            Some((sh, b"/bin/sh\0-e\0./s\0a b\0".to_vec()))
+        );
+        let bare = (b"/bin/sh".to_vec(), None);
+        assert_eq!(
+            expected(file, Some(&bare), Some(sh), b"/dev/fd/3", &argv[..1]),
+            Some((sh, b"/bin/sh\0/dev/fd/3\0".to_vec()))
+        );
+        assert_eq!(expected(file, Some(&bare), None, b"./s", &argv), None);
     }
 }

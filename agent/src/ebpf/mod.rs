@@ -1076,6 +1076,26 @@ impl Kernel {
             .map_err(|e| map_err(shared::MAP_EXEC_APPROVED, &e))
     }
 
+    /// Removes the armed approvals of threads `gone` says are gone (their exec failed before
+    /// it loaded).
+    pub fn forget_approvals(&mut self, gone: impl Fn(u32) -> bool) {
+        let Some(map) = self.ebpf.map_mut(shared::MAP_EXEC_APPROVED) else {
+            return;
+        };
+        let Ok(mut armed) = HashMap::<&mut MapData, u32, shared::ApprovedExec>::try_from(map)
+        else {
+            return;
+        };
+        let stale: Vec<u32> = armed
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|tid| gone(*tid))
+            .collect();
+        for tid in stale {
+            let _ = armed.remove(&tid);
+        }
+    }
+
     /// Removes a thread's entry (the canary, once done).
     pub fn forget_task(&mut self, tid: u32) {
         let _ = self.tasks.remove(&tid);

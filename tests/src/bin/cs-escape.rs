@@ -63,6 +63,9 @@
 //!                                             execs `mark FIRST`; once file GO exists another
 //!                                             thread rewrites FIRST to SECOND in place and
 //!                                             creates SWAPPED
+//!   cs-escape exec-swap-flood FIRST SECOND GO execs `mark FIRST`; once file GO exists its
+//!                                             SIGCONT handler rewrites FIRST to SECOND in
+//!                                             place and a child floods it with SIGCONT
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -146,6 +149,11 @@ fn main() {
             arg(3).expect("SECOND"),
             arg(4).expect("GO"),
             arg(5).expect("SWAPPED"),
+        ),
+        Some("exec-swap-flood") => exec::swap_flood(
+            arg(2).expect("FIRST"),
+            arg(3).expect("SECOND"),
+            arg(4).expect("GO"),
         ),
         _ => {
             eprintln!("cs-escape: unknown usage {args:?}");

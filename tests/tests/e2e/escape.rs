@@ -674,6 +674,37 @@ fn swapped_execs(who: As) {
         argv_rewritten(&d, who, &path, &approve_after);
     }
 
+    // The argument rewritten by the handler of the approval's own SIGCONT (LSM mode: before
+    // the restarted exec reads it), while a child floods SIGCONT against any stop that would
+    // hold the loaded image until it is checked. Fallback mode: the exec never returns to
+    // the handler before it loads; what runs is what was approved.
+    let (first, second, go) = (path("flood-AAAA"), path("flood-BBBB"), path("flood-go"));
+    let args: Vec<String> = ["exec-swap-flood", &first, &second, &go]
+        .map(str::to_owned)
+        .into();
+    let a = labelled_attempt(&d, who, &args, |r| {
+        let shows_first = r["argv"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| *x == first.as_str()));
+        if r["kind"] == "exec" && shows_first && !std::path::Path::new(&go).exists() {
+            std::fs::write(&go, b"").expect("the cue");
+            "approve"
+        } else {
+            "deny"
+        }
+    });
+    assert!(
+        std::path::Path::new(&go).exists(),
+        "never approved: {:?}",
+        a.requests
+    );
+    assert!(
+        !std::path::Path::new(&second).exists(),
+        "ESCAPE as {who:?}: an exec whose argv changed after the approval ran before its check ({}; requests {:?})",
+        a.stdout,
+        a.requests
+    );
+
     // The file, replaced once the approver has seen it.
     let (run, other) = (path("run"), path("other"));
     std::fs::copy(escape_bin(), &run).expect("copy the program");

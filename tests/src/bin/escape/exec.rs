@@ -254,3 +254,68 @@ pub fn swap_argv(first: &str, second: &str, go: &str, swapped: &str) -> Outcome 
     unsafe { libc::execv(argv[0], argv.as_ptr()) };
     Err(errno())
 }
+
+/// The rewrite target of [`swap_flood`]'s handler: (buffer, SECOND, its length, GO).
+static SWAP: std::sync::OnceLock<(usize, CString, CString)> = std::sync::OnceLock::new();
+
+extern "C" fn swap_on_sigcont(_: libc::c_int) {
+    if let Some((at, second, go)) = SWAP.get() {
+        // SAFETY: async-signal-safe calls only: access(2) and a byte copy into the leaked
+        // buffer, the same length as SECOND.
+        unsafe {
+            if libc::access(go.as_ptr(), libc::F_OK) == 0 {
+                let bytes = second.as_bytes();
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), *at as *mut u8, bytes.len());
+            }
+        }
+    }
+}
+
+/// Execs `mark FIRST`; once file GO exists, the `SIGCONT` handler rewrites FIRST to SECOND
+/// in place (so the exec restarted by the approval's `SIGCONT` reads SECOND), and a child
+/// floods the process with `SIGCONT` — against a stop that holds the loaded image until its
+/// check.
+pub fn swap_flood(first: &str, second: &str, go: &str) -> Outcome {
+    assert_eq!(
+        first.len(),
+        second.len(),
+        "FIRST and SECOND differ in length"
+    );
+    let exe = cstr(&self_exe());
+    let mark = cstr("mark");
+    let buffer: &'static mut [u8] = Box::leak(cstr(first).into_bytes_with_nul().into_boxed_slice());
+    let at = buffer.as_mut_ptr() as usize;
+    let go_c = cstr(go);
+    let _ = SWAP.set((at, cstr(second), go_c.clone()));
+    // SAFETY: installing a handler that only makes async-signal-safe calls.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = swap_on_sigcont as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGCONT, &raw const sa, std::ptr::null_mut());
+    }
+    // SAFETY: plain system call.
+    let parent = unsafe { libc::getpid() };
+    let _flooder = fork(|| {
+        let deadline = Instant::now() + TRY_FOR;
+        // SAFETY: async-signal-safe calls only.
+        unsafe {
+            while Instant::now() < deadline && libc::getppid() == parent {
+                if libc::access(go_c.as_ptr(), libc::F_OK) == 0 {
+                    libc::kill(parent, libc::SIGCONT);
+                }
+                libc::usleep(50);
+            }
+        }
+        0
+    });
+    let argv = [
+        exe.as_ptr(),
+        mark.as_ptr(),
+        at as *const libc::c_char,
+        std::ptr::null(),
+    ];
+    // SAFETY: NUL-terminated strings and a NULL-terminated array, alive for the call.
+    unsafe { libc::execv(argv[0], argv.as_ptr()) };
+    Err(errno())
+}
