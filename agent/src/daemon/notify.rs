@@ -559,6 +559,45 @@ mod tests {
         assert_eq!(run(&p, 0x1234, NATIVE_EXECS[0]), libc::SECCOMP_RET_ALLOW);
     }
 
+    /// What goes on without a request: nothing there to run, or what the kernel allows — a
+    /// script only with its interpreter.
+    #[test]
+    fn what_goes_on_without_a_request() {
+        let (f, i) = (FileId { dev: 1, ino: 1 }, FileId { dev: 1, ino: 2 });
+        let named = |file, script: bool, interp| Named {
+            filename: Vec::new(),
+            filename_at: 0,
+            argv_at: 0,
+            kernel_name: Vec::new(),
+            file,
+            script: script.then(|| (b"/bin/sh".to_vec(), None)),
+            interp,
+        };
+        let none = |_: FileId| false;
+        let all = |_: FileId| true;
+        let only_f = |x: FileId| x == f;
+        assert!(named(None, false, None).goes_on(none));
+        assert!(!named(Some(f), false, None).goes_on(none));
+        assert!(named(Some(f), false, None).goes_on(all));
+        // A script whose interpreter is missing fails by itself.
+        assert!(named(Some(f), true, None).goes_on(none));
+        assert!(!named(Some(f), true, Some(i)).goes_on(only_f));
+        assert!(named(Some(f), true, Some(i)).goes_on(all));
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn x32_and_ia32_calls_have_narrow_pointers() {
+        let x32 = Call::of(NATIVE_ARCH, (X32_BIT | 520) as i32).unwrap();
+        assert!(x32.narrow && !x32.at);
+        let x32at = Call::of(NATIVE_ARCH, (X32_BIT | 545) as i32).unwrap();
+        assert!(x32at.narrow && x32at.at);
+        let ia32at = Call::of(COMPAT_ARCH, 358).unwrap();
+        assert!(ia32at.narrow && ia32at.at);
+        // A native number that is not an exec under the compat ABI.
+        assert!(Call::of(COMPAT_ARCH, 59).is_none());
+    }
+
     #[test]
     fn execveat_is_told_apart() {
         assert!(!Call::of(NATIVE_ARCH, NATIVE_EXECS[0] as i32).unwrap().at);
