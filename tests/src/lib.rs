@@ -371,10 +371,24 @@ impl Daemon {
         Proc { child }
     }
 
-    /// Starts `cmd` without a label, with its stdin piped (see `cs-probe wait`).
+    /// Starts `cmd` without a label, with its stdin piped (see `cs-probe wait`), and returns
+    /// once it waits on stdin: its exec has finished, so moving it into a labelled cgroup
+    /// labels what it does next, never the exec it was still in (the spawn returns at the
+    /// exec's point of no return, before the kernel reports the new image).
     #[must_use]
     pub fn unlabelled_waiting(&self, cmd: &[&str]) -> Proc {
-        spawn_unlabelled(cmd, Stdio::piped())
+        let p = spawn_unlabelled(cmd, Stdio::piped());
+        let syscall = format!("/proc/{}/syscall", p.pid());
+        let reading = format!("{} 0x0 ", libc::SYS_read);
+        let deadline = Instant::now() + WAIT;
+        while !std::fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with(&reading)) {
+            assert!(
+                Instant::now() < deadline,
+                "{cmd:?} did not come to read its stdin within {WAIT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        p
     }
 
     /// Starts `cmd` without a label.
