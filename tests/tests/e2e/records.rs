@@ -188,43 +188,51 @@ fn a_spool_that_cannot_be_written_refuses_and_releases_nothing() {
     let mut d = Daemon::start_with(&["--request-timeout", "60", "--spool-dir", &spool]);
     fs.fill();
     // The spool's last page still has room for a record or two: approve until something
-    // cannot be recorded.
-    let mut found = None;
+    // cannot be recorded. Either the approval itself cannot be recorded (it is not applied:
+    // the request stays held), or a later record cannot (an approved exec's `exec-verified`
+    // outcome: the exec ran on its recorded decision) and from then on new requests are
+    // refused.
+    let mut held = None;
     for i in 0..20 {
         let m = marker(&d, &format!("ran{i}"));
         let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
         let r = d.wait_exec(p.pid(), "touch");
         let answer = d.decide(&r, "approve");
-        // LSM mode: the approved exec is verified when it has loaded; let that happen.
-        std::thread::sleep(Duration::from_millis(300));
-        if d.status()["records_error"].is_string() {
-            found = Some((p, r, m, answer));
+        if answer.contains("not applied") {
+            held = Some((p, r, m));
             break;
         }
         assert!(p.wait(WAIT).success(), "{answer}");
+        assert!(Path::new(&m).exists(), "{answer}");
+        // An outcome is recorded after the release: give it the time to fail.
+        std::thread::sleep(Duration::from_millis(300));
+        if d.status()["records_error"].is_string() {
+            break;
+        }
     }
-    let (mut p, r, m, answer) = found.expect("the full spool was noticed");
     let status = d.status();
     assert!(
         status["records_error"]
             .as_str()
             .is_some_and(|e| e.contains("No space left")),
-        "{status}"
+        "the full spool was not noticed: {status}"
     );
-    // Nothing ran without its record: the approval was not applied (the request stays
-    // held), or (LSM mode) the approved image was killed before it ran because its
-    // verification could not be recorded.
-    let held = answer.contains("not applied");
-    if held {
+    // Nothing runs without its record: the held approval stays held, and a new exec is
+    // refused — a refusal that itself waits, held, until it can be recorded.
+    if let Some((p, _, m)) = held.as_mut() {
         assert!(p.still_running_after(Duration::from_millis(300)));
-    } else {
-        use std::os::unix::process::ExitStatusExt as _;
-        assert_eq!(p.wait(WAIT).signal(), Some(libc::SIGKILL), "{answer}");
+        assert!(
+            !Path::new(m.as_str()).exists(),
+            "nothing ran without a record"
+        );
     }
-    assert!(!Path::new(&m).exists(), "nothing ran without a record");
+    let refused = marker(&d, "refused");
+    let mut q = d.labelled("coder", &[&probe(), "touch", &refused]);
+    assert!(q.still_running_after(Duration::from_millis(500)));
+    assert!(!Path::new(&refused).exists());
     // Space again: decisions are recorded and applied.
     fs.unfill();
-    if held {
+    if let Some((mut p, r, m)) = held {
         let answer = d.decide(&r, "approve");
         assert!(answer.contains("approved"), "{answer}");
         assert!(p.wait(WAIT).success());
@@ -238,7 +246,12 @@ fn a_spool_that_cannot_be_written_refuses_and_releases_nothing() {
         assert!(Path::new(&m).exists());
     }
     assert!(d.status()["records_error"].is_null());
+    // The refused exec never ran (its refusal is applied once it is recorded, or at the
+    // stop).
+    assert!(!Path::new(&refused).exists(), "the refused exec ran");
     d.stop();
+    assert!(!q.wait(WAIT).success(), "the refused exec ran");
+    assert!(!Path::new(&refused).exists());
     // The failed writes left no damage behind.
     let out = verify(&fs.path, &d.host_pub());
     assert!(out.status.success(), "{}", text(&out));
@@ -583,7 +596,7 @@ fn a_rotated_host_key_is_followed_from_the_old_one() {
 }
 
 /// The records in a spool segment: each record's payload (the signed record, as JSON).
-fn spooled_records(spool: &Path) -> Vec<serde_json::Value> {
+pub(super) fn spooled_records(spool: &Path) -> Vec<serde_json::Value> {
     use base64::Engine as _;
     let bytes = std::fs::read(segment(spool)).unwrap();
     frames(&bytes)
