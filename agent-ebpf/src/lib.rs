@@ -70,8 +70,26 @@ pub const UNIX_ABSTRACT_DEV: u64 = u64::MAX;
 /// Thread id → [`ApprovedExec`]: what an approved exec must load (LSM mode, and fallback
 /// mode's seccomp notifier).
 pub const MAP_EXEC_APPROVED: &str = "CS_EXEC_APPROVED";
-/// Every map above but the DNS ones is pinned by name in the daemon's pin directory, so that holds and labels
-/// survive a daemon restart.
+/// Countersign's own files that labelled tasks may not change or read: [`FileKey`] (the
+/// kernel's device and inode) → `GUARD_*` bits. Written by the daemon at start and on every
+/// reload; not pinned (the programs that read it keep it).
+pub const MAP_GUARD_FILES: &str = "CS_GUARD_FILES";
+/// Capacity of [`MAP_GUARD_FILES`].
+pub const MAX_GUARD_FILES: u32 = 1_024;
+/// [`MAP_GUARD_FILES`] bits. A file: no opening for writing, truncating, changing its mode or
+/// owner, removing, renaming, replacing or linking.
+pub const GUARD_FILE: u32 = 1;
+/// A secret (the host key, tokens): no opening at all, plus everything [`GUARD_FILE`] refuses.
+pub const GUARD_SECRET: u32 = 2;
+/// A directory countersign owns (its spool, its pins): nothing is created, removed or renamed
+/// in it and none of its files is opened for writing, plus what [`GUARD_FILE`] refuses.
+pub const GUARD_DIR: u32 = 4;
+/// A directory on the way to a guarded file: it may not be removed or renamed (which would
+/// move the file out from under the path the daemon reads).
+pub const GUARD_ANCESTOR: u32 = 8;
+
+/// Every map above but the DNS ones and the guard's is pinned by name in the daemon's pin
+/// directory, so that holds and labels survive a daemon restart.
 pub const PINNED_MAPS: [&str; 16] = [
     MAP_TASKS,
     MAP_CGROUP_LABELS,
@@ -150,6 +168,37 @@ pub const PROG_CG_SENDMSG6: &str = "cs_cg_sendmsg6";
 pub const PROG_CG_SOCK_CREATE: &str = "cs_cg_sock_create";
 pub const PROG_LSM_UNIX_STREAM_CONNECT: &str = "cs_lsm_unix_stream_connect";
 pub const PROG_LSM_UNIX_MAY_SEND: &str = "cs_lsm_unix_may_send";
+/// The self-protection programs (LSM mode): (program, hook). The `path_*` hooks exist only
+/// in kernels built with `CONFIG_SECURITY_PATH`.
+pub const GUARD_HOOKS: [(&str, &str); 23] = [
+    ("cs_lsm_bpf", "bpf"),
+    ("cs_lsm_kernel_module_request", "kernel_module_request"),
+    ("cs_lsm_ptrace_access_check", "ptrace_access_check"),
+    ("cs_lsm_task_kill", "task_kill"),
+    ("cs_lsm_kernel_read_file", "kernel_read_file"),
+    ("cs_lsm_kernel_load_data", "kernel_load_data"),
+    ("cs_lsm_sb_mount", "sb_mount"),
+    ("cs_lsm_sb_umount", "sb_umount"),
+    ("cs_lsm_move_mount", "move_mount"),
+    ("cs_lsm_sb_remount", "sb_remount"),
+    ("cs_lsm_sb_pivotroot", "sb_pivotroot"),
+    ("cs_lsm_file_open", "file_open"),
+    ("cs_lsm_inode_create", "inode_create"),
+    ("cs_lsm_inode_mkdir", "inode_mkdir"),
+    ("cs_lsm_inode_mknod", "inode_mknod"),
+    ("cs_lsm_inode_symlink", "inode_symlink"),
+    ("cs_lsm_inode_link", "inode_link"),
+    ("cs_lsm_inode_unlink", "inode_unlink"),
+    ("cs_lsm_inode_rmdir", "inode_rmdir"),
+    ("cs_lsm_inode_rename", "inode_rename"),
+    ("cs_lsm_path_truncate", "path_truncate"),
+    ("cs_lsm_path_chmod", "path_chmod"),
+    ("cs_lsm_path_chown", "path_chown"),
+];
+/// Self-protection programs for hooks only some kernels have, each with what covers its case
+/// where it is missing: `file_truncate` (6.2+; before, an `O_TRUNC` open passes
+/// `path_truncate`).
+pub const GUARD_HOOKS_OPTIONAL: [(&str, &str); 1] = [("cs_lsm_file_truncate", "file_truncate")];
 pub const PROG_TP_CGROUP_MKDIR: &str = "cs_tp_cgroup_mkdir";
 pub const PROG_TP_CGROUP_RMDIR: &str = "cs_tp_cgroup_rmdir";
 pub const PROG_CG_DNS_EGRESS: &str = "cs_cg_dns_egress";
@@ -175,6 +224,8 @@ pub const GLOBAL_CGROUP_ROOT_OFFSET: &str = "CGROUP_ROOT_OFFSET";
 pub const GLOBAL_CGROUP_ID_OFFSET: &str = "CGROUP_ID_OFFSET";
 /// Global set at load time: the [`KernelOffsets`] read from the kernel's BTF.
 pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
+/// The [`GuardSettings`] global.
+pub const GLOBAL_GUARD: &str = "GUARD";
 
 /// The label id the daemon gives its start-up canary; hooks deny its actions at once and
 /// report them, which proves the hooks run.
@@ -246,6 +297,50 @@ pub const KIND_UNIX: u32 = 10;
 /// An approved exec loaded exactly what was approved and runs ([`Event::request_id`] is the
 /// approved request): evidence for the record, nothing to decide.
 pub const KIND_EXEC_VERIFIED: u32 = 11;
+
+/// A labelled task tried to change, stop, read or step around countersign and was refused
+/// (LSM mode; see `TAMPER_*` in [`Event::detail`]). [`Event::addr`] holds the target: a
+/// process's tgid (first 4 bytes), or a file's (device, inode) (8 bytes each, little-endian);
+/// [`Event::port`] a detail (the `bpf` command, the signal, the module source);
+/// [`Event::unix_name`] the task's `comm` (16 bytes).
+pub const KIND_TAMPER: u32 = 12;
+
+/// [`Event::detail`] of a [`KIND_TAMPER`]: the `bpf()` system call.
+pub const TAMPER_BPF: i32 = 1;
+/// Tracing, or reading or writing the memory of, an unlabelled process (`ptrace`,
+/// `/proc/PID/mem`, `process_vm_*`, `pidfd_getfd`), or reading countersign's own.
+pub const TAMPER_PTRACE: i32 = 2;
+/// A signal to countersign's daemon, approver or collector.
+pub const TAMPER_SIGNAL: i32 = 3;
+/// Loading a kernel module, a kexec image or a security policy.
+pub const TAMPER_MODULE: i32 = 4;
+/// Mounting, unmounting or moving a mount.
+pub const TAMPER_MOUNT: i32 = 5;
+/// Writing, removing, renaming or changing one of countersign's files.
+pub const TAMPER_FILE_WRITE: i32 = 6;
+/// Opening one of countersign's secrets.
+pub const TAMPER_FILE_READ: i32 = 7;
+/// Writing a kernel setting: under `/proc/sys` (or another `/proc` file that is not a
+/// process's own), sysfs, securityfs, debugfs or tracefs, where usermode helpers and the
+/// settings enforcement relies on live.
+pub const TAMPER_SYSCTL: i32 = 8;
+
+/// Settings of the self-protection hooks, set by the loader (LSM mode).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GuardSettings {
+    /// Non-zero: a tamper attempt also kills the task (`on_tamper: kill`).
+    pub kill: u32,
+    pub _pad: u32,
+    /// The countersign executable's (device, inode): an unlabelled process running it (the
+    /// daemon, the approver, the collector) is protected like the daemon.
+    pub self_dev: u64,
+    pub self_ino: u64,
+}
+const _: () = assert!(size_of::<GuardSettings>() == 24);
+
+/// `/proc`'s super block magic.
+pub const PROC_SUPER_MAGIC: u64 = 0x9fa0;
 
 /// [`TaskState::flags`]: the task passed `sched_process_exec` since its last `execve` entry.
 pub const FLAG_EXEC_LOADED: u32 = 1;
@@ -492,7 +587,8 @@ pub struct GrantConnect {
 }
 const _: () = assert!(size_of::<GrantConnect>() == 24);
 
-/// A file as the kernel knows it (see [`ExecKey`]): a [`MAP_EXEC_LABELS`] key.
+/// A file as the kernel knows it (see [`ExecKey`]): a [`MAP_EXEC_LABELS`] and
+/// [`MAP_GUARD_FILES`] key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FileKey {
@@ -564,10 +660,23 @@ pub struct KernelOffsets {
     /// A network hook reached under any other (`io_uring_enter`) cannot hold (with
     /// [`KernelOffsets::regs_valid`]).
     pub nr_net: [u32; NR_NET_SYSCALLS],
+    /// Non-zero when the self-protection offsets below are known.
+    pub guard_valid: u32,
+    /// `task_struct.pid` (the thread id) and `tgid`.
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    /// `file.f_mode`; `file.f_path` + `path.dentry`; `path.dentry`; `dentry.d_parent`;
+    /// `dentry.d_name` + `qstr.name`; `super_block.s_magic`.
+    pub file_mode: u32,
+    pub file_dentry: u32,
+    pub path_dentry: u32,
+    pub dentry_parent: u32,
+    pub dentry_name: u32,
+    pub sb_magic: u32,
 }
 /// Entries of [`KernelOffsets::nr_net`].
 pub const NR_NET_SYSCALLS: usize = 16;
-const _: () = assert!(size_of::<KernelOffsets>() == 188);
+const _: () = assert!(size_of::<KernelOffsets>() == 224);
 
 /// `task_struct.flags`: an io_uring worker or SQPOLL thread (`PF_IO_WORKER`).
 pub const PF_IO_WORKER: u32 = 0x10;
@@ -820,6 +929,8 @@ mod user {
     unsafe impl aya::Pod for super::KernelOffsets {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FileKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::GuardSettings {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::GrantConnectKey {}
     // SAFETY: as above.

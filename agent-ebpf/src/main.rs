@@ -10,6 +10,8 @@ mod dns;
 #[cfg(target_arch = "bpf")]
 mod exec;
 #[cfg(target_arch = "bpf")]
+mod guard;
+#[cfg(target_arch = "bpf")]
 mod hold;
 #[cfg(target_arch = "bpf")]
 mod label;
@@ -34,7 +36,7 @@ mod programs {
 
     use crate::{
         connect::{self, SendCall},
-        dns, exec,
+        dns, exec, guard,
         hold::Verdict,
         label, socket,
     };
@@ -125,6 +127,141 @@ mod programs {
         }
     }
 
+    // Self-protection (see `guard`). Each keeps the refusal of an earlier BPF LSM program
+    // (passed as the argument after the hook's own).
+
+    /// `bpf(cmd, attr, size[, kernel])`: the argument count differs between kernels, so the
+    /// earlier program's answer is not read; this one refuses or passes.
+    #[lsm(hook = "bpf")]
+    pub fn cs_lsm_bpf(ctx: LsmContext) -> i32 {
+        guard::bpf(ctx.arg(0))
+    }
+
+    #[lsm(hook = "ptrace_access_check")]
+    pub fn cs_lsm_ptrace_access_check(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || guard::ptrace_access(ctx.arg(0), ctx.arg(1)))
+    }
+
+    #[lsm(hook = "task_kill")]
+    pub fn cs_lsm_task_kill(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(4), || guard::task_kill(ctx.arg(0), ctx.arg(2)))
+    }
+
+    #[lsm(hook = "kernel_read_file")]
+    pub fn cs_lsm_kernel_read_file(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::kernel_load(ctx.arg(1)))
+    }
+
+    #[lsm(hook = "kernel_load_data")]
+    pub fn cs_lsm_kernel_load_data(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || guard::kernel_load(ctx.arg(0)))
+    }
+
+    /// `kernel_module_request(kmod_name)`: a module load the kernel would start for a
+    /// labelled task (modprobe runs unlabelled, as root, with what `/etc/modprobe.d` says).
+    #[lsm(hook = "kernel_module_request")]
+    pub fn cs_lsm_kernel_module_request(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(1), || guard::kernel_load(2))
+    }
+
+    #[lsm(hook = "file_truncate")]
+    pub fn cs_lsm_file_truncate(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(1), || guard::file_truncate(ctx.arg(0)))
+    }
+
+    #[lsm(hook = "sb_mount")]
+    pub fn cs_lsm_sb_mount(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(5), || guard::mount(1))
+    }
+
+    #[lsm(hook = "sb_umount")]
+    pub fn cs_lsm_sb_umount(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || guard::mount(2))
+    }
+
+    #[lsm(hook = "move_mount")]
+    pub fn cs_lsm_move_mount(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || guard::mount(3))
+    }
+
+    #[lsm(hook = "sb_remount")]
+    pub fn cs_lsm_sb_remount(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || guard::mount(4))
+    }
+
+    #[lsm(hook = "sb_pivotroot")]
+    pub fn cs_lsm_sb_pivotroot(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || guard::mount(5))
+    }
+
+    #[lsm(hook = "file_open")]
+    pub fn cs_lsm_file_open(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(1), || guard::file_open(ctx.arg(0)))
+    }
+
+    #[lsm(hook = "inode_create")]
+    pub fn cs_lsm_inode_create(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::inode_create(ctx.arg(0)))
+    }
+
+    #[lsm(hook = "inode_mkdir")]
+    pub fn cs_lsm_inode_mkdir(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::inode_create(ctx.arg(0)))
+    }
+
+    #[lsm(hook = "inode_mknod")]
+    pub fn cs_lsm_inode_mknod(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(4), || guard::inode_create(ctx.arg(0)))
+    }
+
+    #[lsm(hook = "inode_symlink")]
+    pub fn cs_lsm_inode_symlink(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::inode_create(ctx.arg(0)))
+    }
+
+    #[lsm(hook = "inode_link")]
+    pub fn cs_lsm_inode_link(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::inode_link(ctx.arg(0), ctx.arg(1)))
+    }
+
+    #[lsm(hook = "inode_unlink")]
+    pub fn cs_lsm_inode_unlink(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || guard::inode_remove(ctx.arg(0), ctx.arg(1)))
+    }
+
+    #[lsm(hook = "inode_rmdir")]
+    pub fn cs_lsm_inode_rmdir(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || guard::inode_remove(ctx.arg(0), ctx.arg(1)))
+    }
+
+    #[lsm(hook = "inode_rename")]
+    pub fn cs_lsm_inode_rename(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(4), || {
+            guard::inode_rename(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3))
+        })
+    }
+
+    #[lsm(hook = "path_truncate")]
+    pub fn cs_lsm_path_truncate(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(1), || guard::path_change(ctx.arg(0)))
+    }
+
+    #[lsm(hook = "path_chmod")]
+    pub fn cs_lsm_path_chmod(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || guard::path_change(ctx.arg(0)))
+    }
+
+    #[lsm(hook = "path_chown")]
+    pub fn cs_lsm_path_chown(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::path_change(ctx.arg(0)))
+    }
+
+    /// An earlier BPF LSM program's refusal stands; otherwise `check` decides.
+    #[inline(always)]
+    fn keep(previous: i32, check: impl FnOnce() -> i32) -> i32 {
+        if previous != 0 { previous } else { check() }
+    }
+
     /// Records the filename and argv pointers of a labelled task's exec, for the daemon to
     /// read while the task is held. Cannot refuse anything (a tracepoint).
     #[tracepoint(category = "syscalls", name = "sys_enter_execve")]
@@ -172,6 +309,7 @@ mod programs {
     #[tracepoint(category = "sched", name = "sched_process_exit")]
     pub fn cs_tp_sched_exit(_ctx: TracePointContext) -> u32 {
         label::forget_current();
+        guard::process_exit();
         0
     }
 

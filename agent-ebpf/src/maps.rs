@@ -5,10 +5,11 @@ use aya_ebpf::{
 };
 use countersign_ebpf::{
     ApprovedExec, Config, ConnectAllow, ConnectKey, DNS_RING_BYTES, EVENTS_RING_BYTES, Event,
-    ExecKey, FileKey, GrantConnect, GrantConnectKey, KernelOffsets, LabelName, MAX_CGROUP_LABELS,
-    MAX_CONNECT_ALLOW, MAX_DNS_SOCKETS, MAX_EXEC_ALLOW, MAX_EXEC_APPROVED, MAX_EXEC_LABELS,
-    MAX_KERNEL_GRANTS, MAX_LABELLED_TASKS, MAX_LABELS, MAX_SEND_DECIDED, MAX_SOCKET_ALLOW,
-    MAX_UNIX_RULES, NR_NET_SYSCALLS, STAT_COUNT, SendDecided, SendKey, SocketKey, TaskState,
+    ExecKey, FileKey, GrantConnect, GrantConnectKey, GuardSettings, KernelOffsets, LabelName,
+    MAX_CGROUP_LABELS, MAX_CONNECT_ALLOW, MAX_DNS_SOCKETS, MAX_EXEC_ALLOW, MAX_EXEC_APPROVED,
+    MAX_EXEC_LABELS, MAX_GUARD_FILES, MAX_KERNEL_GRANTS, MAX_LABELLED_TASKS, MAX_LABELS,
+    MAX_SEND_DECIDED, MAX_SOCKET_ALLOW, MAX_UNIX_RULES, NR_NET_SYSCALLS, STAT_COUNT, SendDecided,
+    SendKey, SocketKey, TaskState,
 };
 
 /// `BPF_F_NO_PREALLOC`: a hash map whose entries are allocated when inserted.
@@ -181,7 +182,35 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     unix_address_len: 0,
     unix_address_name: 0,
     nr_net: [0; NR_NET_SYSCALLS],
+    guard_valid: 0,
+    task_pid: 0,
+    task_tgid: 0,
+    file_mode: 0,
+    file_dentry: 0,
+    path_dentry: 0,
+    dentry_parent: 0,
+    dentry_name: 0,
+    sb_magic: 0,
 };
+
+/// The self-protection settings (set by the loader).
+#[unsafe(no_mangle)]
+pub static GUARD: GuardSettings = GuardSettings {
+    kill: 0,
+    _pad: 0,
+    self_dev: 0,
+    self_ino: 0,
+};
+
+#[inline(always)]
+pub fn guard_settings() -> GuardSettings {
+    // SAFETY: as in `kernel_offsets`.
+    unsafe { core::ptr::read_volatile(&GUARD) }
+}
+
+/// Countersign's own files (see `countersign_ebpf::MAP_GUARD_FILES`). Not pinned.
+#[map(name = "CS_GUARD_FILES")]
+pub static GUARD_FILES: HashMap<FileKey, u32> = HashMap::with_max_entries(MAX_GUARD_FILES, 0);
 
 #[inline(always)]
 pub fn kernel_offsets() -> KernelOffsets {

@@ -139,6 +139,9 @@ struct DaemonArgs {
     /// Fallback mode: how launched agents' execs are held (see the configuration file).
     #[arg(long, value_enum)]
     fallback_exec_hold: Option<daemon::config::FallbackExecHold>,
+    /// What a labelled task's attempt on countersign itself gets besides a refusal.
+    #[arg(long, value_enum)]
+    on_tamper: Option<daemon::config::OnTamper>,
 }
 
 /// How to reach a remote approver (instead of this host's daemon).
@@ -573,6 +576,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     if let Some(h) = args.fallback_exec_hold {
         config.fallback_exec_hold = h;
+    }
+    if let Some(t) = args.on_tamper {
+        config.on_tamper = t;
     }
     config
         .validate(std::path::Path::new("command line"))

@@ -3,6 +3,10 @@ use std::path::PathBuf;
 
 /// Where the daemon's sockets live (`control.sock`, `launch.sock`).
 pub const DEFAULT_SOCKET_DIR: &str = "/run/countersign";
+/// countersign's own directories (see `protected_dirs`).
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/countersign";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/countersign";
+pub const DEFAULT_LOG_DIR: &str = "/var/log/countersign";
 /// The daemon's configuration file.
 pub const DEFAULT_CONFIG: &str = "/etc/countersign/daemon.yaml";
 /// One JSON line per decision.

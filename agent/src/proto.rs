@@ -154,12 +154,32 @@ pub struct StatusInfo {
     /// Launched agents whose execs the daemon decides before they start.
     #[serde(default)]
     pub exec_notifiers: usize,
+    /// Whether labelled tasks, root included, are kept from changing, stopping, reading or
+    /// stepping around countersign.
+    #[serde(default)]
+    pub self_protection: Option<SelfProtection>,
     /// The remote approver, if one is configured.
     #[serde(default)]
     pub approver: Option<ApproverStatus>,
     /// Destination names from DNS answers (`None`: `dns.enabled: false`).
     #[serde(default)]
     pub dns: Option<DnsStatus>,
+}
+
+/// Self-protection: is a labelled root contained, and what was refused.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SelfProtection {
+    /// A labelled task, whatever its uid, cannot change, stop, read or step around
+    /// countersign (LSM mode with every guard hook attached).
+    pub contained: bool,
+    /// Why not.
+    pub reason: Option<String>,
+    /// `deny` or `kill`.
+    pub on_tamper: String,
+    /// countersign's files and the directories on the way to them, as given to the kernel.
+    pub protected_files: usize,
+    /// Attempts refused since the daemon started, by kind (`bpf`, `ptrace`, ...).
+    pub refused: std::collections::BTreeMap<String, u64>,
 }
 
 /// What the daemon learns from DNS answers.

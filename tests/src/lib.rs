@@ -247,6 +247,12 @@ impl Daemon {
         );
     }
 
+    /// Where the daemon pins its maps and links.
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
     /// The daemon's records spool (unless the test chose another with `--spool-dir`).
     #[must_use]
     pub fn spool_dir(&self) -> PathBuf {

@@ -1369,5 +1369,8 @@ fn a_failed_approved_exec_leaves_no_release() {
 #[path = "e2e/records.rs"]
 mod records;
 
+#[path = "e2e/tamper.rs"]
+mod tamper;
+
 #[path = "e2e/names.rs"]
 mod names;

@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: the benchmarks (not tests). `cs-bench suite` (tests/src/bin) times an
-//! exec loop, a connect loop and a UDP send loop without the daemon, with the daemon for an unlabelled
+//! exec loop, a connect loop, a UDP send loop and a file open+read loop without the daemon, with the daemon for an unlabelled
 //! process, and for a labelled process whose actions the policy allows, in rounds interleaved
 //! in one run; this task runs it on this machine (the mode the daemon picks here) and in the
 //! Debian 12 VM (LSM mode), prints medians and ratios to the baseline, and writes them as
@@ -46,7 +46,7 @@ pub fn run_bench() -> Result<()> {
             .arg("suite")
             .arg(release.join("countersign"))
             .arg(out_dir.join("work"))
-            .args([NATIVE_ROUNDS, "200", "2000", "20000"]),
+            .args([NATIVE_ROUNDS, "200", "2000", "20000", "50000"]),
         Duration::from_secs(60 * 60),
         "the benchmark on this machine",
     )?;
@@ -71,6 +71,7 @@ pub fn run_bench() -> Result<()> {
         "100".into(),
         "2000".into(),
         "5000".into(),
+        "10000".into(),
     ];
     let outcome = vm::run_in_vm(
         KernelId::Debian12,
@@ -189,7 +190,7 @@ fn summarise(j: &serde_json::Value) -> Result<Vec<Row>> {
             .collect()
     };
     let mut rows = Vec::new();
-    for op in ["exec", "connect", "send"] {
+    for op in ["exec", "connect", "send", "open"] {
         for (setting, target) in [
             ("unlabelled", UNLABELLED_TARGET),
             ("labelled", LABELLED_TARGET),
@@ -353,9 +354,11 @@ mod tests {
             "exec": {"baseline": s([100; 6]), "unlabelled": s([100; 6]), "labelled": s([200; 6])},
             "connect": {"baseline": s([10; 6]), "unlabelled": s([10; 6]), "labelled": s([10; 6])},
             "send": {"baseline": s([10; 6]), "unlabelled": s([10; 6]), "labelled": s([11; 6])},
+            "open": {"baseline": s([10; 6]), "unlabelled": s([10; 6]), "labelled": s([10; 6])},
         }});
         let rows = summarise(&j).unwrap();
-        assert_eq!(rows.len(), 6);
+        assert_eq!(rows.len(), 8);
+        assert_eq!(rows[7].op, "open");
         assert_eq!(rows[5].op, "send");
         assert_eq!(rows[5].wall.verdict, Verdict::Missed);
         assert_eq!(rows[0].wall.verdict, Verdict::Met);

@@ -175,8 +175,9 @@ fn run_native(bins: &E2eBins) -> Result<String> {
 
 /// The scenarios that enforce (holds, escapes) against the release build too: the binary
 /// users run, whose timing differs from the debug one.
-const RELEASE_SCENARIOS: [&str; 5] = [
+const RELEASE_SCENARIOS: [&str; 6] = [
     "escape::",
+    "tamper::",
     "labelled_",
     "spurious_sigcont",
     "changed_",

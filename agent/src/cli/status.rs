@@ -44,6 +44,20 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
             println!("  notifiers:      {} launched agent(s)", s.exec_notifiers);
         }
     }
+    if let Some(g) = &s.self_protection {
+        match (&g.reason, g.contained) {
+            (_, true) => println!(
+                "  labelled root contained: yes ({} of countersign's files and directories guarded; on tamper: {})",
+                g.protected_files, g.on_tamper
+            ),
+            (Some(why), false) => println!("  labelled root contained: no, because {why}"),
+            (None, false) => println!("  labelled root contained: no"),
+        }
+        if !g.refused.is_empty() {
+            let refused: Vec<String> = g.refused.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!("  tamper refused: {}", refused.join(", "));
+        }
+    }
     if s.policy_files == 0 {
         println!("  policy:         none (every held action waits for a human)");
     } else {

@@ -467,6 +467,13 @@ fn row(record: &Record, env: &Envelope, hash: &str, problems: &[String]) -> Row 
             None,
             q.on_behalf_of.clone(),
         ),
+        Body::Tamper(t) => (
+            Some("refused".to_owned()),
+            None,
+            Some(t.label.clone()),
+            Some(t.by.clone()),
+            t.on_behalf_of.clone(),
+        ),
         _ => (None, None, None, None, None),
     };
     Row {

@@ -40,6 +40,18 @@ pub enum FallbackExecHold {
     Stop,
 }
 
+/// What a labelled task's attempt on countersign itself gets, besides being refused and
+/// recorded (LSM mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTamper {
+    /// The attempt fails with `EPERM`; the agent goes on.
+    #[default]
+    Deny,
+    /// The task is killed as well.
+    Kill,
+}
+
 /// Where the daemon ships its records.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +101,14 @@ pub struct DaemonConfig {
     pub cgroup_labels: Vec<CgroupLabel>,
     /// Policy files and directories (default: /etc/countersign/policies.d when it exists).
     pub policy: Vec<PathBuf>,
+    /// What a labelled task's attempt on countersign itself gets besides a refusal.
+    pub on_tamper: OnTamper,
+    /// Directories that are countersign's alone: labelled tasks create, remove, rename or
+    /// write nothing in them (those that exist at start and at each reload).
+    pub protected_dirs: Vec<PathBuf>,
+    /// The file this configuration was read from (not a setting: protected like the rest).
+    #[serde(skip)]
+    pub config_file: Option<PathBuf>,
     /// The remote approver escalations go to (none: decisions are made on this host only).
     pub approver: Option<crate::daemon::remote::RemoteConfig>,
     /// Destination names learnt from the host resolvers' DNS answers (`daemon::names`).
@@ -122,6 +142,16 @@ impl Default for DaemonConfig {
             cgroup_labels: Vec::new(),
             policy: Vec::new(),
             approver: None,
+            on_tamper: OnTamper::Deny,
+            protected_dirs: [
+                paths::DEFAULT_CONFIG_DIR,
+                paths::DEFAULT_STATE_DIR,
+                paths::DEFAULT_LOG_DIR,
+                paths::DEFAULT_SOCKET_DIR,
+            ]
+            .map(PathBuf::from)
+            .to_vec(),
+            config_file: None,
             dns: crate::daemon::names::DnsConfig::default(),
         }
     }
@@ -168,7 +198,7 @@ impl DaemonConfig {
             }
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        let config: Self = if text.trim().is_empty() {
+        let mut config: Self = if text.trim().is_empty() {
             Self::default()
         } else {
             serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
@@ -177,6 +207,7 @@ impl DaemonConfig {
             })?
         };
         config.validate(&path)?;
+        config.config_file = Some(path);
         Ok(config)
     }
 

@@ -9,6 +9,7 @@ pub mod config;
 mod control;
 pub mod enrich;
 pub mod grants;
+mod guard;
 mod kgrants;
 mod log;
 pub mod names;
@@ -152,6 +153,10 @@ struct Daemon {
     last_policy_check: Instant,
     /// Destination names learnt from the host resolvers' DNS answers.
     names: names::Names,
+    /// countersign's own files as given to the kernel (self-protection).
+    guarded: guard::Guarded,
+    /// Labelled tasks' attempts on countersign refused since the start, by kind.
+    tampers: BTreeMap<&'static str, u64>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -215,8 +220,13 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         None => None,
     };
     let next_id = log.last_request_id() + 1;
+    // The OOM killer takes anything else first: the daemon is what keeps held tasks held.
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
+        tracing::warn!(error = %e, "could not exempt the daemon from the OOM killer");
+    }
     let (mut kernel, ring) =
-        Kernel::load(config.mode, &config.bpf_pin_dir).context("loading the eBPF hooks")?;
+        Kernel::load(config.mode, &config.bpf_pin_dir, guard::settings(&config))
+            .context("loading the eBPF hooks")?;
     // Label ids are kept in the kernel with their names, so that a restarted daemon reads
     // the same table.
     let mut labels: Vec<String> = Vec::new();
@@ -319,6 +329,8 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         reload_error: None,
         last_policy_check: Instant::now(),
         names,
+        guarded: guard::Guarded::default(),
+        tampers: BTreeMap::new(),
     };
     if let Some(target) = shipper {
         tracing::info!(url = target.url, "shipping records");
@@ -334,6 +346,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     daemon.install_fast_path()?;
     // Before adopting: held tasks of unclassified cgroups are resolved against these labels.
     daemon.install_cgroup_matches()?;
+    daemon.install_guard();
     daemon.adopt();
     // The sockets appear once everything above is in place: a caller that sees them (a
     // supervisor's readiness check, `countersign exec`) finds the daemon ready, not loading.
@@ -346,6 +359,15 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         daemon.config.socket_dir.display()
     );
 
+    let protection = daemon.self_protection();
+    if let Some(why) = protection
+        .reason
+        .as_deref()
+        .filter(|_| !protection.contained)
+    {
+        eprintln!("countersign: a labelled root is NOT contained: {why}");
+        tracing::warn!(why, "a labelled root is not contained");
+    }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     // SIGHUP will reload the policy; until there is one, it must not kill the daemon.
@@ -396,6 +418,14 @@ fn drain(ring: &mut RingBuf<MapData>, daemon: &mut Daemon) {
         }
     }
 }
+
+/// Why a labelled root is not contained in fallback mode, with launched agents' filter.
+const FALLBACK_GUARD_NOTIFIER: &str = "fallback mode (no BPF LSM): a labelled root can write countersign's files, signal the daemon and change sysctls; agents started by `countersign exec` are refused bpf, ptrace, module loads and mounts by their seccomp filter, agents labelled otherwise not even that";
+/// The same without the filter (`fallback_exec_hold: stop`, or a kernel without it).
+const FALLBACK_GUARD_NONE: &str = "fallback mode (no BPF LSM, no seccomp filter for launched agents): a labelled root can use bpf, ptrace, load modules, mount, write countersign's files and signal the daemon";
+
+/// Threads of a caller looked at for a label (a process with more is refused).
+const MAX_CALLER_THREADS: usize = 4_096;
 
 /// The id of label `name` (its index + 1), adding it if new.
 fn label_id(labels: &mut Vec<String>, name: &str) -> u32 {
@@ -646,6 +676,7 @@ impl Daemon {
                     self.hold(ev, kind, None);
                 }
             }
+            shared::KIND_TAMPER => self.tamper(ev),
             shared::KIND_ERROR if ev.detail == shared::ERROR_GRANT_RECHECK => {
                 tracing::warn!(pid = ev.tgid, label = %self.label_name(ev.label),
                     "a connect let through on a grant was not covered by it once its socket type was known (a grant for another protocol, or it just ended) and was refused");
@@ -709,6 +740,123 @@ impl Daemon {
         view.expires_in_ms = 0;
         if let Err(e) = self.record(decision, applied, by, &view, None) {
             tracing::error!(error = %e, "cannot record a refusal of the kernel");
+        }
+    }
+
+    /// Gives the kernel countersign's own files as they are now (at start and on every
+    /// reload: a policy file an editor replaced is a new inode).
+    fn install_guard(&mut self) {
+        let mut policy_paths = if self.config.policy.is_empty() {
+            vec![std::path::PathBuf::from(crate::paths::DEFAULT_POLICY_DIR)]
+        } else {
+            self.config.policy.clone()
+        };
+        if let Some(p) = &self.policy {
+            policy_paths.extend(p.files.iter().cloned());
+        }
+        self.guarded = guard::Guarded::of(&self.config, &policy_paths);
+        let (entries, dropped) = self.guarded.entries();
+        if dropped > 0 {
+            tracing::error!(
+                dropped,
+                "more of countersign's files and their directories than the kernel map holds: the last directories on the way to them are not guarded"
+            );
+        }
+        match self.kernel.set_guard_files(&entries) {
+            Ok(()) => tracing::info!(files = entries.len(), "countersign's own files guarded"),
+            Err(e) => {
+                tracing::error!(error = %e, "countersign's own files could not be given to the kernel");
+            }
+        }
+    }
+
+    /// A labelled task's attempt on countersign that the kernel refused: counted, logged,
+    /// and recorded as a signed `tamper` record (once a minute for the same process and
+    /// attempt, so that a loop of attempts cannot flood the spool).
+    fn tamper(&mut self, ev: &shared::Event) {
+        let attempt = guard::attempt_name(ev.detail);
+        let target = guard::target_text(ev, &self.guarded, std::process::id());
+        let applied = if self.config.on_tamper == config::OnTamper::Kill {
+            "sigkill"
+        } else {
+            "eperm"
+        };
+        let comm = ev.unix_name[..16]
+            .split(|b| *b == 0)
+            .next()
+            .unwrap_or_default();
+        let comm = String::from_utf8_lossy(comm).into_owned();
+        self.report_tamper(
+            (ev.tgid, ev.tid, ev.uid, ev.label),
+            Some(comm),
+            attempt,
+            target,
+            applied,
+            "kernel",
+        );
+    }
+
+    /// Counts, logs and records one refused attempt (see [`Daemon::tamper`]).
+    /// `who`: (pid, tid, uid, label id); `comm`: the task's name if the kernel gave it.
+    fn report_tamper(
+        &mut self,
+        who: (u32, u32, u32, u32),
+        comm: Option<String>,
+        attempt: &'static str,
+        target: String,
+        applied: &str,
+        by: &str,
+    ) {
+        let (pid, tid, uid, label) = who;
+        *self.tampers.entry(attempt).or_default() += 1;
+        let label = self.label_name(label);
+        tracing::warn!(
+            pid,
+            tid,
+            label,
+            attempt,
+            target,
+            applied,
+            "a labelled task tried to tamper with countersign: refused"
+        );
+        let now = Instant::now();
+        let key = (pid, format!("tamper {attempt} {target}"));
+        if self
+            .refusals
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < REFUSAL_RECORD_EVERY)
+        {
+            return;
+        }
+        if self.refusals.len() >= MAX_REFUSALS {
+            self.refusals
+                .retain(|_, t| now.duration_since(*t) < REFUSAL_RECORD_EVERY);
+            if self.refusals.len() >= MAX_REFUSALS {
+                return;
+            }
+        }
+        self.refusals.insert(key, now);
+        let (argv, _) = enrich::cmdline(pid).unwrap_or_default();
+        let record = records::TamperRecord {
+            attempt: attempt.to_owned(),
+            target,
+            applied: applied.to_owned(),
+            by: by.to_owned(),
+            on_behalf_of: self.on_behalf_of(&label),
+            label,
+            pid,
+            tid,
+            uid,
+            user: enrich::user_name(uid),
+            comm: comm
+                .or_else(|| enrich::stat(pid).map(|(c, _, _)| c))
+                .unwrap_or_default(),
+            binary: enrich::readlink(pid, "exe"),
+            argv,
+            parents: enrich::parents(pid),
+        };
+        if let Err(e) = self.try_append(Body::Tamper(record)) {
+            tracing::error!(error = %e, "cannot record a tamper attempt");
         }
     }
 
@@ -1245,6 +1393,7 @@ impl Daemon {
                 if let Err(e) = self.install_cgroup_matches() {
                     tracing::error!(error = %format!("{e:#}"), "installing the cgroup labels failed; the earlier ones stay");
                 }
+                self.install_guard();
                 let ids: Vec<u64> = self.requests.keys().copied().collect();
                 for id in ids {
                     if let Some(held) = self.requests.remove(&id)
@@ -1573,12 +1722,30 @@ impl Daemon {
                 peer.uid
             ));
         }
-        if let Some(t) = self.kernel.task(peer.pid) {
+        // Any thread of the caller: its main thread may have exited, or never been labelled
+        // while another thread was.
+        let threads = std::fs::read_dir(format!("/proc/{}/task", peer.pid))
+            .map(|d| {
+                d.flatten()
+                    .take(MAX_CALLER_THREADS + 1)
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .collect::<Vec<u32>>()
+            })
+            .unwrap_or_default();
+        if threads.len() > MAX_CALLER_THREADS {
             return Err(format!(
-                "refused: the caller (pid {}) is a labelled process (label {}); an agent cannot approve its own requests",
-                peer.pid,
-                self.label_name(t.label)
+                "refused: the caller (pid {}) has more than {MAX_CALLER_THREADS} threads to check for a label",
+                peer.pid
             ));
+        }
+        for tid in std::iter::once(peer.pid).chain(threads) {
+            if let Some(t) = self.kernel.task(tid) {
+                return Err(format!(
+                    "refused: the caller (pid {}) is a labelled process (label {}); an agent cannot approve its own requests",
+                    peer.pid,
+                    self.label_name(t.label)
+                ));
+            }
         }
         if let Some((path, label)) = self.cgroup_label_of_caller(peer.pid) {
             return Err(format!(
@@ -1662,6 +1829,36 @@ impl Daemon {
             .collect()
     }
 
+    /// Whether a labelled root is contained, and what was refused.
+    fn self_protection(&self) -> crate::proto::SelfProtection {
+        let (contained, reason) = match self.kernel.self_protection() {
+            Ok(()) => (true, None),
+            Err(_) if self.kernel.mode() == ebpf::Mode::Fallback => (
+                false,
+                Some(if self.notifier.is_some() {
+                    FALLBACK_GUARD_NOTIFIER.to_owned()
+                } else {
+                    FALLBACK_GUARD_NONE.to_owned()
+                }),
+            ),
+            Err(why) => (false, Some(format!("self-protection hooks missing: {why}"))),
+        };
+        crate::proto::SelfProtection {
+            contained,
+            reason,
+            on_tamper: match self.config.on_tamper {
+                config::OnTamper::Deny => "deny".into(),
+                config::OnTamper::Kill => "kill".into(),
+            },
+            protected_files: self.guarded.len(),
+            refused: self
+                .tampers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), *v))
+                .collect(),
+        }
+    }
+
     fn status(&self) -> StatusInfo {
         let stats = self.kernel.stats();
         StatusInfo {
@@ -1699,6 +1896,7 @@ impl Daemon {
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
             exec_hold: self.exec_hold.clone(),
             exec_notifiers: self.notifier.as_ref().map_or(0, notified::Notifier::live),
+            self_protection: Some(self.self_protection()),
             dns: self.config.dns.enabled.then(|| crate::proto::DnsStatus {
                 error: self.names.error.clone(),
                 resolvers: self

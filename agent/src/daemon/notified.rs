@@ -140,6 +140,9 @@ impl Daemon {
     /// A notified exec: let go at once (the fast path; a file that does not exist), refused
     /// (what cannot be verified), or held as a request.
     pub(super) fn exec_notified(&mut self, n: Notification) {
+        if let Some(attempt) = notify::guarded(n.arch, n.nr) {
+            return self.notified_tamper(&n, attempt);
+        }
         let Some(state) = self.kernel.task(n.tid) else {
             // Only a labelled launcher installs the filter, and labels are inherited: a task
             // without one is not what the filter was meant for. Fail closed.
@@ -170,6 +173,31 @@ impl Daemon {
                 let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
             }
         }
+    }
+
+    /// A launched agent's guarded system call, which the filter refused (fallback mode's
+    /// self-protection): counted, logged and recorded; with `on_tamper: kill` the process is
+    /// killed too.
+    fn notified_tamper(&mut self, n: &Notification, attempt: &'static str) {
+        let (tgid, uid) = super::guard::task_ids(n.tid).unwrap_or((n.tid, u32::MAX));
+        let label = self.kernel.task(n.tid).map_or(0, |t| t.label);
+        let kill = self.config.on_tamper == super::config::OnTamper::Kill;
+        let target = format!("system call {} (arch {:#x})", n.nr, n.arch);
+        // Recorded while the call waits, so that the record names the process.
+        self.report_tamper(
+            (tgid, n.tid, uid, label),
+            None,
+            attempt,
+            target,
+            if kill { "sigkill" } else { "eperm" },
+            "seccomp",
+        );
+        if kill && notify::still_waiting(&n.listener, n.id) {
+            // SAFETY: a plain signal to the labelled process whose call waits (checked just
+            // now: the pid is still that process's).
+            unsafe { libc::kill(tgid as i32, libc::SIGKILL) };
+        }
+        let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
     }
 
     /// Reads what the exec names. `None`: it may go on without a request (the kernel checks

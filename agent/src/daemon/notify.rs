@@ -66,6 +66,143 @@ const EXECVEATS: [u32; 3] = [322, X32_BIT | 545, 358];
 #[cfg(target_arch = "aarch64")]
 const EXECVEATS: [u32; 2] = [281, 387];
 
+/// System calls a launched agent may never make in fallback mode (where no LSM hook can refuse
+/// them by their target): `bpf`, `ptrace`, `process_vm_readv`/`writev`, `pidfd_getfd`,
+/// loading and removing kernel modules, `kexec_load`/`kexec_file_load`, and every mount
+/// call (`mount`, `umount2`, `pivot_root`, `open_tree`, `move_mount`, `fsopen`, `fsconfig`,
+/// `fsmount`, `fspick`, `mount_setattr`). The main loop records each as a tamper attempt
+/// while the call waits (so that the record names the process), then answers `EPERM`; if the
+/// daemon is gone the call fails with `ENOSYS`.
+#[cfg(target_arch = "x86_64")]
+const NATIVE_GUARDED: [(u32, &str); 42] = [
+    (321, "bpf"),
+    (101, "ptrace"),
+    (310, "ptrace"),
+    (311, "ptrace"),
+    (438, "ptrace"),
+    (175, "module"),
+    (313, "module"),
+    (176, "module"),
+    (246, "module"),
+    (320, "module"),
+    (165, "mount"),
+    (166, "mount"),
+    (155, "mount"),
+    (428, "mount"),
+    (429, "mount"),
+    (430, "mount"),
+    (431, "mount"),
+    (432, "mount"),
+    (433, "mount"),
+    (442, "mount"),
+    // x32: the same calls with the x32 bit, and its own numbers where they differ.
+    (X32_BIT | 321, "bpf"),
+    (X32_BIT | 521, "ptrace"),
+    (X32_BIT | 539, "ptrace"),
+    (X32_BIT | 540, "ptrace"),
+    (X32_BIT | 438, "ptrace"),
+    (X32_BIT | 175, "module"),
+    (X32_BIT | 313, "module"),
+    (X32_BIT | 176, "module"),
+    (X32_BIT | 528, "module"),
+    (X32_BIT | 320, "module"),
+    (X32_BIT | 165, "mount"),
+    (X32_BIT | 166, "mount"),
+    (X32_BIT | 155, "mount"),
+    (X32_BIT | 428, "mount"),
+    (X32_BIT | 429, "mount"),
+    (X32_BIT | 430, "mount"),
+    (X32_BIT | 431, "mount"),
+    (X32_BIT | 432, "mount"),
+    (X32_BIT | 433, "mount"),
+    (X32_BIT | 442, "mount"),
+    // `kexec_load`'s x32 number besides the native one (x32 has both).
+    (X32_BIT | 246, "module"),
+    (X32_BIT | 101, "ptrace"),
+];
+#[cfg(target_arch = "x86_64")]
+const COMPAT_GUARDED: [(u32, &str); 20] = [
+    (357, "bpf"),
+    (26, "ptrace"),
+    (347, "ptrace"),
+    (348, "ptrace"),
+    (438, "ptrace"),
+    (128, "module"),
+    (350, "module"),
+    (129, "module"),
+    (283, "module"),
+    (21, "mount"),
+    (22, "mount"),
+    (52, "mount"),
+    (217, "mount"),
+    (428, "mount"),
+    (429, "mount"),
+    (430, "mount"),
+    (431, "mount"),
+    (432, "mount"),
+    (433, "mount"),
+    (442, "mount"),
+];
+#[cfg(target_arch = "aarch64")]
+const NATIVE_GUARDED: [(u32, &str); 20] = [
+    (280, "bpf"),
+    (117, "ptrace"),
+    (270, "ptrace"),
+    (271, "ptrace"),
+    (438, "ptrace"),
+    (105, "module"),
+    (273, "module"),
+    (106, "module"),
+    (104, "module"),
+    (294, "module"),
+    (40, "mount"),
+    (39, "mount"),
+    (41, "mount"),
+    (428, "mount"),
+    (429, "mount"),
+    (430, "mount"),
+    (431, "mount"),
+    (432, "mount"),
+    (433, "mount"),
+    (442, "mount"),
+];
+#[cfg(target_arch = "aarch64")]
+const COMPAT_GUARDED: [(u32, &str); 19] = [
+    (386, "bpf"),
+    (26, "ptrace"),
+    (376, "ptrace"),
+    (377, "ptrace"),
+    (438, "ptrace"),
+    (128, "module"),
+    (379, "module"),
+    (129, "module"),
+    (347, "module"),
+    (21, "mount"),
+    (52, "mount"),
+    (218, "mount"),
+    (428, "mount"),
+    (429, "mount"),
+    (430, "mount"),
+    (431, "mount"),
+    (432, "mount"),
+    (433, "mount"),
+    (442, "mount"),
+];
+
+/// The kind of tamper attempt a notified call is (`None`: not one the filter refuses).
+#[must_use]
+pub fn guarded(arch: u32, nr: i32) -> Option<&'static str> {
+    let nr = nr as u32;
+    let list: &[(u32, &str)] = if arch == NATIVE_ARCH {
+        &NATIVE_GUARDED
+    } else if arch == COMPAT_ARCH {
+        &COMPAT_GUARDED
+    } else {
+        return None;
+    };
+    list.iter().find(|(n, _)| *n == nr).map(|(_, k)| *k)
+}
+
 /// What a notified system call is, as the daemon needs it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Call {
@@ -95,7 +232,8 @@ impl Call {
     }
 }
 
-/// The filter: every exec system call of every ABI goes to the listener; the rest is allowed.
+/// The filter: every exec system call of every ABI, and every guarded one, goes to the
+/// listener; the rest is allowed.
 fn program() -> Vec<libc::sock_filter> {
     use libc::{
         BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, SECCOMP_RET_ALLOW,
@@ -119,8 +257,18 @@ fn program() -> Vec<libc::sock_filter> {
     let mut p = vec![stmt(BPF_LD | BPF_W | BPF_ABS, ARCH)];
     // Laid out as: arch checks, then one block of number checks per arch, each ending in
     // ALLOW, then NOTIFY. Jumps are relative to the next instruction.
-    let native_block = 1 + NATIVE_EXECS.len() + 1;
-    let compat_block = 1 + COMPAT_EXECS.len() + 1;
+    let native: Vec<u32> = NATIVE_EXECS
+        .iter()
+        .copied()
+        .chain(NATIVE_GUARDED.iter().map(|(n, _)| *n))
+        .collect();
+    let compat: Vec<u32> = COMPAT_EXECS
+        .iter()
+        .copied()
+        .chain(COMPAT_GUARDED.iter().map(|(n, _)| *n))
+        .collect();
+    let native_block = 1 + native.len() + 1;
+    let compat_block = 1 + compat.len() + 1;
     // [1] native? -> native block (at 3), else [2]
     p.push(jeq(NATIVE_ARCH, 1, 0));
     // [2] compat? -> compat block, else ALLOW (the native block's last instruction)
@@ -130,10 +278,7 @@ fn program() -> Vec<libc::sock_filter> {
         (native_block - 1) as u8,
     ));
     let notify_at = 3 + native_block + compat_block;
-    for (execs, start) in [
-        (&NATIVE_EXECS[..], 3),
-        (&COMPAT_EXECS[..], 3 + native_block),
-    ] {
+    for (execs, start) in [(&native[..], 3), (&compat[..], 3 + native_block)] {
         p.push(stmt(BPF_LD | BPF_W | BPF_ABS, NR));
         for (i, nr) in execs.iter().enumerate() {
             let here = start + 1 + i;
@@ -532,7 +677,7 @@ mod tests {
     }
 
     #[test]
-    fn every_exec_of_every_abi_is_notified_and_nothing_else() {
+    fn every_exec_and_guarded_call_of_every_abi_is_notified_and_nothing_else() {
         let p = program();
         for nr in NATIVE_EXECS {
             assert_eq!(
@@ -550,7 +695,29 @@ mod tests {
             );
             assert!(Call::of(COMPAT_ARCH, nr as i32).unwrap().narrow);
         }
-        for nr in [0, 1, 2, 42, 56, 57, 58, 60, 321, 323, 435] {
+        for (nr, _) in NATIVE_GUARDED {
+            assert_eq!(
+                run(&p, NATIVE_ARCH, nr),
+                libc::SECCOMP_RET_USER_NOTIF,
+                "{nr}"
+            );
+            assert!(guarded(NATIVE_ARCH, nr as i32).is_some());
+            assert!(Call::of(NATIVE_ARCH, nr as i32).is_none());
+        }
+        for (nr, _) in COMPAT_GUARDED {
+            assert_eq!(
+                run(&p, COMPAT_ARCH, nr),
+                libc::SECCOMP_RET_USER_NOTIF,
+                "{nr}"
+            );
+        }
+        assert_eq!(
+            guarded(NATIVE_ARCH, NATIVE_GUARDED[0].0 as i32),
+            Some("bpf")
+        );
+        assert_eq!(guarded(NATIVE_ARCH, NATIVE_EXECS[0] as i32), None);
+        assert_eq!(guarded(0x1234, NATIVE_GUARDED[0].0 as i32), None);
+        for nr in [0, 1, 2, 42, 56, 57, 58, 60, 323, 435] {
             assert_eq!(run(&p, NATIVE_ARCH, nr), libc::SECCOMP_RET_ALLOW, "{nr}");
             assert_eq!(run(&p, COMPAT_ARCH, nr), libc::SECCOMP_RET_ALLOW, "{nr}");
             assert!(Call::of(NATIVE_ARCH, nr as i32).is_none());

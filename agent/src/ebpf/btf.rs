@@ -240,6 +240,26 @@ impl Btf {
         Ok(())
     }
 
+    /// Adds what the self-protection hooks read: a target task's `pid` and `tgid`, an opened
+    /// file's mode and dentry, a dentry's parent and name, a path's dentry, a super block's
+    /// magic.
+    pub fn guard_offsets(&self, o: &mut KernelOffsets) -> Result<(), BtfError> {
+        o.task_pid = self.member_offset("task_struct", "pid")?;
+        o.task_tgid = self.member_offset("task_struct", "tgid")?;
+        o.file_mode = self.member_offset("file", "f_mode")?;
+        o.path_dentry = self.member_offset("path", "dentry")?;
+        o.file_dentry = self.member_offset("file", "f_path")? + o.path_dentry;
+        o.dentry_parent = self.member_offset("dentry", "d_parent")?;
+        o.dentry_name =
+            self.member_offset("dentry", "d_name")? + self.member_offset("qstr", "name")?;
+        o.sb_magic = self.member_offset("super_block", "s_magic")?;
+        if o.dentry_inode == 0 {
+            o.dentry_inode = self.member_offset("dentry", "d_inode")?;
+        }
+        o.guard_valid = 1;
+        Ok(())
+    }
+
     /// What the `fentry` DNS capture reads (`host_netns_inum` is the caller's to fill in).
     pub fn dns_offsets(&self) -> Result<countersign_ebpf::DnsOffsets, BtfError> {
         Ok(countersign_ebpf::DnsOffsets {

@@ -26,7 +26,7 @@ use aya::{
     },
 };
 use countersign_ebpf as shared;
-use shared::{Config, Event, LabelName, TaskState};
+use shared::{Config, Event, FileKey, LabelName, TaskState};
 
 pub use canary::{CanaryError, canary_exec_main, canary_main};
 
@@ -138,6 +138,11 @@ pub struct Kernel {
     /// The kernel's BTF as aya parsed it for the LSM programs, until the DNS capture has used
     /// it (parsing it is the slow part of a start on small machines).
     aya_btf: Option<Btf>,
+    /// The self-protection hooks that could not be attached, with why (LSM mode); all of
+    /// them in fallback mode.
+    guard_missing: Vec<String>,
+    /// Countersign's own files, as last given to the kernel.
+    guard_files: HashMap<MapData, FileKey, u32>,
     /// [`Config::cgroup_labels`] and [`Config::exec_labels`] as installed.
     cgroup_labels_on: u32,
     exec_labels_on: u32,
@@ -154,7 +159,11 @@ enum AttachedLink {
 impl Kernel {
     /// Loads everything, picks the mode, and proves the hooks run with the canary.
     /// Maps and links are pinned in `pin_dir`; state an earlier daemon left there is adopted.
-    pub fn load(request: ModeRequest, pin_dir: &Path) -> Result<(Self, RingBuf<MapData>)> {
+    pub fn load(
+        request: ModeRequest,
+        pin_dir: &Path,
+        guard: shared::GuardSettings,
+    ) -> Result<(Self, RingBuf<MapData>)> {
         raise_memlock();
         pin::prepare(pin_dir)?;
         let adopted = pin::has_previous_links(pin_dir);
@@ -177,6 +186,7 @@ impl Kernel {
             .override_global(shared::GLOBAL_DNS_OFFSETS, &dns_offsets, true)
             .override_global(shared::GLOBAL_NEWTASK_PID_OFFSET, &newtask_pid_offset, true)
             .override_global(shared::GLOBAL_KERNEL_OFFSETS, &offsets, true)
+            .override_global(shared::GLOBAL_GUARD, &guard, true)
             .override_global(shared::GLOBAL_CGROUP_ROOT_OFFSET, &cgroup_root_offset, true)
             .override_global(shared::GLOBAL_CGROUP_ID_OFFSET, &cgroup_id_offset, true)
             .default_map_pin_directory(pin_dir)
@@ -196,6 +206,8 @@ impl Kernel {
             .map_err(|e| map_err(shared::MAP_EVENTS, &e))?;
         let labels = HashMap::try_from(take_map(&mut ebpf, shared::MAP_LABELS)?)
             .map_err(|e| map_err(shared::MAP_LABELS, &e))?;
+        let guard_files = HashMap::try_from(take_map(&mut ebpf, shared::MAP_GUARD_FILES)?)
+            .map_err(|e| map_err(shared::MAP_GUARD_FILES, &e))?;
         let mut attached = Vec::new();
 
         for (name, category, tp) in [
@@ -231,6 +243,8 @@ impl Kernel {
             netns_cookie,
             dns_offsets,
             aya_btf: None,
+            guard_missing: vec!["fallback mode: without BPF LSM no hook can refuse".to_owned()],
+            guard_files,
             // The reused maps keep their entries until this daemon installs its own: so do
             // the switches (a cgroup made meanwhile is still marked, labelled cgroups still
             // walked).
@@ -310,6 +324,10 @@ impl Kernel {
         match canary::prove(self, ring, Mode::Lsm) {
             Ok(()) => {
                 self.reason = "lsm: BPF LSM hooks attached and proven by the canary".to_owned();
+                if let Some(btf) = self.aya_btf.take() {
+                    self.attach_guard(&btf);
+                    self.aya_btf = Some(btf);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -320,6 +338,75 @@ impl Kernel {
                 ))
             }
         }
+    }
+
+    /// Attaches the self-protection programs (see `countersign_ebpf::GUARD_HOOKS`). One that
+    /// cannot be attached does not stop enforcement: it is named in
+    /// [`Kernel::self_protection`] (and `countersign status`), which then says a labelled root
+    /// is not contained.
+    fn attach_guard(&mut self, btf: &Btf) {
+        self.guard_missing.clear();
+        if self.offsets.guard_valid == 0 {
+            self.guard_missing
+                .push("the kernel struct offsets it reads are unknown (no BTF for them)".into());
+        }
+        let optional = shared::GUARD_HOOKS_OPTIONAL.map(|(name, _)| name);
+        for (name, hook) in shared::GUARD_HOOKS
+            .into_iter()
+            .chain(shared::GUARD_HOOKS_OPTIONAL)
+        {
+            let prog: std::result::Result<&mut Lsm, String> = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("program {name} missing from the object"))
+                .and_then(|p| p.try_into().map_err(|e| format!("program {name}: {e}")));
+            let attached = prog.and_then(|prog| {
+                prog.load(hook, btf)
+                    .and_then(|()| prog.attach())
+                    .map_err(|e| error_chain(&e))
+            });
+            match attached {
+                Ok(id) => self.attached.push((name, AttachedLink::Lsm(id))),
+                Err(e) if optional.contains(&name) => {
+                    tracing::info!(hook, error = %e, "this kernel has no such hook; an older one covers its case");
+                }
+                Err(e) => {
+                    tracing::warn!(hook, error = %e, "a self-protection hook could not be attached");
+                    self.guard_missing.push(format!("{hook}: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Whether a labelled task, root included, is kept from changing, stopping, reading or
+    /// stepping around countersign, and if not, why.
+    pub fn self_protection(&self) -> std::result::Result<(), String> {
+        if self.guard_missing.is_empty() {
+            Ok(())
+        } else {
+            Err(self.guard_missing.join("; "))
+        }
+    }
+
+    /// Replaces countersign's own files in the kernel: (device, inode) → `GUARD_*` bits.
+    pub fn set_guard_files(&mut self, files: &[(FileKey, u32)]) -> Result<()> {
+        let name = shared::MAP_GUARD_FILES;
+        let wanted: std::collections::HashMap<FileKey, u32> = files.iter().copied().collect();
+        let stale: Vec<FileKey> = self
+            .guard_files
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !wanted.contains_key(k))
+            .collect();
+        for (key, flags) in &wanted {
+            self.guard_files
+                .insert(key, flags, 0)
+                .map_err(|e| map_err(name, &e))?;
+        }
+        for key in stale {
+            let _ = self.guard_files.remove(&key);
+        }
+        Ok(())
     }
 
     /// Frees the kernel's BTF kept for the DNS capture (once it is attached, or not wanted).
@@ -338,7 +425,11 @@ impl Kernel {
             shared::PROG_LSM_UNIX_STREAM_CONNECT,
             shared::PROG_LSM_UNIX_MAY_SEND,
             shared::PROG_LSM_BPRM_CREDS,
-        ] {
+        ]
+        .into_iter()
+        .chain(shared::GUARD_HOOKS.map(|(name, _)| name))
+        .chain(shared::GUARD_HOOKS_OPTIONAL.map(|(name, _)| name))
+        {
             if let Some(prog) = self.ebpf.program_mut(name) {
                 let prog: std::result::Result<&mut Lsm, _> = prog.try_into();
                 if let Ok(prog) = prog {
@@ -1196,6 +1287,9 @@ fn kernel_offsets(
     }
     if let Err(e) = parsed.task_offsets(&mut offsets) {
         tracing::warn!(reason = %e, "io_uring threads cannot be told apart and sends that name a destination are refused (no BTF for them)");
+    }
+    if let Err(e) = parsed.guard_offsets(&mut offsets) {
+        tracing::warn!(reason = %e, "self-protection reads no kernel structs (no BTF for them): countersign's files and processes are not told apart");
     }
     (offsets, Ok(()))
 }

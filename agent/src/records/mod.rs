@@ -32,7 +32,7 @@ pub mod verify;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    proto::RequestView,
+    proto::{ProcInfo, RequestView},
     sign::{self, SignError, dsse::Envelope},
 };
 
@@ -111,6 +111,9 @@ pub enum Body {
         /// SPKI PEM of the new public key.
         new_public_key: String,
     },
+    /// A labelled task tried to change, stop, read or step around countersign, and was
+    /// refused (see `daemon::guard`).
+    Tamper(TamperRecord),
     /// The daemon is alive: silence between heartbeats is provable.
     Heartbeat {
         /// Requests held at the time.
@@ -135,8 +138,37 @@ impl Body {
             Body::PolicyLoaded { .. } => "policy-loaded",
             Body::KeyRotated { .. } => "key-rotated",
             Body::Heartbeat { .. } => "heartbeat",
+            Body::Tamper(_) => "tamper",
         }
     }
+}
+
+/// A refused attempt of a labelled task on countersign itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TamperRecord {
+    /// What was tried: `bpf`, `ptrace`, `signal`, `module`, `mount`, `file-write`,
+    /// `file-read`, `sysctl`, `control-socket`.
+    pub attempt: String,
+    /// What it was aimed at, as a person reads it (`the daemon (pid 812)`, a file's path).
+    pub target: String,
+    /// What was done: `eperm` (refused), or `sigkill` too (`on_tamper: kill`).
+    pub applied: String,
+    /// Who refused: `kernel` (the LSM hooks), `seccomp` (fallback mode's filter), `daemon`.
+    pub by: String,
+    pub label: String,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub user: Option<String>,
+    /// The task's name as the kernel reported it (kept when the process is gone before its
+    /// executable and argv could be read).
+    pub comm: String,
+    pub binary: Option<String>,
+    pub argv: Vec<String>,
+    pub parents: Vec<ProcInfo>,
+    /// Who the agent works for (the policy label's `on_behalf_of`).
+    pub on_behalf_of: Option<String>,
 }
 
 /// A held request waiting for a human.

@@ -3,8 +3,8 @@
 //! Activity (class 4001, Open), both with the `security_control` profile (`action_id`,
 //! `disposition_id`) and the `host` profile (`device`). What OCSF has no attribute for
 //! (the decision word, who decided, the rule, the chain position, the approvals) is kept in
-//! `unmapped`. Other records (heartbeats, starts, policy loads) are not security control
-//! events and are not mapped.
+//! `unmapped`. A refused tamper attempt is a Detection Finding (class 2004). Other records
+//! (heartbeats, starts, policy loads) are not security control events and are not mapped.
 use serde_json::{Value, json};
 
 use super::{Body, Record};
@@ -15,6 +15,9 @@ pub const OCSF_VERSION: &str = "1.1.0";
 /// The OCSF event for `record`, if it is a decision.
 #[must_use]
 pub fn event(record: &Record) -> Option<Value> {
+    if let Body::Tamper(t) = &record.body {
+        return Some(tamper(record, t));
+    }
     let Body::Decision(d) = &record.body else {
         return None;
     };
@@ -155,6 +158,70 @@ pub fn event(record: &Record) -> Option<Value> {
     Some(ev)
 }
 
+/// A refused attempt on countersign itself: a Detection Finding (class 2004) of high
+/// severity, blocked, with the process that tried as the actor.
+fn tamper(record: &Record, t: &super::TamperRecord) -> Value {
+    let time = crate::collector::time_ms(&record.time).unwrap_or(0);
+    let user = json!({"uid": t.uid.to_string(), "name": t.user});
+    let uid = format!("{}:{}", record.chain_id, record.seq);
+    json!({
+        "class_uid": 2004,
+        "class_name": "Detection Finding",
+        "category_uid": 2,
+        "category_name": "Findings",
+        "activity_id": 1,
+        "activity_name": "Create",
+        "type_uid": 200_401,
+        "time": time,
+        "severity_id": 4,
+        "severity": "High",
+        "status_id": 1,
+        "status": "New",
+        "action_id": 2,
+        "action": "Denied",
+        "disposition_id": 2,
+        "disposition": "Blocked",
+        "message": format!("a labelled process tried to tamper with countersign ({}: {}); refused ({}) by {}", t.attempt, t.target, t.applied, t.by),
+        "finding_info": {
+            "uid": uid,
+            "title": format!("countersign tamper attempt: {}", t.attempt),
+            "types": ["countersign-tamper", t.attempt],
+        },
+        "metadata": {
+            "version": OCSF_VERSION,
+            "uid": uid,
+            "original_time": record.time,
+            "profiles": ["security_control", "host"],
+            "product": {"name": "countersign", "vendor_name": "countersign", "version": env!("CARGO_PKG_VERSION")},
+        },
+        "device": {"hostname": record.host_name, "uid": record.host_id, "type_id": 0},
+        "actor": {"user": user, "process": {
+            "pid": t.pid,
+            "tid": t.tid,
+            "name": t.comm,
+            "cmd_line": t.argv.join(" "),
+            "file": t.binary.as_ref().map(|b| json!({
+                "path": b,
+                "name": b.rsplit('/').next().unwrap_or(b),
+                "type_id": 1,
+            })),
+            "user": user,
+            "parent_process": t.parents.first().map(|p| json!({"pid": p.pid, "name": p.comm})),
+        }},
+        "unmapped": {
+            "attempt": t.attempt,
+            "target": t.target,
+            "applied": t.applied,
+            "refused_by": t.by,
+            "label": t.label,
+            "on_behalf_of": t.on_behalf_of,
+            "host_id": record.host_id,
+            "chain_id": record.chain_id,
+            "seq": record.seq,
+        },
+    })
+}
+
 fn target(q: &crate::proto::RequestView) -> String {
     q.destination
         .clone()
@@ -167,6 +234,34 @@ fn target(q: &crate::proto::RequestView) -> String {
 mod tests {
     use super::*;
     use crate::records::{DecisionRecord, tests::view};
+
+    #[test]
+    fn a_tamper_attempt_is_a_blocked_detection_finding() {
+        let ev = event(&record(Body::Tamper(crate::records::TamperRecord {
+            attempt: "bpf".into(),
+            target: "bpf() command 7".into(),
+            applied: "eperm".into(),
+            by: "kernel".into(),
+            label: "coder".into(),
+            pid: 4242,
+            tid: 4243,
+            uid: 0,
+            user: Some("root".into()),
+            comm: "python3".into(),
+            binary: Some("/usr/bin/python3".into()),
+            argv: vec!["python3".into(), "x.py".into()],
+            parents: Vec::new(),
+            on_behalf_of: None,
+        })))
+        .expect("mapped");
+        assert_eq!(ev["class_uid"], 2004);
+        assert_eq!(ev["type_uid"], 200_401);
+        assert_eq!(ev["disposition"], "Blocked");
+        assert_eq!(ev["severity_id"], 4);
+        assert_eq!(ev["actor"]["process"]["pid"], 4242);
+        assert_eq!(ev["unmapped"]["attempt"], "bpf");
+        assert_eq!(ev["finding_info"]["uid"], "c1:42");
+    }
 
     fn record(body: Body) -> Record {
         Record {

@@ -1,8 +1,9 @@
 //! countersign's benchmark driver (run by `cargo xtask bench`, on the host and in the VMs).
 //!
-//! Three loops — fork+exec of a tiny binary, TCP connect+close to a loopback listener, and
-//! UDP `sendto` of a small datagram to a loopback socket (no connect: each send names its
-//! destination) — are timed in three settings, interleaved round by round so that drift of the machine affects
+//! Four loops — fork+exec of a tiny binary, TCP connect+close to a loopback listener, UDP
+//! `sendto` of a small datagram to a loopback socket (no connect: each send names its
+//! destination), and open+read+close of a small file (the file hooks of self-protection run
+//! on every open) — are timed in three settings, interleaved round by round so that drift of the machine affects
 //! them alike:
 //! - `baseline`: no daemon, no hooks;
 //! - `unlabelled`: the daemon runs, the loop's process is not an agent;
@@ -15,10 +16,11 @@
 //! tasks, so its CPU time measures the hot path while being far less sensitive than wall time
 //! to other work on a shared machine; wall time also shows waiting (e.g. for the daemon).
 //!
-//! Usage: cs-bench suite COUNTERSIGN POLICY_DIR_OUT ROUNDS EXECS CONNECTS SENDS
+//! Usage: cs-bench suite COUNTERSIGN POLICY_DIR_OUT ROUNDS EXECS CONNECTS SENDS OPENS
 //!        cs-bench exec N          (prints wall and CPU ns per exec)
 //!        cs-bench connect N       (prints wall and CPU ns per connect)
 //!        cs-bench send N          (prints wall and CPU ns per datagram sent)
+//!        cs-bench open N          (prints wall and CPU ns per open+read+close)
 //!
 //! `suite` prints one JSON object with every round's samples (`samples.LOOP.SETTING.wall` and
 //! `.cpu`, ns per operation, in round order); `cargo xtask bench` turns them into paired
@@ -55,6 +57,12 @@ fn main() {
             println!("{wall} {cpu}");
             0
         }
+        Some("open") => {
+            let n = args[2].parse().expect("N");
+            let (wall, cpu) = measure(n, || open_loop(n));
+            println!("{wall} {cpu}");
+            0
+        }
         Some("suite") => suite(
             Path::new(&args[2]),
             Path::new(&args[3]),
@@ -63,6 +71,7 @@ fn main() {
                 exec: args[5].parse().expect("EXECS"),
                 connect: args[6].parse().expect("CONNECTS"),
                 send: args[7].parse().expect("SENDS"),
+                open: args[8].parse().expect("OPENS"),
             },
         ),
         _ => {
@@ -115,6 +124,18 @@ fn connect_loop(n: u32) {
         reset_on_close(&s);
         drop(s);
     }
+}
+
+/// open+read+close of this process's own small file, `n` times.
+fn open_loop(n: u32) {
+    let path = std::env::temp_dir().join(format!("cs-bench-open-{}", std::process::id()));
+    std::fs::write(&path, [7u8; 512]).expect("the file to open");
+    let mut buf = [0u8; 512];
+    for _ in 0..n {
+        let mut f = std::fs::File::open(&path).expect("open");
+        f.read_exact(&mut buf).expect("read");
+    }
+    let _ = std::fs::remove_file(&path);
 }
 
 /// UDP `sendto` of a 32-byte datagram to a loopback socket of this process, `n` times; the
@@ -260,10 +281,11 @@ struct Counts {
     exec: u32,
     connect: u32,
     send: u32,
+    open: u32,
 }
 
 /// The loops, in the order they run.
-const LOOPS: [&str; 3] = ["exec", "connect", "send"];
+const LOOPS: [&str; 4] = ["exec", "connect", "send", "open"];
 
 fn suite(countersign: &Path, work: &Path, rounds: u32, counts: Counts) -> i32 {
     std::fs::create_dir_all(work).expect("work dir");
@@ -292,17 +314,18 @@ labels:
     let count = |op: &str| match op {
         "exec" => counts.exec,
         "connect" => counts.connect,
-        _ => counts.send,
+        "send" => counts.send,
+        _ => counts.open,
     };
     // samples[loop][setting]: baseline, unlabelled, labelled.
-    let mut samples: [[Samples; 3]; 3] = Default::default();
+    let mut samples: [[Samples; 3]; 4] = Default::default();
     // Warm up caches (page cache, binaries) outside the measurement.
     for op in LOOPS {
         run(countersign, None, op, count(op) / 10 + 1);
     }
     for round in 0..rounds {
         // Baseline first or last, alternately, so that neither side always runs first.
-        let baseline = |samples: &mut [[Samples; 3]; 3]| {
+        let baseline = |samples: &mut [[Samples; 3]; 4]| {
             for (i, op) in LOOPS.iter().enumerate() {
                 samples[i][0].push(run(countersign, None, op, count(op)));
             }
@@ -335,10 +358,12 @@ labels:
         "execs_per_round": counts.exec,
         "connects_per_round": counts.connect,
         "sends_per_round": counts.send,
+        "opens_per_round": counts.open,
         "samples": {
             "exec": setting(&samples[0]),
             "connect": setting(&samples[1]),
             "send": setting(&samples[2]),
+            "open": setting(&samples[3]),
         },
     });
     println!("{json}");

@@ -66,6 +66,25 @@
 //!   cs-escape exec-swap-flood FIRST SECOND GO execs `mark FIRST`; once file GO exists its
 //!                                             SIGCONT handler rewrites FIRST to SECOND in
 //!                                             place and a child floods it with SIGCONT
+//!
+//! Attempts on countersign itself print `tampered` if they succeeded (undoing what they did),
+//! else `error N`:
+//!   cs-escape tamper-bpf PIN                  bpf(BPF_OBJ_GET) on a pinned map or link
+//!   cs-escape tamper-signal PID               SIGCONT to PID
+//!   cs-escape tamper-ptrace PID               PTRACE_SEIZE of PID (then detach)
+//!   cs-escape tamper-mem PID                  /proc/PID/mem opened for writing
+//!   cs-escape tamper-pidfd-getfd PID          descriptor 0 of PID, by pidfd_getfd
+//!   cs-escape tamper-write PATH               PATH opened for writing
+//!   cs-escape tamper-read PATH                PATH opened for reading
+//!   cs-escape tamper-rename PATH              PATH renamed aside (and back)
+//!   cs-escape tamper-create DIR               a new file in DIR (removed again)
+//!   cs-escape tamper-mount DIR                a tmpfs on DIR (unmounted again)
+//!   cs-escape tamper-module                   init_module of 64 bytes that are no module
+//!                                             (`tampered` unless the load is refused: EPERM)
+//!   cs-escape tamper-sysctl                   kernel.core_pattern opened for writing
+//!   cs-escape tamper-sysfs                    /sys/kernel/uevent_helper opened for writing
+//!   cs-escape tamper-truncate PATH            PATH opened read-only with O_TRUNC (its content
+//!                                             written back)
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -76,6 +95,8 @@ use io_uring::{IoUring, opcode, squeue, types::Fd};
 
 #[path = "escape/exec.rs"]
 mod exec;
+#[path = "escape/tamper.rs"]
+mod tamper;
 
 /// What every technique sends.
 const PAYLOAD: &[u8] = b"cs-escape";
@@ -89,6 +110,8 @@ enum Done {
     Connected,
     /// An exec escape's marked program ran.
     Ran,
+    /// An attempt on countersign itself succeeded.
+    Tampered,
 }
 
 /// A technique's result: `Err` holds a positive errno.
@@ -102,6 +125,7 @@ fn main() {
             .and_then(|a| a.parse().ok())
             .expect("an ADDR:PORT argument")
     };
+    let pid = |i: usize| -> i32 { arg(i).and_then(|a| a.parse().ok()).expect("a PID argument") };
     let outcome = match arg(1) {
         Some("udp-sendto") => match arg(3) {
             None => udp_sendto(target(2)),
@@ -155,6 +179,20 @@ fn main() {
             arg(3).expect("SECOND"),
             arg(4).expect("GO"),
         ),
+        Some("tamper-bpf") => tamper::bpf(arg(2).expect("a PIN argument")),
+        Some("tamper-signal") => tamper::signal(pid(2)),
+        Some("tamper-ptrace") => tamper::ptrace(pid(2)),
+        Some("tamper-mem") => tamper::mem(pid(2)),
+        Some("tamper-pidfd-getfd") => tamper::pidfd_getfd(pid(2)),
+        Some("tamper-write") => tamper::write(arg(2).expect("a PATH argument")),
+        Some("tamper-read") => tamper::read(arg(2).expect("a PATH argument")),
+        Some("tamper-rename") => tamper::rename(arg(2).expect("a PATH argument")),
+        Some("tamper-create") => tamper::create_in(arg(2).expect("a DIR argument")),
+        Some("tamper-mount") => tamper::mount(arg(2).expect("a DIR argument")),
+        Some("tamper-module") => tamper::module(),
+        Some("tamper-sysctl") => tamper::sysctl(),
+        Some("tamper-sysfs") => tamper::sysfs(),
+        Some("tamper-truncate") => tamper::truncate(arg(2).expect("a PATH argument")),
         _ => {
             eprintln!("cs-escape: unknown usage {args:?}");
             std::process::exit(2);
@@ -164,6 +202,7 @@ fn main() {
         Ok(Done::Sent(n)) => (format!("sent {n}"), 0),
         Ok(Done::Connected) => ("connected".to_owned(), 0),
         Ok(Done::Ran) => ("ran".to_owned(), 0),
+        Ok(Done::Tampered) => ("tampered".to_owned(), 0),
         Err(errno) => (format!("error {errno}"), 1),
     };
     say(&line);

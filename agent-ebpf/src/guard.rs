@@ -1,0 +1,494 @@
+//! Self-protection (LSM mode): what a labelled task may never do, whatever its uid and
+//! capabilities, because it would switch enforcement off or step around it. Each refusal is
+//! reported as a [`KIND_TAMPER`] event (the daemon signs a `tamper` record) and, with
+//! `on_tamper: kill`, also kills the task.
+//!
+//! - `bpf()` at all (countersign's maps, programs and links are reached through it);
+//! - tracing or touching the memory of an unlabelled process (`ptrace`, `/proc/PID/mem`,
+//!   `process_vm_*`, `pidfd_getfd` all ask `ptrace_access_check` for an attach), and any
+//!   access of that kind, reads included, to countersign's own processes;
+//! - signals to countersign's own processes: the daemon (by its tgid, which the kernel forgets
+//!   when the daemon exits, so that a labelled process given its pid later is nobody special)
+//!   and any unlabelled process running the countersign executable (approver, collector);
+//! - loading a kernel module, a kexec image or a security policy;
+//! - mounting, unmounting, moving mounts, changing the root;
+//! - writing, truncating, removing, renaming, replacing or linking countersign's files, and
+//!   anything in its directories; opening its secrets at all; removing or renaming a directory
+//!   on the way to them (all by device and inode, so links and bind mounts change nothing);
+//! - writing under `/proc` outside the process directories (`/proc/sys`: the sysctls through
+//!   which the kernel starts usermode helpers, and those enforcement relies on).
+//!
+//! Unlabelled tasks pay the label lookup every hook makes and nothing else.
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use countersign_ebpf::{
+    EPERM, FileKey, GUARD_ANCESTOR, GUARD_DIR, GUARD_FILE, GUARD_SECRET, KIND_TAMPER, LABEL_CANARY,
+    LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC, STAT_EVENTS_DROPPED, TAMPER_BPF, TAMPER_FILE_READ,
+    TAMPER_FILE_WRITE, TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL,
+};
+
+use crate::{
+    exec::{inode_id, read_ptr},
+    hold,
+    label::{self, Task},
+    maps::{self, GUARD_FILES, TASKS},
+};
+
+/// `PTRACE_MODE_ATTACH`: tracing, or reading or writing memory.
+const PTRACE_MODE_ATTACH: u32 = 0x02;
+/// `PTRACE_MODE_NOAUDIT`: the kernel only asks whether to show a field (`ps` reading
+/// `/proc/PID/stat`): refused quietly, never reported or killed for.
+const PTRACE_MODE_NOAUDIT: u32 = 0x04;
+/// `FMODE_WRITE`.
+const FMODE_WRITE: u32 = 0x2;
+/// `READING_FIRMWARE` / `LOADING_FIRMWARE`: the only kernel read a labelled task may cause.
+const READING_FIRMWARE: i32 = 1;
+/// The file systems that are kernel settings as a whole, written by no agent: sysfs
+/// (`/sys/kernel/uevent_helper` starts a program as root), securityfs (LSM policies),
+/// debugfs and tracefs.
+const KERNEL_SETTINGS_MAGIC: [u64; 4] = [0x6265_6572, 0x7363_6673, 0x6462_6720, 0x7472_6163];
+/// Parents walked up from a `/proc` file to its top-level directory.
+const PROC_DEPTH: usize = 8;
+
+/// What a refusal was aimed at.
+enum Target {
+    None,
+    Process(u32),
+    File(u64, u64),
+}
+
+/// The label of the current task when the guard applies to it: a labelled task (or one that
+/// must be refused because it could not be given a state). Not the canary, and not a task
+/// whose cgroup the daemon has yet to classify: refusing those could break a service that
+/// is no agent at all, and a task labelled before keeps its label when it moves.
+#[inline(always)]
+fn guarded() -> Option<u32> {
+    match label::current_task() {
+        Task::Unlabelled => None,
+        Task::NoRoom => Some(0),
+        Task::Labelled(state) => {
+            // SAFETY: the pointer comes from the map lookup and is valid for this run.
+            let label = unsafe { (*state).label };
+            (label != LABEL_CANARY && label != LABEL_UNCLASSIFIED).then_some(label)
+        }
+    }
+}
+
+/// Reports the attempt and refuses it (killing the task too with `on_tamper: kill`).
+#[inline(always)]
+fn refuse(label: u32, what: i32, target: Target, detail: u16) -> i32 {
+    match hold::event(KIND_TAMPER, label) {
+        Some(ev) => {
+            ev.detail = what;
+            ev.port = detail;
+            // The task's name, for the record when the process is gone before the daemon
+            // reads it.
+            if let Ok(comm) = aya_ebpf::helpers::bpf_get_current_comm() {
+                ev.unix_name[..16].copy_from_slice(&comm);
+            }
+            match target {
+                Target::None => {}
+                Target::Process(tgid) => ev.addr[..4].copy_from_slice(&tgid.to_le_bytes()),
+                Target::File(dev, ino) => {
+                    ev.addr[..8].copy_from_slice(&dev.to_le_bytes());
+                    ev.addr[8..].copy_from_slice(&ino.to_le_bytes());
+                }
+            }
+            if !maps::emit(ev) {
+                maps::count(STAT_EVENTS_DROPPED);
+            }
+        }
+        None => maps::count(STAT_EVENTS_DROPPED),
+    }
+    if maps::guard_settings().kill != 0 {
+        hold::kill_current();
+    }
+    -EPERM
+}
+
+#[inline(always)]
+fn read_u32(base: *const u8, offset: u32) -> Option<u32> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: read with the checked helper; a bad address fails the read, nothing else.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<u32>()) }.ok()
+}
+
+#[inline(always)]
+fn read_u64(base: *const u8, offset: u32) -> Option<u64> {
+    if base.is_null() {
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<u64>()) }.ok()
+}
+
+/// Whether the self-protection offsets are known (they are wherever LSM mode runs).
+#[inline(always)]
+fn offsets_known() -> bool {
+    let o = maps::kernel_offsets();
+    o.guard_valid != 0 && o.valid != 0
+}
+
+/// Whether `task` (a `task_struct`) is labelled.
+#[inline(always)]
+fn task_labelled(task: *const u8) -> bool {
+    let o = maps::kernel_offsets();
+    // SAFETY: reading a plain value out of the map.
+    read_u32(task, o.task_pid).is_some_and(|tid| unsafe { TASKS.get(tid) }.is_some())
+}
+
+/// Whether `task` is one of countersign's own processes: the daemon's thread group, or an
+/// unlabelled process whose executable is countersign's. Unreadable: not protected here (the
+/// attach checks refuse every unlabelled target anyway).
+#[inline(always)]
+fn protected(task: *const u8) -> Option<u32> {
+    let o = maps::kernel_offsets();
+    let tgid = read_u32(task, o.task_tgid)?;
+    let daemon = maps::config().daemon_tgid;
+    if daemon != 0 && tgid == daemon {
+        return Some(tgid);
+    }
+    let guard = maps::guard_settings();
+    if guard.self_ino == 0 || task_labelled(task) {
+        return None;
+    }
+    let mm = read_ptr(task, o.task_mm)?;
+    let exe = read_ptr(mm, o.mm_exe_file)?;
+    let inode = read_ptr(exe, o.file_inode)?;
+    let (dev, ino) = inode_id(inode)?;
+    (dev == guard.self_dev && ino == guard.self_ino).then_some(tgid)
+}
+
+/// `bpf(cmd, attr, size)`: refused to labelled tasks.
+#[inline(always)]
+pub fn bpf(cmd: i32) -> i32 {
+    match guarded() {
+        Some(label) => refuse(label, TAMPER_BPF, Target::None, cmd as u16),
+        None => 0,
+    }
+}
+
+/// `ptrace_access_check(child, mode)`: a labelled task may not attach to (trace, read or
+/// write the memory of, take descriptors from) an unlabelled one, nor look into
+/// countersign's own processes at all.
+#[inline(always)]
+pub fn ptrace_access(child: *const u8, mode: u32) -> i32 {
+    let Some(label) = guarded() else {
+        return 0;
+    };
+    if !offsets_known() {
+        return refuse(label, TAMPER_PTRACE, Target::None, mode as u16);
+    }
+    if let Some(tgid) = protected(child) {
+        if mode & PTRACE_MODE_NOAUDIT != 0 {
+            return -EPERM;
+        }
+        return refuse(label, TAMPER_PTRACE, Target::Process(tgid), mode as u16);
+    }
+    if mode & PTRACE_MODE_ATTACH != 0 && !task_labelled(child) {
+        let o = maps::kernel_offsets();
+        let tgid = read_u32(child, o.task_tgid).unwrap_or(0);
+        return refuse(label, TAMPER_PTRACE, Target::Process(tgid), mode as u16);
+    }
+    0
+}
+
+/// `task_kill(p, info, sig, cred)`: no signal from a labelled task to countersign's own
+/// processes (signal 0, which only asks whether the process exists, passes).
+#[inline(always)]
+pub fn task_kill(target: *const u8, sig: i32) -> i32 {
+    if sig == 0 {
+        return 0;
+    }
+    let Some(label) = guarded() else {
+        return 0;
+    };
+    if !offsets_known() {
+        // The target cannot be told apart (LSM mode has the offsets wherever it loads: it
+        // needs the kernel's BTF); refusing every signal would break the agent's own work.
+        return 0;
+    }
+    match protected(target) {
+        Some(tgid) => refuse(label, TAMPER_SIGNAL, Target::Process(tgid), sig as u16),
+        None => 0,
+    }
+}
+
+/// `kernel_read_file(file, id, contents)` and `kernel_load_data(id, contents)`: a labelled
+/// task loads no module, kexec image, policy or certificate (firmware passes).
+#[inline(always)]
+pub fn kernel_load(id: i32) -> i32 {
+    if id == READING_FIRMWARE {
+        return 0;
+    }
+    match guarded() {
+        Some(label) => refuse(label, TAMPER_MODULE, Target::None, id as u16),
+        None => 0,
+    }
+}
+
+/// The mount hooks (`sb_mount`, `sb_umount`, `move_mount`, `sb_remount`, `sb_pivotroot`):
+/// refused to labelled tasks. `which` says which.
+#[inline(always)]
+pub fn mount(which: u16) -> i32 {
+    match guarded() {
+        Some(label) => refuse(label, TAMPER_MOUNT, Target::None, which),
+        None => 0,
+    }
+}
+
+/// The guard bits of `inode` (0: not countersign's, or unreadable).
+#[inline(always)]
+fn inode_flags(inode: *const u8) -> (u32, u64, u64) {
+    let Some((dev, ino)) = inode_id(inode) else {
+        return (0, 0, 0);
+    };
+    // SAFETY: reading a plain value out of the map.
+    let flags = unsafe { GUARD_FILES.get(&FileKey { dev, ino }) }.copied();
+    (flags.unwrap_or(0), dev, ino)
+}
+
+/// The guard bits of a dentry's inode (a negative dentry has none).
+#[inline(always)]
+fn dentry_flags(dentry: *const u8) -> (u32, u64, u64) {
+    let o = maps::kernel_offsets();
+    match read_ptr(dentry, o.dentry_inode) {
+        Some(inode) => inode_flags(inode),
+        None => (0, 0, 0),
+    }
+}
+
+/// `file_open(file)`: countersign's secrets are not opened, its files are not opened for
+/// writing, nor is anything in its directories, nor a `/proc` file outside the process
+/// directories.
+#[inline(always)]
+pub fn file_open(file: *const u8) -> i32 {
+    let Some(label) = guarded() else {
+        return 0;
+    };
+    if !offsets_known() {
+        return 0;
+    }
+    let o = maps::kernel_offsets();
+    let Some(inode) = read_ptr(file, o.file_inode) else {
+        return 0;
+    };
+    let (flags, dev, ino) = inode_flags(inode);
+    if flags & GUARD_SECRET != 0 {
+        return refuse(label, TAMPER_FILE_READ, Target::File(dev, ino), 0);
+    }
+    let writing = read_u32(file, o.file_mode).is_some_and(|m| m & FMODE_WRITE != 0);
+    if !writing {
+        return 0;
+    }
+    if flags & (GUARD_FILE | GUARD_DIR) != 0 {
+        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+    }
+    let dentry = read_ptr(file, o.file_dentry);
+    if let Some(parent) = dentry.and_then(|d| read_ptr(d, o.dentry_parent)) {
+        let (pflags, _, _) = dentry_flags(parent);
+        if pflags & GUARD_DIR != 0 {
+            return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+        }
+    }
+    let magic = read_ptr(inode, o.inode_sb).and_then(|sb| read_u64(sb, o.sb_magic));
+    match magic {
+        Some(PROC_SUPER_MAGIC) => match dentry.and_then(process_dir) {
+            None => refuse(label, TAMPER_SYSCTL, Target::File(dev, ino), 0),
+            // The daemon's `oom_score_adj`, `comm`, `attr/*` ...: its own business.
+            Some(pid) if pid == maps::config().daemon_tgid && pid != 0 => {
+                refuse(label, TAMPER_PTRACE, Target::Process(pid), 0)
+            }
+            Some(_) => 0,
+        },
+        Some(m) if KERNEL_SETTINGS_MAGIC.contains(&m) => {
+            refuse(label, TAMPER_SYSCTL, Target::File(dev, ino), 0)
+        }
+        _ => 0,
+    }
+}
+
+/// `file_truncate(file)` (kernels 6.2+, where an `open` with `O_TRUNC` no longer passes
+/// `path_truncate`): countersign's files are not truncated, even through a read-only open.
+#[inline(always)]
+pub fn file_truncate(file: *const u8) -> i32 {
+    let Some(label) = guarded() else {
+        return 0;
+    };
+    let o = maps::kernel_offsets();
+    let Some(inode) = read_ptr(file, o.file_inode) else {
+        return 0;
+    };
+    let (flags, dev, ino) = inode_flags(inode);
+    if flags & !GUARD_ANCESTOR != 0 {
+        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+    }
+    let parent = read_ptr(file, o.file_dentry).and_then(|d| read_ptr(d, o.dentry_parent));
+    if parent.is_some_and(|p| dentry_flags(p).0 & GUARD_DIR != 0) {
+        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+    }
+    0
+}
+
+/// The process whose directory a `/proc` dentry lies under (`/proc/PID/...`; `self` and
+/// `thread-self` resolve to one): its top-level directory's name, a number. `None`: not in
+/// a process directory, or unknown (deeper than [`PROC_DEPTH`], unreadable).
+#[inline(always)]
+fn process_dir(dentry: *const u8) -> Option<u32> {
+    let o = maps::kernel_offsets();
+    let mut cur = dentry;
+    let mut i = 0;
+    while i < PROC_DEPTH {
+        let parent = read_ptr(cur, o.dentry_parent)?;
+        let grand = read_ptr(parent, o.dentry_parent)?;
+        if grand == parent {
+            // `cur` is a top-level entry of /proc.
+            let name = read_ptr(cur, o.dentry_name)?;
+            // SAFETY: the name's first bytes, read with the checked helper (a pid has at most
+            // 10 digits; the name is NUL-terminated).
+            let bytes = unsafe { bpf_probe_read_kernel(name.cast::<[u8; 11]>()) }.ok()?;
+            return parse_pid(&bytes);
+        }
+        if parent == cur {
+            // The file is /proc itself.
+            return None;
+        }
+        cur = parent;
+        i += 1;
+    }
+    None
+}
+
+/// A decimal pid at the start of `bytes`, ended by a NUL (`None` otherwise).
+#[inline(always)]
+fn parse_pid(bytes: &[u8; 11]) -> Option<u32> {
+    let mut pid: u32 = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == 0 {
+            return (i > 0).then_some(pid);
+        }
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        pid = pid.checked_mul(10)?.checked_add(u32::from(b - b'0'))?;
+        i += 1;
+    }
+    None
+}
+
+/// The directory hooks that create in `dir` (`inode_create`, `inode_mkdir`, `inode_mknod`,
+/// `inode_symlink`): nothing new in countersign's directories.
+#[inline(always)]
+pub fn inode_create(dir: *const u8) -> i32 {
+    let Some(label) = guarded() else {
+        return 0;
+    };
+    let (flags, dev, ino) = inode_flags(dir);
+    if flags & GUARD_DIR != 0 {
+        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+    }
+    0
+}
+
+/// `inode_unlink(dir, dentry)` and `inode_rmdir(dir, dentry)`: nothing of countersign's is
+/// removed, nor anything in its directories.
+#[inline(always)]
+pub fn inode_remove(dir: *const u8, dentry: *const u8) -> i32 {
+    let Some(label) = guarded() else {
+        return 0;
+    };
+    let (flags, dev, ino) = dentry_flags(dentry);
+    if flags != 0 {
+        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+    }
+    let (dflags, ddev, dino) = inode_flags(dir);
+    if dflags & GUARD_DIR != 0 {
+        return refuse(label, TAMPER_FILE_WRITE, Target::File(ddev, dino), 0);
+    }
+    0
+}
+
+/// `inode_rename(old_dir, old_dentry, new_dir, new_dentry)`: nothing of countersign's is
+/// renamed or replaced, nor anything moved into or out of its directories.
+#[inline(always)]
+pub fn inode_rename(
+    old_dir: *const u8,
+    old_dentry: *const u8,
+    new_dir: *const u8,
+    new_dentry: *const u8,
+) -> i32 {
+    let Some(label) = guarded() else {
+        return 0;
+    };
+    for dentry in [old_dentry, new_dentry] {
+        let (flags, dev, ino) = dentry_flags(dentry);
+        if flags != 0 {
+            return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+        }
+    }
+    for dir in [old_dir, new_dir] {
+        let (flags, dev, ino) = inode_flags(dir);
+        if flags & GUARD_DIR != 0 {
+            return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+        }
+    }
+    0
+}
+
+/// `inode_link(old_dentry, dir, new_dentry)`: no new name for countersign's files, and no
+/// new entry in its directories.
+#[inline(always)]
+pub fn inode_link(old_dentry: *const u8, dir: *const u8) -> i32 {
+    let Some(label) = guarded() else {
+        return 0;
+    };
+    let (flags, dev, ino) = dentry_flags(old_dentry);
+    if flags & (GUARD_FILE | GUARD_SECRET) != 0 {
+        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+    }
+    let (dflags, ddev, dino) = inode_flags(dir);
+    if dflags & GUARD_DIR != 0 {
+        return refuse(label, TAMPER_FILE_WRITE, Target::File(ddev, dino), 0);
+    }
+    0
+}
+
+/// `path_truncate(path)`, `path_chmod(path, mode)`, `path_chown(path, uid, gid)`: none on
+/// countersign's files and directories (ancestors may change).
+#[inline(always)]
+pub fn path_change(path: *const u8) -> i32 {
+    let Some(label) = guarded() else {
+        return 0;
+    };
+    let o = maps::kernel_offsets();
+    let Some(dentry) = read_ptr(path, o.path_dentry) else {
+        return 0;
+    };
+    let (flags, dev, ino) = dentry_flags(dentry);
+    if flags & !GUARD_ANCESTOR != 0 {
+        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+    }
+    0
+}
+
+/// `sched_process_exit`: when the daemon's main thread exits, the kernel forgets the
+/// daemon's tgid before the pid can be given to anyone else, so that no later process with
+/// that pid is taken for the daemon (never held, protected).
+#[inline(always)]
+pub fn process_exit() {
+    let tgid = label::current_tgid();
+    if label::current_tid() != tgid {
+        return;
+    }
+    if let Some(config) = maps::CONFIG.get_ptr_mut(0) {
+        // SAFETY: the pointer comes from the map lookup and is valid for this run.
+        unsafe {
+            if (*config).daemon_tgid == tgid {
+                (*config).daemon_tgid = 0;
+            }
+        }
+    }
+}

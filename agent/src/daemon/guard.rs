@@ -1,0 +1,315 @@
+//! Self-protection, the daemon's part: which files are countersign's (the kernel refuses a
+//! labelled task's changes to them, see `agent-ebpf/src/guard.rs`), and how the attempts the
+//! kernel reports read in the records.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use countersign_ebpf as shared;
+use shared::{FileKey, GUARD_ANCESTOR, GUARD_DIR, GUARD_FILE, GUARD_SECRET};
+
+use super::{
+    config::{DaemonConfig, OnTamper},
+    enrich::{self, FileId},
+};
+use crate::paths;
+
+/// The daemon's systemd unit.
+const UNIT_NAME: &str = "countersign.service";
+/// Where systemd reads units from.
+const SYSTEMD_UNIT_DIRS: [&str; 5] = [
+    "/etc/systemd/system",
+    "/run/systemd/system",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+    "/lib/systemd/system",
+];
+
+/// What the kernel is given at load.
+#[must_use]
+pub fn settings(config: &DaemonConfig) -> shared::GuardSettings {
+    let exe = enrich::file_id(Path::new("/proc/self/exe"));
+    shared::GuardSettings {
+        kill: u32::from(config.on_tamper == OnTamper::Kill),
+        _pad: 0,
+        self_dev: exe.map_or(0, FileId::kernel_dev),
+        self_ino: exe.map_or(0, |f| f.ino),
+    }
+}
+
+/// countersign's own files and directories as the kernel knows them, and their paths (for
+/// the records).
+#[derive(Debug, Default)]
+pub struct Guarded {
+    flags: HashMap<FileKey, u32>,
+    paths: HashMap<FileKey, PathBuf>,
+}
+
+impl Guarded {
+    /// Everything of `config`'s that exists now: the configuration and policy files, the
+    /// host key (a secret) and its public half, the decision log, the spool, the pins, the
+    /// sockets and lock, the approver's and collector's keys and tokens (secrets), the
+    /// executable, the systemd unit and its drop-ins, the `protected_dirs`, and every
+    /// directory on the way to them.
+    #[must_use]
+    pub fn of(config: &DaemonConfig, policy_paths: &[PathBuf]) -> Self {
+        let mut g = Self::default();
+        if let Some(f) = &config.config_file {
+            g.add(f, GUARD_FILE);
+        }
+        for p in policy_paths {
+            let flag = if p.is_dir() { GUARD_DIR } else { GUARD_FILE };
+            g.add(p, flag);
+        }
+        g.add(&config.host_key, GUARD_SECRET);
+        g.add(&pub_key_path(&config.host_key), GUARD_FILE);
+        g.add(&config.decision_log, GUARD_FILE);
+        g.add(&config.spool_dir, GUARD_DIR);
+        g.add(&config.bpf_pin_dir, GUARD_DIR);
+        for name in [
+            paths::CONTROL_SOCKET,
+            paths::LAUNCH_SOCKET,
+            paths::LOCK_FILE,
+        ] {
+            g.add(&config.socket_dir.join(name), GUARD_FILE);
+        }
+        if let Some(a) = &config.approver {
+            if let Some(t) = &a.enroll_token_file {
+                g.add(t, GUARD_SECRET);
+            }
+            g.add(&a.state, GUARD_SECRET);
+            for f in [&a.ca_file, &a.public_key].into_iter().flatten() {
+                g.add(f, GUARD_FILE);
+            }
+        }
+        if let Some(c) = &config.collector {
+            g.add(&c.public_key, GUARD_FILE);
+            if let Some(f) = &c.ca_file {
+                g.add(f, GUARD_FILE);
+            }
+        }
+        if let Ok(exe) = std::fs::read_link("/proc/self/exe") {
+            g.add(&exe, GUARD_FILE);
+        }
+        // The unit that starts the daemon, and its drop-ins, wherever systemd looks.
+        for dir in SYSTEMD_UNIT_DIRS {
+            let unit = Path::new(dir).join(UNIT_NAME);
+            g.add(&unit, GUARD_FILE);
+            let mut dropins = unit.into_os_string();
+            dropins.push(".d");
+            g.add(Path::new(&dropins), GUARD_DIR);
+        }
+        for d in &config.protected_dirs {
+            g.add(d, GUARD_DIR);
+        }
+        // The daemon's own cgroup: `cgroup.kill`, `cgroup.freeze` and the limits there would
+        // stop it without a signal.
+        if let Some(cg) = own_cgroup() {
+            g.add(&cg, GUARD_DIR);
+        }
+        g
+    }
+
+    /// Adds `path` (if it exists) with `flag`, and its ancestors as such.
+    fn add(&mut self, path: &Path, flag: u32) {
+        let Some(id) = enrich::file_id(path) else {
+            return;
+        };
+        let key = FileKey {
+            dev: id.kernel_dev(),
+            ino: id.ino,
+        };
+        *self.flags.entry(key).or_default() |= flag;
+        self.paths.entry(key).or_insert_with(|| path.to_path_buf());
+        let mut at = path.parent();
+        while let Some(dir) = at {
+            if let Some(id) = enrich::file_id(dir) {
+                let key = FileKey {
+                    dev: id.kernel_dev(),
+                    ino: id.ino,
+                };
+                *self.flags.entry(key).or_default() |= GUARD_ANCESTOR;
+                self.paths.entry(key).or_insert_with(|| dir.to_path_buf());
+            }
+            at = dir.parent();
+        }
+    }
+
+    /// The entries for the kernel, at most `MAX_GUARD_FILES` (the guarded files first, then
+    /// the ancestors), and how many did not fit.
+    #[must_use]
+    pub fn entries(&self) -> (Vec<(FileKey, u32)>, usize) {
+        let mut all: Vec<(FileKey, u32)> = self.flags.iter().map(|(k, f)| (*k, *f)).collect();
+        all.sort_by_key(|(k, f)| (*f == GUARD_ANCESTOR, k.dev, k.ino));
+        let max = shared::MAX_GUARD_FILES as usize;
+        let dropped = all.len().saturating_sub(max);
+        all.truncate(max);
+        (all, dropped)
+    }
+
+    /// The path a guarded file was registered under.
+    #[must_use]
+    pub fn path_of(&self, dev: u64, ino: u64) -> Option<&Path> {
+        self.paths.get(&FileKey { dev, ino }).map(PathBuf::as_path)
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.flags.len()
+    }
+}
+
+/// The daemon's cgroup directory (not the root: that is everyone's).
+fn own_cgroup() -> Option<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let rel = rel.trim().trim_start_matches('/');
+    if rel.is_empty() {
+        return None;
+    }
+    Some(crate::ebpf::cgroup2_root()?.join(rel))
+}
+
+/// Where the host key's public half is kept (`host.key` → `host.key.pub`).
+fn pub_key_path(key: &Path) -> PathBuf {
+    let mut s = key.as_os_str().to_owned();
+    s.push(".pub");
+    PathBuf::from(s)
+}
+
+/// A thread's process id and real uid, from `/proc/TID/status`.
+#[must_use]
+pub fn task_ids(tid: u32) -> Option<(u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .split_whitespace()
+            .next()?
+            .parse::<u32>()
+            .ok()
+    };
+    Some((field("Tgid:")?, field("Uid:")?))
+}
+
+/// The record's name for a `TAMPER_*` code.
+#[must_use]
+pub fn attempt_name(detail: i32) -> &'static str {
+    match detail {
+        shared::TAMPER_BPF => "bpf",
+        shared::TAMPER_PTRACE => "ptrace",
+        shared::TAMPER_SIGNAL => "signal",
+        shared::TAMPER_MODULE => "module",
+        shared::TAMPER_MOUNT => "mount",
+        shared::TAMPER_FILE_WRITE => "file-write",
+        shared::TAMPER_FILE_READ => "file-read",
+        shared::TAMPER_SYSCTL => "sysctl",
+        _ => "unknown",
+    }
+}
+
+/// What a kernel tamper event was aimed at, as a person reads it.
+#[must_use]
+pub fn target_text(ev: &shared::Event, guarded: &Guarded, daemon_pid: u32) -> String {
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&ev.addr[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(b)
+    };
+    let tgid = u32::from_le_bytes([ev.addr[0], ev.addr[1], ev.addr[2], ev.addr[3]]);
+    let process = || {
+        if tgid == daemon_pid {
+            format!("the countersign daemon (pid {tgid})")
+        } else if tgid == 0 {
+            "a process that could not be identified".to_owned()
+        } else {
+            let exe = enrich::readlink(tgid, "exe").unwrap_or_else(|| "gone".into());
+            format!("pid {tgid} ({exe})")
+        }
+    };
+    let file = || {
+        let (dev, ino) = (word(0), word(1));
+        match guarded.path_of(dev, ino) {
+            Some(p) => p.display().to_string(),
+            None => {
+                let id = FileId::from_kernel(dev, ino);
+                format!(
+                    "file {}:{} inode {ino}",
+                    libc::major(id.dev),
+                    libc::minor(id.dev)
+                )
+            }
+        }
+    };
+    match ev.detail {
+        shared::TAMPER_BPF => format!("bpf() command {}", ev.port),
+        shared::TAMPER_PTRACE => format!("{} (access mode {:#x})", process(), ev.port),
+        shared::TAMPER_SIGNAL => format!("signal {} to {}", ev.port, process()),
+        shared::TAMPER_MODULE => match ev.port {
+            2 => "a kernel module".into(),
+            3 | 4 => "a kexec image".into(),
+            5 => "a security policy".into(),
+            6 => "an X.509 certificate".into(),
+            n => format!("kernel data of kind {n}"),
+        },
+        shared::TAMPER_MOUNT => match ev.port {
+            1 => "mount".into(),
+            2 => "unmount".into(),
+            3 => "move a mount".into(),
+            4 => "remount".into(),
+            5 => "pivot_root".into(),
+            n => format!("mount operation {n}"),
+        },
+        shared::TAMPER_SYSCTL => {
+            let (_, ino) = (word(0), word(1));
+            format!("a kernel setting under /proc (inode {ino})")
+        }
+        _ => file(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_and_their_directories_are_guarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("host.key");
+        std::fs::write(&key, b"secret").unwrap();
+        std::fs::write(dir.path().join("host.key.pub"), b"public").unwrap();
+        let spool = dir.path().join("spool");
+        std::fs::create_dir(&spool).unwrap();
+        let config = DaemonConfig {
+            host_key: key.clone(),
+            spool_dir: spool.clone(),
+            socket_dir: dir.path().join("none"),
+            protected_dirs: Vec::new(),
+            ..DaemonConfig::default()
+        };
+        let g = Guarded::of(&config, &[]);
+        let flags = |p: &Path| {
+            let id = enrich::file_id(p).unwrap();
+            g.flags
+                .get(&FileKey {
+                    dev: id.kernel_dev(),
+                    ino: id.ino,
+                })
+                .copied()
+        };
+        assert_eq!(flags(&key), Some(GUARD_SECRET));
+        assert_eq!(flags(&dir.path().join("host.key.pub")), Some(GUARD_FILE));
+        assert_eq!(flags(&spool), Some(GUARD_DIR));
+        assert_eq!(flags(dir.path()), Some(GUARD_ANCESTOR));
+        assert_eq!(flags(Path::new("/")), Some(GUARD_ANCESTOR));
+        let id = enrich::file_id(&key).unwrap();
+        assert_eq!(g.path_of(id.kernel_dev(), id.ino), Some(key.as_path()));
+        // Guarded files go first when the map cannot take them all.
+        let (entries, dropped) = g.entries();
+        assert_eq!(dropped, 0);
+        assert_ne!(entries[0].1, GUARD_ANCESTOR);
+        assert_eq!(entries.last().unwrap().1, GUARD_ANCESTOR);
+    }
+}

@@ -1,0 +1,276 @@
+//! Self-protection: a labelled root agent tries to change, stop, read or step around
+//! countersign (`cs-escape tamper-*`, one attempt per run). Each attempt first runs unlabelled
+//! as root and must succeed (else the labelled run would prove nothing); labelled, in LSM mode
+//! every one is refused and recorded as a signed `tamper` record; in fallback mode exactly
+//! what the README states is refused (a launched agent's `bpf`, `ptrace`, module loads and
+//! mounts, by its seccomp filter), and the rest is shown to get through, as documented.
+use std::{collections::BTreeMap, os::unix::process::ExitStatusExt as _, path::Path};
+
+use countersign_tests::{Daemon, Proc, WAIT, escape_bin};
+use serde_json::Value;
+
+/// What the attempts are allowed to touch: a policy file of the daemon's own.
+fn start(extra: &[&str]) -> (Daemon, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: agent\n    default: {outcome: escalate}\n",
+    )
+    .expect("the policy");
+    let mut args = vec!["--policy", policy.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    (Daemon::start_with(&args), dir)
+}
+
+fn escape() -> String {
+    escape_bin().to_str().expect("utf-8 path").to_owned()
+}
+
+/// The attempt unlabelled, as root: it must succeed.
+fn control(args: &[&str]) {
+    let out = std::process::Command::new(escape())
+        .args(args)
+        .output()
+        .expect("cs-escape unlabelled");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "tampered",
+        "`cs-escape {}` does not work even unlabelled on this machine ({}): the labelled run would prove nothing",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+/// The attempt labelled (its own exec approved): what it printed, and whether it was killed.
+fn labelled(d: &Daemon, args: &[&str]) -> (String, bool) {
+    let bin = escape();
+    let mut cmd = vec![bin.as_str()];
+    cmd.extend_from_slice(args);
+    let mut p = d.labelled("agent", &cmd);
+    let exec = d.wait_exec(p.pid(), args[0]);
+    d.decide(&exec, "approve");
+    let status = p.wait(WAIT);
+    (
+        p.stdout().trim().to_owned(),
+        status.signal() == Some(libc::SIGKILL),
+    )
+}
+
+/// The refusals by kind that `status` reports.
+fn refused(d: &Daemon) -> BTreeMap<String, u64> {
+    d.status()["self_protection"]["refused"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until `status` counts one more refusal of `attempt` than `before`.
+fn wait_counted(d: &Daemon, attempt: &str, before: &BTreeMap<String, u64>) {
+    let deadline = std::time::Instant::now() + WAIT;
+    let was = before.get(attempt).copied().unwrap_or(0);
+    while refused(d).get(attempt).copied().unwrap_or(0) <= was {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {attempt} refusal counted: {:?}\n{}",
+            refused(d),
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+}
+
+/// What one attempt must meet in this mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expect {
+    /// Refused (`EPERM`, or `EACCES` where the kernel reports a refused access so) and
+    /// counted as this kind of tamper attempt.
+    Refused(&'static str),
+    /// Not refused (fallback mode: a stated limit, README "Modes and their limits").
+    GetsThrough,
+}
+
+/// Runs the attempt unlabelled (it must succeed), then labelled, and checks `expect`.
+fn attempt(d: &Daemon, args: &[&str], expect: Expect) {
+    control(args);
+    let before = refused(d);
+    let (stdout, killed) = labelled(d, args);
+    match expect {
+        Expect::Refused(kind) => {
+            // `/proc/PID/mem` reports a refused access as EACCES.
+            let refused = [libc::EPERM, libc::EACCES].map(|e| format!("error {e}"));
+            assert!(
+                refused.contains(&stdout) && !killed,
+                "TAMPER: `cs-escape {}` labelled printed {stdout:?} (killed: {killed})",
+                args.join(" ")
+            );
+            wait_counted(d, kind, &before);
+        }
+        Expect::GetsThrough => assert_eq!(
+            stdout,
+            "tampered",
+            "fallback mode: `cs-escape {}` is documented to get through",
+            args.join(" ")
+        ),
+    }
+}
+
+/// Every attempt on countersign, in one daemon: refused in LSM mode; in fallback mode what
+/// a launched agent's filter refuses is refused and the rest documented as getting through.
+#[test]
+fn a_labelled_root_cannot_tamper_with_countersign() {
+    let (d, dir) = start(&[]);
+    let lsm = d.is_lsm();
+    let status = d.status();
+    assert_eq!(
+        status["self_protection"]["contained"], lsm,
+        "{}",
+        status["self_protection"]
+    );
+    // In fallback mode the filter refuses these; the rest is not contained.
+    let filtered = |kind| Expect::Refused(kind);
+    let hooked = |kind| {
+        if lsm {
+            Expect::Refused(kind)
+        } else {
+            Expect::GetsThrough
+        }
+    };
+    let daemon = d.pid().to_string();
+    let victim: Proc = d.unlabelled(&["sleep", "600"]);
+    let victim_pid = victim.pid().to_string();
+    let pin = d.pin_dir().join("CS_CONFIG");
+    let pin = pin.to_str().expect("utf-8 path");
+    let policy = dir.path().join("policy.yaml");
+    let policy = policy.to_str().expect("utf-8 path");
+    let key = d.dir().join("host.key");
+    let log = d.dir().join("decisions.jsonl");
+    let spool = d.spool_dir();
+    let mnt = tempfile::tempdir().expect("a mount point");
+
+    attempt(&d, &["tamper-bpf", pin], filtered("bpf"));
+    attempt(&d, &["tamper-ptrace", &victim_pid], filtered("ptrace"));
+    attempt(&d, &["tamper-ptrace", &daemon], filtered("ptrace"));
+    attempt(&d, &["tamper-pidfd-getfd", &daemon], filtered("ptrace"));
+    attempt(
+        &d,
+        &["tamper-mount", mnt.path().to_str().expect("utf-8 path")],
+        filtered("mount"),
+    );
+    attempt(&d, &["tamper-module"], filtered("module"));
+    attempt(&d, &["tamper-mem", &victim_pid], hooked("ptrace"));
+    attempt(&d, &["tamper-signal", &daemon], hooked("signal"));
+    attempt(&d, &["tamper-write", policy], hooked("file-write"));
+    attempt(
+        &d,
+        &["tamper-read", key.to_str().expect("utf-8 path")],
+        hooked("file-read"),
+    );
+    attempt(
+        &d,
+        &["tamper-rename", log.to_str().expect("utf-8 path")],
+        hooked("file-write"),
+    );
+    attempt(
+        &d,
+        &["tamper-create", spool.to_str().expect("utf-8 path")],
+        hooked("file-write"),
+    );
+    attempt(&d, &["tamper-rename", pin], hooked("file-write"));
+    attempt(&d, &["tamper-sysctl"], hooked("sysctl"));
+    // The daemon's own /proc files (its OOM score: it is exempt from the OOM killer where
+    // its root may lower it, which takes CAP_SYS_RESOURCE; else it says so).
+    let oom = format!("/proc/{daemon}/oom_score_adj");
+    let score = std::fs::read_to_string(&oom).expect("the daemon's OOM score");
+    assert!(
+        score.trim() == "-1000"
+            || d.log()
+                .contains("could not exempt the daemon from the OOM killer"),
+        "OOM score {score}"
+    );
+    attempt(&d, &["tamper-write", &oom], hooked("ptrace"));
+    attempt(&d, &["tamper-truncate", policy], hooked("file-write"));
+    if Path::new("/sys/kernel/uevent_helper").exists() {
+        attempt(&d, &["tamper-sysfs"], hooked("sysctl"));
+    } else {
+        eprintln!("this kernel has no /sys/kernel/uevent_helper: the sysfs attempt is not made");
+    }
+
+    // Not everything is refused: a signal to a process that is not countersign's, and
+    // opening files that are not countersign's, are the agent's own business.
+    let (stdout, _) = labelled(&d, &["tamper-signal", &victim_pid]);
+    assert_eq!(stdout, "tampered");
+    let own = mnt.path().join("own");
+    std::fs::write(&own, b"").expect("a file of the agent's");
+    let (stdout, _) = labelled(&d, &["tamper-write", own.to_str().expect("utf-8 path")]);
+    assert_eq!(stdout, "tampered");
+    let (stdout, _) = labelled(&d, &["tamper-write", "/proc/self/oom_score_adj"]);
+    assert_eq!(
+        stdout, "tampered",
+        "a process's own /proc files are its own"
+    );
+
+    // Each refusal is a signed `tamper` record, and the chain verifies.
+    let records = super::records::spooled_records(&d.spool_dir());
+    let tampers: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["body"]["type"] == "tamper")
+        .collect();
+    let bpf = tampers
+        .iter()
+        .find(|r| r["body"]["attempt"] == "bpf")
+        .unwrap_or_else(|| panic!("no bpf tamper record: {tampers:?}"));
+    assert_eq!(bpf["body"]["label"], "agent", "{bpf}");
+    assert_eq!(bpf["body"]["applied"], "eperm", "{bpf}");
+    assert_eq!(
+        bpf["body"]["by"],
+        if lsm { "kernel" } else { "seccomp" },
+        "{bpf}"
+    );
+    // The process may be gone before the daemon reads its executable; its name stays.
+    assert_eq!(bpf["body"]["comm"], "cs-escape", "{bpf}");
+    if lsm {
+        let read = tampers
+            .iter()
+            .find(|r| r["body"]["attempt"] == "file-read")
+            .unwrap_or_else(|| panic!("no file-read tamper record: {tampers:?}"));
+        assert_eq!(
+            read["body"]["target"],
+            key.to_str().expect("utf-8 path"),
+            "{read}"
+        );
+    }
+    let out = std::process::Command::new(countersign_tests::countersign_bin())
+        .args(["records", "verify"])
+        .arg(d.spool_dir())
+        .arg("--key")
+        .arg(d.host_pub())
+        .output()
+        .expect("records verify");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(Path::new(policy).exists() && key.exists());
+}
+
+/// `on_tamper: kill`: the attempt is refused and the agent killed.
+#[test]
+fn on_tamper_kill_kills_the_agent() {
+    let (d, _dir) = start(&["--on-tamper", "kill"]);
+    let pin = d.pin_dir().join("CS_CONFIG");
+    let args = ["tamper-bpf", pin.to_str().expect("utf-8 path")];
+    control(&args);
+    let before = refused(&d);
+    let (stdout, killed) = labelled(&d, &args);
+    assert!(killed, "not killed; printed {stdout:?}");
+    assert_ne!(stdout, "tampered");
+    wait_counted(&d, "bpf", &before);
+    assert_eq!(d.status()["self_protection"]["on_tamper"], "kill");
+}
