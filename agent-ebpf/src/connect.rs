@@ -25,7 +25,7 @@ use aya_ebpf::{
 use countersign_ebpf::{
     CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_UNHOLDABLE, FLAG_GRANT_CHECK,
     GrantConnectKey, KIND_CANARY_CONNECT, KIND_CONNECT, KIND_SEND, KIND_UNIX, LABEL_CANARY,
-    MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED,
+    LABEL_NONE, MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED,
     STAT_GRANT_ALLOWED, STAT_SEND_DECIDED, STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED,
     STATE_IDLE, STATE_PENDING, SendDecided, SendKey, TaskState, UNIX_ALLOW, connect_hash,
 };
@@ -386,6 +386,9 @@ pub fn lsm_unix(peer_sk: *const u8, sock_type: u16) -> Verdict {
             Some(UNIX_ALLOW) => return Verdict::Allow,
             Some(_) => {}
             None if crate::unix::hold_all(label) => {}
+            // A deputy the daemon holds for every label (label 0) unless the label's own
+            // rule names it.
+            None if crate::unix::rule(LABEL_NONE, peer).is_some() => {}
             None => return Verdict::Allow,
         }
         match decided(label, &dest, 0) {

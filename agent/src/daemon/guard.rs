@@ -26,6 +26,33 @@ const SYSTEMD_UNIT_DIRS: [&str; 5] = [
     "/lib/systemd/system",
 ];
 
+/// Local services that act as root for whoever reaches them and can stop countersign or run
+/// anything unlabelled: systemd (its private socket and the system bus, through which
+/// `systemctl stop countersign` goes) and the container runtimes. A labelled task's connect
+/// to one is held for a human unless its label's policy names the socket (`unix:` rules).
+pub const DEPUTY_SOCKETS: [&str; 7] = [
+    "/run/systemd/private",
+    "/run/dbus/system_bus_socket",
+    "/run/docker.sock",
+    "/var/run/docker.sock",
+    "/run/containerd/containerd.sock",
+    "/run/podman/podman.sock",
+    "/run/crio/crio.sock",
+];
+
+/// The deputy sockets that exist now, as the kernel knows them: (device, inode).
+#[must_use]
+pub fn deputies() -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = DEPUTY_SOCKETS
+        .iter()
+        .filter_map(|p| enrich::file_id(Path::new(p)))
+        .map(|f| (f.kernel_dev(), f.ino))
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// What the kernel is given at load.
 #[must_use]
 pub fn settings(config: &DaemonConfig) -> shared::GuardSettings {

@@ -157,6 +157,8 @@ struct Daemon {
     guarded: guard::Guarded,
     /// Labelled tasks' attempts on countersign refused since the start, by kind.
     tampers: BTreeMap<&'static str, u64>,
+    /// The deputy sockets (`guard::DEPUTY_SOCKETS`) as installed: (device, inode).
+    deputies: Vec<(u64, u64)>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -331,6 +333,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         names,
         guarded: guard::Guarded::default(),
         tampers: BTreeMap::new(),
+        deputies: Vec::new(),
     };
     if let Some(target) = shipper {
         tracing::info!(url = target.url, "shipping records");
@@ -489,6 +492,8 @@ fn policy_stamp(
         paths.extend(p.labels.iter().flat_map(|l| l.matches.executable.clone()));
         paths.extend(policy::compile::unix_paths(p));
     }
+    // A deputy started after the daemon (the system bus at boot) is held once it appears.
+    paths.extend(guard::DEPUTY_SOCKETS.iter().map(std::path::PathBuf::from));
     paths.sort();
     paths.dedup();
     paths
@@ -1501,6 +1506,19 @@ impl Daemon {
                 hold_all.push(id);
             }
         }
+        // The deputies, for every label (label 0): held unless a label's own rule names them.
+        self.deputies = guard::deputies();
+        for (dev, ino) in &self.deputies {
+            unix.push((
+                shared::ExecKey {
+                    label: shared::LABEL_NONE,
+                    _pad: 0,
+                    dev: *dev,
+                    ino: *ino,
+                },
+                shared::UNIX_HOLD,
+            ));
+        }
         self.kernel.set_unix_rules(&unix, &hold_all)?;
         // What processes' sends were decided under the earlier policy is asked again.
         self.kernel.forget_send_decisions()?;
@@ -1518,11 +1536,29 @@ impl Daemon {
         let policy = self.policy.as_ref()?;
         let action = self.action(held, &held.event)?;
         let v = policy.evaluate(&held.view.label, &action)?;
+        if v.rule.is_none() && v.decision.outcome == Outcome::Allow && self.to_deputy(held) {
+            // Not the label's default: a person decides whether the agent may ask a root
+            // service to act for it (stop countersign, start a container, a unit).
+            return Some((
+                Outcome::Escalate,
+                "built in: a local service that acts as root for whoever reaches it (no rule of the label names it)".to_owned(),
+                None,
+            ));
+        }
         Some((
             v.decision.outcome,
             v.describe_rule(),
             v.decision.escalation(),
         ))
+    }
+
+    /// Whether a held `unix` request reaches one of the deputy sockets.
+    fn to_deputy(&self, held: &Held) -> bool {
+        if held.kind != ActionKind::Unix {
+            return false;
+        }
+        let peer = shared::UnixPeer::from_addr(&held.event.addr);
+        self.deputies.contains(&(peer.dev, peer.ino))
     }
 
     /// A query to one of the host's trusted resolvers (port 53) that no rule of the label

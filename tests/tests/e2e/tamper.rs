@@ -274,3 +274,77 @@ fn on_tamper_kill_kills_the_agent() {
     wait_counted(&d, "bpf", &before);
     assert_eq!(d.status()["self_protection"]["on_tamper"], "kill");
 }
+
+/// The service manager and the container runtimes act as root for whoever reaches them
+/// (`systemctl stop countersign` goes to systemd over its socket or the system bus): a
+/// labelled task's connect to one is held for a human even where its label allows
+/// everything, unless a rule of the label names the socket. LSM mode (fallback mode does not
+/// hold local sockets: README "Not held yet").
+#[test]
+fn deputies_that_could_stop_countersign_are_held_for_a_human() {
+    use std::os::unix::net::UnixListener;
+    let bus = Path::new("/run/dbus/system_bus_socket");
+    if countersign_tests::expected_mode().is_none_or(|m| m != "lsm") {
+        eprintln!("fallback mode: local sockets are not held (README: Not held yet)");
+        return;
+    }
+    assert!(
+        !bus.exists(),
+        "the test machine runs a system bus; this scenario binds its own"
+    );
+    std::fs::create_dir_all("/run/dbus").expect("/run/dbus");
+    let listener = UnixListener::bind(bus).expect("a stand-in system bus");
+    listener.set_nonblocking(true).expect("non-blocking");
+    struct Unbind;
+    impl Drop for Unbind {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file("/run/dbus/system_bus_socket");
+        }
+    }
+    let _unbind = Unbind;
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let other = other_dir.path().join("service.sock");
+    let other_listener = UnixListener::bind(&other).expect("another local service");
+    other_listener.set_nonblocking(true).expect("non-blocking");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: agent\n    default: {outcome: allow}\n",
+    )
+    .expect("the policy");
+    let d = Daemon::start_with(&["--policy", policy.to_str().expect("utf-8 path")]);
+    let bus = bus.to_str().expect("utf-8 path");
+
+    // Everything else is allowed in the kernel, without a request.
+    let bin = escape();
+    let mut p = d.labelled(
+        "agent",
+        &[&bin, "unix-connect", other.to_str().expect("utf-8")],
+    );
+    assert!(p.wait(WAIT).success(), "{}", p.stderr());
+    assert_eq!(p.stdout().trim(), "connected");
+    assert!(other_listener.accept().is_ok());
+
+    // The system bus: held, shown as the built-in rule, and denied here.
+    let mut p = d.labelled("agent", &[&bin, "unix-connect", bus]);
+    let r = d.wait_request("a connect to the system bus", |r| {
+        r["pid"] == p.pid() && r["kind"] == "unix"
+    });
+    assert_eq!(r["destination"], format!("unix:{bus}"), "{r}");
+    assert!(
+        r["rule"]
+            .as_str()
+            .is_some_and(|x| x.starts_with("built in")),
+        "{r}"
+    );
+    assert!(
+        listener.accept().is_err(),
+        "nothing reached the bus while held"
+    );
+    d.decide(&r, "deny");
+    assert!(!p.wait(WAIT).success());
+    assert_eq!(p.stdout().trim(), format!("error {}", libc::EPERM));
+    assert!(listener.accept().is_err(), "nothing reached the bus");
+}
