@@ -247,6 +247,23 @@ impl Daemon {
         );
     }
 
+    /// Asserts that `countersign records verify` accepts the daemon's spool with its key.
+    pub fn assert_records_verify(&self) {
+        let out = Command::new(countersign_bin())
+            .args(["records", "verify"])
+            .arg(self.spool_dir())
+            .arg("--key")
+            .arg(self.host_pub())
+            .output()
+            .expect("records verify");
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Where the daemon pins its maps and links.
     #[must_use]
     pub fn pin_dir(&self) -> &Path {

@@ -722,23 +722,9 @@ impl Daemon {
         };
         tracing::warn!(pid = ev.tgid, tid = ev.tid, label = %self.label_name(ev.label),
             action = %kind, what, decision, "{by}");
-        let now = Instant::now();
-        let key = (ev.tgid, format!("{kind} {what}"));
-        if self
-            .refusals
-            .get(&key)
-            .is_some_and(|t| now.duration_since(*t) < REFUSAL_RECORD_EVERY)
-        {
+        if !self.first_this_minute(ev.tgid, format!("{kind} {what}")) {
             return;
         }
-        if self.refusals.len() >= MAX_REFUSALS {
-            self.refusals
-                .retain(|_, t| now.duration_since(*t) < REFUSAL_RECORD_EVERY);
-            if self.refusals.len() >= MAX_REFUSALS {
-                return;
-            }
-        }
-        self.refusals.insert(key, now);
         let id = self.next_id;
         self.next_id += 1;
         let (mut view, _) = self.describe(id, ev, kind, None);
@@ -824,23 +810,9 @@ impl Daemon {
             applied,
             "a labelled task tried to tamper with countersign: refused"
         );
-        let now = Instant::now();
-        let key = (pid, format!("tamper {attempt} {target}"));
-        if self
-            .refusals
-            .get(&key)
-            .is_some_and(|t| now.duration_since(*t) < REFUSAL_RECORD_EVERY)
-        {
+        if !self.first_this_minute(pid, format!("tamper {attempt} {target}")) {
             return;
         }
-        if self.refusals.len() >= MAX_REFUSALS {
-            self.refusals
-                .retain(|_, t| now.duration_since(*t) < REFUSAL_RECORD_EVERY);
-            if self.refusals.len() >= MAX_REFUSALS {
-                return;
-            }
-        }
-        self.refusals.insert(key, now);
         let (argv, _) = enrich::cmdline(pid).unwrap_or_default();
         let record = records::TamperRecord {
             attempt: attempt.to_owned(),
@@ -863,6 +835,30 @@ impl Daemon {
         if let Err(e) = self.try_append(Body::Tamper(record)) {
             tracing::error!(error = %e, "cannot record a tamper attempt");
         }
+    }
+
+    /// Whether a refusal of `what` by process `pid` is the first within
+    /// [`REFUSAL_RECORD_EVERY`] (and so recorded): a storm of refusals cannot flood the spool.
+    /// Past [`MAX_REFUSALS`] remembered ones, nothing more is recorded until they age out.
+    fn first_this_minute(&mut self, pid: u32, what: String) -> bool {
+        let now = Instant::now();
+        let key = (pid, what);
+        if self
+            .refusals
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < REFUSAL_RECORD_EVERY)
+        {
+            return false;
+        }
+        if self.refusals.len() >= MAX_REFUSALS {
+            self.refusals
+                .retain(|_, t| now.duration_since(*t) < REFUSAL_RECORD_EVERY);
+            if self.refusals.len() >= MAX_REFUSALS {
+                return false;
+            }
+        }
+        self.refusals.insert(key, now);
+        true
     }
 
     /// A new held request.

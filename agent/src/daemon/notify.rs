@@ -74,7 +74,7 @@ const EXECVEATS: [u32; 2] = [281, 387];
 /// while the call waits (so that the record names the process), then answers `EPERM`; if the
 /// daemon is gone the call fails with `ENOSYS`.
 #[cfg(target_arch = "x86_64")]
-const NATIVE_GUARDED: [(u32, &str); 42] = [
+const NATIVE_GUARDED: [(u32, &str); 20] = [
     (321, "bpf"),
     (101, "ptrace"),
     (310, "ptrace"),
@@ -95,30 +95,15 @@ const NATIVE_GUARDED: [(u32, &str); 42] = [
     (432, "mount"),
     (433, "mount"),
     (442, "mount"),
-    // x32: the same calls with the x32 bit, and its own numbers where they differ.
-    (X32_BIT | 321, "bpf"),
-    (X32_BIT | 521, "ptrace"),
-    (X32_BIT | 539, "ptrace"),
-    (X32_BIT | 540, "ptrace"),
-    (X32_BIT | 438, "ptrace"),
-    (X32_BIT | 175, "module"),
-    (X32_BIT | 313, "module"),
-    (X32_BIT | 176, "module"),
-    (X32_BIT | 528, "module"),
-    (X32_BIT | 320, "module"),
-    (X32_BIT | 165, "mount"),
-    (X32_BIT | 166, "mount"),
-    (X32_BIT | 155, "mount"),
-    (X32_BIT | 428, "mount"),
-    (X32_BIT | 429, "mount"),
-    (X32_BIT | 430, "mount"),
-    (X32_BIT | 431, "mount"),
-    (X32_BIT | 432, "mount"),
-    (X32_BIT | 433, "mount"),
-    (X32_BIT | 442, "mount"),
-    // `kexec_load`'s x32 number besides the native one (x32 has both).
-    (X32_BIT | 246, "module"),
-    (X32_BIT | 101, "ptrace"),
+];
+/// x32 (with [`X32_BIT`]): the native numbers, and these where x32 has its own (`ptrace`,
+/// `kexec_load`, `process_vm_readv/writev`).
+#[cfg(target_arch = "x86_64")]
+const X32_OWN_GUARDED: [(u32, &str); 4] = [
+    (521, "ptrace"),
+    (528, "module"),
+    (539, "ptrace"),
+    (540, "ptrace"),
 ];
 #[cfg(target_arch = "x86_64")]
 const COMPAT_GUARDED: [(u32, &str); 20] = [
@@ -189,18 +174,30 @@ const COMPAT_GUARDED: [(u32, &str); 19] = [
     (442, "mount"),
 ];
 
+/// Every guarded call of the native architecture's ABIs (on x86_64, x32's too).
+fn native_guarded() -> impl Iterator<Item = (u32, &'static str)> {
+    #[cfg(target_arch = "x86_64")]
+    let x32 = NATIVE_GUARDED
+        .iter()
+        .chain(&X32_OWN_GUARDED)
+        .map(|(n, k)| (X32_BIT | n, *k));
+    #[cfg(not(target_arch = "x86_64"))]
+    let x32 = std::iter::empty();
+    NATIVE_GUARDED.iter().copied().chain(x32)
+}
+
 /// The kind of tamper attempt a notified call is (`None`: not one the filter refuses).
 #[must_use]
 pub fn guarded(arch: u32, nr: i32) -> Option<&'static str> {
     let nr = nr as u32;
-    let list: &[(u32, &str)] = if arch == NATIVE_ARCH {
-        &NATIVE_GUARDED
+    let found = |(n, k): (u32, &'static str)| (n == nr).then_some(k);
+    if arch == NATIVE_ARCH {
+        native_guarded().find_map(found)
     } else if arch == COMPAT_ARCH {
-        &COMPAT_GUARDED
+        COMPAT_GUARDED.iter().copied().find_map(found)
     } else {
-        return None;
-    };
-    list.iter().find(|(n, _)| *n == nr).map(|(_, k)| *k)
+        None
+    }
 }
 
 /// What a notified system call is, as the daemon needs it.
@@ -260,7 +257,7 @@ fn program() -> Vec<libc::sock_filter> {
     let native: Vec<u32> = NATIVE_EXECS
         .iter()
         .copied()
-        .chain(NATIVE_GUARDED.iter().map(|(n, _)| *n))
+        .chain(native_guarded().map(|(n, _)| n))
         .collect();
     let compat: Vec<u32> = COMPAT_EXECS
         .iter()
@@ -695,7 +692,7 @@ mod tests {
             );
             assert!(Call::of(COMPAT_ARCH, nr as i32).unwrap().narrow);
         }
-        for (nr, _) in NATIVE_GUARDED {
+        for (nr, _) in native_guarded() {
             assert_eq!(
                 run(&p, NATIVE_ARCH, nr),
                 libc::SECCOMP_RET_USER_NOTIF,
@@ -763,6 +760,11 @@ mod tests {
         assert!(ia32at.narrow && ia32at.at);
         // A native number that is not an exec under the compat ABI.
         assert!(Call::of(COMPAT_ARCH, 59).is_none());
+        // x32's own numbers of guarded calls, and the shared ones with the x32 bit.
+        assert_eq!(guarded(NATIVE_ARCH, (X32_BIT | 521) as i32), Some("ptrace"));
+        assert_eq!(guarded(NATIVE_ARCH, (X32_BIT | 321) as i32), Some("bpf"));
+        assert_eq!(guarded(COMPAT_ARCH, 357), Some("bpf"));
+        assert_eq!(guarded(COMPAT_ARCH, 321), None);
     }
 
     #[test]

@@ -33,18 +33,13 @@ pub fn event(record: &Record) -> Option<Value> {
     };
     let time = crate::collector::time_ms(&record.time).unwrap_or(0);
     let user = json!({"uid": q.uid.to_string(), "name": q.user});
-    let process = json!({
-        "pid": q.pid,
-        "tid": q.tid,
-        "cmd_line": q.argv.join(" "),
-        "file": q.binary.as_ref().map(|b| json!({
-            "path": b,
-            "name": b.rsplit('/').next().unwrap_or(b),
-            "type_id": 1,
-        })),
-        "user": user,
-        "parent_process": q.parents.first().map(|p| json!({"pid": p.pid, "name": p.comm})),
-    });
+    let process = process_json(
+        (q.pid, q.tid),
+        &q.argv,
+        q.binary.as_deref(),
+        &user,
+        &q.parents,
+    );
     let approvals: Vec<Value> = d
         .approver_decision
         .as_ref()
@@ -163,6 +158,14 @@ pub fn event(record: &Record) -> Option<Value> {
 fn tamper(record: &Record, t: &super::TamperRecord) -> Value {
     let time = crate::collector::time_ms(&record.time).unwrap_or(0);
     let user = json!({"uid": t.uid.to_string(), "name": t.user});
+    let mut process = process_json(
+        (t.pid, t.tid),
+        &t.argv,
+        t.binary.as_deref(),
+        &user,
+        &t.parents,
+    );
+    process["name"] = t.comm.clone().into();
     let uid = format!("{}:{}", record.chain_id, record.seq);
     json!({
         "class_uid": 2004,
@@ -195,19 +198,7 @@ fn tamper(record: &Record, t: &super::TamperRecord) -> Value {
             "product": {"name": "countersign", "vendor_name": "countersign", "version": env!("CARGO_PKG_VERSION")},
         },
         "device": {"hostname": record.host_name, "uid": record.host_id, "type_id": 0},
-        "actor": {"user": user, "process": {
-            "pid": t.pid,
-            "tid": t.tid,
-            "name": t.comm,
-            "cmd_line": t.argv.join(" "),
-            "file": t.binary.as_ref().map(|b| json!({
-                "path": b,
-                "name": b.rsplit('/').next().unwrap_or(b),
-                "type_id": 1,
-            })),
-            "user": user,
-            "parent_process": t.parents.first().map(|p| json!({"pid": p.pid, "name": p.comm})),
-        }},
+        "actor": {"user": user, "process": process},
         "unmapped": {
             "attempt": t.attempt,
             "target": t.target,
@@ -219,6 +210,28 @@ fn tamper(record: &Record, t: &super::TamperRecord) -> Value {
             "chain_id": record.chain_id,
             "seq": record.seq,
         },
+    })
+}
+
+/// An OCSF Process object: (pid, tid), command line, executable, user, parent.
+fn process_json(
+    (pid, tid): (u32, u32),
+    argv: &[String],
+    binary: Option<&str>,
+    user: &Value,
+    parents: &[crate::proto::ProcInfo],
+) -> Value {
+    json!({
+        "pid": pid,
+        "tid": tid,
+        "cmd_line": argv.join(" "),
+        "file": binary.map(|b| json!({
+            "path": b,
+            "name": b.rsplit('/').next().unwrap_or(b),
+            "type_id": 1,
+        })),
+        "user": user,
+        "parent_process": parents.first().map(|p| json!({"pid": p.pid, "name": p.comm})),
     })
 }
 
@@ -259,6 +272,7 @@ mod tests {
         assert_eq!(ev["disposition"], "Blocked");
         assert_eq!(ev["severity_id"], 4);
         assert_eq!(ev["actor"]["process"]["pid"], 4242);
+        assert_eq!(ev["actor"]["process"]["name"], "python3");
         assert_eq!(ev["unmapped"]["attempt"], "bpf");
         assert_eq!(ev["finding_info"]["uid"], "c1:42");
     }

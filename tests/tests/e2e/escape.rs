@@ -339,19 +339,7 @@ fn io_uring(who: As) {
         contained_with(&d, who, "uring-sendto", &extra, udp4, SEND);
     }
     // The kernel's refusals are signed records like every decision: the chain verifies.
-    let out = std::process::Command::new(countersign_tests::countersign_bin())
-        .args(["records", "verify"])
-        .arg(d.spool_dir())
-        .arg("--key")
-        .arg(d.host_pub())
-        .output()
-        .expect("records verify");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.assert_records_verify();
 }
 
 #[test]

@@ -244,19 +244,7 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
             "{read}"
         );
     }
-    let out = std::process::Command::new(countersign_tests::countersign_bin())
-        .args(["records", "verify"])
-        .arg(d.spool_dir())
-        .arg("--key")
-        .arg(d.host_pub())
-        .output()
-        .expect("records verify");
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    d.assert_records_verify();
     assert!(Path::new(policy).exists() && key.exists());
 }
 
