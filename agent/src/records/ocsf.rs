@@ -63,14 +63,8 @@ pub fn event(record: &Record) -> Option<Value> {
         "disposition_id": disposition_id,
         "disposition": disposition,
         "message": format!("{} {} {} ({}) by {}", q.kind, target(q), d.decision, d.applied, d.by),
-        "metadata": {
-            "version": OCSF_VERSION,
-            "uid": format!("{}:{}", record.chain_id, record.seq),
-            "original_time": record.time,
-            "profiles": ["security_control", "host"],
-            "product": {"name": "countersign", "vendor_name": "countersign", "version": env!("CARGO_PKG_VERSION")},
-        },
-        "device": {"hostname": record.host_name, "uid": record.host_id, "type_id": 0},
+        "metadata": metadata(record),
+        "device": device(record),
         "actor": {"user": user, "process": process},
         "unmapped": {
             "decision": d.decision,
@@ -190,14 +184,8 @@ fn tamper(record: &Record, t: &super::TamperRecord) -> Value {
             "title": format!("countersign tamper attempt: {}", t.attempt),
             "types": ["countersign-tamper", t.attempt],
         },
-        "metadata": {
-            "version": OCSF_VERSION,
-            "uid": uid,
-            "original_time": record.time,
-            "profiles": ["security_control", "host"],
-            "product": {"name": "countersign", "vendor_name": "countersign", "version": env!("CARGO_PKG_VERSION")},
-        },
-        "device": {"hostname": record.host_name, "uid": record.host_id, "type_id": 0},
+        "metadata": metadata(record),
+        "device": device(record),
         "actor": {"user": user, "process": process},
         "unmapped": {
             "attempt": t.attempt,
@@ -211,6 +199,22 @@ fn tamper(record: &Record, t: &super::TamperRecord) -> Value {
             "seq": record.seq,
         },
     })
+}
+
+/// The `metadata` of every event: the schema, the record's place in its chain, the product.
+fn metadata(record: &Record) -> Value {
+    json!({
+        "version": OCSF_VERSION,
+        "uid": format!("{}:{}", record.chain_id, record.seq),
+        "original_time": record.time,
+        "profiles": ["security_control", "host"],
+        "product": {"name": "countersign", "vendor_name": "countersign", "version": env!("CARGO_PKG_VERSION")},
+    })
+}
+
+/// The `device` (the `host` profile): the host that wrote the record.
+fn device(record: &Record) -> Value {
+    json!({"hostname": record.host_name, "uid": record.host_id, "type_id": 0})
 }
 
 /// An OCSF Process object: (pid, tid), command line, executable, user, parent.
