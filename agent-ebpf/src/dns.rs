@@ -56,10 +56,8 @@ pub static DNS_OFFSETS: DnsOffsets = DnsOffsets {
 };
 
 #[inline(always)]
-fn offsets() -> DnsOffsets {
-    // SAFETY: a plain read of a global the loader may have rewritten; volatile so the
-    // compiler does not fold the defaults in.
-    unsafe { core::ptr::read_volatile(&DNS_OFFSETS) }
+fn offsets() -> &'static DnsOffsets {
+    crate::maps::opaque(&DNS_OFFSETS)
 }
 
 /// A kernel value at `base + offset`, read with the checked helper (a bad address fails).

@@ -16,14 +16,19 @@
 //!   anything in its directories; opening its secrets at all; removing or renaming a directory
 //!   on the way to them (all by device and inode, so links and bind mounts change nothing);
 //! - writing under `/proc` outside the process directories (`/proc/sys`: the sysctls through
-//!   which the kernel starts usermode helpers, and those enforcement relies on).
+//!   which the kernel starts usermode helpers, and those enforcement relies on);
+//! - the capabilities of [`GUARD_CAPABILITIES`] (kernel memory, raw I/O, device nodes,
+//!   reboot, the clock, immutable files, other security modules' policies);
+//! - opening a disk beneath its file systems (block devices, raw disk character devices);
+//! - monitoring a whole processor (`perf_event_open` without a task).
 //!
 //! Unlabelled tasks pay the label lookup every hook makes and nothing else.
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use countersign_ebpf::{
-    EPERM, FileKey, GUARD_ANCESTOR, GUARD_DIR, GUARD_FILE, GUARD_SECRET, KIND_TAMPER, LABEL_CANARY,
-    LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC, STAT_EVENTS_DROPPED, TAMPER_BPF, TAMPER_FILE_READ,
-    TAMPER_FILE_WRITE, TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL,
+    EPERM, FileKey, GUARD_ANCESTOR, GUARD_CAPABILITIES, GUARD_DIR, GUARD_FILE, GUARD_SECRET,
+    KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC, STAT_EVENTS_DROPPED,
+    TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_DEVICE, TAMPER_FILE_READ, TAMPER_FILE_WRITE,
+    TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PERF, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL,
 };
 
 use crate::{
@@ -46,6 +51,14 @@ const READING_FIRMWARE: i32 = 1;
 /// (`/sys/kernel/uevent_helper` starts a program as root), securityfs (LSM policies),
 /// debugfs and tracefs.
 const KERNEL_SETTINGS_MAGIC: [u64; 4] = [0x6265_6572, 0x7363_6673, 0x6462_6720, 0x7472_6163];
+/// `CAP_OPT_NOAUDIT`: the kernel only asks (`has_capability_noaudit`): refused quietly.
+const CAP_OPT_NOAUDIT: u32 = 1 << 1;
+/// `PERF_SECURITY_CPU`: an event counting a whole processor, not a task.
+const PERF_SECURITY_CPU: i32 = 1;
+/// `S_IFMT`, `S_IFBLK`, `S_IFCHR`.
+const S_IFMT: u16 = 0o170_000;
+const S_IFBLK: u16 = 0o060_000;
+const S_IFCHR: u16 = 0o020_000;
 /// Parents walked up from a `/proc` file to its top-level directory.
 const PROC_DEPTH: usize = 8;
 
@@ -158,6 +171,34 @@ fn protected(task: *const u8) -> Option<u32> {
     let inode = read_ptr(exe, o.file_inode)?;
     let (dev, ino) = inode_id(inode)?;
     (dev == guard.self_dev && ino == guard.self_ino).then_some(tgid)
+}
+
+/// `capable(cred, ns, cap, opts)`: a labelled task is not granted the capabilities of
+/// [`GUARD_CAPABILITIES`] (asked without an audit, refused without a record).
+#[inline(always)]
+pub fn capable(cap: i32, opts: u32) -> i32 {
+    if !(0..64).contains(&cap) || GUARD_CAPABILITIES & (1u64 << cap) == 0 {
+        return 0;
+    }
+    match guarded() {
+        Some(_) if opts & CAP_OPT_NOAUDIT != 0 => -EPERM,
+        Some(label) => refuse(label, TAMPER_CAPABILITY, Target::None, cap as u16),
+        None => 0,
+    }
+}
+
+/// `perf_event_open(attr, type)`: no event of a whole processor (its samples carry the
+/// registers and stacks of every process that runs there, countersign's included); events
+/// of a task pass (another process's ask `ptrace_access_check`).
+#[inline(always)]
+pub fn perf_event_open(kind: i32) -> i32 {
+    if kind != PERF_SECURITY_CPU {
+        return 0;
+    }
+    match guarded() {
+        Some(label) => refuse(label, TAMPER_PERF, Target::None, kind as u16),
+        None => 0,
+    }
 }
 
 /// `bpf(cmd, attr, size)`: refused to labelled tasks.
@@ -278,6 +319,14 @@ pub fn file_open(file: *const u8) -> i32 {
     if flags & GUARD_SECRET != 0 {
         return refuse(label, TAMPER_FILE_READ, Target::File(dev, ino), 0);
     }
+    if let Some(rdev) = raw_disk(inode) {
+        return refuse(
+            label,
+            TAMPER_DEVICE,
+            Target::File(dev, ino),
+            (rdev >> 20) as u16,
+        );
+    }
     let writing = read_u32(file, o.file_mode).is_some_and(|m| m & FMODE_WRITE != 0);
     if !writing {
         return 0;
@@ -307,6 +356,32 @@ pub fn file_open(file: *const u8) -> i32 {
         }
         _ => 0,
     }
+}
+
+/// The device number (kernel encoding) of `inode` when it is a disk beneath its file
+/// systems: a block device, or a character device of one of the raw majors.
+#[inline(always)]
+fn raw_disk(inode: *const u8) -> Option<u32> {
+    // (`i_mode` is the first field: offset 0 is a known offset.)
+    let o = maps::kernel_offsets();
+    let mode = read_u32(inode, o.inode_mode)? as u16 & S_IFMT;
+    if mode != S_IFBLK && mode != S_IFCHR {
+        return None;
+    }
+    let rdev = read_u32(inode, o.inode_rdev)?;
+    if mode == S_IFBLK {
+        return Some(rdev);
+    }
+    let major = rdev >> 20;
+    let raw = maps::guard_settings().raw_majors;
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] != 0 && raw[i] == major {
+            return Some(rdev);
+        }
+        i += 1;
+    }
+    None
 }
 
 /// `file_truncate(file)` (kernels 6.2+, where an `open` with `O_TRUNC` no longer passes

@@ -170,8 +170,10 @@ pub const PROG_LSM_UNIX_STREAM_CONNECT: &str = "cs_lsm_unix_stream_connect";
 pub const PROG_LSM_UNIX_MAY_SEND: &str = "cs_lsm_unix_may_send";
 /// The self-protection programs (LSM mode): (program, hook). The `path_*` hooks exist only
 /// in kernels built with `CONFIG_SECURITY_PATH`.
-pub const GUARD_HOOKS: [(&str, &str); 23] = [
+pub const GUARD_HOOKS: [(&str, &str); 25] = [
     ("cs_lsm_bpf", "bpf"),
+    ("cs_lsm_capable", "capable"),
+    ("cs_lsm_perf_event_open", "perf_event_open"),
     ("cs_lsm_kernel_module_request", "kernel_module_request"),
     ("cs_lsm_ptrace_access_check", "ptrace_access_check"),
     ("cs_lsm_task_kill", "task_kill"),
@@ -199,6 +201,12 @@ pub const GUARD_HOOKS: [(&str, &str); 23] = [
 /// where it is missing: `file_truncate` (6.2+; before, an `O_TRUNC` open passes
 /// `path_truncate`).
 pub const GUARD_HOOKS_OPTIONAL: [(&str, &str); 1] = [("cs_lsm_file_truncate", "file_truncate")];
+/// Self-protection programs for hooks whose arguments changed between kernels: (program of
+/// [`GUARD_HOOKS`], program for the other declaration). The loader attaches whichever the
+/// running kernel's verifier accepts: `perf_event_open(attr, type)` became
+/// `perf_event_open(type)`.
+pub const GUARD_HOOK_VARIANTS: [(&str, &str); 1] =
+    [("cs_lsm_perf_event_open", "cs_lsm_perf_event_open_type")];
 pub const PROG_TP_CGROUP_MKDIR: &str = "cs_tp_cgroup_mkdir";
 pub const PROG_TP_CGROUP_RMDIR: &str = "cs_tp_cgroup_rmdir";
 pub const PROG_CG_DNS_EGRESS: &str = "cs_cg_dns_egress";
@@ -324,6 +332,25 @@ pub const TAMPER_FILE_READ: i32 = 7;
 /// process's own), sysfs, securityfs, debugfs or tracefs, where usermode helpers and the
 /// settings enforcement relies on live.
 pub const TAMPER_SYSCTL: i32 = 8;
+/// Using a capability no agent needs and with which the kernel's memory, the disk under
+/// countersign's files, the clock of its records or the host itself are reached (see
+/// [`GUARD_CAPABILITIES`]); [`Event::port`] is the capability.
+pub const TAMPER_CAPABILITY: i32 = 9;
+/// Opening a disk (a block device, or a character device of [`GuardSettings::raw_majors`]):
+/// countersign's files and secrets are on it, beneath the file system's checks.
+pub const TAMPER_DEVICE: i32 = 10;
+/// Performance monitoring of a whole processor (every process on it, countersign's
+/// included: samples carry their registers and stacks).
+pub const TAMPER_PERF: i32 = 11;
+
+/// The capabilities a labelled task is never granted, whatever its uid (a bit per
+/// `CAP_*`): `CAP_LINUX_IMMUTABLE` (9: making countersign's files immutable or
+/// append-only), `CAP_SYS_MODULE` (16: also unloading modules), `CAP_SYS_RAWIO` (17:
+/// `/dev/mem`, `/proc/kcore`, I/O ports, raw SCSI commands), `CAP_SYS_BOOT` (22: reboot,
+/// kexec), `CAP_SYS_TIME` (25: the clock of the records), `CAP_MKNOD` (27: a device node of
+/// the disk), `CAP_MAC_ADMIN` (33: the policy of another security module).
+pub const GUARD_CAPABILITIES: u64 =
+    1 << 9 | 1 << 16 | 1 << 17 | 1 << 22 | 1 << 25 | 1 << 27 | 1 << 33;
 
 /// Settings of the self-protection hooks, set by the loader (LSM mode).
 #[repr(C)]
@@ -336,8 +363,14 @@ pub struct GuardSettings {
     /// daemon, the approver, the collector) is protected like the daemon.
     pub self_dev: u64,
     pub self_ino: u64,
+    /// Majors of the character devices through which a disk is read or written beneath its
+    /// file systems (SCSI generic, bsg, NVMe ...; from `/proc/devices`; 0: unused). Block
+    /// devices are refused whatever their major.
+    pub raw_majors: [u32; RAW_MAJORS],
 }
-const _: () = assert!(size_of::<GuardSettings>() == 24);
+/// Entries of [`GuardSettings::raw_majors`].
+pub const RAW_MAJORS: usize = 8;
+const _: () = assert!(size_of::<GuardSettings>() == 56);
 
 /// `/proc`'s super block magic.
 pub const PROC_SUPER_MAGIC: u64 = 0x9fa0;
@@ -673,10 +706,13 @@ pub struct KernelOffsets {
     pub dentry_parent: u32,
     pub dentry_name: u32,
     pub sb_magic: u32,
+    /// `inode.i_mode` (u16) and `inode.i_rdev` (u32, the kernel's encoding).
+    pub inode_mode: u32,
+    pub inode_rdev: u32,
 }
 /// Entries of [`KernelOffsets::nr_net`].
 pub const NR_NET_SYSCALLS: usize = 16;
-const _: () = assert!(size_of::<KernelOffsets>() == 224);
+const _: () = assert!(size_of::<KernelOffsets>() == 232);
 
 /// `task_struct.flags`: an io_uring worker or SQPOLL thread (`PF_IO_WORKER`).
 pub const PF_IO_WORKER: u32 = 0x10;

@@ -137,6 +137,24 @@ mod programs {
         guard::bpf(ctx.arg(0))
     }
 
+    /// `capable(cred, ns, cap, opts)`: the capabilities of `GUARD_CAPABILITIES`.
+    #[lsm(hook = "capable")]
+    pub fn cs_lsm_capable(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(4), || guard::capable(ctx.arg(2), ctx.arg(3)))
+    }
+
+    /// `perf_event_open(attr, type)`: monitoring a whole processor.
+    #[lsm(hook = "perf_event_open")]
+    pub fn cs_lsm_perf_event_open(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || guard::perf_event_open(ctx.arg(1)))
+    }
+
+    /// `perf_event_open(type)`, as newer kernels (6.12+) declare the hook.
+    #[lsm(hook = "perf_event_open")]
+    pub fn cs_lsm_perf_event_open_type(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(1), || guard::perf_event_open(ctx.arg(0)))
+    }
+
     #[lsm(hook = "ptrace_access_check")]
     pub fn cs_lsm_ptrace_access_check(ctx: LsmContext) -> i32 {
         keep(ctx.arg(2), || guard::ptrace_access(ctx.arg(0), ctx.arg(1)))

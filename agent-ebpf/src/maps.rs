@@ -191,6 +191,8 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     dentry_parent: 0,
     dentry_name: 0,
     sb_magic: 0,
+    inode_mode: 0,
+    inode_rdev: 0,
 };
 
 /// The self-protection settings (set by the loader).
@@ -200,12 +202,12 @@ pub static GUARD: GuardSettings = GuardSettings {
     _pad: 0,
     self_dev: 0,
     self_ino: 0,
+    raw_majors: [0; countersign_ebpf::RAW_MAJORS],
 };
 
 #[inline(always)]
-pub fn guard_settings() -> GuardSettings {
-    // SAFETY: as in `kernel_offsets`.
-    unsafe { core::ptr::read_volatile(&GUARD) }
+pub fn guard_settings() -> &'static GuardSettings {
+    opaque(&GUARD)
 }
 
 /// Countersign's own files (see `countersign_ebpf::MAP_GUARD_FILES`). Not pinned.
@@ -213,10 +215,20 @@ pub fn guard_settings() -> GuardSettings {
 pub static GUARD_FILES: HashMap<FileKey, u32> = HashMap::with_max_entries(MAX_GUARD_FILES, 0);
 
 #[inline(always)]
-pub fn kernel_offsets() -> KernelOffsets {
-    // SAFETY: a plain read of a global the loader may have rewritten; volatile so the
-    // compiler does not fold the defaults in.
-    unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) }
+pub fn kernel_offsets() -> &'static KernelOffsets {
+    opaque(&KERNEL_OFFSETS)
+}
+
+/// A global the loader rewrites, reached through a pointer the compiler cannot see through:
+/// it neither folds the defaults in nor copies the whole struct (a volatile read of the
+/// struct itself would copy every byte of it on every call, on every hot path), and each
+/// field is read where it is used.
+#[inline(always)]
+pub fn opaque<T>(global: &'static T) -> &'static T {
+    let p: *const T = global;
+    // SAFETY: `p` points to a static; the volatile read only hides its value from the
+    // optimiser, and the pointer read back is the same.
+    unsafe { &*core::ptr::read_volatile(&p) }
 }
 
 #[inline(always)]

@@ -75,6 +75,7 @@ pub fn run_bench() -> Result<()> {
     ];
     let outcome = vm::run_in_vm(
         KernelId::Debian12,
+        vm::Lsm::Bpf,
         vm::Clock::Instructions,
         &files,
         &command,

@@ -57,6 +57,9 @@ struct VmRunArgs {
     /// processors on the host's clock, as the tests run).
     #[arg(long)]
     instruction_clock: bool,
+    /// Boot without `bpf` among the LSMs, as most distributions do (countersign's fallback).
+    #[arg(long)]
+    no_bpf_lsm: bool,
     /// The command to run in the guest, after `--`.
     #[arg(last = true, required = true, value_name = "GUEST_COMMAND")]
     command: Vec<String>,
@@ -110,8 +113,14 @@ fn vm_run(args: VmRunArgs) -> Result<ExitCode> {
     } else {
         vm::Clock::Parallel
     };
+    let lsm = if args.no_bpf_lsm {
+        vm::Lsm::NoBpf
+    } else {
+        vm::Lsm::Bpf
+    };
     let outcome = vm::run_in_vm(
         args.kernel,
+        lsm,
         clock,
         &files,
         &args.command,

@@ -52,7 +52,10 @@ pub fn run_tests() -> Result<()> {
         run_native_release(&bins)?
     ));
     for kernel in KernelId::ALL {
-        summary.push(format!("{kernel} (lsm): {}", run_vm(&bins, kernel)?));
+        summary.push(format!(
+            "{kernel} (lsm): {}",
+            run_vm(&bins, kernel, vm::Lsm::Bpf)?
+        ));
     }
     println!("xtask test: all passed");
     for line in summary {
@@ -215,8 +218,9 @@ fn run_native_release(bins: &E2eBins) -> Result<String> {
 /// holds, labels, decides in the kernel or captures names runs in the VMs too.
 const MODE_INDEPENDENT: [&str; 3] = ["approver::", "records::", "names::the_"];
 
-fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
-    println!("xtask test: end-to-end in a VM booting {kernel} (LSM mode)");
+fn run_vm(bins: &E2eBins, kernel: KernelId, lsm: vm::Lsm) -> Result<String> {
+    let mode = lsm.mode();
+    println!("xtask test: end-to-end in a VM booting {kernel} ({mode} mode)");
     let guest = |name: &str| format!("{GUEST_DIR}/{name}");
 
     let files = [
@@ -230,7 +234,7 @@ fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
         (paths::workspace_root().join("policies"), guest("policies")),
     ];
     let env = [
-        ("COUNTERSIGN_E2E_MODE", "lsm".to_owned()),
+        ("COUNTERSIGN_E2E_MODE", mode.to_owned()),
         ("COUNTERSIGN_BIN", guest("countersign")),
         ("COUNTERSIGN_PROBE", guest("cs-probe")),
         ("COUNTERSIGN_ESCAPE", guest("cs-escape")),
@@ -246,16 +250,17 @@ fn run_vm(bins: &E2eBins, kernel: KernelId) -> Result<String> {
     }
     let outcome = vm::run_in_vm(
         kernel,
+        lsm,
         vm::Clock::Parallel,
         &files,
         &command,
         &env,
         VM_TIMEOUT,
     )
-    .with_context(|| format!("end-to-end suite in the {kernel} VM"))?;
+    .with_context(|| format!("end-to-end suite in the {kernel} VM ({mode} mode)"))?;
     if outcome.exit_code != 0 {
         bail!(
-            "end-to-end suite failed in the {kernel} VM (exit code {}); the guest printed:\n{}",
+            "end-to-end suite failed in the {kernel} VM, {mode} mode (exit code {}); the guest printed:\n{}",
             outcome.exit_code,
             outcome.output
         );

@@ -3,7 +3,8 @@
 //!
 //! Each run builds a throw-away initramfs (busybox, the given files with all their shared
 //! libraries, and a generated `/init`), boots the cached kernel with
-//! `lsm=lockdown,capability,bpf`, streams the serial console to the terminal, and reads the
+//! `lsm=lockdown,capability,bpf` (or, to test the fallback as most distributions boot,
+//! without `bpf`), streams the serial console to the terminal, and reads the
 //! command's exit code back from a marker line that `/init` prints before powering off.
 //! Nothing waits forever: the whole run has a timeout, and qemu is killed (by its pid) on
 //! timeout and on every error path.
@@ -29,12 +30,40 @@ use crate::kernels::{self, KernelId};
 use crate::paths;
 use crate::process::{ChildGuard, run_captured, tail};
 
-/// The kernel command line: serial console, the BPF LSM enabled, and a panic ends the run
+/// The kernel command line: serial console, the LSMs of [`Lsm`], and a panic ends the run
 /// (panic=-1 reboots at once, and qemu's -no-reboot turns the reboot into an exit). A soft
 /// lockup or an oops panics, with every CPU's backtrace, so that a stuck kernel fails the
 /// run within seconds and names where it was stuck, instead of spinning until the timeout.
-pub const KERNEL_APPEND: &str = "console=ttyS0 quiet lsm=lockdown,capability,bpf panic=-1 \
-    softlockup_panic=1 softlockup_all_cpu_backtrace=1 oops=panic";
+const KERNEL_APPEND: &str = "console=ttyS0 quiet panic=-1 softlockup_panic=1 \
+    softlockup_all_cpu_backtrace=1 oops=panic";
+
+/// Which security modules the guest kernel enables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lsm {
+    /// BPF LSM enabled (`lsm=lockdown,capability,bpf`): countersign's LSM mode.
+    Bpf,
+    /// BPF LSM built in but not enabled (`lsm=lockdown,capability`), as Debian and most
+    /// distributions boot: countersign must choose its fallback by itself.
+    NoBpf,
+}
+
+impl Lsm {
+    fn kernel_arg(self) -> &'static str {
+        match self {
+            Lsm::Bpf => "lsm=lockdown,capability,bpf",
+            Lsm::NoBpf => "lsm=lockdown,capability",
+        }
+    }
+
+    /// The daemon's mode under this kernel (`COUNTERSIGN_E2E_MODE`).
+    #[must_use]
+    pub fn mode(self) -> &'static str {
+        match self {
+            Lsm::Bpf => "lsm",
+            Lsm::NoBpf => "fallback",
+        }
+    }
+}
 
 /// Where busybox-static installs its binary.
 const BUSYBOX: &str = "/bin/busybox";
@@ -166,6 +195,7 @@ pub fn parse_env_arg(arg: &str) -> Result<(String, String)> {
 /// or when the guest never reports the exit code.
 pub fn run_in_vm(
     kernel: KernelId,
+    lsm: Lsm,
     clock: Clock,
     files: &[(PathBuf, String)],
     command: &[String],
@@ -182,7 +212,7 @@ pub fn run_in_vm(
     build_initramfs(files, command, env)
         .with_context(|| format!("VM run on {kernel}: building the initramfs"))?
         .write_to(&initrd)?;
-    boot(kernel, clock, &image.vmlinuz, &initrd, timeout)
+    boot(kernel, lsm, clock, &image.vmlinuz, &initrd, timeout)
 }
 
 /// How the guest's processors and clock are emulated.
@@ -470,6 +500,7 @@ poweroff -f
 /// Boots qemu and follows its console until the exit marker and qemu's exit, or timeout.
 fn boot(
     kernel: KernelId,
+    lsm: Lsm,
     clock: Clock,
     vmlinuz: &Path,
     initrd: &Path,
@@ -483,7 +514,7 @@ fn boot(
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", KERNEL_APPEND])
+        .args(["-append", &format!("{KERNEL_APPEND} {}", lsm.kernel_arg())])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -793,6 +824,7 @@ mod tests {
         let env = [("GREETING".to_owned(), "it's me".to_owned())];
         let outcome = run_in_vm(
             KernelId::Debian12,
+            Lsm::Bpf,
             Clock::Parallel,
             &[(PathBuf::from("/usr/bin/stat"), "/opt/stat".to_owned())],
             &command,
@@ -825,6 +857,7 @@ mod tests {
         let started = Instant::now();
         let outcome = run_in_vm(
             KernelId::Debian12,
+            Lsm::Bpf,
             Clock::Instructions,
             &[(PathBuf::from("/usr/bin/nproc"), "/bin/nproc".to_owned())],
             &command,
@@ -846,6 +879,7 @@ mod tests {
         let started = Instant::now();
         let err = run_in_vm(
             KernelId::Debian12,
+            Lsm::Bpf,
             Clock::Parallel,
             &[],
             &command,
@@ -866,6 +900,7 @@ mod tests {
         let command = ["sleep".to_owned(), "1000".to_owned()];
         let err = run_in_vm(
             KernelId::Debian13,
+            Lsm::Bpf,
             Clock::Parallel,
             &[],
             &command,

@@ -62,7 +62,52 @@ pub fn settings(config: &DaemonConfig) -> shared::GuardSettings {
         _pad: 0,
         self_dev: exe.map_or(0, FileId::kernel_dev),
         self_ino: exe.map_or(0, |f| f.ino),
+        raw_majors: raw_majors(&std::fs::read_to_string("/proc/devices").unwrap_or_default()),
     }
+}
+
+/// The character devices through which a disk is read or written beneath its file systems
+/// (as `/proc/devices` names them): SCSI generic, block SCSI generic, NVMe controllers and
+/// their generic namespaces, raw flash. A labelled task opens none (nor any block device).
+const RAW_DISK_DRIVERS: [&str; 6] = ["sg", "bsg", "nvme", "nvme-generic", "mtd", "ubi"];
+
+/// The majors of [`RAW_DISK_DRIVERS`] in `/proc/devices` text (its character devices).
+#[must_use]
+pub fn raw_majors(devices: &str) -> [u32; shared::RAW_MAJORS] {
+    let mut out = [0; shared::RAW_MAJORS];
+    let chars = devices
+        .lines()
+        .skip_while(|l| !l.starts_with("Character devices"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty() && !l.starts_with("Block devices"));
+    let found = chars.filter_map(|l| {
+        let mut f = l.split_whitespace();
+        let major = f.next()?.parse::<u32>().ok()?;
+        RAW_DISK_DRIVERS
+            .contains(&f.next()?)
+            .then_some(major)
+            .filter(|&m| m != 0)
+    });
+    for (slot, major) in out.iter_mut().zip(found) {
+        *slot = major;
+    }
+    out
+}
+
+/// A capability's name (`CAP_SYS_RAWIO`), for the records.
+#[must_use]
+pub fn capability_name(cap: u16) -> String {
+    let name = match cap {
+        9 => "CAP_LINUX_IMMUTABLE",
+        16 => "CAP_SYS_MODULE",
+        17 => "CAP_SYS_RAWIO",
+        22 => "CAP_SYS_BOOT",
+        25 => "CAP_SYS_TIME",
+        27 => "CAP_MKNOD",
+        33 => "CAP_MAC_ADMIN",
+        n => return format!("capability {n}"),
+    };
+    name.to_owned()
 }
 
 /// countersign's own files and directories as the kernel knows them, and their paths (for
@@ -233,6 +278,9 @@ pub fn attempt_name(detail: i32) -> &'static str {
         shared::TAMPER_FILE_WRITE => "file-write",
         shared::TAMPER_FILE_READ => "file-read",
         shared::TAMPER_SYSCTL => "sysctl",
+        shared::TAMPER_CAPABILITY => "capability",
+        shared::TAMPER_DEVICE => "device",
+        shared::TAMPER_PERF => "perf",
         _ => "unknown",
     }
 }
@@ -293,6 +341,20 @@ pub fn target_text(ev: &shared::Event, guarded: &Guarded, daemon_pid: u32) -> St
             let (_, ino) = (word(0), word(1));
             format!("a kernel setting under /proc (inode {ino})")
         }
+        shared::TAMPER_CAPABILITY => match ev.port {
+            17 => "CAP_SYS_RAWIO (kernel memory, /proc/kcore, /dev/mem, I/O ports)".into(),
+            22 => "CAP_SYS_BOOT (reboot)".into(),
+            25 => "CAP_SYS_TIME (the clock)".into(),
+            27 => "CAP_MKNOD (a device node)".into(),
+            9 => "CAP_LINUX_IMMUTABLE (immutable or append-only files)".into(),
+            n => capability_name(n),
+        },
+        shared::TAMPER_DEVICE => format!(
+            "a disk beneath its file systems: device major {} ({})",
+            ev.port,
+            file()
+        ),
+        shared::TAMPER_PERF => "performance monitoring of a whole processor".into(),
         _ => file(),
     }
 }
@@ -300,6 +362,16 @@ pub fn target_text(ev: &shared::Event, guarded: &Guarded, daemon_pid: u32) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_disk_majors_come_from_the_character_devices() {
+        let devices = "Character devices:\n  1 mem\n 21 sg\n240 nvme-generic\n241 nvme\n\
+                       254 bsgx\n\nBlock devices:\n  8 sd\n259 blkext\n 21 bsg\n";
+        let majors = raw_majors(devices);
+        assert_eq!(&majors[..4], &[21, 240, 241, 0]);
+        assert!(majors.iter().skip(3).all(|&m| m == 0));
+        assert_eq!(raw_majors(""), [0; shared::RAW_MAJORS]);
+    }
 
     #[test]
     fn files_and_their_directories_are_guarded() {

@@ -70,11 +70,12 @@ const EXECVEATS: [u32; 2] = [281, 387];
 /// them by their target): `bpf`, `ptrace`, `process_vm_readv`/`writev`, `pidfd_getfd`,
 /// loading and removing kernel modules, `kexec_load`/`kexec_file_load`, and every mount
 /// call (`mount`, `umount2`, `pivot_root`, `open_tree`, `move_mount`, `fsopen`, `fsconfig`,
-/// `fsmount`, `fspick`, `mount_setattr`). The main loop records each as a tamper attempt
+/// `fsmount`, `fspick`, `mount_setattr`), `reboot`, and on x86 `iopl`/`ioperm` (raw I/O
+/// ports; recorded as `capability`, as LSM mode refuses them). The main loop records each as a tamper attempt
 /// while the call waits (so that the record names the process), then answers `EPERM`; if the
 /// daemon is gone the call fails with `ENOSYS`.
 #[cfg(target_arch = "x86_64")]
-const NATIVE_GUARDED: [(u32, &str); 20] = [
+const NATIVE_GUARDED: [(u32, &str); 23] = [
     (321, "bpf"),
     (101, "ptrace"),
     (310, "ptrace"),
@@ -95,6 +96,9 @@ const NATIVE_GUARDED: [(u32, &str); 20] = [
     (432, "mount"),
     (433, "mount"),
     (442, "mount"),
+    (169, "capability"),
+    (172, "capability"),
+    (173, "capability"),
 ];
 /// x32 (with [`X32_BIT`]): the native numbers, and these where x32 has its own (`ptrace`,
 /// `kexec_load`, `process_vm_readv/writev`).
@@ -106,7 +110,7 @@ const X32_OWN_GUARDED: [(u32, &str); 4] = [
     (540, "ptrace"),
 ];
 #[cfg(target_arch = "x86_64")]
-const COMPAT_GUARDED: [(u32, &str); 20] = [
+const COMPAT_GUARDED: [(u32, &str); 23] = [
     (357, "bpf"),
     (26, "ptrace"),
     (347, "ptrace"),
@@ -127,9 +131,12 @@ const COMPAT_GUARDED: [(u32, &str); 20] = [
     (432, "mount"),
     (433, "mount"),
     (442, "mount"),
+    (88, "capability"),
+    (110, "capability"),
+    (101, "capability"),
 ];
 #[cfg(target_arch = "aarch64")]
-const NATIVE_GUARDED: [(u32, &str); 20] = [
+const NATIVE_GUARDED: [(u32, &str); 21] = [
     (280, "bpf"),
     (117, "ptrace"),
     (270, "ptrace"),
@@ -150,9 +157,10 @@ const NATIVE_GUARDED: [(u32, &str); 20] = [
     (432, "mount"),
     (433, "mount"),
     (442, "mount"),
+    (142, "capability"),
 ];
 #[cfg(target_arch = "aarch64")]
-const COMPAT_GUARDED: [(u32, &str); 19] = [
+const COMPAT_GUARDED: [(u32, &str); 20] = [
     (386, "bpf"),
     (26, "ptrace"),
     (376, "ptrace"),
@@ -172,6 +180,7 @@ const COMPAT_GUARDED: [(u32, &str); 19] = [
     (432, "mount"),
     (433, "mount"),
     (442, "mount"),
+    (88, "capability"),
 ];
 
 /// Every guarded call of the native architecture's ABIs (on x86_64, x32's too).

@@ -242,7 +242,7 @@ impl Btf {
 
     /// Adds what the self-protection hooks read: a target task's `pid` and `tgid`, an opened
     /// file's mode and dentry, a dentry's parent and name, a path's dentry, a super block's
-    /// magic.
+    /// magic, an inode's type and device number.
     pub fn guard_offsets(&self, o: &mut KernelOffsets) -> Result<(), BtfError> {
         o.task_pid = self.member_offset("task_struct", "pid")?;
         o.task_tgid = self.member_offset("task_struct", "tgid")?;
@@ -253,6 +253,8 @@ impl Btf {
         o.dentry_name =
             self.member_offset("dentry", "d_name")? + self.member_offset("qstr", "name")?;
         o.sb_magic = self.member_offset("super_block", "s_magic")?;
+        o.inode_mode = self.member_offset("inode", "i_mode")?;
+        o.inode_rdev = self.member_offset("inode", "i_rdev")?;
         if o.dentry_inode == 0 {
             o.dentry_inode = self.member_offset("dentry", "d_inode")?;
         }

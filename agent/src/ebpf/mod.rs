@@ -176,7 +176,9 @@ impl Kernel {
             format::field_offset("cgroup", "cgroup_mkdir", "id").map_err(KernelError::Format)?;
         // Without the offsets the exec fast path is off (every exec takes the slow path).
         // Parsed once: reading the kernel's BTF is the slow part of a start on small machines.
+        let started = std::time::Instant::now();
         let parsed_btf = btf::Btf::from_sys_fs();
+        tracing::debug!(ms = started.elapsed().as_millis(), "read the kernel's BTF");
         let (offsets, exec_fast_path) = kernel_offsets(&parsed_btf);
         let netns_cookie = dns::netns_cookie();
         let dns_offsets = dns::kernel_offsets(parsed_btf.as_ref().ok());
@@ -192,6 +194,7 @@ impl Kernel {
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
+        tracing::debug!(ms = started.elapsed().as_millis(), "loaded the eBPF object");
         // aya-log is deliberately not used: its logger made loads fail on some kernels.
         let tasks = HashMap::try_from(take_map(&mut ebpf, shared::MAP_TASKS)?)
             .map_err(|e| map_err(shared::MAP_TASKS, &e))?;
@@ -283,7 +286,12 @@ impl Kernel {
     /// Loads and attaches the LSM programs and runs the canary; on failure everything LSM is
     /// unloaded again and the reason returned.
     fn try_lsm(&mut self, ring: &mut RingBuf<MapData>) -> std::result::Result<(), String> {
+        let started = std::time::Instant::now();
         let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
+        tracing::debug!(
+            ms = started.elapsed().as_millis(),
+            "read the kernel's BTF for the LSM hooks"
+        );
         // The LSM hook reads the exec's arguments from the task's registers where it can;
         // otherwise the syscall tracepoints record them (they slow every task's syscalls).
         let mut hooks = vec![
@@ -316,6 +324,7 @@ impl Kernel {
                 }
             }
         }
+        tracing::debug!(ms = started.elapsed().as_millis(), "attached the LSM hooks");
         // Kept for the DNS capture's `fentry` programs (`drop_btf` frees it).
         self.aya_btf = Some(btf);
         self.set_config(shared::MODE_LSM)
@@ -323,11 +332,19 @@ impl Kernel {
         self.mode = Mode::Lsm;
         match canary::prove(self, ring, Mode::Lsm) {
             Ok(()) => {
+                tracing::debug!(
+                    ms = started.elapsed().as_millis(),
+                    "the canary proved the hooks"
+                );
                 self.reason = "lsm: BPF LSM hooks attached and proven by the canary".to_owned();
                 if let Some(btf) = self.aya_btf.take() {
                     self.attach_guard(&btf);
                     self.aya_btf = Some(btf);
                 }
+                tracing::debug!(
+                    ms = started.elapsed().as_millis(),
+                    "attached the self-protection hooks"
+                );
                 Ok(())
             }
             Err(e) => {
@@ -355,18 +372,19 @@ impl Kernel {
             .into_iter()
             .chain(shared::GUARD_HOOKS_OPTIONAL)
         {
-            let prog: std::result::Result<&mut Lsm, String> = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| format!("program {name} missing from the object"))
-                .and_then(|p| p.try_into().map_err(|e| format!("program {name}: {e}")));
-            let attached = prog.and_then(|prog| {
-                prog.load(hook, btf)
-                    .and_then(|()| prog.attach())
-                    .map_err(|e| error_chain(&e))
-            });
+            let variant = shared::GUARD_HOOK_VARIANTS
+                .iter()
+                .find_map(|&(first, other)| (first == name).then_some(other));
+            let mut attached = self.attach_lsm(name, hook, btf).map(|link| (name, link));
+            if let (Err(first), Some(other)) = (&attached, variant) {
+                // The hook may be declared otherwise on this kernel: its other program.
+                attached = self
+                    .attach_lsm(other, hook, btf)
+                    .map(|link| (other, link))
+                    .map_err(|e| format!("{first}; as newer kernels declare it: {e}"));
+            }
             match attached {
-                Ok(id) => self.attached.push((name, AttachedLink::Lsm(id))),
+                Ok((program, id)) => self.attached.push((program, AttachedLink::Lsm(id))),
                 Err(e) if optional.contains(&name) => {
                     tracing::info!(hook, error = %e, "this kernel has no such hook; an older one covers its case");
                 }
@@ -376,6 +394,24 @@ impl Kernel {
                 }
             }
         }
+    }
+
+    /// Loads and attaches the LSM program `name` on `hook`.
+    fn attach_lsm(
+        &mut self,
+        name: &str,
+        hook: &str,
+        btf: &Btf,
+    ) -> std::result::Result<LsmLinkId, String> {
+        let prog: &mut Lsm = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("program {name} missing from the object"))?
+            .try_into()
+            .map_err(|e| format!("program {name}: {e}"))?;
+        prog.load(hook, btf)
+            .and_then(|()| prog.attach())
+            .map_err(|e| error_chain(&e))
     }
 
     /// Whether a labelled task, root included, is kept from changing, stopping, reading or
@@ -429,6 +465,7 @@ impl Kernel {
         .into_iter()
         .chain(shared::GUARD_HOOKS.map(|(name, _)| name))
         .chain(shared::GUARD_HOOKS_OPTIONAL.map(|(name, _)| name))
+        .chain(shared::GUARD_HOOK_VARIANTS.map(|(_, other)| other))
         {
             if let Some(prog) = self.ebpf.program_mut(name) {
                 let prog: std::result::Result<&mut Lsm, _> = prog.try_into();

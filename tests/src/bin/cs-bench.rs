@@ -22,6 +22,9 @@
 //!        cs-bench send N          (prints wall and CPU ns per datagram sent)
 //!        cs-bench open N          (prints wall and CPU ns per open+read+close)
 //!
+//! `CS_BENCH_CONFIG=FILE` starts the daemon with that configuration file (to time a setting
+//! apart, such as destination names off).
+//!
 //! `suite` prints one JSON object with every round's samples (`samples.LOOP.SETTING.wall` and
 //! `.cpu`, ns per operation, in round order); `cargo xtask bench` turns them into paired
 //! ratios, medians and intervals.
@@ -196,6 +199,12 @@ impl Daemon {
             ))
             .arg("--decision-log")
             .arg(dir.join("decisions.jsonl"))
+            .args(
+                std::env::var_os("CS_BENCH_CONFIG")
+                    .map(|c| [std::ffi::OsString::from("--config"), c])
+                    .into_iter()
+                    .flatten(),
+            )
             .env("COUNTERSIGN_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -85,6 +85,14 @@
 //!   cs-escape tamper-sysfs                    /sys/kernel/uevent_helper opened for writing
 //!   cs-escape tamper-truncate PATH            PATH opened read-only with O_TRUNC (its content
 //!                                             written back)
+//!   cs-escape tamper-kcore                    /proc/kcore opened for reading
+//!   cs-escape tamper-disk NODE                a disk's device node opened for reading
+//!                                             (`tampered` unless refused: EPERM)
+//!   cs-escape tamper-mknod DIR                a character device node made in DIR (removed)
+//!   cs-escape tamper-reboot                   reboot(2) leaving Ctrl-Alt-Del as it is
+//!                                             (`tampered` unless refused: EPERM)
+//!   cs-escape tamper-clock                    the realtime clock set to what it reads
+//!   cs-escape tamper-perf                     perf_event_open of processor 0 as a whole
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -193,6 +201,12 @@ fn main() {
         Some("tamper-sysctl") => tamper::sysctl(),
         Some("tamper-sysfs") => tamper::sysfs(),
         Some("tamper-truncate") => tamper::truncate(arg(2).expect("a PATH argument")),
+        Some("tamper-kcore") => tamper::kcore(),
+        Some("tamper-disk") => tamper::disk(arg(2).expect("a NODE argument")),
+        Some("tamper-mknod") => tamper::mknod(arg(2).expect("a DIR argument")),
+        Some("tamper-reboot") => tamper::reboot(),
+        Some("tamper-clock") => tamper::clock(),
+        Some("tamper-perf") => tamper::perf(),
         _ => {
             eprintln!("cs-escape: unknown usage {args:?}");
             std::process::exit(2);

@@ -161,7 +161,13 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
         &["tamper-mount", mnt.path().to_str().expect("utf-8 path")],
         filtered("mount"),
     );
-    attempt(&d, &["tamper-module"], filtered("module"));
+    // Loading a module takes CAP_SYS_MODULE, which LSM mode never grants a labelled task
+    // (the load hooks refuse it too); the fallback's filter refuses the call.
+    attempt(
+        &d,
+        &["tamper-module"],
+        filtered(if lsm { "capability" } else { "module" }),
+    );
     attempt(&d, &["tamper-mem", &victim_pid], hooked("ptrace"));
     attempt(&d, &["tamper-signal", &daemon], hooked("signal"));
     attempt(&d, &["tamper-write", policy], hooked("file-write"));
@@ -198,6 +204,36 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
         attempt(&d, &["tamper-sysfs"], hooked("sysctl"));
     } else {
         eprintln!("this kernel has no /sys/kernel/uevent_helper: the sysfs attempt is not made");
+    }
+
+    // What takes a capability no agent is granted, and what reaches countersign's files or
+    // keys beneath the file systems: kernel memory, a disk, a whole processor's samples.
+    attempt(&d, &["tamper-reboot"], filtered("capability"));
+    attempt(&d, &["tamper-clock"], hooked("capability"));
+    attempt(
+        &d,
+        &["tamper-mknod", mnt.path().to_str().expect("utf-8 path")],
+        hooked("capability"),
+    );
+    attempt(&d, &["tamper-perf"], hooked("perf"));
+    if Path::new("/proc/kcore").exists() {
+        attempt(&d, &["tamper-kcore"], hooked("capability"));
+    } else {
+        eprintln!("this kernel has no /proc/kcore: the kernel memory attempt is not made");
+    }
+    // Disks, by nodes of our own (a disk need not exist: refused is refused before the
+    // driver is asked), in /dev where device nodes work: a block device, and the character
+    // device of SCSI generic commands where the kernel has it.
+    let nodes = DeviceNodes::new();
+    let block = nodes.make("block", libc::S_IFBLK, 7, 0);
+    attempt(&d, &["tamper-disk", &block], hooked("device"));
+    let devices = std::fs::read_to_string("/proc/devices").expect("/proc/devices");
+    match char_major(&devices, &["bsg", "sg"]) {
+        Some(major) => {
+            let raw = nodes.make("raw", libc::S_IFCHR, major, 0);
+            attempt(&d, &["tamper-disk", &raw], hooked("device"));
+        }
+        None => eprintln!("this kernel has no SCSI generic driver: that attempt is not made"),
     }
 
     // Not everything is refused: a signal to a process that is not countersign's, and
@@ -246,6 +282,50 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     }
     d.assert_records_verify();
     assert!(Path::new(policy).exists() && key.exists());
+}
+
+/// Device nodes of the test's own in `/dev`, removed when dropped.
+struct DeviceNodes(std::cell::RefCell<Vec<String>>);
+
+impl DeviceNodes {
+    fn new() -> Self {
+        Self(std::cell::RefCell::new(Vec::new()))
+    }
+
+    fn make(&self, name: &str, kind: libc::mode_t, major: u32, minor: u32) -> String {
+        let path = format!("/dev/cs-test-{}-{name}", std::process::id());
+        let c = std::ffi::CString::new(path.clone()).expect("no NUL");
+        // SAFETY: a NUL-terminated path.
+        let r = unsafe { libc::mknod(c.as_ptr(), kind | 0o600, libc::makedev(major, minor)) };
+        assert_eq!(r, 0, "mknod {path}: {}", std::io::Error::last_os_error());
+        self.0.borrow_mut().push(path.clone());
+        path
+    }
+}
+
+impl Drop for DeviceNodes {
+    fn drop(&mut self) {
+        for p in self.0.borrow().iter() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The major of the first of `names` among `/proc/devices`' character devices.
+fn char_major(devices: &str, names: &[&str]) -> Option<u32> {
+    let chars: Vec<(u32, &str)> = devices
+        .lines()
+        .skip_while(|l| !l.starts_with("Character devices"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?))
+        })
+        .collect();
+    names
+        .iter()
+        .find_map(|n| chars.iter().find(|(_, c)| c == n).map(|(m, _)| *m))
 }
 
 /// `on_tamper: kill`: the attempt is refused and the agent killed.

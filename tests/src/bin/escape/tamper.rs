@@ -210,3 +210,128 @@ pub fn sysctl() -> Outcome {
 pub fn sysfs() -> Outcome {
     open("/sys/kernel/uevent_helper", libc::O_WRONLY)
 }
+
+/// `EPERM` is the refusal; any other outcome means the call got past the permission checks
+/// (to the driver or the kernel's own checks of its arguments).
+fn past_the_checks(r: libc::c_long) -> Outcome {
+    match (r, errno()) {
+        (r, _) if r >= 0 => Ok(Done::Tampered),
+        (_, libc::EPERM) => Err(libc::EPERM),
+        _ => Ok(Done::Tampered),
+    }
+}
+
+/// `/proc/kcore` (all of the kernel's memory, and through its direct map every process's,
+/// countersign's keys included) opened for reading.
+pub fn kcore() -> Outcome {
+    open("/proc/kcore", libc::O_RDONLY)
+}
+
+/// A disk's device node opened for reading (every file on it, secrets included, beneath the
+/// file system's checks); anything but `EPERM` means the open reached the driver.
+pub fn disk(path: &str) -> Outcome {
+    let p = cstr(path);
+    // SAFETY: a NUL-terminated path.
+    let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd >= 0 {
+        // SAFETY: the descriptor was just opened.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+    }
+    past_the_checks(fd.into())
+}
+
+/// A device node (`/dev/null`'s numbers) made in `DIR`, removed again.
+pub fn mknod(dir: &str) -> Outcome {
+    let path = cstr(&format!("{dir}/cs-escape-node"));
+    // SAFETY: a NUL-terminated path.
+    let r = unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
+    if r != 0 {
+        return Err(errno());
+    }
+    // SAFETY: as above.
+    unsafe { libc::unlink(path.as_ptr()) };
+    Ok(Done::Tampered)
+}
+
+/// `reboot(2)` setting what Ctrl-Alt-Del does to what it is already (no change): the call
+/// that also restarts or powers off the host. Anything but `EPERM` means the capability
+/// was granted.
+pub fn reboot() -> Outcome {
+    const CAD_ON: libc::c_int = 0x89AB_CDEF_u32 as libc::c_int;
+    let on =
+        std::fs::read_to_string("/proc/sys/kernel/ctrl-alt-del").is_ok_and(|v| v.trim() != "0");
+    let cmd = if on { CAD_ON } else { 0 };
+    // SAFETY: a command without an argument.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_reboot,
+            libc::LINUX_REBOOT_MAGIC1,
+            libc::LINUX_REBOOT_MAGIC2,
+            cmd,
+            std::ptr::null::<u8>(),
+        )
+    };
+    past_the_checks(r)
+}
+
+/// The realtime clock set to what it reads (carried forward by the monotonic clock, so that
+/// it moves by nanoseconds at most): the clock the records are stamped with.
+pub fn clock() -> Outcome {
+    let now = |clock| {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a plain system call on a local struct.
+        unsafe { libc::clock_gettime(clock, &raw mut t) };
+        i128::from(t.tv_sec) * 1_000_000_000 + i128::from(t.tv_nsec)
+    };
+    let (real, mono) = (now(libc::CLOCK_REALTIME), now(libc::CLOCK_MONOTONIC));
+    let set = real + (now(libc::CLOCK_MONOTONIC) - mono);
+    let t = libc::timespec {
+        tv_sec: (set / 1_000_000_000) as libc::time_t,
+        tv_nsec: (set % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: as above.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &raw const t) } != 0 {
+        return Err(errno());
+    }
+    Ok(Done::Tampered)
+}
+
+/// A software counter of processor 0 as a whole (every process that runs there, not a
+/// task), closed again.
+pub fn perf() -> Outcome {
+    #[repr(C)]
+    struct Attr {
+        kind: u32,
+        size: u32,
+        config: u64,
+        _rest: [u64; 14],
+    }
+    const PERF_TYPE_SOFTWARE: u32 = 1;
+    const PERF_COUNT_SW_CPU_CLOCK: u64 = 0;
+    let attr = Attr {
+        kind: PERF_TYPE_SOFTWARE,
+        size: std::mem::size_of::<Attr>() as u32,
+        config: PERF_COUNT_SW_CPU_CLOCK,
+        _rest: [0; 14],
+    };
+    // SAFETY: `attr` lives for the call; its size is given in it.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            &raw const attr,
+            -1 as libc::pid_t,
+            0,
+            -1,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: the descriptor was just returned.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    Ok(Done::Tampered)
+}
