@@ -11,6 +11,11 @@
 //! - `COUNTERSIGN_E2E_MODE`: `lsm` or `fallback`: the mode the daemon is started in
 //!   (`--mode`) and must report. The VM runs set `lsm`, so a kernel without working BPF LSM
 //!   fails the suite instead of passing it in fallback mode.
+//! - `COUNTERSIGN_E2E_AUTO=1`: the daemon is started with `--mode auto` instead, and must
+//!   still land in `COUNTERSIGN_E2E_MODE` (the VMs booted without BPF LSM: the fallback, and
+//!   its reason says why).
+//! - `COUNTERSIGN_E2E_FENTRY=1`: the kernel runs `fentry` programs (the VMs' Debian kernels
+//!   do, the test host's does not): destination names are captured there in either mode.
 //!
 //! Each daemon gets its own socket directory and bpffs pin directory, so tests run in
 //! parallel; a crashed daemon's pins are removed when its `Daemon` is dropped.
@@ -66,6 +71,13 @@ pub fn expected_mode() -> Option<String> {
     std::env::var("COUNTERSIGN_E2E_MODE")
         .ok()
         .filter(|m| !m.is_empty())
+}
+
+/// Whether the daemon is started with `--mode auto` (`COUNTERSIGN_E2E_AUTO=1`) rather than
+/// the expected mode.
+#[must_use]
+pub fn auto_mode() -> bool {
+    std::env::var_os("COUNTERSIGN_E2E_AUTO").is_some_and(|v| v == "1")
 }
 
 /// A child process killed (by its pid) when dropped.
@@ -199,9 +211,15 @@ impl Daemon {
             .append(true)
             .open(dir.join("daemon.log"))
             .expect("daemon log");
-        let mode: Vec<String> = expected_mode()
-            .map(|m| vec!["--mode".to_owned(), m])
-            .unwrap_or_default();
+        // `COUNTERSIGN_E2E_AUTO=1`: the daemon picks its mode itself, as it does on a host,
+        // and must still land in the expected one.
+        let mode: Vec<String> = if auto_mode() {
+            vec!["--mode".to_owned(), "auto".to_owned()]
+        } else {
+            expected_mode()
+                .map(|m| vec!["--mode".to_owned(), m])
+                .unwrap_or_default()
+        };
         // The records spool goes beside the log unless the test chose one.
         let spool: Vec<PathBuf> = if args.iter().any(|a| a == "--spool-dir") {
             Vec::new()
@@ -300,6 +318,14 @@ impl Daemon {
                         want.as_str(),
                         "daemon runs in the wrong mode: {status}"
                     );
+                    // Chosen by itself, the fallback says why.
+                    if auto_mode() && want == "fallback" {
+                        let reason = status["reason"].as_str().unwrap_or_default();
+                        assert!(
+                            reason.starts_with("fallback: BPF LSM not available"),
+                            "{status}"
+                        );
+                    }
                 }
                 return;
             }

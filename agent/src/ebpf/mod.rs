@@ -222,6 +222,11 @@ impl Kernel {
         ] {
             let id = attach_tracepoint(&mut ebpf, name, category, tp)?;
             attached.push((name, AttachedLink::TracePoint(id)));
+            tracing::debug!(
+                ms = started.elapsed().as_millis(),
+                program = name,
+                "attached"
+            );
         }
 
         let previous: Config = config.get(&0, 0).unwrap_or_default();
