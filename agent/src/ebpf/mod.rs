@@ -315,17 +315,11 @@ impl Kernel {
             hooks.push((shared::PROG_LSM_BPRM_CREDS, "bprm_creds_for_exec"));
         }
         for (name, hook) in hooks {
-            let prog: &mut Lsm = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| format!("program {name} missing from the object"))?
-                .try_into()
-                .map_err(|e| format!("program {name}: {e}"))?;
-            match prog.load(hook, &btf).and_then(|()| prog.attach()) {
+            match self.attach_lsm(name, hook, &btf) {
                 Ok(id) => self.attached.push((name, AttachedLink::Lsm(id))),
                 Err(e) => {
                     self.unload_lsm();
-                    return Err(format!("{hook}: {}", error_chain(&e)));
+                    return Err(format!("{hook}: {e}"));
                 }
             }
         }
