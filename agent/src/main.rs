@@ -13,6 +13,7 @@ mod paths;
 mod policy;
 mod proto;
 mod records;
+mod serve;
 mod sign;
 
 use daemon::config::{DaemonConfig, TimeoutAction};

@@ -473,7 +473,7 @@ impl Approver {
     /// HTTP callback route refuses everything).
     #[must_use]
     pub fn start_socket_mode(slack: &FakeSlack) -> Self {
-        let a = Self::start_channels_tls(Some(slack), None, None, None, false);
+        let a = Self::start_channels_tls(Some(slack), None, None, None, false, "");
         let text = std::fs::read_to_string(&a.config).expect("config");
         let text = text.replace(
             &format!("  signing_secret: {SIGNING_SECRET}\n"),
@@ -496,7 +496,13 @@ impl Approver {
     /// Starts one that speaks TLS, with a self-signed test certificate.
     #[must_use]
     pub fn start_tls() -> Self {
-        Self::start_channels_tls(None, None, None, None, true)
+        Self::start_channels_tls(None, None, None, None, true, "")
+    }
+
+    /// Starts one with `extra` appended to its configuration (YAML at the top level).
+    #[must_use]
+    pub fn start_with_yaml(extra: &str, tls: bool) -> Self {
+        Self::start_channels_tls(None, None, None, None, tls, extra)
     }
 
     /// Starts one that posts to this Teams stand-in (bot and webhook).
@@ -515,7 +521,7 @@ impl Approver {
         url: Option<&str>,
         key: Option<&Path>,
     ) -> Self {
-        Self::start_channels_tls(slack, teams, url, key, false)
+        Self::start_channels_tls(slack, teams, url, key, false, "")
     }
 
     fn start_channels_tls(
@@ -524,6 +530,7 @@ impl Approver {
         url: Option<&str>,
         key: Option<&Path>,
         tls: bool,
+        extra: &str,
     ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("countersign-approver")
@@ -578,6 +585,7 @@ impl Approver {
             ));
             cert
         });
+        yaml.push_str(extra);
         let config = dir.path().join("approver.yaml");
         std::fs::write(&config, yaml).expect("approver.yaml");
         let proc = Self::spawn(dir.path(), &config);

@@ -83,8 +83,9 @@ struct E2eBins {
 }
 
 /// The test targets of `tests/` that run only natively: the approver on a real PostgreSQL
-/// server, and its web page in headless Chromium.
-const NATIVE_ONLY: [&str; 2] = ["postgres", "web"];
+/// server, its web page in headless Chromium, and the services against hostile clients
+/// (nothing in them depends on the kernel).
+const NATIVE_ONLY: [&str; 3] = ["postgres", "web", "services"];
 
 fn build_e2e() -> Result<E2eBins> {
     cargo_step(
@@ -110,6 +111,8 @@ fn build_e2e() -> Result<E2eBins> {
             "postgres",
             "--test",
             "web",
+            "--test",
+            "services",
             "--no-run",
             "--message-format=json",
         ]),

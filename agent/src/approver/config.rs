@@ -43,6 +43,9 @@ pub struct ApproverConfig {
     pub teams: Option<crate::approver::channels::teams::TeamsConfig>,
     pub teams_webhook: Option<crate::approver::channels::teams::TeamsWebhookConfig>,
     pub webhook: Option<crate::approver::channels::webhook::WebhookConfig>,
+    /// What one client may hold: connections, timeouts, bodies in flight.
+    #[serde(default)]
+    pub limits: crate::serve::Limits,
 }
 
 fn default_listen() -> SocketAddr {
@@ -149,6 +152,9 @@ impl ApproverConfig {
                     self.listen
                 ),
             ));
+        }
+        if let Err((field, message)) = self.limits.check() {
+            return Err(invalid(field.into(), message));
         }
         if !(self.database.starts_with("sqlite:") || self.database.starts_with("postgres")) {
             return Err(invalid(

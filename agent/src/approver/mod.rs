@@ -43,6 +43,8 @@ pub struct App {
     pub teams: Option<Arc<Teams>>,
     /// Woken whenever a decision is stored (long polls wait on it).
     pub decided: tokio::sync::Notify,
+    /// Refused clients, logged at a bounded rate.
+    pub refusals: Arc<crate::serve::Refusals>,
 }
 
 impl App {
@@ -62,6 +64,7 @@ impl App {
         let restart_only = [
             ("listen", new.listen != old.listen),
             ("tls", format!("{:?}", new.tls) != format!("{:?}", old.tls)),
+            ("limits", new.limits != old.limits),
             ("database", new.database != old.database),
             ("key", new.key != old.key),
             ("public_url", new.public_url != old.public_url),
@@ -92,6 +95,7 @@ impl App {
         }
         new.listen = old.listen;
         new.tls.clone_from(&old.tls);
+        new.limits.clone_from(&old.limits);
         new.database.clone_from(&old.database);
         new.key.clone_from(&old.key);
         new.public_url.clone_from(&old.public_url);
@@ -216,6 +220,7 @@ async fn serve(config: ApproverConfig, config_path: std::path::PathBuf) -> anyho
     }
     let listen = config.listen;
     let tls = config.tls.clone();
+    let limits = config.limits.clone();
     let app = Arc::new(App {
         config: std::sync::RwLock::new(Arc::new(config)),
         config_path,
@@ -226,6 +231,7 @@ async fn serve(config: ApproverConfig, config_path: std::path::PathBuf) -> anyho
         slack,
         teams,
         decided: tokio::sync::Notify::new(),
+        refusals: Arc::new(crate::serve::Refusals::default()),
     });
     tokio::spawn(expiry_loop(app.clone()));
     let reloading = app.clone();
@@ -250,45 +256,38 @@ async fn serve(config: ApproverConfig, config_path: std::path::PathBuf) -> anyho
         tokio::spawn(channels::slack_socket::run(app.clone(), s, token));
     }
     let router = api::router(app.clone());
-    let handle = axum_server::Handle::new();
-    let shutdown = handle.clone();
-    tokio::spawn(async move {
+    let shutdown = async {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             () = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
         }
-        shutdown.graceful_shutdown(Some(Duration::from_secs(5)));
-    });
+    };
+    let tls = match &tls {
+        Some(t) => Some(crate::serve::tls_acceptor(&t.cert, &t.key)?),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
     eprintln!(
         "countersign approver: listening on {}{listen} (key {key_id})",
         if tls.is_some() { "https://" } else { "http://" }
     );
-    match tls {
-        Some(t) => {
-            let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&t.cert, &t.key)
-                .await
-                .with_context(|| {
-                    format!(
-                        "TLS certificate {} / key {}",
-                        t.cert.display(),
-                        t.key.display()
-                    )
-                })?;
-            axum_server::bind_rustls(listen, rustls)
-                .handle(handle)
-                .serve(router.into_make_service())
-                .await
-        }
-        None => {
-            axum_server::bind(listen)
-                .handle(handle)
-                .serve(router.into_make_service())
-                .await
-        }
-    }
-    .with_context(|| format!("serving on {listen}"))?;
+    crate::serve::serve(
+        crate::serve::Front {
+            service: "approver",
+            router,
+            limits,
+            max_body: api::MAX_BODY_BYTES,
+            refusals: app.refusals.clone(),
+        },
+        listener,
+        tls,
+        shutdown,
+    )
+    .await;
     eprintln!("countersign approver: stopped");
     Ok(())
 }

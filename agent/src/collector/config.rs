@@ -35,6 +35,12 @@ pub struct CollectorConfig {
     /// endpoint is off). Make one with `head -c 32 /dev/urandom | base64`, store its
     /// `sha256sum` here.
     pub export_tokens_sha256: Vec<String>,
+    /// SHA-256 (hex) of the bearer tokens of readers: security teams and SIEMs. Every read
+    /// endpoint (`/v1/heads`, `/v1/alerts`, `/v1/ocsf`, `/v1/export`) needs one (none: they
+    /// answer 401 to everyone). Hosts need none: they are known by their signatures.
+    pub reader_tokens_sha256: Vec<String>,
+    /// What one client may hold: connections, timeouts, bodies in flight.
+    pub limits: crate::serve::Limits,
     /// A chain whose last record is not a `daemon-stop` and that has not moved for this
     /// long raises a `silent` alert (hosts send a heartbeat every minute by default).
     pub silence_alert_secs: u64,
@@ -51,6 +57,8 @@ impl Default for CollectorConfig {
             hosts: Vec::new(),
             approver_keys: Vec::new(),
             export_tokens_sha256: Vec::new(),
+            reader_tokens_sha256: Vec::new(),
+            limits: crate::serve::Limits::default(),
             // Five missed default heartbeats.
             silence_alert_secs: 300,
         }
@@ -100,6 +108,28 @@ impl CollectorConfig {
                 field: "database".into(),
                 message: format!("`{}` is neither sqlite://PATH nor postgres://…", c.database),
             });
+        }
+        if let Err((field, message)) = c.limits.check() {
+            return Err(CollectorConfigError::Invalid {
+                path: path.to_path_buf(),
+                field: field.into(),
+                message,
+            });
+        }
+        for (field, tokens) in [
+            ("export_tokens_sha256", &c.export_tokens_sha256),
+            ("reader_tokens_sha256", &c.reader_tokens_sha256),
+        ] {
+            if let Some(bad) = tokens
+                .iter()
+                .find(|t| t.trim().len() != 64 || !t.trim().bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(CollectorConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field: field.into(),
+                    message: format!("`{bad}` is not a SHA-256 in hex (64 digits)"),
+                });
+            }
         }
         Ok(c)
     }

@@ -82,6 +82,10 @@ pub struct Collector {
     approvers: HashMap<String, VerifyingKey>,
     /// SHA-256 (hex, lowercase) of the tokens that may export.
     export_tokens: Vec<String>,
+    /// SHA-256 (hex, lowercase) of the readers' tokens.
+    reader_tokens: Vec<String>,
+    /// Refused clients, logged at a bounded rate.
+    refusals: Arc<crate::serve::Refusals>,
     /// Alerts raised lately (kind, chain, seq, detail): a shipper retrying a refused record
     /// forever raises its alert once, not once per retry.
     raised: std::sync::Mutex<std::collections::HashSet<(String, String, u64, String)>>,
@@ -129,6 +133,12 @@ impl Collector {
                 .iter()
                 .map(|t| t.trim().to_ascii_lowercase())
                 .collect(),
+            reader_tokens: config
+                .reader_tokens_sha256
+                .iter()
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect(),
+            refusals: Arc::new(crate::serve::Refusals::default()),
             ingest: tokio::sync::Mutex::new(()),
             raised: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
@@ -544,6 +554,54 @@ async fn post_records(State(c): State<Shared>, body: Bytes) -> Response {
     }
 }
 
+/// The peer of a request, when it came through [`crate::serve`].
+fn peer(req: &axum::http::request::Parts) -> Option<std::net::SocketAddr> {
+    req.extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0)
+}
+
+/// A bearer token whose SHA-256 is one of `allowed`.
+fn bearer_in(headers: &axum::http::HeaderMap, allowed: &[&[String]]) -> bool {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| {
+            let h = sign::sha256_hex(t.trim().as_bytes());
+            allowed.iter().any(|set| set.contains(&h))
+        })
+}
+
+/// Lets through only requests with a reader token (or, for the export, an export token);
+/// the others get 401 and a line in the log.
+async fn readers_only(
+    State(c): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (parts, body) = req.into_parts();
+    let mut allowed: Vec<&[String]> = vec![&c.reader_tokens];
+    if parts.uri.path() == api::EXPORT_PATH {
+        allowed.push(&c.export_tokens);
+    }
+    if !bearer_in(&parts.headers, &allowed) {
+        c.refusals.log(
+            "collector",
+            peer(&parts),
+            &format!("{} without a valid reader token", parts.uri.path()),
+        );
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+            "a valid reader token is needed (reader_tokens_sha256)\n",
+        )
+            .into_response();
+    }
+    next.run(axum::extract::Request::from_parts(parts, body))
+        .await
+}
+
 async fn get_heads(State(c): State<Shared>) -> Response {
     match c.store.heads().await {
         Ok(heads) => Json(
@@ -593,15 +651,8 @@ async fn get_export(
     headers: axum::http::HeaderMap,
     axum::extract::Query(q): axum::extract::Query<ExportQuery>,
 ) -> Response {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    let allowed = token.is_some_and(|t| {
-        let h = sign::sha256_hex(t.trim().as_bytes());
-        c.export_tokens.contains(&h)
-    });
-    if !allowed {
+    // Checked again here: the route must never answer without one.
+    if !bearer_in(&headers, &[&c.reader_tokens, &c.export_tokens]) {
         return (StatusCode::UNAUTHORIZED, "a valid export token is needed").into_response();
     }
     match export::period(&c, q.from.as_deref(), q.to.as_deref()).await {
@@ -635,13 +686,23 @@ async fn get_export(
 /// Query of `GET /v1/ocsf`.
 #[derive(Debug, Deserialize)]
 struct OcsfQuery {
-    /// RFC 3339: decisions at or after this time (default: the beginning).
+    /// The cursor of the previous page (the `X-Countersign-Cursor` it answered); none: from
+    /// the first record stored.
+    after: Option<u64>,
+    /// RFC 3339: only decisions at or after this time.
     since: Option<String>,
     /// At most this many records are read (default and maximum 1000).
     limit: Option<u32>,
 }
 
-/// Decisions as OCSF events, one JSON object per line, oldest first.
+/// Header of `GET /v1/ocsf`'s answer: the cursor to ask the next page with.
+pub const CURSOR_HEADER: &str = "x-countersign-cursor";
+/// Header of `GET /v1/ocsf`'s answer: `true` when the page was full (ask again at once).
+pub const MORE_HEADER: &str = "x-countersign-more";
+
+/// Decisions as OCSF events, one JSON object per line, in the order the collector stored
+/// them. Paged by an ingest cursor: records that make no event (heartbeats) move the cursor
+/// too, and a record shipped late comes after the pages already read.
 async fn get_ocsf(
     State(c): State<Shared>,
     axum::extract::Query(q): axum::extract::Query<OcsfQuery>,
@@ -653,10 +714,14 @@ async fn get_ocsf(
             return (StatusCode::BAD_REQUEST, "since: not an RFC 3339 time").into_response();
         }
     };
-    match c.store.since(from, q.limit.unwrap_or(1000).min(1000)).await {
+    let after = q.after.unwrap_or(0);
+    let limit = q.limit.unwrap_or(1000).clamp(1, 1000);
+    match c.store.ingested_after(after, from, limit).await {
         Ok(envs) => {
+            let full = envs.len() == limit as usize;
+            let cursor = envs.last().map_or(after, |(n, _)| *n);
             let mut out = String::new();
-            for e in envs {
+            for (_, e) in envs {
                 let Ok(env) = serde_json::from_str::<Envelope>(&e) else {
                     continue;
                 };
@@ -670,7 +735,20 @@ async fn get_ocsf(
                 }
             }
             (
-                [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+                [
+                    (
+                        axum::http::header::CONTENT_TYPE,
+                        "application/x-ndjson".to_owned(),
+                    ),
+                    (
+                        axum::http::HeaderName::from_static(CURSOR_HEADER),
+                        cursor.to_string(),
+                    ),
+                    (
+                        axum::http::HeaderName::from_static(MORE_HEADER),
+                        full.to_string(),
+                    ),
+                ],
                 out,
             )
                 .into_response()
@@ -684,20 +762,25 @@ async fn get_ocsf(
 
 /// The HTTP routes.
 pub fn router(c: Shared) -> Router {
-    Router::new()
-        .route(api::RECORDS_PATH, post(post_records))
+    let reads = Router::new()
         .route("/v1/heads", get(get_heads))
         .route("/v1/alerts", get(get_alerts))
         .route("/v1/ocsf", get(get_ocsf))
         .route(api::EXPORT_PATH, get(get_export))
+        .route_layer(axum::middleware::from_fn_with_state(
+            c.clone(),
+            readers_only,
+        ));
+    Router::new()
+        .route(api::RECORDS_PATH, post(post_records))
         .route("/healthz", get(|| async { "ok" }))
+        .merge(reads)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(c)
 }
 
 /// Runs the collector until SIGTERM or SIGINT.
 pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
-    use anyhow::Context as _;
     let c = Arc::new(Collector::open(&config).await?);
     tracing::info!(
         listen = %config.listen,
@@ -730,6 +813,8 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
             }
         }
     });
+    let limits = config.limits.clone();
+    let refusals = c.refusals.clone();
     let app = router(c);
     let shutdown = async {
         let mut term =
@@ -739,46 +824,29 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
             () = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
     };
-    if let Some(tls) = &config.tls {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let rustls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
-            .await
-            .with_context(|| {
-                format!(
-                    "TLS certificate {} / key {}",
-                    tls.cert.display(),
-                    tls.key.display()
-                )
-            })?;
-        let handle = axum_server::Handle::new();
-        let h = handle.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            h.graceful_shutdown(Some(Duration::from_secs(5)));
-        });
-        axum_server::bind_rustls(config.listen, rustls)
-            .handle(handle)
-            .serve(app.into_make_service())
-            .await
-            .map_err(|source| CollectorError::Listen {
-                addr: config.listen,
-                source,
-            })?;
-    } else {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| CollectorError::Listen {
-                addr: config.listen,
-                source,
-            })?;
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|source| CollectorError::Listen {
-                addr: config.listen,
-                source,
-            })?;
-    }
+    let tls = match &config.tls {
+        Some(t) => Some(crate::serve::tls_acceptor(&t.cert, &t.key)?),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| CollectorError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    crate::serve::serve(
+        crate::serve::Front {
+            service: "collector",
+            router: app,
+            limits,
+            max_body: MAX_BODY_BYTES,
+            refusals,
+        },
+        listener,
+        tls,
+        shutdown,
+    )
+    .await;
     tracing::info!("collector stopped");
     Ok(())
 }

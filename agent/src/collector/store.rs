@@ -46,6 +46,20 @@ const SCHEMA: &[&str] = &[
         chain_id TEXT,
         seq BIGINT,
         detail TEXT NOT NULL)",
+    // The order records were stored in: the readers' cursor (a record shipped late still
+    // comes after everything read before it).
+    "CREATE TABLE IF NOT EXISTS ingest (
+        n BIGINT PRIMARY KEY,
+        chain_id TEXT NOT NULL,
+        seq BIGINT NOT NULL)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS ingest_record ON ingest (chain_id, seq)",
+    // Records stored before the ingest order was kept get numbers, in the order received.
+    "INSERT INTO ingest (n, chain_id, seq)
+        SELECT (SELECT COALESCE(MAX(n), 0) FROM ingest)
+                + ROW_NUMBER() OVER (ORDER BY r.received_at, r.chain_id, r.seq),
+            r.chain_id, r.seq
+        FROM records r
+        WHERE NOT EXISTS (SELECT 1 FROM ingest i WHERE i.chain_id = r.chain_id AND i.seq = r.seq)",
     "CREATE TABLE IF NOT EXISTS digests (
         n BIGINT PRIMARY KEY,
         at TEXT NOT NULL,
@@ -218,6 +232,13 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         sqlx::query(
+            "INSERT INTO ingest (n, chain_id, seq) SELECT COALESCE(MAX(n), 0) + 1, $1, $2 FROM ingest",
+        )
+        .bind(&row.chain_id)
+        .bind(i(row.seq))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
             "INSERT INTO heads (chain_id, host_id, seq, hash, next_key, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (chain_id) DO UPDATE SET host_id = excluded.host_id, seq = excluded.seq,
@@ -306,16 +327,25 @@ impl Store {
         Ok(rows.into_iter().map(|r| r.get(0)).collect())
     }
 
-    /// Up to `limit` raw envelopes whose time is at or after `from_ms`, oldest first.
-    pub async fn since(&self, from_ms: i64, limit: u32) -> Result<Vec<String>, StoreError> {
+    /// Up to `limit` (ingest number, raw envelope) stored after ingest number `after` whose
+    /// time is at or after `from_ms`, in the order they were stored.
+    pub async fn ingested_after(
+        &self,
+        after: u64,
+        from_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(u64, String)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT envelope FROM records WHERE time_ms >= $1 ORDER BY time_ms, chain_id, seq LIMIT $2",
+            "SELECT i.n, r.envelope FROM ingest i
+             JOIN records r ON r.chain_id = i.chain_id AND r.seq = i.seq
+             WHERE i.n > $1 AND r.time_ms >= $2 ORDER BY i.n LIMIT $3",
         )
+        .bind(i(after))
         .bind(from_ms)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|r| r.get(0)).collect())
+        Ok(rows.into_iter().map(|r| (u(r.get(0)), r.get(1))).collect())
     }
 
     /// The last digest (number, envelope), if any.

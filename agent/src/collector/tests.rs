@@ -464,19 +464,23 @@ async fn shipped_over_https_to_a_collector_the_host_trusts() {
         s.append(heartbeat()).unwrap();
     }
     let c = Arc::new(Collector::open(&f.config).await.unwrap());
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/collector/testdata");
-    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(
-        testdata.join("cert.pem"),
-        testdata.join("key.pem"),
-    )
-    .await
-    .unwrap();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tls =
+        crate::serve::tls_acceptor(&testdata.join("cert.pem"), &testdata.join("key.pem")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let server = tokio::spawn(
-        axum_server::from_tcp_rustls(listener, tls).serve(router(c.clone()).into_make_service()),
-    );
+    let server = tokio::spawn(crate::serve::serve(
+        crate::serve::Front {
+            service: "collector",
+            router: router(c.clone()),
+            limits: crate::serve::Limits::default(),
+            max_body: MAX_BODY_BYTES,
+            refusals: Arc::default(),
+        },
+        listener,
+        Some(tls),
+        std::future::pending(),
+    ));
     let mut target = Target {
         url: format!("https://127.0.0.1:{port}"),
         key: c.public_key(),
@@ -539,4 +543,106 @@ async fn a_chain_that_goes_quiet_without_stopping_raises_one_silent_alert() {
     );
     let alerts = c.store().alerts().await.unwrap();
     assert_eq!(alerts.iter().filter(|a| a.kind == "silent").count(), 1);
+}
+
+/// A decision the policy made alone (no approver), for the OCSF feed.
+fn policy_decision(id: u64) -> Body {
+    Body::Decision(DecisionRecord {
+        decision: "denied".into(),
+        applied: "refused".into(),
+        by: "policy".into(),
+        request: view(id),
+        action_hash: crate::sign::statement::action_hash("h", &view(id)),
+        on_behalf_of: None,
+        approver_decision: None,
+    })
+}
+
+/// `GET /v1/ocsf` pages by the order records were stored in: heartbeats move the cursor
+/// without hiding what follows, and a chain shipped late (older records) comes after the
+/// pages already read instead of being skipped.
+async fn ocsf_pages(f: &mut Fixture) {
+    const READER: &str = "a-reader-token";
+    f.config.reader_tokens_sha256 = vec![sign::sha256_hex(READER.as_bytes())];
+    let c = Arc::new(Collector::open(&f.config).await.unwrap());
+    // Written first, shipped last.
+    let (late, mut l) = f.spool("late", key(1));
+    l.append(policy_decision(7)).unwrap();
+    let (dir, mut s) = f.spool("spool", key(1));
+    for _ in 0..5 {
+        s.append(heartbeat()).unwrap();
+    }
+    s.append(policy_decision(1)).unwrap();
+    c.ingest(&batch(&envelopes(&dir))).await.unwrap().unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/v1/ocsf", listener.local_addr().unwrap());
+    let server = tokio::spawn(crate::serve::serve(
+        crate::serve::Front {
+            service: "collector",
+            router: router(c.clone()),
+            limits: crate::serve::Limits::default(),
+            max_body: MAX_BODY_BYTES,
+            refusals: Arc::default(),
+        },
+        listener,
+        None,
+        std::future::pending(),
+    ));
+    let http = reqwest::Client::new();
+    let page = |after: Option<u64>| {
+        let mut q = vec![("limit", "3".to_owned())];
+        if let Some(a) = after {
+            q.push(("after", a.to_string()));
+        }
+        let r = http.get(&url).bearer_auth(READER).query(&q).send();
+        async move {
+            let r = r.await.unwrap();
+            assert_eq!(r.status(), 200);
+            let header = |h: &str| {
+                r.headers()
+                    .get(h)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let cursor: u64 = header(CURSOR_HEADER).parse().unwrap();
+            let more = header(MORE_HEADER) == "true";
+            let ids: Vec<u64> = r
+                .text()
+                .await
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v["unmapped"]["request_id"].as_u64().unwrap()
+                })
+                .collect();
+            (ids, cursor, more)
+        }
+    };
+    assert_eq!(page(None).await, (vec![], 3, true), "heartbeats only");
+    assert_eq!(page(Some(3)).await, (vec![1], 6, true));
+    assert_eq!(page(Some(6)).await, (vec![], 6, false), "nothing new");
+    c.ingest(&batch(&envelopes(&late))).await.unwrap().unwrap();
+    assert_eq!(
+        page(Some(6)).await,
+        (vec![7], 7, false),
+        "shipped late, read after"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn the_ocsf_feed_pages_by_ingest_order() {
+    let mut f = Fixture::new();
+    ocsf_pages(&mut f).await;
+}
+
+#[tokio::test]
+async fn the_ocsf_feed_pages_by_ingest_order_on_postgresql() {
+    let mut f = Fixture::new();
+    let pg = PgCluster::start(f.dir.path());
+    f.config.database = pg.url.clone();
+    ocsf_pages(&mut f).await;
 }

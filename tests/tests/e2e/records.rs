@@ -261,6 +261,8 @@ fn a_spool_that_cannot_be_written_refuses_and_releases_nothing() {
 const EXPORT_TOKEN: &str = "test-export-token";
 const EXPORT_TOKEN_SHA256: &str =
     "69081258d050e5107275d5de4e69f2dbe08ea01f7c33738892429f9e85e44690";
+/// The reader token the test collectors accept (`GET /v1/heads`, `/v1/ocsf`).
+const READER_TOKEN: &str = "test-reader-token";
 
 /// A `countersign collector` process, stopped on drop.
 struct Collector {
@@ -289,9 +291,10 @@ impl Collector {
         std::fs::write(
             &config,
             format!(
-                "listen: 127.0.0.1:{port}\ndatabase: sqlite://{}\nkey: {}\nexport_tokens_sha256: [{EXPORT_TOKEN_SHA256}]\n{}hosts:\n{}",
+                "listen: 127.0.0.1:{port}\ndatabase: sqlite://{}\nkey: {}\nexport_tokens_sha256: [{EXPORT_TOKEN_SHA256}]\nreader_tokens_sha256: [{}]\n{}hosts:\n{}",
                 dir.join("collector.db").display(),
                 dir.join("collector.key").display(),
+                countersign_tests::remote::sha256(READER_TOKEN),
                 if approvers.is_empty() {
                     String::new()
                 } else {
@@ -348,7 +351,7 @@ impl Collector {
         s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
         write!(
             s,
-            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {READER_TOKEN}\r\nConnection: close\r\n\r\n"
         )
         .ok()?;
         let mut text = String::new();

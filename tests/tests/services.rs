@@ -1,0 +1,332 @@
+//! The approver and the collector against hostile and careless clients, over loopback, on the
+//! real binaries: slow clients beyond the connection limit, clients that never finish their
+//! request, bodies in flight, a shutdown with clients hanging on, reads without a reader
+//! token.
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use countersign_tests::{
+    Proc, WAIT, countersign_bin,
+    remote::{Approver, free_port, http, sha256},
+};
+
+const READER_TOKEN: &str = "reader-token-for-the-siem";
+const EXPORT_TOKEN: &str = "export-token-for-records-verify";
+
+/// A `countersign collector` with `limits` (YAML flow mapping), stopped on drop.
+struct Collector {
+    proc: Option<Proc>,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Collector {
+    fn start(limits: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let config = dir.path().join("collector.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen: 127.0.0.1:{port}\ndatabase: sqlite://{}\nkey: {}\nhosts: []\n\
+                 reader_tokens_sha256: [{}]\nexport_tokens_sha256: [{}]\nlimits: {limits}\n",
+                dir.path().join("collector.db").display(),
+                dir.path().join("collector.key").display(),
+                sha256(READER_TOKEN),
+                sha256(EXPORT_TOKEN),
+            ),
+        )
+        .expect("collector.yaml");
+        let log = std::fs::File::create(dir.path().join("collector.log")).expect("log");
+        let child = Command::new(countersign_bin())
+            .args(["collector", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("countersign collector");
+        let c = Self {
+            proc: Some(Proc { child }),
+            dir,
+            port,
+        };
+        let deadline = Instant::now() + WAIT;
+        while TcpStream::connect(c.addr()).is_err() {
+            assert!(Instant::now() < deadline, "not serving:\n{}", c.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("collector.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.as_ref().expect("running").pid()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- collector log ----\n{}\n----", self.log());
+        }
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
+
+/// `n` connections that send part of a request head and then nothing.
+fn slow_clients(addr: &str, n: usize, partial: &[u8]) -> Vec<TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).expect("connect");
+            if !partial.is_empty() {
+                s.write_all(partial).expect("partial head");
+            }
+            s
+        })
+        .collect()
+}
+
+/// Open file descriptors of `pid`.
+fn descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// A GET /healthz answered 200 within a second, five times in a row.
+fn served_within_a_second(addr: &str) {
+    for _ in 0..5 {
+        let t = Instant::now();
+        let (status, body) = http(addr, "GET", "/healthz", &[], "");
+        let took = t.elapsed();
+        assert_eq!((status, body.trim()), (200, "ok"));
+        assert!(took < Duration::from_secs(1), "answered after {took:?}");
+    }
+}
+
+#[test]
+fn slow_clients_beyond_the_limit_do_not_keep_a_normal_client_out_of_the_collector() {
+    // A head timeout far away: what keeps the service answering is the limit, not the timer.
+    let c = Collector::start("{max_connections: 50, header_timeout_secs: 300}");
+    let slow = slow_clients(
+        &c.addr(),
+        150,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ",
+    );
+    served_within_a_second(&c.addr());
+    // The service holds no more than its limit, whatever was opened.
+    let fds = descriptors(c.pid());
+    assert!(fds < 50 + 40, "{fds} descriptors open");
+    // The evicted clients were told by a closed connection.
+    let closed = slow
+        .into_iter()
+        .filter_map(|mut s| {
+            s.set_read_timeout(Some(Duration::from_millis(20))).ok()?;
+            matches!(s.read(&mut [0u8; 64]), Ok(0)).then_some(())
+        })
+        .count();
+    assert!(closed >= 90, "{closed} of 150 slow clients closed");
+    let log = c.log();
+    assert!(
+        log.contains("connection limit reached") && log.contains("127.0.0.1"),
+        "refusals are logged with the peer:\n{log}"
+    );
+    assert!(
+        log.matches("refused").count() <= 40,
+        "refusals are logged at a bounded rate:\n{log}"
+    );
+}
+
+#[test]
+fn slow_clients_beyond_the_limit_do_not_keep_a_normal_client_out_of_the_approver_over_tls() {
+    let a = Approver::start_with_yaml(
+        "limits: {max_connections: 40, header_timeout_secs: 300}\n",
+        true,
+    );
+    // TCP connections that never start their TLS handshake, and some half a hello.
+    let _silent = slow_clients(&a.addr(), 60, b"");
+    let _half = slow_clients(&a.addr(), 60, &[0x16, 0x03, 0x01, 0x02]);
+    let ca = std::fs::read(a.ca.as_ref().expect("tls")).expect("ca");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let client = reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("pem"))
+            .build()
+            .expect("client");
+        for _ in 0..5 {
+            let t = Instant::now();
+            let r = client
+                .get(format!("{}/healthz", a.url()))
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}\n{}", a.log()));
+            assert_eq!(r.status(), 200);
+            let took = t.elapsed();
+            assert!(took < Duration::from_secs(1), "answered after {took:?}");
+        }
+    });
+}
+
+#[test]
+fn a_client_that_never_finishes_its_request_is_closed_at_the_head_deadline() {
+    let c = Collector::start("{header_timeout_secs: 1, body_timeout_secs: 1}");
+    let mut head = slow_clients(&c.addr(), 1, b"GET /healthz HTTP/1.1\r\nHost: x\r\n").remove(0);
+    let mut body = slow_clients(
+        &c.addr(),
+        1,
+        b"POST /v1/records HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"records\":",
+    )
+    .remove(0);
+    for s in [&mut head, &mut body] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t = Instant::now();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        let took = t.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "closed after {took:?}: {}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    let log = c.log();
+    assert!(log.contains("request head not received in time"), "{log}");
+    assert!(log.contains("request body not received in time"), "{log}");
+}
+
+#[test]
+fn request_bodies_in_flight_are_bounded_together() {
+    let c = Collector::start("{max_body_bytes_in_flight: 1048576, body_timeout_secs: 60}");
+    let post = |len: usize| {
+        format!("POST /v1/records HTTP/1.1\r\nHost: x\r\nContent-Length: {len}\r\n\r\n{{")
+    };
+    // One large body arriving slowly holds most of the budget…
+    let first = slow_clients(&c.addr(), 1, post(800_000).as_bytes());
+    std::thread::sleep(Duration::from_millis(300));
+    // …so a second one is refused at once, and told to come back.
+    let mut second = slow_clients(&c.addr(), 1, post(800_000).as_bytes()).remove(0);
+    second
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = [0u8; 512];
+    let n = second.read(&mut answer).expect("an answer");
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after"),
+        "{answer}"
+    );
+    // Small requests still pass, and once the large one is gone the budget is back.
+    let (status, _) = http(&c.addr(), "POST", "/v1/records", &[], "{}");
+    assert_eq!(status, 400, "a small body fits in what is left");
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut s = slow_clients(&c.addr(), 1, post(800_000).as_bytes()).remove(0);
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        match s.read(&mut [0u8; 64]) {
+            // Still reading the body: admitted.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            _ => assert!(Instant::now() < deadline, "the budget did not come back"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_collector_stops_within_its_drain_whatever_its_clients_do() {
+    let mut c = Collector::start("{drain_secs: 1, header_timeout_secs: 300}");
+    let _slow = slow_clients(&c.addr(), 5, b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+    let mut idle = TcpStream::connect(c.addr()).unwrap();
+    write!(idle, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut p = c.proc.take().expect("running");
+    let t = Instant::now();
+    // SAFETY: signalling the collector this test started, by its pid.
+    unsafe { libc::kill(p.pid() as i32, libc::SIGTERM) };
+    let status = p.wait(Duration::from_secs(10));
+    let took = t.elapsed();
+    assert!(status.success(), "{status:?}\n{}", c.log());
+    assert!(took < Duration::from_secs(4), "stopped after {took:?}");
+}
+
+#[test]
+fn every_read_of_the_collector_needs_a_reader_token() {
+    let c = Collector::start("{}");
+    let bearer = |t: &str| format!("Bearer {t}");
+    for path in ["/v1/ocsf", "/v1/alerts", "/v1/heads", "/v1/export"] {
+        let (status, body) = http(&c.addr(), "GET", path, &[], "");
+        assert_eq!(status, 401, "{path} without a token: {body}");
+        let (status, _) = http(
+            &c.addr(),
+            "GET",
+            path,
+            &[("Authorization", &bearer("not-a-token"))],
+            "",
+        );
+        assert_eq!(status, 401, "{path} with a wrong token");
+        let (status, body) = http(
+            &c.addr(),
+            "GET",
+            path,
+            &[("Authorization", &bearer(READER_TOKEN))],
+            "",
+        );
+        assert_eq!(status, 200, "{path} with a reader token: {body}");
+    }
+    // An export token reads the export, and nothing else.
+    let export = [("Authorization", bearer(EXPORT_TOKEN))];
+    let export: Vec<(&str, &str)> = export.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    assert_eq!(http(&c.addr(), "GET", "/v1/export", &export, "").0, 200);
+    assert_eq!(http(&c.addr(), "GET", "/v1/ocsf", &export, "").0, 401);
+    // Health needs nothing.
+    assert_eq!(http(&c.addr(), "GET", "/healthz", &[], "").0, 200);
+    let log = c.log();
+    assert!(
+        log.contains("/v1/ocsf without a valid reader token") && log.contains("127.0.0.1"),
+        "{log}"
+    );
+}
+
+#[test]
+fn bad_limits_are_refused_at_start_with_the_field_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config: PathBuf = dir.path().join("collector.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "database: sqlite://{}\nkey: {}\nlimits: {{header_timeout_secs: 0}}\n",
+            dir.path().join("c.db").display(),
+            dir.path().join("c.key").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(countersign_bin())
+        .args(["collector", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(config.to_str().unwrap()) && err.contains("limits.header_timeout_secs"),
+        "{err}"
+    );
+}
