@@ -67,6 +67,10 @@ pub struct Limits {
     pub max_body_bytes_in_flight: usize,
     /// At shutdown, how long requests in work may finish before every connection is closed.
     pub drain_secs: u64,
+    /// Refused requests (bad credentials or signatures, malformed) one peer address may make
+    /// in a minute; beyond, its requests are answered 429 until the minute ends, before any
+    /// work is done for them.
+    pub refusals_per_peer_per_minute: u32,
 }
 
 impl Default for Limits {
@@ -79,6 +83,7 @@ impl Default for Limits {
             request_timeout_secs: 60,
             max_body_bytes_in_flight: 128 * 1024 * 1024,
             drain_secs: 5,
+            refusals_per_peer_per_minute: 120,
         }
     }
 }
@@ -102,6 +107,12 @@ impl Limits {
             return Err((
                 "limits.max_connections",
                 format!("{}: must be 1 to 1000000", self.max_connections),
+            ));
+        }
+        if self.refusals_per_peer_per_minute == 0 {
+            return Err((
+                "limits.refusals_per_peer_per_minute",
+                "0: must be at least 1".to_owned(),
             ));
         }
         if self.max_body_bytes_in_flight < 1024 * 1024 {
@@ -148,6 +159,94 @@ impl Refusals {
             w.2 += 1;
         }
     }
+}
+
+/// Counts the refused requests of each peer address in the current minute; a peer over
+/// [`Limits::refusals_per_peer_per_minute`] is answered 429 until the minute ends.
+#[derive(Debug)]
+pub struct Strikes {
+    per_minute: u32,
+    window: Mutex<(Option<std::time::Instant>, HashMap<std::net::IpAddr, u32>)>,
+}
+
+impl Strikes {
+    /// Peers remembered in one minute; beyond, the minute starts over (forgetting strikes
+    /// only lets a peer be refused again before it is stopped).
+    const MAX_PEERS: usize = 100_000;
+
+    #[must_use]
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute,
+            window: Mutex::new((None, HashMap::new())),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut HashMap<std::net::IpAddr, u32>) -> T) -> T {
+        let now = std::time::Instant::now();
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if w.0
+            .is_none_or(|start| now.duration_since(start) >= Duration::from_secs(60))
+            || w.1.len() >= Self::MAX_PEERS
+        {
+            *w = (Some(now), HashMap::new());
+        }
+        f(&mut w.1)
+    }
+
+    /// Whether `ip` has used up its refusals for this minute.
+    pub fn stopped(&self, ip: std::net::IpAddr) -> bool {
+        self.with(|m| m.get(&ip).is_some_and(|n| *n >= self.per_minute))
+    }
+
+    /// One more refusal for `ip`.
+    pub fn strike(&self, ip: std::net::IpAddr) {
+        self.with(|m| *m.entry(ip).or_insert(0) += 1);
+    }
+}
+
+/// Put in a response's extensions, it counts against the peer as a refusal whatever its
+/// status (the collector's 409 for a record no enrolled host signed).
+#[derive(Debug, Clone, Copy)]
+pub struct Strike;
+
+/// The route layer for routes anyone can reach: a peer refused too often this minute gets
+/// 429 before any work; answers 400, 401 and 403, and those marked [`Strike`], count
+/// against it.
+pub async fn strikes_layer(
+    axum::extract::State((service, strikes, refusals)): axum::extract::State<(
+        &'static str,
+        Arc<Strikes>,
+        Arc<Refusals>,
+    )>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    if let Some(p) = peer
+        && strikes.stopped(p.ip())
+    {
+        refusals.log(service, peer, "too many refused requests from this address");
+        let mut r = plain(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many refused requests from this address: retry in a minute\n",
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, "60".parse().expect("valid"));
+        return r;
+    }
+    let r = next.run(req).await;
+    let refused = matches!(
+        r.status(),
+        StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+    ) || r.extensions().get::<Strike>().is_some();
+    if refused && let Some(p) = peer {
+        strikes.strike(p.ip());
+    }
+    r
 }
 
 /// The phase a connection is in; all but [`Phase::Working`] may be evicted.

@@ -44,8 +44,8 @@ const POLL_BATCH: i64 = 200;
 type AppState = State<Arc<App>>;
 
 pub fn router(app: Arc<App>) -> Router {
+    let strikes = ("approver", app.strikes.clone(), app.refusals.clone());
     Router::new()
-        .route("/healthz", get(|| async { "ok" }))
         .route("/v1/key", get(key))
         .route("/v1/enroll", post(enroll))
         .route("/v1/escalations", post(escalate))
@@ -57,8 +57,15 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/grants/{id}/revoke", post(revoke))
         .route("/slack/interactivity", post(slack_callback))
         .route("/teams/messages", post(teams_activity))
-        .route("/openapi.json", get(openapi))
         .merge(super::web::router())
+        // Every route but these two takes a credential or a signature: a peer refused too
+        // often is stopped for the rest of the minute.
+        .route_layer(axum::middleware::from_fn_with_state(
+            strikes,
+            crate::serve::strikes_layer,
+        ))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/openapi.json", get(openapi))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
 }

@@ -45,6 +45,8 @@ pub struct App {
     pub decided: tokio::sync::Notify,
     /// Refused clients, logged at a bounded rate.
     pub refusals: Arc<crate::serve::Refusals>,
+    /// Peers refused too often.
+    pub strikes: Arc<crate::serve::Strikes>,
 }
 
 impl App {
@@ -232,6 +234,9 @@ async fn serve(config: ApproverConfig, config_path: std::path::PathBuf) -> anyho
         teams,
         decided: tokio::sync::Notify::new(),
         refusals: Arc::new(crate::serve::Refusals::default()),
+        strikes: Arc::new(crate::serve::Strikes::new(
+            limits.refusals_per_peer_per_minute,
+        )),
     });
     tokio::spawn(expiry_loop(app.clone()));
     let reloading = app.clone();

@@ -68,6 +68,10 @@ pub struct Refused {
     pub stored: usize,
     /// Signed [`Receipt`] for the last record stored from this batch, if any.
     pub receipt: Option<Envelope>,
+    /// The refused record was not an enrolled host's (unreadable, unknown key, bad
+    /// signature): anyone could have sent it. Not sent.
+    #[serde(skip)]
+    pub unauthenticated: bool,
 }
 
 /// The path of the authenticated export (`Authorization: Bearer TOKEN`).

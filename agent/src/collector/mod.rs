@@ -39,6 +39,10 @@ use crate::{
 pub const DIGEST_EVERY: Duration = Duration::from_secs(3600);
 /// How many raised alerts are remembered to not raise them again on retries.
 const MAX_REMEMBERED_ALERTS: usize = 10_000;
+/// Alerts anyone can cause are counted in one alert per kind and peer in this window.
+const OPEN_ALERT_WINDOW: Duration = Duration::from_secs(3600);
+/// How often the count of such an alert is written while it keeps coming.
+const OPEN_ALERT_FLUSH: Duration = Duration::from_secs(1);
 /// DSSE payload type of a heads digest.
 pub const PAYLOAD_DIGEST: &str = "application/vnd.countersign.digest+json";
 
@@ -89,7 +93,23 @@ pub struct Collector {
     /// Alerts raised lately (kind, chain, seq, detail): a shipper retrying a refused record
     /// forever raises its alert once, not once per retry.
     raised: std::sync::Mutex<std::collections::HashSet<(String, String, u64, String)>>,
+    /// The alerts anyone can cause, by (kind, peer): counted, not stored one by one.
+    open_alerts: std::sync::Mutex<HashMap<(String, String), OpenAlert>>,
+    /// Peers refused too often.
+    strikes: Arc<crate::serve::Strikes>,
     ingest: tokio::sync::Mutex<()>,
+}
+
+/// The alert of one kind and peer in the current window.
+#[derive(Debug, Clone)]
+struct OpenAlert {
+    /// When it was raised (its key in the table, with kind and source).
+    at: String,
+    since: std::time::Instant,
+    count: u64,
+    written: u64,
+    written_at: std::time::Instant,
+    last_at: String,
 }
 
 /// What became of one record.
@@ -102,6 +122,8 @@ enum Ingested {
 struct Reject {
     why: String,
     expected: Option<Expected>,
+    /// Anyone could have sent it (see [`Refused::unauthenticated`]).
+    unauthenticated: bool,
 }
 
 impl Collector {
@@ -139,6 +161,10 @@ impl Collector {
                 .map(|t| t.trim().to_ascii_lowercase())
                 .collect(),
             refusals: Arc::new(crate::serve::Refusals::default()),
+            open_alerts: std::sync::Mutex::new(HashMap::new()),
+            strikes: Arc::new(crate::serve::Strikes::new(
+                config.limits.refusals_per_peer_per_minute,
+            )),
             ingest: tokio::sync::Mutex::new(()),
             raised: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
@@ -202,25 +228,141 @@ impl Collector {
             chain_id: r.map(|r| r.chain_id.clone()),
             seq: r.map(|r| r.seq),
             detail,
+            count: 1,
+            last_at: String::new(),
+            source: None,
+        };
+        let a = Alert {
+            last_at: a.at.clone(),
+            ..a
         };
         if let Err(e) = self.store.alert(&a).await {
             tracing::error!(error = %e, "cannot store an alert");
         }
     }
 
+    /// An alert anyone could cause (a record that is not an enrolled host's): one alert per
+    /// kind and peer an hour, with a count, so a flood cannot fill the table or hide the
+    /// alerts about real hosts.
+    async fn raise_open(&self, kind: &str, peer: Option<std::net::IpAddr>, detail: String) {
+        let source = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        let now = std::time::Instant::now();
+        let now_text = records::now_rfc3339();
+        let key = (kind.to_owned(), source.clone());
+        let (new, write) = {
+            let mut open = self.open_alerts.lock().unwrap_or_else(|e| e.into_inner());
+            match open.get_mut(&key) {
+                Some(a) if now.duration_since(a.since) < OPEN_ALERT_WINDOW => {
+                    a.count += 1;
+                    a.last_at.clone_from(&now_text);
+                    let due = now.duration_since(a.written_at) >= OPEN_ALERT_FLUSH;
+                    if due {
+                        a.written = a.count;
+                        a.written_at = now;
+                    }
+                    (false, due.then(|| a.clone()))
+                }
+                _ => {
+                    if open.len() >= MAX_REMEMBERED_ALERTS {
+                        open.clear();
+                    }
+                    let a = OpenAlert {
+                        at: now_text.clone(),
+                        since: now,
+                        count: 1,
+                        written: 1,
+                        written_at: now,
+                        last_at: now_text.clone(),
+                    };
+                    open.insert(key, a.clone());
+                    (true, Some(a))
+                }
+            }
+        };
+        let Some(a) = write else { return };
+        let stored = if new {
+            tracing::warn!(
+                kind,
+                source,
+                detail,
+                "ALERT (more of this kind from this peer are counted for an hour)"
+            );
+            self.store
+                .alert(&Alert {
+                    at: a.at,
+                    kind: kind.to_owned(),
+                    host_id: None,
+                    chain_id: None,
+                    seq: None,
+                    detail,
+                    count: 1,
+                    last_at: a.last_at,
+                    source: Some(source),
+                })
+                .await
+        } else {
+            self.store
+                .count_alert(kind, &source, &a.at, a.count, &a.last_at)
+                .await
+        };
+        if let Err(e) = stored {
+            tracing::error!(error = %e, "cannot store an alert");
+        }
+    }
+
+    /// Writes the counts of alerts anyone could cause that moved since they were written.
+    pub async fn write_open_alert_counts(&self) {
+        let pending: Vec<((String, String), OpenAlert)> = {
+            let mut open = self.open_alerts.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            open.retain(|_, a| {
+                now.duration_since(a.since) < OPEN_ALERT_WINDOW || a.written != a.count
+            });
+            open.iter_mut()
+                .filter(|(_, a)| a.written != a.count)
+                .map(|(k, a)| {
+                    a.written = a.count;
+                    a.written_at = now;
+                    (k.clone(), a.clone())
+                })
+                .collect()
+        };
+        for ((kind, source), a) in pending {
+            if let Err(e) = self
+                .store
+                .count_alert(&kind, &source, &a.at, a.count, &a.last_at)
+                .await
+            {
+                tracing::error!(error = %e, "cannot store an alert's count");
+            }
+        }
+    }
+
     /// Verifies and stores one record (see the module docs).
-    async fn ingest_one(&self, env: &Envelope) -> Result<Result<Ingested, Reject>, StoreError> {
+    async fn ingest_one(
+        &self,
+        env: &Envelope,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Result<Ingested, Reject>, StoreError> {
         let reject = |why: String| {
             Ok(Err(Reject {
                 why,
                 expected: None,
+                unauthenticated: false,
+            }))
+        };
+        let open_reject = |why: String| {
+            Ok(Err(Reject {
+                why,
+                expected: None,
+                unauthenticated: true,
             }))
         };
         let claimed = match records::peek(env) {
             Ok(r) => r,
             Err(why) => {
-                self.raise("unreadable", None, why.clone()).await;
-                return reject(why);
+                self.raise_open("unreadable", peer, why.clone()).await;
+                return open_reject(why);
             }
         };
         let head = self.store.head(&claimed.chain_id).await?;
@@ -236,18 +378,20 @@ impl Collector {
                         "host key {} is not enrolled (replaced key?)",
                         claimed.host_id
                     );
-                    self.raise("unknown-key", Some(&claimed), why.clone()).await;
-                    return reject(why);
+                    self.raise_open("unknown-key", peer, why.clone()).await;
+                    return open_reject(why);
                 }
             },
         };
         let record: Record = match env.verify_json(PAYLOAD_RECORD, &key) {
             Ok(r) => r,
             Err(e) => {
-                let why = format!("host signature: {e}");
-                self.raise("bad-signature", Some(&claimed), why.clone())
-                    .await;
-                return reject(why);
+                let why = format!(
+                    "host signature: {e} (record claims host {} chain {} seq {})",
+                    claimed.host_id, claimed.chain_id, claimed.seq
+                );
+                self.raise_open("bad-signature", peer, why.clone()).await;
+                return open_reject(why);
             }
         };
         if record.host_id != sign::key_id(&key).0 || record.v != records::RECORD_VERSION {
@@ -295,6 +439,7 @@ impl Collector {
                     chain_id: record.chain_id.clone(),
                     seq: next_seq,
                 }),
+                unauthenticated: false,
             }));
         }
         if record.prev.as_deref() != head.as_ref().map(|h| h.hash.as_str()) {
@@ -348,11 +493,21 @@ impl Collector {
     }
 
     /// Ingests a batch in order; the answer and its HTTP status.
+    #[cfg(test)]
     pub async fn ingest(&self, batch: &Batch) -> Result<Result<Accepted, Refused>, StoreError> {
+        self.ingest_from(batch, None).await
+    }
+
+    /// [`Self::ingest`] of a batch sent by `peer`.
+    pub async fn ingest_from(
+        &self,
+        batch: &Batch,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Result<Accepted, Refused>, StoreError> {
         let _serial = self.ingest.lock().await;
         let (mut stored, mut duplicates, mut last) = (0, 0, None);
         for (i, env) in batch.records.iter().enumerate() {
-            match self.ingest_one(env).await? {
+            match self.ingest_one(env, peer).await? {
                 Ok(Ingested::Stored(h)) => {
                     stored += 1;
                     last = Some(h);
@@ -371,6 +526,7 @@ impl Collector {
                         expected: r.expected,
                         stored,
                         receipt: last.as_ref().map(|h| self.receipt(h)),
+                        unauthenticated: r.unauthenticated,
                     }));
                 }
             }
@@ -386,6 +542,7 @@ impl Collector {
                 expected: None,
                 stored: 0,
                 receipt: None,
+                unauthenticated: true,
             }),
         })
     }
@@ -413,14 +570,18 @@ impl Collector {
                 quiet / 1000
             );
             tracing::warn!(kind = "silent", host_id, chain_id, seq, detail, "ALERT");
+            let at = records::now_rfc3339();
             self.store
                 .alert(&Alert {
-                    at: records::now_rfc3339(),
+                    at: at.clone(),
                     kind: "silent".into(),
                     host_id: Some(host_id),
                     chain_id: Some(chain_id.clone()),
                     seq: Some(seq),
                     detail,
+                    count: 1,
+                    last_at: at,
+                    source: None,
                 })
                 .await?;
             out.push(chain_id);
@@ -516,7 +677,12 @@ pub fn time_ms(t: &str) -> Option<i64> {
 
 type Shared = Arc<Collector>;
 
-async fn post_records(State(c): State<Shared>, body: Bytes) -> Response {
+async fn post_records(
+    State(c): State<Shared>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+    body: Bytes,
+) -> Response {
+    let peer = peer.map(|p| (p.0).0.ip());
     let batch: Batch = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
@@ -534,7 +700,7 @@ async fn post_records(State(c): State<Shared>, body: Bytes) -> Response {
         )
             .into_response();
     }
-    match c.ingest(&batch).await {
+    match c.ingest_from(&batch, peer).await {
         Ok(Ok(a)) => {
             tracing::info!(
                 stored = a.stored,
@@ -545,7 +711,13 @@ async fn post_records(State(c): State<Shared>, body: Bytes) -> Response {
         }
         Ok(Err(r)) => {
             tracing::warn!(error = r.error, "records refused");
-            (StatusCode::CONFLICT, Json(r)).into_response()
+            // A record no enrolled host signed counts against its sender's address.
+            let strike = r.unauthenticated;
+            let mut answer = (StatusCode::CONFLICT, Json(r)).into_response();
+            if strike {
+                answer.extensions_mut().insert(crate::serve::Strike);
+            }
+            answer
         }
         Err(e) => {
             tracing::error!(error = %e, "storing records failed");
@@ -618,18 +790,43 @@ async fn get_heads(State(c): State<Shared>) -> Response {
     }
 }
 
-async fn get_alerts(State(c): State<Shared>) -> Response {
-    match c.store.alerts().await {
-        Ok(alerts) => Json(
-            alerts
-                .into_iter()
-                .map(|a| {
-                    serde_json::json!({"at": a.at, "kind": a.kind, "host_id": a.host_id,
-                    "chain_id": a.chain_id, "seq": a.seq, "detail": a.detail})
-                })
-                .collect::<Vec<_>>(),
+/// Query of `GET /v1/alerts`.
+#[derive(Debug, Deserialize)]
+struct AlertsQuery {
+    /// At most this many (default 100, at most 1000).
+    limit: Option<u64>,
+    /// Skip the newest this many.
+    offset: Option<u64>,
+}
+
+/// The alerts, newest first, a page at a time.
+async fn get_alerts(
+    State(c): State<Shared>,
+    axum::extract::Query(q): axum::extract::Query<AlertsQuery>,
+) -> Response {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    match c
+        .store
+        .alerts_page(limit, q.offset.unwrap_or(0), true)
+        .await
+    {
+        Ok(alerts) => (
+            [(
+                axum::http::HeaderName::from_static(MORE_HEADER),
+                (alerts.len() as u64 == limit).to_string(),
+            )],
+            Json(
+                alerts
+                    .into_iter()
+                    .map(|a| {
+                        serde_json::json!({"at": a.at, "kind": a.kind, "host_id": a.host_id,
+                        "chain_id": a.chain_id, "seq": a.seq, "detail": a.detail,
+                        "count": a.count, "last_at": a.last_at, "source": a.source})
+                    })
+                    .collect::<Vec<_>>(),
+            ),
         )
-        .into_response(),
+            .into_response(),
         Err(e) => {
             tracing::error!(error = %e, "reading alerts failed");
             (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
@@ -771,10 +968,15 @@ pub fn router(c: Shared) -> Router {
             c.clone(),
             readers_only,
         ));
+    let strikes = (c.strikes.clone(), c.refusals.clone());
     Router::new()
         .route(api::RECORDS_PATH, post(post_records))
-        .route("/healthz", get(|| async { "ok" }))
         .merge(reads)
+        .route_layer(axum::middleware::from_fn_with_state(
+            ("collector", strikes.0, strikes.1),
+            crate::serve::strikes_layer,
+        ))
+        .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(c)
 }
@@ -799,6 +1001,14 @@ pub async fn run(config: CollectorConfig) -> anyhow::Result<()> {
                 Ok(_) => tracing::info!("heads digest signed"),
                 Err(e) => tracing::error!(error = %e, "signing the heads digest failed"),
             }
+        }
+    });
+    let counts = c.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(OPEN_ALERT_FLUSH);
+        loop {
+            every.tick().await;
+            counts.write_open_alert_counts().await;
         }
     });
     let watch = c.clone();

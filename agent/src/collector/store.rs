@@ -109,7 +109,22 @@ pub struct Alert {
     pub chain_id: Option<String>,
     pub seq: Option<u64>,
     pub detail: String,
+    /// How many times it was seen in its window (1 for alerts about an enrolled host's
+    /// chain; anything anyone can send is counted in one alert per kind, peer and hour).
+    pub count: u64,
+    /// When it was last seen.
+    pub last_at: String,
+    /// Where it came from, when that is all that is known (the peer's address).
+    pub source: Option<String>,
 }
+
+/// Columns added to `alerts` after its first release; a database made before gets them at
+/// start (the error for a column already there is expected and ignored).
+const ALERT_COLUMNS: &[&str] = &[
+    "ALTER TABLE alerts ADD COLUMN count BIGINT NOT NULL DEFAULT 1",
+    "ALTER TABLE alerts ADD COLUMN last_at TEXT",
+    "ALTER TABLE alerts ADD COLUMN source TEXT",
+];
 
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -142,6 +157,17 @@ impl Store {
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await?;
         }
+        for stmt in ALERT_COLUMNS {
+            if let Err(e) = sqlx::query(stmt).execute(&pool).await {
+                let m = e.to_string();
+                if !(m.contains("duplicate column") || m.contains("already exists")) {
+                    return Err(e.into());
+                }
+            }
+        }
+        sqlx::query("CREATE INDEX IF NOT EXISTS alerts_at ON alerts (at)")
+            .execute(&pool)
+            .await?;
         Ok(Self { pool })
     }
 
@@ -258,7 +284,8 @@ impl Store {
 
     pub async fn alert(&self, a: &Alert) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO alerts (at, kind, host_id, chain_id, seq, detail) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO alerts (at, kind, host_id, chain_id, seq, detail, count, last_at, source)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&a.at)
         .bind(&a.kind)
@@ -266,25 +293,75 @@ impl Store {
         .bind(&a.chain_id)
         .bind(a.seq.map(i))
         .bind(&a.detail)
+        .bind(i(a.count))
+        .bind(&a.last_at)
+        .bind(&a.source)
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
+    /// Sets the count and last sighting of the alert of `kind` from `source` raised at `at`.
+    pub async fn count_alert(
+        &self,
+        kind: &str,
+        source: &str,
+        at: &str,
+        count: u64,
+        last_at: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE alerts SET count = $1, last_at = $2 WHERE kind = $3 AND source = $4 AND at = $5",
+        )
+        .bind(i(count))
+        .bind(last_at)
+        .bind(kind)
+        .bind(source)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// All alerts, oldest first.
+    #[cfg(test)]
     pub async fn alerts(&self) -> Result<Vec<Alert>, StoreError> {
-        let rows =
-            sqlx::query("SELECT at, kind, host_id, chain_id, seq, detail FROM alerts ORDER BY at")
-                .fetch_all(&self.pool)
-                .await?;
+        self.alerts_page(i64::MAX.unsigned_abs(), 0, false).await
+    }
+
+    /// At most `limit` alerts after the first `offset`, newest first when `newest`.
+    pub async fn alerts_page(
+        &self,
+        limit: u64,
+        offset: u64,
+        newest: bool,
+    ) -> Result<Vec<Alert>, StoreError> {
+        let rows = sqlx::query(if newest {
+            "SELECT at, kind, host_id, chain_id, seq, detail, count, last_at, source FROM alerts
+             ORDER BY at DESC LIMIT $1 OFFSET $2"
+        } else {
+            "SELECT at, kind, host_id, chain_id, seq, detail, count, last_at, source FROM alerts
+             ORDER BY at LIMIT $1 OFFSET $2"
+        })
+        .bind(i(limit))
+        .bind(i(offset))
+        .fetch_all(&self.pool)
+        .await?;
         Ok(rows
             .into_iter()
-            .map(|r| Alert {
-                at: r.get(0),
-                kind: r.get(1),
-                host_id: r.get(2),
-                chain_id: r.get(3),
-                seq: r.get::<Option<i64>, _>(4).map(u),
-                detail: r.get(5),
+            .map(|r| {
+                let at: String = r.get(0);
+                Alert {
+                    kind: r.get(1),
+                    host_id: r.get(2),
+                    chain_id: r.get(3),
+                    seq: r.get::<Option<i64>, _>(4).map(u),
+                    detail: r.get(5),
+                    count: u(r.get(6)),
+                    last_at: r.get::<Option<String>, _>(7).unwrap_or_else(|| at.clone()),
+                    source: r.get(8),
+                    at,
+                }
             })
             .collect())
     }
