@@ -510,3 +510,44 @@ fn a_peer_that_keeps_guessing_approver_tokens_is_stopped_and_others_are_not() {
         "{log}"
     );
 }
+
+#[test]
+fn teams_tokens_naming_unknown_keys_do_not_make_the_approver_fetch_keys_again_and_again() {
+    let teams = countersign_tests::remote::FakeTeams::start();
+    let a = Approver::start_with_teams(&teams);
+    let bot = format!("{}/teams/messages", a.url());
+    let forged = serde_json::json!({"forge": "kid"});
+    for i in 0..30 {
+        let (status, body) = teams.invoke(
+            &bot,
+            &serde_json::Value::Null,
+            i,
+            "approve",
+            "aad-bob",
+            &forged,
+        );
+        assert!(
+            (400..500).contains(&status),
+            "a token naming an unknown key is refused: {status} {body}"
+        );
+    }
+    let state = teams.state();
+    // The first token fetches the set once; the next unknown key id fetches it once more;
+    // then nothing for a minute.
+    assert!(
+        state["keys_fetches"].as_u64() <= Some(2) && state["openid_fetches"].as_u64() <= Some(2),
+        "{} metadata and {} key set fetches for 30 forged key ids",
+        state["openid_fetches"],
+        state["keys_fetches"]
+    );
+    // A real token still verifies with the key set in hand.
+    let (status, _) = teams.invoke(
+        &bot,
+        &serde_json::Value::Null,
+        99,
+        "approve",
+        "aad-bob",
+        &serde_json::json!({}),
+    );
+    assert_ne!(status, 401, "a real token is not refused for its key");
+}

@@ -176,6 +176,8 @@ fn run_native(bins: &E2eBins) -> Result<String> {
                 .env("COUNTERSIGN_E2E_MODE", "fallback")
                 .env("COUNTERSIGN_BIN", &bins.countersign)
                 .env("COUNTERSIGN_PROBE", &bins.probe)
+                .env("COUNTERSIGN_FAKE_SLACK", &bins.fake_slack)
+                .env("COUNTERSIGN_FAKE_TEAMS", &bins.fake_teams)
                 .env("RUST_BACKTRACE", "1"),
             Duration::from_secs(10 * 60),
             &format!("the {name} scenarios"),

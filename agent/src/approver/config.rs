@@ -79,6 +79,29 @@ pub struct Approver {
     /// API/CLI bearer tokens, as lowercase hex SHA-256 (`countersign approver hash-token`).
     #[serde(default)]
     pub tokens: Vec<String>,
+    /// Other identities of this person, compared for separation of duties: other email
+    /// addresses, identity provider subjects (`okta:00u1abc`), Unix users (`unix:bob`).
+    #[serde(default)]
+    pub identities: Vec<String>,
+}
+
+impl Approver {
+    /// Every identity known for this person: name, email, chat ids and `identities`.
+    #[must_use]
+    pub fn all_identities(&self) -> Vec<String> {
+        let mut ids = vec![self.name.clone()];
+        ids.extend(self.email.clone());
+        if let Some(s) = &self.slack {
+            ids.push(format!("slack:{}/{}", s.team, s.user));
+            ids.push(s.user.clone());
+        }
+        if let Some(t) = &self.teams {
+            ids.push(format!("teams:{}", t.aad_object_id));
+            ids.push(t.aad_object_id.clone());
+        }
+        ids.extend(self.identities.iter().cloned());
+        ids
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -12,8 +12,9 @@ pub struct Ask {
     /// Approvals must include one from each of `groups`.
     pub each_group: bool,
     pub justification: bool,
-    /// The human the agent works for: never an approver of its actions.
-    pub on_behalf_of: Option<String>,
+    /// The identities of the human behind the request (who the agent works for, the Unix
+    /// user it runs as): none of them may approve it.
+    pub requester: Vec<String>,
 }
 
 /// One answer already given.
@@ -41,18 +42,12 @@ pub fn may_answer(config: &ApproverConfig, ask: &Ask, approver: &str) -> Result<
     let Some(person) = config.by_name(approver) else {
         return Err(format!("{approver} is not a configured approver"));
     };
-    if let Some(owner) = &ask.on_behalf_of {
-        let owner = owner.trim();
-        if owner.eq_ignore_ascii_case(&person.name)
-            || person
-                .email
-                .as_deref()
-                .is_some_and(|e| e.eq_ignore_ascii_case(owner))
-        {
-            return Err(format!(
-                "{approver} is the person this agent works for ({owner}) and cannot approve its actions"
-            ));
-        }
+    if let Some((mine, theirs)) =
+        crate::sign::statement::same_person(&person.all_identities(), &ask.requester)
+    {
+        return Err(format!(
+            "{approver} is the person this agent works for ({theirs} is {mine}) and cannot approve its actions"
+        ));
     }
     let groups: Vec<&str> = if ask.groups.is_empty() {
         config.default_group.iter().map(String::as_str).collect()
@@ -141,7 +136,7 @@ mod tests {
             quorum,
             each_group: false,
             justification: false,
-            on_behalf_of: Some("alice@example.com".into()),
+            requester: vec!["alice@example.com".into()],
         }
     }
 
@@ -153,7 +148,7 @@ mod tests {
             quorum: 1,
             each_group: true,
             justification: false,
-            on_behalf_of: None,
+            requester: Vec::new(),
         };
         let bob = Answer {
             approver: "bob".into(),
@@ -184,6 +179,36 @@ mod tests {
             matches!(o, Outcome::Refused(ref m) if m.contains("works for")),
             "{o:?}"
         );
+    }
+
+    #[test]
+    fn the_owner_is_known_by_every_identity() {
+        let c: ApproverConfig = serde_yaml::from_str(
+            "approvers:\n  - {name: bob}\n  - name: carol\n    slack: {team: T1, user: UCAROL}\n    identities: [okta:00ucarol, unix:cjones]\n  - {name: dave, email: dave@example.com}\ngroups:\n  dev: [bob, carol, dave]\n",
+        )
+        .unwrap();
+        let refused = |requester: &[&str], who: &str| {
+            let a = Ask {
+                requester: requester.iter().map(|s| (*s).to_owned()).collect(),
+                ..ask(1)
+            };
+            matches!(
+                answer(&c, &a, &[], who, Decision::Approve, None),
+                Outcome::Refused(_)
+            )
+        };
+        // bob's entry has no email: a request on behalf of bob's address is still his.
+        assert!(refused(&["bob@example.com"], "bob"));
+        assert!(refused(&["BOB"], "bob"));
+        // carol by her identity provider subject, her Slack id, or the Unix user she runs as.
+        assert!(refused(&["okta:00ucarol"], "carol"));
+        assert!(refused(&["slack:T1/UCAROL"], "carol"));
+        assert!(refused(&["someone@example.com", "unix:cjones"], "carol"));
+        // dave by his email's local part as a plain name.
+        assert!(refused(&["unix:dave"], "dave"));
+        // Other people are not refused.
+        assert!(!refused(&["alice@example.com", "unix:alice"], "bob"));
+        assert!(!refused(&["okta:00ualice"], "carol"));
     }
 
     #[test]

@@ -496,7 +496,10 @@ impl Store {
             quorum: esc.quorum,
             each_group: esc.each_group,
             justification: esc.justification,
-            on_behalf_of: esc.on_behalf_of.clone(),
+            requester: crate::sign::statement::requester_identities(
+                esc.on_behalf_of.as_deref(),
+                &esc.request,
+            ),
         };
         let given_short: Vec<Answer> = given
             .iter()
@@ -538,6 +541,12 @@ impl Store {
             tx.commit().await?;
             return Ok(AnswerResult::Counted { have, need });
         };
+        let identities_of = |name: &str| {
+            config
+                .by_name(name)
+                .map(super::config::Approver::all_identities)
+                .unwrap_or_default()
+        };
         let mut approvals: Vec<Approval> = given
             .iter()
             .map(|a| Approval {
@@ -548,6 +557,7 @@ impl Store {
                 justification: a.justification.clone(),
                 at: a.at.clone(),
                 grant: a.grant,
+                identities: identities_of(&a.approver),
             })
             .collect();
         approvals.push(Approval {
@@ -558,6 +568,7 @@ impl Store {
             justification: justification.map(str::to_owned),
             at: rfc3339(now),
             grant,
+            identities: identities_of(who.approver),
         });
         // A grant is given only if every approval chose it.
         let chosen = if d == Decision::Approve {
@@ -755,7 +766,7 @@ impl Store {
             quorum: 1,
             each_group: false,
             justification: false,
-            on_behalf_of: None,
+            requester: Vec::new(),
         };
         if let Err(why) = decide::may_answer(config, &ask, approver) {
             return Ok(RevokeResult::Refused(why));

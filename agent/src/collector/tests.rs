@@ -303,6 +303,7 @@ async fn rotation_forged_approvals_and_self_approvals() {
             decision: crate::proto::Decision::Approve,
             justification: None,
             at: "2026-01-01T00:00:00Z".into(),
+            identities: Vec::new(),
         }],
         decided_at: "2026-01-01T00:00:00Z".into(),
     };

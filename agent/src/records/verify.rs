@@ -399,16 +399,26 @@ pub fn check_content(
                 Err(why) => problems.push(format!("approver decision: {why}")),
                 Ok(st) => {
                     problems.extend(statement_mismatch(&st, record, d));
-                    if let Some(who) = &d.on_behalf_of
-                        && st
-                            .approvals
-                            .iter()
-                            .any(|ap| ap.decision == Decision::Approve && ap.approver == *who)
+                    let requester = crate::sign::statement::requester_identities(
+                        d.on_behalf_of.as_deref(),
+                        &d.request,
+                    );
+                    for ap in st
+                        .approvals
+                        .iter()
+                        .filter(|a| a.decision == Decision::Approve)
                     {
-                        self_approval = true;
-                        problems.push(format!(
-                            "self-approval: {who} approved a request made on their behalf"
-                        ));
+                        let mut theirs = vec![ap.approver.clone(), ap.identity.clone()];
+                        theirs.extend(ap.identities.iter().cloned());
+                        if let Some((approver_id, requester_id)) =
+                            crate::sign::statement::same_person(&theirs, &requester)
+                        {
+                            self_approval = true;
+                            problems.push(format!(
+                                "self-approval: {} approved a request made on their behalf ({requester_id} is {approver_id})",
+                                ap.approver
+                            ));
+                        }
                     }
                 }
             }
@@ -513,6 +523,11 @@ mod tests {
     }
 
     fn statement(id: u64, who: &str, signer: &SigningKey) -> Envelope {
+        statement_with(id, who, &[], signer)
+    }
+
+    /// A decision approved by `who`, known to the approver service by `identities`.
+    fn statement_with(id: u64, who: &str, identities: &[&str], signer: &SigningKey) -> Envelope {
         let host_id = sign::key_id(&host().verifying_key()).0;
         let st = DecisionStatement {
             grant: None,
@@ -530,6 +545,7 @@ mod tests {
                 decision: Decision::Approve,
                 justification: None,
                 at: "2026-01-01T00:00:00Z".into(),
+                identities: identities.iter().map(|s| (*s).to_owned()).collect(),
             }],
             decided_at: "2026-01-01T00:00:00Z".into(),
         };
@@ -537,6 +553,10 @@ mod tests {
     }
 
     fn approved(id: u64, approver_decision: Option<Envelope>) -> Body {
+        approved_for(id, "alice", approver_decision)
+    }
+
+    fn approved_for(id: u64, on_behalf_of: &str, approver_decision: Option<Envelope>) -> Body {
         let host_id = sign::key_id(&host().verifying_key()).0;
         Body::Decision(DecisionRecord {
             decision: "approved".into(),
@@ -544,7 +564,7 @@ mod tests {
             by: "approver".into(),
             request: view(id),
             action_hash: action_hash(&host_id, &view(id)),
-            on_behalf_of: Some("alice".into()),
+            on_behalf_of: Some(on_behalf_of.into()),
             approver_decision,
         })
     }
@@ -756,6 +776,57 @@ mod tests {
             r.summary(),
             "0/1 records valid, 0 gaps, 0 forks, 1 self-approvals"
         );
+    }
+
+    #[test]
+    fn a_self_approval_under_any_identity_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), host(), "h").unwrap();
+        // Known to the approver as robert, with bob's address among his identities.
+        s.append(approved_for(
+            1,
+            "bob@example.com",
+            Some(statement_with(
+                1,
+                "robert",
+                &["robert", "okta:00urob", "bob@example.com"],
+                &approver(),
+            )),
+        ))
+        .unwrap();
+        // An entry without the email: the address's local part is the approver's name.
+        s.append(approved_for(
+            2,
+            "bob@example.com",
+            Some(statement(2, "bob", &approver())),
+        ))
+        .unwrap();
+        // Somebody else entirely.
+        s.append(approved_for(
+            3,
+            "bob@example.com",
+            Some(statement_with(
+                3,
+                "carol",
+                &["carol", "carol@example.com"],
+                &approver(),
+            )),
+        ))
+        .unwrap();
+        let envs: Vec<Envelope> = spool::read(dir.path())
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|s| s.envelope)
+            .collect();
+        let r = run(&envs, &[]);
+        assert_eq!(r.self_approvals, 2, "{}", failures(&r));
+        assert!(
+            failures(&r).contains("robert approved a request made on their behalf (bob@example.com is bob@example.com)"),
+            "{}",
+            failures(&r)
+        );
+        assert!(failures(&r).contains("self-approval: bob approved"));
     }
 
     #[test]

@@ -247,6 +247,57 @@ pub struct Approval {
     /// The grant this answer offered to give (index into the escalation's `grants`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grant: Option<u32>,
+    /// Every identity the approver service knew for this person when it decided (name,
+    /// emails, chat ids, identity provider subjects, Unix users): what separation of duties
+    /// is checked against, by the service and again by every verifier.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+}
+
+/// The forms an identity is compared in: trimmed and lowercased, and an email address also
+/// by its local part (`bob@example.com` is `bob` too: an approver entry that lacks the email
+/// is still matched by name).
+fn identity_forms(id: &str) -> Vec<String> {
+    let id = id.trim().to_lowercase();
+    if id.is_empty() {
+        return Vec::new();
+    }
+    let mut forms = vec![id.clone()];
+    if let Some((local, _)) = id.split_once('@')
+        && !local.is_empty()
+    {
+        forms.push(local.to_owned());
+    }
+    if let Some(user) = id.strip_prefix("unix:") {
+        forms.push(user.to_owned());
+    }
+    forms
+}
+
+/// The first pair of identities, one from each list, that name the same person in any of
+/// their forms.
+#[must_use]
+pub fn same_person(a: &[String], b: &[String]) -> Option<(String, String)> {
+    for x in a {
+        let xs = identity_forms(x);
+        for y in b {
+            if identity_forms(y).iter().any(|f| xs.contains(f)) {
+                return Some((x.clone(), y.clone()));
+            }
+        }
+    }
+    None
+}
+
+/// The identities a request names for the human behind it: who the agent works for
+/// (`on_behalf_of`) and the Unix user it runs as (`unix:NAME`).
+#[must_use]
+pub fn requester_identities(on_behalf_of: Option<&str>, view: &RequestView) -> Vec<String> {
+    on_behalf_of
+        .map(str::to_owned)
+        .into_iter()
+        .chain(view.user.as_deref().map(|u| format!("unix:{u}")))
+        .collect()
 }
 
 /// The approver's decision (payload of [`PAYLOAD_DECISION`]).

@@ -44,6 +44,9 @@ struct Teams {
     activities: Vec<Value>,
     webhook: Vec<Value>,
     counter: u64,
+    /// How often the OpenID metadata and the key set were fetched.
+    openid_fetches: u64,
+    keys_fetches: u64,
 }
 
 type S = State<Arc<Mutex<Teams>>>;
@@ -148,7 +151,8 @@ async fn put_activity(
 }
 
 async fn openid(State(st): S) -> Json<Value> {
-    let s = st.lock().unwrap();
+    let mut s = st.lock().unwrap();
+    s.openid_fetches += 1;
     Json(json!({
         "issuer": "https://api.botframework.com",
         "authorization_endpoint": "https://invalid.botframework.com",
@@ -158,7 +162,8 @@ async fn openid(State(st): S) -> Json<Value> {
     }))
 }
 
-async fn keys() -> Json<Value> {
+async fn keys(State(st): S) -> Json<Value> {
+    st.lock().unwrap().keys_fetches += 1;
     Json(
         json!({"keys": [{"kty": "RSA", "use": "sig", "kid": KEY_ID, "n": KEY_N, "e": "AQAB", "endorsements": ["msteams"]}]}),
     )
@@ -171,7 +176,8 @@ async fn webhook(State(st): S, Json(b): Json<Value>) -> &'static str {
 
 async fn state(State(st): S) -> Json<Value> {
     let s = st.lock().unwrap();
-    Json(json!({"activities": s.activities, "webhook": s.webhook}))
+    Json(json!({"activities": s.activities, "webhook": s.webhook,
+        "openid_fetches": s.openid_fetches, "keys_fetches": s.keys_fetches}))
 }
 
 /// A click on a card's Action.Execute: the invoke activity Teams sends to the bot.
@@ -206,7 +212,11 @@ async fn invoke(State(st): S, Json(b): Json<Value>) -> Json<Value> {
         };
         let claims = json!({"iss": "https://api.botframework.com", "aud": aud, "serviceUrl": service_url, "nbf": now() - 60, "exp": exp});
         let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-        header.kid = Some(KEY_ID.into());
+        header.kid = Some(if forge == "kid" {
+            format!("no-such-key-{}", s.counter)
+        } else {
+            KEY_ID.into()
+        });
         let key = if forge == "key" {
             // Any other RSA key: an HMAC token with the right kid is the simplest forgery.
             header.alg = jsonwebtoken::Algorithm::HS256;

@@ -61,7 +61,18 @@ pub struct Teams {
     http: reqwest::Client,
     token: tokio::sync::Mutex<Option<(String, Instant)>>,
     keys: Mutex<Option<(jsonwebtoken::jwk::JwkSet, Instant)>>,
+    /// When the key set was last fetched, and the key ids it did not have: a token naming an
+    /// unknown key makes at most one fetch a [`KEYS_REFETCH`], and a key id the fetch did not
+    /// find is refused without fetching for [`UNKNOWN_KID_TTL`].
+    fetches: tokio::sync::Mutex<(Option<Instant>, std::collections::HashMap<String, Instant>)>,
 }
+
+/// Least time between two fetches of the key set for an unknown key id.
+const KEYS_REFETCH: Duration = Duration::from_secs(60);
+/// How long a key id the key set did not have is refused without a fetch.
+const UNKNOWN_KID_TTL: Duration = Duration::from_secs(600);
+/// Unknown key ids remembered (beyond, the oldest are forgotten).
+const MAX_UNKNOWN_KIDS: usize = 1024;
 
 fn http_err(message: String) -> ChannelError {
     ChannelError::Http {
@@ -95,6 +106,7 @@ impl Teams {
             http,
             token: tokio::sync::Mutex::new(None),
             keys: Mutex::new(None),
+            fetches: tokio::sync::Mutex::new((None, std::collections::HashMap::new())),
         }
     }
 
@@ -210,6 +222,35 @@ impl Teams {
         Ok(set)
     }
 
+    /// The key set fetched again for a key id it does not have — unless that id was looked
+    /// for lately, or the set was fetched less than [`KEYS_REFETCH`] ago (one fetch at a
+    /// time: concurrent invokes wait for it), so forged key ids cannot make the approver
+    /// hammer the identity provider.
+    async fn keys_for_unknown(&self, kid: &str) -> Result<jsonwebtoken::jwk::JwkSet, InvokeError> {
+        let mut f = self.fetches.lock().await;
+        let now = Instant::now();
+        f.1.retain(|_, at| now.duration_since(*at) < UNKNOWN_KID_TTL);
+        let recent = f.0.is_some_and(|at| now.duration_since(at) < KEYS_REFETCH);
+        if f.1.contains_key(kid) || recent {
+            // What the last fetch brought (another invoke may have fetched meanwhile).
+            return self.keys(false).await;
+        }
+        f.0 = Some(now);
+        let set = self.keys(true).await?;
+        if set.find(kid).is_none() {
+            if f.1.len() >= MAX_UNKNOWN_KIDS
+                && let Some(oldest) =
+                    f.1.iter()
+                        .min_by_key(|(_, at)| **at)
+                        .map(|(k, _)| k.clone())
+            {
+                f.1.remove(&oldest);
+            }
+            f.1.insert(kid.to_owned(), now);
+        }
+        Ok(set)
+    }
+
     /// Verifies the Bot Framework token of an incoming activity.
     pub async fn verify(
         &self,
@@ -232,7 +273,7 @@ impl Teams {
             .ok_or_else(|| InvokeError::Token("no key id".into()))?;
         let mut set = self.keys(false).await?;
         if set.find(&kid).is_none() {
-            set = self.keys(true).await?;
+            set = self.keys_for_unknown(&kid).await?;
         }
         let jwk = set
             .find(&kid)
