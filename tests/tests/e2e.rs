@@ -615,6 +615,60 @@ fn non_root_may_label_itself_but_not_decide() {
     assert_eq!(agent.stdout().trim(), "connected");
 }
 
+/// An unprivileged user who holds connections to the launch socket and sends nothing cannot
+/// make `countersign exec` or `status` fail for anyone else.
+#[test]
+fn a_user_holding_launch_socket_connections_does_not_lock_others_out() {
+    use std::os::unix::process::CommandExt as _;
+    let d = Daemon::start();
+    let escape = d.for_other_users(&countersign_tests::escape_bin(), "cs-escape-for-nobody");
+    let launch = d.dir().join("launch.sock");
+    let mut hog = countersign_tests::Proc {
+        child: std::process::Command::new(&escape)
+            .args(["hold-unix", launch.to_str().unwrap(), "400"])
+            .uid(65534)
+            .gid(65534)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    };
+    assert!(hog.first_line().starts_with("held "));
+    std::thread::sleep(Duration::from_millis(300));
+    // Another user reads the status through the launch socket, at once.
+    let bin = d.for_other_users(
+        &countersign_tests::countersign_bin(),
+        "countersign-for-others",
+    );
+    let t = std::time::Instant::now();
+    let out = std::process::Command::new(&bin)
+        .args(["status", "--json"])
+        .env("COUNTERSIGN_SOCKET_DIR", d.dir())
+        .uid(65533)
+        .gid(65533)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // And root's agents still start, labelled, and are held.
+    let m = marker(&d, "ran");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let r = d.wait_exec(p.pid(), "touch");
+    d.decide(&r, "deny");
+    p.wait(countersign_tests::WAIT);
+    assert!(!std::path::Path::new(&m).exists());
+    hog.go();
+    hog.wait(countersign_tests::WAIT);
+    assert!(
+        d.log().contains("connections to the launch socket"),
+        "the refusals are logged"
+    );
+}
+
 /// The example policies: `COUNTERSIGN_POLICIES` (set for the VM runs), else the workspace's.
 fn policies() -> String {
     std::env::var("COUNTERSIGN_POLICIES").unwrap_or_else(|_| {

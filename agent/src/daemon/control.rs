@@ -19,9 +19,15 @@ use crate::{
 };
 
 /// Most connections served at once, per socket.
-const MAX_CONNECTIONS: usize = 64;
+const MAX_CONNECTIONS: usize = 256;
+/// Most connections one user other than root may hold on the launch socket (anyone may
+/// connect to it): a user who opens connections and sends nothing cannot make
+/// `countersign exec` fail for the others.
+const MAX_PER_USER: usize = 16;
 /// How long a client may take to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client may take to read its answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which socket a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,25 +111,88 @@ pub fn serve(dir: &Path, tx: mpsc::Sender<Command>) -> Result<(), ControlError> 
     Ok(())
 }
 
+/// Connections held per user on one socket.
+#[derive(Default)]
+struct Users(std::sync::Mutex<std::collections::HashMap<u32, usize>>);
+
+/// One user's connection, counted while it lives.
+struct UserSlot {
+    users: std::sync::Arc<Users>,
+    uid: u32,
+}
+
+impl Drop for UserSlot {
+    fn drop(&mut self) {
+        let mut m = self.users.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
+impl Users {
+    /// A slot for `uid`, unless it holds `MAX_PER_USER` already (root is not limited).
+    fn admit(self: &std::sync::Arc<Self>, uid: u32) -> Option<UserSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(uid).or_insert(0);
+        if uid != 0 && *n >= MAX_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(UserSlot {
+            users: self.clone(),
+            uid,
+        })
+    }
+}
+
+/// Answers `message` as an error without waiting for the client, and closes.
+fn refuse(stream: &UnixStream, message: String) {
+    let mut line = serde_json::to_vec(&Response::Error { message }).unwrap_or_default();
+    line.push(b'\n');
+    let _ = stream.try_write(&line);
+}
+
 async fn accept_loop(listener: UnixListener, socket: Socket, tx: mpsc::Sender<Command>) {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let users = std::sync::Arc::new(Users::default());
+    // Refusals are logged once per ten seconds at most, with how many there were.
+    let (mut refused, mut logged_at) = (0u64, None::<std::time::Instant>);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
+                let uid = stream.peer_cred().map_or(u32::MAX, |c| c.uid());
+                let Some(user) = users.admit(uid) else {
+                    refused += 1;
+                    if logged_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(
+                            uid,
+                            refused,
+                            "a user holds {MAX_PER_USER} connections to the launch socket; refused more"
+                        );
+                        (refused, logged_at) = (0, Some(std::time::Instant::now()));
+                    }
+                    refuse(
+                        &stream,
+                        format!("busy: uid {uid} has {MAX_PER_USER} open connections"),
+                    );
+                    continue;
+                };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     // Bounded: a flood of connections cannot exhaust the daemon.
-                    let busy = Response::Error {
-                        message: format!("busy: more than {MAX_CONNECTIONS} open connections"),
-                    };
-                    let mut line = serde_json::to_vec(&busy).unwrap_or_default();
-                    line.push(b'\n');
-                    let _ = stream.try_write(&line);
+                    refuse(
+                        &stream,
+                        format!("busy: more than {MAX_CONNECTIONS} open connections"),
+                    );
                     continue;
                 };
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     handle(stream, socket, tx).await;
-                    drop(slot);
+                    drop((slot, user));
                 });
             }
             Err(e) => {
@@ -160,7 +229,7 @@ async fn handle(mut stream: UnixStream, socket: Socket, tx: mpsc::Sender<Command
     };
     let mut line = serde_json::to_vec(&response).unwrap_or_else(|_| b"{}".to_vec());
     line.push(b'\n');
-    let _ = stream.write_all(&line).await;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&line)).await;
 }
 
 async fn request(stream: &mut UnixStream, socket: Socket) -> Result<(Request, Peer), String> {

@@ -207,6 +207,12 @@ fn main() {
         Some("tamper-reboot") => tamper::reboot(),
         Some("tamper-clock") => tamper::clock(),
         Some("tamper-perf") => tamper::perf(),
+        Some("hold-unix") => hold_unix(
+            arg(2).expect("a PATH argument"),
+            arg(3)
+                .and_then(|n| n.parse().ok())
+                .expect("a COUNT argument"),
+        ),
         _ => {
             eprintln!("cs-escape: unknown usage {args:?}");
             std::process::exit(2);
@@ -227,6 +233,18 @@ fn say(s: &str) {
     let mut out = std::io::stdout();
     let _ = writeln!(out, "{s}");
     let _ = out.flush();
+}
+
+/// Opens `count` connections to the stream socket `path` and sends nothing on them until
+/// stdin closes: a local user trying to make the daemon's sockets unusable.
+fn hold_unix(path: &str, count: usize) -> Outcome {
+    let held: Vec<std::os::unix::net::UnixStream> = (0..count)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(path).ok())
+        .collect();
+    say(&format!("held {}", held.len()));
+    let _ = std::io::stdin().read_line(&mut String::new());
+    drop(held);
+    Ok(Done::Ran)
 }
 
 // ---- Plain socket calls -------------------------------------------------------------------
