@@ -238,6 +238,7 @@ pub async fn strikes_layer(
             .insert(header::RETRY_AFTER, "60".parse().expect("valid"));
         return r;
     }
+    let what = format!("{} {}", req.method(), req.uri().path());
     let r = next.run(req).await;
     let refused = matches!(
         r.status(),
@@ -245,6 +246,7 @@ pub async fn strikes_layer(
     ) || r.extensions().get::<Strike>().is_some();
     if refused && let Some(p) = peer {
         strikes.strike(p.ip());
+        refusals.log(service, peer, &format!("{what}: answered {}", r.status()));
     }
     r
 }

@@ -217,6 +217,24 @@ fn a_client_that_never_finishes_its_request_is_closed_at_the_head_deadline() {
 }
 
 #[test]
+fn a_tls_handshake_that_never_comes_is_closed_at_the_head_deadline() {
+    let a = Approver::start_with_yaml("limits: {header_timeout_secs: 1}\n", true);
+    let mut silent = TcpStream::connect(a.addr()).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t = Instant::now();
+    let _ = silent.read_to_end(&mut Vec::new());
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
+    assert!(
+        a.log().contains("TLS handshake not finished in time"),
+        "{}",
+        a.log()
+    );
+}
+
+#[test]
 fn request_bodies_in_flight_are_bounded_together() {
     let c = Collector::start("{max_body_bytes_in_flight: 1048576, body_timeout_secs: 60}");
     let post = |len: usize| {
@@ -305,7 +323,7 @@ fn every_read_of_the_collector_needs_a_reader_token() {
     assert_eq!(http(&c.addr(), "GET", "/healthz", &[], "").0, 200);
     let log = c.log();
     assert!(
-        log.contains("/v1/ocsf without a valid reader token") && log.contains("127.0.0.1"),
+        log.contains("GET /v1/ocsf: answered 401") && log.contains("127.0.0.1"),
         "{log}"
     );
 }

@@ -726,13 +726,6 @@ async fn post_records(
     }
 }
 
-/// The peer of a request, when it came through [`crate::serve`].
-fn peer(req: &axum::http::request::Parts) -> Option<std::net::SocketAddr> {
-    req.extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0)
-}
-
 /// A bearer token whose SHA-256 is one of `allowed`.
 fn bearer_in(headers: &axum::http::HeaderMap, allowed: &[&[String]]) -> bool {
     headers
@@ -758,11 +751,7 @@ async fn readers_only(
         allowed.push(&c.export_tokens);
     }
     if !bearer_in(&parts.headers, &allowed) {
-        c.refusals.log(
-            "collector",
-            peer(&parts),
-            &format!("{} without a valid reader token", parts.uri.path()),
-        );
+        // Logged with the peer by the strikes layer around it.
         return (
             StatusCode::UNAUTHORIZED,
             [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],

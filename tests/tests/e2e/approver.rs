@@ -716,3 +716,63 @@ fn a_grant_answers_later_execs_until_it_is_revoked() {
         .unwrap();
     assert!(spool_records.status.success(), "{spool_records:?}");
 }
+
+/// Separation of duties by every identity: bob's approver entry has no email, yet a request
+/// on behalf of bob@example.com is his and he cannot approve it; carol can.
+#[test]
+fn the_person_behind_a_request_cannot_approve_it_under_another_identity() {
+    let approver = Approver::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let policy = policy(dir.path(), 1, false, "60s");
+    let text = std::fs::read_to_string(&policy).unwrap();
+    std::fs::write(
+        &policy,
+        text.replace(
+            "on_behalf_of: alice@example.com",
+            "on_behalf_of: bob@example.com",
+        ),
+    )
+    .unwrap();
+    let d = start_daemon(&approver, dir.path(), &policy);
+    let m = marker(&d, "ran-for-bob");
+    let mut p = d.labelled("coder", &[&probe(), "touch", &m]);
+    let r = approver.wait_request(&m);
+    assert_eq!(r["on_behalf_of"], "bob@example.com");
+    let id = r["id"].to_string();
+    let out = approver.cli("bob", &["approve", &id]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("works for") && err.contains("bob@example.com is bob"),
+        "{err}"
+    );
+    assert!(
+        p.still_running_after(Duration::from_millis(300)),
+        "bob's answer did not count"
+    );
+    let out = approver.cli("carol", &["approve", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(p.wait(WAIT).success());
+    assert!(Path::new(&m).exists());
+    // The records, with carol's signed decision, verify clean.
+    let out = std::process::Command::new(countersign_tests::countersign_bin())
+        .args(["records", "verify"])
+        .arg(d.spool_dir())
+        .arg("--key")
+        .arg(d.host_pub())
+        .arg("--approver-key")
+        .arg(approver.key_path().with_extension("key.pub"))
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(report.contains("0 self-approvals"), "{report}");
+}

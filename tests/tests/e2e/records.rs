@@ -346,6 +346,11 @@ impl Collector {
 
     /// The body of a plain HTTP GET, if the collector answers 200.
     fn get(&self, path: &str) -> Option<String> {
+        self.get_with_head(path).map(|(_, body)| body)
+    }
+
+    /// The head (lowercased) and body of a plain HTTP GET, if the collector answers 200.
+    fn get_with_head(&self, path: &str) -> Option<(String, String)> {
         use std::io::{Read as _, Write as _};
         let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
@@ -357,7 +362,8 @@ impl Collector {
         let mut text = String::new();
         s.read_to_string(&mut text).ok()?;
         let (head, body) = text.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+        head.starts_with("HTTP/1.1 200")
+            .then(|| (head.to_ascii_lowercase(), body.to_owned()))
     }
 
     fn stop(&mut self) {
@@ -453,6 +459,38 @@ fn records_made_while_the_collector_is_down_arrive_once_in_order_and_export_veri
         "{ocsf}"
     );
     assert!(events.iter().any(|e| e["action"] == "Allowed"), "{ocsf}");
+    // A SIEM pages through the same events one record at a time with the ingest cursor; the
+    // heartbeats between decisions move the cursor and hide nothing.
+    let (mut cursor, mut paged, mut pages) = (0u64, String::new(), 0);
+    loop {
+        let (head, body) = c
+            .get_with_head(&format!("/v1/ocsf?after={cursor}&limit=1"))
+            .expect("a page");
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .map(str::to_owned)
+                .unwrap_or_else(|| panic!("no {name} in {head}"))
+        };
+        paged.push_str(&body);
+        pages += 1;
+        let next: u64 = header("x-countersign-cursor").parse().unwrap();
+        if header("x-countersign-more") != "true" {
+            assert_eq!(next, cursor, "the last page moves nothing");
+            break;
+        }
+        assert_eq!(next, cursor + 1, "one record a page");
+        cursor = next;
+        assert!(pages < 1000, "the cursor never stalls");
+    }
+    assert_eq!(
+        paged, ocsf,
+        "paging finds every event of the single read, in order"
+    );
+    assert!(
+        cursor >= written,
+        "every stored record was a page: {cursor} < {written}"
+    );
     // Verified straight from the collector, with its pinned key and an export token.
     let token = base.path().join("token");
     std::fs::write(&token, EXPORT_TOKEN).unwrap();
