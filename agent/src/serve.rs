@@ -210,6 +210,10 @@ impl Strikes {
 #[derive(Debug, Clone, Copy)]
 pub struct Strike;
 
+/// Put in a refused response's extensions, it is the reason the strikes layer logs.
+#[derive(Debug, Clone)]
+pub struct Reason(pub String);
+
 /// The route layer for routes anyone can reach: a peer refused too often this minute gets
 /// 429 before any work; answers 400, 401 and 403, and those marked [`Strike`], count
 /// against it.
@@ -246,7 +250,16 @@ pub async fn strikes_layer(
     ) || r.extensions().get::<Strike>().is_some();
     if refused && let Some(p) = peer {
         strikes.strike(p.ip());
-        refusals.log(service, peer, &format!("{what}: answered {}", r.status()));
+        let why = r
+            .extensions()
+            .get::<Reason>()
+            .map(|w| format!(": {}", w.0))
+            .unwrap_or_default();
+        refusals.log(
+            service,
+            peer,
+            &format!("{what}: answered {}{why}", r.status()),
+        );
     }
     r
 }

@@ -443,6 +443,16 @@ fn records_anyone_can_send_make_one_counted_alert_and_their_sender_is_stopped() 
     };
     assert_eq!(alert["kind"], "unreadable", "{alert}");
     assert_eq!(alert["source"], "127.0.0.2", "{alert}");
+    // The log names the sender and the reason, a bounded number of times.
+    let log = c.log();
+    assert!(
+        log.contains("peer=127.0.0.2") && log.contains("payload is not a record"),
+        "{log}"
+    );
+    assert!(
+        log.matches("payload is not a record").count() <= 12,
+        "refusals are not logged one by one:\n{log}"
+    );
     // Garbage that is not even a batch counts against its sender too, without an alert.
     let c2 = Collector::start("{refusals_per_peer_per_minute: 3}");
     let statuses: Vec<u16> = (0..5)

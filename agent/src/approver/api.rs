@@ -75,7 +75,11 @@ pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": self.1}))).into_response()
+        let reason = crate::serve::Reason(self.1.clone());
+        let mut r = (self.0, Json(json!({"error": self.1}))).into_response();
+        // The strikes layer logs a refusal with its reason and the peer.
+        r.extensions_mut().insert(reason);
+        r
     }
 }
 
@@ -552,7 +556,6 @@ async fn slack_callback(State(app): AppState, headers: HeaderMap, body: Bytes) -
         &body,
         now,
     ) {
-        tracing::warn!(error = %e, "Slack callback refused");
         return ApiError(StatusCode::UNAUTHORIZED, e.to_string()).into_response();
     }
     let click = match slack::parse_callback(&body) {
@@ -672,7 +675,6 @@ async fn teams_activity(
     };
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
     if let Err(e) = teams.verify(auth, &activity).await {
-        tracing::warn!(error = %e, "Teams activity refused");
         return ApiError(StatusCode::UNAUTHORIZED, e.to_string()).into_response();
     }
     if activity["type"] != "invoke" || activity["name"] != "adaptiveCard/action" {

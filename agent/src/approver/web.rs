@@ -120,8 +120,7 @@ async fn login(State(app): State<Arc<App>>, Form(f): Form<LoginForm>) -> Respons
     let hash = sign::sha256_hex(f.token.trim().as_bytes());
     let config = app.config();
     let Some(who) = config.by_token_hash(&hash) else {
-        tracing::warn!("web sign-in with an unknown token");
-        return (
+        let mut r = (
             StatusCode::UNAUTHORIZED,
             page(
                 "Sign in",
@@ -130,6 +129,10 @@ async fn login(State(app): State<Arc<App>>, Form(f): Form<LoginForm>) -> Respons
             ),
         )
             .into_response();
+        r.extensions_mut().insert(crate::serve::Reason(
+            "web sign-in with an unknown token".into(),
+        ));
+        return r;
     };
     let mut raw = [0u8; 32];
     if getrandom::fill(&mut raw).is_err() {

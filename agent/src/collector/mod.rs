@@ -686,11 +686,10 @@ async fn post_records(
     let batch: Batch = match serde_json::from_slice(&body) {
         Ok(b) => b,
         Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                format!("not a batch of records: {e}"),
-            )
-                .into_response();
+            let why = format!("not a batch of records: {e}");
+            let mut r = (StatusCode::BAD_REQUEST, why.clone()).into_response();
+            r.extensions_mut().insert(crate::serve::Reason(why));
+            return r;
         }
     };
     if batch.records.len() > MAX_BATCH {
@@ -710,12 +709,17 @@ async fn post_records(
             (StatusCode::OK, Json(a)).into_response()
         }
         Ok(Err(r)) => {
-            tracing::warn!(error = r.error, "records refused");
-            // A record no enrolled host signed counts against its sender's address.
+            // A record no enrolled host signed counts against its sender's address, and is
+            // logged with it by the strikes layer (at a bounded rate).
             let strike = r.unauthenticated;
+            let reason = crate::serve::Reason(r.error.clone());
+            if !strike {
+                tracing::warn!(error = r.error, "records refused");
+            }
             let mut answer = (StatusCode::CONFLICT, Json(r)).into_response();
             if strike {
                 answer.extensions_mut().insert(crate::serve::Strike);
+                answer.extensions_mut().insert(reason);
             }
             answer
         }
