@@ -53,7 +53,9 @@ use tokio::{
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Connections open at once. Also kept below the process's file descriptor limit.
+    /// Connections open at once. Also kept below the process's file descriptor limit. Each
+    /// host waiting in the approver's decision poll holds one, in work: keep it above the
+    /// number of hosts.
     pub max_connections: usize,
     /// Longest a TLS handshake, or a request's head, may take to arrive.
     pub header_timeout_secs: u64,
@@ -76,7 +78,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_connections: 512,
+            max_connections: 4096,
             header_timeout_secs: 10,
             body_timeout_secs: 30,
             idle_timeout_secs: 30,
@@ -283,13 +285,15 @@ enum Phase {
 struct Conn {
     state: Mutex<(Phase, Instant)>,
     evict: Notify,
+    peer: Option<SocketAddr>,
 }
 
 impl Conn {
-    fn new() -> Self {
+    fn new(peer: Option<SocketAddr>) -> Self {
         Self {
             state: Mutex::new((Phase::Head, Instant::now())),
             evict: Notify::new(),
+            peer,
         }
     }
 
@@ -335,11 +339,15 @@ impl Drop for Slot {
 }
 
 impl Table {
-    /// A place for a new connection, evicting the one that has waited longest without a
-    /// request in work when the table is full; `None` when every connection is working.
-    fn admit(self: &Arc<Self>) -> Option<(Slot, Arc<Conn>, bool)> {
+    /// A place for a new connection from `peer`, evicting the one that has waited longest
+    /// without a request in work when the table is full (its peer is returned); `None` when
+    /// every connection is working.
+    fn admit(
+        self: &Arc<Self>,
+        peer: Option<SocketAddr>,
+    ) -> Option<(Slot, Arc<Conn>, Option<Option<SocketAddr>>)> {
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        let mut evicted = false;
+        let mut evicted = None;
         if conns.len() >= self.limit {
             let oldest = conns
                 .iter()
@@ -349,11 +357,11 @@ impl Table {
                 .map(|(id, _)| id)?;
             if let Some(c) = conns.remove(&oldest) {
                 c.evict.notify_one();
-                evicted = true;
+                evicted = Some(c.peer);
             }
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(Conn::new());
+        let conn = Arc::new(Conn::new(peer));
         conns.insert(id, conn.clone());
         Some((
             Slot {
@@ -512,18 +520,22 @@ pub async fn serve(
                 }
             },
         };
-        let Some((slot, conn, evicted)) = table.admit() else {
+        let Some((slot, conn, evicted)) = table.admit(Some(peer)) else {
             shared
                 .refusals
                 .log(service, Some(peer), "connection limit reached, all working");
-            tokio::spawn(refuse(stream));
+            // A TLS client would not understand a plain answer: it sees the socket close.
+            if tls.is_none() {
+                tokio::spawn(refuse(stream));
+            }
             continue;
         };
-        if evicted {
+        if let Some(old) = evicted {
             shared.refusals.log(
                 service,
-                Some(peer),
-                "connection limit reached: closed the longest waiting connection for this one",
+                old,
+                "connection limit reached: closed as the longest waiting without a request, \
+                 for a new one",
             );
         }
         let shared = shared.clone();
@@ -861,14 +873,18 @@ mod tests {
     #[test]
     fn a_full_table_evicts_the_longest_waiting_connection_and_never_a_working_one() {
         let t = table(2);
-        let (a, ca, _) = t.admit().unwrap();
+        let (a, ca, _) = t.admit(None).unwrap();
         std::thread::sleep(Duration::from_millis(2));
-        let (b, cb, _) = t.admit().unwrap();
+        let (b, cb, _) = t.admit("127.0.0.9:1".parse().ok()).unwrap();
         ca.set(Phase::Working);
         std::thread::sleep(Duration::from_millis(2));
         // a is working: b, though newer, is the one to go.
-        let (c, cc, evicted) = t.admit().unwrap();
-        assert!(evicted);
+        let (c, cc, evicted) = t.admit(None).unwrap();
+        assert_eq!(
+            evicted,
+            Some("127.0.0.9:1".parse().ok()),
+            "b's peer is named"
+        );
         assert_eq!(t.len(), 2);
         assert!(t.conns.lock().unwrap().contains_key(&a.id));
         assert!(!t.conns.lock().unwrap().contains_key(&b.id));
@@ -876,7 +892,7 @@ mod tests {
         assert_eq!(t.len(), 2, "an evicted slot's drop frees nothing twice");
         // Everything working: the newcomer is refused.
         cc.set(Phase::Working);
-        assert!(t.admit().is_none());
+        assert!(t.admit(None).is_none());
         drop((a, c, cb));
         assert_eq!(t.len(), 0);
     }
