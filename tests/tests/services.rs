@@ -393,14 +393,20 @@ fn connect_from(from: [u8; 4], addr: &str) -> TcpStream {
 }
 
 /// The status of a POST of `body` to `path` over `s`.
-fn post_status(mut s: TcpStream, path: &str, body: &str) -> u16 {
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    write!(
+fn post_status(s: TcpStream, path: &str, body: &str) -> u16 {
+    status_of(
         s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
     )
-    .unwrap();
+}
+
+/// The status of the answer to `request` (a whole HTTP/1.1 request) sent over `s`.
+fn status_of(mut s: TcpStream, request: &str) -> u16 {
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
     let mut answer = String::new();
     let _ = s.read_to_string(&mut answer);
     answer
@@ -503,20 +509,12 @@ fn alerts_are_paged_newest_first() {
 fn a_peer_that_keeps_guessing_approver_tokens_is_stopped_and_others_are_not() {
     let a = Approver::start_with_yaml("limits: {refusals_per_peer_per_minute: 5}\n", false);
     let get = |s: TcpStream, token: &str| {
-        let mut s = s;
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        write!(
+        status_of(
             s,
-            "GET /v1/requests HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"
+            &format!(
+                "GET /v1/requests HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"
+            ),
         )
-        .unwrap();
-        let mut answer = String::new();
-        let _ = s.read_to_string(&mut answer);
-        answer
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse::<u16>().ok())
-            .unwrap_or_default()
     };
     let guesses: Vec<u16> = (0..8)
         .map(|i| {

@@ -457,6 +457,28 @@ async fn digests_chain_to_the_previous_one() {
     );
 }
 
+/// `c` served on a free loopback port (through `tls` when given) until the task is aborted.
+async fn serve_on_loopback(
+    c: &Arc<Collector>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(crate::serve::serve(
+        crate::serve::Front {
+            service: "collector",
+            router: router(c.clone()),
+            limits: crate::serve::Limits::default(),
+            max_body: MAX_BODY_BYTES,
+            refusals: Arc::default(),
+        },
+        listener,
+        tls,
+        std::future::pending(),
+    ));
+    (addr, server)
+}
+
 #[tokio::test]
 async fn shipped_over_https_to_a_collector_the_host_trusts() {
     let f = Fixture::new();
@@ -468,20 +490,8 @@ async fn shipped_over_https_to_a_collector_the_host_trusts() {
     let testdata = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/collector/testdata");
     let tls =
         crate::serve::tls_acceptor(&testdata.join("cert.pem"), &testdata.join("key.pem")).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let server = tokio::spawn(crate::serve::serve(
-        crate::serve::Front {
-            service: "collector",
-            router: router(c.clone()),
-            limits: crate::serve::Limits::default(),
-            max_body: MAX_BODY_BYTES,
-            refusals: Arc::default(),
-        },
-        listener,
-        Some(tls),
-        std::future::pending(),
-    ));
+    let (addr, server) = serve_on_loopback(&c, Some(tls)).await;
+    let port = addr.port();
     let mut target = Target {
         url: format!("https://127.0.0.1:{port}"),
         key: c.public_key(),
@@ -576,20 +586,8 @@ async fn ocsf_pages(f: &mut Fixture) {
     s.append(policy_decision(1)).unwrap();
     c.ingest(&batch(&envelopes(&dir))).await.unwrap().unwrap();
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/v1/ocsf", listener.local_addr().unwrap());
-    let server = tokio::spawn(crate::serve::serve(
-        crate::serve::Front {
-            service: "collector",
-            router: router(c.clone()),
-            limits: crate::serve::Limits::default(),
-            max_body: MAX_BODY_BYTES,
-            refusals: Arc::default(),
-        },
-        listener,
-        None,
-        std::future::pending(),
-    ));
+    let (addr, server) = serve_on_loopback(&c, None).await;
+    let url = format!("http://{addr}/v1/ocsf");
     let http = reqwest::Client::new();
     let page = |after: Option<u64>| {
         let mut q = vec![("limit", "3".to_owned())];

@@ -570,6 +570,16 @@ mod tests {
     }
 
     /// Five records: start, two approvals by bob through the approver, a local one, a stop.
+    /// The envelopes of the spool in `dir`, in order.
+    fn spooled(dir: &std::path::Path) -> Vec<Envelope> {
+        spool::read(dir)
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|s| s.envelope)
+            .collect()
+    }
+
     fn spool() -> (tempfile::TempDir, Vec<Envelope>) {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Spool::open(dir.path(), host(), "h").unwrap();
@@ -588,12 +598,7 @@ mod tests {
             reason: "SIGTERM".into(),
         })
         .unwrap();
-        let envs = spool::read(dir.path())
-            .unwrap()
-            .records
-            .into_iter()
-            .map(|s| s.envelope)
-            .collect();
+        let envs = spooled(dir.path());
         (dir, envs)
     }
 
@@ -763,12 +768,7 @@ mod tests {
         let mut s = Spool::open(dir.path(), host(), "h").unwrap();
         s.append(approved(1, Some(statement(1, "alice", &approver()))))
             .unwrap();
-        let envs: Vec<Envelope> = spool::read(dir.path())
-            .unwrap()
-            .records
-            .into_iter()
-            .map(|s| s.envelope)
-            .collect();
+        let envs = spooled(dir.path());
         let r = run(&envs, &[]);
         assert_eq!(r.self_approvals, 1);
         assert!(failures(&r).contains("self-approval: alice approved"));
@@ -813,12 +813,7 @@ mod tests {
             )),
         ))
         .unwrap();
-        let envs: Vec<Envelope> = spool::read(dir.path())
-            .unwrap()
-            .records
-            .into_iter()
-            .map(|s| s.envelope)
-            .collect();
+        let envs = spooled(dir.path());
         let r = run(&envs, &[]);
         assert_eq!(r.self_approvals, 2, "{}", failures(&r));
         assert!(
@@ -836,12 +831,7 @@ mod tests {
         s.append(Body::DaemonStop { reason: "x".into() }).unwrap();
         s.rotate(key(5)).unwrap();
         s.append(Body::DaemonStop { reason: "y".into() }).unwrap();
-        let envs: Vec<Envelope> = spool::read(dir.path())
-            .unwrap()
-            .records
-            .into_iter()
-            .map(|s| s.envelope)
-            .collect();
+        let envs = spooled(dir.path());
         // Only the first key is trusted: the rotation record vouches for the second.
         let r = run(&envs, &[]);
         assert!(r.ok(), "{}", failures(&r));
