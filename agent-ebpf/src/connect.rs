@@ -23,11 +23,12 @@ use aya_ebpf::{
     programs::{SockAddrContext, TracePointContext},
 };
 use countersign_ebpf::{
-    CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_UNHOLDABLE, FLAG_GRANT_CHECK,
-    GrantConnectKey, KIND_CANARY_CONNECT, KIND_CONNECT, KIND_SEND, KIND_UNIX, LABEL_CANARY,
-    LABEL_NONE, MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED,
-    STAT_GRANT_ALLOWED, STAT_SEND_DECIDED, STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED,
-    STATE_IDLE, STATE_PENDING, SendDecided, SendKey, TaskState, UNIX_ALLOW, connect_hash,
+    CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_UNHOLDABLE, ERROR_UNIX_KILLED,
+    FLAG_GRANT_CHECK, GrantConnectKey, KIND_CANARY_CONNECT, KIND_CONNECT, KIND_SEND, KIND_UNIX,
+    LABEL_CANARY, LABEL_NONE, MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP,
+    STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED, STAT_SEND_DECIDED, STAT_UNHOLDABLE, STATE_ALLOWED,
+    STATE_DENIED, STATE_IDLE, STATE_PENDING, SendDecided, SendKey, TaskState, UNIX_ALLOW,
+    connect_hash,
 };
 
 use crate::{
@@ -406,6 +407,66 @@ pub fn lsm_unix(peer_sk: *const u8, sock_type: u16) -> Verdict {
         ev.unix_name_len = crate::unix::read_name(peer_sk, &mut ev.unix_name);
         Some(ev)
     })
+}
+
+/// Fallback: `sys_exit_connect`. Without BPF LSM nothing sees a local socket's connect
+/// before it is made (no cgroup program for `AF_UNIX` here), so the check comes right after
+/// it, before the system call returns, on what the kernel connected: the peer of the socket
+/// (its bound file or abstract name, as in LSM mode). Allowed in the kernel, or decided for
+/// this process: nothing happens. Anything else — a socket a rule denies or holds, a deputy
+/// held for every label — cannot be held any more: the task is killed before it returns to
+/// its program (nothing was sent on the connection) and a signed `kernel:` record says so.
+#[inline(always)]
+pub fn sys_exit_connect(ctx: &TracePointContext) {
+    let Task::Labelled(state) = label::current_task() else {
+        return;
+    };
+    // SAFETY: as above.
+    let label = unsafe { (*state).label };
+    if maps::config().mode != MODE_FALLBACK || label == LABEL_CANARY {
+        return;
+    }
+    // SAFETY: fixed offset of the return value in the record.
+    if unsafe { ctx.read_at::<i64>(16) } != Ok(0) {
+        return;
+    }
+    let Some(fd) = task::syscall_arg0() else {
+        return;
+    };
+    let Some((peer_sk, sock_type)) = crate::unix::fd_socket(fd) else {
+        return;
+    };
+    let Some(peer) = crate::unix::peer(peer_sk) else {
+        return;
+    };
+    let dest = Dest {
+        family: AF_UNIX,
+        port: 0,
+        addr: peer.to_addr(),
+    };
+    match crate::unix::rule(label, peer) {
+        Some(UNIX_ALLOW) => return,
+        Some(_) => {}
+        None if crate::unix::hold_all(label) => {}
+        None if crate::unix::rule(LABEL_NONE, peer).is_some() => {}
+        None => return,
+    }
+    if decided(label, &dest, 0) == Some(STATE_ALLOWED) {
+        return;
+    }
+    hold::kill_current();
+    maps::count(STAT_UNHOLDABLE);
+    let Some(ev) = hold::event(countersign_ebpf::KIND_ERROR, label) else {
+        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
+        return;
+    };
+    fill(ev, &dest, sock_type);
+    ev.action = KIND_UNIX as u16;
+    ev.detail = ERROR_UNIX_KILLED;
+    ev.unix_name_len = crate::unix::read_name(peer_sk, &mut ev.unix_name);
+    if !maps::emit(ev) {
+        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
+    }
 }
 
 /// `struct socket` starts with `socket_state state; short type;`: (state, type).

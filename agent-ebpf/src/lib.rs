@@ -155,6 +155,7 @@ pub const PROG_TP_SCHED_EXEC: &str = "cs_tp_sched_exec";
 pub const PROG_TP_TASK_NEWTASK: &str = "cs_tp_task_newtask";
 pub const PROG_TP_SCHED_EXIT: &str = "cs_tp_sched_exit";
 pub const PROG_TP_SYS_ENTER_CONNECT: &str = "cs_tp_sys_enter_connect";
+pub const PROG_TP_SYS_EXIT_CONNECT: &str = "cs_tp_sys_exit_connect";
 pub const PROG_CG_CONNECT4: &str = "cs_cg_connect4";
 pub const PROG_CG_CONNECT6: &str = "cs_cg_connect6";
 pub const PROG_LSM_SOCKET_SENDMSG: &str = "cs_lsm_socket_sendmsg";
@@ -407,6 +408,11 @@ pub const ERROR_SOCKET_KILLED: i32 = 3;
 /// approved: it was killed before its first instruction. [`Event::request_id`] is the
 /// approved request, if any.
 pub const ERROR_EXEC_UNVERIFIED: i32 = 4;
+/// Fallback mode: a labelled task's `connect` reached a local socket the policy does not
+/// allow in the kernel (a denied or held one: fallback mode sees a local socket only once the
+/// connect is made, when nothing can be held any more): the task was killed before the
+/// system call returned. [`Event::action`] is [`KIND_UNIX`], the rest as for a hold.
+pub const ERROR_UNIX_KILLED: i32 = 5;
 
 /// Longest argv (the bytes of the strings with their terminators) an approved exec can be
 /// verified against in the kernel (see [`ApprovedExec`]).
@@ -709,10 +715,21 @@ pub struct KernelOffsets {
     /// `inode.i_mode` (u16) and `inode.i_rdev` (u32, the kernel's encoding).
     pub inode_mode: u32,
     pub inode_rdev: u32,
+    /// Non-zero when the descriptor-table offsets below are known (fallback mode's check of
+    /// a local socket's peer after its connect).
+    pub fd_valid: u32,
+    /// `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds` (u32) and `fdtable.fd`,
+    /// `file.private_data`, `unix_sock.peer`; `inode.i_mode` as above.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub unix_peer: u32,
 }
 /// Entries of [`KernelOffsets::nr_net`].
 pub const NR_NET_SYSCALLS: usize = 16;
-const _: () = assert!(size_of::<KernelOffsets>() == 232);
+const _: () = assert!(size_of::<KernelOffsets>() == 260);
 
 /// `task_struct.flags`: an io_uring worker or SQPOLL thread (`PF_IO_WORKER`).
 pub const PF_IO_WORKER: u32 = 0x10;

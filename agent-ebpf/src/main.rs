@@ -339,6 +339,14 @@ mod programs {
         0
     }
 
+    /// Fallback mode: checks the local socket a labelled task's connect reached (and kills
+    /// the task before it returns when the policy does not allow it).
+    #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
+    pub fn cs_tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
+        connect::sys_exit_connect(&ctx);
+        0
+    }
+
     /// Fallback mode: stops a labelled task whose send names a destination not decided for
     /// it; the cgroup programs make the syscall restart while it is pending. Cannot refuse
     /// (a tracepoint): the cgroup programs fail closed.

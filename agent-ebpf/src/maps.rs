@@ -193,6 +193,13 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     sb_magic: 0,
     inode_mode: 0,
     inode_rdev: 0,
+    fd_valid: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_max_fds: 0,
+    fdtable_fd: 0,
+    file_private_data: 0,
+    unix_peer: 0,
 };
 
 /// The self-protection settings (set by the loader).

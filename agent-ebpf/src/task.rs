@@ -61,6 +61,20 @@ pub fn can_hold_net() -> bool {
     false
 }
 
+/// The first argument of the current task's system call, from its saved user registers
+/// (`None` where their layout is unknown). At a syscall's exit it is still what the caller
+/// passed.
+#[inline(always)]
+pub fn syscall_arg0() -> Option<u64> {
+    let o = maps::kernel_offsets();
+    if o.regs_valid == 0 {
+        return None;
+    }
+    // SAFETY: helpers on the current task; the verifier types both pointers.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    read::<u64>(regs, o.regs_arg0)
+}
+
 /// The current process's identity beside its pid: its thread-group leader's `start_time`
 /// (0 when unknown: the offsets are missing or the read failed).
 #[inline(always)]

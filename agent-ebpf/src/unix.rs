@@ -64,6 +64,51 @@ pub fn peer(sk: *const u8) -> Option<UnixPeer> {
     })
 }
 
+/// The local socket open as descriptor `fd` of the current task, when it is one: the
+/// `struct sock *` of its peer (null while unconnected) and the socket's type. Reads the
+/// task's descriptor table as the kernel has it at this moment.
+#[inline(always)]
+pub fn fd_socket(fd: u64) -> Option<(*const u8, u16)> {
+    const S_IFMT: u16 = 0o170_000;
+    const S_IFSOCK: u16 = 0o140_000;
+    const AF_UNIX: i32 = 1;
+    let o = maps::kernel_offsets();
+    if o.fd_valid == 0 || o.unix_valid == 0 || o.task_valid == 0 {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() } as *const u8;
+    let files = read_ptr(task, o.task_files)?;
+    let fdt = read_ptr(files, o.files_fdt)?;
+    let max = read::<u32>(fdt, o.fdtable_max_fds)?;
+    if fd >= u64::from(max) {
+        return None;
+    }
+    let fds = read_ptr(fdt, o.fdtable_fd)?;
+    let file = read_ptr(fds.wrapping_add(fd as usize * 8), 0)?;
+    let inode = read_ptr(file, o.file_inode)?;
+    if read::<u16>(inode, o.inode_mode)? & S_IFMT != S_IFSOCK {
+        return None;
+    }
+    let sock = read_ptr(file, o.file_private_data)?;
+    let ops = read_ptr(sock, o.socket_ops)?;
+    if read::<i32>(ops, o.proto_ops_family)? != AF_UNIX {
+        return None;
+    }
+    // `struct socket` starts with `socket_state state; short type;`.
+    let sock_type = read::<u16>(sock, 4)?;
+    let sk = read_ptr(sock, o.socket_sk)?;
+    let peer = read::<u64>(sk, o.unix_peer)? as *const u8;
+    Some((peer, sock_type))
+}
+
+/// A kernel value at `base + offset`, read with the checked helper.
+#[inline(always)]
+fn read<T>(base: *const u8, offset: u32) -> Option<T> {
+    // SAFETY: read with the checked helper; a bad address fails the read, nothing else.
+    unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.ok()
+}
+
 /// The `sk` of a `struct socket`.
 #[inline(always)]
 pub fn socket_sk(sock: *const u8) -> Option<*const u8> {

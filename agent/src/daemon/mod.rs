@@ -694,6 +694,10 @@ impl Daemon {
                 self.kernel_refused(ev, "killed", "sigkill",
                     "kernel: a socket of a family the fallback hooks cannot refuse, not allowed by the policy");
             }
+            shared::KIND_ERROR if ev.detail == shared::ERROR_UNIX_KILLED => {
+                self.kernel_refused(ev, "killed", "sigkill",
+                    "kernel: a local socket the policy does not allow, reached in fallback mode (which sees it only once connected and cannot hold it): killed before its connect returned");
+            }
             shared::KIND_ERROR if ev.detail == shared::ERROR_EXEC_UNVERIFIED => {
                 self.kernel_refused(ev, "killed", "sigkill",
                     "kernel: an exec that loaded something other than what was approved (its file or argv changed after the approval), or that never asked");

@@ -262,6 +262,22 @@ impl Btf {
         Ok(())
     }
 
+    /// Adds what fallback mode reads to find the peer of a local socket by its descriptor
+    /// after a connect: the task's descriptor table, a file's socket, a `unix_sock`'s peer.
+    pub fn fd_offsets(&self, o: &mut KernelOffsets) -> Result<(), BtfError> {
+        o.task_files = self.member_offset("task_struct", "files")?;
+        o.files_fdt = self.member_offset("files_struct", "fdt")?;
+        o.fdtable_max_fds = self.member_offset("fdtable", "max_fds")?;
+        o.fdtable_fd = self.member_offset("fdtable", "fd")?;
+        o.file_private_data = self.member_offset("file", "private_data")?;
+        o.unix_peer = self.member_offset("unix_sock", "peer")?;
+        if o.inode_mode == 0 {
+            o.inode_mode = self.member_offset("inode", "i_mode")?;
+        }
+        o.fd_valid = 1;
+        Ok(())
+    }
+
     /// What the `fentry` DNS capture reads (`host_netns_inum` is the caller's to fill in).
     pub fn dns_offsets(&self) -> Result<countersign_ebpf::DnsOffsets, BtfError> {
         Ok(countersign_ebpf::DnsOffsets {

@@ -496,6 +496,7 @@ impl Kernel {
         self.attach_exec_tracepoints()?;
         for (name, tp) in [
             (shared::PROG_TP_SYS_ENTER_CONNECT, "sys_enter_connect"),
+            (shared::PROG_TP_SYS_EXIT_CONNECT, "sys_exit_connect"),
             (shared::PROG_TP_SYS_ENTER_SENDTO, "sys_enter_sendto"),
             (shared::PROG_TP_SYS_ENTER_SENDMSG, "sys_enter_sendmsg"),
             (shared::PROG_TP_SYS_ENTER_SENDMMSG, "sys_enter_sendmmsg"),
@@ -1323,6 +1324,9 @@ fn kernel_offsets(
     }
     if let Err(e) = parsed.task_offsets(&mut offsets) {
         tracing::warn!(reason = %e, "io_uring threads cannot be told apart and sends that name a destination are refused (no BTF for them)");
+    }
+    if let Err(e) = parsed.fd_offsets(&mut offsets) {
+        tracing::warn!(reason = %e, "fallback mode cannot check the local socket a connect reached (no BTF for the descriptor table)");
     }
     if let Err(e) = parsed.guard_offsets(&mut offsets) {
         tracing::warn!(reason = %e, "self-protection reads no kernel structs (no BTF for them): countersign's files and processes are not told apart");
