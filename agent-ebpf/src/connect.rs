@@ -422,7 +422,8 @@ pub fn sys_exit_connect(ctx: &TracePointContext) {
         return;
     };
     // SAFETY: as above.
-    let label = unsafe { (*state).label };
+    let state = unsafe { &mut *state };
+    let label = state.label;
     if maps::config().mode != MODE_FALLBACK || label == LABEL_CANARY {
         return;
     }
@@ -444,15 +445,24 @@ pub fn sys_exit_connect(ctx: &TracePointContext) {
         port: 0,
         addr: peer.to_addr(),
     };
-    match crate::unix::rule(label, peer) {
-        Some(UNIX_ALLOW) => return,
-        Some(_) => {}
-        None if crate::unix::hold_all(label) => {}
-        None if crate::unix::rule(LABEL_NONE, peer).is_some() => {}
-        None => return,
-    }
-    if decided(label, &dest, 0) == Some(STATE_ALLOWED) {
-        return;
+    if state.state != STATE_IDLE && state.kind == KIND_UNIX && state.action_hash == dest.hash() {
+        // The seccomp notifier held this connect of a launched agent before it was made
+        // and wrote its decision: approved for this socket, it is consumed (and holds for
+        // the process); anything else is killed below.
+        if consume(state, KIND_UNIX, &dest, 0) == Some(Verdict::Allow) {
+            return;
+        }
+    } else {
+        match crate::unix::rule(label, peer) {
+            Some(UNIX_ALLOW) => return,
+            Some(_) => {}
+            None if crate::unix::hold_all(label) => {}
+            None if crate::unix::rule(LABEL_NONE, peer).is_some() => {}
+            None => return,
+        }
+        if decided(label, &dest, 0) == Some(STATE_ALLOWED) {
+            return;
+        }
     }
     hold::kill_current();
     maps::count(STAT_UNHOLDABLE);

@@ -19,8 +19,14 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Sends one request to `socket` in `dir` and returns the daemon's answer. A
 /// [`Response::Error`] becomes an error carrying the daemon's message.
 pub fn call(dir: &Path, socket: &str, request: &Request) -> anyhow::Result<Response> {
+    let (stream, path) = connect(dir, socket)?;
+    call_on(stream, &path, request)
+}
+
+/// A connection to `socket` in `dir`, for one request ([`call_on`]).
+pub fn connect(dir: &Path, socket: &str) -> anyhow::Result<(UnixStream, PathBuf)> {
     let path: PathBuf = dir.join(socket);
-    let mut stream = match UnixStream::connect(&path) {
+    let stream = match UnixStream::connect(&path) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             bail!(
@@ -34,6 +40,11 @@ pub fn call(dir: &Path, socket: &str, request: &Request) -> anyhow::Result<Respo
             });
         }
     };
+    Ok((stream, path))
+}
+
+/// Sends one request on a connection made by [`connect`] (to `path`) and returns the answer.
+pub fn call_on(mut stream: UnixStream, path: &Path, request: &Request) -> anyhow::Result<Response> {
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     stream.set_write_timeout(Some(ANSWER_TIMEOUT))?;
     let mut line = serde_json::to_vec(request)?;

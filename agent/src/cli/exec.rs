@@ -61,13 +61,15 @@ pub fn run(socket_dir: &Path, label: &str, command: &[String]) -> i32 {
 
 /// Installs the exec filter on this (single-threaded) process and hands its listener to the
 /// daemon, which takes it from this process while the call is answered; this process's copy
-/// is closed before CMD starts.
+/// is closed before CMD starts. The connection to the daemon is made first: under the filter
+/// a connect to a local socket waits for the daemon, which does not have the listener yet.
 fn hand_over_notifier(socket_dir: &Path) -> anyhow::Result<()> {
     use anyhow::Context as _;
+    let (stream, path) = client::connect(socket_dir, paths::LAUNCH_SOCKET)?;
     let listener = notify::install_filter().context("installing the exec notifier")?;
-    let answer = client::call(
-        socket_dir,
-        paths::LAUNCH_SOCKET,
+    let answer = client::call_on(
+        stream,
+        &path,
         &Request::ExecNotifier {
             fd: listener.as_raw_fd(),
         },

@@ -156,7 +156,8 @@ pub fn cmdline(pid: u32) -> Option<(Vec<String>, bool)> {
     Some((args, truncated))
 }
 
-fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> Option<usize> {
+/// Reads `buf.len()` bytes at `addr` of process `pid`'s memory; how many were read.
+pub fn read_remote(pid: u32, addr: u64, buf: &mut [u8]) -> Option<usize> {
     let remote = [RemoteIoVec {
         base: usize::try_from(addr).ok()?,
         len: buf.len(),

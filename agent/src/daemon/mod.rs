@@ -159,6 +159,10 @@ struct Daemon {
     tampers: BTreeMap<&'static str, u64>,
     /// The deputy sockets (`guard::DEPUTY_SOCKETS`) as installed: (device, inode).
     deputies: Vec<(u64, u64)>,
+    /// The local-socket rules as given to the kernel (`CS_UNIX_RULES`, `CS_UNIX_HOLD_ALL`),
+    /// for the notifier's own decision before a launched agent's connect is made.
+    unix_rules: std::collections::HashMap<shared::ExecKey, u32>,
+    unix_hold_all: std::collections::HashSet<u32>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -334,6 +338,8 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         guarded: guard::Guarded::default(),
         tampers: BTreeMap::new(),
         deputies: Vec::new(),
+        unix_rules: std::collections::HashMap::new(),
+        unix_hold_all: std::collections::HashSet::new(),
     };
     if let Some(target) = shipper {
         tracing::info!(url = target.url, "shipping records");
@@ -696,7 +702,7 @@ impl Daemon {
             }
             shared::KIND_ERROR if ev.detail == shared::ERROR_UNIX_KILLED => {
                 self.kernel_refused(ev, "killed", "sigkill",
-                    "kernel: a local socket the policy does not allow, reached in fallback mode (which sees it only once connected and cannot hold it): killed before its connect returned");
+                    "kernel: a connect reached a local socket the policy does not allow, without a decision for it (fallback mode checks local sockets once connected): killed before its connect returned");
             }
             shared::KIND_ERROR if ev.detail == shared::ERROR_EXEC_UNVERIFIED => {
                 self.kernel_refused(ev, "killed", "sigkill",
@@ -1520,6 +1526,8 @@ impl Daemon {
             ));
         }
         self.kernel.set_unix_rules(&unix, &hold_all)?;
+        self.unix_rules = unix.into_iter().collect();
+        self.unix_hold_all = hold_all.into_iter().collect();
         // What processes' sends were decided under the earlier policy is asked again.
         self.kernel.forget_send_decisions()?;
         // The grants' entries depend on the policy too (a new deny rule removes them).
@@ -2035,6 +2043,31 @@ impl Daemon {
             let id = held.view.id;
             self.requests.insert(id, held);
             return format!("not applied: {e}");
+        }
+        if held.kind == ActionKind::Unix
+            && self.notified_connect(held.tid, held.kernel_id).is_some()
+        {
+            // Held before it was made, by the seccomp notifier: the answer is the system
+            // call's, and the kernel checks what it then connects to.
+            let approve = decision == Decision::Approve;
+            if decision == Decision::Kill {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(held.tgid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if let Err(why) = self.apply_notified_connect(held.tid, held.kernel_id, approve) {
+                tracing::warn!(
+                    id = held.view.id,
+                    pid = held.tgid,
+                    why,
+                    "the decision could not be applied; the connect was refused"
+                );
+                self.log_or_warn("apply-failed", "eperm", "daemon", &view);
+                return format!("not applied: {why}; the connect was refused");
+            }
+            tracing::info!(id = held.view.id, pid = held.tgid, decision = %word, applied, by, "decided");
+            return format!("{word} ({applied})");
         }
         if held.kind == ActionKind::Exec && self.notified_exec(held.tid, held.kernel_id).is_some() {
             // Held before it started, by the seccomp notifier: the answer is the system

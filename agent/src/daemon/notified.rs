@@ -31,6 +31,8 @@ pub struct Notifier {
     live: Arc<AtomicUsize>,
     /// Held execs, by the thread that waits.
     pub execs: HashMap<u32, NotifiedExec>,
+    /// Held connects to local sockets, by the thread that waits.
+    pub connects: HashMap<u32, NotifiedConnect>,
     /// Execs held so far (the kernel counts the other holds).
     pub holds: u64,
 }
@@ -43,6 +45,7 @@ impl Notifier {
             fast,
             live: Arc::new(AtomicUsize::new(0)),
             execs: HashMap::new(),
+            connects: HashMap::new(),
             holds: 0,
         }
     }
@@ -66,6 +69,15 @@ pub struct NotifiedExec {
     pub argv_at: u64,
     /// What an approval binds to, [`ExecBinding::expect`] included.
     pub binding: ExecBinding,
+}
+
+/// A held `connect` of a notified task to a local socket: decided before it is made. The
+/// kernel checks after the connect that it reached the socket that was decided (the path in
+/// the agent's memory, and what it names, can change in between).
+pub struct NotifiedConnect {
+    pub n: Notification,
+    /// The request id the daemon gave the kernel's task state (even).
+    pub kernel_id: u64,
 }
 
 /// Why a notified exec is refused without asking anyone.
@@ -140,6 +152,9 @@ impl Daemon {
     /// A notified exec: let go at once (the fast path; a file that does not exist), refused
     /// (what cannot be verified), or held as a request.
     pub(super) fn exec_notified(&mut self, n: Notification) {
+        if notify::is_connect(n.arch, n.nr) {
+            return self.connect_notified(n);
+        }
         if let Some(attempt) = notify::guarded(n.arch, n.nr) {
             return self.notified_tamper(&n, attempt);
         }
@@ -260,6 +275,231 @@ impl Daemon {
         }))
     }
 
+    /// A notified `connect` (one whose address is not an IP address's length): let go at once
+    /// unless it names a local socket its label's rules hold or deny, which is held as a
+    /// request (or refused when it cannot be read).
+    fn connect_notified(&mut self, n: Notification) {
+        let Some(state) = self.kernel.task(n.tid) else {
+            tracing::warn!(
+                tid = n.tid,
+                "an unlabelled task under the notifier; its connect is refused"
+            );
+            let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
+            return;
+        };
+        // The same call again (a signal interrupted the wait): the request stands.
+        if state.state == shared::STATE_PENDING
+            && state.kind == shared::KIND_UNIX
+            && let Some(c) = self
+                .notifier
+                .as_mut()
+                .and_then(|t| t.connects.get_mut(&n.tid))
+            && c.kernel_id == state.request_id
+        {
+            c.n = n;
+            return;
+        }
+        match self.read_connect(&n, state.label) {
+            Ok(None) => {
+                let _ = notify::respond(&n.listener, n.id, Reply::Continue);
+            }
+            Ok(Some(ev)) => self.hold_notified_connect(n, ev),
+            Err(why) => {
+                tracing::warn!(tid = n.tid, label = %self.label_name(state.label), why, "connect refused");
+                let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
+            }
+        }
+    }
+
+    /// Reads the address a notified connect names and, for a local socket the label's rules
+    /// name (or that its `unix_default` or a deputy rule holds), the held event, filled as
+    /// the kernel fills one. `None`: it goes on (not a local socket, nothing there, or one
+    /// the rules allow); the kernel checks what it reaches either way.
+    fn read_connect(&self, n: &Notification, label: u32) -> Result<Option<shared::Event>, Refusal> {
+        use std::os::unix::{
+            ffi::{OsStrExt as _, OsStringExt as _},
+            fs::{FileTypeExt as _, MetadataExt as _},
+        };
+        let len = (n.args[2] as u32 as usize).min(2 + shared::UNIX_NAME_LEN);
+        if len <= 2 {
+            // No name: the kernel refuses it.
+            return Ok(None);
+        }
+        let mut sockaddr = vec![0u8; len];
+        let got = enrich::read_remote(n.tid, n.args[1], &mut sockaddr)
+            .ok_or("its address cannot be read from the caller's memory")?;
+        if got < len {
+            return Err("its address cannot be read from the caller's memory".into());
+        }
+        if u16::from_ne_bytes([sockaddr[0], sockaddr[1]]) != libc::AF_UNIX as u16 {
+            return Ok(None);
+        }
+        let name = &sockaddr[2..];
+        let mut fixed = [0u8; shared::UNIX_NAME_LEN];
+        let (peer, shown) = if name[0] == 0 {
+            fixed[..name.len()].copy_from_slice(name);
+            let peer = shared::UnixPeer {
+                dev: shared::UNIX_ABSTRACT_DEV,
+                ino: shared::abstract_hash(&fixed, name.len()),
+            };
+            (peer, name.to_vec())
+        } else {
+            let path = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
+            let from = if path.starts_with(b"/") {
+                format!("/proc/{}/root", n.tid)
+            } else {
+                format!("/proc/{}/cwd/", n.tid)
+            };
+            let mut full = std::ffi::OsString::from(from);
+            full.push(std::ffi::OsStr::from_bytes(path));
+            let Ok(m) = std::fs::metadata(&full) else {
+                // Nothing there: the kernel fails the call (and checks anything that
+                // appears in between once it is connected).
+                return Ok(None);
+            };
+            if !m.file_type().is_socket() {
+                return Ok(None);
+            }
+            let file = FileId {
+                dev: m.dev(),
+                ino: m.ino(),
+            };
+            let shown = std::fs::canonicalize(&full)
+                .map(|p| p.into_os_string().into_vec())
+                .unwrap_or_else(|_| path.to_vec());
+            let peer = shared::UnixPeer {
+                dev: file.kernel_dev(),
+                ino: file.ino,
+            };
+            (peer, shown)
+        };
+        let key = |label| shared::ExecKey {
+            label,
+            _pad: 0,
+            dev: peer.dev,
+            ino: peer.ino,
+        };
+        let held = match self.unix_rules.get(&key(label)) {
+            Some(&rule) => rule != shared::UNIX_ALLOW,
+            None => {
+                self.unix_hold_all.contains(&label)
+                    || self.unix_rules.contains_key(&key(shared::LABEL_NONE))
+            }
+        };
+        if !held {
+            return Ok(None);
+        }
+        let (tgid, uid) = super::tgid_uid(n.tid).ok_or("the caller is gone")?;
+        let addr = peer.to_addr();
+        match self.kernel.unix_decided(tgid, label, addr) {
+            // Decided for this process already (the kernel checks it is the same process).
+            Some(shared::STATE_ALLOWED) => return Ok(None),
+            Some(_) => return Err("a decision of this process refused that socket".into()),
+            None => {}
+        }
+        // What was read belongs to the task that waits, not to one that took its pid over.
+        if !notify::still_waiting(&n.listener, n.id) {
+            return Err("the caller is gone".into());
+        }
+        let mut ev = shared::Event {
+            kind: shared::KIND_UNIX,
+            label,
+            tgid,
+            tid: n.tid,
+            uid,
+            family: libc::AF_UNIX as u16,
+            addr,
+            ..shared::Event::default()
+        };
+        let shown = &shown[..shown.len().min(shared::UNIX_NAME_LEN)];
+        ev.unix_name[..shown.len()].copy_from_slice(shown);
+        ev.unix_name_len = shown.len() as u32;
+        Ok(Some(ev))
+    }
+
+    fn hold_notified_connect(&mut self, n: Notification, ev: shared::Event) {
+        let tid = n.tid;
+        // Even, so never one of the kernel's (odd) request ids.
+        let kernel_id = (super::monotonic_ns() & !1).max(2);
+        let (id, listener) = (n.id, n.listener.clone());
+        if !matches!(
+            self.kernel.hold_notified_unix(tid, kernel_id, ev.addr),
+            Ok(true)
+        ) {
+            let _ = notify::respond(&listener, id, Reply::Fail(libc::EPERM));
+            return;
+        }
+        let ev = shared::Event {
+            request_id: kernel_id,
+            ..ev
+        };
+        if let Some(t) = self.notifier.as_mut() {
+            t.connects.insert(tid, NotifiedConnect { n, kernel_id });
+            t.holds += 1;
+        }
+        self.hold(&ev, ActionKind::Unix, None);
+        let waiting = self
+            .requests
+            .values()
+            .any(|h| h.tid == tid && h.kernel_id == kernel_id);
+        if !waiting {
+            self.refuse_notified(tid, kernel_id);
+        }
+    }
+
+    /// The held connect of `tid` under `kernel_id`, if it is one the notifier holds.
+    pub(super) fn notified_connect(&self, tid: u32, kernel_id: u64) -> Option<&NotifiedConnect> {
+        self.notifier
+            .as_ref()?
+            .connects
+            .get(&tid)
+            .filter(|c| c.kernel_id == kernel_id)
+    }
+
+    /// Applies a decision (already recorded) to a held notified connect. Approve: the
+    /// kernel's state says allowed (its check after the connect passes that socket only),
+    /// then the call goes on. Otherwise `EPERM`. Never lets the call go on after an error.
+    pub(super) fn apply_notified_connect(
+        &mut self,
+        tid: u32,
+        kernel_id: u64,
+        approve: bool,
+    ) -> Result<(), String> {
+        let Some(c) = self.notifier.as_mut().and_then(|t| {
+            t.connects
+                .get(&tid)
+                .is_some_and(|c| c.kernel_id == kernel_id)
+                .then(|| t.connects.remove(&tid))
+                .flatten()
+        }) else {
+            return Err("its call no longer waits".into());
+        };
+        let refuse = |c: &NotifiedConnect| {
+            let _ = notify::respond(&c.n.listener, c.n.id, Reply::Fail(libc::EPERM));
+        };
+        if !approve {
+            let _ = self.kernel.decide(tid, kernel_id, shared::STATE_IDLE);
+            refuse(&c);
+            return Ok(());
+        }
+        match self.kernel.decide(tid, kernel_id, shared::STATE_ALLOWED) {
+            Ok(true) => {}
+            Ok(false) => {
+                refuse(&c);
+                return Err("its task state changed".into());
+            }
+            Err(e) => {
+                refuse(&c);
+                return Err(format!("writing the decision: {e}"));
+            }
+        }
+        if let Err(e) = notify::respond(&c.n.listener, c.n.id, Reply::Continue) {
+            let _ = self.kernel.decide(tid, kernel_id, shared::STATE_IDLE);
+            return Err(format!("its call no longer waits ({e})"));
+        }
+        Ok(())
+    }
+
     /// The kernel's own test (see [`crate::ebpf::ExecFastPath::allows`]).
     fn fast_allows(&self, label: u32, f: FileId) -> bool {
         self.notifier
@@ -336,6 +576,14 @@ impl Daemon {
         {
             let _ = self.kernel.decide(tid, kernel_id, shared::STATE_IDLE);
             let _ = notify::respond(&e.n.listener, e.n.id, Reply::Fail(libc::EPERM));
+        }
+        if t.connects
+            .get(&tid)
+            .is_some_and(|c| c.kernel_id == kernel_id)
+            && let Some(c) = t.connects.remove(&tid)
+        {
+            let _ = self.kernel.decide(tid, kernel_id, shared::STATE_IDLE);
+            let _ = notify::respond(&c.n.listener, c.n.id, Reply::Fail(libc::EPERM));
         }
     }
 
@@ -438,13 +686,14 @@ impl Daemon {
         let stale: Vec<(u32, u64)> = t
             .execs
             .iter()
-            .filter(|(tid, e)| {
+            .map(|(tid, e)| (*tid, e.kernel_id))
+            .chain(t.connects.iter().map(|(tid, c)| (*tid, c.kernel_id)))
+            .filter(|(tid, kernel_id)| {
                 !self
                     .requests
                     .values()
-                    .any(|h| h.tid == **tid && h.kernel_id == e.kernel_id)
+                    .any(|h| h.tid == *tid && h.kernel_id == *kernel_id)
             })
-            .map(|(tid, e)| (*tid, e.kernel_id))
             .collect();
         for (tid, kernel_id) in stale {
             self.refuse_notified(tid, kernel_id);

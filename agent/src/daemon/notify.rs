@@ -238,63 +238,117 @@ impl Call {
     }
 }
 
+/// `connect` of the native ABI (and on x86_64 of x32). A launched agent's connects are
+/// notified unless their address has the length of an IPv4 or IPv6 one
+/// ([`IP_ADDRESS_LENGTHS`]): the kernel's own hooks decide network connects, the daemon
+/// decides local sockets (`AF_UNIX`) before they are made. The 32-bit entry's connects are
+/// not notified (`socketcall` carries its arguments in memory).
+#[cfg(target_arch = "x86_64")]
+const NATIVE_CONNECTS: [u32; 2] = [42, X32_BIT | 42];
+#[cfg(target_arch = "aarch64")]
+const NATIVE_CONNECTS: [u32; 1] = [203];
+/// `sizeof(struct sockaddr_in)` and `sizeof(struct sockaddr_in6)`.
+const IP_ADDRESS_LENGTHS: [u32; 2] = [16, 28];
+
+/// Whether a notified call is a `connect` (see [`NATIVE_CONNECTS`]).
+#[must_use]
+pub fn is_connect(arch: u32, nr: i32) -> bool {
+    arch == NATIVE_ARCH && NATIVE_CONNECTS.contains(&(nr as u32))
+}
+
 /// The filter: every exec system call of every ABI, and every guarded one, goes to the
-/// listener; the rest is allowed.
+/// listener, and so does a native `connect` whose address length is not an IP address's; the
+/// rest is allowed.
 fn program() -> Vec<libc::sock_filter> {
     use libc::{
         BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, SECCOMP_RET_ALLOW,
         SECCOMP_RET_USER_NOTIF,
     };
-    let stmt = |code: u32, k: u32| libc::sock_filter {
-        code: code as u16,
-        jt: 0,
-        jf: 0,
-        k,
-    };
-    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter {
-        code: (BPF_JMP | BPF_JEQ | BPF_K) as u16,
-        jt,
-        jf,
-        k,
-    };
-    // Offsets in `struct seccomp_data`.
+    // Offsets in `struct seccomp_data`: the number, the architecture, the low half of the
+    // third argument (`connect`'s address length; little-endian).
     const NR: u32 = 0;
     const ARCH: u32 = 4;
-    let mut p = vec![stmt(BPF_LD | BPF_W | BPF_ABS, ARCH)];
-    // Laid out as: arch checks, then one block of number checks per arch, each ending in
-    // ALLOW, then NOTIFY. Jumps are relative to the next instruction.
-    let native: Vec<u32> = NATIVE_EXECS
+    const ARG2: u32 = 32;
+    /// Where a jump goes: the next instruction or a named place.
+    #[derive(Clone, Copy, PartialEq)]
+    enum To {
+        Next,
+        At(&'static str),
+    }
+    struct Insn {
+        code: u32,
+        k: u32,
+        jt: To,
+        jf: To,
+    }
+    let load = |k| Insn {
+        code: BPF_LD | BPF_W | BPF_ABS,
+        k,
+        jt: To::Next,
+        jf: To::Next,
+    };
+    let ret = |k| Insn {
+        code: BPF_RET | BPF_K,
+        k,
+        jt: To::Next,
+        jf: To::Next,
+    };
+    let jeq = |k, jt, jf| Insn {
+        code: BPF_JMP | BPF_JEQ | BPF_K,
+        k,
+        jt,
+        jf,
+    };
+    let mut code: Vec<(Option<&'static str>, Insn)> = Vec::new();
+    let mut at = |place: Option<&'static str>, i: Insn| code.push((place, i));
+    at(None, load(ARCH));
+    at(None, jeq(NATIVE_ARCH, To::At("native"), To::Next));
+    at(None, jeq(COMPAT_ARCH, To::At("compat"), To::At("allow")));
+    at(Some("native"), load(NR));
+    for nr in NATIVE_EXECS
         .iter()
         .copied()
         .chain(native_guarded().map(|(n, _)| n))
-        .collect();
-    let compat: Vec<u32> = COMPAT_EXECS
+    {
+        at(None, jeq(nr, To::At("notify"), To::Next));
+    }
+    for nr in NATIVE_CONNECTS {
+        at(None, jeq(nr, To::At("connect"), To::Next));
+    }
+    at(None, ret(SECCOMP_RET_ALLOW));
+    at(Some("compat"), load(NR));
+    for nr in COMPAT_EXECS
         .iter()
         .copied()
         .chain(COMPAT_GUARDED.iter().map(|(n, _)| *n))
-        .collect();
-    let native_block = 1 + native.len() + 1;
-    let compat_block = 1 + compat.len() + 1;
-    // [1] native? -> native block (at 3), else [2]
-    p.push(jeq(NATIVE_ARCH, 1, 0));
-    // [2] compat? -> compat block, else ALLOW (the native block's last instruction)
-    p.push(jeq(
-        COMPAT_ARCH,
-        native_block as u8,
-        (native_block - 1) as u8,
-    ));
-    let notify_at = 3 + native_block + compat_block;
-    for (execs, start) in [(&native[..], 3), (&compat[..], 3 + native_block)] {
-        p.push(stmt(BPF_LD | BPF_W | BPF_ABS, NR));
-        for (i, nr) in execs.iter().enumerate() {
-            let here = start + 1 + i;
-            p.push(jeq(*nr, (notify_at - here - 1) as u8, 0));
-        }
-        p.push(stmt(BPF_RET | BPF_K, SECCOMP_RET_ALLOW));
+    {
+        at(None, jeq(nr, To::At("notify"), To::Next));
     }
-    p.push(stmt(BPF_RET | BPF_K, SECCOMP_RET_USER_NOTIF));
-    debug_assert_eq!(p.len(), notify_at + 1);
-    p
+    at(None, ret(SECCOMP_RET_ALLOW));
+    at(Some("connect"), load(ARG2));
+    for len in IP_ADDRESS_LENGTHS {
+        at(None, jeq(len, To::At("allow"), To::Next));
+    }
+    at(Some("notify"), ret(SECCOMP_RET_USER_NOTIF));
+    at(Some("allow"), ret(SECCOMP_RET_ALLOW));
+    let place = |name: &str| {
+        code.iter()
+            .position(|(p, _)| *p == Some(name))
+            .expect("a place the filter names")
+    };
+    let offset = |here: usize, to: To| match to {
+        To::Next => 0,
+        To::At(name) => u8::try_from(place(name) - here - 1).expect("a short filter"),
+    };
+    code.iter()
+        .enumerate()
+        .map(|(here, (_, i))| libc::sock_filter {
+            code: i.code as u16,
+            jt: offset(here, i.jt),
+            jf: offset(here, i.jf),
+            k: i.k,
+        })
+        .collect()
 }
 
 /// Installs the filter on the calling process (the launcher, single-threaded, before it
@@ -664,13 +718,23 @@ mod tests {
     /// Runs the filter program on one `seccomp_data` (a tiny interpreter of the three
     /// instruction kinds it uses).
     fn run(p: &[libc::sock_filter], arch: u32, nr: u32) -> u32 {
+        run_with(p, arch, nr, 0)
+    }
+
+    /// Runs the filter on a call whose third argument's low half is `arg2`.
+    fn run_with(p: &[libc::sock_filter], arch: u32, nr: u32, arg2: u32) -> u32 {
         let mut acc = 0u32;
         let mut pc = 0usize;
         loop {
             let i = p[pc];
             match u32::from(i.code) {
                 c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
-                    acc = if i.k == 0 { nr } else { arch };
+                    acc = match i.k {
+                        0 => nr,
+                        4 => arch,
+                        32 => arg2,
+                        k => panic!("unexpected load at {k}"),
+                    };
                     pc += 1;
                 }
                 c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => {
@@ -723,13 +787,41 @@ mod tests {
         );
         assert_eq!(guarded(NATIVE_ARCH, NATIVE_EXECS[0] as i32), None);
         assert_eq!(guarded(0x1234, NATIVE_GUARDED[0].0 as i32), None);
-        for nr in [0, 1, 2, 42, 56, 57, 58, 60, 323, 435] {
+        for nr in [0, 1, 2, 56, 57, 58, 60, 323, 435] {
             assert_eq!(run(&p, NATIVE_ARCH, nr), libc::SECCOMP_RET_ALLOW, "{nr}");
             assert_eq!(run(&p, COMPAT_ARCH, nr), libc::SECCOMP_RET_ALLOW, "{nr}");
             assert!(Call::of(NATIVE_ARCH, nr as i32).is_none());
         }
         // A native exec number under another architecture is not an exec there.
         assert_eq!(run(&p, 0x1234, NATIVE_EXECS[0]), libc::SECCOMP_RET_ALLOW);
+    }
+
+    /// A native `connect` goes to the daemon unless its address has an IPv4 or IPv6
+    /// address's length; the 32-bit ABI's number is another call there.
+    #[test]
+    fn connects_with_other_address_lengths_are_notified() {
+        let p = program();
+        for nr in NATIVE_CONNECTS {
+            assert!(is_connect(NATIVE_ARCH, nr as i32));
+            for len in [16, 28] {
+                assert_eq!(
+                    run_with(&p, NATIVE_ARCH, nr, len),
+                    libc::SECCOMP_RET_ALLOW,
+                    "{nr} {len}"
+                );
+            }
+            for len in [0, 2, 3, 17, 24, 110, 128] {
+                assert_eq!(
+                    run_with(&p, NATIVE_ARCH, nr, len),
+                    libc::SECCOMP_RET_USER_NOTIF,
+                    "{nr} {len}"
+                );
+            }
+            assert_eq!(run_with(&p, COMPAT_ARCH, nr, 110), libc::SECCOMP_RET_ALLOW);
+            assert!(!is_connect(COMPAT_ARCH, nr as i32));
+        }
+        // Other calls are not looked at by their third argument.
+        assert_eq!(run_with(&p, NATIVE_ARCH, 0, 110), libc::SECCOMP_RET_ALLOW);
     }
 
     /// What goes on without a request: nothing there to run, or what the kernel allows — a

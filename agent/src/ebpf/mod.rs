@@ -1187,6 +1187,53 @@ impl Kernel {
         Ok(true)
     }
 
+    /// Marks a connect of notified thread `tid` to the local socket `addr` (a
+    /// [`shared::UnixPeer`]) as pending under `request_id` while its call waits for the
+    /// daemon: the kernel's check after the connect lets it through only once it is decided
+    /// allowed, and only to that socket. False if `tid` has no state (it is not labelled).
+    pub fn hold_notified_unix(
+        &mut self,
+        tid: u32,
+        request_id: u64,
+        addr: [u8; 16],
+    ) -> Result<bool> {
+        let Ok(mut state) = self.tasks.get(&tid, 0) else {
+            return Ok(false);
+        };
+        let family = libc::AF_UNIX as u16;
+        state.state = shared::STATE_PENDING;
+        state.kind = shared::KIND_UNIX;
+        state.request_id = request_id;
+        state.action_hash = shared::connect_hash(family, 0, &addr);
+        state.family = family;
+        state.port = 0;
+        state.sock_type = 0;
+        state.addr = addr;
+        state.user_id = 0;
+        self.tasks
+            .insert(tid, state, 0)
+            .map_err(|e| map_err(shared::MAP_TASKS, &e))?;
+        Ok(true)
+    }
+
+    /// What process `tgid` (label `label`) already consumed for the local socket `addr`:
+    /// [`shared::STATE_ALLOWED`] or [`shared::STATE_DENIED`]. The kernel checks the entry's
+    /// process start time itself when the connect is made.
+    pub fn unix_decided(&self, tgid: u32, label: u32, addr: [u8; 16]) -> Option<u32> {
+        let map = self.ebpf.map(shared::MAP_SEND_DECIDED)?;
+        let decided: HashMap<&MapData, shared::SendKey, shared::SendDecided> =
+            HashMap::try_from(map).ok()?;
+        let key = shared::SendKey {
+            tgid,
+            label,
+            family: libc::AF_UNIX as u16,
+            port: 0,
+            sock_type: 0,
+            addr,
+        };
+        decided.get(&key, 0).ok().map(|d| d.verdict)
+    }
+
     /// Arms the kernel's check of an approved exec of a notified thread (see
     /// [`shared::ApprovedExec`]); it must be written before the `execve` is let start.
     pub fn arm_exec(&mut self, tid: u32, approved: &shared::ApprovedExec) -> Result<()> {

@@ -33,6 +33,13 @@
 //!                                             (needs CAP_NET_RAW)
 //!   cs-escape unix-connect PATH|@NAME         stream connect to a local socket, then a write
 //!   cs-escape unix-send PATH|@NAME            a datagram to a local socket, without connect
+//!   cs-escape unix-connect-len LEN PATH       the same connect with address length LEN (16, an
+//!                                             IPv4 address's: PATH must fit in 14 bytes)
+//!   cs-escape unix-connect-swap FIRST SECOND  stream connects, up to 200, from one address in
+//!                                             memory that a second thread keeps rewriting
+//!                                             between paths FIRST and SECOND; each connection
+//!                                             made gets the payload; prints `connected`
+//!                                             once the connects are done
 //!   cs-escape raw-udp-on FD IPV4:PORT         the same on an inherited raw socket (descriptor FD)
 //!   cs-escape packet-lo IPV4:PORT             AF_PACKET/SOCK_DGRAM on `lo` with a hand-built
 //!                                             IPv4 + UDP packet from 127.0.0.1 (CAP_NET_RAW;
@@ -152,6 +159,14 @@ fn main() {
         Some("thread-sendto") => in_thread(udp_sendto, target(2)),
         Some("unix-connect") => unix_connect(arg(2).expect("a PATH or @NAME argument")),
         Some("unix-send") => unix_send(arg(2).expect("a PATH or @NAME argument")),
+        Some("unix-connect-len") => unix_connect_len(
+            arg(2).and_then(|n| n.parse().ok()).expect("a LEN argument"),
+            arg(3).expect("a PATH argument"),
+        ),
+        Some("unix-connect-swap") => unix_connect_swap(
+            arg(2).expect("a FIRST argument"),
+            arg(3).expect("a SECOND argument"),
+        ),
         Some("raw-udp") => raw_udp(target(2)),
         Some("raw-udp-on") => raw_udp_on(
             arg(2).and_then(|a| a.parse().ok()).expect("an FD argument"),
@@ -355,6 +370,83 @@ fn unix_connect(name: &str) -> Outcome {
     use std::io::Write as _;
     let mut s = std::os::unix::net::UnixStream::connect_addr(&unix_addr(name)).map_err(os_errno)?;
     s.write_all(PAYLOAD).map_err(os_errno)?;
+    Ok(Done::Connected)
+}
+
+/// `sockaddr_un` for `path` (no terminating NUL needed: the kernel ends it at the length).
+fn sockaddr_un(path: &str) -> libc::sockaddr_un {
+    // SAFETY: plain old data; all zeros is a valid value.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, b) in sa.sun_path.iter_mut().zip(path.bytes()) {
+        *d = b as libc::c_char;
+    }
+    sa
+}
+
+/// Stream connect to `path` with the address length `len`, then the payload.
+fn unix_connect_len(len: u32, path: &str) -> Outcome {
+    let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+    let sa = sockaddr_un(path);
+    // SAFETY: `sa` lives across the call; the kernel reads at most `len` bytes of it.
+    check(unsafe { libc::connect(fd.as_raw_fd(), (&raw const sa).cast(), len) })?;
+    // SAFETY: writes the payload from a live buffer.
+    check(unsafe { libc::write(fd.as_raw_fd(), PAYLOAD.as_ptr().cast(), PAYLOAD.len()) })?;
+    Ok(Done::Connected)
+}
+
+/// Connects from an address a second thread rewrites all the while: what was decided is
+/// not what the kernel reads next.
+fn unix_connect_swap(first: &str, second: &str) -> Outcome {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    struct Shared(std::cell::UnsafeCell<libc::sockaddr_un>);
+    // SAFETY: the race on the bytes is the point; both threads only read and write bytes.
+    unsafe impl Sync for Shared {}
+    let (a, b) = (sockaddr_un(first), sockaddr_un(second));
+    let shared = std::sync::Arc::new(Shared(std::cell::UnsafeCell::new(a)));
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flips = std::sync::Arc::new(AtomicU64::new(0));
+    let flipper = {
+        let (shared, stop, flips) = (shared.clone(), stop.clone(), flips.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let next = if i.is_multiple_of(2) { b } else { a };
+                // SAFETY: volatile byte writes into the shared address.
+                unsafe { std::ptr::write_volatile(shared.0.get(), next) };
+                i += 1;
+                flips.store(i, Ordering::Relaxed);
+            }
+        })
+    };
+    // The rewriting runs before the first connect (a slow machine may start the thread late).
+    while flips.load(Ordering::Relaxed) < 1000 {
+        std::thread::yield_now();
+    }
+    let mut connected = 0;
+    for _ in 0..200 {
+        let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+        // SAFETY: the address stays alive (the Arc); its bytes change under the call.
+        let rc = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                shared.0.get().cast_const().cast(),
+                size_of::<libc::sockaddr_un>() as u32,
+            )
+        };
+        // Let the rewriting thread run between attempts on a machine with one processor.
+        std::thread::yield_now();
+        if rc == 0 {
+            connected += 1;
+            // SAFETY: writes the payload from a live buffer.
+            unsafe { libc::write(fd.as_raw_fd(), PAYLOAD.as_ptr().cast(), PAYLOAD.len()) };
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = flipper.join();
+    if connected == 0 {
+        return Err(libc::ECONNREFUSED);
+    }
     Ok(Done::Connected)
 }
 

@@ -58,11 +58,15 @@ impl Sink {
             // A connection that carried nothing is no delivery (fallback mode kills a task
             // that reached a local socket it may not, right after the connect: the service
             // sees a connection close without a byte).
-            Sink::Local(_, LocalSocket::Stream(l)) => l.accept().is_ok_and(|(mut c, _)| {
-                use std::io::Read as _;
-                let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                c.read(&mut [0u8; 64]).is_ok_and(|n| n > 0)
-            }),
+            Sink::Local(_, LocalSocket::Stream(l)) => {
+                let mut any = false;
+                while let Ok((mut c, _)) = l.accept() {
+                    use std::io::Read as _;
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    any |= c.read(&mut [0u8; 64]).is_ok_and(|n| n > 0);
+                }
+                any
+            }
             Sink::Local(_, LocalSocket::Datagram(u)) => u.recv(&mut [0u8; 64]).is_ok(),
             Sink::Marker(path) => std::fs::remove_file(path).is_ok(),
         }
@@ -524,10 +528,12 @@ fn local(name: &str, datagram: bool) -> Sink {
 
 /// Local services that would act for the agent (a container runtime's socket, the system
 /// bus) are named by the policy and held: by the file they are — a symlink to the path is the
-/// same socket —, by abstract name, for connects and datagrams; a local socket no rule names
-/// is let through without a stop. Fallback mode sees a local socket only once its connect is
-/// made: a task that connected to one the policy does not allow is killed before the
-/// connect returns (nothing is sent), and a datagram without connect is not seen (README
+/// same socket —, by abstract name, for connects (and, in LSM mode, datagrams); a local
+/// socket no rule names is let through without a stop. An approved connect goes through.
+/// Fallback mode holds a launched agent's connects in its seccomp notifier and checks what
+/// the kernel connected afterwards: a connect that slips past the notifier (an address
+/// length of an IPv4 address, a path rewritten after the daemon read it) and reaches a held
+/// socket is killed before it returns. Datagrams without connect are not seen there (README
 /// "Not held yet").
 #[test]
 fn local_services_the_policy_names_are_held() {
@@ -541,6 +547,17 @@ fn local_services_the_policy_names_are_held() {
     let other_sink = local(&other, false);
     let alias = path("alias.sock");
     std::os::unix::fs::symlink(&deputy, &alias).expect("symlink");
+    // A name short enough for the 16-byte address of an IPv4 connect.
+    let short = format!("/tmp/cs-{:06}", std::process::id() % 1_000_000);
+    let _ = std::fs::remove_file(&short);
+    std::os::unix::fs::symlink(&deputy, &short).expect("symlink");
+    struct Gone(String);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _short_gone = Gone(short.clone());
     let policy = dir.path().join("policy.yaml");
     std::fs::write(
         &policy,
@@ -557,57 +574,27 @@ labels:
     )
     .expect("policy");
     let d = Daemon::start_with(&["--policy", policy.to_str().expect("utf-8")]);
-    let attempt = |args: &[&str]| {
+    let attempt = |args: &[&str], decide: &'static str| {
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        labelled_attempt(&d, As::Root, &args, |_| "deny")
+        labelled_attempt(&d, As::Root, &args, move |_| decide)
     };
-    if !d.is_lsm() {
-        for (name, sink, shown) in [
-            (&deputy, &deputy_sink, &deputy),
-            (&alias, &deputy_sink, &deputy),
-            (&abstract_name, &abstract_sink, &abstract_name),
-        ] {
-            let args = vec!["unix-connect".to_owned(), name.clone()];
-            unlabelled_delivers(&d, As::Root, &args, sink);
-            let a = attempt(&["unix-connect", name]);
-            assert!(a.killed, "{name}: {} {:?}", a.stdout, a.requests);
-            assert_contained(&d, &args.join(" "), As::Root, &a, sink, &["unix"]);
-            let record = d.wait_decision(&format!("the kernel's refusal of {name}"), |e| {
-                e["request"]["pid"] == a.pid && e["request"]["kind"] == "unix"
-            });
-            assert_eq!(record["decision"], "killed", "{record}");
-            assert_eq!(
-                record["request"]["destination"],
-                format!("unix:{shown}").as_str(),
-                "{record}"
-            );
-        }
-        let a = attempt(&["unix-send", &log]);
-        assert_eq!(
-            a.stdout, "sent 9",
-            "fallback mode does not see datagrams to local sockets"
-        );
-        assert!(log_sink.arrived(""));
-        let a = attempt(&["unix-connect", &other]);
-        assert_eq!(a.stdout, "connected");
-        assert!(a.requests.is_empty(), "{:?}", a.requests);
-        assert!(other_sink.arrived(""));
-        return;
-    }
-    for (technique, name, sink, shown) in [
+    let mut tries = vec![
         ("unix-connect", &deputy, &deputy_sink, &deputy),
         ("unix-connect", &alias, &deputy_sink, &deputy),
-        ("unix-send", &log, &log_sink, &log),
         (
             "unix-connect",
             &abstract_name,
             &abstract_sink,
             &abstract_name,
         ),
-    ] {
+    ];
+    if d.is_lsm() {
+        tries.push(("unix-send", &log, &log_sink, &log));
+    }
+    for (technique, name, sink, shown) in tries {
         let args = vec![technique.to_owned(), name.clone()];
         unlabelled_delivers(&d, As::Root, &args, sink);
-        let a = labelled_attempt(&d, As::Root, &args, |_| "deny");
+        let a = attempt(&[technique, name], "deny");
         assert_contained(&d, &args.join(" "), As::Root, &a, sink, &["unix"]);
         assert_eq!(
             a.requests[0]["destination"],
@@ -615,8 +602,54 @@ labels:
             "{:?}",
             a.requests
         );
+        let a = attempt(&[technique, name], "approve");
+        assert!(
+            !a.killed
+                && a.stdout.starts_with(if technique == "unix-send" {
+                    "sent"
+                } else {
+                    "connected"
+                }),
+            "approved `{}`: {} {:?}",
+            args.join(" "),
+            a.stdout,
+            a.requests
+        );
+        assert!(sink.arrived(&a.stdout), "approved `{}`", args.join(" "));
     }
-    let a = attempt(&["unix-connect", &other]);
+    if !d.is_lsm() {
+        let a = attempt(&["unix-send", &log], "deny");
+        assert_eq!(
+            a.stdout, "sent 9",
+            "fallback mode does not see datagrams to local sockets"
+        );
+        assert!(log_sink.arrived(""));
+    }
+    // An address length that the notifier lets through as an IPv4 connect's.
+    let args = vec![
+        "unix-connect-len".to_owned(),
+        "16".to_owned(),
+        short.clone(),
+    ];
+    unlabelled_delivers(&d, As::Root, &args, &deputy_sink);
+    let a = attempt(&["unix-connect-len", "16", &short], "deny");
+    assert_contained(&d, &args.join(" "), As::Root, &a, &deputy_sink, &["unix"]);
+    // A path rewritten while it is being decided: nothing reaches the held socket.
+    let a = attempt(&["unix-connect-swap", &other, &deputy], "deny");
+    assert!(
+        !deputy_sink.arrived(&a.stdout),
+        "ESCAPE: a rewritten path reached the held socket: {} {:?}",
+        a.stdout,
+        a.requests
+    );
+    assert!(
+        a.killed || a.requests.iter().any(|r| r["kind"] == "unix"),
+        "the held socket was never asked about: {} {:?}",
+        a.stdout,
+        a.requests
+    );
+    let _ = other_sink.arrived("");
+    let a = attempt(&["unix-connect", &other], "deny");
     assert_eq!(a.stdout, "connected");
     assert!(a.requests.is_empty(), "{:?}", a.requests);
     assert!(other_sink.arrived(""));
