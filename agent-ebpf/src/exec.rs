@@ -11,7 +11,7 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_task, bpf_probe_read_kernel,
-        generated::{bpf_get_current_task_btf, bpf_probe_read_user, bpf_task_pt_regs},
+        generated::{bpf_get_current_task_btf, bpf_loop, bpf_probe_read_user, bpf_task_pt_regs},
     },
     programs::TracePointContext,
 };
@@ -292,8 +292,11 @@ fn label_by_executable() {
 const EXEC_PID_AT: usize = 12;
 const EXEC_OLD_PID_AT: usize = 16;
 
+/// `looped`: the argv comparison runs in `bpf_loop` (5.17+: the verifier checks one chunk's
+/// comparison once instead of 256 unrolled copies, which took seconds to load under
+/// emulation); otherwise unrolled.
 #[inline(always)]
-pub fn sched_exec(ctx: &TracePointContext) {
+pub fn sched_exec(ctx: &TracePointContext, looped: bool) {
     // An exec from a non-leader thread takes over the leader's pid: move the state along.
     // SAFETY: fixed offsets inside the tracepoint record.
     let pid = unsafe { ctx.read_at::<i32>(EXEC_PID_AT) }.unwrap_or(0) as u32;
@@ -336,14 +339,14 @@ pub fn sched_exec(ctx: &TracePointContext) {
     // An approved exec (LSM: released by the hook; fallback: let go by the notifier) runs
     // only as approved.
     if mode == MODE_LSM && state.state == STATE_EXEC_RELEASED {
-        verify_approved(state, old_pid, STATE_EXEC_RELEASED);
+        verify_approved(state, old_pid, STATE_EXEC_RELEASED, looped);
         return;
     }
     if mode != MODE_FALLBACK {
         return;
     }
     if state.flags & FLAG_NOTIFIED != 0 {
-        verify_approved(state, old_pid, STATE_ALLOWED);
+        verify_approved(state, old_pid, STATE_ALLOWED, looped);
         return;
     }
     // Fallback: the loaded image is one the policy allows; it runs without a stop.
@@ -369,7 +372,7 @@ pub fn sched_exec(ctx: &TracePointContext) {
 /// the approval, an exec that never asked — is killed before its first instruction. No stop,
 /// so nothing (a `SIGCONT`, a tracer) can let it run before the check.
 #[inline(always)]
-fn verify_approved(state: &mut TaskState, tid: u32, released: u32) {
+fn verify_approved(state: &mut TaskState, tid: u32, released: u32, looped: bool) {
     let approved = maps::EXEC_APPROVED.get_ptr(&tid);
     let mut request = 0;
     let mut verified = false;
@@ -380,7 +383,7 @@ fn verify_approved(state: &mut TaskState, tid: u32, released: u32) {
         verified = state.state == released
             && state.kind == KIND_EXEC
             && state.request_id == a.request_id
-            && loaded_is(a);
+            && loaded_is(a, tid, looped);
     }
     if approved.is_some() {
         let _ = maps::EXEC_APPROVED.remove(&tid);
@@ -414,7 +417,7 @@ const ARGV_CHUNK: usize = 64;
 /// Whether the current task's loaded image and argv are the approved ones. Any failed read
 /// is a mismatch.
 #[inline(always)]
-fn loaded_is(a: &ApprovedExec) -> bool {
+fn loaded_is(a: &ApprovedExec, tid: u32, looped: bool) -> bool {
     let Some((dev, ino)) = current_exe_file().and_then(file_id) else {
         return false;
     };
@@ -437,6 +440,26 @@ fn loaded_is(a: &ApprovedExec) -> bool {
     let len = a.argv_len as usize;
     if end < start || end - start != len as u64 || len > ARGV_VERIFY_MAX {
         return false;
+    }
+    if looped {
+        let mut cmp = ArgvCompare {
+            start,
+            len: len as u64,
+            tid: u64::from(tid),
+            differs: 0,
+        };
+        let chunks = len.div_ceil(ARGV_CHUNK) as u32;
+        // SAFETY: the callback is a static subprogram taking (index, context); the context is
+        // this frame's `cmp`, alive across the call.
+        let done = unsafe {
+            bpf_loop(
+                chunks,
+                argv_chunk_matches as *mut core::ffi::c_void,
+                (&raw mut cmp).cast(),
+                0,
+            )
+        };
+        return done == i64::from(chunks) && cmp.differs == 0;
     }
     // Whole chunks, then the rest: each step has one way on and short ways out, so that the
     // verifier's walk stays linear in the number of chunks.
@@ -461,6 +484,43 @@ fn loaded_is(a: &ApprovedExec) -> bool {
         a,
         off,
     )
+}
+
+/// What [`argv_chunk_matches`] compares: the loaded argv (`start`, `len`) of thread `tid`
+/// against its armed approval; `differs` is set at the first chunk that differs.
+#[repr(C)]
+struct ArgvCompare {
+    start: u64,
+    len: u64,
+    tid: u64,
+    differs: u64,
+}
+
+/// `bpf_loop` callback: chunk `index` of the comparison in `ctx` (an [`ArgvCompare`]).
+/// Returns 1 (stop) at a difference or a failed read, else 0.
+#[inline(never)]
+extern "C" fn argv_chunk_matches(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the caller's `ArgvCompare`, as `loaded_is` passes it.
+    let cmp = unsafe { &mut *ctx.cast::<ArgvCompare>() };
+    let Some(a) = maps::EXEC_APPROVED.get_ptr(&(cmp.tid as u32)) else {
+        cmp.differs = 1;
+        return 1;
+    };
+    // SAFETY: the pointer comes from the map lookup and is valid for this run; only read.
+    let a = unsafe { &*a };
+    // A whole number of chunks below the limit; the masks tell the verifier.
+    let off = (index as usize * ARGV_CHUNK) & (ARGV_VERIFY_MAX - ARGV_CHUNK);
+    let left = cmp.len.saturating_sub(off as u64);
+    let n = if left >= ARGV_CHUNK as u64 {
+        ARGV_CHUNK as u32
+    } else {
+        left as u32 & (ARGV_CHUNK as u32 - 1)
+    };
+    if !chunk_is(cmp.start + off as u64, n, a, off) {
+        cmp.differs = 1;
+        return 1;
+    }
+    0
 }
 
 /// Whether the `n` bytes of user memory at `at` are the approved argv's bytes at `off` (the

@@ -152,6 +152,7 @@ pub const PROG_LSM_BPRM_CREDS: &str = "cs_lsm_bprm_creds_for_exec";
 pub const PROG_TP_SYS_ENTER_EXECVE: &str = "cs_tp_sys_enter_execve";
 pub const PROG_TP_SYS_ENTER_EXECVEAT: &str = "cs_tp_sys_enter_execveat";
 pub const PROG_TP_SCHED_EXEC: &str = "cs_tp_sched_exec";
+pub const PROG_TP_SCHED_EXEC_UNROLLED: &str = "cs_tp_sched_exec_unrolled";
 pub const PROG_TP_TASK_NEWTASK: &str = "cs_tp_task_newtask";
 pub const PROG_TP_SCHED_EXIT: &str = "cs_tp_sched_exit";
 pub const PROG_TP_SYS_ENTER_CONNECT: &str = "cs_tp_sys_enter_connect";

@@ -298,7 +298,14 @@ mod programs {
     /// the verification of an approved exec in LSM mode. Fails closed by SIGKILL.
     #[tracepoint(category = "sched", name = "sched_process_exec")]
     pub fn cs_tp_sched_exec(ctx: TracePointContext) -> u32 {
-        exec::sched_exec(&ctx);
+        exec::sched_exec(&ctx, true);
+        0
+    }
+
+    /// The same, for kernels without `bpf_loop` (before 5.17): the argv comparison unrolled.
+    #[tracepoint(category = "sched", name = "sched_process_exec")]
+    pub fn cs_tp_sched_exec_unrolled(ctx: TracePointContext) -> u32 {
+        exec::sched_exec(&ctx, false);
         0
     }
 

@@ -220,7 +220,15 @@ impl Kernel {
             (shared::PROG_TP_CGROUP_MKDIR, "cgroup", "cgroup_mkdir"),
             (shared::PROG_TP_CGROUP_RMDIR, "cgroup", "cgroup_rmdir"),
         ] {
-            let id = attach_tracepoint(&mut ebpf, name, category, tp)?;
+            let (name, id) = match attach_tracepoint(&mut ebpf, name, category, tp) {
+                // Before 5.17 (no `bpf_loop`): the exec check with its comparison unrolled.
+                Err(e) if name == shared::PROG_TP_SCHED_EXEC => {
+                    tracing::debug!(error = %error_chain(&e), "the exec check without bpf_loop");
+                    let name = shared::PROG_TP_SCHED_EXEC_UNROLLED;
+                    (name, attach_tracepoint(&mut ebpf, name, category, tp)?)
+                }
+                other => (name, other?),
+            };
             attached.push((name, AttachedLink::TracePoint(id)));
             tracing::debug!(
                 ms = started.elapsed().as_millis(),

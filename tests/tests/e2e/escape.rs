@@ -743,7 +743,13 @@ fn swapped_execs(who: As) {
     // the restarted exec reads it), while a child floods SIGCONT against any stop that would
     // hold the loaded image until it is checked. Fallback mode: the exec never returns to
     // the handler before it loads; what runs is what was approved.
-    let (first, second, go) = (path("flood-AAAA"), path("flood-BBBB"), path("flood-go"));
+    // Long enough that the rewritten bytes lie past the kernel's first comparison chunks.
+    let long = "x".repeat(150);
+    let (first, second, go) = (
+        path(&format!("flood-{long}-AAAA")),
+        path(&format!("flood-{long}-BBBB")),
+        path("flood-go"),
+    );
     let args: Vec<String> = ["exec-swap-flood", &first, &second, &go]
         .map(str::to_owned)
         .into();
@@ -807,7 +813,12 @@ fn argv_rewritten(
     path: &dyn Fn(&str) -> String,
     approve_after: &dyn Fn(&str, &str) -> &'static str,
 ) {
-    let (first, second) = (path("argv-AAAA"), path("argv-BBBB"));
+    // Long enough that the rewritten bytes lie past the kernel's first comparison chunks.
+    let long = "x".repeat(150);
+    let (first, second) = (
+        path(&format!("argv-{long}-AAAA")),
+        path(&format!("argv-{long}-BBBB")),
+    );
     let (go, swapped) = (path("go"), path("swapped"));
     let args: Vec<String> = ["exec-swap-argv", &first, &second, &go, &swapped]
         .map(str::to_owned)
@@ -835,6 +846,19 @@ fn argv_rewritten(
         );
     }
     assert!(a.killed || a.stdout.starts_with("error"), "{}", a.stdout);
+}
+
+/// An approved exec whose argv spans several of the kernel's comparison chunks (it checks
+/// the loaded argv against the approval chunk by chunk) runs.
+#[test]
+fn an_approved_exec_with_a_long_argv_runs() {
+    let d = Daemon::start();
+    let m = marker(&d, &format!("long-{}", "y".repeat(200)));
+    let args = vec!["mark".to_owned(), m.addr(), "z".repeat(300)];
+    let a = labelled_attempt(&d, As::Root, &args, |_| "approve");
+    assert!(!a.killed, "killed: {} {:?}", a.stdout, a.requests);
+    assert_eq!(a.stdout, "ran", "{:?}", a.requests);
+    assert!(m.arrived(&a.stdout));
 }
 
 #[test]
