@@ -2044,50 +2044,42 @@ impl Daemon {
             self.requests.insert(id, held);
             return format!("not applied: {e}");
         }
-        if held.kind == ActionKind::Unix
-            && self.notified_connect(held.tid, held.kernel_id).is_some()
-        {
-            // Held before it was made, by the seccomp notifier: the answer is the system
-            // call's, and the kernel checks what it then connects to.
-            let approve = decision == Decision::Approve;
-            if decision == Decision::Kill {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(held.tgid as i32),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            if let Err(why) = self.apply_notified_connect(held.tid, held.kernel_id, approve) {
-                tracing::warn!(
-                    id = held.view.id,
-                    pid = held.tgid,
-                    why,
-                    "the decision could not be applied; the connect was refused"
-                );
-                self.log_or_warn("apply-failed", "eperm", "daemon", &view);
-                return format!("not applied: {why}; the connect was refused");
-            }
-            tracing::info!(id = held.view.id, pid = held.tgid, decision = %word, applied, by, "decided");
-            return format!("{word} ({applied})");
-        }
-        if held.kind == ActionKind::Exec && self.notified_exec(held.tid, held.kernel_id).is_some() {
+        let notified = match held.kind {
+            ActionKind::Exec => self.notified_exec(held.tid, held.kernel_id).is_some(),
+            ActionKind::Unix => self.notified_connect(held.tid, held.kernel_id).is_some(),
+            _ => false,
+        };
+        if notified {
             // Held before it started, by the seccomp notifier: the answer is the system
-            // call's.
+            // call's (and the kernel checks what it then loads or connects to).
             let (approve, kill_it) = (decision == Decision::Approve, decision == Decision::Kill);
-            if approve {
-                self.verifying
-                    .insert(held.kernel_id, (held.tid, view.clone()));
-            }
-            if let Err(why) =
-                self.apply_notified(held.tid, held.tgid, held.kernel_id, approve, kill_it)
-            {
+            let (call, applied_to) = if held.kind == ActionKind::Exec {
+                if approve {
+                    self.verifying
+                        .insert(held.kernel_id, (held.tid, view.clone()));
+                }
+                let r = self.apply_notified(held.tid, held.tgid, held.kernel_id, approve, kill_it);
+                ("exec", r)
+            } else {
+                let r = self.apply_notified_connect(
+                    held.tid,
+                    held.tgid,
+                    held.kernel_id,
+                    approve,
+                    kill_it,
+                );
+                ("connect", r)
+            };
+            if let Err(why) = applied_to {
                 tracing::warn!(
                     id = held.view.id,
                     pid = held.tgid,
                     why,
-                    "the decision could not be applied; the exec was refused"
+                    call,
+                    "the decision could not be applied; the call was refused"
                 );
                 self.log_or_warn("apply-failed", "eperm", "daemon", &view);
-                return format!("not applied: {why}; the exec was refused");
+                return format!("not applied: {why}; the {call} was refused");
             }
             tracing::info!(id = held.view.id, pid = held.tgid, decision = %word, applied, by, "decided");
             return format!("{word} ({applied})");

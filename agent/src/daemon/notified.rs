@@ -437,7 +437,15 @@ impl Daemon {
             t.connects.insert(tid, NotifiedConnect { n, kernel_id });
             t.holds += 1;
         }
-        self.hold(&ev, ActionKind::Unix, None);
+        self.hold_notified_call(&ev, ActionKind::Unix);
+    }
+
+    /// Holds a notified call whose waiting task the notifier now keeps: whatever did not end
+    /// in a request (one refused before it was held) is refused here — a notified call never
+    /// waits without a request.
+    fn hold_notified_call(&mut self, ev: &shared::Event, kind: ActionKind) {
+        self.hold(ev, kind, None);
+        let (tid, kernel_id) = (ev.tid, ev.request_id);
         let waiting = self
             .requests
             .values()
@@ -458,12 +466,15 @@ impl Daemon {
 
     /// Applies a decision (already recorded) to a held notified connect. Approve: the
     /// kernel's state says allowed (its check after the connect passes that socket only),
-    /// then the call goes on. Otherwise `EPERM`. Never lets the call go on after an error.
+    /// then the call goes on. Kill: `SIGKILL`, and `EPERM`. Otherwise `EPERM`. Never lets
+    /// the call go on after an error.
     pub(super) fn apply_notified_connect(
         &mut self,
         tid: u32,
+        tgid: u32,
         kernel_id: u64,
         approve: bool,
+        kill_it: bool,
     ) -> Result<(), String> {
         let Some(c) = self.notifier.as_mut().and_then(|t| {
             t.connects
@@ -477,6 +488,12 @@ impl Daemon {
         let refuse = |c: &NotifiedConnect| {
             let _ = notify::respond(&c.n.listener, c.n.id, Reply::Fail(libc::EPERM));
         };
+        if kill_it {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(tgid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         if !approve {
             let _ = self.kernel.decide(tid, kernel_id, shared::STATE_IDLE);
             refuse(&c);
@@ -545,16 +562,7 @@ impl Daemon {
             t.execs.insert(tid, exec);
             t.holds += 1;
         }
-        self.hold(&ev, ActionKind::Exec, None);
-        // Whatever did not end in an answer (a request refused before it was held) is
-        // refused here: a notified call never waits without a request.
-        let waiting = self
-            .requests
-            .values()
-            .any(|h| h.tid == tid && h.kernel_id == kernel_id);
-        if !waiting {
-            self.refuse_notified(tid, kernel_id);
-        }
+        self.hold_notified_call(&ev, ActionKind::Exec);
     }
 
     /// The held exec of `tid` under `kernel_id`, if it is one the notifier holds.
