@@ -19,16 +19,16 @@
 //! cover).
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::{
-    helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf, bpf_probe_read_user},
     programs::{SockAddrContext, TracePointContext},
 };
 use countersign_ebpf::{
     CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_UNHOLDABLE, ERROR_UNIX_KILLED,
-    FLAG_GRANT_CHECK, GrantConnectKey, KIND_CANARY_CONNECT, KIND_CONNECT, KIND_SEND, KIND_UNIX,
-    LABEL_CANARY, LABEL_NONE, MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP,
-    STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED, STAT_SEND_DECIDED, STAT_UNHOLDABLE, STATE_ALLOWED,
-    STATE_DENIED, STATE_IDLE, STATE_PENDING, SendDecided, SendKey, TaskState, UNIX_ALLOW,
-    connect_hash,
+    ERROR_UNIX_UNSEEN, FLAG_GRANT_CHECK, FLAG_IN_CONNECT, GrantConnectKey, KIND_CANARY_CONNECT,
+    KIND_CONNECT, KIND_SEND, KIND_UNIX, LABEL_CANARY, LABEL_NONE, MAX_PORT_SPANS, MODE_FALLBACK,
+    MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED, STAT_SEND_DECIDED,
+    STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING, SendDecided, SendKey,
+    TaskState, UNIX_ALLOW, connect_hash,
 };
 
 use crate::{
@@ -423,6 +423,7 @@ pub fn sys_exit_connect(ctx: &TracePointContext) {
     };
     // SAFETY: as above.
     let state = unsafe { &mut *state };
+    state.flags &= !FLAG_IN_CONNECT;
     let label = state.label;
     if maps::config().mode != MODE_FALLBACK || label == LABEL_CANARY {
         return;
@@ -476,6 +477,76 @@ pub fn sys_exit_connect(ctx: &TracePointContext) {
     ev.unix_name_len = crate::unix::read_name(peer_sk, &mut ev.unix_name);
     if !maps::emit(ev) {
         maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
+    }
+}
+
+/// Fallback mode, kernels 6.7+: the cgroup `connect_unix` (`send` false) and `sendmsg_unix`
+/// programs, which the kernel runs before a local socket's connect, and before a datagram
+/// sent with an address, whatever path the call took. They run before the kernel looks the
+/// path up, so they cannot tell which socket it names (the policy names sockets by file):
+/// - a connect that came through `connect(2)` goes on: `sys_exit_connect` checks what it
+///   reached (and the seccomp notifier held it before, for a launched agent); one that came
+///   another way (io_uring, the 32-bit entry) cannot be checked after it: it is refused;
+/// - a datagram with an address (`sendto`/`sendmsg`/`sendmmsg`, io_uring, 32-bit) from a
+///   label that restricts local sockets is refused: nothing could check after it which socket
+///   it reached. Connecting first (then sending) is held like any connect.
+///
+/// Refusals are counted and reported like the other actions that cannot be held.
+#[inline(always)]
+pub fn cgroup_unix(ctx: &SockAddrContext, send: bool) -> Verdict {
+    let state = match label::current_task() {
+        Task::Labelled(state) => state,
+        Task::Unlabelled => return Verdict::Allow,
+        Task::NoRoom => return Verdict::Deny,
+    };
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    if maps::config().mode != MODE_FALLBACK || state.label == LABEL_CANARY {
+        return Verdict::Allow;
+    }
+    if send {
+        if !crate::unix::restricted(state.label) {
+            return Verdict::Allow;
+        }
+    } else if state.flags & FLAG_IN_CONNECT != 0 {
+        return Verdict::Allow;
+    }
+    maps::count(STAT_UNHOLDABLE);
+    match hold::event(countersign_ebpf::KIND_ERROR, state.label) {
+        Some(ev) => {
+            ev.family = AF_UNIX;
+            ev.action = KIND_UNIX as u16;
+            ev.detail = ERROR_UNIX_UNSEEN;
+            ev.unix_name_len = unix_address(ctx, &mut ev.unix_name);
+            if !maps::emit(ev) {
+                maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
+            }
+        }
+        None => maps::count(countersign_ebpf::STAT_EVENTS_DROPPED),
+    }
+    Verdict::Deny
+}
+
+/// The kernel's copy of the address a `connect_unix`/`sendmsg_unix` program runs for, into
+/// `name` (the `sun_path` bytes); its length (0 if unreadable). The context is the kernel's
+/// `struct bpf_sock_addr_kern { struct sock *sk; struct sockaddr *uaddr; u64 tmp_reg;
+/// void *t_ctx; u32 uaddrlen; }` (this layout since 6.7, the first kernel with these
+/// programs).
+#[inline(always)]
+fn unix_address(ctx: &SockAddrContext, name: &mut [u8; countersign_ebpf::UNIX_NAME_LEN]) -> u32 {
+    let kern = ctx.sock_addr as *const u8;
+    // SAFETY: reads of kernel memory with the checked helper.
+    let Ok(uaddr) = (unsafe { bpf_probe_read_kernel(kern.wrapping_add(8).cast::<u64>()) }) else {
+        return 0;
+    };
+    // SAFETY: as above.
+    let Ok(len) = (unsafe { bpf_probe_read_kernel(kern.wrapping_add(32).cast::<u32>()) }) else {
+        return 0;
+    };
+    // SAFETY: as above (`sun_path` follows the 2-byte family).
+    match unsafe { bpf_probe_read_kernel_buf((uaddr as *const u8).wrapping_add(2), name) } {
+        Ok(()) => len.clamp(2, 2 + countersign_ebpf::UNIX_NAME_LEN as u32) - 2,
+        Err(_) => 0,
     }
 }
 
@@ -551,6 +622,8 @@ pub fn sys_enter_connect(ctx: &TracePointContext) {
     if maps::config().mode != MODE_FALLBACK || state.label == LABEL_CANARY {
         return;
     }
+    // Until `sys_exit_connect`: a local socket this connect reaches is checked there.
+    state.flags |= FLAG_IN_CONNECT;
     // SAFETY: fixed offset of the second syscall argument in the record.
     let Ok(uaddr) = (unsafe { ctx.read_at::<u64>(24) }) else {
         return;

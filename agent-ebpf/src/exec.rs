@@ -16,11 +16,11 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use countersign_ebpf::{
-    ARGV_VERIFY_MAX, ApprovedExec, ERROR_EXEC_UNVERIFIED, ExecKey, FLAG_EXEC_LOADED, FLAG_NOTIFIED,
-    FileKey, KIND_CANARY_EXEC, KIND_ERROR, KIND_EXEC, KIND_EXEC_LOADED, KIND_EXEC_VERIFIED,
-    LABEL_CANARY, LABEL_NONE, MODE_FALLBACK, MODE_LSM, MODE_OFF, STAT_FAST_EXEC,
-    STAT_GRANT_ALLOWED, STATE_ALLOWED, STATE_DENIED, STATE_EXEC_RELEASED, STATE_IDLE,
-    STATE_PENDING, TaskState,
+    ARGV_VERIFY_MAX, ApprovedExec, ERROR_EXEC_TRACED, ERROR_EXEC_UNVERIFIED, ExecKey,
+    FLAG_EXEC_LOADED, FLAG_NOTIFIED, FileKey, KIND_CANARY_EXEC, KIND_ERROR, KIND_EXEC,
+    KIND_EXEC_LOADED, KIND_EXEC_VERIFIED, LABEL_CANARY, LABEL_NONE, MODE_FALLBACK, MODE_LSM,
+    MODE_OFF, STAT_FAST_EXEC, STAT_GRANT_ALLOWED, STATE_ALLOWED, STATE_DENIED, STATE_EXEC_RELEASED,
+    STATE_IDLE, STATE_PENDING, TaskState,
 };
 
 use crate::{
@@ -351,6 +351,19 @@ pub fn sched_exec(ctx: &TracePointContext, looped: bool) {
     }
     // Fallback: the loaded image is one the policy allows; it runs without a stop.
     if fast_allowed(state.label, current_exe_file()) {
+        return;
+    }
+    // The hold below is a stop the daemon then turns into a ptrace stop; a task someone else
+    // already traces (it asked to be, or its parent attached) could be let run by its tracer
+    // before that: it is killed before its first instruction instead.
+    if crate::task::traced() {
+        hold::kill_current();
+        maps::count(countersign_ebpf::STAT_UNHOLDABLE);
+        if let Some(ev) = hold::event(KIND_ERROR, state.label) {
+            ev.action = KIND_EXEC_LOADED as u16;
+            ev.detail = ERROR_EXEC_TRACED;
+            maps::emit(ev);
+        }
         return;
     }
     let requested = hold::event(KIND_EXEC_LOADED, state.label)

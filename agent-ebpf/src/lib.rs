@@ -59,8 +59,13 @@ pub const MAX_SOCKET_ALLOW: u32 = 4_096;
 pub const MAP_UNIX_RULES: &str = "CS_UNIX_RULES";
 /// Capacity of [`MAP_UNIX_RULES`].
 pub const MAX_UNIX_RULES: u32 = 4_096;
-/// Labels whose local sockets not named by a rule are held (label → 1); others pass.
+/// Labels whose local sockets are restricted: label → [`UNIX_LABEL_HOLD_ALL`] (the sockets no
+/// rule names are held too) or [`UNIX_LABEL_RULES`] (only sockets its rules hold or deny);
+/// a label without an entry lets every local socket pass (but the deputies).
 pub const MAP_UNIX_HOLD_ALL: &str = "CS_UNIX_HOLD_ALL";
+/// [`MAP_UNIX_HOLD_ALL`] values.
+pub const UNIX_LABEL_HOLD_ALL: u32 = 1;
+pub const UNIX_LABEL_RULES: u32 = 2;
 /// [`MAP_UNIX_RULES`] values.
 pub const UNIX_ALLOW: u32 = 1;
 pub const UNIX_HOLD: u32 = 2;
@@ -168,6 +173,10 @@ pub const PROG_TP_SYS_ENTER_SOCKET: &str = "cs_tp_sys_enter_socket";
 pub const PROG_CG_SENDMSG4: &str = "cs_cg_sendmsg4";
 pub const PROG_CG_SENDMSG6: &str = "cs_cg_sendmsg6";
 pub const PROG_CG_SOCK_CREATE: &str = "cs_cg_sock_create";
+/// Fallback mode, kernels 6.7+: the cgroup programs of local sockets' connects and
+/// datagrams. aya cannot load these attach types; the daemon loads them itself.
+pub const PROG_CG_UNIX_CONNECT: &str = "cs_cg_unix_connect";
+pub const PROG_CG_UNIX_SENDMSG: &str = "cs_cg_unix_sendmsg";
 pub const PROG_LSM_UNIX_STREAM_CONNECT: &str = "cs_lsm_unix_stream_connect";
 pub const PROG_LSM_UNIX_MAY_SEND: &str = "cs_lsm_unix_may_send";
 /// The self-protection programs (LSM mode): (program, hook). The `path_*` hooks exist only
@@ -389,6 +398,10 @@ pub const FLAG_GRANT_CHECK: u32 = 4;
 /// image such a task loads runs only if it is the one [`MAP_EXEC_APPROVED`] holds for the
 /// task, or one the fast path allows: anything else is killed before its first instruction.
 pub const FLAG_NOTIFIED: u32 = 8;
+/// Fallback mode: the task is inside a native `connect(2)` (between its enter and exit
+/// tracepoints), whose local-socket outcome `sys_exit_connect` checks. A local-socket connect
+/// of a labelled task without it came another way (io_uring, the 32-bit entry) and is refused.
+pub const FLAG_IN_CONNECT: u32 = 16;
 
 /// [`Event::detail`] of a [`KIND_ERROR`]: in fallback mode, a connect the tracepoint let
 /// through on a grant was not covered by it at the cgroup program (a grant for another socket
@@ -414,6 +427,16 @@ pub const ERROR_EXEC_UNVERIFIED: i32 = 4;
 /// connect is made, when nothing can be held any more): the task was killed before the
 /// system call returned. [`Event::action`] is [`KIND_UNIX`], the rest as for a hold.
 pub const ERROR_UNIX_KILLED: i32 = 5;
+/// Fallback mode (kernels 6.7+): a labelled task's local-socket connect made without
+/// `connect(2)` (io_uring, the 32-bit entry), or a datagram it sent with an address while its
+/// label restricts local sockets: nothing in fallback mode can tell which socket such a call
+/// reaches, so it was refused. [`Event::action`] is [`KIND_UNIX`].
+pub const ERROR_UNIX_UNSEEN: i32 = 6;
+/// Fallback mode: an exec held after loading (an agent not started by `countersign exec`)
+/// by a task that another process traces (it asked to be traced, or was attached to): its
+/// tracer could let the image run before the daemon holds it, so it was killed before its
+/// first instruction.
+pub const ERROR_EXEC_TRACED: i32 = 7;
 
 /// Longest argv (the bytes of the strings with their terminators) an approved exec can be
 /// verified against in the kernel (see [`ApprovedExec`]).
@@ -727,10 +750,12 @@ pub struct KernelOffsets {
     pub fdtable_fd: u32,
     pub file_private_data: u32,
     pub unix_peer: u32,
+    /// `task_struct.ptrace` (u32: non-zero while the task is traced), with `task_valid`.
+    pub task_ptrace: u32,
 }
 /// Entries of [`KernelOffsets::nr_net`].
 pub const NR_NET_SYSCALLS: usize = 16;
-const _: () = assert!(size_of::<KernelOffsets>() == 260);
+const _: () = assert!(size_of::<KernelOffsets>() == 264);
 
 /// `task_struct.flags`: an io_uring worker or SQPOLL thread (`PF_IO_WORKER`).
 pub const PF_IO_WORKER: u32 = 0x10;

@@ -416,6 +416,21 @@ mod programs {
         connect::cgroup_connect(&ctx, true).cgroup_return()
     }
 
+    /// Fallback mode (kernels 6.7+): a labelled task's local-socket connect that did not come
+    /// through `connect(2)` (io_uring, the 32-bit entry) is refused. Built under an IPv4
+    /// section name that aya parses; the daemon loads it with the `connect_unix` attach type.
+    #[cgroup_sock_addr(connect4)]
+    pub fn cs_cg_unix_connect(ctx: SockAddrContext) -> i32 {
+        connect::cgroup_unix(&ctx, false).cgroup_return()
+    }
+
+    /// Fallback mode (kernels 6.7+): a labelled task's local-socket datagram sent with an
+    /// address is refused where its label restricts local sockets (loaded as `sendmsg_unix`).
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn cs_cg_unix_sendmsg(ctx: SockAddrContext) -> i32 {
+        connect::cgroup_unix(&ctx, true).cgroup_return()
+    }
+
     /// `ip_send_skb(struct net *, struct sk_buff *)`: every IPv4 UDP datagram sent.
     #[fentry(function = "ip_send_skb")]
     pub fn cs_fe_dns_send4(ctx: FEntryContext) -> i32 {

@@ -200,6 +200,7 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     fdtable_fd: 0,
     file_private_data: 0,
     unix_peer: 0,
+    task_ptrace: 0,
 };
 
 /// The self-protection settings (set by the loader).

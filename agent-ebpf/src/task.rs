@@ -32,6 +32,19 @@ pub fn io_thread() -> bool {
     read::<u32>(task, o.task_flags).is_some_and(|f| f & PF_IO_WORKER != 0)
 }
 
+/// Whether another process traces the current task (`task_struct.ptrace`). Unknown offsets:
+/// yes (the caller fails closed).
+#[inline(always)]
+pub fn traced() -> bool {
+    let o = maps::kernel_offsets();
+    if o.task_valid == 0 {
+        return true;
+    }
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    read::<u32>(task, o.task_ptrace).is_none_or(|p| p != 0)
+}
+
 /// Whether a network hook (LSM mode) runs under a system call that restarts after a hold:
 /// not in an io_uring thread, and, where the task's registers can be read, under `socket`,
 /// `connect` or a send (native or 32-bit), not under `io_uring_enter` submitting inline.

@@ -3,7 +3,9 @@
 //! does not change it) or its abstract name — and what the policy says about it in the kernel.
 //! The hold itself is `connect::lsm_unix`.
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
-use countersign_ebpf::{ExecKey, UNIX_ABSTRACT_DEV, UNIX_NAME_LEN, UnixPeer, abstract_hash};
+use countersign_ebpf::{
+    ExecKey, UNIX_ABSTRACT_DEV, UNIX_LABEL_HOLD_ALL, UNIX_NAME_LEN, UnixPeer, abstract_hash,
+};
 
 use crate::{
     exec::{inode_id, read_ptr},
@@ -136,6 +138,13 @@ pub fn rule(label: u32, peer: UnixPeer) -> Option<u32> {
 /// Whether `label` holds the local sockets no rule names.
 #[inline(always)]
 pub fn hold_all(label: u32) -> bool {
+    // SAFETY: as above.
+    unsafe { UNIX_HOLD_ALL.get(label) }.is_some_and(|v| *v == UNIX_LABEL_HOLD_ALL)
+}
+
+/// Whether `label` restricts any local socket (a rule that holds or denies one, or all held).
+#[inline(always)]
+pub fn restricted(label: u32) -> bool {
     // SAFETY: as above.
     unsafe { UNIX_HOLD_ALL.get(label) }.is_some()
 }

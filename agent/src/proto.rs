@@ -151,6 +151,14 @@ pub struct StatusInfo {
     /// seccomp notifier) or `after` loading (a stop), with why not before.
     #[serde(default)]
     pub exec_hold: Option<String>,
+    /// Fallback mode: what the kernel sees of local sockets (whether the cgroup programs of
+    /// local sockets, Linux 6.7+, are attached).
+    #[serde(default)]
+    pub local_sockets: Option<String>,
+    /// Fallback mode: the cgroup programs of local sockets are attached (they refuse what
+    /// fallback mode cannot tell apart; see `local_sockets`).
+    #[serde(default)]
+    pub local_socket_programs: bool,
     /// Launched agents whose execs the daemon decides before they start.
     #[serde(default)]
     pub exec_notifiers: usize,

@@ -383,6 +383,13 @@ impl Daemon {
         self.mode() == "lsm"
     }
 
+    /// Fallback mode with the cgroup programs of local sockets (Linux 6.7+): local-socket
+    /// connects that skip `connect(2)` and datagrams sent with an address are refused.
+    #[must_use]
+    pub fn has_local_socket_programs(&self) -> bool {
+        self.status()["local_socket_programs"] == true
+    }
+
     /// The kind an exec of a launched agent (`countersign exec`) is held as: before it
     /// starts (`exec`) in LSM mode, and in fallback mode where the daemon has the seccomp
     /// notifier; otherwise after loading (`exec-loaded`).

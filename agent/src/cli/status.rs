@@ -44,6 +44,9 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
             println!("  notifiers:      {} launched agent(s)", s.exec_notifiers);
         }
     }
+    if let Some(l) = &s.local_sockets {
+        println!("  local sockets:  {l}");
+    }
     if let Some(g) = &s.self_protection {
         match (&g.reason, g.contained) {
             (_, true) => println!(

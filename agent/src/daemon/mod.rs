@@ -704,6 +704,14 @@ impl Daemon {
                 self.kernel_refused(ev, "killed", "sigkill",
                     "kernel: a connect reached a local socket the policy does not allow, without a decision for it (fallback mode checks local sockets once connected): killed before its connect returned");
             }
+            shared::KIND_ERROR if ev.detail == shared::ERROR_UNIX_UNSEEN => {
+                self.kernel_refused(ev, "denied", "eperm",
+                    "kernel: a local-socket connect made without connect(2) (io_uring, a 32-bit system call), or a datagram sent with an address to a local socket while the label restricts local sockets: fallback mode cannot tell which socket it names");
+            }
+            shared::KIND_ERROR if ev.detail == shared::ERROR_EXEC_TRACED => {
+                self.kernel_refused(ev, "killed", "sigkill",
+                    "kernel: an exec held after loading by a task another process traces (it asked to be traced, or was attached to), whose tracer could have let it run before the hold: killed before its first instruction");
+            }
             shared::KIND_ERROR if ev.detail == shared::ERROR_EXEC_UNVERIFIED => {
                 self.kernel_refused(ev, "killed", "sigkill",
                     "kernel: an exec that loaded something other than what was approved (its file or argv changed after the approval), or that never asked");
@@ -1939,6 +1947,8 @@ impl Daemon {
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
             exec_hold: self.exec_hold.clone(),
+            local_sockets: self.kernel.local_sockets().map(str::to_owned),
+            local_socket_programs: self.kernel.local_socket_programs(),
             exec_notifiers: self.notifier.as_ref().map_or(0, notified::Notifier::live),
             self_protection: Some(self.self_protection()),
             dns: self.config.dns.enabled.then(|| crate::proto::DnsStatus {

@@ -222,6 +222,7 @@ impl Btf {
     /// beside its pid), `msghdr.msg_name`, and the system calls a network hold can restart.
     pub fn task_offsets(&self, o: &mut KernelOffsets) -> Result<(), BtfError> {
         o.task_flags = self.member_offset("task_struct", "flags")?;
+        o.task_ptrace = self.member_offset("task_struct", "ptrace")?;
         o.task_group_leader = self.member_offset("task_struct", "group_leader")?;
         o.task_start_time = self.member_offset("task_struct", "start_time")?;
         o.msghdr_name = self.member_offset("msghdr", "msg_name")?;

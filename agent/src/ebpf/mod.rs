@@ -7,6 +7,7 @@ mod canary;
 pub mod dns;
 mod format;
 mod pin;
+mod unix_cgroup;
 
 use std::{
     fs::File,
@@ -146,6 +147,11 @@ pub struct Kernel {
     /// [`Config::cgroup_labels`] and [`Config::exec_labels`] as installed.
     cgroup_labels_on: u32,
     exec_labels_on: u32,
+    /// Copies of the maps' descriptors, for the programs this daemon loads itself.
+    map_fds: Vec<(String, std::os::fd::OwnedFd)>,
+    /// Fallback mode: what the kernel sees of local sockets, for `status`.
+    local_sockets: Option<String>,
+    local_socket_programs: bool,
 }
 
 /// A link attached by this daemon, by program type.
@@ -154,6 +160,8 @@ enum AttachedLink {
     Lsm(LsmLinkId),
     Cgroup(CgroupSockAddrLinkId),
     CgroupSock(CgroupSockLinkId),
+    /// A link this daemon made itself (see `unix_cgroup`).
+    Raw(std::os::fd::OwnedFd),
 }
 
 impl Kernel {
@@ -195,6 +203,7 @@ impl Kernel {
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
         tracing::debug!(ms = started.elapsed().as_millis(), "loaded the eBPF object");
+        let map_fds = unix_cgroup::map_fds(&ebpf);
         // aya-log is deliberately not used: its logger made loads fail on some kernels.
         let tasks = HashMap::try_from(take_map(&mut ebpf, shared::MAP_TASKS)?)
             .map_err(|e| map_err(shared::MAP_TASKS, &e))?;
@@ -266,6 +275,9 @@ impl Kernel {
             // walked).
             cgroup_labels_on: previous.cgroup_labels,
             exec_labels_on: previous.exec_labels,
+            map_fds,
+            local_sockets: None,
+            local_socket_programs: false,
         };
         // An earlier daemon's programs may still be attached: from now on they must not hold
         // this daemon. Its mode stays in force until ours is proven.
@@ -541,7 +553,58 @@ impl Kernel {
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|error| KernelError::Program { name, error })?;
         self.attached.push((name, AttachedLink::CgroupSock(id)));
-        Ok(())
+        self.attach_unix_cgroup(&cgroup)
+    }
+
+    /// Fallback mode, kernels 6.7+: the cgroup programs of local sockets (see
+    /// `unix_cgroup`). Older kernels have none: what they would refuse stays unseen (README
+    /// "Not held yet") and `status` says so. A kernel that has them but refuses ours is an
+    /// error: the daemon does not start with less than the kernel allows.
+    fn attach_unix_cgroup(&mut self, cgroup: &File) -> Result<()> {
+        use std::os::fd::AsFd as _;
+        let prepared = unix_cgroup::prepare(EBPF_OBJECT, &self.map_fds).map_err(|detail| {
+            KernelError::Map {
+                name: shared::PROG_CG_UNIX_CONNECT,
+                detail,
+            }
+        })?;
+        match unix_cgroup::attach(&prepared, cgroup.as_fd()) {
+            Ok(links) => {
+                for (name, link) in links {
+                    self.attached.push((name, AttachedLink::Raw(link)));
+                }
+                self.local_socket_programs = true;
+                self.local_sockets = Some(
+                    "connects checked once made (held before for agents started by `countersign exec`); connects through io_uring or the 32-bit entry, and datagrams sent with an address under a label that restricts local sockets, refused"
+                        .to_owned(),
+                );
+                Ok(())
+            }
+            Err(unix_cgroup::UnixCgroupError::Unsupported) => {
+                tracing::warn!(
+                    "this kernel has no cgroup programs for local sockets (Linux 6.7+): a labelled process's local-socket connects through io_uring or the 32-bit entry, and its datagrams sent with an address, are not seen"
+                );
+                self.local_sockets = Some(
+                    "connects checked once made (held before for agents started by `countersign exec`); connects through io_uring or the 32-bit entry, and datagrams sent with an address, not seen (kernel before 6.7)"
+                        .to_owned(),
+                );
+                Ok(())
+            }
+            Err(unix_cgroup::UnixCgroupError::Failed(detail)) => Err(KernelError::Map {
+                name: shared::PROG_CG_UNIX_CONNECT,
+                detail,
+            }),
+        }
+    }
+
+    /// Fallback mode: whether the cgroup programs of local sockets are attached.
+    pub fn local_socket_programs(&self) -> bool {
+        self.local_socket_programs
+    }
+
+    /// Fallback mode: what the kernel sees of local sockets (`None` in LSM mode).
+    pub fn local_sockets(&self) -> Option<&str> {
+        self.local_sockets.as_deref()
     }
 
     /// Installs the cgroup labels (after the canary, so that no agent is held before the
@@ -768,12 +831,18 @@ impl Kernel {
     /// Pins this daemon's links in place of an earlier daemon's.
     fn pin_links(&mut self) -> Result<()> {
         let mut links = Vec::new();
+        let mut raw = Vec::new();
         for (name, id) in std::mem::take(&mut self.attached) {
-            let link = self.take_fd_link(name, id)?;
-            links.push((name, link));
+            match id {
+                AttachedLink::Raw(fd) => raw.push((name, fd)),
+                id => links.push((name, self.take_fd_link(name, id)?)),
+            }
         }
-        let names: Vec<&str> = links.iter().map(|(n, _)| *n).collect();
+        let mut names: Vec<&str> = links.iter().map(|(n, _)| *n).collect();
+        names.extend(raw.iter().map(|(n, _)| *n));
         self.pinned = pin::pin_links(&self.pin_dir, links)?;
+        self.pinned
+            .extend(pin::pin_raw_links(&self.pin_dir, raw, unix_cgroup::pin)?);
         pin::remove_other_links(&self.pin_dir, &names);
         Ok(())
     }
@@ -815,6 +884,12 @@ impl Kernel {
                     .take_link(id)
                     .map_err(|error| KernelError::Program { name, error })?;
                 FdLink::try_from(link).map_err(|e| invalid(&e))?
+            }
+            AttachedLink::Raw(_) => {
+                return Err(KernelError::Map {
+                    name,
+                    detail: "a raw link is pinned by its descriptor".into(),
+                });
             }
             AttachedLink::CgroupSock(id) => {
                 let p: &mut CgroupSock = prog
@@ -1001,7 +1076,20 @@ impl Kernel {
                 "some local-socket rules could not be written into the kernel (map full): those sockets are not held"
             );
         }
-        let labels: Vec<(u32, u32)> = hold_all.iter().map(|l| (*l, 1)).collect();
+        // Every label that restricts a local socket (fallback mode refuses its datagrams sent
+        // with an address, which it cannot tell apart), and how.
+        let mut labels: Vec<(u32, u32)> = hold_all
+            .iter()
+            .map(|l| (*l, shared::UNIX_LABEL_HOLD_ALL))
+            .collect();
+        for (key, value) in rules {
+            if key.label != shared::LABEL_NONE
+                && *value != shared::UNIX_ALLOW
+                && !labels.iter().any(|(l, _)| *l == key.label)
+            {
+                labels.push((key.label, shared::UNIX_LABEL_RULES));
+            }
+        }
         replace_hash(&mut self.ebpf, shared::MAP_UNIX_HOLD_ALL, &labels, true)?;
         Ok(())
     }

@@ -79,6 +79,33 @@ pub fn pin_links(
     Ok(pinned)
 }
 
+/// Pins links this daemon made itself (program name, link descriptor) like [`pin_links`],
+/// with `pin` (the `bpf` system call's `BPF_OBJ_PIN`).
+pub fn pin_raw_links(
+    dir: &Path,
+    links: Vec<(&'static str, std::os::fd::OwnedFd)>,
+    pin: impl Fn(std::os::fd::BorrowedFd<'_>, &Path) -> std::io::Result<()>,
+) -> Result<Vec<PinnedLink>, KernelError> {
+    use std::os::fd::AsFd as _;
+    let ldir = links_dir(dir);
+    let mut pinned = Vec::new();
+    for (name, link) in links {
+        let path = ldir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!(program = name, "replaced the program of an earlier daemon"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(KernelError::Io { path, error }),
+        }
+        let io = |error| KernelError::Io {
+            path: path.clone(),
+            error,
+        };
+        pin(link.as_fd(), &path).map_err(io)?;
+        pinned.push(PinnedLink::from_pin(&path).map_err(|e| io(std::io::Error::other(e)))?);
+    }
+    Ok(pinned)
+}
+
 /// Removes pinned links whose program is not in `keep` (an earlier daemon's, in another mode).
 pub fn remove_other_links(dir: &Path, keep: &[&str]) {
     let Ok(entries) = std::fs::read_dir(links_dir(dir)) else {

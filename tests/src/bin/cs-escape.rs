@@ -159,6 +159,25 @@ fn main() {
         Some("thread-sendto") => in_thread(udp_sendto, target(2)),
         Some("unix-connect") => unix_connect(arg(2).expect("a PATH or @NAME argument")),
         Some("unix-send") => unix_send(arg(2).expect("a PATH or @NAME argument")),
+        Some("unix-sendmsg") => unix_sendmsg(arg(2).expect("a PATH or @NAME argument")),
+        Some("uring-unix-connect") => uring_unix_connect(
+            arg(2).expect("a PATH or @NAME argument"),
+            Mode::parse(arg(3)),
+        ),
+        Some("uring-unix-sendmsg") => uring_unix_sendmsg(
+            arg(2).expect("a PATH or @NAME argument"),
+            Mode::parse(arg(3)),
+        ),
+        Some("unix-connect-compat") => compat::run_to(
+            &Sockaddr::unix(arg(2).expect("a PATH or @NAME argument")),
+            true,
+            arg(3),
+        ),
+        Some("unix-send-compat") => compat::run_to(
+            &Sockaddr::unix(arg(2).expect("a PATH or @NAME argument")),
+            false,
+            arg(3),
+        ),
         Some("unix-connect-len") => unix_connect_len(
             arg(2).and_then(|n| n.parse().ok()).expect("a LEN argument"),
             arg(3).expect("a PATH argument"),
@@ -458,6 +477,39 @@ fn unix_send(name: &str) -> Outcome {
         .map_err(os_errno)
 }
 
+/// A datagram to a local socket with `sendmsg` (the address in the message header).
+fn unix_sendmsg(name: &str) -> Outcome {
+    let to = Sockaddr::unix(name);
+    let fd = socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0)?;
+    let mut iov = payload_iov();
+    let msg = message_to(&to, &mut iov);
+    // SAFETY: `msg` points at `to` and `iov`, alive across the call.
+    check(unsafe { libc::sendmsg(fd.as_raw_fd(), &raw const msg, 0) }).map(Done::Sent)
+}
+
+/// A stream connect to a local service submitted on io_uring, then the payload.
+fn uring_unix_connect(name: &str, mode: Mode) -> Outcome {
+    let to = Sockaddr::unix(name);
+    let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+    let entry = opcode::Connect::new(Fd(fd.as_raw_fd()), to.ptr(), to.len).build();
+    // SAFETY: the entry points at `to`, alive until `uring` returns.
+    unsafe { uring(entry, mode) }?;
+    write(&fd, PAYLOAD)?;
+    Ok(Done::Connected)
+}
+
+/// A datagram to a local socket submitted on io_uring (`sendmsg` with the address).
+fn uring_unix_sendmsg(name: &str, mode: Mode) -> Outcome {
+    let to = Sockaddr::unix(name);
+    let fd = socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0)?;
+    let mut iov = payload_iov();
+    let msg = message_to(&to, &mut iov);
+    let entry = opcode::SendMsg::new(Fd(fd.as_raw_fd()), &msg).build();
+    // SAFETY: the entry points at `msg`, which points at `to` and `iov`: all alive until
+    // `uring` returns.
+    unsafe { uring(entry, mode) }.map(Done::Sent)
+}
+
 // ---- Hand-built packets -------------------------------------------------------------------
 
 fn raw_udp(target: SocketAddr) -> Outcome {
@@ -696,6 +748,30 @@ impl Sockaddr {
         Self { storage, len }
     }
 
+    /// A local socket's address: a path, or `@name` for an abstract one.
+    fn unix(name: &str) -> Self {
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        // SAFETY: sockaddr_storage is larger than, and aligned for, sockaddr_un.
+        let sun = unsafe { &mut *(&raw mut storage).cast::<libc::sockaddr_un>() };
+        sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let (bytes, skip, tail) = match name.strip_prefix('@') {
+            // An abstract name: a NUL, then the name, without a terminator.
+            Some(a) => (a.as_bytes(), 1, 0),
+            None => (name.as_bytes(), 0, 1),
+        };
+        assert!(
+            bytes.len() + 1 < sun.sun_path.len(),
+            "a short local socket name"
+        );
+        for (d, b) in sun.sun_path[skip..].iter_mut().zip(bytes) {
+            *d = *b as libc::c_char;
+        }
+        let len = 2 + skip + bytes.len() + tail;
+        let len = libc::socklen_t::try_from(len).expect("a small sockaddr");
+        Self { storage, len }
+    }
+
     fn family(&self) -> i32 {
         self.storage.ss_family.into()
     }
@@ -832,12 +908,18 @@ mod compat {
     /// connects it and writes the payload, or sends the payload to `target` with sendto.
     /// `mode` is none for the ia32 socket syscalls, `socketcall` for the multiplexer.
     pub fn run(target: SocketAddr, tcp: bool, mode: Option<&str>) -> Outcome {
+        run_to(&Sockaddr::new(target), tcp, mode)
+    }
+
+    /// [`run`] to any socket address (a local socket's too): a stream socket (`stream`) is
+    /// connected, then written; a datagram socket sends with sendto.
+    pub fn run_to(to: &Sockaddr, stream: bool, mode: Option<&str>) -> Outcome {
+        let tcp = stream;
         let via_socketcall = match mode {
             None => false,
             Some("socketcall") => true,
             Some(other) => panic!("unknown compat mode {other:?}"),
         };
-        let to = Sockaddr::new(target);
         let page = LowPage::map(via_socketcall)?;
         let kind = if tcp {
             libc::SOCK_STREAM
@@ -847,7 +929,7 @@ mod compat {
         let fd = page.call(Call::Socket, &[to.family() as u32, kind as u32, 0])?;
         // SAFETY: the descriptor the socket call just returned; nothing else owns it.
         let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        let addr = page.put_sockaddr(&to);
+        let addr = page.put_sockaddr(to);
         if tcp {
             page.call(Call::Connect, &[fd, addr, to.len])?;
             write(&owned, PAYLOAD)?;
@@ -902,7 +984,11 @@ mod compat {
 
         /// Copies `to` into the page and returns its 32-bit address.
         fn put_sockaddr(&self, to: &Sockaddr) -> u32 {
-            // SAFETY: a socket address (at most 28 bytes) fits between SOCKADDR_AT and ARGS_AT.
+            assert!(
+                to.len as usize <= ARGS_AT - SOCKADDR_AT,
+                "a short socket address"
+            );
+            // SAFETY: the address fits between SOCKADDR_AT and ARGS_AT (checked above).
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     to.ptr().cast::<u8>(),
