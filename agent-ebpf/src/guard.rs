@@ -535,11 +535,21 @@ pub fn inode_link(old_dentry: *const u8, dir: *const u8) -> i32 {
 /// countersign's files and directories (ancestors may change).
 #[inline(always)]
 pub fn path_change(path: *const u8) -> i32 {
-    let Some(label) = guarded() else {
+    if guarded().is_none() {
         return 0;
-    };
+    }
     let o = maps::kernel_offsets();
     let Some(dentry) = read_ptr(path, o.path_dentry) else {
+        return 0;
+    };
+    dentry_change(dentry)
+}
+
+/// A change of the file `dentry` is (its attributes, extended attributes, ACLs): none on
+/// countersign's files and directories (ancestors may change).
+#[inline(always)]
+pub fn dentry_change(dentry: *const u8) -> i32 {
+    let Some(label) = guarded() else {
         return 0;
     };
     let (flags, dev, ino) = dentry_flags(dentry);

@@ -181,7 +181,7 @@ pub const PROG_LSM_UNIX_STREAM_CONNECT: &str = "cs_lsm_unix_stream_connect";
 pub const PROG_LSM_UNIX_MAY_SEND: &str = "cs_lsm_unix_may_send";
 /// The self-protection programs (LSM mode): (program, hook). The `path_*` hooks exist only
 /// in kernels built with `CONFIG_SECURITY_PATH`.
-pub const GUARD_HOOKS: [(&str, &str); 25] = [
+pub const GUARD_HOOKS: [(&str, &str); 27] = [
     ("cs_lsm_bpf", "bpf"),
     ("cs_lsm_capable", "capable"),
     ("cs_lsm_perf_event_open", "perf_event_open"),
@@ -207,11 +207,18 @@ pub const GUARD_HOOKS: [(&str, &str); 25] = [
     ("cs_lsm_path_truncate", "path_truncate"),
     ("cs_lsm_path_chmod", "path_chmod"),
     ("cs_lsm_path_chown", "path_chown"),
+    ("cs_lsm_inode_setxattr", "inode_setxattr"),
+    ("cs_lsm_inode_removexattr", "inode_removexattr"),
 ];
 /// Self-protection programs for hooks only some kernels have, each with what covers its case
 /// where it is missing: `file_truncate` (6.2+; before, an `O_TRUNC` open passes
-/// `path_truncate`).
-pub const GUARD_HOOKS_OPTIONAL: [(&str, &str); 1] = [("cs_lsm_file_truncate", "file_truncate")];
+/// `path_truncate`); `inode_set_acl` and `inode_remove_acl` (6.2+; before, a POSIX ACL is an
+/// extended attribute and passes `inode_setxattr`/`inode_removexattr`).
+pub const GUARD_HOOKS_OPTIONAL: [(&str, &str); 3] = [
+    ("cs_lsm_file_truncate", "file_truncate"),
+    ("cs_lsm_inode_set_acl", "inode_set_acl"),
+    ("cs_lsm_inode_remove_acl", "inode_remove_acl"),
+];
 /// Self-protection programs for hooks whose arguments changed between kernels: (program of
 /// [`GUARD_HOOKS`], program for the other declaration). The loader attaches whichever the
 /// running kernel's verifier accepts: `perf_event_open(attr, type)` became

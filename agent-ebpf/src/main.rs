@@ -274,6 +274,32 @@ mod programs {
         keep(ctx.arg(3), || guard::path_change(ctx.arg(0)))
     }
 
+    /// `inode_setxattr(idmap, dentry, name, value, size, flags)`: no extended attribute of
+    /// countersign's files is set (a POSIX ACL before 6.2, a security label, ...).
+    #[lsm(hook = "inode_setxattr")]
+    pub fn cs_lsm_inode_setxattr(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(6), || guard::dentry_change(ctx.arg(1)))
+    }
+
+    /// `inode_removexattr(idmap, dentry, name)`.
+    #[lsm(hook = "inode_removexattr")]
+    pub fn cs_lsm_inode_removexattr(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::dentry_change(ctx.arg(1)))
+    }
+
+    /// `inode_set_acl(idmap, dentry, acl_name, kacl)` (6.2+): no POSIX ACL on countersign's
+    /// files (one could give another user their write access).
+    #[lsm(hook = "inode_set_acl")]
+    pub fn cs_lsm_inode_set_acl(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(4), || guard::dentry_change(ctx.arg(1)))
+    }
+
+    /// `inode_remove_acl(idmap, dentry, acl_name)` (6.2+).
+    #[lsm(hook = "inode_remove_acl")]
+    pub fn cs_lsm_inode_remove_acl(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::dentry_change(ctx.arg(1)))
+    }
+
     /// An earlier BPF LSM program's refusal stands; otherwise `check` decides.
     #[inline(always)]
     fn keep(previous: i32, check: impl FnOnce() -> i32) -> i32 {

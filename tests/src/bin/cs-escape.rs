@@ -229,6 +229,8 @@ fn main() {
         Some("tamper-write") => tamper::write(arg(2).expect("a PATH argument")),
         Some("tamper-read") => tamper::read(arg(2).expect("a PATH argument")),
         Some("tamper-rename") => tamper::rename(arg(2).expect("a PATH argument")),
+        Some("tamper-xattr") => tamper::xattr(arg(2).expect("a PATH argument")),
+        Some("tamper-acl") => tamper::acl(arg(2).expect("a PATH argument")),
         Some("tamper-create") => tamper::create_in(arg(2).expect("a DIR argument")),
         Some("tamper-mount") => tamper::mount(arg(2).expect("a DIR argument")),
         Some("tamper-module") => tamper::module(),

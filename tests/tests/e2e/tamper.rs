@@ -200,6 +200,9 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     );
     attempt(&d, &["tamper-write", &oom], hooked("ptrace"));
     attempt(&d, &["tamper-truncate", policy], hooked("file-write"));
+    // Extended attributes and POSIX ACLs (an ACL could hand another user write access).
+    attempt(&d, &["tamper-xattr", policy], hooked("file-write"));
+    attempt(&d, &["tamper-acl", policy], hooked("file-write"));
     if Path::new("/sys/kernel/uevent_helper").exists() {
         attempt(&d, &["tamper-sysfs"], hooked("sysctl"));
     } else {

@@ -134,6 +134,56 @@ pub fn truncate(path: &str) -> Outcome {
     }
 }
 
+/// An extended attribute set on `PATH` (in the `trusted` namespace, which root may write on
+/// any file system that has extended attributes), then removed.
+pub fn xattr(path: &str) -> Outcome {
+    let (p, name) = (cstr(path), cstr("trusted.cs-escape"));
+    // SAFETY: NUL-terminated path and name; a one-byte value.
+    if unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), b"x".as_ptr().cast(), 1, 0) } != 0 {
+        return Err(errno());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) } != 0 {
+        return Err(errno());
+    }
+    Ok(Done::Tampered)
+}
+
+/// A POSIX ACL on `PATH` that gives `nobody` read and write access (another principal could
+/// then change the file), then removed and the mode put back.
+pub fn acl(path: &str) -> Outcome {
+    use std::os::unix::fs::PermissionsExt as _;
+    const UNDEFINED: u32 = u32::MAX;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?
+        .permissions()
+        .mode();
+    // `posix_acl_xattr_header` (version 2), then entries (tag, perm, id): the owner, the user
+    // nobody, the group, the mask, others.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in [
+        (0x01u16, 6u16, UNDEFINED),
+        (0x02, 6, 65_534),
+        (0x04, 4, UNDEFINED),
+        (0x10, 6, UNDEFINED),
+        (0x20, 4, UNDEFINED),
+    ] {
+        acl.extend_from_slice(&tag.to_le_bytes());
+        acl.extend_from_slice(&perm.to_le_bytes());
+        acl.extend_from_slice(&id.to_le_bytes());
+    }
+    let (p, name) = (cstr(path), cstr("system.posix_acl_access"));
+    // SAFETY: NUL-terminated path and name; `acl` lives across the call.
+    if unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), acl.as_ptr().cast(), acl.len(), 0) } != 0
+    {
+        return Err(errno());
+    }
+    // SAFETY: as above.
+    unsafe { libc::removexattr(p.as_ptr(), name.as_ptr()) };
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+    Ok(Done::Tampered)
+}
+
 /// `PATH` renamed aside and back.
 pub fn rename(path: &str) -> Outcome {
     let (from, to) = (cstr(path), cstr(&format!("{path}-cs-escape")));
