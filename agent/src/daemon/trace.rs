@@ -6,7 +6,8 @@
 //! (`PTRACE_SEIZE` while it is in its group stop): a traced, stopped task is not resumed by
 //! `SIGCONT`, only by its tracer. The daemon detaches when the exec is approved; deny and kill
 //! are `SIGKILL`. If the task cannot be traced (it already has a tracer, or ptrace is
-//! restricted), the hold fails closed: the task is killed.
+//! restricted), the hold fails closed: the task is killed. So it is if the daemon dies while
+//! it holds the task (`PTRACE_O_EXITKILL`): nothing held this way outlives the daemon.
 use std::{
     collections::HashSet,
     time::{Duration, Instant},
@@ -44,7 +45,9 @@ impl Tracer {
             std::thread::sleep(Duration::from_millis(1));
         }
         let p = Pid::from_raw(pid as i32);
-        ptrace::seize(p, ptrace::Options::empty())
+        // Should the daemon die while it holds the task, the kernel kills the task: a tracee
+        // left behind would return to its group stop, which any `SIGCONT` ends.
+        ptrace::seize(p, ptrace::Options::PTRACE_O_EXITKILL)
             .map_err(|e| format!("ptrace seize of pid {pid}: {e}"))?;
         self.traced.insert(pid);
         // Seizing a task in group stop traps it at once; the interrupt makes sure of it.

@@ -1021,7 +1021,24 @@ fn an_exec_changed_after_its_approval_never_runs_as_nobody() {
 /// and the kernel failed the waiting call (`ENOSYS`).
 #[test]
 fn a_held_exec_does_not_run_without_the_daemon() {
-    let mut d = Daemon::start();
+    held_exec_without_the_daemon(&[]);
+}
+
+/// The same for fallback mode's hold after loading (agents not started by `countersign
+/// exec`; here forced with `fallback_exec_hold: stop`): the daemon holds the stopped image as
+/// its tracer, so the kernel kills it when the daemon dies — a `SIGCONT` then has nothing to
+/// resume.
+#[test]
+fn a_held_exec_after_loading_does_not_run_without_the_daemon() {
+    held_exec_without_the_daemon(&["--fallback-exec-hold", "stop"]);
+}
+
+fn held_exec_without_the_daemon(args: &[&str]) {
+    let mut d = Daemon::start_with(args);
+    if !args.is_empty() && d.is_lsm() {
+        eprintln!("not applicable: LSM mode holds every exec before it loads");
+        return;
+    }
     let ran = marks(&d).join("crash");
     let ran_s = ran.to_str().expect("utf-8 path").to_owned();
     let mut p = spawn(
@@ -1040,7 +1057,10 @@ fn a_held_exec_does_not_run_without_the_daemon() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(!ran.exists(), "ESCAPE: the held exec ran without a daemon");
     d.restart();
-    if d.exec_kind() == "exec" && !d.is_lsm() {
+    if d.exec_kind() == "exec-loaded" {
+        use std::os::unix::process::ExitStatusExt as _;
+        assert_eq!(p.wait(WAIT).signal(), Some(libc::SIGKILL));
+    } else if d.exec_kind() == "exec" && !d.is_lsm() {
         assert_eq!(p.wait(WAIT).code(), Some(1));
         assert_eq!(p.stdout().trim(), format!("error {}", libc::ENOSYS));
     } else {
