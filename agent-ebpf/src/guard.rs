@@ -27,7 +27,7 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use countersign_ebpf::{
     EPERM, FileKey, GUARD_ANCESTOR, GUARD_CAPABILITIES, GUARD_DIR, GUARD_FILE, GUARD_SECRET,
     KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC, STAT_EVENTS_DROPPED,
-    TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_DEVICE, TAMPER_FILE_READ, TAMPER_FILE_WRITE,
+    TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_DEVICE, TAMPER_DNS, TAMPER_FILE_READ, TAMPER_FILE_WRITE,
     TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PERF, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL,
 };
 
@@ -557,6 +557,35 @@ pub fn dentry_change(dentry: *const u8) -> i32 {
         return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
     }
     0
+}
+
+/// `socket_bind(sock, address, addrlen)` (the kernel's copy of the address): a labelled task
+/// may not bind port 53 on IPv4 or IPv6. The daemon learns destination names from the
+/// answers of the host's resolvers; a labelled root that stopped the local one (a stub on
+/// 127.0.0.53, say) and bound its address would answer in its place.
+#[inline(always)]
+pub fn bind(address: *const u8) -> i32 {
+    const AF_INET: u16 = 2;
+    const AF_INET6: u16 = 10;
+    const DNS_PORT: u16 = 53;
+    let Some(label) = guarded() else {
+        return 0;
+    };
+    // SAFETY: reads of the kernel's copy of the address with the checked helper.
+    let Ok(family) = (unsafe { bpf_probe_read_kernel(address.cast::<u16>()) }) else {
+        return 0;
+    };
+    if family != AF_INET && family != AF_INET6 {
+        return 0;
+    }
+    // SAFETY: as above; `sin_port`/`sin6_port` follow the family, in network order.
+    let Ok(port) = (unsafe { bpf_probe_read_kernel(address.wrapping_add(2).cast::<u16>()) }) else {
+        return 0;
+    };
+    if u16::from_be(port) != DNS_PORT {
+        return 0;
+    }
+    refuse(label, TAMPER_DNS, Target::None, family)
 }
 
 /// `sched_process_exit`: when the daemon's main thread exits, the kernel forgets the

@@ -181,7 +181,7 @@ pub const PROG_LSM_UNIX_STREAM_CONNECT: &str = "cs_lsm_unix_stream_connect";
 pub const PROG_LSM_UNIX_MAY_SEND: &str = "cs_lsm_unix_may_send";
 /// The self-protection programs (LSM mode): (program, hook). The `path_*` hooks exist only
 /// in kernels built with `CONFIG_SECURITY_PATH`.
-pub const GUARD_HOOKS: [(&str, &str); 27] = [
+pub const GUARD_HOOKS: [(&str, &str); 28] = [
     ("cs_lsm_bpf", "bpf"),
     ("cs_lsm_capable", "capable"),
     ("cs_lsm_perf_event_open", "perf_event_open"),
@@ -209,6 +209,7 @@ pub const GUARD_HOOKS: [(&str, &str); 27] = [
     ("cs_lsm_path_chown", "path_chown"),
     ("cs_lsm_inode_setxattr", "inode_setxattr"),
     ("cs_lsm_inode_removexattr", "inode_removexattr"),
+    ("cs_lsm_socket_bind", "socket_bind"),
 ];
 /// Self-protection programs for hooks only some kernels have, each with what covers its case
 /// where it is missing: `file_truncate` (6.2+; before, an `O_TRUNC` open passes
@@ -360,6 +361,10 @@ pub const TAMPER_DEVICE: i32 = 10;
 /// Performance monitoring of a whole processor (every process on it, countersign's
 /// included: samples carry their registers and stacks).
 pub const TAMPER_PERF: i32 = 11;
+/// Binding port 53 (a DNS server's): the host's resolvers are trusted for destination names,
+/// and a labelled root that stopped the local one could answer in its place. [`Event::port`]
+/// is the socket's family.
+pub const TAMPER_DNS: i32 = 12;
 
 /// The capabilities a labelled task is never granted, whatever its uid (a bit per
 /// `CAP_*`): `CAP_LINUX_IMMUTABLE` (9: making countersign's files immutable or

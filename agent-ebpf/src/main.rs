@@ -274,6 +274,12 @@ mod programs {
         keep(ctx.arg(3), || guard::path_change(ctx.arg(0)))
     }
 
+    /// `socket_bind(sock, address, addrlen)`: no labelled task binds the DNS port.
+    #[lsm(hook = "socket_bind")]
+    pub fn cs_lsm_socket_bind(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::bind(ctx.arg(1)))
+    }
+
     /// `inode_setxattr(idmap, dentry, name, value, size, flags)`: no extended attribute of
     /// countersign's files is set (a POSIX ACL before 6.2, a security label, ...).
     #[lsm(hook = "inode_setxattr")]

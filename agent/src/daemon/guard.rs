@@ -18,6 +18,14 @@ use crate::paths;
 /// The daemon's systemd unit.
 const UNIT_NAME: &str = "countersign.service";
 /// Where systemd reads units from.
+/// What says which resolvers the host asks (guarded where names are learnt).
+const RESOLVER_FILES: [(&str, u32); 4] = [
+    ("/etc/resolv.conf", GUARD_FILE),
+    ("/etc/systemd/resolved.conf", GUARD_FILE),
+    ("/etc/systemd/resolved.conf.d", GUARD_DIR),
+    ("/run/systemd/resolved.conf.d", GUARD_DIR),
+];
+
 const SYSTEMD_UNIT_DIRS: [&str; 5] = [
     "/etc/systemd/system",
     "/run/systemd/system",
@@ -175,6 +183,16 @@ impl Guarded {
         for d in &config.protected_dirs {
             g.add(d, GUARD_DIR);
         }
+        // Where destination names are learnt, the answers of the host's resolvers are
+        // trusted: the files that say which resolvers those are may not change either (a
+        // labelled root could point the host at a resolver of its own). A symlink is guarded
+        // as itself and as what it names.
+        if config.dns.enabled {
+            for (path, flag) in RESOLVER_FILES {
+                g.add_link(Path::new(path), flag);
+                g.add(Path::new(path), flag);
+            }
+        }
         // The daemon's own cgroup: `cgroup.kill`, `cgroup.freeze` and the limits there would
         // stop it without a signal.
         if let Some(cg) = own_cgroup() {
@@ -183,11 +201,33 @@ impl Guarded {
         g
     }
 
+    /// Adds `path` itself (a symlink, not what it names) with `flag`, and its ancestors.
+    fn add_link(&mut self, path: &Path, flag: u32) {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(m) = std::fs::symlink_metadata(path) else {
+            return;
+        };
+        if m.file_type().is_symlink() {
+            self.add_id(
+                path,
+                FileId {
+                    dev: m.dev(),
+                    ino: m.ino(),
+                },
+                flag,
+            );
+        }
+    }
+
     /// Adds `path` (if it exists) with `flag`, and its ancestors as such.
     fn add(&mut self, path: &Path, flag: u32) {
         let Some(id) = enrich::file_id(path) else {
             return;
         };
+        self.add_id(path, id, flag);
+    }
+
+    fn add_id(&mut self, path: &Path, id: FileId, flag: u32) {
         let key = FileKey {
             dev: id.kernel_dev(),
             ino: id.ino,
@@ -281,6 +321,7 @@ pub fn attempt_name(detail: i32) -> &'static str {
         shared::TAMPER_CAPABILITY => "capability",
         shared::TAMPER_DEVICE => "device",
         shared::TAMPER_PERF => "perf",
+        shared::TAMPER_DNS => "dns",
         _ => "unknown",
     }
 }
@@ -355,6 +396,10 @@ pub fn target_text(ev: &shared::Event, guarded: &Guarded, daemon_pid: u32) -> St
             file()
         ),
         shared::TAMPER_PERF => "performance monitoring of a whole processor".into(),
+        shared::TAMPER_DNS => format!(
+            "the DNS port 53 ({}): the host's resolvers name destinations",
+            if ev.port == 10 { "IPv6" } else { "IPv4" }
+        ),
         _ => file(),
     }
 }

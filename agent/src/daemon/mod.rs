@@ -1392,7 +1392,7 @@ impl Daemon {
     /// a good one replaces it at once (fast path included), and every held request is
     /// evaluated against it.
     fn reload(&mut self, why: &str) {
-        self.names.refresh_resolvers(true);
+        let _ = self.names.refresh_resolvers(true);
         match load_policy(&self.config) {
             Err(e) => {
                 let message = format!("{e:#}");
@@ -2202,7 +2202,10 @@ impl Daemon {
         if self.last_policy_check.elapsed() >= POLICY_CHECK_EVERY {
             self.last_policy_check = Instant::now();
             self.names.purge();
-            self.names.refresh_resolvers(false);
+            if self.names.refresh_resolvers(false) {
+                // A replaced resolv.conf is a new file: guard it again.
+                self.install_guard();
+            }
             if policy_stamp(&self.config, self.policy.as_ref()) != self.policy_stamp {
                 self.reload("policy files changed");
             }

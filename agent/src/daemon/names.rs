@@ -498,7 +498,7 @@ pub struct Names {
     pub error: Option<String>,
     config: DnsConfig,
     resolv_conf: PathBuf,
-    resolv_stamp: Option<(Option<SystemTime>, u64)>,
+    resolv_stamp: Option<(Option<SystemTime>, u64, u64)>,
     trusted: HashSet<IpAddr>,
     cache: Cache,
     queries: Queries,
@@ -561,14 +561,15 @@ impl Names {
         self.capture.is_some()
     }
 
-    /// Re-reads /etc/resolv.conf if it changed (or always with `force`).
-    pub fn refresh_resolvers(&mut self, force: bool) {
+    /// Re-reads /etc/resolv.conf if it changed (or always with `force`); whether it did
+    /// change (a replaced file is a new one to guard).
+    pub fn refresh_resolvers(&mut self, force: bool) -> bool {
         if !self.config.enabled {
-            return;
+            return false;
         }
         let stamp = file_stamp(&self.resolv_conf);
         if !force && stamp == self.resolv_stamp {
-            return;
+            return false;
         }
         self.resolv_stamp = stamp;
         let text = std::fs::read_to_string(&self.resolv_conf).unwrap_or_default();
@@ -578,6 +579,7 @@ impl Names {
             tracing::info!(resolvers = ?trusted, "trusted DNS resolvers");
         }
         self.trusted = trusted;
+        true
     }
 
     /// The trusted resolvers.
@@ -716,10 +718,11 @@ fn take(
     Ok(Some(facts))
 }
 
-fn file_stamp(p: &Path) -> Option<(Option<SystemTime>, u64)> {
+fn file_stamp(p: &Path) -> Option<(Option<SystemTime>, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
     std::fs::metadata(p)
         .ok()
-        .map(|m| (m.modified().ok(), m.len()))
+        .map(|m| (m.modified().ok(), m.len(), m.ino()))
 }
 
 #[cfg(test)]

@@ -203,6 +203,19 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     // Extended attributes and POSIX ACLs (an ACL could hand another user write access).
     attempt(&d, &["tamper-xattr", policy], hooked("file-write"));
     attempt(&d, &["tamper-acl", policy], hooked("file-write"));
+    // The host's resolvers name destinations: a labelled root may neither answer in their
+    // place (port 53) nor point the host at a resolver of its own.
+    attempt(&d, &["tamper-bind-dns", "127.53.53.53"], hooked("dns"));
+    attempt(&d, &["tamper-bind-dns", "::1"], hooked("dns"));
+    if Path::new("/etc/resolv.conf").exists() {
+        attempt(
+            &d,
+            &["tamper-write", "/etc/resolv.conf"],
+            hooked("file-write"),
+        );
+    } else {
+        eprintln!("this machine has no /etc/resolv.conf: that attempt is not made");
+    }
     if Path::new("/sys/kernel/uevent_helper").exists() {
         attempt(&d, &["tamper-sysfs"], hooked("sysctl"));
     } else {

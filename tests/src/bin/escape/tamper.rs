@@ -184,6 +184,15 @@ pub fn acl(path: &str) -> Outcome {
     Ok(Done::Tampered)
 }
 
+/// A UDP socket bound to port 53 of `ADDR` (where a resolver would answer), closed again.
+pub fn bind_dns(addr: &str) -> Outcome {
+    let ip: std::net::IpAddr = addr.parse().expect("an IP address");
+    match std::net::UdpSocket::bind((ip, 53)) {
+        Ok(_) => Ok(Done::Tampered),
+        Err(e) => Err(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
+}
+
 /// `PATH` renamed aside and back.
 pub fn rename(path: &str) -> Outcome {
     let (from, to) = (cstr(path), cstr(&format!("{path}-cs-escape")));
