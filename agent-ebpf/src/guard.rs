@@ -25,10 +25,11 @@
 //! Unlabelled tasks pay the label lookup every hook makes and nothing else.
 use aya_ebpf::helpers::bpf_probe_read_kernel;
 use countersign_ebpf::{
-    EPERM, FileKey, GUARD_ANCESTOR, GUARD_CAPABILITIES, GUARD_DIR, GUARD_FILE, GUARD_SECRET,
-    KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC, STAT_EVENTS_DROPPED,
-    TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_DEVICE, TAMPER_DNS, TAMPER_FILE_READ, TAMPER_FILE_WRITE,
-    TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PERF, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL,
+    EPERM, FileKey, GUARD_ANCESTOR, GUARD_CAPABILITIES, GUARD_CAPABILITIES_HOST, GUARD_DIR,
+    GUARD_FILE, GUARD_SECRET, KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC,
+    STAT_EVENTS_DROPPED, TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_DEVICE, TAMPER_DNS,
+    TAMPER_FILE_READ, TAMPER_FILE_WRITE, TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PERF, TAMPER_PTRACE,
+    TAMPER_SIGNAL, TAMPER_SYSCTL,
 };
 
 use crate::{
@@ -176,9 +177,24 @@ fn protected(task: *const u8) -> Option<u32> {
 /// `capable(cred, ns, cap, opts)`: a labelled task is not granted the capabilities of
 /// [`GUARD_CAPABILITIES`] (asked without an audit, refused without a record).
 #[inline(always)]
-pub fn capable(cap: i32, opts: u32) -> i32 {
-    if !(0..64).contains(&cap) || GUARD_CAPABILITIES & (1u64 << cap) == 0 {
+pub fn capable(ns: *const u8, cap: i32, opts: u32) -> i32 {
+    if !(0..64).contains(&cap) {
         return 0;
+    }
+    let bit = 1u64 << cap;
+    if GUARD_CAPABILITIES & bit == 0 {
+        if GUARD_CAPABILITIES_HOST & bit == 0 {
+            return 0;
+        }
+        // Only over the host's own namespace (level 0); unknown: as if it were.
+        let o = maps::kernel_offsets();
+        // SAFETY: read with the checked helper.
+        let level = unsafe {
+            bpf_probe_read_kernel(ns.wrapping_add(o.userns_level as usize).cast::<i32>())
+        };
+        if o.guard_valid != 0 && level.is_ok_and(|l| l != 0) {
+            return 0;
+        }
     }
     match guarded() {
         Some(_) if opts & CAP_OPT_NOAUDIT != 0 => -EPERM,

@@ -374,6 +374,11 @@ pub const TAMPER_DNS: i32 = 12;
 /// the disk), `CAP_MAC_ADMIN` (33: the policy of another security module).
 pub const GUARD_CAPABILITIES: u64 =
     1 << 9 | 1 << 16 | 1 << 17 | 1 << 22 | 1 << 25 | 1 << 27 | 1 << 33;
+/// The capabilities a labelled task is not granted over the host's own (initial) user
+/// namespace; in a namespace of its own (a sandbox's network namespace) they are its own
+/// business: `CAP_NET_ADMIN` (12: the host's firewall and NAT, routes, interfaces and tunnels,
+/// with which an allowed destination could be redirected to any other).
+pub const GUARD_CAPABILITIES_HOST: u64 = 1 << 12;
 
 /// Settings of the self-protection hooks, set by the loader (LSM mode).
 #[repr(C)]
@@ -764,10 +769,12 @@ pub struct KernelOffsets {
     pub unix_peer: u32,
     /// `task_struct.ptrace` (u32: non-zero while the task is traced), with `task_valid`.
     pub task_ptrace: u32,
+    /// `user_namespace.level` (int: 0 for the initial namespace), with `guard_valid`.
+    pub userns_level: u32,
 }
 /// Entries of [`KernelOffsets::nr_net`].
 pub const NR_NET_SYSCALLS: usize = 16;
-const _: () = assert!(size_of::<KernelOffsets>() == 264);
+const _: () = assert!(size_of::<KernelOffsets>() == 268);
 
 /// `task_struct.flags`: an io_uring worker or SQPOLL thread (`PF_IO_WORKER`).
 pub const PF_IO_WORKER: u32 = 0x10;

@@ -137,10 +137,13 @@ mod programs {
         guard::bpf(ctx.arg(0))
     }
 
-    /// `capable(cred, ns, cap, opts)`: the capabilities of `GUARD_CAPABILITIES`.
+    /// `capable(cred, ns, cap, opts)`: the capabilities of `GUARD_CAPABILITIES` (and of
+    /// `GUARD_CAPABILITIES_HOST` over the initial user namespace).
     #[lsm(hook = "capable")]
     pub fn cs_lsm_capable(ctx: LsmContext) -> i32 {
-        keep(ctx.arg(4), || guard::capable(ctx.arg(2), ctx.arg(3)))
+        keep(ctx.arg(4), || {
+            guard::capable(ctx.arg(1), ctx.arg(2), ctx.arg(3))
+        })
     }
 
     /// `perf_event_open(attr, type)`: monitoring a whole processor.

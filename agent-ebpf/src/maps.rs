@@ -201,6 +201,7 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     file_private_data: 0,
     unix_peer: 0,
     task_ptrace: 0,
+    userns_level: 0,
 };
 
 /// The self-protection settings (set by the loader).

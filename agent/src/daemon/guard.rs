@@ -388,6 +388,8 @@ pub fn target_text(ev: &shared::Event, guarded: &Guarded, daemon_pid: u32) -> St
             25 => "CAP_SYS_TIME (the clock)".into(),
             27 => "CAP_MKNOD (a device node)".into(),
             9 => "CAP_LINUX_IMMUTABLE (immutable or append-only files)".into(),
+            12 => "CAP_NET_ADMIN over the host's network (firewall and NAT, routes, interfaces)"
+                .into(),
             n => capability_name(n),
         },
         shared::TAMPER_DEVICE => format!(

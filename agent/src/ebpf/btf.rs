@@ -259,6 +259,7 @@ impl Btf {
         if o.dentry_inode == 0 {
             o.dentry_inode = self.member_offset("dentry", "d_inode")?;
         }
+        o.userns_level = self.member_offset("user_namespace", "level")?;
         o.guard_valid = 1;
         Ok(())
     }

@@ -232,6 +232,8 @@ fn main() {
         Some("tamper-xattr") => tamper::xattr(arg(2).expect("a PATH argument")),
         Some("tamper-acl") => tamper::acl(arg(2).expect("a PATH argument")),
         Some("tamper-bind-dns") => tamper::bind_dns(arg(2).expect("an ADDR argument")),
+        Some("tamper-net-admin") => tamper::net_admin(false),
+        Some("net-admin-own-namespace") => tamper::net_admin(true),
         Some("tamper-create") => tamper::create_in(arg(2).expect("a DIR argument")),
         Some("tamper-mount") => tamper::mount(arg(2).expect("a DIR argument")),
         Some("tamper-module") => tamper::module(),

@@ -203,6 +203,15 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     // Extended attributes and POSIX ACLs (an ACL could hand another user write access).
     attempt(&d, &["tamper-xattr", policy], hooked("file-write"));
     attempt(&d, &["tamper-acl", policy], hooked("file-write"));
+    // The host's network configuration: with a NAT rule an allowed destination could lead
+    // anywhere. In a network namespace of its own the capability stays the agent's.
+    attempt(&d, &["tamper-net-admin"], hooked("capability"));
+    control(&["net-admin-own-namespace"]);
+    let (own, _) = labelled(&d, &["net-admin-own-namespace"]);
+    assert_eq!(
+        own, "tampered",
+        "CAP_NET_ADMIN in the agent's own namespace"
+    );
     // The host's resolvers name destinations: a labelled root may neither answer in their
     // place (port 53) nor point the host at a resolver of its own.
     attempt(&d, &["tamper-bind-dns", "127.53.53.53"], hooked("dns"));
