@@ -29,7 +29,7 @@ use countersign_ebpf::{
     GUARD_FILE, GUARD_SECRET, KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC,
     STAT_EVENTS_DROPPED, TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_DEVICE, TAMPER_DNS,
     TAMPER_FILE_READ, TAMPER_FILE_WRITE, TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PERF, TAMPER_PTRACE,
-    TAMPER_SIGNAL, TAMPER_SYSCTL,
+    TAMPER_SIGNAL, TAMPER_SYSCTL, TAMPER_TTY, TTY_INPUT_REQUESTS,
 };
 
 use crate::{
@@ -573,6 +573,20 @@ pub fn dentry_change(dentry: *const u8) -> i32 {
         return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
     }
     0
+}
+
+/// `file_ioctl(file, cmd, arg)`: a labelled task may not push input into a terminal
+/// (`TIOCSTI`, `TIOCLINUX`'s paste): the shell it was started from would run it as typed,
+/// unlabelled, once the agent exits. Every other request passes without a lookup.
+#[inline(always)]
+pub fn ioctl(cmd: u32) -> i32 {
+    if cmd != TTY_INPUT_REQUESTS[0] && cmd != TTY_INPUT_REQUESTS[1] {
+        return 0;
+    }
+    match guarded() {
+        Some(label) => refuse(label, TAMPER_TTY, Target::None, cmd as u16),
+        None => 0,
+    }
 }
 
 /// `socket_bind(sock, address, addrlen)` (the kernel's copy of the address): a labelled task

@@ -181,7 +181,7 @@ pub const PROG_LSM_UNIX_STREAM_CONNECT: &str = "cs_lsm_unix_stream_connect";
 pub const PROG_LSM_UNIX_MAY_SEND: &str = "cs_lsm_unix_may_send";
 /// The self-protection programs (LSM mode): (program, hook). The `path_*` hooks exist only
 /// in kernels built with `CONFIG_SECURITY_PATH`.
-pub const GUARD_HOOKS: [(&str, &str); 28] = [
+pub const GUARD_HOOKS: [(&str, &str); 29] = [
     ("cs_lsm_bpf", "bpf"),
     ("cs_lsm_capable", "capable"),
     ("cs_lsm_perf_event_open", "perf_event_open"),
@@ -210,13 +210,16 @@ pub const GUARD_HOOKS: [(&str, &str); 28] = [
     ("cs_lsm_inode_setxattr", "inode_setxattr"),
     ("cs_lsm_inode_removexattr", "inode_removexattr"),
     ("cs_lsm_socket_bind", "socket_bind"),
+    ("cs_lsm_file_ioctl", "file_ioctl"),
 ];
 /// Self-protection programs for hooks only some kernels have, each with what covers its case
 /// where it is missing: `file_truncate` (6.2+; before, an `O_TRUNC` open passes
-/// `path_truncate`); `inode_set_acl` and `inode_remove_acl` (6.2+; before, a POSIX ACL is an
+/// `path_truncate`); `file_ioctl_compat` (6.8+; before, a 32-bit `ioctl` passes
+/// `file_ioctl`); `inode_set_acl` and `inode_remove_acl` (6.2+; before, a POSIX ACL is an
 /// extended attribute and passes `inode_setxattr`/`inode_removexattr`).
-pub const GUARD_HOOKS_OPTIONAL: [(&str, &str); 3] = [
+pub const GUARD_HOOKS_OPTIONAL: [(&str, &str); 4] = [
     ("cs_lsm_file_truncate", "file_truncate"),
+    ("cs_lsm_file_ioctl_compat", "file_ioctl_compat"),
     ("cs_lsm_inode_set_acl", "inode_set_acl"),
     ("cs_lsm_inode_remove_acl", "inode_remove_acl"),
 ];
@@ -365,6 +368,12 @@ pub const TAMPER_PERF: i32 = 11;
 /// and a labelled root that stopped the local one could answer in its place. [`Event::port`]
 /// is the socket's family.
 pub const TAMPER_DNS: i32 = 12;
+/// Pushing input into a terminal (`TIOCSTI`, `TIOCLINUX`): the terminal's other programs (the
+/// shell the agent was started from) would read it as typed and run it, outside the agent.
+/// [`Event::port`] is the request's low half.
+pub const TAMPER_TTY: i32 = 13;
+/// `TIOCSTI` and `TIOCLINUX`.
+pub const TTY_INPUT_REQUESTS: [u32; 2] = [0x5412, 0x541C];
 
 /// The capabilities a labelled task is never granted, whatever its uid (a bit per
 /// `CAP_*`): `CAP_LINUX_IMMUTABLE` (9: making countersign's files immutable or

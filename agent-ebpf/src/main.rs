@@ -277,6 +277,18 @@ mod programs {
         keep(ctx.arg(3), || guard::path_change(ctx.arg(0)))
     }
 
+    /// `file_ioctl(file, cmd, arg)`: no labelled task pushes input into a terminal.
+    #[lsm(hook = "file_ioctl")]
+    pub fn cs_lsm_file_ioctl(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::ioctl(ctx.arg(1)))
+    }
+
+    /// `file_ioctl_compat(file, cmd, arg)` (6.8+): the same for 32-bit callers.
+    #[lsm(hook = "file_ioctl_compat")]
+    pub fn cs_lsm_file_ioctl_compat(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::ioctl(ctx.arg(1)))
+    }
+
     /// `socket_bind(sock, address, addrlen)`: no labelled task binds the DNS port.
     #[lsm(hook = "socket_bind")]
     pub fn cs_lsm_socket_bind(ctx: LsmContext) -> i32 {

@@ -322,6 +322,7 @@ pub fn attempt_name(detail: i32) -> &'static str {
         shared::TAMPER_DEVICE => "device",
         shared::TAMPER_PERF => "perf",
         shared::TAMPER_DNS => "dns",
+        shared::TAMPER_TTY => "tty",
         _ => "unknown",
     }
 }
@@ -398,6 +399,14 @@ pub fn target_text(ev: &shared::Event, guarded: &Guarded, daemon_pid: u32) -> St
             file()
         ),
         shared::TAMPER_PERF => "performance monitoring of a whole processor".into(),
+        shared::TAMPER_TTY => format!(
+            "input pushed into a terminal ({}): the shell there would run it as typed",
+            if ev.port == 0x5412 {
+                "TIOCSTI"
+            } else {
+                "TIOCLINUX"
+            }
+        ),
         shared::TAMPER_DNS => format!(
             "the DNS port 53 ({}): the host's resolvers name destinations",
             if ev.port == 10 { "IPv6" } else { "IPv4" }

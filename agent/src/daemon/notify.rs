@@ -183,6 +183,21 @@ const COMPAT_GUARDED: [(u32, &str); 20] = [
     (88, "capability"),
 ];
 
+/// `ioctl` of the native ABIs (x32's own number too) and of the 32-bit one: notified only for
+/// the requests of [`TTY_INPUT_REQUESTS`].
+#[cfg(target_arch = "x86_64")]
+const NATIVE_IOCTLS: [u32; 2] = [16, X32_BIT | 514];
+#[cfg(target_arch = "x86_64")]
+const COMPAT_IOCTL: u32 = 54;
+#[cfg(target_arch = "aarch64")]
+const NATIVE_IOCTLS: [u32; 1] = [29];
+#[cfg(target_arch = "aarch64")]
+const COMPAT_IOCTL: u32 = 54;
+/// `TIOCSTI` (push a byte into a terminal's input) and `TIOCLINUX` (its subcommands paste a
+/// console selection): input that the terminal's other programs (the shell the agent was
+/// started from) would read as typed and run, outside the agent.
+const TTY_INPUT_REQUESTS: [u32; 2] = countersign_ebpf::TTY_INPUT_REQUESTS;
+
 /// Every guarded call of the native architecture's ABIs (on x86_64, x32's too).
 fn native_guarded() -> impl Iterator<Item = (u32, &'static str)> {
     #[cfg(target_arch = "x86_64")]
@@ -200,6 +215,12 @@ fn native_guarded() -> impl Iterator<Item = (u32, &'static str)> {
 pub fn guarded(arch: u32, nr: i32) -> Option<&'static str> {
     let nr = nr as u32;
     let found = |(n, k): (u32, &'static str)| (n == nr).then_some(k);
+    // The filter sends an `ioctl` only for a terminal-input request.
+    if (arch == NATIVE_ARCH && NATIVE_IOCTLS.contains(&nr))
+        || (arch == COMPAT_ARCH && nr == COMPAT_IOCTL)
+    {
+        return Some("tty");
+    }
     if arch == NATIVE_ARCH {
         native_guarded().find_map(found)
     } else if arch == COMPAT_ARCH {
@@ -264,10 +285,12 @@ fn program() -> Vec<libc::sock_filter> {
         BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, SECCOMP_RET_ALLOW,
         SECCOMP_RET_USER_NOTIF,
     };
-    // Offsets in `struct seccomp_data`: the number, the architecture, the low half of the
-    // third argument (`connect`'s address length; little-endian).
+    // Offsets in `struct seccomp_data`: the number, the architecture, the low halves of the
+    // second argument (`ioctl`'s request) and the third (`connect`'s address length;
+    // little-endian).
     const NR: u32 = 0;
     const ARCH: u32 = 4;
+    const ARG1: u32 = 24;
     const ARG2: u32 = 32;
     /// Where a jump goes: the next instruction or a named place.
     #[derive(Clone, Copy, PartialEq)]
@@ -315,6 +338,9 @@ fn program() -> Vec<libc::sock_filter> {
     for nr in NATIVE_CONNECTS {
         at(None, jeq(nr, To::At("connect"), To::Next));
     }
+    for nr in NATIVE_IOCTLS {
+        at(None, jeq(nr, To::At("ioctl"), To::Next));
+    }
     at(None, ret(SECCOMP_RET_ALLOW));
     at(Some("compat"), load(NR));
     for nr in COMPAT_EXECS
@@ -323,6 +349,11 @@ fn program() -> Vec<libc::sock_filter> {
         .chain(COMPAT_GUARDED.iter().map(|(n, _)| *n))
     {
         at(None, jeq(nr, To::At("notify"), To::Next));
+    }
+    at(None, jeq(COMPAT_IOCTL, To::At("ioctl"), To::At("allow")));
+    at(Some("ioctl"), load(ARG1));
+    for request in TTY_INPUT_REQUESTS {
+        at(None, jeq(request, To::At("notify"), To::Next));
     }
     at(None, ret(SECCOMP_RET_ALLOW));
     at(Some("connect"), load(ARG2));
@@ -723,6 +754,11 @@ mod tests {
 
     /// Runs the filter on a call whose third argument's low half is `arg2`.
     fn run_with(p: &[libc::sock_filter], arch: u32, nr: u32, arg2: u32) -> u32 {
+        run_args(p, arch, nr, 0, arg2)
+    }
+
+    /// Runs the filter on a call whose second and third arguments' low halves are given.
+    fn run_args(p: &[libc::sock_filter], arch: u32, nr: u32, arg1: u32, arg2: u32) -> u32 {
         let mut acc = 0u32;
         let mut pc = 0usize;
         loop {
@@ -732,6 +768,7 @@ mod tests {
                     acc = match i.k {
                         0 => nr,
                         4 => arch,
+                        24 => arg1,
                         32 => arg2,
                         k => panic!("unexpected load at {k}"),
                     };
@@ -794,6 +831,36 @@ mod tests {
         }
         // A native exec number under another architecture is not an exec there.
         assert_eq!(run(&p, 0x1234, NATIVE_EXECS[0]), libc::SECCOMP_RET_ALLOW);
+    }
+
+    /// Pushing input into a terminal (`TIOCSTI`, `TIOCLINUX`) goes to the daemon, which refuses
+    /// it; every other `ioctl` is the kernel's, in every ABI.
+    #[test]
+    fn terminal_input_ioctls_are_notified_and_no_other() {
+        let p = program();
+        let abis = NATIVE_IOCTLS
+            .iter()
+            .map(|nr| (NATIVE_ARCH, *nr))
+            .chain([(COMPAT_ARCH, COMPAT_IOCTL)]);
+        for (arch, nr) in abis {
+            for request in TTY_INPUT_REQUESTS {
+                assert_eq!(
+                    run_args(&p, arch, nr, request, 0),
+                    libc::SECCOMP_RET_USER_NOTIF,
+                    "{arch:#x} {nr} {request:#x}"
+                );
+            }
+            // TCGETS, FIONREAD, TIOCGWINSZ, FIONBIO.
+            for request in [0x5401, 0x541B, 0x5413, 0x5421] {
+                assert_eq!(
+                    run_args(&p, arch, nr, request, 0),
+                    libc::SECCOMP_RET_ALLOW,
+                    "{arch:#x} {nr} {request:#x}"
+                );
+            }
+            assert_eq!(guarded(arch, nr as i32), Some("tty"));
+            assert!(Call::of(arch, nr as i32).is_none());
+        }
     }
 
     /// A native `connect` goes to the daemon unless its address has an IPv4 or IPv6

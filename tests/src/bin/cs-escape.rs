@@ -233,6 +233,7 @@ fn main() {
         Some("tamper-acl") => tamper::acl(arg(2).expect("a PATH argument")),
         Some("tamper-bind-dns") => tamper::bind_dns(arg(2).expect("an ADDR argument")),
         Some("tamper-net-admin") => tamper::net_admin(false),
+        Some("tamper-tty") => tamper::tty_inject(),
         Some("net-admin-own-namespace") => tamper::net_admin(true),
         Some("tamper-create") => tamper::create_in(arg(2).expect("a DIR argument")),
         Some("tamper-mount") => tamper::mount(arg(2).expect("a DIR argument")),

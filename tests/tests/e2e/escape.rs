@@ -393,6 +393,40 @@ fn the_32_bit_entry_is_held_as_nobody() {
     compat(As::Nobody);
 }
 
+/// Input pushed into the terminal an agent was started from (`TIOCSTI`) is read by the shell
+/// there as typed, and run unlabelled once the agent exits: refused to every labelled task,
+/// not only to root (an unprivileged process may push input into its own terminal where the
+/// kernel allows legacy `TIOCSTI`).
+#[test]
+fn terminal_input_cannot_be_pushed_as_nobody() {
+    use std::os::unix::process::CommandExt as _;
+    if std::fs::read_to_string("/proc/sys/dev/tty/legacy_tiocsti").is_ok_and(|v| v.trim() == "0") {
+        eprintln!("not applicable: this kernel refuses TIOCSTI to unprivileged processes itself");
+        return;
+    }
+    let d = Daemon::start();
+    let bin = escape_for(&d, As::Nobody);
+    let out = std::process::Command::new(&bin)
+        .arg("tamper-tty")
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .expect("cs-escape unlabelled");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "tampered",
+        "unlabelled, TIOCSTI does not work here: the labelled run would prove nothing"
+    );
+    let a = labelled_attempt(&d, As::Nobody, &["tamper-tty".to_owned()], |_| "deny");
+    assert_eq!(
+        a.stdout,
+        format!("error {}", libc::EPERM),
+        "ESCAPE: input pushed into a terminal"
+    );
+    let refused = d.status()["self_protection"]["refused"]["tty"].as_u64();
+    assert!(refused.is_some_and(|n| n > 0), "{}", d.status());
+}
+
 /// A sysctl set for a scenario and put back when it ends (also on failure).
 struct Sysctl {
     path: String,

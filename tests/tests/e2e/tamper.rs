@@ -203,6 +203,8 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     // Extended attributes and POSIX ACLs (an ACL could hand another user write access).
     attempt(&d, &["tamper-xattr", policy], hooked("file-write"));
     attempt(&d, &["tamper-acl", policy], hooked("file-write"));
+    // Input pushed into the terminal the agent was started from, which its shell would run.
+    attempt(&d, &["tamper-tty"], filtered("tty"));
     // The host's network configuration: with a NAT rule an allowed destination could lead
     // anywhere. In a network namespace of its own the capability stays the agent's.
     attempt(&d, &["tamper-net-admin"], hooked("capability"));

@@ -226,6 +226,60 @@ pub fn net_admin(own: bool) -> Outcome {
     Ok(Done::Tampered)
 }
 
+/// Input pushed into a terminal with `TIOCSTI`: the shell that owns the terminal would read
+/// it as typed and run it, outside the agent. A child in a new session makes a new
+/// pseudo-terminal its controlling terminal (as the terminal an agent is started from is),
+/// pushes a line into it and reads it back.
+pub fn tty_inject() -> Outcome {
+    const LINE: &[u8] = b"cs-escape\n";
+    // SAFETY: a new pseudo-terminal pair for this process.
+    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
+    // SAFETY: plain calls on the descriptor just made.
+    if master < 0 || unsafe { libc::grantpt(master) } != 0 || unsafe { libc::unlockpt(master) } != 0
+    {
+        return Err(errno());
+    }
+    let mut name = [0 as libc::c_char; 64];
+    // SAFETY: `name` is writable for its length.
+    if unsafe { libc::ptsname_r(master, name.as_mut_ptr(), name.len()) } != 0 {
+        return Err(errno());
+    }
+    // SAFETY: the child only makes system calls and exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(errno());
+    }
+    if pid == 0 {
+        // SAFETY: async-signal-safe calls only, then _exit.
+        unsafe {
+            libc::setsid();
+            let tty = libc::open(name.as_ptr(), libc::O_RDWR);
+            if tty < 0 {
+                libc::_exit(*libc::__errno_location());
+            }
+            for b in LINE {
+                if libc::ioctl(tty, libc::TIOCSTI, b) != 0 {
+                    libc::_exit(*libc::__errno_location());
+                }
+            }
+            let mut got = [0u8; 16];
+            let n = libc::read(tty, got.as_mut_ptr().cast(), got.len());
+            libc::_exit(if n == LINE.len() as isize && got[..LINE.len()] == *LINE {
+                0
+            } else {
+                libc::EIO
+            });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    match libc::WEXITSTATUS(status) {
+        0 if libc::WIFEXITED(status) => Ok(Done::Tampered),
+        code => Err(code),
+    }
+}
+
 /// A UDP socket bound to port 53 of `ADDR` (where a resolver would answer), closed again.
 pub fn bind_dns(addr: &str) -> Outcome {
     let ip: std::net::IpAddr = addr.parse().expect("an IP address");
