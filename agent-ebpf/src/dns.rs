@@ -56,7 +56,7 @@ pub static DNS_OFFSETS: DnsOffsets = DnsOffsets {
 };
 
 #[inline(always)]
-fn offsets() -> &'static DnsOffsets {
+pub fn offsets() -> &'static DnsOffsets {
     crate::maps::opaque(&DNS_OFFSETS)
 }
 

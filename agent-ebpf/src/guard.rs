@@ -594,7 +594,7 @@ pub fn ioctl(cmd: u32) -> i32 {
 /// answers of the host's resolvers; a labelled root that stopped the local one (a stub on
 /// 127.0.0.53, say) and bound its address would answer in its place.
 #[inline(always)]
-pub fn bind(address: *const u8) -> i32 {
+pub fn bind(sock: *const u8, address: *const u8) -> i32 {
     const AF_INET: u16 = 2;
     const AF_INET6: u16 = 10;
     const DNS_PORT: u16 = 53;
@@ -614,6 +614,21 @@ pub fn bind(address: *const u8) -> i32 {
     };
     if u16::from_be(port) != DNS_PORT {
         return 0;
+    }
+    // Only in the host's network namespace, where the daemon learns names: in one of its own
+    // (a sandbox) a program may serve DNS to itself. Unknown: as if it were the host's.
+    let dns = crate::dns::offsets();
+    let o = maps::kernel_offsets();
+    if dns.valid != 0 && o.unix_valid != 0 {
+        let net = read_ptr(sock, o.socket_sk).and_then(|sk| read_ptr(sk, dns.sk_net));
+        // SAFETY: read with the checked helper.
+        let inum = net.and_then(|net| {
+            unsafe { bpf_probe_read_kernel(net.wrapping_add(dns.net_inum as usize).cast::<u32>()) }
+                .ok()
+        });
+        if inum.is_some_and(|i| i != dns.host_netns_inum) {
+            return 0;
+        }
     }
     refuse(label, TAMPER_DNS, Target::None, family)
 }

@@ -292,7 +292,7 @@ mod programs {
     /// `socket_bind(sock, address, addrlen)`: no labelled task binds the DNS port.
     #[lsm(hook = "socket_bind")]
     pub fn cs_lsm_socket_bind(ctx: LsmContext) -> i32 {
-        keep(ctx.arg(3), || guard::bind(ctx.arg(1)))
+        keep(ctx.arg(3), || guard::bind(ctx.arg(0), ctx.arg(1)))
     }
 
     /// `inode_setxattr(idmap, dentry, name, value, size, flags)`: no extended attribute of

@@ -110,14 +110,15 @@ fn resolve_connect(name: &str, server: &str, port: &str) -> i32 {
     connect(&format!("{addr}:{port}"), None)
 }
 
-/// Plays both the program and its "resolver" in a network namespace of its own.
+/// Plays both the program and its "resolver" in a network namespace of its own (with a user
+/// namespace of its own, as a sandbox makes them: the network there is its own to set up).
 fn answer_self(name: &str, addr: &str, server: &str) -> i32 {
     use hickory_proto::{
         op::{Message, MessageType, Query},
         rr::{Name, RData, Record, RecordType, rdata::A},
     };
     // SAFETY: plain syscall; the probe is single-threaded here.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+    if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) } != 0 {
         say(&format!(
             "unshare-error {}",
             std::io::Error::last_os_error()

@@ -185,42 +185,33 @@ pub fn acl(path: &str) -> Outcome {
 }
 
 /// `CAP_NET_ADMIN` over the host's network (the firewall, NAT, routes and interfaces need
-/// it): a mark set on a socket of the host's network namespace (`SO_MARK`). With `own`, in a
-/// new user and network namespace first, where the capability is the process's own.
+/// it): the loopback interface's flags set to what they are (`SIOCSIFFLAGS`, which takes
+/// nothing but that capability). With `own`, in a new user and network namespace first, where
+/// the capability is the process's own.
 pub fn net_admin(own: bool) -> Outcome {
-    use std::os::fd::AsRawFd as _;
     // SAFETY: plain system call with flags only.
     if own && unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNET) } != 0 {
         return Err(errno());
     }
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0")
-        .or_else(|_| std::net::UdpSocket::bind("[::]:0"))
-        .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO));
-    let socket = match socket {
-        Ok(s) => s,
-        // A new network namespace has no address up: a socket of another family will do.
-        Err(_) => {
-            // SAFETY: plain system call; the descriptor is owned below.
-            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
-            if fd < 0 {
-                return Err(errno());
-            }
-            // SAFETY: a descriptor this process just made.
-            std::net::UdpSocket::from(unsafe { OwnedFd::from_raw_fd(fd) })
-        }
-    };
-    let mark: libc::c_int = 1;
-    // SAFETY: an int option of a socket this process owns.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MARK,
-            (&raw const mark).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
+    // SAFETY: plain system call; the descriptor is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a descriptor this process just made.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: all-zero is a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, b) in req.ifr_name.iter_mut().zip(b"lo") {
+        *d = *b as libc::c_char;
+    }
+    // SAFETY: `req` names the interface and receives its flags.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut req) } != 0 {
+        return Err(errno());
+    }
+    // SAFETY: the same flags written back.
+    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const req) } != 0 {
         return Err(errno());
     }
     Ok(Done::Tampered)
