@@ -268,3 +268,54 @@ pub fn pin(link: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
     };
     sys_bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every map reference of the two programs is relocated to the descriptor given for its
+    /// map, and a map the daemon did not open is an error, not a program that names fd 0.
+    #[test]
+    fn the_programs_name_the_maps_they_were_given() {
+        let object = super::super::EBPF_OBJECT;
+        let names: Vec<String> = aya_obj::Object::parse(object)
+            .expect("the object parses")
+            .maps
+            .keys()
+            .cloned()
+            .collect();
+        let maps: Vec<(String, OwnedFd)> = names
+            .iter()
+            .map(|n| {
+                (
+                    n.clone(),
+                    std::fs::File::open("/dev/null")
+                        .expect("a descriptor")
+                        .into(),
+                )
+            })
+            .collect();
+        let fds: Vec<i32> = maps.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+        let prepared = prepare(object, &maps).expect("relocated");
+        assert_eq!(prepared.programs.len(), 2);
+        assert_eq!(prepared.license.to_str(), Ok("GPL"));
+        for (name, attach, insns) in &prepared.programs {
+            assert!(!insns.is_empty(), "{name}");
+            assert!(
+                *attach == bpf_attach_type::BPF_CGROUP_UNIX_CONNECT as u32
+                    || *attach == bpf_attach_type::BPF_CGROUP_UNIX_SENDMSG as u32
+            );
+            // `ld_imm64` with a map source (BPF_PSEUDO_MAP_FD 1, BPF_PSEUDO_MAP_VALUE 2).
+            let mut maps_named = 0;
+            for i in insns {
+                if i.code == 0x18 && matches!(i.src_reg(), 1 | 2) {
+                    assert!(fds.contains(&i.imm), "{name}: map fd {}", i.imm);
+                    maps_named += 1;
+                }
+            }
+            assert!(maps_named > 0, "{name} names no map");
+        }
+        let missing = &maps[1..];
+        assert!(prepare(object, missing).is_err());
+    }
+}
