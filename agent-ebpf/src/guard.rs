@@ -50,8 +50,17 @@ const FMODE_WRITE: u32 = 0x2;
 const READING_FIRMWARE: i32 = 1;
 /// The file systems that are kernel settings as a whole, written by no agent: sysfs
 /// (`/sys/kernel/uevent_helper` starts a program as root), securityfs (LSM policies),
-/// debugfs and tracefs.
-const KERNEL_SETTINGS_MAGIC: [u64; 4] = [0x6265_6572, 0x7363_6673, 0x6462_6720, 0x7472_6163];
+/// debugfs, tracefs, binfmt_misc (a handler registered there runs, as whoever execs a
+/// matching file, the program it names: root's later execs included) and configfs (kernel
+/// objects made by `mkdir` and written settings: targets, gadgets).
+const KERNEL_SETTINGS_MAGIC: [u64; 6] = [
+    0x6265_6572,
+    0x7363_6673,
+    0x6462_6720,
+    0x7472_6163,
+    0x4249_4e4d,
+    0x6265_6570,
+];
 /// `CAP_OPT_NOAUDIT`: the kernel only asks (`has_capability_noaudit`): refused quietly.
 const CAP_OPT_NOAUDIT: u32 = 1 << 1;
 /// `PERF_SECURITY_CPU`: an event counting a whole processor, not a task.

@@ -123,6 +123,12 @@ fn attempt(d: &Daemon, args: &[&str], expect: Expect) {
 /// a launched agent's filter refuses is refused and the rest documented as getting through.
 #[test]
 fn a_labelled_root_cannot_tamper_with_countersign() {
+    // The test VMs have no resolver configuration: one is made (before the daemon guards it)
+    // so that changing it can be tried; a machine's own is left as it is.
+    let resolv_conf = Path::new("/etc/resolv.conf");
+    if std::env::var("COUNTERSIGN_E2E_MODE").as_deref() == Ok("lsm") && !resolv_conf.exists() {
+        std::fs::write(resolv_conf, "nameserver 127.0.0.53\n").expect("a resolv.conf");
+    }
     let (d, dir) = start(&[]);
     let lsm = d.is_lsm();
     let status = d.status();
@@ -218,7 +224,7 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     // place (port 53) nor point the host at a resolver of its own.
     attempt(&d, &["tamper-bind-dns", "127.53.53.53"], hooked("dns"));
     attempt(&d, &["tamper-bind-dns", "::1"], hooked("dns"));
-    if Path::new("/etc/resolv.conf").exists() {
+    if resolv_conf.exists() {
         attempt(
             &d,
             &["tamper-write", "/etc/resolv.conf"],
@@ -226,6 +232,37 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
         );
     } else {
         eprintln!("this machine has no /etc/resolv.conf: that attempt is not made");
+    }
+    // tracefs, one of the file systems that are kernel settings as a whole (the daemon
+    // mounts it where it is missing).
+    let marker = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .map(|d| Path::new(d).join("trace_marker"))
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("tracefs is mounted (the daemon needs it)");
+    attempt(
+        &d,
+        &["tamper-write", marker.to_str().expect("utf-8 path")],
+        hooked("sysctl"),
+    );
+    // binfmt_misc: a handler registered there runs its program for every process that
+    // execs a matching file, root's included. Mounted for the attempt in LSM mode (the VMs'
+    // own kernel), where it usually is on a distribution.
+    let register = Path::new("/proc/sys/fs/binfmt_misc/register");
+    if lsm && !register.exists() {
+        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+        let (fs, dir) = (c("binfmt_misc"), c("/proc/sys/fs/binfmt_misc"));
+        // SAFETY: NUL-terminated strings; no data.
+        unsafe { libc::mount(fs.as_ptr(), dir.as_ptr(), fs.as_ptr(), 0, std::ptr::null()) };
+    }
+    if register.exists() {
+        attempt(
+            &d,
+            &["tamper-write", register.to_str().expect("utf-8 path")],
+            hooked("sysctl"),
+        );
+    } else {
+        eprintln!("binfmt_misc is not mounted here: that attempt is not made");
     }
     if Path::new("/sys/kernel/uevent_helper").exists() {
         attempt(&d, &["tamper-sysfs"], hooked("sysctl"));
