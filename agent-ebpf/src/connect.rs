@@ -25,10 +25,10 @@ use aya_ebpf::{
 use countersign_ebpf::{
     CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_UNHOLDABLE, ERROR_UNIX_KILLED,
     ERROR_UNIX_UNSEEN, FLAG_GRANT_CHECK, FLAG_IN_CONNECT, GrantConnectKey, KIND_CANARY_CONNECT,
-    KIND_CONNECT, KIND_SEND, KIND_UNIX, LABEL_CANARY, LABEL_NONE, MAX_PORT_SPANS, MODE_FALLBACK,
-    MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED, STAT_SEND_DECIDED,
+    KIND_CONNECT, KIND_SEND, KIND_UNIX, LABEL_CANARY, MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM,
+    PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED, STAT_SEND_DECIDED,
     STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING, SendDecided, SendKey,
-    TaskState, UNIX_ALLOW, connect_hash,
+    TaskState, connect_hash,
 };
 
 use crate::{
@@ -383,14 +383,8 @@ pub fn lsm_unix(peer_sk: *const u8, sock_type: u16) -> Verdict {
             return v;
         }
     } else {
-        match crate::unix::rule(label, peer) {
-            Some(UNIX_ALLOW) => return Verdict::Allow,
-            Some(_) => {}
-            None if crate::unix::hold_all(label) => {}
-            // A deputy the daemon holds for every label (label 0) unless the label's own
-            // rule names it.
-            None if crate::unix::rule(LABEL_NONE, peer).is_some() => {}
-            None => return Verdict::Allow,
+        if !crate::unix::restricts(label, peer) {
+            return Verdict::Allow;
         }
         match decided(label, &dest, 0) {
             Some(STATE_ALLOWED) => return Verdict::Allow,
@@ -454,12 +448,8 @@ pub fn sys_exit_connect(ctx: &TracePointContext) {
             return;
         }
     } else {
-        match crate::unix::rule(label, peer) {
-            Some(UNIX_ALLOW) => return,
-            Some(_) => {}
-            None if crate::unix::hold_all(label) => {}
-            None if crate::unix::rule(LABEL_NONE, peer).is_some() => {}
-            None => return,
+        if !crate::unix::restricts(label, peer) {
+            return;
         }
         if decided(label, &dest, 0) == Some(STATE_ALLOWED) {
             return;

@@ -18,31 +18,32 @@ fn read<T>(base: *const u8, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.ok()
 }
 
-/// Whether the current task is an io_uring worker or SQPOLL thread: threads of the process
-/// that the kernel runs, which never return to user space, so a stop and a syscall restart
-/// mean nothing to them. Unknown offsets: no.
+/// The `u32` at `field` (one of the `task_struct` offsets) of the current task; `None` where
+/// those offsets are unknown or the read failed.
 #[inline(always)]
-pub fn io_thread() -> bool {
+fn current_u32(field: impl FnOnce(&countersign_ebpf::KernelOffsets) -> u32) -> Option<u32> {
     let o = maps::kernel_offsets();
     if o.task_valid == 0 {
-        return false;
+        return None;
     }
     // SAFETY: helper without arguments.
     let task = unsafe { bpf_get_current_task() } as *const u8;
-    read::<u32>(task, o.task_flags).is_some_and(|f| f & PF_IO_WORKER != 0)
+    read::<u32>(task, field(o))
 }
 
-/// Whether another process traces the current task (`task_struct.ptrace`). Unknown offsets:
-/// yes (the caller fails closed).
+/// Whether the current task is an io_uring worker or SQPOLL thread: threads of the process
+/// that the kernel runs, which never return to user space, so a stop and a syscall restart
+/// mean nothing to them. Unknown: no.
+#[inline(always)]
+pub fn io_thread() -> bool {
+    current_u32(|o| o.task_flags).is_some_and(|f| f & PF_IO_WORKER != 0)
+}
+
+/// Whether another process traces the current task (`task_struct.ptrace`). Unknown: yes (the
+/// caller fails closed).
 #[inline(always)]
 pub fn traced() -> bool {
-    let o = maps::kernel_offsets();
-    if o.task_valid == 0 {
-        return true;
-    }
-    // SAFETY: helper without arguments.
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    read::<u32>(task, o.task_ptrace).is_none_or(|p| p != 0)
+    current_u32(|o| o.task_ptrace).is_none_or(|p| p != 0)
 }
 
 /// Whether a network hook (LSM mode) runs under a system call that restarts after a hold:

@@ -4,7 +4,8 @@
 //! The hold itself is `connect::lsm_unix`.
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 use countersign_ebpf::{
-    ExecKey, UNIX_ABSTRACT_DEV, UNIX_LABEL_HOLD_ALL, UNIX_NAME_LEN, UnixPeer, abstract_hash,
+    ExecKey, LABEL_NONE, UNIX_ABSTRACT_DEV, UNIX_ALLOW, UNIX_LABEL_HOLD_ALL, UNIX_NAME_LEN,
+    UnixPeer, abstract_hash,
 };
 
 use crate::{
@@ -133,6 +134,17 @@ pub fn rule(label: u32, peer: UnixPeer) -> Option<u32> {
     };
     // SAFETY: reading a plain value out of the map.
     unsafe { UNIX_RULES.get(&key) }.copied()
+}
+
+/// Whether `label` reaches `peer` only by a decision: its own rule does not allow it, or no
+/// rule of its names it and it holds every socket, or it is a deputy held for every label
+/// (label 0) that the label's own rule does not name.
+#[inline(always)]
+pub fn restricts(label: u32, peer: UnixPeer) -> bool {
+    match rule(label, peer) {
+        Some(r) => r != UNIX_ALLOW,
+        None => hold_all(label) || rule(LABEL_NONE, peer).is_some(),
+    }
 }
 
 /// Whether `label` holds the local sockets no rule names.

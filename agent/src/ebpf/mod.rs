@@ -149,8 +149,7 @@ pub struct Kernel {
     exec_labels_on: u32,
     /// Copies of the maps' descriptors, for the programs this daemon loads itself.
     map_fds: Vec<(String, std::os::fd::OwnedFd)>,
-    /// Fallback mode: what the kernel sees of local sockets, for `status`.
-    local_sockets: Option<String>,
+    /// Fallback mode: the cgroup programs of local sockets are attached (Linux 6.7+).
     local_socket_programs: bool,
 }
 
@@ -276,7 +275,6 @@ impl Kernel {
             cgroup_labels_on: previous.cgroup_labels,
             exec_labels_on: previous.exec_labels,
             map_fds,
-            local_sockets: None,
             local_socket_programs: false,
         };
         // An earlier daemon's programs may still be attached: from now on they must not hold
@@ -574,19 +572,11 @@ impl Kernel {
                     self.attached.push((name, AttachedLink::Raw(link)));
                 }
                 self.local_socket_programs = true;
-                self.local_sockets = Some(
-                    "connects checked once made (held before for agents started by `countersign exec`); connects through io_uring or the 32-bit entry, and datagrams sent with an address under a label that restricts local sockets, refused"
-                        .to_owned(),
-                );
                 Ok(())
             }
             Err(unix_cgroup::UnixCgroupError::Unsupported) => {
                 tracing::warn!(
                     "this kernel has no cgroup programs for local sockets (Linux 6.7+): a labelled process's local-socket connects through io_uring or the 32-bit entry, and its datagrams sent with an address, are not seen"
-                );
-                self.local_sockets = Some(
-                    "connects checked once made (held before for agents started by `countersign exec`); connects through io_uring or the 32-bit entry, and datagrams sent with an address, not seen (kernel before 6.7)"
-                        .to_owned(),
                 );
                 Ok(())
             }
@@ -603,8 +593,20 @@ impl Kernel {
     }
 
     /// Fallback mode: what the kernel sees of local sockets (`None` in LSM mode).
-    pub fn local_sockets(&self) -> Option<&str> {
-        self.local_sockets.as_deref()
+    pub fn local_sockets(&self) -> Option<&'static str> {
+        match self.mode {
+            Mode::Lsm => None,
+            Mode::Fallback if self.local_socket_programs => Some(concat!(
+                "connects checked once made (held before for agents started by `countersign exec`); ",
+                "connects through io_uring or the 32-bit entry, and datagrams sent with an address ",
+                "under a label that restricts local sockets, refused"
+            )),
+            Mode::Fallback => Some(concat!(
+                "connects checked once made (held before for agents started by `countersign exec`); ",
+                "connects through io_uring or the 32-bit entry, and datagrams sent with an address, ",
+                "not seen (kernel before 6.7)"
+            )),
+        }
     }
 
     /// Installs the cgroup labels (after the canary, so that no agent is held before the

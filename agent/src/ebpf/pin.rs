@@ -64,12 +64,7 @@ pub fn pin_links(
     let mut pinned = Vec::new();
     for (name, link) in links {
         let path = ldir.join(name);
-        // Removing the old pin detaches the old program; the new one is attached already.
-        match std::fs::remove_file(&path) {
-            Ok(()) => tracing::info!(program = name, "replaced the program of an earlier daemon"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(KernelError::Io { path, error }),
-        }
+        unpin_earlier(&path, name)?;
         let link = link.pin(&path).map_err(|e| KernelError::Io {
             path: path.clone(),
             error: std::io::Error::other(e),
@@ -77,6 +72,22 @@ pub fn pin_links(
         pinned.push(link);
     }
     Ok(pinned)
+}
+
+/// Removes an earlier daemon's pin of program `name` at `path`: that detaches its program
+/// (this daemon's is attached already).
+fn unpin_earlier(path: &Path, name: &str) -> Result<(), KernelError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(program = name, "replaced the program of an earlier daemon"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(KernelError::Io {
+                path: path.to_path_buf(),
+                error,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Pins links this daemon made itself (program name, link descriptor) like [`pin_links`],
@@ -91,11 +102,7 @@ pub fn pin_raw_links(
     let mut pinned = Vec::new();
     for (name, link) in links {
         let path = ldir.join(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => tracing::info!(program = name, "replaced the program of an earlier daemon"),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(KernelError::Io { path, error }),
-        }
+        unpin_earlier(&path, name)?;
         let io = |error| KernelError::Io {
             path: path.clone(),
             error,

@@ -560,6 +560,27 @@ fn local(name: &str, datagram: bool) -> Sink {
     Sink::Local(name.to_owned(), socket)
 }
 
+/// A daemon whose policy (written in `dir`) escalates the label `agent`'s connects and
+/// datagrams to the local sockets of `sockets` (a YAML flow list's items).
+fn with_unix_rule(dir: &std::path::Path, sockets: &str) -> Daemon {
+    let policy = dir.join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: agent
+    rules:
+      - name: local services
+        unix: [{sockets}]
+        outcome: escalate
+"
+        ),
+    )
+    .expect("policy");
+    Daemon::start_with(&["--policy", policy.to_str().expect("utf-8")])
+}
+
 /// A local socket the policy holds, reached another way than a plain `connect` or `sendto`:
 /// `sendmsg`, io_uring in every submission mode, the 32-bit entry. LSM mode holds what
 /// restarts and refuses io_uring's (nothing restarts there); fallback mode cannot tell which
@@ -571,22 +592,10 @@ fn local_sockets_by_every_path(who: As) {
     let tag = format!("countersign-paths-{}-{who:?}", std::process::id());
     let (stream_name, datagram_name) = (format!("@{tag}-s"), format!("@{tag}-d"));
     let dir = tempfile::tempdir().expect("tempdir");
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: countersign.dev/v1
-labels:
-  - name: agent
-    rules:
-      - name: local services
-        unix: [\"{stream_name}\", \"{datagram_name}\"]
-        outcome: escalate
-"
-        ),
-    )
-    .expect("policy");
-    let d = Daemon::start_with(&["--policy", policy.to_str().expect("utf-8")]);
+    let d = with_unix_rule(
+        dir.path(),
+        &format!("\"{stream_name}\", \"{datagram_name}\""),
+    );
     if !d.is_lsm() && !d.has_local_socket_programs() {
         // Kernels before 6.7 have no such programs: README "Not held yet" says what is not
         // seen there. The status must say so too.
@@ -686,22 +695,7 @@ fn local_services_the_policy_names_are_held() {
         }
     }
     let _short_gone = Gone(short.clone());
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "apiVersion: countersign.dev/v1
-labels:
-  - name: agent
-    rules:
-      - name: deputies
-        unix: [{deputy}, {log}, \"{abstract_name}\"]
-        outcome: escalate
-"
-        ),
-    )
-    .expect("policy");
-    let d = Daemon::start_with(&["--policy", policy.to_str().expect("utf-8")]);
+    let d = with_unix_rule(dir.path(), &format!("{deputy}, {log}, \"{abstract_name}\""));
     let attempt = |args: &[&str], decide: &'static str| {
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         labelled_attempt(&d, As::Root, &args, move |_| decide)
