@@ -16,8 +16,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use countersign_ebpf::{
-    ARGV_VERIFY_MAX, ApprovedExec, ERROR_EXEC_TRACED, ERROR_EXEC_UNVERIFIED, ExecKey,
-    FLAG_EXEC_LOADED, FLAG_NOTIFIED, FileKey, KIND_CANARY_EXEC, KIND_ERROR, KIND_EXEC,
+    ARGV_VERIFY_MAX, ApprovedExec, ERROR_EXEC_RAN_EARLY, ERROR_EXEC_TRACED, ERROR_EXEC_UNVERIFIED,
+    ExecKey, FLAG_EXEC_LOADED, FLAG_NOTIFIED, FileKey, KIND_CANARY_EXEC, KIND_ERROR, KIND_EXEC,
     KIND_EXEC_LOADED, KIND_EXEC_VERIFIED, LABEL_CANARY, LABEL_NONE, MODE_FALLBACK, MODE_LSM,
     MODE_OFF, STAT_FAST_EXEC, STAT_GRANT_ALLOWED, STATE_ALLOWED, STATE_DENIED, STATE_EXEC_RELEASED,
     STATE_IDLE, STATE_PENDING, TaskState,
@@ -369,10 +369,60 @@ pub fn sched_exec(ctx: &TracePointContext, looped: bool) {
     let requested = hold::event(KIND_EXEC_LOADED, state.label)
         .is_some_and(|ev| hold::request(state, KIND_EXEC_LOADED, 0, ev));
     if requested {
-        hold::stop_current();
+        // Watched from now until its first fault in user mode (see `user_fault`); a hold
+        // that cannot be watched could be let run early: killed instead.
+        if maps::watch_loaded(label::current_tid()) {
+            hold::stop_current();
+        } else {
+            hold::kill_current();
+        }
     } else {
         // Nobody would decide it: fail closed before the first instruction.
         hold::kill_current();
+    }
+}
+
+/// Fallback mode: a page fault in user mode (x86's `page_fault_user`). The hold after
+/// loading is a stop, and a stop ends with any `SIGCONT` (or a tracer that attached first)
+/// before the daemon can seize the task. But a new image's memory is mapped, not yet present:
+/// its first instruction faults (the kernel wrote only the stack). A task whose loaded exec is
+/// still pending that faults in user mode was let run without a decision: it is killed, and
+/// the kill is taken before the faulting instruction is retried. The daemon writes its
+/// decision into the task's state before it lets the task go.
+///
+/// Every host's fault passes here: while no task is watched (the usual case) it reads one
+/// counter and returns. A watched task's first fault ends the watch, whatever it finds.
+#[inline(always)]
+pub fn user_fault() {
+    if !maps::loaded_watched() {
+        return;
+    }
+    let tid = label::current_tid();
+    if !maps::unwatch_loaded(tid) {
+        return;
+    }
+    let Some(state) = maps::TASKS.get_ptr_mut(tid) else {
+        // Watched but without a state: nothing says it was let go.
+        hold::kill_current();
+        return;
+    };
+    // SAFETY: the pointer comes from the map lookup and is valid for this run.
+    let state = unsafe { &mut *state };
+    if state.kind != KIND_EXEC_LOADED || state.state != STATE_PENDING {
+        // Let go by the daemon's decision, which it wrote before resuming the task.
+        return;
+    }
+    hold::kill_current();
+    // Reported once: the task dies with its next return to user mode.
+    state.state = STATE_DENIED;
+    maps::count(countersign_ebpf::STAT_UNHOLDABLE);
+    if let Some(ev) = hold::event(KIND_ERROR, state.label) {
+        ev.action = KIND_EXEC_LOADED as u16;
+        ev.detail = ERROR_EXEC_RAN_EARLY;
+        ev.request_id = state.request_id;
+        ev.exec_filename = state.exec_filename;
+        ev.exec_argv = state.exec_argv;
+        maps::emit(ev);
     }
 }
 

@@ -222,5 +222,10 @@ pub fn inherit(ctx: &TracePointContext) {
 
 #[inline(always)]
 pub fn forget_current() {
-    let _ = TASKS.remove(current_tid());
+    let tid = current_tid();
+    // A thread that exits while its loaded exec is watched (killed, denied) ends the watch.
+    if maps::loaded_watched() {
+        maps::unwatch_loaded(tid);
+    }
+    let _ = TASKS.remove(tid);
 }

@@ -79,6 +79,17 @@ pub const MAP_EXEC_APPROVED: &str = "CS_EXEC_APPROVED";
 /// kernel's device and inode) → `GUARD_*` bits. Written by the daemon at start and on every
 /// reload; not pinned (the programs that read it keep it).
 pub const MAP_GUARD_FILES: &str = "CS_GUARD_FILES";
+/// Fallback mode: the threads whose exec was held after loading and that have not faulted in
+/// user mode since (tid → 0), whose first fault is checked. Only the kernel writes it: an
+/// entry is removed exactly once (at that fault or at the thread's exit), and whoever removes
+/// it lowers [`MAP_LOADED_WATCHED_COUNT`].
+pub const MAP_LOADED_WATCHED: &str = "CS_LOADED_WATCHED";
+/// Capacity of [`MAP_LOADED_WATCHED`]; a hold that finds it full kills instead.
+pub const MAX_LOADED_WATCHED: u32 = 4_096;
+/// Fallback mode: the number of entries of [`MAP_LOADED_WATCHED`] (one `u64`). The check at
+/// user page faults reads nothing else while it is 0, which it is unless an exec is held
+/// after loading (or was just let go and has not run yet).
+pub const MAP_LOADED_WATCHED_COUNT: &str = "CS_LOADED_WATCHED_N";
 /// Capacity of [`MAP_GUARD_FILES`].
 pub const MAX_GUARD_FILES: u32 = 1_024;
 /// [`MAP_GUARD_FILES`] bits. A file: no opening for writing, truncating, changing its mode or
@@ -95,7 +106,7 @@ pub const GUARD_ANCESTOR: u32 = 8;
 
 /// Every map above but the DNS ones and the guard's is pinned by name in the daemon's pin
 /// directory, so that holds and labels survive a daemon restart.
-pub const PINNED_MAPS: [&str; 16] = [
+pub const PINNED_MAPS: [&str; 18] = [
     MAP_TASKS,
     MAP_CGROUP_LABELS,
     MAP_EVENTS,
@@ -112,6 +123,8 @@ pub const PINNED_MAPS: [&str; 16] = [
     MAP_UNIX_RULES,
     MAP_UNIX_HOLD_ALL,
     MAP_EXEC_APPROVED,
+    MAP_LOADED_WATCHED,
+    MAP_LOADED_WATCHED_COUNT,
 ];
 /// Capacity of [`MAP_GRANT_EXEC`] and of [`MAP_GRANT_CONNECT`]: the daemon's most grants.
 pub const MAX_KERNEL_GRANTS: u32 = 4_096;
@@ -158,6 +171,8 @@ pub const PROG_TP_SYS_ENTER_EXECVE: &str = "cs_tp_sys_enter_execve";
 pub const PROG_TP_SYS_ENTER_EXECVEAT: &str = "cs_tp_sys_enter_execveat";
 pub const PROG_TP_SCHED_EXEC: &str = "cs_tp_sched_exec";
 pub const PROG_TP_SCHED_EXEC_UNROLLED: &str = "cs_tp_sched_exec_unrolled";
+/// Fallback mode (x86): every page fault in user mode; see `exec::user_fault`.
+pub const PROG_RTP_PAGE_FAULT_USER: &str = "cs_rtp_page_fault_user";
 pub const PROG_TP_TASK_NEWTASK: &str = "cs_tp_task_newtask";
 pub const PROG_TP_SCHED_EXIT: &str = "cs_tp_sched_exit";
 pub const PROG_TP_SYS_ENTER_CONNECT: &str = "cs_tp_sys_enter_connect";
@@ -463,6 +478,11 @@ pub const ERROR_UNIX_UNSEEN: i32 = 6;
 /// tracer could let the image run before the daemon holds it, so it was killed before its
 /// first instruction.
 pub const ERROR_EXEC_TRACED: i32 = 7;
+/// Fallback mode: an exec held after loading ran before its decision — its stop was ended
+/// (a `SIGCONT`, a tracer that attached before the daemon) and it touched its first page of
+/// code or data: it was killed at that page fault, before the faulting instruction ran.
+/// [`Event::request_id`] is the held request.
+pub const ERROR_EXEC_RAN_EARLY: i32 = 8;
 
 /// Longest argv (the bytes of the strings with their terminators) an approved exec can be
 /// verified against in the kernel (see [`ApprovedExec`]).

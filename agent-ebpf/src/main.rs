@@ -2,6 +2,9 @@
 //! and `connect`; each shim maps a [`hold::Verdict`] to what its hook returns.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The plain atomic add (`lock xadd`): the bpf target's `AtomicU64` has no read-modify-write.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod connect;
@@ -27,10 +30,12 @@ mod unix;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, fentry, lsm, tracepoint},
+        macros::{
+            cgroup_skb, cgroup_sock, cgroup_sock_addr, fentry, lsm, raw_tracepoint, tracepoint,
+        },
         programs::{
-            FEntryContext, LsmContext, SkBuffContext, SockAddrContext, SockContext,
-            TracePointContext,
+            FEntryContext, LsmContext, RawTracePointContext, SkBuffContext, SockAddrContext,
+            SockContext, TracePointContext,
         },
     };
 
@@ -353,6 +358,14 @@ mod programs {
     #[tracepoint(category = "sched", name = "sched_process_exec")]
     pub fn cs_tp_sched_exec_unrolled(ctx: TracePointContext) -> u32 {
         exec::sched_exec(&ctx, false);
+        0
+    }
+
+    /// Fallback mode (x86): a page fault in user mode. An image held after loading that
+    /// faults was let run before its decision: killed before the faulting instruction.
+    #[raw_tracepoint(tracepoint = "page_fault_user")]
+    pub fn cs_rtp_page_fault_user(_ctx: RawTracePointContext) -> i32 {
+        exec::user_fault();
         0
     }
 

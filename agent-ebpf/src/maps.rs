@@ -92,6 +92,58 @@ pub static NAME_SCRATCH: PerCpuArray<[u8; countersign_ebpf::UNIX_NAME_LEN]> =
     PerCpuArray::with_max_entries(1, 0);
 
 /// Written and read by the daemon only.
+/// See [`countersign_ebpf::MAP_LOADED_WATCHED`]. Pinned, as is its count: they outlive a
+/// daemon, like the holds they watch.
+#[map(name = "CS_LOADED_WATCHED")]
+pub static LOADED_WATCHED: HashMap<u32, u32> =
+    HashMap::pinned(countersign_ebpf::MAX_LOADED_WATCHED, 0);
+
+#[map(name = "CS_LOADED_WATCHED_N")]
+pub static LOADED_WATCHED_COUNT: Array<u64> = Array::pinned(1, 0);
+
+/// Starts watching thread `tid`; false if it cannot be watched (no room).
+#[inline(always)]
+pub fn watch_loaded(tid: u32) -> bool {
+    // BPF_NOEXIST: only the insert that creates the entry counts it.
+    match LOADED_WATCHED.insert(tid, 0, 1) {
+        Ok(()) => {
+            loaded_watched_add(1);
+            true
+        }
+        Err(_) => LOADED_WATCHED.get_ptr(tid).is_some(),
+    }
+}
+
+/// Stops watching thread `tid`; true if it was watched. Exactly one caller removes an entry.
+#[inline(always)]
+pub fn unwatch_loaded(tid: u32) -> bool {
+    if LOADED_WATCHED.remove(tid).is_ok() {
+        loaded_watched_add(u64::MAX);
+        true
+    } else {
+        false
+    }
+}
+
+/// Adds `delta` (wrapping: -1 is `u64::MAX`) to the count of watched threads, atomically.
+#[inline(always)]
+fn loaded_watched_add(delta: u64) {
+    if let Some(p) = LOADED_WATCHED_COUNT.get_ptr_mut(0) {
+        use core::intrinsics::{AtomicOrdering, atomic_xadd};
+        // SAFETY: the pointer comes from the map lookup and stays valid for this program run;
+        // the value is only ever changed atomically. The result is not used, so this is the
+        // plain atomic add (`BPF_XADD`) every kernel's verifier knows.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, delta) };
+    }
+}
+
+/// Whether any task's exec is held after loading, or was let go and has not run yet.
+#[inline(always)]
+pub fn loaded_watched() -> bool {
+    // SAFETY: a plain read of the map's value.
+    LOADED_WATCHED_COUNT.get(0).is_some_and(|n| *n != 0)
+}
+
 #[map(name = "CS_LABELS")]
 pub static LABELS: HashMap<u32, LabelName> = HashMap::pinned(MAX_LABELS, 0);
 

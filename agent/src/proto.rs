@@ -159,6 +159,11 @@ pub struct StatusInfo {
     /// fallback mode cannot tell apart; see `local_sockets`).
     #[serde(default)]
     pub local_socket_programs: bool,
+    /// Fallback mode: threads whose exec is held after loading (or was just let go) and
+    /// whose first page fault the kernel still checks; `None` where it cannot (see
+    /// `exec_hold`).
+    #[serde(default)]
+    pub loaded_exec_watched: Option<u64>,
     /// Launched agents whose execs the daemon decides before they start.
     #[serde(default)]
     pub exec_notifiers: usize,

@@ -302,6 +302,14 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     if names.active() {
         tracing::info!(resolvers = ?names.resolvers(), capture = names.capture_programs(), "learning destination names from DNS answers");
     }
+    // Agents held after loading: what ends the stop before the daemon holds it.
+    let exec_hold = exec_hold.map(|hold| {
+        if kernel.loaded_exec_tripwire() {
+            format!("{hold}; a stopped image let run before its decision is killed at its first page fault")
+        } else {
+            format!("{hold}; a SIGCONT or a tracer in the moment before the daemon holds a stopped image can let it run (no page-fault tracepoint on this kernel)")
+        }
+    });
     let dns_ready = names.readiness();
     let mut daemon = Daemon {
         kernel,
@@ -711,6 +719,20 @@ impl Daemon {
             shared::KIND_ERROR if ev.detail == shared::ERROR_EXEC_TRACED => {
                 self.kernel_refused(ev, "killed", "sigkill",
                     "kernel: an exec held after loading by a task another process traces (it asked to be traced, or was attached to), whose tracer could have let it run before the hold: killed before its first instruction");
+            }
+            shared::KIND_ERROR if ev.detail == shared::ERROR_EXEC_RAN_EARLY => {
+                let by = "kernel: an exec held after loading was let run before its decision (its stop ended by a SIGCONT, or by a tracer that attached before the daemon): killed at its first page fault, before that instruction ran";
+                let id = self
+                    .requests
+                    .iter()
+                    .find(|(_, h)| h.tid == ev.tid && h.kernel_id == ev.request_id)
+                    .map(|(id, _)| *id);
+                match id.and_then(|id| self.requests.remove(&id)) {
+                    Some(held) => {
+                        self.apply(held, Decision::Kill, by);
+                    }
+                    None => self.kernel_refused(ev, "killed", "sigkill", by),
+                }
             }
             shared::KIND_ERROR if ev.detail == shared::ERROR_EXEC_UNVERIFIED => {
                 self.kernel_refused(ev, "killed", "sigkill",
@@ -1949,6 +1971,7 @@ impl Daemon {
             exec_hold: self.exec_hold.clone(),
             local_sockets: self.kernel.local_sockets().map(str::to_owned),
             local_socket_programs: self.kernel.local_socket_programs(),
+            loaded_exec_watched: self.kernel.loaded_exec_watched(),
             exec_notifiers: self.notifier.as_ref().map_or(0, notified::Notifier::live),
             self_protection: Some(self.self_protection()),
             dns: self.config.dns.enabled.then(|| crate::proto::DnsStatus {

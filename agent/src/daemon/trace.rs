@@ -38,7 +38,13 @@ impl Tracer {
             return Ok(());
         }
         let deadline = Instant::now() + STOP_WAIT;
-        while !matches!(enrich::stat(pid), Some((_, 'T' | 't', _))) {
+        loop {
+            match enrich::stat(pid) {
+                Some((_, 'T' | 't', _)) => break,
+                // Killed already (the kernel's check of a stop ended early, a decision).
+                None | Some((_, 'Z' | 'X', _)) => return Err(format!("pid {pid} exited")),
+                Some(_) => {}
+            }
             if Instant::now() > deadline {
                 return Err(format!("pid {pid} did not stop within {STOP_WAIT:?}"));
             }

@@ -18,11 +18,12 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, TracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, TracePoint,
         cgroup_sock::CgroupSockLinkId,
         cgroup_sock_addr::CgroupSockAddrLinkId,
         links::{FdLink, PinnedLink},
         lsm::LsmLinkId,
+        raw_trace_point::RawTracePointLinkId,
         trace_point::TracePointLinkId,
     },
 };
@@ -151,6 +152,9 @@ pub struct Kernel {
     map_fds: Vec<(String, std::os::fd::OwnedFd)>,
     /// Fallback mode: the cgroup programs of local sockets are attached (Linux 6.7+).
     local_socket_programs: bool,
+    /// Fallback mode: the check of images held after loading at their first page fault is
+    /// attached (x86: `page_fault_user`).
+    loaded_exec_tripwire: bool,
 }
 
 /// A link attached by this daemon, by program type.
@@ -161,6 +165,7 @@ enum AttachedLink {
     CgroupSock(CgroupSockLinkId),
     /// A link this daemon made itself (see `unix_cgroup`).
     Raw(std::os::fd::OwnedFd),
+    RawTracePoint(RawTracePointLinkId),
 }
 
 impl Kernel {
@@ -276,6 +281,7 @@ impl Kernel {
             exec_labels_on: previous.exec_labels,
             map_fds,
             local_socket_programs: false,
+            loaded_exec_tripwire: false,
         };
         // An earlier daemon's programs may still be attached: from now on they must not hold
         // this daemon. Its mode stays in force until ours is proven.
@@ -551,7 +557,49 @@ impl Kernel {
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(|error| KernelError::Program { name, error })?;
         self.attached.push((name, AttachedLink::CgroupSock(id)));
+        self.attach_loaded_exec_tripwire();
         self.attach_unix_cgroup(&cgroup)
+    }
+
+    /// Fallback mode: kills an image held after loading at its first page fault if it was let
+    /// run before its decision (see `exec::user_fault` in the eBPF object). The tracepoint is
+    /// x86's; elsewhere the hold after loading keeps its window (`status` says so).
+    fn attach_loaded_exec_tripwire(&mut self) {
+        let name = shared::PROG_RTP_PAGE_FAULT_USER;
+        let attached = program_as::<RawTracePoint>(&mut self.ebpf, name).and_then(|prog| {
+            prog.load()
+                .map_err(|error| KernelError::Program { name, error })?;
+            prog.attach("page_fault_user")
+                .map_err(|error| KernelError::Program { name, error })
+        });
+        match attached {
+            Ok(id) => {
+                self.attached.push((name, AttachedLink::RawTracePoint(id)));
+                self.loaded_exec_tripwire = true;
+            }
+            Err(e) => tracing::warn!(
+                error = %error_chain(&e),
+                "no check of page faults: an exec held after loading (agents not started by `countersign exec`) can be let run by a SIGCONT or a tracer in the moment before the daemon holds it"
+            ),
+        }
+    }
+
+    /// Fallback mode: whether an image held after loading is killed if it runs before its
+    /// decision.
+    pub fn loaded_exec_tripwire(&self) -> bool {
+        self.loaded_exec_tripwire
+    }
+
+    /// Fallback mode: threads whose exec was held after loading and whose first page fault is
+    /// still to be checked (`None` where that check is not attached). 0 whenever no exec is
+    /// held so: only then does the check cost every other fault nothing but one read.
+    pub fn loaded_exec_watched(&self) -> Option<u64> {
+        if !self.loaded_exec_tripwire {
+            return None;
+        }
+        let map = self.ebpf.map(shared::MAP_LOADED_WATCHED_COUNT)?;
+        let count: Array<&MapData, u64> = Array::try_from(map).ok()?;
+        count.get(&0, 0).ok()
     }
 
     /// Fallback mode, kernels 6.7+: the cgroup programs of local sockets (see
@@ -886,6 +934,15 @@ impl Kernel {
                     .take_link(id)
                     .map_err(|error| KernelError::Program { name, error })?;
                 FdLink::try_from(link).map_err(|e| invalid(&e))?
+            }
+            AttachedLink::RawTracePoint(id) => {
+                let p: &mut RawTracePoint = prog
+                    .try_into()
+                    .map_err(|error| KernelError::Program { name, error })?;
+                FdLink::from(
+                    p.take_link(id)
+                        .map_err(|error| KernelError::Program { name, error })?,
+                )
             }
             AttachedLink::Raw(_) => {
                 return Err(KernelError::Map {

@@ -63,6 +63,10 @@
 //!   cs-escape exec-attach MARKER              the parent seizes its child before it execs,
 //!                                             then the same
 //!   cs-escape exec-sigcont MARKER             a child execs under a flood of SIGCONT
+//!   cs-escape exec-sigcont-storm MARKER       a child execs while a sibling sends it SIGCONT
+//!                                             without a pause
+//!   cs-escape exec-attach-stopped MARKER      the parent attaches to its child once it is
+//!                                             stopped after its exec, then continues each stop
 //!   cs-escape exec-own-notifier MARKER        its own seccomp filter and listener answer its
 //!                                             exec "go on"
 //!   cs-escape exec-path PATH MARKER           execs PATH (the scenario replaces the file)
@@ -205,6 +209,8 @@ fn main() {
         Some("exec-traceme") => exec::traceme(arg(2).expect("a MARKER argument")),
         Some("exec-attach") => exec::attach(arg(2).expect("a MARKER argument")),
         Some("exec-sigcont") => exec::sigcont(arg(2).expect("a MARKER argument")),
+        Some("exec-sigcont-storm") => exec::sigcont_storm(arg(2).expect("a MARKER argument")),
+        Some("exec-attach-stopped") => exec::attach_stopped(arg(2).expect("a MARKER argument")),
         Some("exec-own-notifier") => exec::own_notifier(arg(2).expect("a MARKER argument")),
         Some("exec-path") => exec::path(
             arg(2).expect("a PATH argument"),

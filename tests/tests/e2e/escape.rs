@@ -865,6 +865,56 @@ fn traced_execs_after_loading(who: As) {
     }
 }
 
+/// Fallback mode's hold after loading (agents not started by `countersign exec`; here forced
+/// with `fallback_exec_hold: stop`): nothing lets the stopped image run before its decision —
+/// `SIGCONT` sent from before the exec without a pause (it ends the stop before the daemon can
+/// seize the task), a parent that attaches to the stopped task before the daemon does. Each
+/// exec is denied: nothing may run.
+fn execs_after_loading(who: As) {
+    let d = Daemon::start_with(&["--fallback-exec-hold", "stop"]);
+    if d.is_lsm() {
+        eprintln!("not applicable: LSM mode holds every exec before it loads");
+        return;
+    }
+    assert_eq!(d.exec_kind(), "exec-loaded");
+    for t in ["exec-sigcont", "exec-sigcont-storm", "exec-attach-stopped"] {
+        let sink = marker(&d, t);
+        let args = [t.to_owned(), sink.addr()];
+        unlabelled_delivers(&d, who, &args, &sink);
+        let a = labelled_attempt(&d, who, &args, |_| "deny");
+        assert!(
+            !sink.arrived(&a.stdout),
+            "ESCAPE as {who:?}: {t}: the held image ran before its decision ({})",
+            a.stdout
+        );
+        // Killed: denied while the daemon held it, or by the kernel once it was let run.
+        assert_eq!(a.stdout, "error 137", "as {who:?}: {t}: {:?}", a.requests);
+        if !a.requests.iter().any(|r| r["kind"] == "exec-loaded") {
+            // The child was gone before it could be listed: the kernel says why.
+            let record = d.wait_decision(&format!("the kernel's kill in {t}"), |e| {
+                e["by"].as_str().is_some_and(|b| {
+                    b.starts_with(
+                        "kernel: an exec held after loading was let run before its decision",
+                    )
+                }) && e["request"]["pid"] != a.pid
+            });
+            assert_eq!(record["request"]["kind"], "exec-loaded", "{record}");
+        }
+    }
+    // Every watch ended (the check costs other page faults nothing but one read again).
+    assert_eq!(d.status()["loaded_exec_watched"], 0, "{}", d.status());
+}
+
+#[test]
+fn a_held_exec_after_loading_cannot_be_run_early_as_root() {
+    execs_after_loading(As::Root);
+}
+
+#[test]
+fn a_held_exec_after_loading_cannot_be_run_early_as_nobody() {
+    execs_after_loading(As::Nobody);
+}
+
 #[test]
 fn a_traced_exec_held_after_loading_never_runs_as_root() {
     traced_execs_after_loading(As::Root);

@@ -157,6 +157,84 @@ pub fn sigcont(marker: &str) -> Outcome {
     outcome(marker, drive(pid, false))
 }
 
+/// A child execs while a sibling sends it `SIGCONT` without a pause, from before the exec
+/// until the child ends: a stop that a `SIGCONT` ends does not last.
+pub fn sigcont_storm(marker: &str) -> Outcome {
+    let exe = self_exe();
+    let pid = fork(|| exec_mark(&exe, marker));
+    let storm = fork(move || {
+        let deadline = Instant::now() + TRY_FOR;
+        while Instant::now() < deadline {
+            // SAFETY: signalling our sibling (a zombie until our parent reaps it).
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+        0
+    });
+    let status = wait_end(pid);
+    // SAFETY: ending and reaping our own child.
+    unsafe {
+        libc::kill(storm, libc::SIGKILL);
+        libc::waitpid(storm, std::ptr::null_mut(), 0);
+    }
+    outcome(marker, status)
+}
+
+/// The parent attaches to its child (`PTRACE_ATTACH`) as soon as the child is stopped after
+/// its exec — before anyone else could trace it — then continues every stop.
+pub fn attach_stopped(marker: &str) -> Outcome {
+    let exe = self_exe();
+    let pid = fork(|| exec_mark(&exe, marker));
+    let deadline = Instant::now() + TRY_FOR;
+    loop {
+        match run_state(pid) {
+            Some(b'T' | b't') => break,
+            // Ended (it ran, or was killed): nothing to attach to.
+            None | Some(b'Z' | b'X') => return outcome(marker, wait_end(pid)),
+            Some(_) if Instant::now() > deadline => {
+                // SAFETY: ending our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                return outcome(marker, wait_end(pid));
+            }
+            Some(_) => std::hint::spin_loop(),
+        }
+    }
+    // SAFETY: plain system call on our child.
+    if unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, 0, 0) } != 0 {
+        // Somebody else traces it already: it ends as they decide.
+        return outcome(marker, wait_end(pid));
+    }
+    outcome(marker, drive(pid, true))
+}
+
+/// The state letter of process `pid` (`/proc/PID/stat`), `None` once it is gone.
+fn run_state(pid: libc::pid_t) -> Option<u8> {
+    let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (COMM) S ...": COMM may hold anything, so the state follows the last ')'.
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    stat.get(close + 2).copied()
+}
+
+/// Waits for our child `pid` to end (killing it after [`TRY_FOR`]); its wait status.
+fn wait_end(pid: libc::pid_t) -> i32 {
+    let deadline = Instant::now() + TRY_FOR;
+    loop {
+        let mut status = 0;
+        // SAFETY: plain system calls on our child.
+        let r = unsafe { libc::waitpid(pid, &raw mut status, libc::WNOHANG | libc::__WALL) };
+        if r == pid && (libc::WIFEXITED(status) || libc::WIFSIGNALED(status)) {
+            return status;
+        }
+        if r < 0 {
+            return status;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The program at `path` is run (the scenario may replace the file meanwhile).
 pub fn path(program: &str, marker: &str) -> Outcome {
     Err(exec_mark(program, marker))
