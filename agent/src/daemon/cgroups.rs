@@ -348,8 +348,10 @@ impl Daemon {
     /// (it never passes that lookup again). Killed if its state cannot be written.
     fn let_go(&mut self, ev: &shared::Event, kind: ActionKind) {
         let exec_label = if kind == ActionKind::ExecLoaded {
-            std::fs::metadata(format!("/proc/{}/exe", ev.tgid))
-                .ok()
+            // The agent's file, on a file system that may not answer: off the loop.
+            let exe = format!("/proc/{}/exe", ev.tgid);
+            enrich::bounded(move || std::fs::metadata(exe).ok())
+                .flatten()
                 .and_then(|m| self.kernel.exec_label(ebpf::kernel_dev(m.dev()), m.ino()))
                 .unwrap_or(shared::LABEL_NONE)
         } else {

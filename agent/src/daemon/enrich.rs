@@ -61,6 +61,81 @@ impl FileId {
     }
 }
 
+/// How long the daemon waits for a file system to answer about a path a labelled process
+/// chose (its executable, a script, a local socket's file).
+pub const FS_ANSWER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+/// Helper threads that may be stuck in a file system that never answered; beyond them, such
+/// work is refused at once.
+const MAX_STUCK_FS_THREADS: usize = 8;
+
+type FsJob = Box<dyn FnOnce() + Send>;
+
+/// The queue of the thread that touches agent-chosen paths (`None`: start one).
+static FS_WORKER: std::sync::Mutex<Option<std::sync::mpsc::Sender<FsJob>>> =
+    std::sync::Mutex::new(None);
+/// Earlier such threads still stuck in a file system.
+static STUCK_FS_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Runs `work` (which touches a path a labelled process chose) off the caller's thread and
+/// waits at most [`FS_ANSWER_WITHIN`] for it: the path may lie on a file system the agent
+/// serves itself (FUSE) or one that hangs, which must not stall the daemon's loop and with
+/// it every decision. `None`: no answer in time (the thread is left to finish, and counted
+/// against [`MAX_STUCK_FS_THREADS`]), or too many are stuck already. Callers treat it as a
+/// path that cannot be read.
+pub fn bounded<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    use std::sync::{atomic::Ordering, mpsc};
+    let mut worker = FS_WORKER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (answer_tx, answer) = mpsc::sync_channel(1);
+    let job: FsJob = Box::new(move || {
+        let _ = answer_tx.send(work());
+    });
+    let jobs = match &*worker {
+        Some(jobs) => jobs.clone(),
+        None => {
+            if STUCK_FS_THREADS.load(Ordering::Relaxed) >= MAX_STUCK_FS_THREADS {
+                tracing::warn!(
+                    "file systems named by labelled processes have not answered {MAX_STUCK_FS_THREADS} times; refusing to touch such paths until one does"
+                );
+                return None;
+            }
+            let (tx, rx) = mpsc::channel::<FsJob>();
+            std::thread::Builder::new()
+                .name("cs-paths".into())
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                })
+                .ok()?;
+            *worker = Some(tx.clone());
+            tx
+        }
+    };
+    if jobs.send(job).is_err() {
+        *worker = None;
+        return None;
+    }
+    match answer.recv_timeout(FS_ANSWER_WITHIN) {
+        Ok(value) => Some(value),
+        Err(_) => {
+            // The worker is stuck in that file system: the next job gets a new one. This one
+            // ends when its job returns (its queue is gone then) and is uncounted.
+            *worker = None;
+            STUCK_FS_THREADS.fetch_add(1, Ordering::Relaxed);
+            let _ = jobs.send(Box::new(|| {
+                STUCK_FS_THREADS.fetch_sub(1, Ordering::Relaxed);
+            }));
+            tracing::warn!(
+                within = ?FS_ANSWER_WITHIN,
+                "a file system named by a labelled process did not answer; treated as unreadable"
+            );
+            None
+        }
+    }
+}
+
 pub fn file_id(path: &Path) -> Option<FileId> {
     let m = std::fs::metadata(path).ok()?;
     Some(FileId {
@@ -405,5 +480,24 @@ mod tests {
         let p = dir.path().join("fifo");
         nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
         assert_eq!(shebang_bytes(&p), None);
+    }
+
+    #[test]
+    fn work_that_does_not_answer_in_time_is_given_up_and_the_next_runs() {
+        assert_eq!(bounded(|| 7), Some(7));
+        let started = std::time::Instant::now();
+        let hung =
+            bounded(|| std::thread::sleep(FS_ANSWER_WITHIN + std::time::Duration::from_secs(1)));
+        assert_eq!(hung, None);
+        let waited = started.elapsed();
+        assert!(
+            waited >= FS_ANSWER_WITHIN
+                && waited < FS_ANSWER_WITHIN + std::time::Duration::from_secs(1),
+            "{waited:?}"
+        );
+        // The stuck thread is left behind; the next work gets a thread of its own at once.
+        let started = std::time::Instant::now();
+        assert_eq!(bounded(|| "answered"), Some("answered"));
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
     }
 }

@@ -33,7 +33,8 @@ impl Daemon {
                     | ActionKind::Socket
                     | ActionKind::Unix => return None,
                 };
-                kernel_file(&path, file)
+                // The agent's file, on a file system that may not answer: off the loop.
+                enrich::bounded(move || kernel_file(&path, file)).flatten()
             }
             grants::Key::Destination {
                 addr,

@@ -1150,9 +1150,10 @@ impl Daemon {
         let pid = held.tgid;
         let binary = match held.kind {
             ActionKind::Exec => held.binding.as_ref().and_then(|b| b.exe),
-            ActionKind::ExecLoaded => {
+            ActionKind::ExecLoaded => enrich::bounded(move || {
                 enrich::file_id(std::path::Path::new(&format!("/proc/{pid}/exe")))
-            }
+            })
+            .flatten(),
             ActionKind::Connect | ActionKind::Send | ActionKind::Socket | ActionKind::Unix => None,
         };
         let destination = held.kind.has_destination().then(|| {
@@ -1660,46 +1661,20 @@ impl Daemon {
                 })
             }
             ActionKind::Exec | ActionKind::ExecLoaded => {
-                let in_task = |p: &str| enrich::resolve_in_task(pid, p);
-                let (binary, binary_file) = if held.kind == ActionKind::Exec {
-                    let name = v.binary.clone()?;
-                    let file = enrich::file_id(&in_task(&name));
-                    (name, file)
-                } else {
-                    (
-                        v.binary.clone()?,
-                        enrich::file_id(std::path::Path::new(&format!("/proc/{pid}/exe"))),
-                    )
+                let (kind, binary, argv) = (held.kind, v.binary.clone()?, v.argv.clone());
+                // The files are the agent's choice, and so may be their file system: looked
+                // at off the loop, within a bound; unanswered, they are files nobody can read
+                // (no rule that names a file matches).
+                let unread = Action::Exec {
+                    binary: binary.clone().into(),
+                    binary_file: None,
+                    script: None,
+                    script_file: None,
+                    argv: argv.clone(),
                 };
-                // A script run directly: its interpreter runs, the script is matched too.
-                if held.kind == ActionKind::Exec
-                    && let Some((interp, _)) = enrich::shebang(&in_task(&binary))
-                {
-                    return Some(Action::Exec {
-                        binary_file: enrich::file_id(&in_task(&interp)),
-                        binary: interp.into(),
-                        script_file: binary_file,
-                        script: Some(binary.into()),
-                        argv: v.argv.clone(),
-                    });
-                }
-                // An interpreter given a script: `python3 /opt/x.py`.
-                let script = v.argv.get(1).filter(|a| !a.starts_with('-')).cloned();
-                let script_file = script.as_deref().and_then(|s| {
-                    let p = in_task(s);
-                    if p.is_file() {
-                        enrich::file_id(&p)
-                    } else {
-                        None
-                    }
-                });
-                Some(Action::Exec {
-                    binary: binary.into(),
-                    binary_file,
-                    script: script.filter(|_| script_file.is_some()).map(Into::into),
-                    script_file,
-                    argv: v.argv.clone(),
-                })
+                Some(
+                    enrich::bounded(move || exec_action(pid, kind, binary, argv)).unwrap_or(unread),
+                )
             }
         }
     }
@@ -2441,18 +2416,23 @@ fn exec_from_memory(ev: &shared::Event, view: &mut RequestView) -> Option<ExecBi
         u64::from_le_bytes(ev.addr[..8].try_into().unwrap_or_default()),
         u64::from_le_bytes(ev.addr[8..].try_into().unwrap_or_default()),
     );
-    let exe = if opened.1 != 0 {
-        Some(FileId::from_kernel(opened.0, opened.1))
-    } else {
-        enrich::file_id(&path)
-    };
-    let script = enrich::shebang_bytes(&path);
-    let interp = script.as_ref().and_then(|(i, _)| {
-        enrich::file_id(&enrich::resolve_in_task(
-            ev.tgid,
-            &String::from_utf8_lossy(i),
-        ))
-    });
+    // The agent's files, on a file system that may not answer: read off the loop, within a
+    // bound; unanswered, the exec cannot be bound to what it loads (and is refused if
+    // approved).
+    let tgid = ev.tgid;
+    let (exe, script, interp) = enrich::bounded(move || {
+        let exe = if opened.1 != 0 {
+            Some(FileId::from_kernel(opened.0, opened.1))
+        } else {
+            enrich::file_id(&path)
+        };
+        let script = enrich::shebang_bytes(&path);
+        let interp = script.as_ref().and_then(|(i, _)| {
+            enrich::file_id(&enrich::resolve_in_task(tgid, &String::from_utf8_lossy(i)))
+        });
+        (exe, script, interp)
+    })
+    .unwrap_or((None, None, None));
     let (expect, unverifiable) = match (exe, &argv) {
         _ if cut => (None, Some("its filename is too long".to_owned())),
         (_, None) => (None, Some("its argv cannot be read".to_owned())),
@@ -2472,6 +2452,47 @@ fn exec_from_memory(ev: &shared::Event, view: &mut RequestView) -> Option<ExecBi
         expect,
         unverifiable,
     })
+}
+
+/// What the policy matches for an exec of `binary` with `argv` by process `pid` (a held
+/// `exec`, or an image loaded before it was held): the files are read here, which may be slow
+/// (see [`enrich::bounded`]).
+fn exec_action(pid: u32, kind: ActionKind, binary: String, argv: Vec<String>) -> Action {
+    let in_task = |p: &str| enrich::resolve_in_task(pid, p);
+    let binary_file = if kind == ActionKind::Exec {
+        enrich::file_id(&in_task(&binary))
+    } else {
+        enrich::file_id(std::path::Path::new(&format!("/proc/{pid}/exe")))
+    };
+    // A script run directly: its interpreter runs, the script is matched too.
+    if kind == ActionKind::Exec
+        && let Some((interp, _)) = enrich::shebang(&in_task(&binary))
+    {
+        return Action::Exec {
+            binary_file: enrich::file_id(&in_task(&interp)),
+            binary: interp.into(),
+            script_file: binary_file,
+            script: Some(binary.into()),
+            argv,
+        };
+    }
+    // An interpreter given a script: `python3 /opt/x.py`.
+    let script = argv.get(1).filter(|a| !a.starts_with('-')).cloned();
+    let script_file = script.as_deref().and_then(|s| {
+        let p = in_task(s);
+        if p.is_file() {
+            enrich::file_id(&p)
+        } else {
+            None
+        }
+    });
+    Action::Exec {
+        binary: binary.into(),
+        binary_file,
+        script: script.filter(|_| script_file.is_some()).map(Into::into),
+        script_file,
+        argv,
+    }
 }
 
 #[cfg(test)]

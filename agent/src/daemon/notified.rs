@@ -352,7 +352,19 @@ impl Daemon {
             };
             let mut full = std::ffi::OsString::from(from);
             full.push(std::ffi::OsStr::from_bytes(path));
-            let Ok(m) = std::fs::metadata(&full) else {
+            // The path is the agent's choice, and so may be its file system: looked up off
+            // the loop, within a bound.
+            let looked_up = enrich::bounded(move || {
+                let m = std::fs::metadata(&full).ok()?;
+                let shown = m
+                    .file_type()
+                    .is_socket()
+                    .then(|| std::fs::canonicalize(&full).ok())
+                    .flatten();
+                Some((m, shown))
+            })
+            .ok_or("the file system of its path did not answer")?;
+            let Some((m, shown)) = looked_up else {
                 // Nothing there: the kernel fails the call (and checks anything that
                 // appears in between once it is connected).
                 return Ok(None);
@@ -364,9 +376,7 @@ impl Daemon {
                 dev: m.dev(),
                 ino: m.ino(),
             };
-            let shown = std::fs::canonicalize(&full)
-                .map(|p| p.into_os_string().into_vec())
-                .unwrap_or_else(|_| path.to_vec());
+            let shown = shown.map_or_else(|| path.to_vec(), |p| p.into_os_string().into_vec());
             let peer = shared::UnixPeer {
                 dev: file.kernel_dev(),
                 ino: file.ino,

@@ -104,6 +104,12 @@
 //!                                             (`tampered` unless refused: EPERM)
 //!   cs-escape tamper-clock                    the realtime clock set to what it reads
 //!   cs-escape tamper-perf                     perf_event_open of processor 0 as a whole
+//!
+//! Not an escape itself, but the stage for one (run unlabelled, as root):
+//!   cs-escape fuse-never DIR CMD...           in a mount namespace of its own, mounts at DIR a
+//!                                             FUSE file system nobody serves (every lookup in
+//!                                             it waits), runs CMD there and exits with its
+//!                                             status, unmounting it
 use std::{
     io::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -253,6 +259,7 @@ fn main() {
         Some("tamper-reboot") => tamper::reboot(),
         Some("tamper-clock") => tamper::clock(),
         Some("tamper-perf") => tamper::perf(),
+        Some("fuse-never") => fuse_never(arg(2).expect("a DIR argument"), &args[3..]),
         Some("hold-unix") => hold_unix(
             arg(2).expect("a PATH argument"),
             arg(3)
@@ -279,6 +286,59 @@ fn say(s: &str) {
     let mut out = std::io::stdout();
     let _ = writeln!(out, "{s}");
     let _ = out.flush();
+}
+
+/// See `fuse-never` above. Exits with CMD's status (128 + a signal), never returns.
+fn fuse_never(dir: &str, cmd: &[String]) -> Outcome {
+    use std::os::unix::process::ExitStatusExt as _;
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    // SAFETY: plain system calls; the strings outlive them.
+    let fuse = unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(errno());
+        }
+        // Nothing of this namespace's mounts goes back to the host's.
+        let root = c("/");
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(errno());
+        }
+        let dev = c("/dev/fuse");
+        let fd = libc::open(dev.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(errno());
+        }
+        let options = c(&format!("fd={fd},rootmode=40000,user_id=0,group_id=0"));
+        let (source, target, kind) = (c("cs-never"), c(dir), c("fuse"));
+        if libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            kind.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            options.as_ptr().cast(),
+        ) != 0
+        {
+            return Err(errno());
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    let status = std::process::Command::new(&cmd[0]).args(&cmd[1..]).status();
+    // Detach the mount, then close the device: whatever still waits in it is let go.
+    let target = c(dir);
+    // SAFETY: as above.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    drop(fuse);
+    let code = match status {
+        Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(0)),
+        Err(_) => 127,
+    };
+    std::process::exit(code)
 }
 
 /// Opens `count` connections to the stream socket `path` and sends nothing on them until

@@ -783,6 +783,71 @@ fn local_services_the_policy_names_are_held() {
     assert!(other_sink.arrived(""));
 }
 
+/// A labelled process cannot stall the daemon with a file system that never answers (here a
+/// FUSE mount nobody serves, in the agent's mount namespace: every lookup there waits).
+/// Fallback mode looks up the path a launched agent's local-socket connect names: the daemon
+/// gives up within its bound, refuses that connect, and answers everyone meanwhile. (LSM mode
+/// never looks up a connect's path: the kernel names the socket.)
+#[test]
+fn a_file_system_that_never_answers_does_not_stall_the_daemon() {
+    let d = Daemon::start();
+    if d.is_lsm() {
+        eprintln!("not applicable: LSM mode does not look up the paths of local sockets");
+        return;
+    }
+    let dir = d.dir().join("never");
+    std::fs::create_dir_all(&dir).expect("the mount point");
+    let sock = dir.join("sock");
+    let (esc, bin) = (escape_bin(), countersign_tests::countersign_bin());
+    let mut p = Proc {
+        child: std::process::Command::new(&esc)
+            .arg("fuse-never")
+            .arg(&dir)
+            .arg(&bin)
+            .args(["exec", "--label", "agent", "--"])
+            .arg(&esc)
+            .arg("unix-connect")
+            .arg(&sock)
+            .env("COUNTERSIGN_SOCKET_DIR", d.dir())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cs-escape fuse-never"),
+    };
+    let exec = d.wait_request("the agent's exec", |r| {
+        EXEC.iter().any(|k| r["kind"] == *k)
+            && r["argv"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == "unix-connect"))
+    });
+    d.decide(&exec, "approve");
+    // Once the connect is being looked at, the daemon still answers.
+    std::thread::sleep(Duration::from_millis(300));
+    let asked = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let socket_dir = d.dir().to_owned();
+    std::thread::spawn(move || {
+        let out = std::process::Command::new(countersign_tests::countersign_bin())
+            .args(["status", "--json"])
+            .env("COUNTERSIGN_SOCKET_DIR", socket_dir)
+            .output();
+        let _ = tx.send(out.map(|o| o.status.success()));
+    });
+    let answered = rx.recv_timeout(Duration::from_secs(10));
+    assert!(
+        matches!(answered, Ok(Ok(true))),
+        "the daemon did not answer `status` within 10 s while a labelled process's connect named a path on a file system that never answers ({answered:?})"
+    );
+    assert!(asked.elapsed() < Duration::from_secs(10));
+    let status = p.wait(WAIT);
+    assert_eq!(
+        p.stdout().trim(),
+        format!("error {}", libc::EPERM),
+        "the connect naming a path nobody answers for is refused ({status:?})"
+    );
+}
+
 // ---- Execs ---------------------------------------------------------------------------------
 
 const EXEC: &[&str] = &["exec", "exec-loaded"];
