@@ -53,8 +53,8 @@ struct VmRunArgs {
     /// An environment variable for the guest command.
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
-    /// One processor whose clock counts instructions, as the benchmark runs (default: two
-    /// processors on the host's clock, as the tests run).
+    /// One processor whose clock counts instructions, as the benchmark runs (default: one
+    /// processor on the host's clock, as the tests run).
     #[arg(long)]
     instruction_clock: bool,
     /// Boot without `bpf` among the LSMs, as most distributions do (countersign's fallback).
@@ -111,7 +111,7 @@ fn vm_run(args: VmRunArgs) -> Result<ExitCode> {
     let clock = if args.instruction_clock {
         vm::Clock::Instructions
     } else {
-        vm::Clock::Parallel
+        vm::Clock::Host
     };
     let lsm = if args.no_bpf_lsm {
         vm::Lsm::NoBpf

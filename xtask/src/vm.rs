@@ -9,9 +9,11 @@
 //! Nothing waits forever: the whole run has a timeout, and qemu is killed (by its pid) on
 //! timeout and on every error path.
 //!
-//! One VM at a time per machine: TCG guests are CPU bound, and two of them on a small host
-//! starve each other until the guest kernels report RCU stalls. A run waits for an exclusive
-//! lock on `vm.lock` in the cache folder (released when the process ends, however it ends).
+//! TCG guests are CPU bound: a test VM has one processor, and at most [`VM_SLOTS`] of them
+//! (one per core of the test machines) run at once; two-processor guests side by side
+//! starved each other until the guest kernels reported RCU stalls. A run waits for a slot, a
+//! lock file in the cache folder (released when the process ends, however it ends); the
+//! benchmark's VM takes every slot.
 
 use std::fmt;
 use std::fs;
@@ -206,7 +208,7 @@ pub fn run_in_vm(
         bail!("VM run on {kernel}: no command given");
     }
     let image = kernels::ensure_kernel(kernel)?;
-    let _lock = machine_lock()?;
+    let _lock = machine_lock(clock)?;
     let scratch = RunDir::new(kernel)?;
     let initrd = scratch.0.join("initramfs.cpio");
     build_initramfs(files, command, env)
@@ -218,9 +220,13 @@ pub fn run_in_vm(
 /// How the guest's processors and clock are emulated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Clock {
-    /// Two processors emulated in parallel, the guest's clock following the host's: for the
-    /// tests (real concurrency, timeouts in real time).
-    Parallel,
+    /// One processor, the guest's clock following the host's: for the tests (timeouts in
+    /// real time). Two such VMs run side by side, one per core of the host (see
+    /// [`machine_lock`]). One processor each, not two: with two, the emulator let a guest
+    /// processor run code another one had just patched (the kernel's int3-based live
+    /// patching while a daemon attached its programs) and the guest kernel died on a stray
+    /// int3.
+    Host,
     /// One processor whose clock counts the instructions it executes (qemu `-icount
     /// shift=0,sleep=off`: an instruction is a nanosecond, idle time is skipped): for the
     /// benchmark, where a time then measures the work done, user and kernel, and no longer
@@ -232,38 +238,86 @@ pub enum Clock {
 fn machine_args(clock: Clock) -> Vec<&'static str> {
     let mut args = vec!["-accel", "tcg", "-cpu", "max", "-m", "2048"];
     match clock {
-        Clock::Parallel => args.extend(["-smp", "2"]),
+        Clock::Host => args.extend(["-smp", "1"]),
         Clock::Instructions => args.extend(["-smp", "1", "-icount", "shift=0,sleep=off"]),
     }
     args
 }
 
-/// Takes the machine-wide VM lock, waiting (and saying so) while another run holds it.
-fn machine_lock() -> Result<fs::File> {
+/// How many test VMs (one processor each) may run at once: one per core of the test
+/// machines (two).
+pub const VM_SLOTS: usize = 2;
+
+/// Takes VM slots on this machine, waiting (and saying so) while other runs hold them: one
+/// slot for a test VM, every slot for the benchmark's VM (its clock counts instructions, but
+/// a quiet machine keeps the emulation steady). The slots are lock files, released with the
+/// returned handles (and by the kernel if xtask dies).
+fn machine_lock(clock: Clock) -> Result<Vec<fs::File>> {
     let dir = paths::cache_dir();
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("vm.lock");
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    match file.try_lock() {
-        Ok(()) => return Ok(file),
-        Err(fs::TryLockError::WouldBlock) => {
+    let slots: Vec<(PathBuf, fs::File)> = (0..VM_SLOTS)
+        .map(|i| {
+            let path = dir.join(format!("vm-slot-{i}.lock"));
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            Ok((path, file))
+        })
+        .collect::<Result<_>>()?;
+    let mut said = false;
+    let mut say_waiting = |dir: &Path| {
+        if !said {
             eprintln!(
-                "waiting for another VM run on this machine ({})",
-                path.display()
+                "waiting for other VM runs on this machine ({})",
+                dir.display()
             );
+            said = true;
         }
-        Err(fs::TryLockError::Error(err)) => {
-            return Err(err).with_context(|| format!("locking {}", path.display()));
+    };
+    match clock {
+        Clock::Instructions => {
+            // Every slot, in order (no two takers wait on each other).
+            let mut held = Vec::new();
+            for (path, file) in slots {
+                match file.try_lock() {
+                    Ok(()) => {}
+                    Err(fs::TryLockError::WouldBlock) => {
+                        say_waiting(&dir);
+                        file.lock()
+                            .with_context(|| format!("locking {}", path.display()))?;
+                    }
+                    Err(fs::TryLockError::Error(err)) => {
+                        return Err(err).with_context(|| format!("locking {}", path.display()));
+                    }
+                }
+                held.push(file);
+            }
+            Ok(held)
         }
+        Clock::Host => loop {
+            // The first free slot; a taker of every slot waits on them in order, so polling
+            // here cannot starve it for long.
+            for (path, file) in &slots {
+                match file.try_lock() {
+                    Ok(()) => {
+                        return Ok(vec![
+                            file.try_clone()
+                                .with_context(|| format!("holding {}", path.display()))?,
+                        ]);
+                    }
+                    Err(fs::TryLockError::WouldBlock) => {}
+                    Err(fs::TryLockError::Error(err)) => {
+                        return Err(err).with_context(|| format!("locking {}", path.display()));
+                    }
+                }
+            }
+            say_waiting(&dir);
+            thread::sleep(Duration::from_millis(500));
+        },
     }
-    file.lock()
-        .with_context(|| format!("locking {}", path.display()))?;
-    Ok(file)
 }
 
 /// Assembles the initramfs for one run.
@@ -507,6 +561,8 @@ fn boot(
     timeout: Duration,
 ) -> Result<VmOutcome> {
     let deadline = Instant::now() + timeout;
+    // Two runs may share the terminal: each line names the kernel and the mode.
+    let mode = lsm.mode();
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(machine_args(clock))
         .args(["-nographic", "-no-reboot", "-nic", "none"])
@@ -546,7 +602,7 @@ fn boot(
     let stderr_reader = thread::spawn(move || {
         let mut text = String::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[vm {kernel} qemu] {line}");
+            eprintln!("[vm {kernel} {mode} qemu] {line}");
             text.push_str(&line);
             text.push('\n');
         }
@@ -571,7 +627,7 @@ fn boot(
             Ok(line) => {
                 {
                     let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "[vm {kernel}] {line}");
+                    let _ = writeln!(out, "[vm {kernel} {mode}] {line}");
                 }
                 match output.as_mut() {
                     // Before the command: /init's report lines.
@@ -623,7 +679,7 @@ fn boot(
     let timed_out = !console_closed && exit_code.is_none();
     qemu.kill();
     let qemu_stderr = stderr_reader.join().unwrap_or_default();
-    let report = || failure_report(kernel, &console);
+    let report = || failure_report(kernel, mode, &console);
 
     if timed_out {
         return Err(VmError::Timeout {
@@ -655,8 +711,8 @@ fn boot(
 /// is kept, the last test libtest named (it names a test before running it, so a line
 /// without a result is the test that was running), the kernel's first trouble message
 /// onwards, and the last lines.
-fn failure_report(kernel: KernelId, console: &[String]) -> String {
-    let saved = paths::vm_dir().join(format!("{kernel}-console.log"));
+fn failure_report(kernel: KernelId, mode: &str, console: &[String]) -> String {
+    let saved = paths::vm_dir().join(format!("{kernel}-{mode}-console.log"));
     let saved_note = match std::fs::write(&saved, console.join("\n") + "\n") {
         Ok(()) => format!("the whole guest console is in {}", saved.display()),
         Err(e) => format!(
@@ -804,11 +860,11 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        let report = failure_report(KernelId::Debian12, &console);
+        let report = failure_report(KernelId::Debian12, "lsm", &console);
         assert!(report.contains("the last test line: test second ... [ 9.1] watchdog"));
         assert!(report.contains("trouble (lines 3..5 of the console):\ntest second"));
         assert!(report.contains("[ 9.3]  <TASK>"));
-        let saved = paths::vm_dir().join("debian12-console.log");
+        let saved = paths::vm_dir().join("debian12-lsm-console.log");
         assert!(report.contains(&saved.display().to_string()), "{report}");
         assert!(!is_test_line("test result: ok. 1 passed"));
         assert!(is_test_line("test a::b ... "));
@@ -825,7 +881,7 @@ mod tests {
         let outcome = run_in_vm(
             KernelId::Debian12,
             Lsm::Bpf,
-            Clock::Parallel,
+            Clock::Host,
             &[(PathBuf::from("/usr/bin/stat"), "/opt/stat".to_owned())],
             &command,
             &env,
@@ -843,8 +899,8 @@ mod tests {
         let bench = machine_args(Clock::Instructions).join(" ");
         assert!(bench.contains("-smp 1"), "{bench}");
         assert!(bench.contains("-icount shift=0,sleep=off"), "{bench}");
-        let tests = machine_args(Clock::Parallel).join(" ");
-        assert!(tests.contains("-smp 2"), "{tests}");
+        let tests = machine_args(Clock::Host).join(" ");
+        assert!(tests.contains("-smp 1"), "{tests}");
         assert!(!tests.contains("icount"), "{tests}");
     }
 
@@ -880,7 +936,7 @@ mod tests {
         let err = run_in_vm(
             KernelId::Debian12,
             Lsm::Bpf,
-            Clock::Parallel,
+            Clock::Host,
             &[],
             &command,
             &[],
@@ -901,7 +957,7 @@ mod tests {
         let err = run_in_vm(
             KernelId::Debian13,
             Lsm::Bpf,
-            Clock::Parallel,
+            Clock::Host,
             &[],
             &command,
             &[],
