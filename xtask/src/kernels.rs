@@ -35,17 +35,25 @@ pub enum KernelId {
     /// Debian 13 "trixie", Linux 6.12 cloud kernel.
     #[value(name = "debian13")]
     Debian13,
+    /// Debian "sid" (unstable): the newest cloud kernel the Debian archive offers (fetched
+    /// on first use; not yet among the test kernels of `cargo xtask test`).
+    #[value(name = "debian-sid")]
+    DebianSid,
 }
 
 impl KernelId {
-    /// Every test kernel, oldest first.
+    /// Every test kernel, oldest first (what setup fetches).
     pub const ALL: [KernelId; 2] = [KernelId::Debian12, KernelId::Debian13];
+
+    /// Every kernel a VM can boot.
+    pub const KNOWN: [KernelId; 3] = [KernelId::Debian12, KernelId::Debian13, KernelId::DebianSid];
 
     /// The id used on the command line and as the cache folder name.
     pub fn name(self) -> &'static str {
         match self {
             KernelId::Debian12 => "debian12",
             KernelId::Debian13 => "debian13",
+            KernelId::DebianSid => "debian-sid",
         }
     }
 
@@ -54,6 +62,7 @@ impl KernelId {
         match self {
             KernelId::Debian12 => "bookworm",
             KernelId::Debian13 => "trixie",
+            KernelId::DebianSid => "sid",
         }
     }
 
@@ -63,6 +72,8 @@ impl KernelId {
         match self {
             KernelId::Debian12 => "linux-image-6.1.",
             KernelId::Debian13 => "linux-image-6.12.",
+            // Whatever series unstable carries.
+            KernelId::DebianSid => "linux-image-",
         }
     }
 
@@ -82,10 +93,12 @@ impl FromStr for KernelId {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        KernelId::ALL
+        KernelId::KNOWN
             .into_iter()
             .find(|id| id.name() == s)
-            .with_context(|| format!("unknown kernel id {s:?} (known: debian12, debian13)"))
+            .with_context(|| {
+                format!("unknown kernel id {s:?} (known: debian12, debian13, debian-sid)")
+            })
     }
 }
 
@@ -147,48 +160,56 @@ impl Apt {
 fn fetch(id: KernelId) -> Result<()> {
     let apt = match id {
         KernelId::Debian12 => host_apt(id)?,
-        KernelId::Debian13 => private_apt(id)?,
+        KernelId::Debian13 | KernelId::DebianSid => private_apt(id)?,
     };
     let package = resolve_kernel_package(&apt, id)?;
 
     let scratch =
         ScratchDir::new(paths::vm_dir().join(format!("download-{id}-{}", std::process::id())))?;
-    // apt normally downloads as the unprivileged `_apt` user, which cannot write into the
-    // work tree; downloading as the invoking user is what `apt-get download` does anyway
-    // when it has to, minus the warning.
-    run_ok(
-        apt.command("apt-get")
-            .args(["-q", "-o", "APT::Sandbox::User=root", "download", &package])
-            .current_dir(&scratch.0),
-        Duration::from_secs(30 * 60),
-        &format!("kernel {id}: apt-get download {package}"),
-    )?;
-    let deb = find_file(&scratch.0, |name| name.ends_with(".deb"))?.with_context(|| {
-        format!(
-            "kernel {id}: apt-get download {package} left no .deb in {}",
-            scratch.0.display()
-        )
-    })?;
+    let unpacked = scratch.0.join("unpacked");
+    let (deb, image) = match download_and_unpack(&apt, id, &package, &scratch.0, &unpacked)? {
+        (deb, Some(image)) => (deb, image),
+        // From Debian 14 the image package depends on `linux-binary-<release>`, which holds
+        // the kernel itself (under /usr/lib/modules/<release>/).
+        (deb, None) => {
+            let depends = run_ok(
+                Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Depends"),
+                Duration::from_secs(60),
+                &format!("kernel {id}: reading the dependencies of {}", deb.display()),
+            )?;
+            let binary = depends
+                .split(',')
+                .filter_map(|d| d.split_whitespace().next())
+                .find(|d| d.starts_with("linux-binary-"))
+                .with_context(|| {
+                    format!("kernel {id}: {package} has no vmlinuz and depends on no linux-binary-* package")
+                })?
+                .to_owned();
+            match download_and_unpack(&apt, id, &binary, &scratch.0, &unpacked)? {
+                (_, Some(image)) => (deb, image),
+                (_, None) => bail!("kernel {id}: neither {package} nor {binary} has a vmlinuz"),
+            }
+        }
+    };
     let package_version = run_ok(
         Command::new("dpkg-deb").arg("-f").arg(&deb).arg("Version"),
         Duration::from_secs(60),
         &format!("kernel {id}: reading the version of {}", deb.display()),
     )?;
-    let unpacked = scratch.0.join("unpacked");
-    run_ok(
-        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked),
-        Duration::from_secs(5 * 60),
-        &format!("kernel {id}: unpacking {}", deb.display()),
-    )?;
-    let boot = unpacked.join("boot");
-    let image = find_file(&boot, |name| name.starts_with("vmlinuz-"))?
-        .with_context(|| format!("kernel {id}: {package} has no boot/vmlinuz-*"))?;
     let release = image
         .file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix("vmlinuz-"))
-        .unwrap_or_default()
-        .to_owned();
+        .map(str::to_owned)
+        .or_else(|| {
+            // /usr/lib/modules/<release>/vmlinuz
+            image
+                .parent()
+                .and_then(Path::file_name)
+                .and_then(|n| n.to_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
 
     let dir = id.cache_dir();
     fs::create_dir_all(&dir).with_context(|| format!("kernel {id}: creating {}", dir.display()))?;
@@ -209,6 +230,59 @@ fn fetch(id: KernelId) -> Result<()> {
     fs::rename(&partial, dir.join("vmlinuz"))
         .with_context(|| format!("kernel {id}: moving {} into place", partial.display()))?;
     Ok(())
+}
+
+/// Downloads `package` into `scratch`, unpacks it into `unpacked`; the .deb and the kernel
+/// image in it, if any (`boot/vmlinuz-*`, or `usr/lib/modules/*/vmlinuz`).
+fn download_and_unpack(
+    apt: &Apt,
+    id: KernelId,
+    package: &str,
+    scratch: &Path,
+    unpacked: &Path,
+) -> Result<(PathBuf, Option<PathBuf>)> {
+    // apt normally downloads as the unprivileged `_apt` user, which cannot write into the
+    // work tree; downloading as the invoking user is what `apt-get download` does anyway
+    // when it has to, minus the warning.
+    run_ok(
+        apt.command("apt-get")
+            .args(["-q", "-o", "APT::Sandbox::User=root", "download", package])
+            .current_dir(scratch),
+        Duration::from_secs(30 * 60),
+        &format!("kernel {id}: apt-get download {package}"),
+    )?;
+    let deb = find_file(scratch, |name| {
+        name.starts_with(&format!("{package}_")) && name.ends_with(".deb")
+    })?
+    .with_context(|| {
+        format!(
+            "kernel {id}: apt-get download {package} left no .deb in {}",
+            scratch.display()
+        )
+    })?;
+    run_ok(
+        Command::new("dpkg-deb").arg("-x").arg(&deb).arg(unpacked),
+        Duration::from_secs(5 * 60),
+        &format!("kernel {id}: unpacking {}", deb.display()),
+    )?;
+    let boot = unpacked.join("boot");
+    if boot.is_dir()
+        && let Some(image) = find_file(&boot, |name| name.starts_with("vmlinuz-"))?
+    {
+        return Ok((deb, Some(image)));
+    }
+    let modules = unpacked.join("usr/lib/modules");
+    if modules.is_dir() {
+        for release in fs::read_dir(&modules)
+            .with_context(|| format!("reading {}", modules.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+        {
+            if release.join("vmlinuz").is_file() {
+                return Ok((deb, Some(release.join("vmlinuz"))));
+            }
+        }
+    }
+    Ok((deb, None))
 }
 
 /// The machine's own apt, for the machine's own suite.
