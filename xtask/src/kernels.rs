@@ -8,7 +8,9 @@
 //! bookworm comes from the machine's own apt configuration (the machine is Debian 12).
 //! trixie comes from a private apt configuration under `target/vm/apt-trixie` whose only
 //! source is the machine's own Debian archive URI with the suite `trixie`: the machine's
-//! apt state is never touched.
+//! apt state is never touched. The newest kernel the archive offers, unstable's (`sid`),
+//! comes the same way, on first use (`vm-run --kernel debian-sid`); it is not yet among the
+//! kernels `cargo xtask test` boots.
 
 use std::fmt;
 use std::fs;
