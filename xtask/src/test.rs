@@ -260,14 +260,12 @@ const FALLBACK_HOLDS: &[&str] = &["labelled_", "tamper::", "names::"];
 const NEEDS_MODULES: &str = "escape::a_file_system_that_never_answers";
 
 /// The VM runs, in the order that balances the two slots (the two long LSM runs first, then
-/// the fallback's parts, a long one split in two). LSM mode: the whole suite on both
-/// kernels. The fallback as Debian boots: on Debian 13 (the current release) the enforcing
-/// scenarios and the holds; on Debian 12 the labelled holds, tamper and names (its escapes
-/// pass by hand, `cargo xtask vm-run --no-bpf-lsm`, in about 15 minutes more; the whole
-/// fallback suite also runs natively). Each build of the daemon runs in each mode: the
-/// release build is the binary users run, the debug one checks overflow and debug
-/// assertions, and their races differ.
-const VM_RUNS: [VmRun; 5] = [
+/// the fallback's parts). LSM mode: the whole suite on both kernels. The fallback as Debian
+/// boots: the enforcing scenarios on both kernels, and the holds, labels, tamper and names
+/// (the whole fallback suite also runs natively). Each build of the daemon runs in each
+/// mode: the release build is the binary users run, the debug one checks overflow and
+/// debug assertions, and their races differ.
+const VM_RUNS: [VmRun; 6] = [
     VmRun {
         kernel: KernelId::Debian12,
         lsm: vm::Lsm::Bpf,
@@ -283,6 +281,14 @@ const VM_RUNS: [VmRun; 5] = [
         filters: &[],
         skips: &[],
         part: "whole suite",
+    },
+    VmRun {
+        kernel: KernelId::Debian12,
+        lsm: vm::Lsm::NoBpf,
+        build: Build::Release,
+        filters: &["escape::"],
+        skips: &[NEEDS_MODULES],
+        part: "escapes",
     },
     VmRun {
         kernel: KernelId::Debian13,
