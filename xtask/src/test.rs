@@ -211,10 +211,7 @@ fn run_native_release(bins: &E2eBins) -> Result<String> {
             .args(["--test-threads", "2"])
             .args(RELEASE_SCENARIOS)
             .env("COUNTERSIGN_E2E_MODE", "fallback")
-            .env(
-                "COUNTERSIGN_BIN",
-                paths::target_dir().join("release").join("countersign"),
-            )
+            .env("COUNTERSIGN_BIN", Build::Release.countersign())
             .env("COUNTERSIGN_PROBE", &bins.probe)
             .env("COUNTERSIGN_ESCAPE", &bins.escape)
             .env("RUST_BACKTRACE", "1"),
@@ -235,6 +232,20 @@ const MODE_INDEPENDENT: [&str; 3] = ["approver::", "records::", "names::the_"];
 enum Build {
     Debug,
     Release,
+}
+
+impl Build {
+    fn name(self) -> &'static str {
+        match self {
+            Build::Debug => "debug",
+            Build::Release => "release",
+        }
+    }
+
+    /// The daemon binary of this build (cargo's profile directory is named like it).
+    fn countersign(self) -> PathBuf {
+        paths::target_dir().join(self.name()).join("countersign")
+    }
 }
 
 /// One VM run of the end-to-end suite.
@@ -326,14 +337,11 @@ const VM_RUNS: [VmRun; 6] = [
 
 impl VmRun {
     fn name(self) -> String {
-        let build = match self.build {
-            Build::Debug => "debug",
-            Build::Release => "release",
-        };
         format!(
-            "{} ({}, {build} build, {})",
+            "{} ({}, {} build, {})",
             self.kernel,
             self.lsm.mode(),
+            self.build.name(),
             self.part
         )
     }
@@ -393,13 +401,8 @@ fn run_vm(bins: &E2eBins, run: VmRun) -> Result<String> {
     let mode = lsm.mode();
     println!("xtask test: end-to-end in a VM, {}", run.name());
     let guest = |name: &str| format!("{GUEST_DIR}/{name}");
-    let countersign = match run.build {
-        Build::Debug => bins.countersign.clone(),
-        Build::Release => paths::target_dir().join("release").join("countersign"),
-    };
-
     let files = [
-        (countersign, guest("countersign")),
+        (run.build.countersign(), guest("countersign")),
         (bins.probe.clone(), guest("cs-probe")),
         (bins.escape.clone(), guest("cs-escape")),
         (bins.fake_slack.clone(), guest("fake-slack")),

@@ -255,7 +255,7 @@ pub const VM_SLOTS: usize = 2;
 fn machine_lock(clock: Clock) -> Result<Vec<fs::File>> {
     let dir = paths::cache_dir();
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let slots: Vec<(PathBuf, fs::File)> = (0..VM_SLOTS)
+    let mut slots: Vec<(PathBuf, fs::File)> = (0..VM_SLOTS)
         .map(|i| {
             let path = dir.join(format!("vm-slot-{i}.lock"));
             let file = fs::OpenOptions::new()
@@ -280,43 +280,37 @@ fn machine_lock(clock: Clock) -> Result<Vec<fs::File>> {
     match clock {
         Clock::Instructions => {
             // Every slot, in order (no two takers wait on each other).
-            let mut held = Vec::new();
-            for (path, file) in slots {
-                match file.try_lock() {
-                    Ok(()) => {}
-                    Err(fs::TryLockError::WouldBlock) => {
-                        say_waiting(&dir);
-                        file.lock()
-                            .with_context(|| format!("locking {}", path.display()))?;
-                    }
-                    Err(fs::TryLockError::Error(err)) => {
-                        return Err(err).with_context(|| format!("locking {}", path.display()));
-                    }
+            for (path, file) in &slots {
+                if !try_take(path, file)? {
+                    say_waiting(&dir);
+                    file.lock()
+                        .with_context(|| format!("locking {}", path.display()))?;
                 }
-                held.push(file);
             }
-            Ok(held)
+            Ok(slots.into_iter().map(|(_, file)| file).collect())
         }
         Clock::Host => loop {
             // The first free slot; a taker of every slot waits on them in order, so polling
             // here cannot starve it for long.
-            for (path, file) in &slots {
-                match file.try_lock() {
-                    Ok(()) => {
-                        return Ok(vec![
-                            file.try_clone()
-                                .with_context(|| format!("holding {}", path.display()))?,
-                        ]);
-                    }
-                    Err(fs::TryLockError::WouldBlock) => {}
-                    Err(fs::TryLockError::Error(err)) => {
-                        return Err(err).with_context(|| format!("locking {}", path.display()));
-                    }
+            for i in 0..slots.len() {
+                if try_take(&slots[i].0, &slots[i].1)? {
+                    return Ok(vec![slots.swap_remove(i).1]);
                 }
             }
             say_waiting(&dir);
             thread::sleep(Duration::from_millis(500));
         },
+    }
+}
+
+/// Tries the lock of one slot file: whether it was free (and is now held).
+fn try_take(path: &Path, file: &fs::File) -> Result<bool> {
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(fs::TryLockError::WouldBlock) => Ok(false),
+        Err(fs::TryLockError::Error(err)) => {
+            Err(err).with_context(|| format!("locking {}", path.display()))
+        }
     }
 }
 
