@@ -241,9 +241,16 @@ pub const GUARD_HOOKS_OPTIONAL: [(&str, &str); 4] = [
 /// Self-protection programs for hooks whose arguments changed between kernels: (program of
 /// [`GUARD_HOOKS`], program for the other declaration). The loader attaches whichever the
 /// running kernel's verifier accepts: `perf_event_open(attr, type)` became
-/// `perf_event_open(type)`.
-pub const GUARD_HOOK_VARIANTS: [(&str, &str); 1] =
-    [("cs_lsm_perf_event_open", "cs_lsm_perf_event_open_type")];
+/// `perf_event_open(type)`; `inode_rename` at `security_inode_rename`, which takes the
+/// rename flags besides the hook's arguments.
+pub const GUARD_HOOK_VARIANTS: [(&str, &str); 2] = [
+    ("cs_lsm_perf_event_open", "cs_lsm_perf_event_open_type"),
+    ("cs_lsm_inode_rename", "cs_lsm_inode_rename_flags"),
+];
+/// Programs written for a `security_*` function that takes arguments besides its hook's:
+/// (program, how many). Every other program runs only where the function takes exactly the
+/// hook's.
+pub const SECURITY_FUNCTION_EXTRA: [(&str, usize); 1] = [("cs_lsm_inode_rename_flags", 1)];
 pub const PROG_TP_CGROUP_MKDIR: &str = "cs_tp_cgroup_mkdir";
 pub const PROG_TP_CGROUP_RMDIR: &str = "cs_tp_cgroup_rmdir";
 pub const PROG_CG_DNS_EGRESS: &str = "cs_cg_dns_egress";

@@ -267,6 +267,16 @@ mod programs {
         })
     }
 
+    /// `inode_rename` where it runs at `security_inode_rename(old_dir, old_dentry, new_dir,
+    /// new_dentry, flags)`, which takes the rename flags besides the hook's arguments: the
+    /// earlier program's answer follows them (see the daemon's `SECURITY_FUNCTION_EXTRA`).
+    #[lsm(hook = "inode_rename")]
+    pub fn cs_lsm_inode_rename_flags(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(5), || {
+            guard::inode_rename(ctx.arg(0), ctx.arg(1), ctx.arg(2), ctx.arg(3))
+        })
+    }
+
     #[lsm(hook = "path_truncate")]
     pub fn cs_lsm_path_truncate(ctx: LsmContext) -> i32 {
         keep(ctx.arg(1), || guard::path_change(ctx.arg(0)))

@@ -95,6 +95,11 @@ pub struct StatusInfo {
     pub mode: String,
     /// Why this mode was chosen.
     pub reason: String,
+    /// Where the LSM programs run in LSM mode: `bpf-lsm` (BPF LSM's hooks) or
+    /// `security-functions` (the kernel's `security_*` functions, where BPF LSM is built in
+    /// but not enabled); absent in fallback mode.
+    #[serde(default)]
+    pub hooks: Option<String>,
     pub daemon_pid: u32,
     /// The key id of the host key: names this host in escalations and records.
     #[serde(default)]

@@ -12,8 +12,9 @@
 //!   (`--mode`) and must report. The VM runs set `lsm`, so a kernel without working BPF LSM
 //!   fails the suite instead of passing it in fallback mode.
 //! - `COUNTERSIGN_E2E_AUTO=1`: the daemon is started with `--mode auto` instead, and must
-//!   still land in `COUNTERSIGN_E2E_MODE` (the VMs booted without BPF LSM: the fallback, and
-//!   its reason says why).
+//!   still land in `COUNTERSIGN_E2E_MODE` (a fallback it chose says why).
+//! - `COUNTERSIGN_E2E_HOOKS`: where the LSM programs must run in LSM mode, as `status`
+//!   says (`bpf-lsm`, or `security-functions` on the VMs booted without BPF LSM).
 //! - `COUNTERSIGN_E2E_FENTRY=1`: the kernel runs `fentry` programs (the VMs' Debian kernels
 //!   do, the test host's does not): destination names are captured there in either mode.
 //!
@@ -78,6 +79,14 @@ pub fn expected_mode() -> Option<String> {
 #[must_use]
 pub fn auto_mode() -> bool {
     std::env::var_os("COUNTERSIGN_E2E_AUTO").is_some_and(|v| v == "1")
+}
+
+/// Where the LSM programs must run (`COUNTERSIGN_E2E_HOOKS`), if the suite was told.
+#[must_use]
+pub fn expected_hooks() -> Option<String> {
+    std::env::var("COUNTERSIGN_E2E_HOOKS")
+        .ok()
+        .filter(|m| !m.is_empty())
 }
 
 /// A child process killed (by its pid) when dropped.
@@ -318,6 +327,13 @@ impl Daemon {
                         want.as_str(),
                         "daemon runs in the wrong mode: {status}"
                     );
+                    if let Some(hooks) = expected_hooks() {
+                        assert_eq!(
+                            status["hooks"],
+                            hooks.as_str(),
+                            "the LSM programs run elsewhere: {status}"
+                        );
+                    }
                     // Chosen by itself, the fallback says why.
                     if auto_mode() && want == "fallback" {
                         let reason = status["reason"].as_str().unwrap_or_default();

@@ -4,10 +4,11 @@
 //! 2. the unit tests of every crate;
 //! 3. the end-to-end scenarios (`tests/`): natively on this machine in fallback mode, the
 //!    enforcing ones (holds, escapes) also against the release build; then in qemu VMs
-//!    booting the Debian 12 and Debian 13 kernels, each in both modes: with BPF LSM enabled,
-//!    where the daemon must run in LSM mode, and as Debian boots them (no `bpf` in `lsm=`),
-//!    where the daemon must choose the fallback itself. The VMs have one processor each and
-//!    run two at a time, one per core.
+//!    booting the Debian 12 and Debian 13 kernels: with BPF LSM enabled, where the daemon
+//!    must run in LSM mode at BPF LSM's hooks; as Debian boots them (no `bpf` in `lsm=`),
+//!    where it must choose LSM mode at the `security_*` functions itself; and told to run
+//!    the fallback there. The VMs have one processor each and run two at a time, one per
+//!    core.
 //!
 //! Every step has a timeout; the first failure stops the run (VM runs already under way
 //! finish first).
@@ -248,11 +249,59 @@ impl Build {
     }
 }
 
+/// What enforces in a VM run: how the kernel boots and where the daemon must hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Enforcement {
+    /// BPF LSM enabled; the daemon is told `--mode lsm` and its programs run at BPF LSM's
+    /// hooks.
+    BpfLsm,
+    /// Booted as Debian boots (BPF LSM built in, not enabled); the daemon picks its mode
+    /// itself (`--mode auto`) and must land in LSM mode at the `security_*` functions.
+    SecurityFunctions,
+    /// Booted as Debian boots; the daemon is told `--mode fallback` (what runs where the
+    /// kernel has no trampolines or no BPF LSM built in).
+    Fallback,
+}
+
+impl Enforcement {
+    fn lsm(self) -> vm::Lsm {
+        match self {
+            Enforcement::BpfLsm => vm::Lsm::Bpf,
+            Enforcement::SecurityFunctions | Enforcement::Fallback => vm::Lsm::NoBpf,
+        }
+    }
+
+    /// `COUNTERSIGN_E2E_MODE`.
+    fn mode(self) -> &'static str {
+        match self {
+            Enforcement::Fallback => "fallback",
+            _ => "lsm",
+        }
+    }
+
+    /// `COUNTERSIGN_E2E_HOOKS` (as `status` says; empty: not checked).
+    fn hooks(self) -> &'static str {
+        match self {
+            Enforcement::BpfLsm => "bpf-lsm",
+            Enforcement::SecurityFunctions => "security-functions",
+            Enforcement::Fallback => "",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Enforcement::BpfLsm => "LSM mode at BPF LSM",
+            Enforcement::SecurityFunctions => "LSM mode at the security functions",
+            Enforcement::Fallback => "fallback",
+        }
+    }
+}
+
 /// One VM run of the end-to-end suite.
 #[derive(Clone, Copy, Debug)]
 struct VmRun {
     kernel: KernelId,
-    lsm: vm::Lsm,
+    enforcement: Enforcement,
     build: Build,
     /// Which scenarios: libtest filters (none: the whole suite) and names skipped, besides
     /// [`MODE_INDEPENDENT`].
@@ -262,24 +311,33 @@ struct VmRun {
     part: &'static str,
 }
 
-/// The fallback on Debian 12: the daemon's choice of mode, the labelled holds, tamper, and
-/// names (with `fentry` there).
-const FALLBACK_HOLDS: &[&str] = &["labelled_", "tamper::", "names::"];
+/// The daemon's choice of mode, the labelled holds, tamper, names (with `fentry` there), and
+/// what depends on the hooks' links surviving the daemon (a crash, a restart taking held
+/// requests over).
+const HOLDS: &[&str] = &[
+    "labelled_",
+    "tamper::",
+    "names::",
+    "daemon_crash",
+    "spurious_sigcont",
+    "changed_",
+];
 
 /// `escape::a_file_system_that_never_answers…` mounts FUSE, a module on Debian's cloud
 /// kernels, and the VMs load no modules; it runs natively.
 const NEEDS_MODULES: &str = "escape::a_file_system_that_never_answers";
 
-/// The VM runs, in the order that balances the two slots (the two long LSM runs first, then
-/// the fallback's parts). LSM mode: the whole suite on both kernels. The fallback as Debian
-/// boots: the enforcing scenarios on both kernels, and the holds, labels, tamper and names
-/// (the whole fallback suite also runs natively). Each build of the daemon runs in each
-/// mode: the release build is the binary users run, the debug one checks overflow and
-/// debug assertions, and their races differ.
-const VM_RUNS: [VmRun; 6] = [
+/// The VM runs, in the order that balances the two slots (the two long runs first). At BPF
+/// LSM: the whole suite on both kernels. At the security functions, as Debian boots: the
+/// enforcing scenarios on Debian 12 (the kernel whose fallback sees least), the holds,
+/// labels, tamper and names on both. The fallback, told to run on Debian 13: the enforcing
+/// scenarios and the holds (the whole fallback suite also runs natively). Each build of
+/// the daemon runs in each mode: the release build is the binary users run, the debug one
+/// checks overflow and debug assertions, and their races differ.
+const VM_RUNS: [VmRun; 7] = [
     VmRun {
         kernel: KernelId::Debian12,
-        lsm: vm::Lsm::Bpf,
+        enforcement: Enforcement::BpfLsm,
         build: Build::Debug,
         filters: &[],
         skips: &[],
@@ -287,7 +345,7 @@ const VM_RUNS: [VmRun; 6] = [
     },
     VmRun {
         kernel: KernelId::Debian13,
-        lsm: vm::Lsm::Bpf,
+        enforcement: Enforcement::BpfLsm,
         build: Build::Release,
         filters: &[],
         skips: &[],
@@ -295,7 +353,7 @@ const VM_RUNS: [VmRun; 6] = [
     },
     VmRun {
         kernel: KernelId::Debian12,
-        lsm: vm::Lsm::NoBpf,
+        enforcement: Enforcement::SecurityFunctions,
         build: Build::Release,
         filters: &["escape::"],
         skips: &[NEEDS_MODULES],
@@ -303,7 +361,7 @@ const VM_RUNS: [VmRun; 6] = [
     },
     VmRun {
         kernel: KernelId::Debian13,
-        lsm: vm::Lsm::NoBpf,
+        enforcement: Enforcement::Fallback,
         build: Build::Release,
         filters: &["escape::"],
         skips: &["escape::a_"],
@@ -311,7 +369,7 @@ const VM_RUNS: [VmRun; 6] = [
     },
     VmRun {
         kernel: KernelId::Debian13,
-        lsm: vm::Lsm::NoBpf,
+        enforcement: Enforcement::Fallback,
         build: Build::Release,
         filters: &[
             "escape::a_",
@@ -327,9 +385,17 @@ const VM_RUNS: [VmRun; 6] = [
     },
     VmRun {
         kernel: KernelId::Debian12,
-        lsm: vm::Lsm::NoBpf,
+        enforcement: Enforcement::SecurityFunctions,
         build: Build::Debug,
-        filters: FALLBACK_HOLDS,
+        filters: HOLDS,
+        skips: &[],
+        part: "holds",
+    },
+    VmRun {
+        kernel: KernelId::Debian13,
+        enforcement: Enforcement::SecurityFunctions,
+        build: Build::Release,
+        filters: HOLDS,
         skips: &[],
         part: "holds",
     },
@@ -340,7 +406,7 @@ impl VmRun {
         format!(
             "{} ({}, {} build, {})",
             self.kernel,
-            self.lsm.mode(),
+            self.enforcement.name(),
             self.build.name(),
             self.part
         )
@@ -397,8 +463,11 @@ fn run_vms(bins: &E2eBins) -> Result<Vec<String>> {
 }
 
 fn run_vm(bins: &E2eBins, run: VmRun) -> Result<String> {
-    let VmRun { kernel, lsm, .. } = run;
-    let mode = lsm.mode();
+    let VmRun {
+        kernel,
+        enforcement,
+        ..
+    } = run;
     println!("xtask test: end-to-end in a VM, {}", run.name());
     let guest = |name: &str| format!("{GUEST_DIR}/{name}");
     let files = [
@@ -412,13 +481,20 @@ fn run_vm(bins: &E2eBins, run: VmRun) -> Result<String> {
         (paths::workspace_root().join("policies"), guest("policies")),
     ];
     let env = [
-        ("COUNTERSIGN_E2E_MODE", mode.to_owned()),
+        ("COUNTERSIGN_E2E_MODE", enforcement.mode().to_owned()),
+        ("COUNTERSIGN_E2E_HOOKS", enforcement.hooks().to_owned()),
         // The Debian kernels run `fentry` programs in either mode (destination names).
         ("COUNTERSIGN_E2E_FENTRY", "1".to_owned()),
-        // Without BPF LSM the daemon must find that out and pick the fallback by itself.
+        // Without BPF LSM the daemon must find that out and pick the security functions
+        // by itself.
         (
             "COUNTERSIGN_E2E_AUTO",
-            if lsm == vm::Lsm::NoBpf { "1" } else { "0" }.to_owned(),
+            if enforcement == Enforcement::SecurityFunctions {
+                "1"
+            } else {
+                "0"
+            }
+            .to_owned(),
         ),
         ("COUNTERSIGN_BIN", guest("countersign")),
         ("COUNTERSIGN_PROBE", guest("cs-probe")),
@@ -436,7 +512,7 @@ fn run_vm(bins: &E2eBins, run: VmRun) -> Result<String> {
     }
     let outcome = vm::run_in_vm(
         kernel,
-        lsm,
+        enforcement.lsm(),
         vm::Clock::Host,
         &files,
         &command,

@@ -42,10 +42,12 @@ const KERNEL_APPEND: &str = "console=ttyS0 quiet panic=-1 softlockup_panic=1 \
 /// Which security modules the guest kernel enables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lsm {
-    /// BPF LSM enabled (`lsm=lockdown,capability,bpf`): countersign's LSM mode.
+    /// BPF LSM enabled (`lsm=lockdown,capability,bpf`): countersign's LSM programs run at
+    /// BPF LSM's hooks.
     Bpf,
     /// BPF LSM built in but not enabled (`lsm=lockdown,capability`), as Debian and most
-    /// distributions boot: countersign must choose its fallback by itself.
+    /// distributions boot: countersign runs its LSM programs at the `security_*` functions
+    /// (or the fallback, where it is told to).
     NoBpf,
 }
 
@@ -57,12 +59,12 @@ impl Lsm {
         }
     }
 
-    /// The daemon's mode under this kernel (`COUNTERSIGN_E2E_MODE`).
+    /// How runs and their logs name this boot.
     #[must_use]
-    pub fn mode(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
-            Lsm::Bpf => "lsm",
-            Lsm::NoBpf => "fallback",
+            Lsm::Bpf => "bpf-lsm",
+            Lsm::NoBpf => "no-bpf-lsm",
         }
     }
 }
@@ -555,8 +557,8 @@ fn boot(
     timeout: Duration,
 ) -> Result<VmOutcome> {
     let deadline = Instant::now() + timeout;
-    // Two runs may share the terminal: each line names the kernel and the mode.
-    let mode = lsm.mode();
+    // Two runs may share the terminal: each line names the kernel and the boot.
+    let mode = lsm.name();
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(machine_args(clock))
         .args(["-nographic", "-no-reboot", "-nic", "none"])

@@ -20,6 +20,9 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
         s.daemon_pid, s.mode
     );
     println!("  why:            {}", s.reason);
+    if let Some(hooks) = &s.hooks {
+        println!("  hooks:          {hooks}");
+    }
     println!("  host id:        {}", s.host_id);
     println!("  uptime:         {}s", s.uptime_secs);
     println!("  held requests:  {}", s.pending);

@@ -131,7 +131,7 @@ impl Default for DaemonConfig {
             // not receipted anything for a long time.
             spool_alarm_bytes: 1 << 30,
             collector: None,
-            // BPF LSM where the kernel runs it; most hosts do not boot with it.
+            // LSM mode where the kernel can run it (BPF LSM, else its security functions).
             mode: ModeRequest::Auto,
             // Long enough for a human to read a prompt; short enough that nothing hangs.
             request_timeout_secs: 120,

@@ -1913,6 +1913,7 @@ impl Daemon {
         StatusInfo {
             mode: self.kernel.mode().to_string(),
             reason: self.kernel.reason().to_owned(),
+            hooks: self.kernel.hook_attach().map(|h| h.as_str().to_owned()),
             daemon_pid: std::process::id(),
             host_id: self.host_id.clone(),
             uptime_secs: self.started.elapsed().as_secs(),

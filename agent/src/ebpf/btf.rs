@@ -34,6 +34,8 @@ const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
+const KIND_FUNC: u32 = 12;
+const KIND_FUNC_PROTO: u32 = 13;
 /// Deepest nesting of anonymous structs/unions followed (the kernel uses two or three).
 const MAX_NESTING: usize = 8;
 
@@ -55,6 +57,8 @@ pub struct Btf {
     members: HashMap<u32, Vec<Member>>,
     /// Named structs by name (the first one of each name).
     structs: HashMap<String, u32>,
+    /// The parameter types of the `security_*` and `bpf_lsm_*` functions, by name.
+    hook_functions: HashMap<String, Vec<u32>>,
 }
 
 fn u32_at(data: &[u8], at: usize) -> Result<u32, BtfError> {
@@ -103,6 +107,9 @@ impl Btf {
             kinds: vec![(0, 0)],
             ..Btf::default()
         };
+        // Functions by name → prototype id, prototypes by id → where their parameters are.
+        let mut functions: Vec<(String, u32)> = Vec::new();
+        let mut prototypes: HashMap<u32, (usize, usize)> = HashMap::new();
         let mut at = 0;
         while at < types.len() {
             let name_off = u32_at(types, at)?;
@@ -114,6 +121,14 @@ impl Btf {
             let kind_flag = info >> 31 == 1;
             let id = btf.kinds.len() as u32;
             btf.kinds.push((kind, size_or_type));
+            if kind == KIND_FUNC {
+                let name = name(name_off);
+                if name.starts_with("security_") || name.starts_with("bpf_lsm_") {
+                    functions.push((name, size_or_type));
+                }
+            } else if kind == KIND_FUNC_PROTO {
+                prototypes.insert(id, (at, vlen));
+            }
             let extra = match kind {
                 // int, var, decl_tag: one u32.
                 1 | 14 | 17 => 4,
@@ -151,7 +166,51 @@ impl Btf {
             };
             at += extra;
         }
+        for (name, proto) in functions {
+            let Some(&(start, count)) = prototypes.get(&proto) else {
+                continue;
+            };
+            // Each parameter: name offset, type id.
+            let params = (0..count)
+                .map(|i| u32_at(types, start + i * 8 + 4))
+                .collect::<Result<Vec<_>, _>>()?;
+            btf.hook_functions.insert(name, params);
+        }
         Ok(btf)
+    }
+
+    /// The `security_*` function that calls the LSM hook `hook`, if this kernel has it and
+    /// its arguments begin with the hook's, and how many it takes besides (a program written
+    /// for the hook reads the earlier program's answer after the hook's arguments: it runs
+    /// there unchanged only where that is 0).
+    pub fn security_function(&self, hook: &str) -> Result<(String, usize), BtfError> {
+        let function = match hook {
+            "bprm_check_security" => "security_bprm_check".to_owned(),
+            _ => format!("security_{hook}"),
+        };
+        let stub = format!("bpf_lsm_{hook}");
+        let hook_params = self
+            .hook_functions
+            .get(&stub)
+            .ok_or_else(|| BtfError::Missing(format!("function {stub}")))?;
+        let params = self
+            .hook_functions
+            .get(&function)
+            .ok_or_else(|| BtfError::Missing(format!("function {function}")))?;
+        let begins_alike = params.len() >= hook_params.len()
+            && params
+                .iter()
+                .zip(hook_params)
+                .all(|(&a, &b)| a == b || self.resolve(a) == self.resolve(b));
+        if begins_alike {
+            Ok((function, params.len() - hook_params.len()))
+        } else {
+            Err(BtfError::Missing(format!(
+                "{function} with the arguments of {stub} ({} and {} parameters)",
+                params.len(),
+                hook_params.len()
+            )))
+        }
     }
 
     /// The type behind typedefs and modifiers.
@@ -427,6 +486,98 @@ mod tests {
         let mut cut = synthetic();
         cut.truncate(40);
         assert!(Btf::parse(&cut).is_err());
+    }
+
+    /// BTF of `int`, a `const int` and six functions: `bpf_lsm_same(int, int)` and
+    /// `security_same(int, const int)`, `bpf_lsm_other(int)` and `security_other(int, int)`,
+    /// `bpf_lsm_fewer(int, int)` and `security_fewer(int)`.
+    fn functions() -> Vec<u8> {
+        let strings = b"\0int\0bpf_lsm_same\0security_same\0bpf_lsm_other\0security_other\0bpf_lsm_fewer\0security_fewer\0";
+        let s = |n: &str| {
+            let pos = strings
+                .windows(n.len() + 2)
+                .position(|w| w[0] == 0 && &w[1..=n.len()] == n.as_bytes() && w[n.len() + 1] == 0)
+                .unwrap();
+            (pos + 1) as u32
+        };
+        let mut types = Vec::new();
+        let mut push = |words: &[u32]| {
+            for w in words {
+                types.extend_from_slice(&w.to_le_bytes());
+            }
+        };
+        // 1: int; 2: const int
+        push(&[s("int"), 1 << 24, 4, 32]);
+        push(&[0, KIND_CONST << 24, 1]);
+        // 3: int (int, int); 4: int (int, const int); 5: int (int)
+        push(&[0, (KIND_FUNC_PROTO << 24) | 2, 1, 0, 1, 0, 1]);
+        push(&[0, (KIND_FUNC_PROTO << 24) | 2, 1, 0, 1, 0, 2]);
+        push(&[0, (KIND_FUNC_PROTO << 24) | 1, 1, 0, 1]);
+        // 6..9: the functions
+        push(&[s("bpf_lsm_same"), KIND_FUNC << 24, 3]);
+        push(&[s("security_same"), KIND_FUNC << 24, 4]);
+        push(&[s("bpf_lsm_other"), KIND_FUNC << 24, 5]);
+        push(&[s("security_other"), KIND_FUNC << 24, 3]);
+        push(&[s("bpf_lsm_fewer"), KIND_FUNC << 24, 3]);
+        push(&[s("security_fewer"), KIND_FUNC << 24, 5]);
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.extend_from_slice(&[1, 0]);
+        for w in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.extend_from_slice(&types);
+        out.extend_from_slice(strings);
+        out
+    }
+
+    /// A hook's `security_*` function is used only where it begins with the hook's
+    /// arguments (qualifiers aside), and says how many more it takes.
+    #[test]
+    fn security_functions_must_take_the_hooks_arguments() {
+        let btf = Btf::parse(&functions()).unwrap();
+        assert_eq!(
+            btf.security_function("same").unwrap(),
+            ("security_same".to_owned(), 0)
+        );
+        assert_eq!(
+            btf.security_function("other").unwrap(),
+            ("security_other".to_owned(), 1)
+        );
+        let fewer = btf.security_function("fewer").unwrap_err().to_string();
+        assert!(fewer.contains("1 and 2 parameters"), "{fewer}");
+        assert!(matches!(
+            btf.security_function("absent"),
+            Err(BtfError::Missing(_))
+        ));
+    }
+
+    /// On the running kernel (built with BPF LSM), the hooks countersign holds at have their
+    /// `security_*` functions.
+    #[test]
+    fn running_kernel_security_functions() {
+        let btf = Btf::from_sys_fs().expect("the running kernel's BTF");
+        assert_eq!(
+            btf.security_function("bprm_check_security").unwrap(),
+            ("security_bprm_check".to_owned(), 0)
+        );
+        for hook in [
+            "socket_connect",
+            "socket_sendmsg",
+            "unix_may_send",
+            "file_open",
+        ] {
+            assert_eq!(
+                btf.security_function(hook).unwrap(),
+                (format!("security_{hook}"), 0)
+            );
+        }
     }
 
     /// The running kernel's BTF has every field the `fentry` DNS capture reads.

@@ -42,11 +42,12 @@ static EBPF_OBJECT: &[u8] =
 )]
 #[serde(rename_all = "lowercase")]
 pub enum ModeRequest {
-    /// BPF LSM where the kernel runs it, else the fallback.
+    /// LSM mode where the kernel can run it (at BPF LSM's hooks, else at its `security_*`
+    /// functions), else the fallback.
     Auto,
-    /// BPF LSM or nothing.
+    /// LSM mode or nothing.
     Lsm,
-    /// The fallback even where BPF LSM would work.
+    /// The fallback even where LSM mode would work.
     Fallback,
 }
 
@@ -67,6 +68,54 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// Where the LSM programs run (LSM mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HookAttach {
+    /// At BPF LSM's hooks: the kernel runs BPF LSM (`bpf` is in its `lsm=` list).
+    BpfLsm,
+    /// At the start of the kernel's `security_*` functions, as `BPF_MODIFY_RETURN` programs:
+    /// kernels built with BPF LSM that leave it out of `lsm=` (most distributions' default).
+    /// A program's non-zero answer is returned in the function's place.
+    SecurityFunctions,
+}
+
+impl HookAttach {
+    /// As `countersign status` shows it.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookAttach::BpfLsm => "bpf-lsm",
+            HookAttach::SecurityFunctions => "security-functions",
+        }
+    }
+
+    /// What to try, in order: BPF LSM's hooks first unless the kernel says it does not run
+    /// BPF LSM (trying costs attaching and detaching every program).
+    fn candidates() -> Vec<HookAttach> {
+        match std::fs::read_to_string(ACTIVE_LSMS) {
+            Ok(list) if !list.trim().split(',').any(|l| l == "bpf") => {
+                vec![HookAttach::SecurityFunctions]
+            }
+            _ => vec![HookAttach::BpfLsm, HookAttach::SecurityFunctions],
+        }
+    }
+}
+
+/// The kernel's active LSMs, in order.
+const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
+
+/// The LSM hooks that hold (program, hook); `bprm_creds_for_exec` besides where the exec
+/// arguments are read from the task's registers.
+const LSM_HOOKS: [(&str, &str); 6] = [
+    (shared::PROG_LSM_BPRM_CHECK, "bprm_check_security"),
+    (shared::PROG_LSM_SOCKET_CONNECT, "socket_connect"),
+    (shared::PROG_LSM_SOCKET_SENDMSG, "socket_sendmsg"),
+    (shared::PROG_LSM_SOCKET_CREATE, "socket_create"),
+    (shared::PROG_LSM_UNIX_STREAM_CONNECT, "unix_stream_connect"),
+    (shared::PROG_LSM_UNIX_MAY_SEND, "unix_may_send"),
+];
+const LSM_HOOK_BPRM_CREDS: (&str, &str) = (shared::PROG_LSM_BPRM_CREDS, "bprm_creds_for_exec");
+
 /// Errors of the kernel side.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -86,7 +135,7 @@ pub enum KernelError {
     #[error("{0}")]
     Format(String),
     /// LSM mode was required and is not available.
-    #[error("BPF LSM is required (--mode lsm) but not available: {0}")]
+    #[error("LSM mode is required (--mode lsm) but not available: {0}")]
     LsmUnavailable(String),
     /// No cgroup v2 hierarchy to attach the fallback connect programs to.
     #[error("no cgroup v2 mount found in /proc/mounts (the fallback needs one)")]
@@ -118,6 +167,12 @@ pub struct Kernel {
     mode: Mode,
     /// Why this mode (for `countersign status`).
     reason: String,
+    /// Where the LSM programs run (LSM mode).
+    hook_attach: Option<HookAttach>,
+    /// For each LSM hook used, the `security_*` function its programs can run at instead
+    /// and how many arguments it takes besides the hook's, or why not (the kernel's BTF).
+    security_functions:
+        std::collections::HashMap<&'static str, std::result::Result<(String, usize), String>>,
     pin_dir: PathBuf,
     /// Links attached by this daemon, not pinned yet.
     attached: Vec<(&'static str, AttachedLink)>,
@@ -194,6 +249,19 @@ impl Kernel {
         let (offsets, exec_fast_path) = kernel_offsets(&parsed_btf);
         let netns_cookie = dns::netns_cookie();
         let dns_offsets = dns::kernel_offsets(parsed_btf.as_ref().ok());
+        let security_functions = LSM_HOOKS
+            .into_iter()
+            .chain([LSM_HOOK_BPRM_CREDS])
+            .chain(shared::GUARD_HOOKS)
+            .chain(shared::GUARD_HOOKS_OPTIONAL)
+            .map(|(_, hook)| {
+                let function = match &parsed_btf {
+                    Ok(btf) => btf.security_function(hook).map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("no kernel BTF: {e}")),
+                };
+                (hook, function)
+            })
+            .collect();
         drop(parsed_btf);
         let mut ebpf = EbpfLoader::new()
             .override_global(shared::GLOBAL_HOST_NETNS_COOKIE, &netns_cookie, true)
@@ -261,6 +329,8 @@ impl Kernel {
             labels,
             mode: Mode::Fallback,
             reason: String::new(),
+            hook_attach: None,
+            security_functions,
             pin_dir: pin_dir.to_path_buf(),
             attached,
             pinned: Vec::new(),
@@ -288,19 +358,25 @@ impl Kernel {
         kernel.set_config(previous_mode)?;
         let mut ring = ring;
         if request != ModeRequest::Fallback {
-            match kernel.try_lsm(&mut ring) {
-                Ok(()) => {
-                    kernel.pin_links()?;
-                    return Ok((kernel, ring));
-                }
-                Err(why) if request == ModeRequest::Lsm => {
-                    return Err(KernelError::LsmUnavailable(why));
-                }
-                Err(why) => {
-                    tracing::warn!(reason = %why, "BPF LSM is not available; using the fallback hooks");
-                    kernel.reason = format!("fallback: BPF LSM not available ({why})");
+            let mut why_not = Vec::new();
+            for attach in HookAttach::candidates() {
+                match kernel.try_lsm(&mut ring, attach) {
+                    Ok(()) => {
+                        kernel.pin_links()?;
+                        return Ok((kernel, ring));
+                    }
+                    Err(why) => {
+                        tracing::info!(hooks = attach.as_str(), reason = %why, "the LSM programs cannot run there");
+                        why_not.push(format!("{}: {why}", attach.as_str()));
+                    }
                 }
             }
+            let why = why_not.join("; ");
+            if request == ModeRequest::Lsm {
+                return Err(KernelError::LsmUnavailable(why));
+            }
+            tracing::warn!(reason = %why, "the LSM programs cannot run; using the fallback hooks");
+            kernel.reason = format!("fallback: BPF LSM not available ({why})");
         } else {
             kernel.reason = "fallback: requested by configuration".to_owned();
         }
@@ -312,9 +388,14 @@ impl Kernel {
         Ok((kernel, ring))
     }
 
-    /// Loads and attaches the LSM programs and runs the canary; on failure everything LSM is
-    /// unloaded again and the reason returned.
-    fn try_lsm(&mut self, ring: &mut RingBuf<MapData>) -> std::result::Result<(), String> {
+    /// Loads and attaches the LSM programs where `attach` says and runs the canary; on
+    /// failure everything LSM is unloaded again and the reason returned.
+    fn try_lsm(
+        &mut self,
+        ring: &mut RingBuf<MapData>,
+        attach: HookAttach,
+    ) -> std::result::Result<(), String> {
+        self.hook_attach = Some(attach);
         let started = std::time::Instant::now();
         let btf = Btf::from_sys_fs().map_err(|e| format!("no kernel BTF: {e}"))?;
         tracing::debug!(
@@ -323,20 +404,13 @@ impl Kernel {
         );
         // The LSM hook reads the exec's arguments from the task's registers where it can;
         // otherwise the syscall tracepoints record them (they slow every task's syscalls).
-        let mut hooks = vec![
-            (shared::PROG_LSM_BPRM_CHECK, "bprm_check_security"),
-            (shared::PROG_LSM_SOCKET_CONNECT, "socket_connect"),
-            (shared::PROG_LSM_SOCKET_SENDMSG, "socket_sendmsg"),
-            (shared::PROG_LSM_SOCKET_CREATE, "socket_create"),
-            (shared::PROG_LSM_UNIX_STREAM_CONNECT, "unix_stream_connect"),
-            (shared::PROG_LSM_UNIX_MAY_SEND, "unix_may_send"),
-        ];
+        let mut hooks = LSM_HOOKS.to_vec();
         if self.offsets.regs_valid == 0 {
             self.attach_exec_tracepoints().map_err(|e| e.to_string())?;
         } else {
             // What `sys_enter_execve` does besides recording the arguments: end a stale
             // release when a new execve begins.
-            hooks.push((shared::PROG_LSM_BPRM_CREDS, "bprm_creds_for_exec"));
+            hooks.push(LSM_HOOK_BPRM_CREDS);
         }
         for (name, hook) in hooks {
             match self.attach_lsm(name, hook, &btf) {
@@ -359,7 +433,12 @@ impl Kernel {
                     ms = started.elapsed().as_millis(),
                     "the canary proved the hooks"
                 );
-                self.reason = "lsm: BPF LSM hooks attached and proven by the canary".to_owned();
+                self.reason = match attach {
+                    HookAttach::BpfLsm => {
+                        "lsm: BPF LSM hooks attached and proven by the canary".to_owned()
+                    }
+                    HookAttach::SecurityFunctions => "lsm: the LSM programs run at the kernel's security functions (BPF LSM is built in but not in its lsm= list), proven by the canary".to_owned(),
+                };
                 if let Some(btf) = self.aya_btf.take() {
                     self.attach_guard(&btf);
                     self.aya_btf = Some(btf);
@@ -372,10 +451,16 @@ impl Kernel {
             }
             Err(e) => {
                 self.unload_lsm();
+                self.hook_attach = None;
                 let _ = self.set_config(self.previous_mode);
-                Err(format!(
-                    "LSM programs attached but {e} (is `bpf` in the kernel's lsm= list?)"
-                ))
+                Err(match attach {
+                    HookAttach::BpfLsm => format!(
+                        "LSM programs attached but {e} (is `bpf` in the kernel's lsm= list?)"
+                    ),
+                    HookAttach::SecurityFunctions => {
+                        format!("LSM programs attached at the security functions but {e}")
+                    }
+                })
             }
         }
     }
@@ -404,7 +489,7 @@ impl Kernel {
                 attached = self
                     .attach_lsm(other, hook, btf)
                     .map(|link| (other, link))
-                    .map_err(|e| format!("{first}; as newer kernels declare it: {e}"));
+                    .map_err(|e| format!("{first}; its other program: {e}"));
             }
             match attached {
                 Ok((program, id)) => self.attached.push((program, AttachedLink::Lsm(id))),
@@ -426,13 +511,44 @@ impl Kernel {
         hook: &str,
         btf: &Btf,
     ) -> std::result::Result<LsmLinkId, String> {
+        // The program reads the earlier program's answer after the arguments it was written
+        // for: the hook's and these many more.
+        let written_for = shared::SECURITY_FUNCTION_EXTRA
+            .iter()
+            .find_map(|&(program, n)| (program == name).then_some(n))
+            .unwrap_or(0);
+        let function = match self.hook_attach {
+            Some(HookAttach::SecurityFunctions) => {
+                let (function, extra) = self
+                    .security_functions
+                    .get(hook)
+                    .cloned()
+                    .unwrap_or_else(|| Err(format!("no security function known for {hook}")))?;
+                if extra != written_for {
+                    return Err(format!(
+                        "{function} takes {extra} argument(s) besides the hook's; program {name} was written for {written_for}"
+                    ));
+                }
+                Some(function)
+            }
+            _ if written_for != 0 => {
+                return Err(format!(
+                    "program {name} is written for a security function, not the hook"
+                ));
+            }
+            _ => None,
+        };
         let prog: &mut Lsm = self
             .ebpf
             .program_mut(name)
             .ok_or_else(|| format!("program {name} missing from the object"))?
             .try_into()
             .map_err(|e| format!("program {name}: {e}"))?;
-        prog.load(hook, btf)
+        let loaded = match &function {
+            Some(function) => prog.load_modify_return(function, btf),
+            None => prog.load(hook, btf),
+        };
+        loaded
             .and_then(|()| prog.attach())
             .map_err(|e| error_chain(&e))
     }
@@ -476,19 +592,13 @@ impl Kernel {
     fn unload_lsm(&mut self) {
         self.attached
             .retain(|(_, l)| !matches!(l, AttachedLink::Lsm(_)));
-        for name in [
-            shared::PROG_LSM_BPRM_CHECK,
-            shared::PROG_LSM_SOCKET_CONNECT,
-            shared::PROG_LSM_SOCKET_SENDMSG,
-            shared::PROG_LSM_SOCKET_CREATE,
-            shared::PROG_LSM_UNIX_STREAM_CONNECT,
-            shared::PROG_LSM_UNIX_MAY_SEND,
-            shared::PROG_LSM_BPRM_CREDS,
-        ]
-        .into_iter()
-        .chain(shared::GUARD_HOOKS.map(|(name, _)| name))
-        .chain(shared::GUARD_HOOKS_OPTIONAL.map(|(name, _)| name))
-        .chain(shared::GUARD_HOOK_VARIANTS.map(|(_, other)| other))
+        for name in LSM_HOOKS
+            .into_iter()
+            .chain([LSM_HOOK_BPRM_CREDS])
+            .map(|(name, _)| name)
+            .chain(shared::GUARD_HOOKS.map(|(name, _)| name))
+            .chain(shared::GUARD_HOOKS_OPTIONAL.map(|(name, _)| name))
+            .chain(shared::GUARD_HOOK_VARIANTS.map(|(_, other)| other))
         {
             if let Some(prog) = self.ebpf.program_mut(name) {
                 let prog: std::result::Result<&mut Lsm, _> = prog.try_into();
@@ -1244,6 +1354,14 @@ impl Kernel {
     #[must_use]
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Where the LSM programs run (`None` in fallback mode).
+    #[must_use]
+    pub fn hook_attach(&self) -> Option<HookAttach> {
+        (self.mode == Mode::Lsm)
+            .then_some(self.hook_attach)
+            .flatten()
     }
 
     #[must_use]

@@ -24,6 +24,8 @@
 //!
 //! `CS_BENCH_CONFIG=FILE` starts the daemon with that configuration file (to time a setting
 //! apart, such as destination names off).
+//! `CS_BENCH_MODE=MODE` starts it with `--mode MODE` (`lsm`, `fallback`; by default it picks
+//! its mode itself).
 //!
 //! `suite` prints one JSON object with every round's samples (`samples.LOOP.SETTING.wall` and
 //! `.cpu`, ns per operation, in round order); `cargo xtask bench` turns them into paired
@@ -199,6 +201,13 @@ impl Daemon {
             ))
             .arg("--decision-log")
             .arg(dir.join("decisions.jsonl"))
+            // The daemon's mode (`--mode`), if not its own choice.
+            .args(
+                std::env::var_os("CS_BENCH_MODE")
+                    .map(|m| [std::ffi::OsString::from("--mode"), m])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(
                 std::env::var_os("CS_BENCH_CONFIG")
                     .map(|c| [std::ffi::OsString::from("--config"), c])
