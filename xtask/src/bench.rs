@@ -47,7 +47,25 @@ const VM_BENCHES: [(KernelId, vm::Lsm, &str); 3] = [
     (KernelId::Debian13, vm::Lsm::NoBpf, "fallback"),
 ];
 
-pub fn run_bench() -> Result<()> {
+/// Runs the benchmark everywhere, or only in `only` (`native`, or a VM environment named as
+/// its results file is, without `.json`).
+pub fn run_bench(only: Option<&str>) -> Result<()> {
+    let names: Vec<String> = std::iter::once("native".to_owned())
+        .chain(
+            VM_BENCHES
+                .iter()
+                .map(|(kernel, lsm, mode)| vm_bench_name(*kernel, *lsm, mode)),
+        )
+        .collect();
+    if let Some(only) = only
+        && !names.iter().any(|n| n == only)
+    {
+        bail!(
+            "--only {only}: no such environment (one of: {})",
+            names.join(", ")
+        );
+    }
+    let wanted = |name: &str| only.is_none_or(|o| o == name);
     run_streaming(
         paths::cargo().args([
             "build",
@@ -65,44 +83,50 @@ pub fn run_bench() -> Result<()> {
     let out_dir = paths::target_dir().join("bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
 
-    println!("xtask bench: on this machine ({NATIVE_ROUNDS} rounds)");
-    let native = run_ok(
-        Command::new(release.join("cs-bench"))
-            .arg("suite")
-            .arg(release.join("countersign"))
-            .arg(out_dir.join("work"))
-            .args([NATIVE_ROUNDS, "200", "2000", "20000", "50000"]),
-        Duration::from_secs(60 * 60),
-        "the benchmark on this machine",
-    )?;
-    let native = last_json(&native)?;
-    std::fs::write(out_dir.join("native.json"), native.to_string())?;
+    let mut results = Vec::new();
+    if wanted("native") {
+        println!("xtask bench: on this machine ({NATIVE_ROUNDS} rounds)");
+        let native = run_ok(
+            Command::new(release.join("cs-bench"))
+                .arg("suite")
+                .arg(release.join("countersign"))
+                .arg(out_dir.join("work"))
+                .args([NATIVE_ROUNDS, "200", "2000", "20000", "50000"]),
+            Duration::from_secs(60 * 60),
+            "the benchmark on this machine",
+        )?;
+        let native = last_json(&native)?;
+        std::fs::write(out_dir.join("native.json"), native.to_string())?;
 
-    // This machine's daemon runs in the mode its kernel allows, judged by that mode's
-    // targets.
-    let native_targets = if host_has_bpf_lsm() {
-        LSM_TARGETS
-    } else {
-        FALLBACK_TARGETS
-    };
-    let mut results = vec![(
-        "this machine".to_owned(),
-        native,
-        "native.json".to_owned(),
-        native_targets,
-    )];
+        // This machine's daemon runs in the mode its kernel allows, judged by that mode's
+        // targets.
+        let native_targets = if host_has_bpf_lsm() {
+            LSM_TARGETS
+        } else {
+            FALLBACK_TARGETS
+        };
+        results.push((
+            "this machine".to_owned(),
+            native,
+            "native.json".to_owned(),
+            native_targets,
+        ));
+    }
     for (kernel, lsm, mode) in VM_BENCHES {
+        let name = vm_bench_name(kernel, lsm, mode);
+        if !wanted(&name) {
+            continue;
+        }
         let j = bench_in_vm(kernel, lsm, mode)?;
         let targets = if mode == "lsm" {
             LSM_TARGETS
         } else {
             FALLBACK_TARGETS
         };
-        let boot = lsm.name();
         results.push((
-            format!("{kernel} VM ({boot}, {mode} mode)"),
+            format!("{kernel} VM ({}, {mode} mode)", lsm.name()),
             j,
-            format!("{kernel}-{boot}-{mode}.json"),
+            format!("{name}.json"),
             targets,
         ));
     }
@@ -150,6 +174,11 @@ pub fn run_bench() -> Result<()> {
     );
     println!("results: {}", out_dir.display());
     Ok(())
+}
+
+/// A VM environment's name (`--only`) and results file's stem.
+fn vm_bench_name(kernel: KernelId, lsm: vm::Lsm, mode: &str) -> String {
+    format!("{kernel}-{}-{mode}", lsm.name())
 }
 
 const NATIVE_ROUNDS: &str = "21";

@@ -26,9 +26,14 @@ enum Task {
     VmRun(VmRunArgs),
     /// Run the project's checks and tests (runs setup first).
     Test,
-    /// Run the benchmarks: exec and connect loops without the daemon, for unlabelled and for
-    /// labelled-allowed processes, here and in the LSM VM (runs setup first).
-    Bench,
+    /// Run the benchmarks: exec, connect, send and open loops without the daemon, for
+    /// unlabelled and for labelled-allowed processes, here and in the VMs (runs setup first).
+    Bench {
+        /// Only this environment: `native`, or a VM as its results file is named
+        /// (`debian12-bpf-lsm-lsm`, `debian13-no-bpf-lsm-lsm`, `debian13-no-bpf-lsm-fallback`).
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Build countersign (release) and run it with ARGS, e.g. `cargo xtask run -- daemon`
     /// (runs setup first).
     Run {
@@ -57,7 +62,8 @@ struct VmRunArgs {
     /// processor on the host's clock, as the tests run).
     #[arg(long)]
     instruction_clock: bool,
-    /// Boot without `bpf` among the LSMs, as most distributions do (countersign's fallback).
+    /// Boot without `bpf` among the LSMs, as most distributions do (countersign's LSM
+    /// programs then run at the `security_*` functions).
     #[arg(long)]
     no_bpf_lsm: bool,
     /// The command to run in the guest, after `--`.
@@ -83,9 +89,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             setup::setup()?;
             test::run_tests()?;
         }
-        Task::Bench => {
+        Task::Bench { only } => {
             setup::setup()?;
-            xtask::bench::run_bench()?;
+            xtask::bench::run_bench(only.as_deref())?;
         }
         Task::Run { args } => {
             setup::setup()?;
