@@ -411,38 +411,19 @@ fn net_syscalls() -> [u32; countersign_ebpf::NR_NET_SYSCALLS] {
 mod tests {
     use super::*;
 
-    /// Builds BTF with `struct outer { int a; union { int b; struct { int c; int d; }; }; }`.
-    fn synthetic() -> Vec<u8> {
-        let strings = b"\0int\0outer\0a\0b\0c\0d\0";
-        let s = |n: &str| {
+    /// Little-endian BTF of `strings` and the type section `types` writes (its words; it is
+    /// given a name's offset in `strings`).
+    fn blob(strings: &[u8], types: impl FnOnce(&dyn Fn(&str) -> u32, &mut Vec<u32>)) -> Vec<u8> {
+        let name = |n: &str| {
             let pos = strings
                 .windows(n.len() + 2)
                 .position(|w| w[0] == 0 && &w[1..=n.len()] == n.as_bytes() && w[n.len() + 1] == 0)
                 .unwrap();
             (pos + 1) as u32
         };
-        let mut types = Vec::new();
-        let mut push = |words: &[u32]| {
-            for w in words {
-                types.extend_from_slice(&w.to_le_bytes());
-            }
-        };
-        // 1: int (4 bytes, 32 bits)
-        push(&[s("int"), 1 << 24, 4, 32]);
-        // 2: anonymous struct { int c; int d; }
-        push(&[0, (KIND_STRUCT << 24) | 2, 8]);
-        push(&[s("c"), 1, 0]);
-        push(&[s("d"), 1, 32]);
-        // 3: anonymous union { int b; struct 2; }
-        push(&[0, (KIND_UNION << 24) | 2, 8]);
-        push(&[s("b"), 1, 0]);
-        push(&[0, 2, 0]);
-        // 4: typedef to the union, to check resolution through typedefs
-        push(&[0, KIND_TYPEDEF << 24, 3]);
-        // 5: struct outer { int a; <typedef 4> at 8 bytes; }
-        push(&[s("outer"), (KIND_STRUCT << 24) | 2, 16]);
-        push(&[s("a"), 1, 0]);
-        push(&[0, 4, 64]);
+        let mut words = Vec::new();
+        types(&name, &mut words);
+        let types: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         let mut out = Vec::new();
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&[1, 0]);
@@ -458,6 +439,28 @@ mod tests {
         out.extend_from_slice(&types);
         out.extend_from_slice(strings);
         out
+    }
+
+    /// Builds BTF with `struct outer { int a; union { int b; struct { int c; int d; }; }; }`.
+    fn synthetic() -> Vec<u8> {
+        blob(b"\0int\0outer\0a\0b\0c\0d\0", |s, t| {
+            // 1: int (4 bytes, 32 bits)
+            t.extend([s("int"), 1 << 24, 4, 32]);
+            // 2: anonymous struct { int c; int d; }
+            t.extend([0, (KIND_STRUCT << 24) | 2, 8]);
+            t.extend([s("c"), 1, 0]);
+            t.extend([s("d"), 1, 32]);
+            // 3: anonymous union { int b; struct 2; }
+            t.extend([0, (KIND_UNION << 24) | 2, 8]);
+            t.extend([s("b"), 1, 0]);
+            t.extend([0, 2, 0]);
+            // 4: typedef to the union, to check resolution through typedefs
+            t.extend([0, KIND_TYPEDEF << 24, 3]);
+            // 5: struct outer { int a; <typedef 4> at 8 bytes; }
+            t.extend([s("outer"), (KIND_STRUCT << 24) | 2, 16]);
+            t.extend([s("a"), 1, 0]);
+            t.extend([0, 4, 64]);
+        })
     }
 
     #[test]
@@ -493,48 +496,22 @@ mod tests {
     /// `bpf_lsm_fewer(int, int)` and `security_fewer(int)`.
     fn functions() -> Vec<u8> {
         let strings = b"\0int\0bpf_lsm_same\0security_same\0bpf_lsm_other\0security_other\0bpf_lsm_fewer\0security_fewer\0";
-        let s = |n: &str| {
-            let pos = strings
-                .windows(n.len() + 2)
-                .position(|w| w[0] == 0 && &w[1..=n.len()] == n.as_bytes() && w[n.len() + 1] == 0)
-                .unwrap();
-            (pos + 1) as u32
-        };
-        let mut types = Vec::new();
-        let mut push = |words: &[u32]| {
-            for w in words {
-                types.extend_from_slice(&w.to_le_bytes());
-            }
-        };
-        // 1: int; 2: const int
-        push(&[s("int"), 1 << 24, 4, 32]);
-        push(&[0, KIND_CONST << 24, 1]);
-        // 3: int (int, int); 4: int (int, const int); 5: int (int)
-        push(&[0, (KIND_FUNC_PROTO << 24) | 2, 1, 0, 1, 0, 1]);
-        push(&[0, (KIND_FUNC_PROTO << 24) | 2, 1, 0, 1, 0, 2]);
-        push(&[0, (KIND_FUNC_PROTO << 24) | 1, 1, 0, 1]);
-        // 6..9: the functions
-        push(&[s("bpf_lsm_same"), KIND_FUNC << 24, 3]);
-        push(&[s("security_same"), KIND_FUNC << 24, 4]);
-        push(&[s("bpf_lsm_other"), KIND_FUNC << 24, 5]);
-        push(&[s("security_other"), KIND_FUNC << 24, 3]);
-        push(&[s("bpf_lsm_fewer"), KIND_FUNC << 24, 3]);
-        push(&[s("security_fewer"), KIND_FUNC << 24, 5]);
-        let mut out = Vec::new();
-        out.extend_from_slice(&MAGIC.to_le_bytes());
-        out.extend_from_slice(&[1, 0]);
-        for w in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
-        out.extend_from_slice(&types);
-        out.extend_from_slice(strings);
-        out
+        blob(strings, |s, t| {
+            // 1: int; 2: const int
+            t.extend([s("int"), 1 << 24, 4, 32]);
+            t.extend([0, KIND_CONST << 24, 1]);
+            // 3: int (int, int); 4: int (int, const int); 5: int (int)
+            t.extend([0, (KIND_FUNC_PROTO << 24) | 2, 1, 0, 1, 0, 1]);
+            t.extend([0, (KIND_FUNC_PROTO << 24) | 2, 1, 0, 1, 0, 2]);
+            t.extend([0, (KIND_FUNC_PROTO << 24) | 1, 1, 0, 1]);
+            // 6..11: the functions
+            t.extend([s("bpf_lsm_same"), KIND_FUNC << 24, 3]);
+            t.extend([s("security_same"), KIND_FUNC << 24, 4]);
+            t.extend([s("bpf_lsm_other"), KIND_FUNC << 24, 5]);
+            t.extend([s("security_other"), KIND_FUNC << 24, 3]);
+            t.extend([s("bpf_lsm_fewer"), KIND_FUNC << 24, 3]);
+            t.extend([s("security_fewer"), KIND_FUNC << 24, 5]);
+        })
     }
 
     /// A hook's `security_*` function is used only where it begins with the hook's
