@@ -28,8 +28,8 @@ use countersign_ebpf::{
     EPERM, FileKey, GUARD_ANCESTOR, GUARD_CAPABILITIES, GUARD_CAPABILITIES_HOST, GUARD_DIR,
     GUARD_FILE, GUARD_SECRET, KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC,
     STAT_EVENTS_DROPPED, TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_DEVICE, TAMPER_DNS,
-    TAMPER_FILE_READ, TAMPER_FILE_WRITE, TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PERF, TAMPER_PTRACE,
-    TAMPER_SIGNAL, TAMPER_SYSCTL, TAMPER_TTY, TTY_INPUT_REQUESTS,
+    TAMPER_FILE_PASSED, TAMPER_FILE_READ, TAMPER_FILE_WRITE, TAMPER_MODULE, TAMPER_MOUNT,
+    TAMPER_PERF, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL, TAMPER_TTY, TTY_INPUT_REQUESTS,
 };
 
 use crate::{
@@ -333,53 +333,96 @@ pub fn file_open(file: *const u8) -> i32 {
     let Some(label) = guarded() else {
         return 0;
     };
-    if !offsets_known() {
-        return 0;
+    match open_refusal(file) {
+        Some(r) => refuse(label, r.kind, r.target, r.detail),
+        None => 0,
     }
-    let o = maps::kernel_offsets();
-    let Some(inode) = read_ptr(file, o.file_inode) else {
+}
+
+/// `file_receive(file)`: a descriptor passed to a labelled task by another process
+/// (`SCM_RIGHTS`, `pidfd_getfd`, binder) that it could not have opened itself is not
+/// installed, and the refusal names what opening it would have been. A service that opens
+/// files or disks for its callers (udisks' `OpenDevice`, a root helper) would otherwise step
+/// around every check of [`file_open`].
+#[inline(always)]
+pub fn file_receive(file: *const u8) -> i32 {
+    let Some(label) = guarded() else {
         return 0;
     };
+    match open_refusal(file) {
+        Some(r) => {
+            let (dev, ino) = r.file;
+            refuse(
+                label,
+                TAMPER_FILE_PASSED,
+                Target::File(dev, ino),
+                r.kind as u16,
+            )
+        }
+        None => 0,
+    }
+}
+
+/// Why a labelled task may not hold an open `file`.
+struct OpenRefusal {
+    kind: i32,
+    target: Target,
+    detail: u16,
+    /// The file's (device, inode).
+    file: (u64, u64),
+}
+
+/// What [`file_open`] refuses, for an open file of any origin.
+#[inline(always)]
+fn open_refusal(file: *const u8) -> Option<OpenRefusal> {
+    if !offsets_known() {
+        return None;
+    }
+    let o = maps::kernel_offsets();
+    let inode = read_ptr(file, o.file_inode)?;
     let (flags, dev, ino) = inode_flags(inode);
+    let refusal = |kind, target, detail| {
+        Some(OpenRefusal {
+            kind,
+            target,
+            detail,
+            file: (dev, ino),
+        })
+    };
     if flags & GUARD_SECRET != 0 {
-        return refuse(label, TAMPER_FILE_READ, Target::File(dev, ino), 0);
+        return refusal(TAMPER_FILE_READ, Target::File(dev, ino), 0);
     }
     if let Some(rdev) = raw_disk(inode) {
-        return refuse(
-            label,
-            TAMPER_DEVICE,
-            Target::File(dev, ino),
-            (rdev >> 20) as u16,
-        );
+        return refusal(TAMPER_DEVICE, Target::File(dev, ino), (rdev >> 20) as u16);
     }
     let writing = read_u32(file, o.file_mode).is_some_and(|m| m & FMODE_WRITE != 0);
     if !writing {
-        return 0;
+        return None;
     }
     if flags & (GUARD_FILE | GUARD_DIR) != 0 {
-        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+        return refusal(TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
     }
     let dentry = read_ptr(file, o.file_dentry);
     if let Some(parent) = dentry.and_then(|d| read_ptr(d, o.dentry_parent)) {
         let (pflags, _, _) = dentry_flags(parent);
         if pflags & GUARD_DIR != 0 {
-            return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+            return refusal(TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
         }
     }
     let magic = read_ptr(inode, o.inode_sb).and_then(|sb| read_u64(sb, o.sb_magic));
     match magic {
         Some(PROC_SUPER_MAGIC) => match dentry.and_then(process_dir) {
-            None => refuse(label, TAMPER_SYSCTL, Target::File(dev, ino), 0),
+            None => refusal(TAMPER_SYSCTL, Target::File(dev, ino), 0),
             // The daemon's `oom_score_adj`, `comm`, `attr/*` ...: its own business.
             Some(pid) if pid == maps::config().daemon_tgid && pid != 0 => {
-                refuse(label, TAMPER_PTRACE, Target::Process(pid), 0)
+                refusal(TAMPER_PTRACE, Target::Process(pid), 0)
             }
-            Some(_) => 0,
+            Some(_) => None,
         },
         Some(m) if KERNEL_SETTINGS_MAGIC.contains(&m) => {
-            refuse(label, TAMPER_SYSCTL, Target::File(dev, ino), 0)
+            refusal(TAMPER_SYSCTL, Target::File(dev, ino), 0)
         }
-        _ => 0,
+        _ => None,
     }
 }
 

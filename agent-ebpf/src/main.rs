@@ -225,6 +225,13 @@ mod programs {
         keep(ctx.arg(1), || guard::file_open(ctx.arg(0)))
     }
 
+    /// `file_receive(file)`: a descriptor another process passes in (`SCM_RIGHTS`,
+    /// `pidfd_getfd`) is held to what the task could open itself.
+    #[lsm(hook = "file_receive")]
+    pub fn cs_lsm_file_receive(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(1), || guard::file_receive(ctx.arg(0)))
+    }
+
     #[lsm(hook = "inode_create")]
     pub fn cs_lsm_inode_create(ctx: LsmContext) -> i32 {
         keep(ctx.arg(3), || guard::inode_create(ctx.arg(0)))

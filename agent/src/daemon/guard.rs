@@ -323,6 +323,7 @@ pub fn attempt_name(detail: i32) -> &'static str {
         shared::TAMPER_PERF => "perf",
         shared::TAMPER_DNS => "dns",
         shared::TAMPER_TTY => "tty",
+        shared::TAMPER_FILE_PASSED => "file-passed",
         _ => "unknown",
     }
 }
@@ -410,6 +411,11 @@ pub fn target_text(ev: &shared::Event, guarded: &Guarded, daemon_pid: u32) -> St
         shared::TAMPER_DNS => format!(
             "the DNS port 53 ({}): the host's resolvers name destinations",
             if ev.port == 10 { "IPv6" } else { "IPv4" }
+        ),
+        shared::TAMPER_FILE_PASSED => format!(
+            "{}, passed in by another process (opening it would be refused: {})",
+            file(),
+            attempt_name(i32::from(ev.port))
         ),
         _ => file(),
     }

@@ -104,6 +104,10 @@
 //!                                             (`tampered` unless refused: EPERM)
 //!   cs-escape tamper-clock                    the realtime clock set to what it reads
 //!   cs-escape tamper-perf                     perf_event_open of processor 0 as a whole
+//!   cs-escape tamper-receive NAME             a descriptor received over the abstract local
+//!                                             socket NAME (SCM_RIGHTS) that is open for
+//!                                             writing (`error 1`: the kernel did not install
+//!                                             it)
 //!
 //! Not an escape itself, but the stage for one (run unlabelled, as root):
 //!   cs-escape fuse-never DIR CMD...           in a mount namespace of its own, mounts at DIR a
@@ -246,6 +250,7 @@ fn main() {
         Some("tamper-bind-dns") => tamper::bind_dns(arg(2).expect("an ADDR argument")),
         Some("tamper-net-admin") => tamper::net_admin(false),
         Some("tamper-tty") => tamper::tty_inject(),
+        Some("tamper-receive") => tamper::receive(arg(2).expect("a NAME argument")),
         Some("net-admin-own-namespace") => tamper::net_admin(true),
         Some("tamper-create") => tamper::create_in(arg(2).expect("a DIR argument")),
         Some("tamper-mount") => tamper::mount(arg(2).expect("a DIR argument")),

@@ -211,6 +211,15 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     attempt(&d, &["tamper-acl", policy], hooked("file-write"));
     // Input pushed into the terminal the agent was started from, which its shell would run.
     attempt(&d, &["tamper-tty"], filtered("tty"));
+    // A service that opens files for its callers (udisks' `OpenDevice`, a root helper):
+    // the policy, opened for writing by a process of the host and passed in.
+    let passer = Passer::new(Path::new(policy));
+    attempt(
+        &d,
+        &["tamper-receive", passer.name()],
+        hooked("file-passed"),
+    );
+    drop(passer);
     // The host's network configuration: with a NAT rule an allowed destination could lead
     // anywhere. In a network namespace of its own the capability stays the agent's.
     attempt(&d, &["tamper-net-admin"], hooked("capability"));
@@ -343,9 +352,100 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
             key.to_str().expect("utf-8 path"),
             "{read}"
         );
+        let passed = tampers
+            .iter()
+            .find(|r| r["body"]["attempt"] == "file-passed")
+            .unwrap_or_else(|| panic!("no file-passed tamper record: {tampers:?}"));
+        assert_eq!(
+            passed["body"]["target"],
+            format!(
+                "{policy}, passed in by another process (opening it would be refused: file-write)"
+            ),
+            "{passed}"
+        );
     }
     d.assert_records_verify();
     assert!(Path::new(policy).exists() && key.exists());
+}
+
+/// An unlabelled service that opens a file for whoever connects to its abstract local
+/// socket and passes the descriptor (open for writing) with `SCM_RIGHTS`; stops when dropped.
+struct Passer {
+    name: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Passer {
+    fn new(file: &Path) -> Self {
+        use std::os::linux::net::SocketAddrExt as _;
+        use std::os::unix::net::{SocketAddr, UnixListener};
+        let name = format!("countersign-passer-{}", std::process::id());
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("an abstract name");
+        let listener = UnixListener::bind_addr(&addr).expect("bind the passer's socket");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (file, stopped) = (file.to_owned(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let f = std::fs::OpenOptions::new()
+                            .append(true)
+                            .open(&file)
+                            .expect("the passer opens the file");
+                        pass_descriptor(&stream, &f);
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                }
+            }
+        });
+        Self {
+            name,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Passer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sends one byte with `file`'s descriptor attached (`SCM_RIGHTS`).
+fn pass_descriptor(stream: &std::os::unix::net::UnixStream, file: &std::fs::File) {
+    use std::os::fd::AsRawFd as _;
+    let mut byte = [b'x'];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    let mut control = [0u64; 4];
+    // SAFETY: a zeroed msghdr is valid; its pointers are set to live buffers below, and the
+    // control message is written within `control` through the kernel's macros.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>(), file.as_raw_fd());
+        libc::sendmsg(stream.as_raw_fd(), &raw const msg, 0)
+    };
+    assert_eq!(sent, 1, "sendmsg: {}", std::io::Error::last_os_error());
 }
 
 /// Device nodes of the test's own in `/dev`, removed when dropped.

@@ -481,3 +481,59 @@ pub fn perf() -> Outcome {
     drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
     Ok(Done::Tampered)
 }
+
+/// A writable descriptor of a file countersign guards, opened by another process and passed
+/// in over a local socket (`SCM_RIGHTS`), as a service that opens files or disks for its
+/// callers would: connects to the abstract socket `NAME` and receives one descriptor. The
+/// kernel reports a descriptor it did not install by `MSG_CTRUNC` (no errno): that is
+/// reported as `EPERM`, the refusal the hook returned.
+pub fn receive(name: &str) -> Outcome {
+    use std::os::unix::net::{SocketAddr, UnixStream};
+    use std::os::{fd::AsRawFd as _, linux::net::SocketAddrExt as _};
+    let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(|_| libc::EINVAL)?;
+    let stream =
+        UnixStream::connect_addr(&addr).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: byte.len(),
+    };
+    // Room for one descriptor, aligned as `cmsghdr` needs.
+    let mut control = [0u64; 4];
+    // SAFETY: a zeroed msghdr is valid; its pointers are set to live buffers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` points at buffers that live for the call.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(errno());
+    }
+    // SAFETY: the kernel filled `control` up to `msg_controllen`; the macros walk it.
+    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
+    if cmsg.is_null() {
+        return Err(if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+            libc::EPERM
+        } else {
+            libc::ENOMSG
+        });
+    }
+    // SAFETY: a control message the kernel wrote; SCM_RIGHTS carries ints.
+    let fd = unsafe {
+        if (*cmsg).cmsg_level != libc::SOL_SOCKET || (*cmsg).cmsg_type != libc::SCM_RIGHTS {
+            return Err(libc::ENOMSG);
+        }
+        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<i32>())
+    };
+    // SAFETY: the descriptor was just installed for this process.
+    let file = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: F_GETFL on a live descriptor.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    if flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
+        Ok(Done::Tampered)
+    } else {
+        Err(libc::EBADF)
+    }
+}
