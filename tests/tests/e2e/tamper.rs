@@ -368,6 +368,52 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     assert!(Path::new(policy).exists() && key.exists());
 }
 
+/// An unprivileged agent and a root service that opens files for its callers: the
+/// descriptor of countersign's policy, open for writing, that `nobody` could never open
+/// itself, is not installed for a labelled `nobody` either (LSM mode; fallback mode does
+/// not see descriptors passed in).
+#[test]
+fn a_labelled_nobody_is_not_passed_countersign_files() {
+    use std::os::unix::process::CommandExt as _;
+    const NOBODY: u32 = 65534;
+    let (d, dir) = start(&[]);
+    let policy = dir.path().join("policy.yaml");
+    let passer = Passer::new(&policy);
+    let bin = d.for_other_users(&countersign_tests::escape_bin(), "cs-escape-for-nobody");
+    let bin = bin.to_str().expect("utf-8 path");
+    let out = std::process::Command::new(bin)
+        .args(["tamper-receive", passer.name()])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .expect("cs-escape unlabelled");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "tampered",
+        "unlabelled, nobody is not passed the descriptor here: the labelled run would prove nothing ({})",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let before = refused(&d);
+    let mut p = d.labelled_as(NOBODY, "agent", &[bin, "tamper-receive", passer.name()]);
+    let exec = d.wait_exec(p.pid(), bin);
+    d.decide(&exec, "approve");
+    p.wait(WAIT);
+    if d.is_lsm() {
+        assert_eq!(
+            p.stdout().trim(),
+            format!("error {}", libc::EPERM),
+            "TAMPER: a labelled nobody was passed a writable descriptor of the policy"
+        );
+        wait_counted(&d, "file-passed", &before);
+    } else {
+        assert_eq!(
+            p.stdout().trim(),
+            "tampered",
+            "fallback mode: documented to get through"
+        );
+    }
+}
+
 /// An unlabelled service that opens a file for whoever connects to its abstract local
 /// socket and passes the descriptor (open for writing) with `SCM_RIGHTS`; stops when dropped.
 struct Passer {
@@ -380,7 +426,12 @@ impl Passer {
     fn new(file: &Path) -> Self {
         use std::os::linux::net::SocketAddrExt as _;
         use std::os::unix::net::{SocketAddr, UnixListener};
-        let name = format!("countersign-passer-{}", std::process::id());
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!(
+            "countersign-passer-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        );
         let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("an abstract name");
         let listener = UnixListener::bind_addr(&addr).expect("bind the passer's socket");
         listener.set_nonblocking(true).expect("nonblocking");
