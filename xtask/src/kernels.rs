@@ -9,8 +9,8 @@
 //! trixie comes from a private apt configuration under `target/vm/apt-trixie` whose only
 //! source is the machine's own Debian archive URI with the suite `trixie`: the machine's
 //! apt state is never touched. The newest kernel the archive offers, unstable's (`sid`),
-//! comes the same way, on first use (`vm-run --kernel debian-sid`); it is not yet among the
-//! kernels `cargo xtask test` boots.
+//! comes the same way. Each is fetched once per machine: a newer kernel in the archive is
+//! taken only when the cache folder is removed.
 
 use std::fmt;
 use std::fs;
@@ -37,18 +37,14 @@ pub enum KernelId {
     /// Debian 13 "trixie", Linux 6.12 cloud kernel.
     #[value(name = "debian13")]
     Debian13,
-    /// Debian "sid" (unstable): the newest cloud kernel the Debian archive offers (fetched
-    /// on first use; not yet among the test kernels of `cargo xtask test`).
+    /// Debian "sid" (unstable): the newest cloud kernel the Debian archive offers.
     #[value(name = "debian-sid")]
     DebianSid,
 }
 
 impl KernelId {
     /// Every test kernel, oldest first (what setup fetches).
-    pub const ALL: [KernelId; 2] = [KernelId::Debian12, KernelId::Debian13];
-
-    /// Every kernel a VM can boot.
-    pub const KNOWN: [KernelId; 3] = [KernelId::Debian12, KernelId::Debian13, KernelId::DebianSid];
+    pub const ALL: [KernelId; 3] = [KernelId::Debian12, KernelId::Debian13, KernelId::DebianSid];
 
     /// The id used on the command line and as the cache folder name.
     pub fn name(self) -> &'static str {
@@ -95,7 +91,7 @@ impl FromStr for KernelId {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        KernelId::KNOWN
+        KernelId::ALL
             .into_iter()
             .find(|id| id.name() == s)
             .with_context(|| {
