@@ -83,6 +83,22 @@ static STUCK_FS_THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::Ato
 /// against [`MAX_STUCK_FS_THREADS`]), or too many are stuck already. Callers treat it as a
 /// path that cannot be read.
 pub fn bounded<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    bounded_or(work).ok()
+}
+
+/// Why [`bounded_or`] has no answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unanswered {
+    /// The work did not finish in time (its thread is left to finish).
+    Late,
+    /// Too many earlier threads are stuck: the work was not tried.
+    TooManyStuck,
+}
+
+/// [`bounded`], saying why there is no answer.
+pub fn bounded_or<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Unanswered> {
     use std::sync::{atomic::Ordering, mpsc};
     let mut worker = FS_WORKER
         .lock()
@@ -96,9 +112,9 @@ pub fn bounded<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> 
         None => {
             if STUCK_FS_THREADS.load(Ordering::Relaxed) >= MAX_STUCK_FS_THREADS {
                 tracing::warn!(
-                    "file systems named by labelled processes have not answered {MAX_STUCK_FS_THREADS} times; refusing to touch such paths until one does"
+                    "file systems or memory of labelled processes have not answered {MAX_STUCK_FS_THREADS} times; refusing to touch them until one does"
                 );
-                return None;
+                return Err(Unanswered::TooManyStuck);
             }
             let (tx, rx) = mpsc::channel::<FsJob>();
             std::thread::Builder::new()
@@ -108,17 +124,17 @@ pub fn bounded<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> 
                         job();
                     }
                 })
-                .ok()?;
+                .map_err(|_| Unanswered::TooManyStuck)?;
             *worker = Some(tx.clone());
             tx
         }
     };
     if jobs.send(job).is_err() {
         *worker = None;
-        return None;
+        return Err(Unanswered::TooManyStuck);
     }
     match answer.recv_timeout(FS_ANSWER_WITHIN) {
-        Ok(value) => Some(value),
+        Ok(value) => Ok(value),
         Err(_) => {
             // The worker is stuck in that file system: the next job gets a new one. This one
             // ends when its job returns (its queue is gone then) and is uncounted.
@@ -129,10 +145,59 @@ pub fn bounded<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> 
             }));
             tracing::warn!(
                 within = ?FS_ANSWER_WITHIN,
-                "a file system named by a labelled process did not answer; treated as unreadable"
+                "a file system or the memory of a labelled process did not answer; treated as unreadable"
             );
+            Err(Unanswered::Late)
+        }
+    }
+}
+
+/// Reads a process's memory (an exec's filename and argv, a local socket's address,
+/// `/proc/PID/cmdline`) with `read`, off the daemon's loop and within [`FS_ANSWER_WITHIN`]
+/// (see [`bounded`]). Memory answers at once unless its process arranged otherwise: a page
+/// registered with `userfaultfd` whose handler does not serve it, a mapping of a file on a
+/// file system that hangs. When `stalling` names the labelled process whose held action is
+/// being read (by a pidfd taken before the read, so that a pid reused meanwhile is not
+/// hit), that process is killed: it made its own memory unreadable in the middle of its own
+/// held action, and its death also ends the stuck read (its `userfaultfd` closes with it).
+/// `None`: not read.
+pub fn from_memory<T: Send + 'static>(
+    stalling: Option<u32>,
+    read: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    use std::os::fd::FromRawFd as _;
+    let pidfd = stalling.and_then(|tid| {
+        // A pidfd names a thread group by its leader.
+        let pid = super::guard::task_ids(tid).map_or(tid, |(tgid, _)| tgid);
+        // SAFETY: pidfd_open takes a pid and flags; a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        // SAFETY: the descriptor was just returned to this process.
+        (fd >= 0).then(|| (pid, unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
+    });
+    match bounded_or(read) {
+        Ok(value) => Some(value),
+        Err(Unanswered::Late) => {
+            if let Some((pid, pidfd)) = pidfd {
+                use std::os::fd::AsRawFd as _;
+                // SAFETY: a signal through a pidfd this process owns; no siginfo.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        pidfd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    )
+                };
+                tracing::warn!(
+                    pid,
+                    within = ?FS_ANSWER_WITHIN,
+                    "a labelled process's memory did not answer while its action was held (userfaultfd, or a mapping of a hung file system): killed"
+                );
+            }
             None
         }
+        Err(Unanswered::TooManyStuck) => None,
     }
 }
 
@@ -213,6 +278,41 @@ pub fn user_name(uid: u32) -> Option<String> {
 
 /// The argv of a task from `/proc/PID/cmdline` (the loaded image's own copy).
 pub fn cmdline(pid: u32) -> Option<(Vec<String>, bool)> {
+    from_memory(None, move || cmdline_now(pid)).flatten()
+}
+
+/// [`cmdline`] of the labelled process whose held action is being shown: killed when its
+/// memory does not answer (see [`from_memory`]).
+pub fn cmdline_of_held(pid: u32) -> Option<(Vec<String>, bool)> {
+    from_memory(Some(pid), move || cmdline_now(pid)).flatten()
+}
+
+/// [`read_cbytes`] of the labelled task whose held action is being read (see
+/// [`from_memory`]).
+pub fn held_cbytes(tid: u32, addr: u64) -> Option<(Vec<u8>, bool)> {
+    from_memory(Some(tid), move || read_cbytes(tid, addr)).flatten()
+}
+
+/// [`read_argv_bytes`] of the labelled task whose held action is being read.
+pub fn held_argv_bytes(tid: u32, argv: u64, width: usize) -> Option<(Vec<Vec<u8>>, bool)> {
+    from_memory(Some(tid), move || read_argv_bytes(tid, argv, width)).flatten()
+}
+
+/// `len` bytes at `addr` of the labelled task whose held action is being read (fewer where
+/// the memory ends).
+pub fn held_bytes(tid: u32, addr: u64, len: usize) -> Option<Vec<u8>> {
+    from_memory(Some(tid), move || {
+        let mut buf = vec![0u8; len];
+        let n = read_remote(tid, addr, &mut buf)?;
+        buf.truncate(n);
+        Some(buf)
+    })
+    .flatten()
+}
+
+/// `/proc/PID/cmdline` read on the caller's thread (the kernel reads it from the process's
+/// memory).
+fn cmdline_now(pid: u32) -> Option<(Vec<String>, bool)> {
     use std::io::Read as _;
     let mut buf = Vec::new();
     let f = std::fs::File::open(format!("/proc/{pid}/cmdline")).ok()?;

@@ -1069,7 +1069,7 @@ impl Daemon {
             }
             ActionKind::ExecLoaded => {
                 view.binary = enrich::readlink(pid, "exe");
-                if let Some((argv, cut)) = enrich::cmdline(pid) {
+                if let Some((argv, cut)) = enrich::cmdline_of_held(pid) {
                     view.argv = argv;
                     view.argv_truncated = cut;
                 }
@@ -1077,7 +1077,7 @@ impl Daemon {
             ActionKind::Unix => {
                 view.destination = Some(unix_text(ev));
                 view.binary = enrich::readlink(pid, "exe");
-                if let Some((argv, cut)) = enrich::cmdline(pid) {
+                if let Some((argv, cut)) = enrich::cmdline_of_held(pid) {
                     view.argv = argv;
                     view.argv_truncated = cut;
                 }
@@ -1085,7 +1085,7 @@ impl Daemon {
             ActionKind::Socket => {
                 view.socket = Some(enrich::socket(ev.family, ev.sock_type, ev.port));
                 view.binary = enrich::readlink(pid, "exe");
-                if let Some((argv, cut)) = enrich::cmdline(pid) {
+                if let Some((argv, cut)) = enrich::cmdline_of_held(pid) {
                     view.argv = argv;
                     view.argv_truncated = cut;
                 }
@@ -1095,7 +1095,7 @@ impl Daemon {
                 view.destination_names = self.names.lookup(event_addr(ev));
                 view.protocol = enrich::protocol(ev.sock_type);
                 view.binary = enrich::readlink(pid, "exe");
-                if let Some((argv, cut)) = enrich::cmdline(pid) {
+                if let Some((argv, cut)) = enrich::cmdline_of_held(pid) {
                     view.argv = argv;
                     view.argv_truncated = cut;
                 }
@@ -2393,13 +2393,15 @@ impl Daemon {
 /// An exec's context, read from the caller's memory as the hook left it (LSM mode: the
 /// caller waits in a restartable stop), and what an approval binds to.
 fn exec_from_memory(ev: &shared::Event, view: &mut RequestView) -> Option<ExecBinding> {
+    // The task's memory may not answer (userfaultfd): read within a bound, and the task is
+    // killed if it does not answer.
     let filename = if ev.exec_filename == 0 {
         None
     } else {
-        enrich::read_cbytes(ev.tid, ev.exec_filename)
+        enrich::held_cbytes(ev.tid, ev.exec_filename)
     };
     let argv = (ev.exec_argv != 0)
-        .then(|| enrich::read_argv_bytes(ev.tid, ev.exec_argv, 8))
+        .then(|| enrich::held_argv_bytes(ev.tid, ev.exec_argv, 8))
         .flatten();
     if let Some((argv, cut)) = &argv {
         view.argv = argv

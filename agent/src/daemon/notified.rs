@@ -226,7 +226,7 @@ impl Daemon {
             return Ok(None);
         };
         let width = if call.narrow { 4 } else { 8 };
-        let (argv, cut) = enrich::read_argv_bytes(n.tid, named.argv_at, width)
+        let (argv, cut) = enrich::held_argv_bytes(n.tid, named.argv_at, width)
             .ok_or("its argv cannot be read from the caller's memory")?;
         if cut {
             return Err("its argv is too long to show and verify".into());
@@ -325,10 +325,9 @@ impl Daemon {
             // No name: the kernel refuses it.
             return Ok(None);
         }
-        let mut sockaddr = vec![0u8; len];
-        let got = enrich::read_remote(n.tid, n.args[1], &mut sockaddr)
+        let sockaddr = enrich::held_bytes(n.tid, n.args[1], len)
             .ok_or("its address cannot be read from the caller's memory")?;
-        if got < len {
+        if sockaddr.len() < len {
             return Err("its address cannot be read from the caller's memory".into());
         }
         if u16::from_ne_bytes([sockaddr[0], sockaddr[1]]) != libc::AF_UNIX as u16 {

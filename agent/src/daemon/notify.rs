@@ -619,7 +619,7 @@ impl Named {
         } else {
             (libc::AT_FDCWD, narrow(n.args[0]), narrow(n.args[1]), 0)
         };
-        let (filename, cut) = enrich::read_cbytes(n.tid, filename_at)
+        let (filename, cut) = enrich::held_cbytes(n.tid, filename_at)
             .ok_or("its filename cannot be read from the caller's memory")?;
         if cut {
             return Err("its filename is too long to show".into());

@@ -28,6 +28,9 @@
 //!                                             linked to it, so it is issued on the NOP's
 //!                                             completion)
 //!   cs-escape thread-connect ADDR:PORT        TCP connect and write from a spawned thread
+//!   cs-escape stall-exec-argv MARKER          exec of `sh -c "touch MARKER"` with an argument in
+//!                                             a page under a userfaultfd nobody serves: its
+//!                                             first reader waits (root: kernel faults)
 //!   cs-escape thread-sendto ADDR:PORT         udp-sendto from a spawned thread
 //!   cs-escape raw-udp IPV4:PORT               SOCK_RAW/IPPROTO_UDP with a hand-built UDP header
 //!                                             (needs CAP_NET_RAW)
@@ -170,6 +173,7 @@ fn main() {
         Some("uring-sendmsg") => uring_sendmsg(target(2), Mode::parse(arg(3))),
         Some("uring-sendto") => uring_sendto(target(2), Mode::parse(arg(3))),
         Some("thread-connect") => in_thread(|to| tcp_connect(to, false), target(2)),
+        Some("stall-exec-argv") => stall_exec_argv(arg(2).expect("a MARKER argument")),
         Some("thread-sendto") => in_thread(udp_sendto, target(2)),
         Some("unix-connect") => unix_connect(arg(2).expect("a PATH or @NAME argument")),
         Some("unix-send") => unix_send(arg(2).expect("a PATH or @NAME argument")),
@@ -431,6 +435,85 @@ fn tcp_fastopen(target: SocketAddr) -> Outcome {
 
 /// A TCP connect (with TCP_FASTOPEN_CONNECT set first if `fastopen`: with a cookie cached,
 /// the SYN then leaves only with the write) and the payload write after it.
+/// `/bin/sh -c "touch MARKER"` exec'd with one more argument in a page registered with a
+/// `userfaultfd` that nothing serves: whoever reads that argument first (the daemon, where
+/// it reads an exec's argv before the kernel does; else the kernel itself) waits for a fault
+/// handler that never answers. Root: kernel faults are handled only for privileged callers.
+fn stall_exec_argv(marker: &str) -> Outcome {
+    #[repr(C)]
+    struct Api {
+        api: u64,
+        features: u64,
+        ioctls: u64,
+    }
+    #[repr(C)]
+    struct Register {
+        start: u64,
+        len: u64,
+        mode: u64,
+        ioctls: u64,
+    }
+    const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+    const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+    const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+    const PAGE: usize = 4096;
+    // SAFETY: userfaultfd takes flags; a new descriptor or -1.
+    let uffd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) } as i32;
+    if uffd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a new private anonymous page, never touched here.
+    let page = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if page == libc::MAP_FAILED {
+        return Err(errno());
+    }
+    let mut api = Api {
+        api: 0xaa,
+        features: 0,
+        ioctls: 0,
+    };
+    let mut reg = Register {
+        start: page as u64,
+        len: PAGE as u64,
+        mode: UFFDIO_REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: ioctls on the descriptor just made, with structures of the sizes they encode.
+    unsafe {
+        if libc::ioctl(uffd, UFFDIO_API, &raw mut api) != 0
+            || libc::ioctl(uffd, UFFDIO_REGISTER, &raw mut reg) != 0
+        {
+            return Err(errno());
+        }
+    }
+    let (sh, c, script) = (
+        std::ffi::CString::new("/bin/sh").expect("no NUL"),
+        std::ffi::CString::new("-c").expect("no NUL"),
+        std::ffi::CString::new(format!("touch {marker}")).map_err(|_| libc::EINVAL)?,
+    );
+    let argv = [
+        sh.as_ptr(),
+        c.as_ptr(),
+        script.as_ptr(),
+        page.cast::<libc::c_char>().cast_const(),
+        std::ptr::null(),
+    ];
+    let envp = [std::ptr::null::<libc::c_char>()];
+    // SAFETY: NUL-terminated strings and NULL-terminated arrays that live for the call; the
+    // page argument is what the technique is about.
+    unsafe { libc::execve(sh.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    Err(errno())
+}
+
 fn tcp_connect(target: SocketAddr, fastopen: bool) -> Outcome {
     let to = Sockaddr::new(target);
     let fd = socket(to.family(), libc::SOCK_STREAM, 0)?;

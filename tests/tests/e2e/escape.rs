@@ -848,6 +848,82 @@ fn a_file_system_that_never_answers_does_not_stall_the_daemon() {
     );
 }
 
+/// The daemon reads a held exec's filename and argv from the caller's memory: a root agent
+/// can put an argument in a page under a `userfaultfd` it never serves, so that the read
+/// waits forever. Where the daemon reads first (fallback mode's launched agents), it reads
+/// within a bound, kills the process that stalled it, and answers `status` meanwhile. In LSM
+/// mode the kernel copies argv before any hook: the process waits in its own `execve`, and
+/// nothing reaches the daemon. Nothing runs either way.
+#[test]
+fn a_process_whose_memory_does_not_answer_does_not_stall_the_daemon() {
+    let d = Daemon::start();
+    let marker = marks(&d).join(format!("stalled-{}", std::process::id()));
+    let args = [
+        "stall-exec-argv".to_owned(),
+        marker.to_str().expect("utf-8").to_owned(),
+    ];
+    let mut p = spawn(&d, As::Root, &args);
+    let exec = d.wait_exec(p.pid(), "stall-exec-argv");
+    d.decide(&exec, "approve");
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let status = loop {
+        let asked = Instant::now();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let socket_dir = d.dir().to_owned();
+        std::thread::spawn(move || {
+            let out = std::process::Command::new(countersign_tests::countersign_bin())
+                .args(["status", "--json"])
+                .env("COUNTERSIGN_SOCKET_DIR", socket_dir)
+                .output();
+            let _ = tx.send(out.map(|o| o.status.success()));
+        });
+        let answered = rx.recv_timeout(Duration::from_secs(10));
+        assert!(
+            matches!(answered, Ok(Ok(true))),
+            "the daemon did not answer `status` within 10 s while reading memory that never answers ({answered:?})\n{}",
+            d.log()
+        );
+        slowest = slowest.max(asked.elapsed());
+        if let Some(status) = p.child.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if started.elapsed() > Duration::from_secs(if d.is_lsm() { 5 } else { 30 }) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!marker.exists(), "ESCAPE: the exec ran\n{}", d.log());
+    // `status` waited at most for the bound on one read (2 s), never for the read itself.
+    assert!(slowest < Duration::from_secs(5), "status took {slowest:?}");
+    if d.is_lsm() {
+        assert!(
+            status.is_none(),
+            "the process should wait in its own execve: {status:?}"
+        );
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt as _;
+    let status = status.unwrap_or_else(|| {
+        panic!(
+            "the process that stalled the daemon still runs\n{}",
+            d.log()
+        )
+    });
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "the process that stalled the daemon is killed ({status:?}, printed {:?})\n{}",
+        p.stdout(),
+        d.log()
+    );
+    assert!(
+        d.log().contains("memory did not answer"),
+        "the daemon says why it killed the process\n{}",
+        d.log()
+    );
+}
+
 // ---- Execs ---------------------------------------------------------------------------------
 
 const EXEC: &[&str] = &["exec", "exec-loaded"];
