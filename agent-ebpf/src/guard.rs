@@ -28,8 +28,9 @@ use countersign_ebpf::{
     EPERM, FileKey, GUARD_ANCESTOR, GUARD_CAPABILITIES, GUARD_CAPABILITIES_HOST, GUARD_DIR,
     GUARD_FILE, GUARD_SECRET, KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC,
     STAT_EVENTS_DROPPED, TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_DEVICE, TAMPER_DNS,
-    TAMPER_FILE_PASSED, TAMPER_FILE_READ, TAMPER_FILE_WRITE, TAMPER_MODULE, TAMPER_MOUNT,
-    TAMPER_PERF, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL, TAMPER_TTY, TTY_INPUT_REQUESTS,
+    TAMPER_FILE_GATE, TAMPER_FILE_PASSED, TAMPER_FILE_READ, TAMPER_FILE_WRITE, TAMPER_MODULE,
+    TAMPER_MOUNT, TAMPER_PERF, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL, TAMPER_TTY,
+    TTY_INPUT_REQUESTS,
 };
 
 use crate::{
@@ -640,6 +641,25 @@ pub fn ioctl(cmd: u32) -> i32 {
         None => 0,
     }
 }
+
+/// `path_notify(path, mask, obj_type)`: no labelled task asks for fanotify's permission
+/// events (`FAN_OPEN_PERM`, `FAN_ACCESS_PERM`, `FAN_OPEN_EXEC_PERM`, `FAN_PRE_ACCESS`). Whoever
+/// holds such a mark decides, and may never answer, every open beneath it: on a file system
+/// or mount holding countersign's files that stops the daemon, and with it every decision.
+/// Notifications that only report (inotify, fanotify's other events) pass without a lookup.
+#[inline(always)]
+pub fn path_notify(mask: u64) -> i32 {
+    if mask & FANOTIFY_PERMISSION_EVENTS == 0 {
+        return 0;
+    }
+    match guarded() {
+        Some(label) => refuse(label, TAMPER_FILE_GATE, Target::None, (mask >> 16) as u16),
+        None => 0,
+    }
+}
+
+/// `FS_OPEN_PERM`, `FS_ACCESS_PERM`, `FS_OPEN_EXEC_PERM` and (6.14+) `FS_PRE_ACCESS`.
+const FANOTIFY_PERMISSION_EVENTS: u64 = 0x0001_0000 | 0x0002_0000 | 0x0004_0000 | 0x0010_0000;
 
 /// `socket_bind(sock, address, addrlen)` (the kernel's copy of the address): a labelled task
 /// may not bind port 53 on IPv4 or IPv6. The daemon learns destination names from the

@@ -196,7 +196,7 @@ pub const PROG_LSM_UNIX_STREAM_CONNECT: &str = "cs_lsm_unix_stream_connect";
 pub const PROG_LSM_UNIX_MAY_SEND: &str = "cs_lsm_unix_may_send";
 /// The self-protection programs (LSM mode): (program, hook). The `path_*` hooks exist only
 /// in kernels built with `CONFIG_SECURITY_PATH`.
-pub const GUARD_HOOKS: [(&str, &str); 30] = [
+pub const GUARD_HOOKS: [(&str, &str); 31] = [
     ("cs_lsm_bpf", "bpf"),
     ("cs_lsm_capable", "capable"),
     ("cs_lsm_perf_event_open", "perf_event_open"),
@@ -212,6 +212,7 @@ pub const GUARD_HOOKS: [(&str, &str); 30] = [
     ("cs_lsm_sb_pivotroot", "sb_pivotroot"),
     ("cs_lsm_file_open", "file_open"),
     ("cs_lsm_file_receive", "file_receive"),
+    ("cs_lsm_path_notify", "path_notify"),
     ("cs_lsm_inode_create", "inode_create"),
     ("cs_lsm_inode_mkdir", "inode_mkdir"),
     ("cs_lsm_inode_mknod", "inode_mknod"),
@@ -399,6 +400,9 @@ pub const TAMPER_TTY: i32 = 13;
 /// that the task could not have opened itself; [`Event::port`] is the `TAMPER_*` kind the
 /// open would have been refused as.
 pub const TAMPER_FILE_PASSED: i32 = 14;
+/// Asking for fanotify's permission events, with which the asker decides (or never answers)
+/// other processes' opens, the daemon's included; [`Event::port`] is the mask's bits 16-31.
+pub const TAMPER_FILE_GATE: i32 = 15;
 /// `TIOCSTI` and `TIOCLINUX`.
 pub const TTY_INPUT_REQUESTS: [u32; 2] = [0x5412, 0x541C];
 

@@ -232,6 +232,13 @@ mod programs {
         keep(ctx.arg(1), || guard::file_receive(ctx.arg(0)))
     }
 
+    /// `path_notify(path, mask, obj_type)`: no fanotify permission events for a labelled
+    /// task (their holder decides every open beneath the mark).
+    #[lsm(hook = "path_notify")]
+    pub fn cs_lsm_path_notify(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::path_notify(ctx.arg(1)))
+    }
+
     #[lsm(hook = "inode_create")]
     pub fn cs_lsm_inode_create(ctx: LsmContext) -> i32 {
         keep(ctx.arg(3), || guard::inode_create(ctx.arg(0)))

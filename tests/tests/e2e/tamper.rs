@@ -211,6 +211,13 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     attempt(&d, &["tamper-acl", policy], hooked("file-write"));
     // Input pushed into the terminal the agent was started from, which its shell would run.
     attempt(&d, &["tamper-tty"], filtered("tty"));
+    // fanotify's permission events: the holder of the mark decides every open beneath it,
+    // the daemon's included.
+    attempt(
+        &d,
+        &["tamper-fanotify", mnt.path().to_str().expect("utf-8 path")],
+        hooked("file-gate"),
+    );
     // A service that opens files for its callers (udisks' `OpenDevice`, a root helper):
     // the policy, opened for writing by a process of the host and passed in.
     let passer = Passer::new(Path::new(policy));

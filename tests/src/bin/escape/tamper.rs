@@ -537,3 +537,41 @@ pub fn receive(name: &str) -> Outcome {
         Err(libc::EBADF)
     }
 }
+
+/// fanotify's permission events on `DIR`: whoever holds the mark decides every open beneath
+/// it (and may never answer). The mark goes with the descriptor, closed at once.
+pub fn fanotify(dir: &str) -> Outcome {
+    const FAN_CLASS_CONTENT: u32 = 0x04;
+    const FAN_CLOEXEC: u32 = 0x01;
+    const FAN_MARK_ADD: u32 = 0x01;
+    const FAN_OPEN_PERM: u64 = 0x0001_0000;
+    // SAFETY: fanotify_init takes flags; a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_fanotify_init,
+            FAN_CLASS_CONTENT | FAN_CLOEXEC,
+            libc::O_RDONLY,
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: the descriptor was just returned.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let p = cstr(dir);
+    // SAFETY: a NUL-terminated path; the group descriptor is live.
+    let r = unsafe {
+        libc::fanotify_mark(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            FAN_MARK_ADD,
+            FAN_OPEN_PERM,
+            libc::AT_FDCWD,
+            p.as_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(errno());
+    }
+    drop(fd);
+    Ok(Done::Tampered)
+}
