@@ -28,9 +28,9 @@ use countersign_ebpf::{
     EPERM, FileKey, GUARD_ANCESTOR, GUARD_CAPABILITIES, GUARD_CAPABILITIES_HOST, GUARD_DIR,
     GUARD_FILE, GUARD_SECRET, KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC,
     STAT_EVENTS_DROPPED, TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_DEVICE, TAMPER_DNS,
-    TAMPER_FILE_GATE, TAMPER_FILE_PASSED, TAMPER_FILE_READ, TAMPER_FILE_WRITE, TAMPER_MODULE,
-    TAMPER_MOUNT, TAMPER_PERF, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL, TAMPER_TTY,
-    TTY_INPUT_REQUESTS,
+    TAMPER_FILE_GATE, TAMPER_FILE_LOCK, TAMPER_FILE_PASSED, TAMPER_FILE_READ, TAMPER_FILE_WRITE,
+    TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PERF, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL,
+    TAMPER_TTY, TTY_INPUT_REQUESTS,
 };
 
 use crate::{
@@ -460,19 +460,42 @@ pub fn file_truncate(file: *const u8) -> i32 {
     let Some(label) = guarded() else {
         return 0;
     };
-    let o = maps::kernel_offsets();
-    let Some(inode) = read_ptr(file, o.file_inode) else {
+    match countersign_file(file) {
+        Some((dev, ino)) => refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0),
+        None => 0,
+    }
+}
+
+/// `file_lock(file, cmd)` (`flock`, POSIX record locks, leases): no lock or lease on
+/// countersign's files. A lock held on the daemon's lock file keeps a restarted daemon from
+/// starting; a lease makes the daemon's next open of that file wait for the holder (45 s by
+/// default, again at each new lease); a record lock can stall a database.
+#[inline(always)]
+pub fn file_lock(file: *const u8, cmd: u32) -> i32 {
+    let Some(label) = guarded() else {
         return 0;
     };
+    match countersign_file(file) {
+        Some((dev, ino)) => refuse(label, TAMPER_FILE_LOCK, Target::File(dev, ino), cmd as u16),
+        None => 0,
+    }
+}
+
+/// (device, inode) of `file` when it is one of countersign's files, or lies in one of its
+/// directories.
+#[inline(always)]
+fn countersign_file(file: *const u8) -> Option<(u64, u64)> {
+    let o = maps::kernel_offsets();
+    let inode = read_ptr(file, o.file_inode)?;
     let (flags, dev, ino) = inode_flags(inode);
     if flags & !GUARD_ANCESTOR != 0 {
-        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+        return Some((dev, ino));
     }
     let parent = read_ptr(file, o.file_dentry).and_then(|d| read_ptr(d, o.dentry_parent));
     if parent.is_some_and(|p| dentry_flags(p).0 & GUARD_DIR != 0) {
-        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+        return Some((dev, ino));
     }
-    0
+    None
 }
 
 /// The process whose directory a `/proc` dentry lies under (`/proc/PID/...`; `self` and

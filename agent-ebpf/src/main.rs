@@ -239,6 +239,12 @@ mod programs {
         keep(ctx.arg(3), || guard::path_notify(ctx.arg(1)))
     }
 
+    /// `file_lock(file, cmd)`: no lock or lease on countersign's files.
+    #[lsm(hook = "file_lock")]
+    pub fn cs_lsm_file_lock(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || guard::file_lock(ctx.arg(0), ctx.arg(1)))
+    }
+
     #[lsm(hook = "inode_create")]
     pub fn cs_lsm_inode_create(ctx: LsmContext) -> i32 {
         keep(ctx.arg(3), || guard::inode_create(ctx.arg(0)))

@@ -325,6 +325,7 @@ pub fn attempt_name(detail: i32) -> &'static str {
         shared::TAMPER_TTY => "tty",
         shared::TAMPER_FILE_PASSED => "file-passed",
         shared::TAMPER_FILE_GATE => "file-gate",
+        shared::TAMPER_FILE_LOCK => "file-lock",
         _ => "unknown",
     }
 }
@@ -413,6 +414,7 @@ pub fn target_text(ev: &shared::Event, guarded: &Guarded, daemon_pid: u32) -> St
             "the DNS port 53 ({}): the host's resolvers name destinations",
             if ev.port == 10 { "IPv6" } else { "IPv4" }
         ),
+        shared::TAMPER_FILE_LOCK => format!("a lock or lease on {} (type {})", file(), ev.port),
         shared::TAMPER_FILE_GATE => format!(
             "fanotify permission events (mask {:#x}): the asker would decide, or never answer, every open beneath its mark, the daemon's included",
             u64::from(ev.port) << 16

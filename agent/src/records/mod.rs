@@ -148,8 +148,8 @@ impl Body {
 #[serde(deny_unknown_fields)]
 pub struct TamperRecord {
     /// What was tried: `bpf`, `ptrace`, `signal`, `module`, `mount`, `file-write`,
-    /// `file-read`, `file-passed`, `file-gate`, `sysctl`, `capability`, `device`, `perf`, `dns`, `tty`,
-    /// `control-socket`.
+    /// `file-read`, `file-passed`, `file-gate`, `file-lock`, `sysctl`, `capability`,
+    /// `device`, `perf`, `dns`, `tty`.
     pub attempt: String,
     /// What it was aimed at, as a person reads it (`the daemon (pid 812)`, a file's path).
     pub target: String,

@@ -107,6 +107,8 @@
 //!                                             (`tampered` unless refused: EPERM)
 //!   cs-escape tamper-clock                    the realtime clock set to what it reads
 //!   cs-escape tamper-perf                     perf_event_open of processor 0 as a whole
+//!   cs-escape tamper-lock PATH                PATH opened for reading, flock(LOCK_SH)
+//!   cs-escape tamper-lease PATH               PATH opened for reading, a read lease
 //!   cs-escape tamper-fanotify DIR             fanotify's FAN_OPEN_PERM marked on DIR (the
 //!                                             descriptor closed at once)
 //!   cs-escape tamper-receive NAME             a descriptor received over the abstract local
@@ -258,6 +260,8 @@ fn main() {
         Some("tamper-tty") => tamper::tty_inject(),
         Some("tamper-receive") => tamper::receive(arg(2).expect("a NAME argument")),
         Some("tamper-fanotify") => tamper::fanotify(arg(2).expect("a DIR argument")),
+        Some("tamper-lock") => tamper::lock(arg(2).expect("a PATH argument"), false),
+        Some("tamper-lease") => tamper::lock(arg(2).expect("a PATH argument"), true),
         Some("net-admin-own-namespace") => tamper::net_admin(true),
         Some("tamper-create") => tamper::create_in(arg(2).expect("a DIR argument")),
         Some("tamper-mount") => tamper::mount(arg(2).expect("a DIR argument")),

@@ -211,6 +211,10 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     attempt(&d, &["tamper-acl", policy], hooked("file-write"));
     // Input pushed into the terminal the agent was started from, which its shell would run.
     attempt(&d, &["tamper-tty"], filtered("tty"));
+    // Locks and leases on countersign's files: a lock on the daemon's lock file would keep
+    // a restarted daemon from starting, a lease makes the daemon's next open wait.
+    attempt(&d, &["tamper-lock", policy], hooked("file-lock"));
+    attempt(&d, &["tamper-lease", policy], hooked("file-lock"));
     // fanotify's permission events: the holder of the mark decides every open beneath it,
     // the daemon's included.
     attempt(

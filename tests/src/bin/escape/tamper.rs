@@ -575,3 +575,43 @@ pub fn fanotify(dir: &str) -> Outcome {
     drop(fd);
     Ok(Done::Tampered)
 }
+
+/// `PATH` opened for reading and locked: a shared `flock`, or (`lease`) a read lease, which
+/// makes another process's open for writing wait for the holder. Released again.
+pub fn lock(path: &str, lease: bool) -> Outcome {
+    let p = cstr(path);
+    // SAFETY: a NUL-terminated path.
+    let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: the descriptor was just opened.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: lock calls on a live descriptor.
+    let (take, release) = unsafe {
+        if lease {
+            (
+                libc::fcntl(raw, libc::F_SETLEASE, libc::F_RDLCK),
+                libc::F_SETLEASE,
+            )
+        } else {
+            (
+                libc::flock(raw, libc::LOCK_SH | libc::LOCK_NB),
+                libc::F_UNLCK,
+            )
+        }
+    };
+    if take != 0 {
+        return Err(errno());
+    }
+    // SAFETY: as above.
+    unsafe {
+        if lease {
+            libc::fcntl(raw, release, libc::F_UNLCK);
+        } else {
+            libc::flock(raw, libc::LOCK_UN);
+        }
+    }
+    Ok(Done::Tampered)
+}
