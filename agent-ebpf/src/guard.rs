@@ -29,8 +29,8 @@ use countersign_ebpf::{
     GUARD_FILE, GUARD_SECRET, KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC,
     STAT_EVENTS_DROPPED, TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_DEVICE, TAMPER_DNS,
     TAMPER_FILE_GATE, TAMPER_FILE_LOCK, TAMPER_FILE_PASSED, TAMPER_FILE_READ, TAMPER_FILE_WRITE,
-    TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PERF, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL,
-    TAMPER_TTY, TTY_INPUT_REQUESTS,
+    TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PERF, TAMPER_PROCESS, TAMPER_PTRACE, TAMPER_SIGNAL,
+    TAMPER_SYSCTL, TAMPER_TTY, TTY_INPUT_REQUESTS,
 };
 
 use crate::{
@@ -281,6 +281,34 @@ pub fn task_kill(target: *const u8, sig: i32) -> i32 {
         None => 0,
     }
 }
+
+/// `task_setrlimit`, `task_setnice`, `task_setioprio`, `task_setscheduler`,
+/// `task_movememory`: a labelled task does not change how countersign's processes run. A
+/// `RLIMIT_CPU` of one second has the kernel kill the daemon (`SIGXCPU`, then `SIGKILL`, past
+/// `task_kill`); `RLIMIT_NOFILE` of 0 leaves it unable to open a file or take a connection;
+/// the lowest priority, `SCHED_IDLE`, an idle I/O class or an affinity to a busy processor
+/// starve it. `what` is [`PROCESS_LIMITS`] and the like, for the record.
+#[inline(always)]
+pub fn process_setting(target: *const u8, what: u16) -> i32 {
+    let Some(label) = guarded() else {
+        return 0;
+    };
+    if !offsets_known() {
+        return 0;
+    }
+    match protected(target) {
+        Some(tgid) => refuse(label, TAMPER_PROCESS, Target::Process(tgid), what),
+        None => 0,
+    }
+}
+
+/// [`process_setting`]'s `what`: resource limits, priority, I/O priority, scheduling policy
+/// or processor affinity, memory placement.
+pub const PROCESS_LIMITS: u16 = 1;
+pub const PROCESS_NICE: u16 = 2;
+pub const PROCESS_IOPRIO: u16 = 3;
+pub const PROCESS_SCHEDULER: u16 = 4;
+pub const PROCESS_MEMORY: u16 = 5;
 
 /// `kernel_read_file(file, id, contents)` and `kernel_load_data(id, contents)`: a labelled
 /// task loads no module, kexec image, policy or certificate (firmware passes).

@@ -196,7 +196,7 @@ pub const PROG_LSM_UNIX_STREAM_CONNECT: &str = "cs_lsm_unix_stream_connect";
 pub const PROG_LSM_UNIX_MAY_SEND: &str = "cs_lsm_unix_may_send";
 /// The self-protection programs (LSM mode): (program, hook). The `path_*` hooks exist only
 /// in kernels built with `CONFIG_SECURITY_PATH`.
-pub const GUARD_HOOKS: [(&str, &str); 32] = [
+pub const GUARD_HOOKS: [(&str, &str); 37] = [
     ("cs_lsm_bpf", "bpf"),
     ("cs_lsm_capable", "capable"),
     ("cs_lsm_perf_event_open", "perf_event_open"),
@@ -214,6 +214,11 @@ pub const GUARD_HOOKS: [(&str, &str); 32] = [
     ("cs_lsm_file_receive", "file_receive"),
     ("cs_lsm_path_notify", "path_notify"),
     ("cs_lsm_file_lock", "file_lock"),
+    ("cs_lsm_task_setrlimit", "task_setrlimit"),
+    ("cs_lsm_task_setnice", "task_setnice"),
+    ("cs_lsm_task_setioprio", "task_setioprio"),
+    ("cs_lsm_task_setscheduler", "task_setscheduler"),
+    ("cs_lsm_task_movememory", "task_movememory"),
     ("cs_lsm_inode_create", "inode_create"),
     ("cs_lsm_inode_mkdir", "inode_mkdir"),
     ("cs_lsm_inode_mknod", "inode_mknod"),
@@ -407,6 +412,10 @@ pub const TAMPER_FILE_GATE: i32 = 15;
 /// A lock or lease on one of countersign's files (`flock`, `fcntl`); [`Event::port`] is the
 /// lock's type.
 pub const TAMPER_FILE_LOCK: i32 = 16;
+/// Changing how one of countersign's processes runs: its resource limits, priority, I/O
+/// priority, scheduling policy or affinity, memory placement; [`Event::port`] says which
+/// (1 to 5, in that order).
+pub const TAMPER_PROCESS: i32 = 17;
 /// `TIOCSTI` and `TIOCLINUX`.
 pub const TTY_INPUT_REQUESTS: [u32; 2] = [0x5412, 0x541C];
 

@@ -173,6 +173,47 @@ mod programs {
         keep(ctx.arg(4), || guard::task_kill(ctx.arg(0), ctx.arg(2)))
     }
 
+    /// `task_setrlimit(p, resource, new_rlim)` and the other settings of how a process
+    /// runs: not changed for countersign's processes by a labelled task.
+    #[lsm(hook = "task_setrlimit")]
+    pub fn cs_lsm_task_setrlimit(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || {
+            guard::process_setting(ctx.arg(0), guard::PROCESS_LIMITS)
+        })
+    }
+
+    /// `task_setnice(p, nice)`.
+    #[lsm(hook = "task_setnice")]
+    pub fn cs_lsm_task_setnice(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || {
+            guard::process_setting(ctx.arg(0), guard::PROCESS_NICE)
+        })
+    }
+
+    /// `task_setioprio(p, ioprio)`.
+    #[lsm(hook = "task_setioprio")]
+    pub fn cs_lsm_task_setioprio(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(2), || {
+            guard::process_setting(ctx.arg(0), guard::PROCESS_IOPRIO)
+        })
+    }
+
+    /// `task_setscheduler(p)`: policy, priority and affinity (and a move into a cpuset).
+    #[lsm(hook = "task_setscheduler")]
+    pub fn cs_lsm_task_setscheduler(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(1), || {
+            guard::process_setting(ctx.arg(0), guard::PROCESS_SCHEDULER)
+        })
+    }
+
+    /// `task_movememory(p)`.
+    #[lsm(hook = "task_movememory")]
+    pub fn cs_lsm_task_movememory(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(1), || {
+            guard::process_setting(ctx.arg(0), guard::PROCESS_MEMORY)
+        })
+    }
+
     #[lsm(hook = "kernel_read_file")]
     pub fn cs_lsm_kernel_read_file(ctx: LsmContext) -> i32 {
         keep(ctx.arg(3), || guard::kernel_load(ctx.arg(1)))

@@ -326,6 +326,7 @@ pub fn attempt_name(detail: i32) -> &'static str {
         shared::TAMPER_FILE_PASSED => "file-passed",
         shared::TAMPER_FILE_GATE => "file-gate",
         shared::TAMPER_FILE_LOCK => "file-lock",
+        shared::TAMPER_PROCESS => "process",
         _ => "unknown",
     }
 }
@@ -413,6 +414,18 @@ pub fn target_text(ev: &shared::Event, guarded: &Guarded, daemon_pid: u32) -> St
         shared::TAMPER_DNS => format!(
             "the DNS port 53 ({}): the host's resolvers name destinations",
             if ev.port == 10 { "IPv6" } else { "IPv4" }
+        ),
+        shared::TAMPER_PROCESS => format!(
+            "{} of {}",
+            match ev.port {
+                1 => "the resource limits",
+                2 => "the priority",
+                3 => "the I/O priority",
+                4 => "the scheduling policy or processor affinity",
+                5 => "the memory placement",
+                _ => "how it runs",
+            },
+            process()
         ),
         shared::TAMPER_FILE_LOCK => format!("a lock or lease on {} (type {})", file(), ev.port),
         shared::TAMPER_FILE_GATE => format!(

@@ -149,7 +149,7 @@ impl Body {
 pub struct TamperRecord {
     /// What was tried: `bpf`, `ptrace`, `signal`, `module`, `mount`, `file-write`,
     /// `file-read`, `file-passed`, `file-gate`, `file-lock`, `sysctl`, `capability`,
-    /// `device`, `perf`, `dns`, `tty`.
+    /// `device`, `perf`, `dns`, `tty`, `process`.
     pub attempt: String,
     /// What it was aimed at, as a person reads it (`the daemon (pid 812)`, a file's path).
     pub target: String,

@@ -107,6 +107,9 @@
 //!                                             (`tampered` unless refused: EPERM)
 //!   cs-escape tamper-clock                    the realtime clock set to what it reads
 //!   cs-escape tamper-perf                     perf_event_open of processor 0 as a whole
+//!   cs-escape tamper-limits PID               PID's open-file limit set to what it is
+//!   cs-escape tamper-nice PID                 PID's priority set to what it is
+//!   cs-escape tamper-affinity PID             PID's processor affinity set to what it is
 //!   cs-escape tamper-lock PATH                PATH opened for reading, flock(LOCK_SH)
 //!   cs-escape tamper-lease PATH               PATH opened for reading, a read lease
 //!   cs-escape tamper-fanotify DIR             fanotify's FAN_OPEN_PERM marked on DIR (the
@@ -260,6 +263,9 @@ fn main() {
         Some("tamper-tty") => tamper::tty_inject(),
         Some("tamper-receive") => tamper::receive(arg(2).expect("a NAME argument")),
         Some("tamper-fanotify") => tamper::fanotify(arg(2).expect("a DIR argument")),
+        Some("tamper-limits") => tamper::process_setting("limits", pid(2)),
+        Some("tamper-nice") => tamper::process_setting("nice", pid(2)),
+        Some("tamper-affinity") => tamper::process_setting("affinity", pid(2)),
         Some("tamper-lock") => tamper::lock(arg(2).expect("a PATH argument"), false),
         Some("tamper-lease") => tamper::lock(arg(2).expect("a PATH argument"), true),
         Some("net-admin-own-namespace") => tamper::net_admin(true),

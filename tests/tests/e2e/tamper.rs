@@ -177,6 +177,11 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     attempt(&d, &["tamper-mem", &victim_pid], hooked("ptrace"));
     attempt(&d, &["tamper-signal", &daemon], hooked("signal"));
     attempt(&d, &["tamper-write", policy], hooked("file-write"));
+    // How the daemon runs: a CPU time limit would have the kernel kill it, a limit of no
+    // open files or the lowest priority would leave it unable to decide.
+    for setting in ["tamper-limits", "tamper-nice", "tamper-affinity"] {
+        attempt(&d, &[setting, &daemon], hooked("process"));
+    }
     attempt(
         &d,
         &["tamper-read", key.to_str().expect("utf-8 path")],
@@ -324,6 +329,11 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
     // opening files that are not countersign's, are the agent's own business.
     let (stdout, _) = labelled(&d, &["tamper-signal", &victim_pid]);
     assert_eq!(stdout, "tampered");
+    let (stdout, _) = labelled(&d, &["tamper-nice", &victim_pid]);
+    assert_eq!(
+        stdout, "tampered",
+        "another process's priority is the agent's business"
+    );
     let own = mnt.path().join("own");
     std::fs::write(&own, b"").expect("a file of the agent's");
     let (stdout, _) = labelled(&d, &["tamper-write", own.to_str().expect("utf-8 path")]);

@@ -615,3 +615,48 @@ pub fn lock(path: &str, lease: bool) -> Outcome {
     }
     Ok(Done::Tampered)
 }
+
+/// How process `pid` runs, set to what it already is (so that the unlabelled control run
+/// changes nothing): `limits` its open-file limit (`prlimit`; an `RLIMIT_CPU` of a second
+/// would have the kernel kill it), `nice` its priority (`setpriority`), `affinity` its
+/// processors (`sched_setaffinity`).
+pub fn process_setting(what: &str, pid: i32) -> Outcome {
+    // SAFETY: plain calls about another process, with buffers that live for each call.
+    let r = unsafe {
+        match what {
+            "limits" => {
+                let mut old: libc::rlimit = std::mem::zeroed();
+                if libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &raw mut old) != 0 {
+                    return Err(errno());
+                }
+                libc::prlimit(
+                    pid,
+                    libc::RLIMIT_NOFILE,
+                    &raw const old,
+                    std::ptr::null_mut(),
+                )
+            }
+            "nice" => {
+                *libc::__errno_location() = 0;
+                let nice = libc::getpriority(libc::PRIO_PROCESS, pid as libc::id_t);
+                if nice == -1 && errno() != 0 {
+                    return Err(errno());
+                }
+                libc::setpriority(libc::PRIO_PROCESS, pid as libc::id_t, nice)
+            }
+            "affinity" => {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                let size = std::mem::size_of::<libc::cpu_set_t>();
+                if libc::sched_getaffinity(pid, size, &raw mut set) != 0 {
+                    return Err(errno());
+                }
+                libc::sched_setaffinity(pid, size, &raw const set)
+            }
+            _ => return Err(libc::EINVAL),
+        }
+    };
+    if r != 0 {
+        return Err(errno());
+    }
+    Ok(Done::Tampered)
+}
