@@ -664,9 +664,7 @@ pub fn sys_enter_connect(ctx: &TracePointContext) {
         fill(ev, &dest, 0);
         hold::request(state, KIND_CONNECT, hash, ev)
     });
-    if requested {
-        hold::stop_current();
-    } else {
+    if !requested {
         // The cgroup program refuses what is not pending or decided.
         state.state = STATE_IDLE;
         state.kind = 0;
@@ -823,9 +821,7 @@ pub fn sys_enter_send(ctx: &TracePointContext, call: SendCall) {
         fill(ev, &dest, 0);
         hold::request(state, KIND_SEND, hash, ev)
     });
-    if requested {
-        hold::stop_current();
-    } else {
+    if !requested {
         state.state = STATE_IDLE;
         state.kind = 0;
     }

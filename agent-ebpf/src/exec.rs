@@ -248,7 +248,6 @@ pub fn bprm_check(bprm: *const u8) -> Verdict {
         hold::request(state, KIND_EXEC, 0, ev)
     });
     if requested {
-        hold::stop_current();
         Verdict::Held
     } else {
         Verdict::Deny
@@ -371,9 +370,7 @@ pub fn sched_exec(ctx: &TracePointContext, looped: bool) {
     if requested {
         // Watched from now until its first fault in user mode (see `user_fault`); a hold
         // that cannot be watched could be let run early: killed instead.
-        if maps::watch_loaded(label::current_tid()) {
-            hold::stop_current();
-        } else {
+        if !maps::watch_loaded(label::current_tid()) {
             hold::kill_current();
         }
     } else {

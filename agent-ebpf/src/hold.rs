@@ -15,6 +15,7 @@ use crate::{
 
 pub const SIGKILL: u32 = 9;
 pub const SIGSTOP: u32 = 19;
+pub const SIGCONT: u32 = 18;
 
 /// What a hook does with the action in front of it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -53,6 +54,13 @@ pub fn event(kind: u32, label: u32) -> Option<&'static mut Event> {
 pub fn stop_current() {
     // SAFETY: helper call with a plain integer; it signals the current thread group.
     unsafe { bpf_send_signal(SIGSTOP) };
+}
+
+/// Takes back a stop this program queued (a `SIGCONT` drops pending stop signals).
+#[inline(always)]
+pub fn resume_current() {
+    // SAFETY: as above.
+    unsafe { bpf_send_signal(SIGCONT) };
 }
 
 #[inline(always)]
@@ -94,16 +102,22 @@ pub fn decide(
         }
     }
     if event().is_some_and(|ev| request(state, kind, hash, ev)) {
-        stop_current();
         Verdict::Held
     } else {
         Verdict::Deny
     }
 }
 
-/// Records a new pending request in `state` and reports it. Returns false (and leaves the
-/// state idle) when the report cannot be delivered: the caller must refuse the action, since
-/// nobody would ever decide it.
+/// Records a new pending request in `state`, stops the task and reports the request. Returns
+/// false (the state idle, the stop taken back) when the report cannot be delivered: the
+/// caller must refuse the action, since nobody would ever decide it.
+///
+/// The state and the stop come before the report: on a preemptible kernel the daemon can
+/// read the report, decide and continue the task before this program goes on. It then finds
+/// the request pending, and its `SIGCONT` finds the stop already queued and drops it (the
+/// call restarts and meets the decision). Reported first, the daemon could find the state
+/// not yet pending (and give up the request), or continue the task before its stop, which
+/// then held it for good.
 #[inline(always)]
 pub fn request(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) -> bool {
     // SAFETY: helper without arguments.
@@ -112,12 +126,6 @@ pub fn request(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) -> b
     ev.action_hash = hash;
     ev.exec_filename = state.exec_filename;
     ev.exec_argv = state.exec_argv;
-    if !maps::emit(ev) {
-        maps::count(STAT_EVENTS_DROPPED);
-        state.state = STATE_IDLE;
-        return false;
-    }
-    maps::count(STAT_HOLDS);
     state.kind = kind;
     state.action_hash = hash;
     state.request_id = id;
@@ -128,6 +136,15 @@ pub fn request(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) -> b
     // The daemon writes its id for the request once it has seen it.
     state.user_id = 0;
     state.state = STATE_PENDING;
+    stop_current();
+    if !maps::emit(ev) {
+        maps::count(STAT_EVENTS_DROPPED);
+        state.state = STATE_IDLE;
+        // A `SIGCONT` drops the pending stop.
+        resume_current();
+        return false;
+    }
+    maps::count(STAT_HOLDS);
     true
 }
 
