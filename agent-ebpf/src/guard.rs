@@ -21,13 +21,18 @@
 //!   reboot, the clock, immutable files, other security modules' policies);
 //! - opening a disk beneath its file systems (block devices, raw disk character devices);
 //! - monitoring a whole processor (`perf_event_open` without a task).
+//! - writing the cgroup files that would kill, freeze or starve the daemon (its cgroup's and
+//!   those above it; `cgroup.kill` and `cgroup.freeze` anywhere), and moving the daemon into
+//!   another cgroup (no hook refuses it: the mover is killed, the daemon moves back).
 //!
 //! Unlabelled tasks pay the label lookup every hook makes and nothing else.
 use aya_ebpf::helpers::bpf_probe_read_kernel;
+use aya_ebpf::programs::TracePointContext;
 use countersign_ebpf::{
-    EPERM, FileKey, GUARD_ANCESTOR, GUARD_CAPABILITIES, GUARD_CAPABILITIES_HOST, GUARD_DIR,
-    GUARD_FILE, GUARD_SECRET, KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC,
-    STAT_EVENTS_DROPPED, TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_DEVICE, TAMPER_DNS,
+    CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC, EPERM, FileKey, GUARD_ANCESTOR, GUARD_CAPABILITIES,
+    GUARD_CAPABILITIES_HOST, GUARD_CGROUP, GUARD_DIR, GUARD_FILE, GUARD_SECRET, KIND_TAMPER,
+    LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC, STAT_EVENTS_DROPPED, TAMPER_BPF,
+    TAMPER_CAPABILITY, TAMPER_CGROUP, TAMPER_CGROUP_MOVE, TAMPER_DEVICE, TAMPER_DNS,
     TAMPER_FILE_GATE, TAMPER_FILE_LOCK, TAMPER_FILE_PASSED, TAMPER_FILE_READ, TAMPER_FILE_WRITE,
     TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PERF, TAMPER_PROCESS, TAMPER_PTRACE, TAMPER_SIGNAL,
     TAMPER_SYSCTL, TAMPER_TTY, TTY_INPUT_REQUESTS,
@@ -72,6 +77,18 @@ const S_IFBLK: u16 = 0o060_000;
 const S_IFCHR: u16 = 0o020_000;
 /// Parents walked up from a `/proc` file to its top-level directory.
 const PROC_DEPTH: usize = 8;
+/// The cgroup files that kill or freeze every process of their cgroup, wherever they are: a
+/// cgroup frozen first would freeze the daemon moved into it before it could move back (v1's
+/// freezer: `freezer.state`). NUL-terminated, compared over [`CGROUP_NAME_LEN`] bytes.
+const CGROUP_STOP_FILES: [&[u8; CGROUP_NAME_LEN]; 3] = [
+    b"cgroup.kill\0\0\0\0",
+    b"cgroup.freeze\0\0",
+    b"freezer.state\0\0",
+];
+/// A cgroup v1 hierarchy's `release_agent`: the kernel starts the program it names, as root
+/// and unlabelled, whenever a cgroup there empties (a usermode helper, as `core_pattern`).
+const CGROUP_RELEASE_AGENT: &[u8; CGROUP_NAME_LEN] = b"release_agent\0\0";
+const CGROUP_NAME_LEN: usize = 15;
 
 /// What a refusal was aimed at.
 enum Target {
@@ -100,6 +117,16 @@ fn guarded() -> Option<u32> {
 /// Reports the attempt and refuses it (killing the task too with `on_tamper: kill`).
 #[inline(always)]
 fn refuse(label: u32, what: i32, target: Target, detail: u16) -> i32 {
+    report(label, what, target, detail);
+    if maps::guard_settings().kill != 0 {
+        hold::kill_current();
+    }
+    -EPERM
+}
+
+/// Reports a refused attempt (a [`KIND_TAMPER`] event).
+#[inline(always)]
+fn report(label: u32, what: i32, target: Target, detail: u16) {
     match hold::event(KIND_TAMPER, label) {
         Some(ev) => {
             ev.detail = what;
@@ -123,10 +150,6 @@ fn refuse(label: u32, what: i32, target: Target, detail: u16) -> i32 {
         }
         None => maps::count(STAT_EVENTS_DROPPED),
     }
-    if maps::guard_settings().kill != 0 {
-        hold::kill_current();
-    }
-    -EPERM
 }
 
 #[inline(always)]
@@ -282,6 +305,30 @@ pub fn task_kill(target: *const u8, sig: i32) -> i32 {
     }
 }
 
+/// `file_send_sigiotask(tsk, fown, sig)`: no I/O signal to countersign's own processes. A
+/// process that makes itself the owner of a file on the daemon's behalf (`F_SETOWN` with the
+/// daemon's pid, `F_SETSIG` with any signal, or the default `SIGIO`, which terminates) has the
+/// kernel signal the daemon whenever the file is ready, past `task_kill`. Refused whoever
+/// causes the I/O (the daemon asks for no I/O signals); reported (never killed for: on a
+/// socket the task running may be any) when that is a labelled task.
+#[inline(always)]
+pub fn sigio(target: *const u8, sig: i32) -> i32 {
+    if !offsets_known() {
+        return 0;
+    }
+    let Some(tgid) = protected(target) else {
+        return 0;
+    };
+    let signal = if sig == 0 { SIGIO } else { sig as u16 };
+    if let Some(label) = guarded() {
+        report(label, TAMPER_SIGNAL, Target::Process(tgid), signal);
+    }
+    -EPERM
+}
+
+/// `SIGIO`: what an I/O signal is when its owner asked for none in particular.
+const SIGIO: u16 = 29;
+
 /// `task_setrlimit`, `task_setnice`, `task_setioprio`, `task_setscheduler`,
 /// `task_movememory`: a labelled task does not change how countersign's processes run. A
 /// `RLIMIT_CPU` of one second has the kernel kill the daemon (`SIGXCPU`, then `SIGKILL`, past
@@ -434,12 +481,21 @@ fn open_refusal(file: *const u8) -> Option<OpenRefusal> {
     let dentry = read_ptr(file, o.file_dentry);
     if let Some(parent) = dentry.and_then(|d| read_ptr(d, o.dentry_parent)) {
         let (pflags, _, _) = dentry_flags(parent);
+        // (The daemon's cgroup is a guarded directory too: reported as what it is.)
+        if pflags & GUARD_CGROUP != 0 {
+            return refusal(TAMPER_CGROUP, Target::File(dev, ino), 0);
+        }
         if pflags & GUARD_DIR != 0 {
             return refusal(TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
         }
     }
     let magic = read_ptr(inode, o.inode_sb).and_then(|sb| read_u64(sb, o.sb_magic));
     match magic {
+        Some(CGROUP_SUPER_MAGIC | CGROUP2_SUPER_MAGIC) => match dentry.map(cgroup_file) {
+            Some(CgroupFile::Stops) | None => refusal(TAMPER_CGROUP, Target::File(dev, ino), 0),
+            Some(CgroupFile::Helper) => refusal(TAMPER_SYSCTL, Target::File(dev, ino), 0),
+            Some(CgroupFile::Other) => None,
+        },
         Some(PROC_SUPER_MAGIC) => match dentry.and_then(process_dir) {
             None => refusal(TAMPER_SYSCTL, Target::File(dev, ino), 0),
             // The daemon's `oom_score_adj`, `comm`, `attr/*` ...: its own business.
@@ -453,6 +509,82 @@ fn open_refusal(file: *const u8) -> Option<OpenRefusal> {
         }
         _ => None,
     }
+}
+
+/// What a file on a cgroup file system is to the guard.
+enum CgroupFile {
+    /// One of [`CGROUP_STOP_FILES`] (or its name is unreadable).
+    Stops,
+    /// [`CGROUP_RELEASE_AGENT`].
+    Helper,
+    Other,
+}
+
+/// What the cgroup file of `dentry` is, by its name.
+#[inline(always)]
+fn cgroup_file(dentry: *const u8) -> CgroupFile {
+    let o = maps::kernel_offsets();
+    let Some(name) = read_ptr(dentry, o.dentry_name) else {
+        return CgroupFile::Stops;
+    };
+    // SAFETY: the name's first bytes, read with the checked helper. The read may run past
+    // a short name's NUL into the dentry's inline name buffer (32 bytes): the comparison stops
+    // at the NUL.
+    let Ok(bytes) = (unsafe { bpf_probe_read_kernel(name.cast::<[u8; CGROUP_NAME_LEN]>()) }) else {
+        return CgroupFile::Stops;
+    };
+    if names_equal(&bytes, CGROUP_RELEASE_AGENT) {
+        return CgroupFile::Helper;
+    }
+    let mut i = 0;
+    while i < CGROUP_STOP_FILES.len() {
+        if names_equal(&bytes, CGROUP_STOP_FILES[i]) {
+            return CgroupFile::Stops;
+        }
+        i += 1;
+    }
+    CgroupFile::Other
+}
+
+/// Whether the NUL-terminated name in `got` is `want`'s (bytes after the NUL ignored).
+#[inline(always)]
+fn names_equal(got: &[u8; CGROUP_NAME_LEN], want: &[u8; CGROUP_NAME_LEN]) -> bool {
+    let mut i = 0;
+    while i < CGROUP_NAME_LEN {
+        if got[i] != want[i] {
+            return false;
+        }
+        if want[i] == 0 {
+            return true;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// `cgroup_attach_task` (after a task moved into another cgroup): a labelled task that moved
+/// the daemon (its tgid written to a `cgroup.procs`) is killed and the move reported, so that
+/// the daemon moves itself back. The kernel has no hook that could refuse the move itself;
+/// what the move could lead to is refused beforehand (freezing or killing a cgroup, see
+/// [`CGROUP_STOP_FILES`]), what remains is limits the daemon leaves at once.
+#[inline(always)]
+pub fn cgroup_attach(ctx: &TracePointContext) {
+    let daemon = maps::config().daemon_tgid;
+    if daemon == 0 {
+        return;
+    }
+    // SAFETY: the offset comes from the kernel's own format file for this tracepoint.
+    let Ok(pid) = (unsafe { ctx.read_at::<i32>(maps::cgroup_attach_pid_offset()) }) else {
+        return;
+    };
+    if pid as u32 != daemon {
+        return;
+    }
+    let Some(label) = guarded() else {
+        return;
+    };
+    refuse(label, TAMPER_CGROUP_MOVE, Target::Process(daemon), 0);
+    hold::kill_current();
 }
 
 /// The device number (kernel encoding) of `inode` when it is a disk beneath its file

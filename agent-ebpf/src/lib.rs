@@ -103,6 +103,10 @@ pub const GUARD_DIR: u32 = 4;
 /// A directory on the way to a guarded file: it may not be removed or renamed (which would
 /// move the file out from under the path the daemon reads).
 pub const GUARD_ANCESTOR: u32 = 8;
+/// The daemon's cgroup directory, or one above it (not the root): none of its files is
+/// opened for writing (`cgroup.kill`, `cgroup.freeze`, limits, `cgroup.procs`), which would
+/// kill, freeze or starve the daemon without a signal.
+pub const GUARD_CGROUP: u32 = 16;
 
 /// Every map above but the DNS ones and the guard's is pinned by name in the daemon's pin
 /// directory, so that holds and labels survive a daemon restart.
@@ -196,13 +200,14 @@ pub const PROG_LSM_UNIX_STREAM_CONNECT: &str = "cs_lsm_unix_stream_connect";
 pub const PROG_LSM_UNIX_MAY_SEND: &str = "cs_lsm_unix_may_send";
 /// The self-protection programs (LSM mode): (program, hook). The `path_*` hooks exist only
 /// in kernels built with `CONFIG_SECURITY_PATH`.
-pub const GUARD_HOOKS: [(&str, &str); 37] = [
+pub const GUARD_HOOKS: [(&str, &str); 38] = [
     ("cs_lsm_bpf", "bpf"),
     ("cs_lsm_capable", "capable"),
     ("cs_lsm_perf_event_open", "perf_event_open"),
     ("cs_lsm_kernel_module_request", "kernel_module_request"),
     ("cs_lsm_ptrace_access_check", "ptrace_access_check"),
     ("cs_lsm_task_kill", "task_kill"),
+    ("cs_lsm_file_send_sigiotask", "file_send_sigiotask"),
     ("cs_lsm_kernel_read_file", "kernel_read_file"),
     ("cs_lsm_kernel_load_data", "kernel_load_data"),
     ("cs_lsm_sb_mount", "sb_mount"),
@@ -261,6 +266,7 @@ pub const GUARD_HOOK_VARIANTS: [(&str, &str); 2] = [
 pub const SECURITY_FUNCTION_EXTRA: [(&str, usize); 1] = [("cs_lsm_inode_rename_flags", 1)];
 pub const PROG_TP_CGROUP_MKDIR: &str = "cs_tp_cgroup_mkdir";
 pub const PROG_TP_CGROUP_RMDIR: &str = "cs_tp_cgroup_rmdir";
+pub const PROG_TP_CGROUP_ATTACH: &str = "cs_tp_cgroup_attach";
 pub const PROG_CG_DNS_EGRESS: &str = "cs_cg_dns_egress";
 pub const PROG_FE_DNS_SEND4: &str = "cs_fe_dns_send4";
 pub const PROG_FE_DNS_SEND6: &str = "cs_fe_dns_send6";
@@ -282,6 +288,8 @@ pub const GLOBAL_NEWTASK_PID_OFFSET: &str = "NEWTASK_PID_OFFSET";
 /// in the `cgroup_mkdir`/`cgroup_rmdir` tracepoint records, read from the format file.
 pub const GLOBAL_CGROUP_ROOT_OFFSET: &str = "CGROUP_ROOT_OFFSET";
 pub const GLOBAL_CGROUP_ID_OFFSET: &str = "CGROUP_ID_OFFSET";
+/// Global set at load time: offset of `pid` in the `cgroup_attach_task` record.
+pub const GLOBAL_CGROUP_ATTACH_PID_OFFSET: &str = "CGROUP_ATTACH_PID_OFFSET";
 /// Global set at load time: the [`KernelOffsets`] read from the kernel's BTF.
 pub const GLOBAL_KERNEL_OFFSETS: &str = "KERNEL_OFFSETS";
 /// The [`GuardSettings`] global.
@@ -416,6 +424,14 @@ pub const TAMPER_FILE_LOCK: i32 = 16;
 /// priority, scheduling policy or affinity, memory placement; [`Event::port`] says which
 /// (1 to 5, in that order).
 pub const TAMPER_PROCESS: i32 = 17;
+/// Writing a cgroup file that would kill, freeze or starve the daemon: any file of the
+/// daemon's cgroup or of one above it, and `cgroup.kill`, `cgroup.freeze` (v1:
+/// `freezer.state`) anywhere (a cgroup frozen first would freeze the daemon moved into it).
+pub const TAMPER_CGROUP: i32 = 18;
+/// Moving the daemon into another cgroup (its `cgroup.procs` written with the daemon's pid).
+/// The kernel has no hook to refuse a move: the mover is killed and the daemon moves itself
+/// back ([`Event::addr`] is the daemon's tgid).
+pub const TAMPER_CGROUP_MOVE: i32 = 19;
 /// `TIOCSTI` and `TIOCLINUX`.
 pub const TTY_INPUT_REQUESTS: [u32; 2] = [0x5412, 0x541C];
 
@@ -455,6 +471,9 @@ const _: () = assert!(size_of::<GuardSettings>() == 56);
 
 /// `/proc`'s super block magic.
 pub const PROC_SUPER_MAGIC: u64 = 0x9fa0;
+/// `CGROUP_SUPER_MAGIC` (v1 hierarchies) and `CGROUP2_SUPER_MAGIC`.
+pub const CGROUP_SUPER_MAGIC: u64 = 0x0027_e0eb;
+pub const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
 
 /// [`TaskState::flags`]: the task passed `sched_process_exec` since its last `execve` entry.
 pub const FLAG_EXEC_LOADED: u32 = 1;

@@ -173,6 +173,13 @@ mod programs {
         keep(ctx.arg(4), || guard::task_kill(ctx.arg(0), ctx.arg(2)))
     }
 
+    /// `file_send_sigiotask(tsk, fown, sig)`: the signal a file's owner asked for when I/O is
+    /// ready on it (`F_SETOWN`, `F_SETSIG`), which passes no `task_kill`.
+    #[lsm(hook = "file_send_sigiotask")]
+    pub fn cs_lsm_file_send_sigiotask(ctx: LsmContext) -> i32 {
+        keep(ctx.arg(3), || guard::sigio(ctx.arg(0), ctx.arg(2)))
+    }
+
     /// `task_setrlimit(p, resource, new_rlim)` and the other settings of how a process
     /// runs: not changed for countersign's processes by a labelled task.
     #[lsm(hook = "task_setrlimit")]
@@ -459,6 +466,14 @@ mod programs {
     #[tracepoint(category = "cgroup", name = "cgroup_rmdir")]
     pub fn cs_tp_cgroup_rmdir(ctx: TracePointContext) -> u32 {
         label::cgroup_rmdir(&ctx);
+        0
+    }
+
+    /// A labelled task that moved the daemon into another cgroup is killed (no hook refuses a
+    /// move; the daemon moves itself back).
+    #[tracepoint(category = "cgroup", name = "cgroup_attach_task")]
+    pub fn cs_tp_cgroup_attach(ctx: TracePointContext) -> u32 {
+        guard::cgroup_attach(&ctx);
         0
     }
 

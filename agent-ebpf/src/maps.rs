@@ -168,6 +168,15 @@ pub static NEWTASK_PID_OFFSET: u32 = 8;
 pub static CGROUP_ROOT_OFFSET: u32 = 8;
 #[unsafe(no_mangle)]
 pub static CGROUP_ID_OFFSET: u32 = 16;
+/// Offset of `pid` in the `cgroup_attach_task` record (set by the loader).
+#[unsafe(no_mangle)]
+pub static CGROUP_ATTACH_PID_OFFSET: u32 = 16;
+
+#[inline(always)]
+pub fn cgroup_attach_pid_offset() -> usize {
+    // SAFETY: a plain read of a global the loader may have rewritten (volatile: not folded).
+    unsafe { core::ptr::read_volatile(&CGROUP_ATTACH_PID_OFFSET) as usize }
+}
 
 #[inline(always)]
 pub fn cgroup_event_offsets() -> (usize, usize) {

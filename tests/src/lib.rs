@@ -175,6 +175,8 @@ pub struct Daemon {
     /// This daemon's pin directory on bpffs (unique per test).
     pin_dir: PathBuf,
     args: Vec<String>,
+    /// The cgroup v2 directory the daemon is started in (the test's own unless set).
+    cgroup: Option<PathBuf>,
 }
 
 impl Daemon {
@@ -186,6 +188,17 @@ impl Daemon {
 
     #[must_use]
     pub fn start_with(args: &[&str]) -> Self {
+        Self::start_in(args, None)
+    }
+
+    /// Starts a daemon with `args` in the cgroup v2 directory `cgroup` (it moves there before
+    /// it runs), as a service manager starts it in a cgroup of its own.
+    #[must_use]
+    pub fn start_in_cgroup(args: &[&str], cgroup: &Path) -> Self {
+        Self::start_in(args, Some(cgroup.to_path_buf()))
+    }
+
+    fn start_in(args: &[&str], cgroup: Option<PathBuf>) -> Self {
         assert!(
             // SAFETY: geteuid has no preconditions.
             unsafe { libc::geteuid() } == 0,
@@ -203,18 +216,19 @@ impl Daemon {
             .into_owned();
         let pin_dir = PathBuf::from("/sys/fs/bpf").join(unique);
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        let proc = Self::spawn(dir.path(), &pin_dir, &args);
+        let proc = Self::spawn(dir.path(), &pin_dir, &args, cgroup.as_deref());
         let mut daemon = Daemon {
             proc,
             dir,
             pin_dir,
             args,
+            cgroup,
         };
         daemon.wait_serving();
         daemon
     }
 
-    fn spawn(dir: &Path, pin_dir: &Path, args: &[String]) -> Proc {
+    fn spawn(dir: &Path, pin_dir: &Path, args: &[String], cgroup: Option<&Path>) -> Proc {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -235,7 +249,27 @@ impl Daemon {
         } else {
             vec!["--spool-dir".into(), dir.join("spool")]
         };
-        let child = Command::new(countersign_bin())
+        let mut command = Command::new(countersign_bin());
+        if let Some(cgroup) = cgroup {
+            use std::os::unix::{ffi::OsStrExt as _, process::CommandExt as _};
+            let procs = std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_bytes())
+                .expect("a cgroup path without NUL");
+            // SAFETY: between fork and exec the child only opens, writes and closes (no
+            // allocation): "0" moves the writing process.
+            unsafe {
+                command.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    let error = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    if written == 1 { Ok(()) } else { Err(error) }
+                });
+            }
+        }
+        let child = command
             .arg("daemon")
             .args(&mode)
             .arg("--socket-dir")
@@ -311,7 +345,12 @@ impl Daemon {
 
     /// Starts the daemon again with the same directories and arguments.
     pub fn restart(&mut self) {
-        self.proc = Self::spawn(self.dir.path(), &self.pin_dir, &self.args);
+        self.proc = Self::spawn(
+            self.dir.path(),
+            &self.pin_dir,
+            &self.args,
+            self.cgroup.as_deref(),
+        );
         self.wait_serving();
     }
 

@@ -7,7 +7,7 @@ use std::{
 };
 
 use countersign_ebpf as shared;
-use shared::{FileKey, GUARD_ANCESTOR, GUARD_DIR, GUARD_FILE, GUARD_SECRET};
+use shared::{FileKey, GUARD_ANCESTOR, GUARD_CGROUP, GUARD_DIR, GUARD_FILE, GUARD_SECRET};
 
 use super::{
     config::{DaemonConfig, OnTamper},
@@ -193,10 +193,17 @@ impl Guarded {
                 g.add(Path::new(path), flag);
             }
         }
-        // The daemon's own cgroup: `cgroup.kill`, `cgroup.freeze` and the limits there would
-        // stop it without a signal.
-        if let Some(cg) = own_cgroup() {
-            g.add(&cg, GUARD_DIR);
+        // The daemon's own cgroup and those above it (not the root, which is everyone's):
+        // `cgroup.kill`, `cgroup.freeze` and the limits there would stop it without a signal.
+        // In every hierarchy it is in (cgroup v1's too, where the host mounts them).
+        for (root, home) in home_cgroups() {
+            let mut dir = home.clone();
+            let mut flag = GUARD_DIR | GUARD_CGROUP;
+            while dir != *root && dir.starts_with(root) {
+                g.add(&dir, flag);
+                flag = GUARD_CGROUP;
+                dir.pop();
+            }
         }
         g
     }
@@ -272,15 +279,87 @@ impl Guarded {
     }
 }
 
-/// The daemon's cgroup directory (not the root: that is everyone's).
-fn own_cgroup() -> Option<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let rel = rel.trim().trim_start_matches('/');
-    if rel.is_empty() {
-        return None;
+/// The cgroups the daemon started in, one per hierarchy mounted here (cgroup v2, and each
+/// cgroup v1 hierarchy a host still mounts): (the hierarchy's mount point, the daemon's
+/// directory there), as `/proc/self/cgroup` said at the first call, which the daemon makes as
+/// it starts. Where it moves itself back to when it finds itself moved.
+fn home_cgroups() -> &'static [(PathBuf, PathBuf)] {
+    static HOME: std::sync::OnceLock<Vec<(PathBuf, PathBuf)>> = std::sync::OnceLock::new();
+    HOME.get_or_init(|| {
+        let (Ok(own), Ok(mounts)) = (
+            std::fs::read_to_string("/proc/self/cgroup"),
+            std::fs::read_to_string("/proc/self/mounts"),
+        ) else {
+            return Vec::new();
+        };
+        cgroup_homes(&own, &mounts)
+    })
+}
+
+/// [`home_cgroups`] from the text of `/proc/self/cgroup` and `/proc/self/mounts`.
+fn cgroup_homes(own: &str, mounts: &str) -> Vec<(PathBuf, PathBuf)> {
+    let mut homes = Vec::new();
+    for line in own.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let rel = path.trim().trim_start_matches('/');
+        // The hierarchy's mount: cgroup2 for id 0; for v1, the mount whose options name every
+        // controller of the line (`cpu,cpuacct`, `name=systemd`).
+        let root = mounts.lines().find_map(|m| {
+            let f: Vec<&str> = m.split_whitespace().collect();
+            let (dir, fstype, options) = (f.get(1)?, f.get(2)?, f.get(3)?);
+            let fits = if id == "0" {
+                *fstype == "cgroup2"
+            } else {
+                *fstype == "cgroup"
+                    && !controllers.is_empty()
+                    && controllers
+                        .split(',')
+                        .all(|c| options.split(',').any(|o| o == c))
+            };
+            fits.then(|| PathBuf::from(dir))
+        });
+        if let Some(root) = root {
+            let home = root.join(rel);
+            homes.push((root, home));
+        }
     }
-    Some(crate::ebpf::cgroup2_root()?.join(rel))
+    homes
+}
+
+/// Moves the daemon back into the cgroups it started in (a labelled task moved it into another
+/// one; the kernel killed the mover), in every hierarchy. The move takes every thread of the
+/// daemon. Returns the cgroups written.
+pub fn return_home() -> std::io::Result<Vec<PathBuf>> {
+    let homes = home_cgroups();
+    if homes.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the cgroups the daemon started in are unknown",
+        ));
+    }
+    let mut written = Vec::new();
+    let mut failed = None;
+    for (_, home) in homes {
+        // "0" is the writer's own process; writing where it already is changes nothing.
+        match std::fs::write(home.join("cgroup.procs"), "0") {
+            Ok(()) => written.push(home.clone()),
+            Err(e) => {
+                failed = Some(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", home.display()),
+                ))
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(written),
+    }
 }
 
 /// Where the host key's public half is kept (`host.key` → `host.key.pub`).
@@ -327,6 +406,8 @@ pub fn attempt_name(detail: i32) -> &'static str {
         shared::TAMPER_FILE_GATE => "file-gate",
         shared::TAMPER_FILE_LOCK => "file-lock",
         shared::TAMPER_PROCESS => "process",
+        shared::TAMPER_CGROUP => "cgroup",
+        shared::TAMPER_CGROUP_MOVE => "cgroup-move",
         _ => "unknown",
     }
 }
@@ -428,6 +509,14 @@ pub fn target_text(ev: &shared::Event, guarded: &Guarded, daemon_pid: u32) -> St
             process()
         ),
         shared::TAMPER_FILE_LOCK => format!("a lock or lease on {} (type {})", file(), ev.port),
+        shared::TAMPER_CGROUP => format!(
+            "a cgroup file that would kill, freeze or limit the daemon (inode {}: the daemon's cgroup or one above it, or a cgroup.kill or cgroup.freeze)",
+            word(1)
+        ),
+        shared::TAMPER_CGROUP_MOVE => format!(
+            "{} moved into another cgroup (the mover is killed, the daemon moves back)",
+            process()
+        ),
         shared::TAMPER_FILE_GATE => format!(
             "fanotify permission events (mask {:#x}): the asker would decide, or never answer, every open beneath its mark, the daemon's included",
             u64::from(ev.port) << 16
@@ -444,6 +533,29 @@ pub fn target_text(ev: &shared::Event, guarded: &Guarded, daemon_pid: u32) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_daemons_cgroups_are_found_in_every_hierarchy() {
+        let own = "12:cpu,cpuacct:/system.slice/countersign.service\n\
+                   1:name=systemd:/system.slice/countersign.service\n\
+                   3:rdma:/\n\
+                   0::/system.slice/countersign.service\n";
+        let mounts = "cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid 0 0\n\
+                      cgroup /sys/fs/cgroup/systemd cgroup rw,xattr,name=systemd 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,cpu,cpuacct 0 0\n\
+                      cgroup /sys/fs/cgroup/cpuset cgroup rw,cpuset 0 0\n";
+        let homes = cgroup_homes(own, mounts);
+        let unit = "system.slice/countersign.service";
+        assert_eq!(
+            homes,
+            [
+                ("/sys/fs/cgroup/cpu,cpuacct", unit),
+                ("/sys/fs/cgroup/systemd", unit),
+                ("/sys/fs/cgroup/unified", unit),
+            ]
+            .map(|(r, h)| (PathBuf::from(r), Path::new(r).join(h)))
+        );
+    }
 
     #[test]
     fn raw_disk_majors_come_from_the_character_devices() {

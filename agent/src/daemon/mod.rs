@@ -807,7 +807,22 @@ impl Daemon {
     fn tamper(&mut self, ev: &shared::Event) {
         let attempt = guard::attempt_name(ev.detail);
         let target = guard::target_text(ev, &self.guarded, std::process::id());
-        let applied = if self.config.on_tamper == config::OnTamper::Kill {
+        if ev.detail == shared::TAMPER_CGROUP_MOVE {
+            match guard::return_home() {
+                Ok(homes) => tracing::warn!(
+                    cgroups = ?homes,
+                    "a labelled task moved the daemon into another cgroup: moved back"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "a labelled task moved the daemon into another cgroup; moving back failed"
+                ),
+            }
+        }
+        // A move cannot be refused: its mover is always killed.
+        let applied = if self.config.on_tamper == config::OnTamper::Kill
+            || ev.detail == shared::TAMPER_CGROUP_MOVE
+        {
             "sigkill"
         } else {
             "eperm"

@@ -241,6 +241,8 @@ impl Kernel {
             format::field_offset("cgroup", "cgroup_mkdir", "root").map_err(KernelError::Format)?;
         let cgroup_id_offset =
             format::field_offset("cgroup", "cgroup_mkdir", "id").map_err(KernelError::Format)?;
+        let cgroup_attach_pid_offset = format::field_offset("cgroup", "cgroup_attach_task", "pid")
+            .map_err(KernelError::Format)?;
         // Without the offsets the exec fast path is off (every exec takes the slow path).
         // Parsed once: reading the kernel's BTF is the slow part of a start on small machines.
         let started = std::time::Instant::now();
@@ -271,6 +273,11 @@ impl Kernel {
             .override_global(shared::GLOBAL_GUARD, &guard, true)
             .override_global(shared::GLOBAL_CGROUP_ROOT_OFFSET, &cgroup_root_offset, true)
             .override_global(shared::GLOBAL_CGROUP_ID_OFFSET, &cgroup_id_offset, true)
+            .override_global(
+                shared::GLOBAL_CGROUP_ATTACH_PID_OFFSET,
+                &cgroup_attach_pid_offset,
+                true,
+            )
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
@@ -300,6 +307,11 @@ impl Kernel {
             (shared::PROG_TP_SCHED_EXEC, "sched", "sched_process_exec"),
             (shared::PROG_TP_CGROUP_MKDIR, "cgroup", "cgroup_mkdir"),
             (shared::PROG_TP_CGROUP_RMDIR, "cgroup", "cgroup_rmdir"),
+            (
+                shared::PROG_TP_CGROUP_ATTACH,
+                "cgroup",
+                "cgroup_attach_task",
+            ),
         ] {
             let (name, id) = match attach_tracepoint(&mut ebpf, name, category, tp) {
                 // Before 5.17 (no `bpf_loop`): the exec check with its comparison unrolled.

@@ -110,6 +110,10 @@
 //!   cs-escape tamper-limits PID               PID's open-file limit set to what it is
 //!   cs-escape tamper-nice PID                 PID's priority set to what it is
 //!   cs-escape tamper-affinity PID             PID's processor affinity set to what it is
+//!   cs-escape tamper-sigio PID               PID made the owner of a pipe's I/O signal
+//!                                             (F_SETOWN, default SIGIO), a byte written
+//!   cs-escape tamper-cgroup-move PID DIR      PID moved into the cgroup DIR (written to
+//!                                             its cgroup.procs)
 //!   cs-escape tamper-lock PATH                PATH opened for reading, flock(LOCK_SH)
 //!   cs-escape tamper-lease PATH               PATH opened for reading, a read lease
 //!   cs-escape tamper-fanotify DIR             fanotify's FAN_OPEN_PERM marked on DIR (the
@@ -266,6 +270,10 @@ fn main() {
         Some("tamper-limits") => tamper::process_setting("limits", pid(2)),
         Some("tamper-nice") => tamper::process_setting("nice", pid(2)),
         Some("tamper-affinity") => tamper::process_setting("affinity", pid(2)),
+        Some("tamper-sigio") => tamper::sigio(pid(2)),
+        Some("tamper-cgroup-move") => {
+            tamper::cgroup_move(pid(2), arg(3).expect("a cgroup DIR argument"))
+        }
         Some("tamper-lock") => tamper::lock(arg(2).expect("a PATH argument"), false),
         Some("tamper-lease") => tamper::lock(arg(2).expect("a PATH argument"), true),
         Some("net-admin-own-namespace") => tamper::net_admin(true),

@@ -4,13 +4,22 @@
 //! every one is refused and recorded as a signed `tamper` record; in fallback mode exactly
 //! what the README states is refused (a launched agent's `bpf`, `ptrace`, module loads and
 //! mounts, by its seccomp filter), and the rest is shown to get through, as documented.
-use std::{collections::BTreeMap, os::unix::process::ExitStatusExt as _, path::Path};
+use std::{
+    collections::BTreeMap,
+    os::unix::process::ExitStatusExt as _,
+    path::{Path, PathBuf},
+};
 
-use countersign_tests::{Daemon, Proc, WAIT, escape_bin};
+use countersign_tests::{Daemon, Proc, TestCgroup, WAIT, cgroup2_root, escape_bin};
 use serde_json::Value;
 
 /// What the attempts are allowed to touch: a policy file of the daemon's own.
 fn start(extra: &[&str]) -> (Daemon, tempfile::TempDir) {
+    start_in(extra, None)
+}
+
+/// [`start`], in the cgroup `cgroup` if given.
+fn start_in(extra: &[&str], cgroup: Option<&Path>) -> (Daemon, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("tempdir");
     let policy = dir.path().join("policy.yaml");
     std::fs::write(
@@ -20,7 +29,11 @@ fn start(extra: &[&str]) -> (Daemon, tempfile::TempDir) {
     .expect("the policy");
     let mut args = vec!["--policy", policy.to_str().expect("utf-8 path")];
     args.extend_from_slice(extra);
-    (Daemon::start_with(&args), dir)
+    let daemon = match cgroup {
+        Some(cgroup) => Daemon::start_in_cgroup(&args, cgroup),
+        None => Daemon::start_with(&args),
+    };
+    (daemon, dir)
 }
 
 fn escape() -> String {
@@ -562,6 +575,206 @@ fn char_major(devices: &str, names: &[&str]) -> Option<u32> {
     names
         .iter()
         .find_map(|n| chars.iter().find(|(_, c)| c == n).map(|(m, _)| *m))
+}
+
+/// The cgroup v2 directory `/proc/PID/cgroup` names for `pid`.
+fn cgroup_of(pid: u32) -> PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("/proc/PID/cgroup");
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    cgroup2_root().join(rel.trim().trim_start_matches('/'))
+}
+
+/// The cgroup files that stop a process without a signal: a labelled root does not write
+/// `cgroup.kill`, `cgroup.freeze` or the limits of the daemon's cgroup or of one above it, nor
+/// freeze or kill any cgroup (into which it would then move the daemon); a labelled task that
+/// moves the daemon into another cgroup anyway is killed, and the daemon moves back. (The
+/// writes are attempted as opens for writing: one that got through writes nothing that could
+/// stop the daemon running this test.)
+#[test]
+fn a_labelled_root_cannot_stop_countersign_through_cgroups() {
+    let cgroup = TestCgroup::new("cs-guard");
+    let home = cgroup.child("daemon");
+    let elsewhere = cgroup.child("elsewhere");
+    let (d, _dir) = start_in(&[], Some(&home));
+    assert_eq!(
+        cgroup_of(d.pid()),
+        home,
+        "the daemon did not start in its cgroup"
+    );
+    let hooked = |kind| {
+        if d.is_lsm() {
+            Expect::Refused(kind)
+        } else {
+            Expect::GetsThrough
+        }
+    };
+    let path = |p: PathBuf| p.to_str().expect("utf-8 path").to_owned();
+    for file in [
+        // Its own cgroup's: kill, freeze, a limit.
+        home.join("cgroup.kill"),
+        home.join("cgroup.freeze"),
+        home.join("cgroup.max.descendants"),
+        // The cgroup above it: the same stop the daemon with everything else in it.
+        cgroup.path.join("cgroup.freeze"),
+        cgroup.path.join("cgroup.max.depth"),
+        // Another cgroup's freezer: frozen first, it would freeze the daemon moved in.
+        elsewhere.join("cgroup.freeze"),
+        elsewhere.join("cgroup.kill"),
+    ] {
+        attempt(&d, &["tamper-write", &path(file)], hooked("cgroup"));
+    }
+
+    // A cgroup v1 hierarchy's `release_agent`: the kernel runs what it names as root,
+    // unlabelled, when a cgroup there empties. A named hierarchy without controllers is
+    // mounted for the attempt (every kernel the suite runs on still has cgroup v1).
+    let v1 = V1Hierarchy::mount();
+    attempt(
+        &d,
+        &["tamper-write", &path(v1.dir.path().join("release_agent"))],
+        hooked("sysctl"),
+    );
+    drop(v1);
+
+    // The move itself: no hook refuses it, in either mode the mover is killed and the daemon
+    // moves back. An unlabelled root can move a process there (else this proves nothing).
+    let victim: Proc = d.unlabelled(&["sleep", "600"]);
+    control(&[
+        "tamper-cgroup-move",
+        &victim.pid().to_string(),
+        &path(elsewhere.clone()),
+    ]);
+    assert_eq!(
+        cgroup_of(victim.pid()),
+        elsewhere,
+        "the unlabelled move did not happen"
+    );
+    drop(victim);
+    let before = refused(&d);
+    let (stdout, killed) = labelled(
+        &d,
+        &[
+            "tamper-cgroup-move",
+            &d.pid().to_string(),
+            &path(elsewhere.clone()),
+        ],
+    );
+    assert!(
+        killed,
+        "TAMPER: a labelled task moved the daemon into another cgroup and lived ({stdout:?})"
+    );
+    wait_counted(&d, "cgroup-move", &before);
+    let deadline = std::time::Instant::now() + WAIT;
+    while cgroup_of(d.pid()) != home {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon stayed in {} after it was moved\n{}",
+            cgroup_of(d.pid()).display(),
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
+    // Still deciding.
+    assert!(d.status()["mode"].is_string(), "the daemon does not answer");
+    let records = super::records::spooled_records(&d.spool_dir());
+    let record = records
+        .iter()
+        .find(|r| r["body"]["type"] == "tamper" && r["body"]["attempt"] == "cgroup-move")
+        .unwrap_or_else(|| panic!("no cgroup-move tamper record: {records:?}"));
+    assert_eq!(record["body"]["applied"], "sigkill", "{record}");
+    assert_eq!(record["body"]["label"], "agent", "{record}");
+    d.assert_records_verify();
+}
+
+/// A signal without `kill`: a labelled root makes the daemon the owner of a pipe's I/O
+/// signal (`F_SETOWN`; the default `SIGIO` terminates) and writes a byte. The same kills an
+/// ordinary process, unlabelled or labelled (else this proves nothing); in LSM mode the daemon
+/// is not signalled and the attempt is counted. (Fallback mode does not contain a labelled
+/// root, README "Self-protection": the daemon would be killed, so that is not tried there.)
+#[test]
+fn a_labelled_root_cannot_signal_countersign_through_io() {
+    let (d, _dir) = start(&[]);
+    for labelled_run in [false, true] {
+        let mut victim: Proc = d.unlabelled(&["sleep", "600"]);
+        let args = ["tamper-sigio".to_owned(), victim.pid().to_string()];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if labelled_run {
+            let (stdout, killed) = labelled(&d, &args);
+            assert!(
+                stdout == "tampered" && !killed,
+                "{stdout:?} (killed: {killed})"
+            );
+        } else {
+            control(&args);
+        }
+        let status = victim.wait(WAIT);
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGIO),
+            "an I/O signal did not reach an ordinary process (labelled sender: {labelled_run}): {status}"
+        );
+    }
+    if !d.is_lsm() {
+        return;
+    }
+    let before = refused(&d);
+    let (stdout, killed) = labelled(&d, &["tamper-sigio", &d.pid().to_string()]);
+    assert!(
+        stdout == "tampered" && !killed,
+        "{stdout:?} (killed: {killed})"
+    );
+    wait_counted(&d, "signal", &before);
+    assert!(
+        Path::new(&format!("/proc/{}", d.pid())).exists() && d.status()["mode"] == "lsm",
+        "TAMPER: the daemon was signalled through I/O\n{}",
+        d.log()
+    );
+}
+
+/// A named cgroup v1 hierarchy without controllers, mounted for one test and unmounted on
+/// drop.
+struct V1Hierarchy {
+    dir: tempfile::TempDir,
+}
+
+impl V1Hierarchy {
+    fn mount() -> Self {
+        let dir = tempfile::tempdir().expect("a mount point");
+        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+        let target = c(dir.path().to_str().expect("utf-8 path"));
+        let (fs, options) = (
+            c("cgroup"),
+            c(&format!("none,name=cs-test-{}", std::process::id())),
+        );
+        // SAFETY: NUL-terminated strings that live for the call.
+        let r = unsafe {
+            libc::mount(
+                fs.as_ptr(),
+                target.as_ptr(),
+                fs.as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        assert_eq!(
+            r,
+            0,
+            "mounting a cgroup v1 hierarchy: {}",
+            std::io::Error::last_os_error()
+        );
+        Self { dir }
+    }
+}
+
+impl Drop for V1Hierarchy {
+    fn drop(&mut self) {
+        let target =
+            std::ffi::CString::new(self.dir.path().to_str().expect("utf-8 path")).expect("no NUL");
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
 }
 
 /// `on_tamper: kill`: the attempt is refused and the agent killed.

@@ -2,7 +2,10 @@
 //! thing that would change, stop, read or step around enforcement, undoes it where it
 //! succeeded (the unlabelled control run must leave the host as it was), and reports
 //! `tampered` if it succeeded, else `error ERRNO`.
-use std::{ffi::CString, os::fd::FromRawFd as _, os::fd::OwnedFd};
+use std::{
+    ffi::CString,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
 
 use super::{Done, Outcome, errno};
 
@@ -573,6 +576,41 @@ pub fn fanotify(dir: &str) -> Outcome {
         return Err(errno());
     }
     drop(fd);
+    Ok(Done::Tampered)
+}
+
+/// `PID` signalled without `kill`: made the owner of a pipe's read end with `O_ASYNC`
+/// (`F_SETOWN`), whose default signal `SIGIO` terminates, then a byte written. The kernel
+/// sends the signal when the byte is there; the sender is not told whether it arrived.
+pub fn sigio(pid: i32) -> Outcome {
+    let mut fds = [0; 2];
+    // SAFETY: a pipe into a two-element array; fcntl and write on its own descriptors.
+    unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(errno());
+        }
+        let (r, w) = (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]));
+        if libc::fcntl(r.as_raw_fd(), libc::F_SETOWN, pid) != 0
+            || libc::fcntl(
+                r.as_raw_fd(),
+                libc::F_SETFL,
+                libc::O_ASYNC | libc::O_NONBLOCK,
+            ) != 0
+        {
+            return Err(errno());
+        }
+        if libc::write(w.as_raw_fd(), b"x".as_ptr().cast(), 1) != 1 {
+            return Err(errno());
+        }
+    }
+    Ok(Done::Tampered)
+}
+
+/// `PID` moved into the cgroup `DIR`: its pid written to `DIR/cgroup.procs` (which moves the
+/// whole process). A process that froze `DIR` first, or limited it, would stop the process.
+pub fn cgroup_move(pid: i32, dir: &str) -> Outcome {
+    let path = format!("{dir}/cgroup.procs");
+    std::fs::write(&path, pid.to_string()).map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
     Ok(Done::Tampered)
 }
 
