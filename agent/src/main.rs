@@ -316,6 +316,8 @@ enum RequestsCmd {
         /// With --approver: pending (default), approved, denied, killed, expired or all.
         #[arg(long)]
         state: Option<String>,
+        #[command(flatten)]
+        filter: cli::requests::Filter,
     },
     /// Let exactly the held action run.
     Approve {
@@ -327,17 +329,37 @@ enum RequestsCmd {
         #[arg(long, requires = "approver")]
         grant: Option<String>,
     },
-    /// Refuse it: the syscall fails with EPERM (an exec held after loading is killed).
+    /// Refuse it: the syscall fails with EPERM (an exec held after loading is killed). On this
+    /// host, instead of an id, every held request a filter selects (`--all`: every one).
     Deny {
-        id: u64,
+        #[arg(
+            required_unless_present_any = ["all", "label", "kind", "pid"],
+            conflicts_with_all = ["all", "label", "kind", "pid"]
+        )]
+        id: Option<u64>,
         #[arg(long)]
         reason: Option<String>,
+        #[command(flatten)]
+        filter: cli::requests::Filter,
+        /// Every held request (with a filter: every one it selects).
+        #[arg(long)]
+        all: bool,
     },
-    /// Kill the process with SIGKILL.
+    /// Kill the process with SIGKILL. On this host, instead of an id, every held request a
+    /// filter selects (`--all`: every one).
     Kill {
-        id: u64,
+        #[arg(
+            required_unless_present_any = ["all", "label", "kind", "pid"],
+            conflicts_with_all = ["all", "label", "kind", "pid"]
+        )]
+        id: Option<u64>,
         #[arg(long)]
         reason: Option<String>,
+        #[command(flatten)]
+        filter: cli::requests::Filter,
+        /// Every held request (with a filter: every one it selects).
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -454,26 +476,40 @@ fn main() {
             remote,
         } => match remote.remote() {
             Some(remote) => report(match action {
-                RequestsCmd::List { json, state } => remote.list(state.as_deref(), json),
+                RequestsCmd::List {
+                    json,
+                    state,
+                    filter,
+                } => filter
+                    .only_here()
+                    .and_then(|()| remote.list(state.as_deref(), json)),
                 RequestsCmd::Approve { id, reason, grant } => {
                     remote.approve(id, reason.as_deref(), grant.as_deref())
                 }
-                RequestsCmd::Deny { id, reason } => {
-                    remote.answer(id, Decision::Deny, reason.as_deref())
-                }
-                RequestsCmd::Kill { id, reason } => {
-                    remote.answer(id, Decision::Kill, reason.as_deref())
-                }
+                RequestsCmd::Deny {
+                    id, reason, filter, ..
+                } => cli::requests::one_id(id, &filter)
+                    .and_then(|id| remote.answer(id, Decision::Deny, reason.as_deref())),
+                RequestsCmd::Kill {
+                    id, reason, filter, ..
+                } => cli::requests::one_id(id, &filter)
+                    .and_then(|id| remote.answer(id, Decision::Kill, reason.as_deref())),
             }),
             None => {
                 let dir = paths::socket_dir(socket_dir);
                 report(match action {
-                    RequestsCmd::List { json, .. } => cli::requests::list(&dir, json),
+                    RequestsCmd::List { json, filter, .. } => {
+                        cli::requests::list(&dir, json, &filter)
+                    }
                     RequestsCmd::Approve { id, .. } => {
                         cli::requests::decide(&dir, id, Decision::Approve)
                     }
-                    RequestsCmd::Deny { id, .. } => cli::requests::decide(&dir, id, Decision::Deny),
-                    RequestsCmd::Kill { id, .. } => cli::requests::decide(&dir, id, Decision::Kill),
+                    RequestsCmd::Deny { id, filter, .. } => {
+                        cli::requests::decide_some(&dir, id, &filter, Decision::Deny)
+                    }
+                    RequestsCmd::Kill { id, filter, .. } => {
+                        cli::requests::decide_some(&dir, id, &filter, Decision::Kill)
+                    }
                 })
             }
         },

@@ -196,6 +196,9 @@ pub struct SelfProtection {
     pub on_tamper: String,
     /// countersign's files and the directories on the way to them, as given to the kernel.
     pub protected_files: usize,
+    /// The daemon's memory is locked (never in swap) and not dumpable (no core file).
+    #[serde(default)]
+    pub memory_locked: bool,
     /// Attempts refused since the daemon started, by kind (`bpf`, `ptrace`, ...).
     pub refused: std::collections::BTreeMap<String, u64>,
 }

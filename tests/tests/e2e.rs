@@ -2,7 +2,7 @@
 //! test` natively (fallback mode) and in VMs booting kernels with BPF LSM (LSM mode).
 use std::time::Duration;
 
-use countersign_tests::{Daemon, Listener, TestCgroup, probe_bin};
+use countersign_tests::{Daemon, Listener, TestCgroup, WAIT, probe_bin};
 
 #[path = "e2e/approver.rs"]
 mod approver;
@@ -695,7 +695,15 @@ fn policy_check_reports_validity_by_exit_status() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("3 label(s)"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("3 label(s)"), "{stdout}");
+    // Which timeout each escalation waits, and whose: the example's `git-push` sets a timeout
+    // of its own but no outcome, so the daemon's `timeout_action` applies.
+    assert!(
+        stdout.lines().any(|l| l.contains("rule `git-push`")
+            && l.contains("waits 10m (set there), then the daemon's timeout_action")),
+        "{stdout}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
@@ -857,6 +865,90 @@ fn policy_test_names_rule_and_outcome() {
     );
 }
 
+/// `requests list|deny|kill` select held requests by label, kind and process, and decide every
+/// selected one in one call, and only those.
+#[test]
+fn held_requests_are_selected_and_decided_many_at_once() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let d = Daemon::start();
+    let target = Listener::new();
+    let cmd = [probe(), "connect".to_owned(), target.addr()];
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    // No policy: each exec waits for a human.
+    let mut alpha = [d.labelled("alpha", &cmd), d.labelled("alpha", &cmd)];
+    let mut beta = d.labelled("beta", &cmd);
+    for p in alpha.iter().chain([&beta]) {
+        d.wait_exec(p.pid(), "connect");
+    }
+    let selected = |args: &[&str]| -> Vec<serde_json::Value> {
+        let mut all = vec!["requests", "list", "--json"];
+        all.extend_from_slice(args);
+        let out = d.cli(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .expect("list JSON")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(selected(&["--label", "alpha"]).len(), 2);
+    let beta_pid = beta.pid().to_string();
+    let only_beta = selected(&["--pid", &beta_pid]);
+    assert_eq!(only_beta.len(), 1, "{only_beta:?}");
+    // beta's exec approved: its connect is held next, a request of another kind.
+    d.decide(&only_beta[0], "approve");
+    let connect = d.wait_request("beta's connect", |r| {
+        r["pid"] == beta.pid() && r["kind"] == "connect"
+    });
+    let ids = |v: Vec<serde_json::Value>| v.iter().map(|r| r["id"].clone()).collect::<Vec<_>>();
+    assert_eq!(
+        ids(selected(&["--kind", "connect"])),
+        [connect["id"].clone()]
+    );
+
+    let out = d.cli(&["requests", "kill", "--kind", "connect"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(beta.wait(WAIT).signal(), Some(libc::SIGKILL));
+    assert_eq!(
+        selected(&["--label", "alpha"]).len(),
+        2,
+        "only the connect was selected"
+    );
+
+    let out = d.cli(&["requests", "deny", "--label", "alpha"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for p in &mut alpha {
+        assert!(!p.wait(WAIT).success(), "a denied exec ran");
+    }
+    assert!(d.list().is_empty(), "{:?}", d.list());
+    assert!(!target.accepted());
+    let out = d.cli(&["requests", "deny", "--all"]);
+    assert!(
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout).contains("no held request selected"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let decided = d
+        .decisions()
+        .iter()
+        .filter(|e| e["decision"] == "denied")
+        .count();
+    assert_eq!(decided, 2, "one record per denied request");
+}
+
 /// With a policy, the daemon applies its verdicts: allowed actions run and denied or killed
 /// ones fail without a human, each recorded with its rule; escalations use the rule's deadline
 /// and timeout outcome; labels the policy does not know are held for a human as before.
@@ -865,6 +957,7 @@ fn daemon_applies_the_policy() {
     let allowed = Listener::new();
     let denied = Listener::new();
     let escalated = Listener::new();
+    let asked = Listener::new();
     // On its own address: the kernel looks up the longest prefix only.
     let fast = Listener::on("127.0.0.2");
     let dir = tempfile::tempdir().unwrap();
@@ -893,12 +986,16 @@ labels:
         connect: {{ports: [{e}]}}
         outcome: escalate
         escalate: {{timeout: 2s, on_timeout: kill}}
+      - name: ask-daemon
+        connect: {{ports: [{q}]}}
+        outcome: escalate
 ",
             probe = probe(),
             a = allowed.port(),
             d = denied.port(),
             e = escalated.port(),
-            f = fast.port()
+            f = fast.port(),
+            q = asked.port()
         ),
     )
     .unwrap();
@@ -908,10 +1005,10 @@ labels:
         "--request-timeout",
         "60",
     ]);
-    assert_eq!(d.status()["policy_rules"], 5);
+    assert_eq!(d.status()["policy_rules"], 6);
     let human = String::from_utf8_lossy(&d.cli(&["status"]).stdout).into_owned();
     assert!(
-        human.contains("policy:         5 rule(s) from 1 file(s)"),
+        human.contains("policy:         6 rule(s) from 1 file(s)"),
         "{human}"
     );
 
@@ -946,6 +1043,22 @@ labels:
         Some(libc::SIGKILL)
     );
     assert!(!escalated.accepted());
+
+    // Escalated by a rule that sets no timeout: the daemon's (60 s here), not a default of
+    // the rule's own.
+    let mut p = d.labelled("agent", &[&probe(), "connect", &asked.addr()]);
+    let r = d.wait_request("connect escalated with the daemon's timeout", |r| {
+        r["pid"] == p.pid() && r["kind"] == "connect"
+    });
+    assert!(
+        r["rule"].as_str().unwrap().contains("rule `ask-daemon`"),
+        "{r}"
+    );
+    let expires = r["expires_in_ms"].as_u64().unwrap();
+    assert!((30_000..=60_000).contains(&expires), "{r}");
+    d.decide(&r, "deny");
+    assert_eq!(p.wait(countersign_tests::WAIT).code(), Some(1));
+    assert!(!asked.accepted());
 
     // Not matched by any rule: the label's default (kill).
     let mut p = d.labelled("agent", &[&probe(), "connect", "127.0.0.1:9"]);

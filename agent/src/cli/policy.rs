@@ -35,6 +35,9 @@ pub fn check(files: &[PathBuf], cgroups: bool) -> i32 {
             for w in host_refusal_warnings(&p) {
                 println!("warning: {w}");
             }
+            for line in escalation_timeouts(&p) {
+                println!("{line}");
+            }
             for (label, what) in policy::cgroups::summary(&p) {
                 println!(
                     "label `{label}`: {what}; the daemon holds tasks of a new cgroup until it has classified it"
@@ -74,6 +77,38 @@ fn list_cgroups(p: &policy::Policy) -> i32 {
             1
         }
     }
+}
+
+/// How long each escalation waits and what it applies then, with where that comes from: a
+/// rule's own `timeout`/`on_timeout` come first, else the daemon's `request_timeout_secs` /
+/// `timeout_action` apply (which the policy cannot know).
+fn escalation_timeouts(p: &policy::Policy) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in &p.labels {
+        let rules = l
+            .rules
+            .iter()
+            .map(|r| (r.describe(), &r.decision))
+            .chain([("its default".to_owned(), &l.default)]);
+        for (what, decision) in rules {
+            let Some(e) = decision.escalation() else {
+                continue;
+            };
+            let wait = e.timeout.map_or_else(
+                || "the daemon's request_timeout_secs".to_owned(),
+                |t| format!("{} (set there)", humantime::format_duration(t)),
+            );
+            let then = e.on_timeout.map_or_else(
+                || "the daemon's timeout_action".to_owned(),
+                |o| format!("{o} (set there)"),
+            );
+            out.push(format!(
+                "label `{}`: {what} escalates: waits {wait}, then {then}",
+                l.name
+            ));
+        }
+    }
+    out
 }
 
 /// `deny`/`kill` rules that match by `host:`: they refuse only connects whose address has a
@@ -185,8 +220,14 @@ pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result
                 } else {
                     ""
                 },
-                humantime::format_duration(e.timeout),
-                e.on_timeout
+                e.timeout.map_or_else(
+                    || "the daemon's (request_timeout_secs)".to_owned(),
+                    |t| format!("{} (the rule's)", humantime::format_duration(t))
+                ),
+                e.on_timeout.map_or_else(
+                    || "the daemon's timeout_action".to_owned(),
+                    |o| o.to_string()
+                )
             );
             if let Some(r) = e.remind {
                 println!("  reminders every {}", humantime::format_duration(r));

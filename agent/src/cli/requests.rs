@@ -7,12 +7,61 @@ use crate::{
     proto::{ActionKind, Decision, Request, RequestView, Response},
 };
 
-pub fn list(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
+/// Which held requests a command means (all given conditions must hold).
+#[derive(Debug, Default, clap::Args)]
+pub struct Filter {
+    /// Only requests of this label.
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Only requests of this kind (exec, exec-loaded, connect, send, socket, unix).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Only requests of this process.
+    #[arg(long)]
+    pub pid: Option<u32>,
+}
+
+impl Filter {
+    fn is_empty(&self) -> bool {
+        self.label.is_none() && self.kind.is_none() && self.pid.is_none()
+    }
+
+    fn selects(&self, r: &RequestView) -> bool {
+        self.label.as_ref().is_none_or(|l| *l == r.label)
+            && self.kind.as_ref().is_none_or(|k| k == r.kind.as_str())
+            && self.pid.is_none_or(|p| p == r.pid)
+    }
+
+    /// Filters select this host's held requests, not a remote approver's.
+    pub fn only_here(&self) -> anyhow::Result<()> {
+        if self.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!(
+                "--label, --kind and --pid select this host's held requests; with --approver, name one request by its id"
+            )
+        }
+    }
+}
+
+/// The one request id a remote command needs (filters and `--all` are this host's).
+pub fn one_id(id: Option<u64>, filter: &Filter) -> anyhow::Result<u64> {
+    filter.only_here()?;
+    id.ok_or_else(|| anyhow::anyhow!("with --approver, name one request by its id"))
+}
+
+fn held(socket_dir: &Path) -> anyhow::Result<Vec<RequestView>> {
     let Response::List { requests } =
         client::call(socket_dir, paths::CONTROL_SOCKET, &Request::List)?
     else {
         anyhow::bail!("unexpected answer to list");
     };
+    Ok(requests)
+}
+
+pub fn list(socket_dir: &Path, json: bool, filter: &Filter) -> anyhow::Result<()> {
+    let mut requests = held(socket_dir)?;
+    requests.retain(|r| filter.selects(r));
     if json {
         println!("{}", serde_json::to_string_pretty(&requests)?);
         return Ok(());
@@ -98,6 +147,43 @@ pub fn quote_argv(argv: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `deny`/`kill` of one request (`id`), or of every held request `filter` selects (`--all`
+/// without a filter: every one), each by its own decision over the control socket. Approvals
+/// take one id only: a person approves an action they have seen in full.
+pub fn decide_some(
+    socket_dir: &Path,
+    id: Option<u64>,
+    filter: &Filter,
+    decision: Decision,
+) -> anyhow::Result<()> {
+    if let Some(id) = id {
+        return decide(socket_dir, id, decision);
+    }
+    let selected: Vec<RequestView> = held(socket_dir)?
+        .into_iter()
+        .filter(|r| filter.selects(r))
+        .collect();
+    if selected.is_empty() {
+        println!("no held request selected");
+        return Ok(());
+    }
+    let mut failed = 0;
+    for r in &selected {
+        // One that was decided or expired meanwhile is reported, and the rest go on.
+        if let Err(e) = decide(socket_dir, r.id, decision) {
+            eprintln!("request #{}: {e:#}", r.id);
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} selected request(s) not decided",
+            selected.len()
+        );
+    }
+    Ok(())
 }
 
 pub fn decide(socket_dir: &Path, id: u64, decision: Decision) -> anyhow::Result<()> {

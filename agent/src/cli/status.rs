@@ -59,6 +59,14 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
             (Some(why), false) => println!("  labelled root contained: no, because {why}"),
             (None, false) => println!("  labelled root contained: no"),
         }
+        println!(
+            "  daemon memory:  {}",
+            if g.memory_locked {
+                "locked (never in swap), not dumpable"
+            } else {
+                "NOT locked: the host key could be written to swap"
+            }
+        );
         if !g.refused.is_empty() {
             let refused: Vec<String> = g.refused.iter().map(|(k, v)| format!("{k} {v}")).collect();
             println!("  tamper refused: {}", refused.join(", "));
@@ -95,7 +103,7 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
         println!("  ALARM: signed records cannot be written; new requests are refused: {e}");
     }
     println!(
-        "  timeout:        {}s, then {}",
+        "  timeout:        {}s, then {} (an escalate rule's own timeout and on_timeout come first)",
         s.request_timeout_secs, s.timeout_action
     );
     match &s.approver {

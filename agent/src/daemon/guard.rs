@@ -279,6 +279,39 @@ impl Guarded {
     }
 }
 
+/// Keeps the daemon's memory, and the host key in it, out of reach beneath the file system's
+/// checks: locked in memory (never written to swap, where a swap file is a file root may
+/// read) and not dumpable (no core file of it, and its `/proc` files stay root's). Pages are
+/// locked as they are first touched (`MCL_ONFAULT`), so locking costs no memory up front.
+/// Only with `CAP_IPC_LOCK`: without it the locked total is bounded by `RLIMIT_MEMLOCK` and a
+/// later allocation past it would fail. `Err`: why the memory is not locked.
+pub fn protect_memory() -> Result<(), String> {
+    // SAFETY: plain calls on this process, no pointers.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    let ipc_lock = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0);
+    if !ipc_lock {
+        return Err("the daemon lacks CAP_IPC_LOCK".into());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) } != 0 {
+        return Err(format!("mlockall: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// `CAP_IPC_LOCK`.
+const CAP_IPC_LOCK: u32 = 14;
+
 /// The cgroups the daemon started in, one per hierarchy mounted here (cgroup v2, and each
 /// cgroup v1 hierarchy a host still mounts): (the hierarchy's mount point, the daemon's
 /// directory there), as `/proc/self/cgroup` said at the first call, which the daemon makes as

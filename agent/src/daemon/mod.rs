@@ -157,6 +157,8 @@ struct Daemon {
     guarded: guard::Guarded,
     /// Labelled tasks' attempts on countersign refused since the start, by kind.
     tampers: BTreeMap<&'static str, u64>,
+    /// Whether the daemon's memory is locked and not dumpable (`guard::protect_memory`).
+    memory: Result<(), String>,
     /// The deputy sockets (`guard::DEPUTY_SOCKETS`) as installed: (device, inode).
     deputies: Vec<(u64, u64)>,
     /// The local-socket rules as given to the kernel (`CS_UNIX_RULES`, `CS_UNIX_HOLD_ALL`),
@@ -175,6 +177,14 @@ pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
 }
 
 async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
+    // Before the host key is read.
+    let memory = guard::protect_memory();
+    if let Err(why) = &memory {
+        tracing::warn!(
+            why,
+            "the daemon's memory is not locked: the host key could be written to swap"
+        );
+    }
     let _lock = control::lock(&config.socket_dir)?;
     // Resolve the cgroups first: a configuration error must not touch the kernel.
     let mut cgroups = Vec::new();
@@ -345,6 +355,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         names,
         guarded: guard::Guarded::default(),
         tampers: BTreeMap::new(),
+        memory,
         deputies: Vec::new(),
         unix_rules: std::collections::HashMap::new(),
         unix_hold_all: std::collections::HashSet::new(),
@@ -1141,10 +1152,14 @@ impl Daemon {
             Outcome::Deny => Decision::Deny,
             Outcome::Kill => Decision::Kill,
             Outcome::Escalate => {
-                if let Some(e) = &escalation {
-                    held.deadline = held.created + e.timeout;
-                    held.view.expires_in_ms = e.timeout.as_millis() as u64;
-                    held.on_timeout = match e.on_timeout {
+                // The rule's timeout and outcome where it sets them; else the daemon's, set
+                // when the request was made.
+                if let Some(timeout) = escalation.as_ref().and_then(|e| e.timeout) {
+                    held.deadline = held.created + timeout;
+                    held.view.expires_in_ms = timeout.as_millis() as u64;
+                }
+                if let Some(outcome) = escalation.as_ref().and_then(|e| e.on_timeout) {
+                    held.on_timeout = match outcome {
                         TimeoutOutcome::Allow => Decision::Approve,
                         TimeoutOutcome::Deny => Decision::Deny,
                         TimeoutOutcome::Kill => Decision::Kill,
@@ -1907,6 +1922,15 @@ impl Daemon {
             ),
             Err(why) => (false, Some(format!("self-protection hooks missing: {why}"))),
         };
+        let (contained, reason) = match (&self.memory, contained) {
+            (Err(why), true) => (
+                false,
+                Some(format!(
+                    "the daemon's memory is not locked ({why}): the host key could be written to swap, which root may read"
+                )),
+            ),
+            _ => (contained, reason),
+        };
         crate::proto::SelfProtection {
             contained,
             reason,
@@ -1915,6 +1939,7 @@ impl Daemon {
                 config::OnTamper::Kill => "kill".into(),
             },
             protected_files: self.guarded.len(),
+            memory_locked: self.memory.is_ok(),
             refused: self
                 .tampers
                 .iter()

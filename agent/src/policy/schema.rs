@@ -180,12 +180,19 @@ impl Decision {
                     _ => {}
                 }
             }
+            if !e.ladder.is_empty() && e.timeout.is_none() {
+                return Err(
+                    "escalate.ladder needs escalate.timeout (its steps come before the timeout; the daemon's request_timeout_secs is not known to the policy)"
+                        .into(),
+                );
+            }
+            let timeout = e.timeout.unwrap_or(Duration::MAX);
             let mut last = Duration::ZERO;
             for (i, step) in e.ladder.iter().enumerate() {
-                if step.after <= last || step.after >= e.timeout {
+                if step.after <= last || step.after >= timeout {
                     return Err(format!(
                         "escalate.ladder[{i}].after: each step must come after the one before and before the timeout ({})",
-                        humantime::format_duration(e.timeout)
+                        humantime::format_duration(timeout)
                     ));
                 }
                 if step.approvers.is_empty() {
@@ -249,9 +256,12 @@ pub struct Escalation {
     pub quorum_from: QuorumFrom,
     /// Whether an approver must give a reason.
     pub justification: bool,
-    #[serde(deserialize_with = "duration")]
-    pub timeout: Duration,
-    pub on_timeout: TimeoutOutcome,
+    /// How long a human has; `None`: the daemon's `request_timeout_secs`. A rule's own
+    /// timeout, where it sets one, comes before the daemon's.
+    #[serde(deserialize_with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// What is applied when nobody decided in time; `None`: the daemon's `timeout_action`.
+    pub on_timeout: Option<TimeoutOutcome>,
     /// Scoped grants the approver may give instead of a single approval.
     pub grants: Vec<Grant>,
     /// Remind the approvers this often while the request waits (none: no reminders).
@@ -289,10 +299,9 @@ impl Default for Escalation {
             quorum: 1,
             quorum_from: QuorumFrom::Any,
             justification: false,
-            // Long enough to read a prompt; short enough that nothing hangs.
-            timeout: Duration::from_secs(300),
-            // Fail closed.
-            on_timeout: TimeoutOutcome::Deny,
+            // The daemon's (`request_timeout_secs`, `timeout_action`) unless the rule says.
+            timeout: None,
+            on_timeout: None,
             grants: Vec::new(),
             remind: None,
             ladder: Vec::new(),

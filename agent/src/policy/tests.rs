@@ -129,21 +129,25 @@ fn coding_agent_example_decides_as_documented() {
         .unwrap();
     let esc = v.decision.escalation().unwrap();
     assert!(esc.justification);
-    assert_eq!(esc.timeout.as_secs(), 600);
+    assert_eq!(esc.timeout.map(|t| t.as_secs()), Some(600));
     assert_eq!(esc.grants[1].scope, GrantScope::Binary);
     assert_eq!(esc.grants[1].duration.unwrap().as_secs(), 1800);
     assert_eq!(
         outcome(&p, "coder", &exec(&["/usr/bin/rm", "-rf", "/home"])).0,
         Outcome::Kill
     );
-    // Not named: the label's default (escalate, 5 minutes, then deny).
+    // Not named: the label's default (escalate, 5 minutes, then deny, as the example sets).
     let v = p
         .evaluate("coder", &exec(&["/usr/bin/curl", "https://x"]))
         .unwrap();
     assert!(v.rule.is_none());
+    let esc = v.decision.escalation().unwrap();
     assert_eq!(
-        v.decision.escalation().unwrap().on_timeout,
-        TimeoutOutcome::Deny
+        (esc.timeout, esc.on_timeout),
+        (
+            Some(std::time::Duration::from_secs(300)),
+            Some(TimeoutOutcome::Deny)
+        )
     );
     assert_eq!(
         outcome(&p, "coder", &connect("169.254.169.254", 80, None)).0,
@@ -577,4 +581,21 @@ labels:
     };
     assert_eq!(outcome(&p, "a", &unnamed).0, Outcome::Escalate);
     assert_eq!(outcome(&p, "b", &unnamed), (Outcome::Allow, None));
+}
+
+#[test]
+fn a_ladder_needs_the_rules_own_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - exec: {binary: [/bin/true]}\n        outcome: escalate\n        escalate: {ladder: [{after: 1m, approvers: [oncall]}]}\n";
+    let e = errors(dir.path(), text);
+    assert!(e.contains("escalate.ladder needs escalate.timeout"), "{e}");
+    let with_timeout = write(
+        dir.path(),
+        "timed.yaml",
+        &text.replace("{ladder:", "{timeout: 10m, ladder:"),
+    );
+    let p = load(&[with_timeout]).expect("a ladder before the rule's timeout");
+    let e = p.labels[0].rules[0].decision.escalation().unwrap();
+    assert_eq!(e.timeout, Some(std::time::Duration::from_secs(600)));
+    assert_eq!(e.on_timeout, None, "the daemon's timeout_action applies");
 }

@@ -150,6 +150,24 @@ fn a_labelled_root_cannot_tamper_with_countersign() {
         "{}",
         status["self_protection"]
     );
+    // The daemon's memory (the host key in it) never goes to swap, where a swap file is a file
+    // root may read: locked, in either mode.
+    assert_eq!(
+        status["self_protection"]["memory_locked"], true,
+        "{}",
+        status["self_protection"]
+    );
+    let proc_status =
+        std::fs::read_to_string(format!("/proc/{}/status", d.pid())).expect("the daemon's status");
+    let locked_kb: u64 = proc_status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmLck in /proc/PID/status");
+    assert!(
+        locked_kb > 0,
+        "the daemon's memory is not locked:\n{proc_status}"
+    );
     // In fallback mode the filter refuses these; the rest is not contained.
     let filtered = |kind| Expect::Refused(kind);
     let hooked = |kind| {
