@@ -107,6 +107,13 @@ pub const GUARD_ANCESTOR: u32 = 8;
 /// opened for writing (`cgroup.kill`, `cgroup.freeze`, limits, `cgroup.procs`), which would
 /// kill, freeze or starve the daemon without a signal.
 pub const GUARD_CGROUP: u32 = 16;
+/// An entry keyed ([`RAW_MAJOR_KEY_DEV`], major), not a file: a character device major
+/// through which a disk is read or written beneath its file systems, as `/proc/devices` names
+/// it now (a driver loaded after the daemon started, `sg`, `bsg`, `nvme-generic`, gets a major
+/// the load-time [`GuardSettings::raw_majors`] do not have).
+pub const GUARD_RAW_MAJOR: u32 = 32;
+/// [`FileKey::dev`] of a [`GUARD_RAW_MAJOR`] entry (no device has it).
+pub const RAW_MAJOR_KEY_DEV: u64 = u64::MAX;
 
 /// Every map above but the DNS ones and the guard's is pinned by name in the daemon's pin
 /// directory, so that holds and labels survive a daemon restart.

@@ -79,10 +79,19 @@ pub fn settings(config: &DaemonConfig) -> shared::GuardSettings {
 /// their generic namespaces, raw flash. A labelled task opens none (nor any block device).
 const RAW_DISK_DRIVERS: [&str; 6] = ["sg", "bsg", "nvme", "nvme-generic", "mtd", "ubi"];
 
-/// The majors of [`RAW_DISK_DRIVERS`] in `/proc/devices` text (its character devices).
+/// The first [`shared::RAW_MAJORS`] of [`raw_major_list`], for the kernel's settings at load.
 #[must_use]
 pub fn raw_majors(devices: &str) -> [u32; shared::RAW_MAJORS] {
     let mut out = [0; shared::RAW_MAJORS];
+    for (slot, major) in out.iter_mut().zip(raw_major_list(devices)) {
+        *slot = major;
+    }
+    out
+}
+
+/// The majors of [`RAW_DISK_DRIVERS`] in `/proc/devices` text (its character devices).
+#[must_use]
+pub fn raw_major_list(devices: &str) -> Vec<u32> {
     let chars = devices
         .lines()
         .skip_while(|l| !l.starts_with("Character devices"))
@@ -96,10 +105,12 @@ pub fn raw_majors(devices: &str) -> [u32; shared::RAW_MAJORS] {
             .then_some(major)
             .filter(|&m| m != 0)
     });
-    for (slot, major) in out.iter_mut().zip(found) {
-        *slot = major;
-    }
-    out
+    found.collect()
+}
+
+/// [`raw_major_list`] of the running kernel.
+fn raw_majors_now() -> Vec<u32> {
+    raw_major_list(&std::fs::read_to_string("/proc/devices").unwrap_or_default())
 }
 
 /// A capability's name (`CAP_SYS_RAWIO`), for the records.
@@ -124,6 +135,8 @@ pub fn capability_name(cap: u16) -> String {
 pub struct Guarded {
     flags: HashMap<FileKey, u32>,
     paths: HashMap<FileKey, PathBuf>,
+    /// The raw disk majors given to the kernel (see [`raw_majors`]).
+    raw_majors: Vec<u32>,
 }
 
 impl Guarded {
@@ -195,6 +208,15 @@ impl Guarded {
         }
         // The daemon's own cgroup and those above it (not the root, which is everyone's):
         // `cgroup.kill`, `cgroup.freeze` and the limits there would stop it without a signal.
+        // The disks' raw character devices by major, as registered now (see `raw_majors`).
+        g.raw_majors = raw_majors_now();
+        for &major in &g.raw_majors {
+            let key = FileKey {
+                dev: shared::RAW_MAJOR_KEY_DEV,
+                ino: u64::from(major),
+            };
+            g.flags.insert(key, shared::GUARD_RAW_MAJOR);
+        }
         // In every hierarchy it is in (cgroup v1's too, where the host mounts them).
         for (root, home) in home_cgroups() {
             let mut dir = home.clone();
@@ -267,15 +289,23 @@ impl Guarded {
         (all, dropped)
     }
 
+    /// Whether the raw disk majors `/proc/devices` names now differ from those given to the
+    /// kernel (a driver was registered since: the entries must be given again).
+    #[must_use]
+    pub fn raw_majors_changed(&self) -> bool {
+        raw_majors_now() != self.raw_majors
+    }
+
     /// The path a guarded file was registered under.
     #[must_use]
     pub fn path_of(&self, dev: u64, ino: u64) -> Option<&Path> {
         self.paths.get(&FileKey { dev, ino }).map(PathBuf::as_path)
     }
 
+    /// How many files and directories are guarded (the raw disk majors are not counted).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.flags.len()
+        self.flags.len() - self.raw_majors.len()
     }
 }
 
@@ -598,6 +628,30 @@ mod tests {
         assert_eq!(&majors[..4], &[21, 240, 241, 0]);
         assert!(majors.iter().skip(3).all(|&m| m == 0));
         assert_eq!(raw_majors(""), [0; shared::RAW_MAJORS]);
+    }
+
+    /// The majors of this host are given to the kernel as map entries too (where a driver
+    /// registered later is found), not counted as files, and a change is noticed.
+    #[test]
+    fn raw_disk_majors_are_guard_entries() {
+        let config = DaemonConfig::default();
+        let mut g = Guarded::of(&config, &[]);
+        let majors = raw_majors_now();
+        let entries = g.entries().0;
+        for m in &majors {
+            assert!(
+                entries
+                    .iter()
+                    .any(|(k, f)| k.dev == shared::RAW_MAJOR_KEY_DEV
+                        && k.ino == u64::from(*m)
+                        && *f == shared::GUARD_RAW_MAJOR),
+                "major {m} is not an entry: {entries:?}"
+            );
+        }
+        assert_eq!(g.len(), g.flags.len() - majors.len());
+        assert!(!g.raw_majors_changed());
+        g.raw_majors.push(4095);
+        assert!(g.raw_majors_changed(), "a changed set of majors is noticed");
     }
 
     #[test]

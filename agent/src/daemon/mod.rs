@@ -2244,6 +2244,10 @@ impl Daemon {
             if self.names.refresh_resolvers(false) {
                 // A replaced resolv.conf is a new file: guard it again.
                 self.install_guard();
+            } else if self.guarded.raw_majors_changed() {
+                // A disk driver registered since: its character devices are refused too.
+                tracing::info!("a disk driver registered a character device major: guarded");
+                self.install_guard();
             }
             if policy_stamp(&self.config, self.policy.as_ref()) != self.policy_stamp {
                 self.reload("policy files changed");
