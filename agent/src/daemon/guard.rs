@@ -347,16 +347,34 @@ const CAP_IPC_LOCK: u32 = 14;
 /// directory there), as `/proc/self/cgroup` said at the first call, which the daemon makes as
 /// it starts. Where it moves itself back to when it finds itself moved.
 fn home_cgroups() -> &'static [(PathBuf, PathBuf)] {
-    static HOME: std::sync::OnceLock<Vec<(PathBuf, PathBuf)>> = std::sync::OnceLock::new();
+    &home().1
+}
+
+/// `/proc/self/cgroup` as the daemon started, and [`home_cgroups`].
+fn home() -> &'static (String, Vec<(PathBuf, PathBuf)>) {
+    static HOME: std::sync::OnceLock<(String, Vec<(PathBuf, PathBuf)>)> =
+        std::sync::OnceLock::new();
     HOME.get_or_init(|| {
         let (Ok(own), Ok(mounts)) = (
             std::fs::read_to_string("/proc/self/cgroup"),
             std::fs::read_to_string("/proc/self/mounts"),
         ) else {
-            return Vec::new();
+            return (String::new(), Vec::new());
         };
-        cgroup_homes(&own, &mounts)
+        let homes = cgroup_homes(&own, &mounts);
+        (own, homes)
     })
+}
+
+/// Whether the daemon is no longer in the cgroups it started in (moved while its report of
+/// the move was lost, or by a process that is not labelled).
+#[must_use]
+pub fn away_from_home() -> bool {
+    let (started, homes) = home();
+    // (A hierarchy mounted since adds a line: only the lines it started with count.)
+    !homes.is_empty()
+        && std::fs::read_to_string("/proc/self/cgroup")
+            .is_ok_and(|now| started.lines().any(|l| !now.lines().any(|n| n == l)))
 }
 
 /// [`home_cgroups`] from the text of `/proc/self/cgroup` and `/proc/self/mounts`.

@@ -2244,7 +2244,20 @@ impl Daemon {
             if self.names.refresh_resolvers(false) {
                 // A replaced resolv.conf is a new file: guard it again.
                 self.install_guard();
-            } else if self.guarded.raw_majors_changed() {
+            }
+            if guard::away_from_home() {
+                // The kernel's report of the move is how this is noticed at once; this is
+                // for a report that was lost (a full ring) or a move by anyone else.
+                match guard::return_home() {
+                    Ok(homes) => {
+                        tracing::warn!(cgroups = ?homes, "the daemon found itself in another cgroup: moved back")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "the daemon found itself in another cgroup; moving back failed")
+                    }
+                }
+            }
+            if self.guarded.raw_majors_changed() {
                 // A disk driver registered since: its character devices are refused too.
                 tracing::info!("a disk driver registered a character device major: guarded");
                 self.install_guard();

@@ -694,6 +694,19 @@ fn a_labelled_root_cannot_stop_countersign_through_cgroups() {
         );
         std::thread::sleep(std::time::Duration::from_millis(30));
     }
+    // A move the daemon was not told of (its report lost in a full ring, or made by an
+    // unlabelled process): noticed within a second, and undone.
+    TestCgroup::enter(&elsewhere, d.pid());
+    let deadline = std::time::Instant::now() + WAIT;
+    while cgroup_of(d.pid()) != home {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon stayed in {} after an unreported move\n{}",
+            cgroup_of(d.pid()).display(),
+            d.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(30));
+    }
     // Still deciding.
     assert!(d.status()["mode"].is_string(), "the daemon does not answer");
     let records = super::records::spooled_records(&d.spool_dir());
