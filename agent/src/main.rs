@@ -318,6 +318,8 @@ enum RequestsCmd {
         state: Option<String>,
         #[command(flatten)]
         filter: cli::requests::Filter,
+        #[command(flatten)]
+        page: cli::requests::Page,
     },
     /// Let exactly the held action run.
     Approve {
@@ -480,8 +482,10 @@ fn main() {
                     json,
                     state,
                     filter,
+                    page,
                 } => filter
                     .only_here()
+                    .and_then(|()| page.only_here())
                     .and_then(|()| remote.list(state.as_deref(), json)),
                 RequestsCmd::Approve { id, reason, grant } => {
                     remote.approve(id, reason.as_deref(), grant.as_deref())
@@ -498,9 +502,9 @@ fn main() {
             None => {
                 let dir = paths::socket_dir(socket_dir);
                 report(match action {
-                    RequestsCmd::List { json, filter, .. } => {
-                        cli::requests::list(&dir, json, &filter)
-                    }
+                    RequestsCmd::List {
+                        json, filter, page, ..
+                    } => cli::requests::list(&dir, json, &filter, &page),
                     RequestsCmd::Approve { id, .. } => {
                         cli::requests::decide(&dir, id, Decision::Approve)
                     }

@@ -10,8 +10,12 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 pub enum Request {
     /// Mode, reason, counters.
     Status,
-    /// Every held request with its context.
-    List,
+    /// The held requests with their context, in id order: those [`ListFilter`] selects, at
+    /// most [`MAX_LIST_PAGE`] (or `limit`) after the id `after`.
+    List {
+        #[serde(default, flatten)]
+        filter: ListFilter,
+    },
     /// Decide a held request.
     Decide { id: u64, decision: Decision },
     /// Label the calling process (used by `countersign exec`).
@@ -26,6 +30,37 @@ pub enum Request {
     RevokeGrant { id: String },
     /// Rotate the host key (a `key-rotated` record signed by the old key).
     RotateKey,
+}
+
+/// Most requests in one [`Response::List`]: an answer stays bounded with thousands held (the
+/// CLI asks page after page).
+pub const MAX_LIST_PAGE: u32 = 1_000;
+
+/// Which held requests a [`Request::List`] asks for (every condition given must hold).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ListFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// An [`ActionKind`]'s wire name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Only requests with a larger id (the next page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
+    /// At most this many (capped at [`MAX_LIST_PAGE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+impl ListFilter {
+    #[must_use]
+    pub fn selects(&self, r: &RequestView) -> bool {
+        self.label.as_ref().is_none_or(|l| *l == r.label)
+            && self.kind.as_ref().is_none_or(|k| k == r.kind.as_str())
+            && self.pid.is_none_or(|p| p == r.pid)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -55,6 +90,9 @@ pub enum Response {
     Status(Box<StatusInfo>),
     List {
         requests: Vec<RequestView>,
+        /// More requests were selected than this answer holds (ask again `after` the last).
+        #[serde(default)]
+        more: bool,
     },
     Decided {
         id: u64,
@@ -416,7 +454,35 @@ impl RequestView {
 
 #[cfg(test)]
 mod tests {
-    use super::ActionKind;
+    use super::{ActionKind, ListFilter, Request};
+
+    /// A list request without conditions is the bare `{"op":"list"}`; conditions and paging
+    /// read back; an unknown field is refused.
+    #[test]
+    fn list_requests_carry_their_filter() {
+        let bare = Request::List {
+            filter: ListFilter::default(),
+        };
+        assert_eq!(serde_json::to_string(&bare).unwrap(), r#"{"op":"list"}"#);
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"list"}"#).unwrap(),
+            bare
+        );
+        let paged: Request =
+            serde_json::from_str(r#"{"op":"list","label":"coder","after":7,"limit":50}"#).unwrap();
+        assert_eq!(
+            paged,
+            Request::List {
+                filter: ListFilter {
+                    label: Some("coder".into()),
+                    after: Some(7),
+                    limit: Some(50),
+                    ..ListFilter::default()
+                }
+            }
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"op":"list","lables":"x"}"#).is_err());
+    }
 
     /// The wire names are what records, escalations and OCSF carry: they must not change.
     #[test]

@@ -896,6 +896,14 @@ fn held_requests_are_selected_and_decided_many_at_once() {
             .unwrap_or_default()
     };
     assert_eq!(selected(&["--label", "alpha"]).len(), 2);
+    // Paged, in id order.
+    let ids = |v: &[serde_json::Value]| v.iter().map(|r| r["id"].clone()).collect::<Vec<_>>();
+    let all = selected(&[]);
+    assert_eq!(all.len(), 3, "{all:?}");
+    let first_two = selected(&["--limit", "2"]);
+    assert_eq!(ids(&first_two), ids(&all[..2]));
+    let after = first_two[1]["id"].to_string();
+    assert_eq!(ids(&selected(&["--after", &after])), ids(&all[2..]));
     let beta_pid = beta.pid().to_string();
     let only_beta = selected(&["--pid", &beta_pid]);
     assert_eq!(only_beta.len(), 1, "{only_beta:?}");
@@ -904,9 +912,8 @@ fn held_requests_are_selected_and_decided_many_at_once() {
     let connect = d.wait_request("beta's connect", |r| {
         r["pid"] == beta.pid() && r["kind"] == "connect"
     });
-    let ids = |v: Vec<serde_json::Value>| v.iter().map(|r| r["id"].clone()).collect::<Vec<_>>();
     assert_eq!(
-        ids(selected(&["--kind", "connect"])),
+        ids(&selected(&["--kind", "connect"])),
         [connect["id"].clone()]
     );
 

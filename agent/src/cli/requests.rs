@@ -4,10 +4,11 @@ use std::path::Path;
 use crate::{
     cli::client,
     paths,
-    proto::{ActionKind, Decision, Request, RequestView, Response},
+    proto::{ActionKind, Decision, ListFilter, MAX_LIST_PAGE, Request, RequestView, Response},
 };
 
-/// Which held requests a command means (all given conditions must hold).
+/// Which held requests a command means (all given conditions must hold); the daemon
+/// selects them.
 #[derive(Debug, Default, clap::Args)]
 pub struct Filter {
     /// Only requests of this label.
@@ -26,10 +27,13 @@ impl Filter {
         self.label.is_none() && self.kind.is_none() && self.pid.is_none()
     }
 
-    fn selects(&self, r: &RequestView) -> bool {
-        self.label.as_ref().is_none_or(|l| *l == r.label)
-            && self.kind.as_ref().is_none_or(|k| k == r.kind.as_str())
-            && self.pid.is_none_or(|p| p == r.pid)
+    fn to_proto(&self) -> ListFilter {
+        ListFilter {
+            label: self.label.clone(),
+            kind: self.kind.clone(),
+            pid: self.pid,
+            ..ListFilter::default()
+        }
     }
 
     /// Filters select this host's held requests, not a remote approver's.
@@ -44,24 +48,70 @@ impl Filter {
     }
 }
 
+/// Where a list starts and how much of it is shown.
+#[derive(Debug, Default, clap::Args)]
+pub struct Page {
+    /// Only requests with a larger id than this (the next page).
+    #[arg(long)]
+    pub after: Option<u64>,
+    /// At most this many (default: every one, asked a page at a time).
+    #[arg(long)]
+    pub limit: Option<u32>,
+}
+
+impl Page {
+    /// Paging is over this host's held requests.
+    pub fn only_here(&self) -> anyhow::Result<()> {
+        if self.after.is_none() && self.limit.is_none() {
+            Ok(())
+        } else {
+            anyhow::bail!("--after and --limit page this host's held requests")
+        }
+    }
+}
+
 /// The one request id a remote command needs (filters and `--all` are this host's).
 pub fn one_id(id: Option<u64>, filter: &Filter) -> anyhow::Result<u64> {
     filter.only_here()?;
     id.ok_or_else(|| anyhow::anyhow!("with --approver, name one request by its id"))
 }
 
-fn held(socket_dir: &Path) -> anyhow::Result<Vec<RequestView>> {
-    let Response::List { requests } =
-        client::call(socket_dir, paths::CONTROL_SOCKET, &Request::List)?
-    else {
-        anyhow::bail!("unexpected answer to list");
-    };
-    Ok(requests)
+/// The held requests `filter` selects from `after` on: every one (page after page), or at most
+/// `limit`.
+fn held(
+    socket_dir: &Path,
+    mut filter: ListFilter,
+    limit: Option<u32>,
+) -> anyhow::Result<Vec<RequestView>> {
+    let mut all = Vec::new();
+    loop {
+        let want = limit.map(|l| l.saturating_sub(all.len() as u32));
+        if want == Some(0) {
+            return Ok(all);
+        }
+        filter.limit = want.map(|w| w.min(MAX_LIST_PAGE));
+        let Response::List { requests, more } = client::call(
+            socket_dir,
+            paths::CONTROL_SOCKET,
+            &Request::List {
+                filter: filter.clone(),
+            },
+        )?
+        else {
+            anyhow::bail!("unexpected answer to list");
+        };
+        filter.after = requests.last().map(|r| r.id).or(filter.after);
+        all.extend(requests);
+        if !more {
+            return Ok(all);
+        }
+    }
 }
 
-pub fn list(socket_dir: &Path, json: bool, filter: &Filter) -> anyhow::Result<()> {
-    let mut requests = held(socket_dir)?;
-    requests.retain(|r| filter.selects(r));
+pub fn list(socket_dir: &Path, json: bool, filter: &Filter, page: &Page) -> anyhow::Result<()> {
+    let mut wanted = filter.to_proto();
+    wanted.after = page.after;
+    let requests = held(socket_dir, wanted, page.limit)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&requests)?);
         return Ok(());
@@ -161,10 +211,7 @@ pub fn decide_some(
     if let Some(id) = id {
         return decide(socket_dir, id, decision);
     }
-    let selected: Vec<RequestView> = held(socket_dir)?
-        .into_iter()
-        .filter(|r| filter.selects(r))
-        .collect();
+    let selected = held(socket_dir, filter.to_proto(), None)?;
     if selected.is_empty() {
         println!("no held request selected");
         return Ok(());

@@ -1734,7 +1734,10 @@ impl Daemon {
             (R::Status, _) => Response::Status(Box::new(self.status())),
             (R::Label { label }, _) => self.label(&label, peer),
             (R::ExecNotifier { fd }, _) => self.take_notifier(fd, peer),
-            (R::List, Socket::Control) => Response::List { requests: self.list() },
+            (R::List { filter }, Socket::Control) => {
+                let (requests, more) = self.list(&filter);
+                Response::List { requests, more }
+            }
             (R::RotateKey, Socket::Control) => {
                 if let Err(message) = self.may_decide(peer) {
                     return Response::Error { message };
@@ -1895,17 +1898,31 @@ impl Daemon {
         }
     }
 
-    fn list(&self) -> Vec<RequestView> {
+    /// The held requests `filter` selects, one page of them, and whether more were selected.
+    fn list(&self, filter: &crate::proto::ListFilter) -> (Vec<RequestView>, bool) {
         let now = Instant::now();
-        self.requests
-            .values()
+        let limit = filter
+            .limit
+            .unwrap_or(crate::proto::MAX_LIST_PAGE)
+            .clamp(1, crate::proto::MAX_LIST_PAGE) as usize;
+        let from = filter.after.map_or(0, |a| a.saturating_add(1));
+        let mut selected = self
+            .requests
+            .range(from..)
+            .map(|(_, h)| h)
+            .filter(|h| filter.selects(&h.view));
+        let page: Vec<RequestView> = selected
+            .by_ref()
+            .take(limit)
             .map(|h| {
                 let mut v = h.view.clone();
                 v.age_ms = now.duration_since(h.created).as_millis() as u64;
                 v.expires_in_ms = h.deadline.saturating_duration_since(now).as_millis() as u64;
                 v
             })
-            .collect()
+            .collect();
+        let more = selected.next().is_some();
+        (page, more)
     }
 
     /// Whether a labelled root is contained, and what was refused.
