@@ -25,8 +25,8 @@ use aya_ebpf::{
 use countersign_ebpf::{
     CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_UNHOLDABLE, ERROR_UNIX_KILLED,
     ERROR_UNIX_UNSEEN, FLAG_GRANT_CHECK, FLAG_IN_CONNECT, GrantConnectKey, KIND_CANARY_CONNECT,
-    KIND_CONNECT, KIND_SEND, KIND_UNIX, LABEL_CANARY, MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM,
-    PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED, STAT_SEND_DECIDED,
+    KIND_CONNECT, KIND_LISTEN, KIND_SEND, KIND_UNIX, LABEL_CANARY, MAX_PORT_SPANS, MODE_FALLBACK,
+    MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED, STAT_SEND_DECIDED,
     STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING, SendDecided, SendKey,
     TaskState, connect_hash,
 };
@@ -77,6 +77,22 @@ impl Dest {
     #[inline(always)]
     fn hash(&self) -> u64 {
         connect_hash(self.family, self.port, &self.addr)
+    }
+
+    /// `127.0.0.0/8` or `::1`: reached from this host only.
+    #[inline(always)]
+    fn is_loopback(&self) -> bool {
+        let a = self.addr;
+        if self.family == AF_INET {
+            return a[0] == 127;
+        }
+        let mut zero = true;
+        let mut i = 0;
+        while i < 15 {
+            zero &= a[i] == 0;
+            i += 1;
+        }
+        zero && a[15] == 1
     }
 }
 
@@ -538,6 +554,94 @@ fn unix_address(ctx: &SockAddrContext, name: &mut [u8; countersign_ebpf::UNIX_NA
         Ok(()) => len.clamp(2, 2 + countersign_ebpf::UNIX_NAME_LEN as u32) - 2,
         Err(_) => 0,
     }
+}
+
+/// `socket_listen(struct socket *sock, int backlog)`: a labelled task's socket that starts
+/// listening on an address other than loopback is held as a [`KIND_LISTEN`] for that address
+/// (all zeros: every address; a socket not bound yet is bound to every address by `listen`),
+/// since any peer that reaches the host may then connect to it and be answered over that
+/// connection. Loopback listeners and local sockets pass. Where nothing restarts (io_uring's
+/// `IORING_OP_LISTEN`) it is refused unless the process already consumed a decision for it.
+#[inline(always)]
+pub fn lsm_listen(sock: *const u8) -> Verdict {
+    let state = match label::current_task() {
+        Task::Labelled(state) => state,
+        Task::Unlabelled => return Verdict::Allow,
+        Task::NoRoom => return Verdict::Deny,
+    };
+    // SAFETY: the pointer comes from the map lookup and is valid for this run.
+    let state = unsafe { &mut *state };
+    if state.label == LABEL_CANARY || maps::config().mode != MODE_LSM {
+        return Verdict::Allow;
+    }
+    let Some(dest) = listen_address(sock) else {
+        return Verdict::Allow;
+    };
+    if dest.is_loopback() {
+        return Verdict::Allow;
+    }
+    let (_, sock_type) = socket_state_type(sock);
+    let label = state.label;
+    let same =
+        state.state != STATE_IDLE && state.kind == KIND_LISTEN && state.action_hash == dest.hash();
+    if same {
+        if let Some(v) = consume(state, KIND_LISTEN, &dest, sock_type) {
+            return v;
+        }
+    } else if !task::can_hold_net() {
+        return refuse_unholdable(label, KIND_LISTEN, &dest, sock_type);
+    }
+    hold::decide(state, KIND_LISTEN, dest.hash(), || {
+        let ev = hold::event(KIND_LISTEN, label)?;
+        fill(ev, &dest, sock_type);
+        Some(ev)
+    })
+}
+
+/// The address an IPv4/IPv6 socket is bound to (`None`: another family, which no peer on the
+/// network reaches). Unreadable offsets give every address (held, never let through).
+#[inline(always)]
+fn listen_address(sock: *const u8) -> Option<Dest> {
+    let o = maps::kernel_offsets();
+    let every = Dest {
+        family: AF_INET,
+        port: 0,
+        addr: [0; 16],
+    };
+    if o.listen_valid == 0 {
+        return Some(every);
+    }
+    // SAFETY: kernel memory, read with the checked helper.
+    let read = |at: *const u8, off: u32| -> Option<[u8; 16]> {
+        unsafe { bpf_probe_read_kernel(at.wrapping_add(off as usize).cast::<[u8; 16]>()) }.ok()
+    };
+    // SAFETY: as above.
+    let Ok(sk) = (unsafe {
+        bpf_probe_read_kernel(sock.wrapping_add(o.socket_sk as usize).cast::<*const u8>())
+    }) else {
+        return Some(every);
+    };
+    // SAFETY: as above.
+    let family =
+        unsafe { bpf_probe_read_kernel(sk.wrapping_add(o.skc_family as usize).cast::<u16>()) }
+            .ok()?;
+    // SAFETY: as above.
+    let port = unsafe { bpf_probe_read_kernel(sk.wrapping_add(o.skc_num as usize).cast::<u16>()) }
+        .unwrap_or(0);
+    let mut addr = [0u8; 16];
+    match family {
+        AF_INET => {
+            // SAFETY: as above.
+            let v4 = unsafe {
+                bpf_probe_read_kernel(sk.wrapping_add(o.skc_rcv_saddr as usize).cast::<[u8; 4]>())
+            }
+            .ok()?;
+            addr[..4].copy_from_slice(&v4);
+        }
+        AF_INET6 => addr = read(sk, o.skc_v6_rcv_saddr)?,
+        _ => return None,
+    }
+    Some(Dest { family, port, addr }.unmapped())
 }
 
 /// `struct socket` starts with `socket_state state; short type;`: (state, type).

@@ -205,6 +205,7 @@ pub const PROG_CG_UNIX_CONNECT: &str = "cs_cg_unix_connect";
 pub const PROG_CG_UNIX_SENDMSG: &str = "cs_cg_unix_sendmsg";
 pub const PROG_LSM_UNIX_STREAM_CONNECT: &str = "cs_lsm_unix_stream_connect";
 pub const PROG_LSM_UNIX_MAY_SEND: &str = "cs_lsm_unix_may_send";
+pub const PROG_LSM_SOCKET_LISTEN: &str = "cs_lsm_socket_listen";
 /// The self-protection programs (LSM mode): (program, hook). The `path_*` hooks exist only
 /// in kernels built with `CONFIG_SECURITY_PATH`.
 pub const GUARD_HOOKS: [(&str, &str); 38] = [
@@ -379,6 +380,11 @@ pub const KIND_EXEC_VERIFIED: u32 = 11;
 /// [`Event::port`] a detail (the `bpf` command, the signal, the module source);
 /// [`Event::unix_name`] the task's `comm` (16 bytes).
 pub const KIND_TAMPER: u32 = 12;
+/// A labelled task makes a TCP socket listen on an address other than loopback: peers that
+/// reach the host may then connect to it, and what flows back over such a connection is no
+/// send with an address. [`Event::family`], [`Event::addr`] and [`Event::port`] are the
+/// address it is bound to (all zeros: every address).
+pub const KIND_LISTEN: u32 = 13;
 
 /// [`Event::detail`] of a [`KIND_TAMPER`]: the `bpf()` system call.
 pub const TAMPER_BPF: i32 = 1;
@@ -855,10 +861,18 @@ pub struct KernelOffsets {
     pub task_ptrace: u32,
     /// `user_namespace.level` (int: 0 for the initial namespace), with `guard_valid`.
     pub userns_level: u32,
+    /// Non-zero when the listening-socket offsets below are known.
+    pub listen_valid: u32,
+    /// `sock_common.skc_family` (u16), `skc_rcv_saddr` (IPv4, network order), `skc_num`
+    /// (u16, host order), `skc_v6_rcv_saddr` (16 bytes): the address a socket is bound to.
+    pub skc_family: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_num: u32,
+    pub skc_v6_rcv_saddr: u32,
 }
 /// Entries of [`KernelOffsets::nr_net`].
-pub const NR_NET_SYSCALLS: usize = 16;
-const _: () = assert!(size_of::<KernelOffsets>() == 268);
+pub const NR_NET_SYSCALLS: usize = 18;
+const _: () = assert!(size_of::<KernelOffsets>() == 296);
 
 /// `task_struct.flags`: an io_uring worker or SQPOLL thread (`PF_IO_WORKER`).
 pub const PF_IO_WORKER: u32 = 0x10;

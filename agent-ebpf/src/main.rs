@@ -132,6 +132,17 @@ mod programs {
         }
     }
 
+    /// `socket_listen(struct socket *sock, int backlog)`: a labelled listener on an address
+    /// other than loopback is held.
+    #[lsm(hook = "socket_listen")]
+    pub fn cs_lsm_socket_listen(ctx: LsmContext) -> i32 {
+        let previous: i32 = ctx.arg(2);
+        if previous != 0 {
+            return previous;
+        }
+        connect::lsm_listen(ctx.arg(0)).lsm_return()
+    }
+
     // Self-protection (see `guard`). Each keeps the refusal of an earlier BPF LSM program
     // (passed as the argument after the hook's own).
 

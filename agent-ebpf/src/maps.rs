@@ -263,6 +263,11 @@ pub static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     unix_peer: 0,
     task_ptrace: 0,
     userns_level: 0,
+    listen_valid: 0,
+    skc_family: 0,
+    skc_rcv_saddr: 0,
+    skc_num: 0,
+    skc_v6_rcv_saddr: 0,
 };
 
 /// The self-protection settings (set by the loader).

@@ -235,6 +235,10 @@ enum PolicyCmd {
         /// A local socket: a path (/run/docker.sock) or @abstract name.
         #[arg(long, group = "action")]
         unix: Option<String>,
+        /// ADDR:PORT a TCP socket listens on for connections from the network, e.g.
+        /// 0.0.0.0:8080 (every address) or [::]:8080.
+        #[arg(long, group = "action")]
+        listen: Option<String>,
         /// For --connect (default tcp) and --send (default udp).
         #[arg(long, value_enum)]
         protocol: Option<ProtocolArg>,
@@ -400,6 +404,7 @@ fn main() {
                     send,
                     socket,
                     unix,
+                    listen,
                     protocol,
                     hosts,
                 },
@@ -429,8 +434,12 @@ fn main() {
                 cli::policy::TestAction::Socket(s)
             } else if let Some(u) = unix {
                 cli::policy::TestAction::Unix(u)
+            } else if let Some(l) = listen {
+                cli::policy::TestAction::Listen(l)
             } else {
-                unreachable!("clap requires one of --exec, --connect, --send, --socket, --unix")
+                unreachable!(
+                    "clap requires one of --exec, --connect, --send, --socket, --unix, --listen"
+                )
             };
             report(cli::policy::test(&files, &label, &what))
         }

@@ -317,6 +317,8 @@ pub enum ActionKind {
     Socket,
     /// A connect or datagram to a local (`AF_UNIX`) socket the policy names.
     Unix,
+    /// A TCP socket listening on an address other than loopback (peers may connect in).
+    Listen,
 }
 
 impl ActionKind {
@@ -331,6 +333,7 @@ impl ActionKind {
             k::KIND_SEND => Self::Send,
             k::KIND_SOCKET => Self::Socket,
             k::KIND_UNIX => Self::Unix,
+            k::KIND_LISTEN => Self::Listen,
             _ => return None,
         })
     }
@@ -345,6 +348,7 @@ impl ActionKind {
             Self::Send => "send",
             Self::Socket => "socket",
             Self::Unix => "unix",
+            Self::Listen => "listen",
         }
     }
 
@@ -369,6 +373,7 @@ impl ActionKind {
             Self::Send => "send to",
             Self::Socket => "open a socket:",
             Self::Unix => "talk to the local service at",
+            Self::Listen => "accept connections from the network on",
         }
     }
 }
@@ -495,6 +500,7 @@ mod tests {
             (k::KIND_SEND, ActionKind::Send, "send"),
             (k::KIND_SOCKET, ActionKind::Socket, "socket"),
             (k::KIND_UNIX, ActionKind::Unix, "unix"),
+            (k::KIND_LISTEN, ActionKind::Listen, "listen"),
         ] {
             assert_eq!(ActionKind::from_kernel(kernel), Some(kind));
             assert_eq!(kind.as_str(), name);

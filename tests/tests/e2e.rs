@@ -865,6 +865,90 @@ fn policy_test_names_rule_and_outcome() {
     );
 }
 
+/// Listening for connections from the network is an action: in LSM mode a labelled listener
+/// on an address other than loopback waits for a decision (denied: `EPERM`; approved: it
+/// listens), a `listen:` rule decides without a human, and loopback passes. Fallback mode
+/// does not hold it (README "Not held yet"): it listens at once.
+#[test]
+fn labelled_listen_on_the_network_is_held() {
+    let free_port = || {
+        std::net::TcpListener::bind("0.0.0.0:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port()
+    };
+    let allowed = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("listen.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: agent
+    default: {{outcome: escalate}}
+    rules:
+      - name: the-probe
+        exec: {{binary: [{probe}]}}
+        outcome: allow
+      - name: dev-server
+        listen: {{ports: [{allowed}]}}
+        outcome: allow
+",
+            probe = probe()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&[
+        "--policy",
+        policy.to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    let listen = |addr: &str| d.labelled("agent", &[&probe(), "listen", addr]);
+    let listens = |p: &mut countersign_tests::Proc| {
+        assert!(p.wait(WAIT).success(), "{}", p.stdout());
+        assert_eq!(p.stdout().trim(), "listening");
+    };
+    // Loopback: reached from this host only.
+    listens(&mut listen("127.0.0.1:0"));
+    // Allowed by a rule: decided by the daemon, nobody asked.
+    listens(&mut listen(&format!("0.0.0.0:{allowed}")));
+    if !d.is_lsm() {
+        let mut p = listen("0.0.0.0:0");
+        listens(&mut p);
+        assert!(d.list().is_empty(), "fallback mode holds no listen");
+        return;
+    }
+    let held = |p: &countersign_tests::Proc| {
+        d.wait_request("a listen on every address", |r| {
+            r["pid"] == p.pid() && r["kind"] == "listen"
+        })
+    };
+    let mut denied = listen("0.0.0.0:0");
+    let r = held(&denied);
+    assert!(
+        r["destination"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("0.0.0.0:")),
+        "{r}"
+    );
+    d.decide(&r, "deny");
+    assert_eq!(denied.wait(WAIT).code(), Some(1));
+    assert_eq!(denied.stdout().trim(), format!("error {}", libc::EPERM));
+    let mut approved = listen("[::]:0");
+    let r = held(&approved);
+    d.decide(&r, "approve");
+    listens(&mut approved);
+    let log = d.decisions();
+    assert!(
+        log.iter().any(|e| e["decision"] == "auto-allowed"
+            && e["request"]["kind"] == "listen"
+            && e["by"].as_str().is_some_and(|b| b.contains("dev-server"))),
+        "{log:?}"
+    );
+}
+
 /// `requests list|deny|kill` select held requests by label, kind and process, and decide every
 /// selected one in one call, and only those.
 #[test]

@@ -144,6 +144,7 @@ fn missing_binaries(l: &policy::Label) -> Vec<(PathBuf, ())> {
             } => Some(binaries.iter().chain(scripts)),
             policy::CompiledMatcher::Connect(_)
             | policy::CompiledMatcher::Socket(_)
+            | policy::CompiledMatcher::Listen(_)
             | policy::CompiledMatcher::Unix { .. } => None,
         })
         .flatten()
@@ -167,6 +168,8 @@ pub enum TestAction {
     Socket(String),
     /// A path or `@abstract` name.
     Unix(String),
+    /// `ADDR:PORT` listened on.
+    Listen(String),
 }
 
 pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result<()> {
@@ -181,6 +184,7 @@ pub fn test(files: &[PathBuf], label: &str, what: &TestAction) -> anyhow::Result
         } => connect_action(target, *protocol, hosts)?,
         TestAction::Socket(s) => socket_action(s)?,
         TestAction::Unix(u) => unix_action(u)?,
+        TestAction::Listen(l) => listen_action(l)?,
     };
     let verb = match what {
         TestAction::Connect { send: true, .. } => "send",
@@ -288,6 +292,7 @@ fn describe(a: &Action, verb: &str) -> String {
             )
         }
         Action::Unix { name, .. } => format!("unix {name}"),
+        Action::Listen { addr, port } => format!("listen on {addr} port {port}/tcp"),
         Action::Socket { family, sock_type } => format!(
             "socket {}/{}",
             crate::policy::schema::SocketFamily(*family),
@@ -385,6 +390,22 @@ fn exec_action(cmd: &str) -> anyhow::Result<Action> {
 }
 
 /// `hosts`: names the daemon would have learnt for the address (`--host`).
+/// `--listen ADDR:PORT` (IPv6 as `[addr]:port`).
+fn listen_action(target: &str) -> anyhow::Result<Action> {
+    let (host, port) = target.rsplit_once(':').with_context(|| {
+        format!("--listen `{target}`: expected ADDR:PORT (IPv6 as [addr]:port)")
+    })?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("--listen `{target}`: `{port}` is not a port"))?;
+    let addr = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+        .with_context(|| format!("--listen `{target}`: `{host}` is not an address"))?;
+    Ok(Action::Listen { addr, port })
+}
+
 fn connect_action(target: &str, protocol: Protocol, hosts: &[String]) -> anyhow::Result<Action> {
     let (host, port) = target.rsplit_once(':').with_context(|| {
         format!("--connect `{target}`: expected HOST:PORT (IPv6 as [addr]:port)")

@@ -31,7 +31,8 @@ impl Daemon {
                     ActionKind::Connect
                     | ActionKind::Send
                     | ActionKind::Socket
-                    | ActionKind::Unix => return None,
+                    | ActionKind::Unix
+                    | ActionKind::Listen => return None,
                 };
                 // The agent's file, on a file system that may not answer: off the loop.
                 enrich::bounded(move || kernel_file(&path, file)).flatten()

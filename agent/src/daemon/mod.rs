@@ -701,7 +701,8 @@ impl Daemon {
             | shared::KIND_CONNECT
             | shared::KIND_SEND
             | shared::KIND_SOCKET
-            | shared::KIND_UNIX => {
+            | shared::KIND_UNIX
+            | shared::KIND_LISTEN => {
                 if let Some(kind) = ActionKind::from_kernel(ev.kind) {
                     self.hold(ev, kind, None);
                 }
@@ -1116,6 +1117,16 @@ impl Daemon {
                     view.argv_truncated = cut;
                 }
             }
+            ActionKind::Listen => {
+                // The address it listens on (all zeros: every address of the host).
+                view.destination = Some(enrich::destination(ev.family, &ev.addr, ev.port));
+                view.protocol = enrich::protocol(ev.sock_type);
+                view.binary = enrich::readlink(pid, "exe");
+                if let Some((argv, cut)) = enrich::cmdline_of_held(pid) {
+                    view.argv = argv;
+                    view.argv_truncated = cut;
+                }
+            }
             ActionKind::Connect | ActionKind::Send => {
                 view.destination = Some(enrich::destination(ev.family, &ev.addr, ev.port));
                 view.destination_names = self.names.lookup(event_addr(ev));
@@ -1184,7 +1195,11 @@ impl Daemon {
                 enrich::file_id(std::path::Path::new(&format!("/proc/{pid}/exe")))
             })
             .flatten(),
-            ActionKind::Connect | ActionKind::Send | ActionKind::Socket | ActionKind::Unix => None,
+            ActionKind::Connect
+            | ActionKind::Send
+            | ActionKind::Socket
+            | ActionKind::Unix
+            | ActionKind::Listen => None,
         };
         let destination = held.kind.has_destination().then(|| {
             let ev = &held.event;
@@ -1657,6 +1672,10 @@ impl Daemon {
             ActionKind::Socket => Some(Action::Socket {
                 family: ev.family,
                 sock_type: ev.sock_type,
+            }),
+            ActionKind::Listen => Some(Action::Listen {
+                addr: event_addr(ev),
+                port: ev.port,
             }),
             ActionKind::Unix => {
                 let peer = shared::UnixPeer::from_addr(&ev.addr);

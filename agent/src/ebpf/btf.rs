@@ -323,6 +323,20 @@ impl Btf {
         Ok(())
     }
 
+    /// Adds what the listen hook reads: the address a socket is bound to.
+    pub fn listen_offsets(&self, o: &mut KernelOffsets) -> Result<(), BtfError> {
+        let common = self.member_offset("sock", "__sk_common")?;
+        o.skc_family = common + self.member_offset("sock_common", "skc_family")?;
+        o.skc_rcv_saddr = common + self.member_offset("sock_common", "skc_rcv_saddr")?;
+        o.skc_num = common + self.member_offset("sock_common", "skc_num")?;
+        o.skc_v6_rcv_saddr = common + self.member_offset("sock_common", "skc_v6_rcv_saddr")?;
+        if o.socket_sk == 0 {
+            o.socket_sk = self.member_offset("socket", "sk")?;
+        }
+        o.listen_valid = 1;
+        Ok(())
+    }
+
     /// Adds what fallback mode reads to find the peer of a local socket by its descriptor
     /// after a connect: the task's descriptor table, a file's socket, a `unix_sock`'s peer.
     pub fn fd_offsets(&self, o: &mut KernelOffsets) -> Result<(), BtfError> {
@@ -377,7 +391,7 @@ impl Btf {
 
 /// The system calls under which a network hook may hold (the syscall restarts after the
 /// stop): `socket`, `connect`, `sendto`, `sendmsg`, `sendmmsg`, `write` and `writev` (on a
-/// connected local datagram socket), and on x86-64 their 32-bit numbers (`socketcall`, and
+/// connected local datagram socket), `listen`, and on x86-64 their 32-bit numbers (`socketcall`, and
 /// the direct ones), which any process may use through `int $0x80`.
 fn net_syscalls() -> [u32; countersign_ebpf::NR_NET_SYSCALLS] {
     let mut nr = [0; countersign_ebpf::NR_NET_SYSCALLS];
@@ -389,10 +403,11 @@ fn net_syscalls() -> [u32; countersign_ebpf::NR_NET_SYSCALLS] {
         libc::SYS_sendmmsg,
         libc::SYS_write,
         libc::SYS_writev,
+        libc::SYS_listen,
     ];
-    // i386: socketcall, socket, connect, sendto, sendmsg, sendmmsg, write, writev.
+    // i386: socketcall, socket, connect, sendto, sendmsg, sendmmsg, write, writev, listen.
     let compat: &[u32] = if cfg!(target_arch = "x86_64") {
-        &[102, 359, 362, 369, 370, 345, 4, 146]
+        &[102, 359, 362, 369, 370, 345, 4, 146, 363]
     } else {
         &[]
     };

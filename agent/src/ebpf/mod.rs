@@ -106,8 +106,9 @@ const ACTIVE_LSMS: &str = "/sys/kernel/security/lsm";
 
 /// The LSM hooks that hold (program, hook); `bprm_creds_for_exec` besides where the exec
 /// arguments are read from the task's registers.
-const LSM_HOOKS: [(&str, &str); 6] = [
+const LSM_HOOKS: [(&str, &str); 7] = [
     (shared::PROG_LSM_BPRM_CHECK, "bprm_check_security"),
+    (shared::PROG_LSM_SOCKET_LISTEN, "socket_listen"),
     (shared::PROG_LSM_SOCKET_CONNECT, "socket_connect"),
     (shared::PROG_LSM_SOCKET_SENDMSG, "socket_sendmsg"),
     (shared::PROG_LSM_SOCKET_CREATE, "socket_create"),
@@ -1662,6 +1663,9 @@ fn kernel_offsets(
     }
     if let Err(e) = parsed.guard_offsets(&mut offsets) {
         tracing::warn!(reason = %e, "self-protection reads no kernel structs (no BTF for them): countersign's files and processes are not told apart");
+    }
+    if let Err(e) = parsed.listen_offsets(&mut offsets) {
+        tracing::warn!(reason = %e, "the address a socket listens on cannot be read (no BTF for it): every labelled listen is held");
     }
     (offsets, Ok(()))
 }

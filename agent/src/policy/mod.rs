@@ -14,8 +14,8 @@ use std::{
 
 pub use load::load;
 use schema::{
-    ConnectMatch, Decision, ExecMatch, Glob, MatchSpec, Matcher, Outcome, Protocol, Rule,
-    SocketMatch, UnixName,
+    ConnectMatch, Decision, ExecMatch, Glob, ListenMatch, MatchSpec, Matcher, Outcome, Protocol,
+    Rule, SocketMatch, UnixName,
 };
 
 use crate::daemon::enrich::{FileId, file_id};
@@ -97,6 +97,7 @@ pub enum CompiledMatcher {
     },
     Connect(ConnectMatch),
     Socket(SocketMatch),
+    Listen(ListenMatch),
     /// Paths resolved to files when the policy was loaded, and abstract names.
     Unix {
         paths: Vec<(PathBuf, Option<FileId>)>,
@@ -119,6 +120,7 @@ impl CompiledRule {
             },
             Matcher::Connect(c) => CompiledMatcher::Connect(c.clone()),
             Matcher::Socket(s) => CompiledMatcher::Socket(s.clone()),
+            Matcher::Listen(l) => CompiledMatcher::Listen(l.clone()),
             Matcher::Unix(names) => CompiledMatcher::Unix {
                 paths: names
                     .iter()
@@ -176,6 +178,8 @@ pub enum Action {
     },
     /// Creating a socket that is not an ordinary TCP/UDP/local one.
     Socket { family: u16, sock_type: u16 },
+    /// Listening for connections from the network on `addr` (unspecified: every address).
+    Listen { addr: IpAddr, port: u16 },
     /// A connect or datagram to a local socket: the file it is bound to (`stat` numbers), or
     /// for an abstract one its name; `name` is the path or `@name` it was bound with.
     Unix {
@@ -284,6 +288,10 @@ impl CompiledRule {
             }
             (CompiledMatcher::Socket(s), Action::Socket { family, sock_type }) => {
                 s.matches(*family, *sock_type)
+            }
+            (CompiledMatcher::Listen(l), Action::Listen { addr, port }) => {
+                (l.cidr.is_empty() || l.cidr.iter().any(|n| n.contains(*addr)))
+                    && (l.ports.is_empty() || l.ports.iter().any(|p| p.contains(*port)))
             }
             (
                 CompiledMatcher::Unix { paths, abstracts },

@@ -101,6 +101,8 @@ pub enum Matcher {
     Socket(SocketMatch),
     /// Local sockets: paths, `@abstract` names.
     Unix(Vec<UnixName>),
+    /// Listening for connections from the network: the address listened on, its port.
+    Listen(ListenMatch),
 }
 
 #[derive(Deserialize)]
@@ -116,6 +118,8 @@ struct RawRule {
     socket: Option<SocketMatch>,
     #[serde(default)]
     unix: Option<Vec<UnixName>>,
+    #[serde(default)]
+    listen: Option<ListenMatch>,
     outcome: Outcome,
     #[serde(default)]
     escalate: Option<Escalation>,
@@ -129,22 +133,23 @@ impl TryFrom<RawRule> for Rule {
             .name
             .as_deref()
             .map_or_else(|| "rule".to_owned(), |n| format!("rule `{n}`"));
-        let matcher = match (r.exec, r.connect, r.socket, r.unix) {
-            (Some(e), None, None, None) => Matcher::Exec(e),
-            (None, Some(c), None, None) => Matcher::Connect(c),
-            (None, None, Some(s), None) => Matcher::Socket(s),
-            (None, None, None, Some(u)) if !u.is_empty() => Matcher::Unix(u),
-            (None, None, None, Some(_)) => {
+        let matcher = match (r.exec, r.connect, r.socket, r.unix, r.listen) {
+            (Some(e), None, None, None, None) => Matcher::Exec(e),
+            (None, Some(c), None, None, None) => Matcher::Connect(c),
+            (None, None, Some(s), None, None) => Matcher::Socket(s),
+            (None, None, None, Some(u), None) if !u.is_empty() => Matcher::Unix(u),
+            (None, None, None, Some(_), None) => {
                 return Err(format!("{what}: `unix` names no socket"));
             }
-            (None, None, None, None) => {
+            (None, None, None, None, Some(l)) => Matcher::Listen(l),
+            (None, None, None, None, None) => {
                 return Err(format!(
-                    "{what} needs `exec: {{...}}`, `connect: {{...}}`, `socket: {{...}}` or `unix: [...]`"
+                    "{what} needs `exec: {{...}}`, `connect: {{...}}`, `socket: {{...}}`, `unix: [...]` or `listen: {{...}}`"
                 ));
             }
             _ => {
                 return Err(format!(
-                    "{what} has more than one of `exec`, `connect`, `socket` and `unix`; split it into one rule each"
+                    "{what} has more than one of `exec`, `connect`, `socket`, `unix` and `listen`; split it into one rule each"
                 ));
             }
         };
@@ -363,6 +368,18 @@ pub struct ExecMatch {
     /// Globs over the arguments after argv[0], joined by single spaces (`push *`).
     #[serde(default)]
     pub args: Vec<Glob>,
+}
+
+/// What a listen rule matches: the address a socket listens on (`0.0.0.0` or `::` when it
+/// listens on every address of the host, which only a CIDR holding it matches) and the port.
+/// Empty lists match anything.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenMatch {
+    #[serde(default)]
+    pub cidr: Vec<Cidr>,
+    #[serde(default)]
+    pub ports: Vec<PortRange>,
 }
 
 /// What a connect rule matches. Empty lists match anything.

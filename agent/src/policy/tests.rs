@@ -320,7 +320,7 @@ fn errors_name_file_line_column_and_suggest() {
         "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    rules:\n      - exec: {}\n        connect: {}\n        outcome: allow\n",
     );
     assert!(
-        e.contains("more than one of `exec`, `connect`, `socket` and `unix`"),
+        e.contains("more than one of `exec`, `connect`, `socket`, `unix` and `listen`"),
         "{e}"
     );
 
@@ -598,4 +598,34 @@ fn a_ladder_needs_the_rules_own_timeout() {
     let e = p.labels[0].rules[0].decision.escalation().unwrap();
     assert_eq!(e.timeout, Some(std::time::Duration::from_secs(600)));
     assert_eq!(e.on_timeout, None, "the daemon's timeout_action applies");
+}
+
+/// `listen:` rules match the address listened on and its port; every address (`0.0.0.0`)
+/// only by a CIDR that holds it.
+#[test]
+fn listen_rules_match_the_address_and_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "l.yaml",
+        "apiVersion: countersign.dev/v1\nlabels:\n  - name: a\n    default: {outcome: deny}\n    rules:\n      - {name: any-8080, listen: {ports: [8080]}, outcome: allow}\n      - {name: inside, listen: {cidr: [10.0.0.0/8]}, outcome: escalate}\n",
+    );
+    let p = load(&[p]).unwrap();
+    let listen = |addr: &str, port| Action::Listen {
+        addr: addr.parse().unwrap(),
+        port,
+    };
+    let rule = |a: &Action| outcome(&p, "a", a);
+    assert_eq!(
+        rule(&listen("0.0.0.0", 8080)),
+        (Outcome::Allow, Some("any-8080".into()))
+    );
+    assert_eq!(
+        rule(&listen("10.1.2.3", 22)),
+        (Outcome::Escalate, Some("inside".into()))
+    );
+    // Every address is more than 10.0.0.0/8: the label's default.
+    assert_eq!(rule(&listen("0.0.0.0", 22)), (Outcome::Deny, None));
+    // A connect to the same address and port is another action.
+    assert_eq!(rule(&connect("10.1.2.3", 8080, None)).0, Outcome::Deny);
 }

@@ -116,6 +116,30 @@ pub fn event(record: &Record) -> Option<Value> {
             "connection_info".into(),
             json!({"protocol_name": q.protocol, "direction_id": 2, "direction": "Outbound"}),
         );
+    } else if q.kind == crate::proto::ActionKind::Listen {
+        // Listening for connections: the host's own endpoint, inbound.
+        let (ip, port) = q
+            .destination
+            .as_deref()
+            .and_then(|d| d.rsplit_once(':'))
+            .map_or((String::new(), 0), |(ip, port)| {
+                (
+                    ip.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                    port.parse::<u16>().unwrap_or(0),
+                )
+            });
+        obj.insert("class_uid".into(), 4001.into());
+        obj.insert("class_name".into(), "Network Activity".into());
+        obj.insert("category_uid".into(), 4.into());
+        obj.insert("category_name".into(), "Network Activity".into());
+        obj.insert("activity_id".into(), 7.into());
+        obj.insert("activity_name".into(), "Listen".into());
+        obj.insert("type_uid".into(), 400_107.into());
+        obj.insert("src_endpoint".into(), json!({"ip": ip, "port": port}));
+        obj.insert(
+            "connection_info".into(),
+            json!({"protocol_name": q.protocol, "direction_id": 1, "direction": "Inbound"}),
+        );
     } else if let Some(socket) = q.socket.as_ref().or(q
         .destination
         .as_ref()
@@ -354,6 +378,21 @@ mod tests {
             }))
             .is_none()
         );
+    }
+
+    #[test]
+    fn listens_are_inbound_network_activity() {
+        let mut v = view(12);
+        v.kind = crate::proto::ActionKind::Listen;
+        v.destination = Some("0.0.0.0:8080".into());
+        v.protocol = Some("tcp".into());
+        let e = event(&record(decision("denied", v))).unwrap();
+        assert_eq!(e["class_uid"], 4001);
+        assert_eq!(e["type_uid"], 400_107);
+        assert_eq!(e["activity_name"], "Listen");
+        assert_eq!(e["src_endpoint"]["ip"], "0.0.0.0");
+        assert_eq!(e["src_endpoint"]["port"], 8080);
+        assert_eq!(e["connection_info"]["direction"], "Inbound");
     }
 
     #[test]

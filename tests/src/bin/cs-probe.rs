@@ -4,6 +4,8 @@
 //! Usage:
 //!   cs-probe connect ADDR:PORT                 TCP connect; prints `connected` or `error ERRNO`
 //!   cs-probe udp-connect ADDR:PORT             UDP connect; prints the same
+//!   cs-probe listen ADDR:PORT                  a TCP socket bound to ADDR:PORT (0: any port)
+//!                                              listens; prints `listening` or `error ERRNO`
 //!   cs-probe connect-changing ADDR:P1 P2       connect to P1; a SIGCONT handler switches the
 //!                                              address to P2 before the syscall restarts
 //!   cs-probe exec PATH ARGS...                 execv; prints `exec-error ERRNO` if it returns
@@ -41,6 +43,16 @@ fn main() {
     let code = match args.get(1).map(String::as_str) {
         Some("connect") => connect(&args[2], None),
         Some("udp-connect") => udp_connect(&args[2]),
+        Some("listen") => match std::net::TcpListener::bind(args[2].as_str()) {
+            Ok(_) => {
+                say("listening");
+                0
+            }
+            Err(e) => {
+                say(&format!("error {}", e.raw_os_error().unwrap_or(-1)));
+                1
+            }
+        },
         Some("connect-changing") => connect(&args[2], Some(args[3].parse().expect("port"))),
         Some("exec") => exec(&args[2..], None),
         Some("exec-changing") => exec(&args[2..4], Some(&args[4])),
