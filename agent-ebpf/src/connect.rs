@@ -274,6 +274,10 @@ fn consume(state: &mut TaskState, kind: u32, d: &Dest, sock_type: u16) -> Option
 /// decision the process already consumed (sends). `None`: nothing; it must be held.
 #[inline(always)]
 fn kernel_answer(label: u32, kind: u32, d: &Dest, sock_type: u16) -> Option<Verdict> {
+    // The fast path and grants describe destinations, not the addresses a socket listens on.
+    if kind == KIND_LISTEN {
+        return None;
+    }
     if fast_allowed(label, d, sock_type) {
         return Some(Verdict::Allow);
     }
@@ -309,7 +313,7 @@ fn refuse_unholdable(label: u32, kind: u32, d: &Dest, sock_type: u16) -> Verdict
     Verdict::Deny
 }
 
-/// LSM mode: decides a labelled task's connect or send to `dest`.
+/// LSM mode: decides a labelled task's connect or send to `dest` (or its listen on `dest`).
 #[inline(always)]
 fn lsm_outbound(state: &mut TaskState, kind: u32, dest: &Dest, sock_type: u16) -> Verdict {
     let label = state.label;
@@ -571,7 +575,9 @@ pub fn lsm_listen(sock: *const u8) -> Verdict {
     };
     // SAFETY: the pointer comes from the map lookup and is valid for this run.
     let state = unsafe { &mut *state };
-    if state.label == LABEL_CANARY || maps::config().mode != MODE_LSM {
+    // (The canary proves the hooks with a connect; it never listens. Other modes:
+    // `lsm_outbound` lets it pass.)
+    if state.label == LABEL_CANARY {
         return Verdict::Allow;
     }
     let Some(dest) = listen_address(sock) else {
@@ -581,21 +587,7 @@ pub fn lsm_listen(sock: *const u8) -> Verdict {
         return Verdict::Allow;
     }
     let (_, sock_type) = socket_state_type(sock);
-    let label = state.label;
-    let same =
-        state.state != STATE_IDLE && state.kind == KIND_LISTEN && state.action_hash == dest.hash();
-    if same {
-        if let Some(v) = consume(state, KIND_LISTEN, &dest, sock_type) {
-            return v;
-        }
-    } else if !task::can_hold_net() {
-        return refuse_unholdable(label, KIND_LISTEN, &dest, sock_type);
-    }
-    hold::decide(state, KIND_LISTEN, dest.hash(), || {
-        let ev = hold::event(KIND_LISTEN, label)?;
-        fill(ev, &dest, sock_type);
-        Some(ev)
-    })
+    lsm_outbound(state, KIND_LISTEN, &dest, sock_type)
 }
 
 /// The address an IPv4/IPv6 socket is bound to (`None`: another family, which no peer on the

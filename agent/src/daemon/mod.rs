@@ -167,6 +167,14 @@ struct Daemon {
     unix_hold_all: std::collections::HashSet<u32>,
 }
 
+/// Moves the daemon back into the cgroups it started in (`guard::return_home`), saying why.
+fn return_home(why: &str) {
+    match guard::return_home() {
+        Ok(homes) => tracing::warn!(cgroups = ?homes, "{why}: moved back"),
+        Err(e) => tracing::error!(error = %e, "{why}; moving back failed"),
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: DaemonConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -820,16 +828,7 @@ impl Daemon {
         let attempt = guard::attempt_name(ev.detail);
         let target = guard::target_text(ev, &self.guarded, std::process::id());
         if ev.detail == shared::TAMPER_CGROUP_MOVE {
-            match guard::return_home() {
-                Ok(homes) => tracing::warn!(
-                    cgroups = ?homes,
-                    "a labelled task moved the daemon into another cgroup: moved back"
-                ),
-                Err(e) => tracing::error!(
-                    error = %e,
-                    "a labelled task moved the daemon into another cgroup; moving back failed"
-                ),
-            }
+            return_home("a labelled task moved the daemon into another cgroup");
         }
         // A move cannot be refused: its mover is always killed.
         let applied = if self.config.on_tamper == config::OnTamper::Kill
@@ -2284,14 +2283,7 @@ impl Daemon {
             if guard::away_from_home() {
                 // The kernel's report of the move is how this is noticed at once; this is
                 // for a report that was lost (a full ring) or a move by anyone else.
-                match guard::return_home() {
-                    Ok(homes) => {
-                        tracing::warn!(cgroups = ?homes, "the daemon found itself in another cgroup: moved back")
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "the daemon found itself in another cgroup; moving back failed")
-                    }
-                }
+                return_home("the daemon found itself in another cgroup");
             }
             if self.guarded.raw_majors_changed() {
                 // A disk driver registered since: its character devices are refused too.

@@ -12,6 +12,20 @@ use super::{Body, Record};
 /// The OCSF schema version these events follow.
 pub const OCSF_VERSION: &str = "1.1.0";
 
+/// The address and port of a request's `destination` (`ip:port`, `[v6]:port`); empty and 0
+/// where there is none.
+fn endpoint(q: &crate::proto::RequestView) -> (String, u16) {
+    q.destination
+        .as_deref()
+        .and_then(|d| d.rsplit_once(':'))
+        .map_or((String::new(), 0), |(ip, port)| {
+            (
+                ip.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                port.parse::<u16>().unwrap_or(0),
+            )
+        })
+}
+
 /// The OCSF event for `record`, if it is a decision.
 #[must_use]
 pub fn event(record: &Record) -> Option<Value> {
@@ -83,16 +97,7 @@ pub fn event(record: &Record) -> Option<Value> {
     });
     let obj = ev.as_object_mut().expect("an object");
     if q.kind.has_destination() {
-        let (ip, port) = q
-            .destination
-            .as_deref()
-            .and_then(|d| d.rsplit_once(':'))
-            .map_or((String::new(), 0), |(ip, port)| {
-                (
-                    ip.trim_start_matches('[').trim_end_matches(']').to_owned(),
-                    port.parse::<u16>().unwrap_or(0),
-                )
-            });
+        let (ip, port) = endpoint(q);
         obj.insert("class_uid".into(), 4001.into());
         obj.insert("class_name".into(), "Network Activity".into());
         obj.insert("category_uid".into(), 4.into());
@@ -118,16 +123,7 @@ pub fn event(record: &Record) -> Option<Value> {
         );
     } else if q.kind == crate::proto::ActionKind::Listen {
         // Listening for connections: the host's own endpoint, inbound.
-        let (ip, port) = q
-            .destination
-            .as_deref()
-            .and_then(|d| d.rsplit_once(':'))
-            .map_or((String::new(), 0), |(ip, port)| {
-                (
-                    ip.trim_start_matches('[').trim_end_matches(']').to_owned(),
-                    port.parse::<u16>().unwrap_or(0),
-                )
-            });
+        let (ip, port) = endpoint(q);
         obj.insert("class_uid".into(), 4001.into());
         obj.insert("class_name".into(), "Network Activity".into());
         obj.insert("category_uid".into(), 4.into());
