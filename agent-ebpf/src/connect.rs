@@ -23,12 +23,12 @@ use aya_ebpf::{
     programs::{SockAddrContext, TracePointContext},
 };
 use countersign_ebpf::{
-    CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_UNHOLDABLE, ERROR_UNIX_KILLED,
-    ERROR_UNIX_UNSEEN, FLAG_GRANT_CHECK, FLAG_IN_CONNECT, GrantConnectKey, KIND_CANARY_CONNECT,
-    KIND_CONNECT, KIND_LISTEN, KIND_SEND, KIND_UNIX, LABEL_CANARY, MAX_PORT_SPANS, MODE_FALLBACK,
-    MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED, STAT_SEND_DECIDED,
-    STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING, SendDecided, SendKey,
-    TaskState, connect_hash,
+    CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_LISTEN_KILLED, ERROR_UNHOLDABLE,
+    ERROR_UNIX_KILLED, ERROR_UNIX_UNSEEN, FLAG_GRANT_CHECK, FLAG_IN_CONNECT, FLAG_NOTIFIED,
+    GrantConnectKey, KIND_CANARY_CONNECT, KIND_CONNECT, KIND_LISTEN, KIND_SEND, KIND_UNIX,
+    LABEL_CANARY, MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED,
+    STAT_GRANT_ALLOWED, STAT_SEND_DECIDED, STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED,
+    STATE_IDLE, STATE_PENDING, SendDecided, SendKey, TaskState, connect_hash,
 };
 
 use crate::{
@@ -588,6 +588,87 @@ pub fn lsm_listen(sock: *const u8) -> Verdict {
     }
     let (_, sock_type) = socket_state_type(sock);
     lsm_outbound(state, KIND_LISTEN, &dest, sock_type)
+}
+
+/// Fallback: `sys_exit_listen(int fd, int backlog)`. Without BPF LSM nothing sees a listen
+/// before it is made. A task under the seccomp notifier (started by `countersign exec`) has
+/// its listens decided before, and those on IPv4/IPv6 made by the daemon on the socket it
+/// read; others (a local socket's) go on in the kernel. Either way the socket its descriptor
+/// holds now must be one that may listen: loopback, another family, or the address approved;
+/// anything else (a socket another thread put in the descriptor while the call waited) is
+/// killed before the call returns, with a signed `kernel:` record. Any other labelled task's
+/// successful listen on the network is held here, after the fact: stopped before it returns
+/// to its program (before it can accept a connection) and asked about; the daemon holds it
+/// in a ptrace stop, and lets it go on or kills it. One that cannot be asked about (the ring
+/// is full) is killed too.
+#[inline(always)]
+pub fn sys_exit_listen(ctx: &TracePointContext) {
+    const SOCK_STREAM: u16 = 1;
+    let Task::Labelled(state) = label::current_task() else {
+        return;
+    };
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    let label = state.label;
+    if maps::config().mode != MODE_FALLBACK || label == LABEL_CANARY {
+        return;
+    }
+    // SAFETY: fixed offset of the return value in the record.
+    if unsafe { ctx.read_at::<i64>(16) } != Ok(0) {
+        return;
+    }
+    // A socket that cannot be read listens on every address, for all this check knows.
+    let sock = task::syscall_arg0().and_then(crate::unix::fd_sock);
+    let dest = match sock {
+        Some(sock) => match listen_address(sock) {
+            Some(dest) => dest,
+            None => return,
+        },
+        None => Dest {
+            family: AF_INET,
+            port: 0,
+            addr: [0; 16],
+        },
+    };
+    if dest.is_loopback() {
+        return;
+    }
+    let sock_type = sock.map_or(SOCK_STREAM, |s| socket_state_type(s).1);
+    if state.flags & FLAG_NOTIFIED != 0 {
+        // Decided by the daemon, which made the listen itself on the socket it read; this
+        // one is in the descriptor now. Approved for its address (or, decided unbound, for
+        // every address on the port the kernel then picked): consumed. Anything else was
+        // put in the descriptor while the call waited.
+        let unbound = Dest { port: 0, ..dest };
+        if state.kind == KIND_LISTEN
+            && state.state == STATE_ALLOWED
+            && (state.action_hash == dest.hash() || state.action_hash == unbound.hash())
+        {
+            state.state = STATE_IDLE;
+            return;
+        }
+    } else {
+        let requested = hold::event(KIND_LISTEN, label).is_some_and(|ev| {
+            fill(ev, &dest, sock_type);
+            hold::request(state, KIND_LISTEN, dest.hash(), ev)
+        });
+        if requested {
+            return;
+        }
+        // Nobody can be asked (the ring is full): not let go undecided.
+    }
+    hold::kill_current();
+    maps::count(STAT_UNHOLDABLE);
+    let Some(ev) = hold::event(countersign_ebpf::KIND_ERROR, label) else {
+        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
+        return;
+    };
+    fill(ev, &dest, sock_type);
+    ev.action = KIND_LISTEN as u16;
+    ev.detail = ERROR_LISTEN_KILLED;
+    if !maps::emit(ev) {
+        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
+    }
 }
 
 /// The address an IPv4/IPv6 socket is bound to (`None`: another family, which no peer on the

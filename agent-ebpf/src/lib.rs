@@ -188,6 +188,7 @@ pub const PROG_TP_TASK_NEWTASK: &str = "cs_tp_task_newtask";
 pub const PROG_TP_SCHED_EXIT: &str = "cs_tp_sched_exit";
 pub const PROG_TP_SYS_ENTER_CONNECT: &str = "cs_tp_sys_enter_connect";
 pub const PROG_TP_SYS_EXIT_CONNECT: &str = "cs_tp_sys_exit_connect";
+pub const PROG_TP_SYS_EXIT_LISTEN: &str = "cs_tp_sys_exit_listen";
 pub const PROG_CG_CONNECT4: &str = "cs_cg_connect4";
 pub const PROG_CG_CONNECT6: &str = "cs_cg_connect6";
 pub const PROG_LSM_SOCKET_SENDMSG: &str = "cs_lsm_socket_sendmsg";
@@ -544,6 +545,11 @@ pub const ERROR_EXEC_TRACED: i32 = 7;
 /// code or data: it was killed at that page fault, before the faulting instruction ran.
 /// [`Event::request_id`] is the held request.
 pub const ERROR_EXEC_RAN_EARLY: i32 = 8;
+/// Fallback mode: a labelled task's `listen` left a socket on the network in its descriptor
+/// that was not decided for it (under the seccomp notifier: another thread put it there while
+/// the call waited), or one that could not be held (the event ring was full): it was killed
+/// before its `listen` returned. [`Event::action`] is [`KIND_LISTEN`], the rest as for a hold.
+pub const ERROR_LISTEN_KILLED: i32 = 9;
 
 /// Longest argv (the bytes of the strings with their terminators) an approved exec can be
 /// verified against in the kernel (see [`ApprovedExec`]).

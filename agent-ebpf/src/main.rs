@@ -511,6 +511,14 @@ mod programs {
         0
     }
 
+    /// Fallback mode: checks a labelled task's listen on the network once it is made: decided
+    /// before by the seccomp notifier, held after by a stop otherwise.
+    #[tracepoint(category = "syscalls", name = "sys_exit_listen")]
+    pub fn cs_tp_sys_exit_listen(ctx: TracePointContext) -> u32 {
+        connect::sys_exit_listen(&ctx);
+        0
+    }
+
     /// Fallback mode: stops a labelled task whose send names a destination not decided for
     /// it; the cgroup programs make the syscall restart while it is pending. Cannot refuse
     /// (a tracepoint): the cgroup programs fail closed.

@@ -72,11 +72,32 @@ pub fn peer(sk: *const u8) -> Option<UnixPeer> {
 /// task's descriptor table as the kernel has it at this moment.
 #[inline(always)]
 pub fn fd_socket(fd: u64) -> Option<(*const u8, u16)> {
-    const S_IFMT: u16 = 0o170_000;
-    const S_IFSOCK: u16 = 0o140_000;
     const AF_UNIX: i32 = 1;
     let o = maps::kernel_offsets();
-    if o.fd_valid == 0 || o.unix_valid == 0 || o.task_valid == 0 {
+    if o.unix_valid == 0 {
+        return None;
+    }
+    let sock = fd_sock(fd)?;
+    let ops = read_ptr(sock, o.socket_ops)?;
+    if read::<i32>(ops, o.proto_ops_family)? != AF_UNIX {
+        return None;
+    }
+    // `struct socket` starts with `socket_state state; short type;`.
+    let sock_type = read::<u16>(sock, 4)?;
+    let sk = read_ptr(sock, o.socket_sk)?;
+    let peer = read::<u64>(sk, o.unix_peer)? as *const u8;
+    Some((peer, sock_type))
+}
+
+/// The socket open as descriptor `fd` of the current task, when it is one: its `struct
+/// socket *`, of any family. Reads the task's descriptor table as the kernel has it at this
+/// moment.
+#[inline(always)]
+pub fn fd_sock(fd: u64) -> Option<*const u8> {
+    const S_IFMT: u16 = 0o170_000;
+    const S_IFSOCK: u16 = 0o140_000;
+    let o = maps::kernel_offsets();
+    if o.fd_valid == 0 || o.task_valid == 0 {
         return None;
     }
     // SAFETY: helper without arguments.
@@ -93,16 +114,7 @@ pub fn fd_socket(fd: u64) -> Option<(*const u8, u16)> {
     if read::<u16>(inode, o.inode_mode)? & S_IFMT != S_IFSOCK {
         return None;
     }
-    let sock = read_ptr(file, o.file_private_data)?;
-    let ops = read_ptr(sock, o.socket_ops)?;
-    if read::<i32>(ops, o.proto_ops_family)? != AF_UNIX {
-        return None;
-    }
-    // `struct socket` starts with `socket_state state; short type;`.
-    let sock_type = read::<u16>(sock, 4)?;
-    let sk = read_ptr(sock, o.socket_sk)?;
-    let peer = read::<u64>(sk, o.unix_peer)? as *const u8;
-    Some((peer, sock_type))
+    read_ptr(file, o.file_private_data)
 }
 
 /// A kernel value at `base + offset`, read with the checked helper.

@@ -889,13 +889,14 @@ labels:
     default: {{outcome: escalate}}
     rules:
       - name: the-probe
-        exec: {{binary: [{probe}]}}
+        exec: {{binary: [{probe}, {escape}]}}
         outcome: allow
       - name: dev-server
         listen: {{ports: [{allowed}]}}
         outcome: allow
 ",
-            probe = probe()
+            probe = probe(),
+            escape = countersign_tests::escape_bin().display(),
         ),
     )
     .unwrap();
@@ -914,12 +915,8 @@ labels:
     listens(&mut listen("127.0.0.1:0"));
     // Allowed by a rule: decided by the daemon, nobody asked.
     listens(&mut listen(&format!("0.0.0.0:{allowed}")));
-    if !d.is_lsm() {
-        let mut p = listen("0.0.0.0:0");
-        listens(&mut p);
-        assert!(d.list().is_empty(), "fallback mode holds no listen");
-        return;
-    }
+    // Anything else waits for a human, before it listens: in LSM mode in the kernel's hook; in
+    // fallback mode (an agent started by `countersign exec`) by the seccomp notifier.
     let held = |p: &countersign_tests::Proc| {
         d.wait_request("a listen on every address", |r| {
             r["pid"] == p.pid() && r["kind"] == "listen"
@@ -940,12 +937,116 @@ labels:
     let r = held(&approved);
     d.decide(&r, "approve");
     listens(&mut approved);
+    // A socket never bound: every address, on a port the kernel picks.
+    let escape = countersign_tests::escape_bin();
+    let escape = escape.to_str().unwrap();
+    let mut unbound = d.labelled("agent", &[escape, "listen-unbound"]);
+    let r = held(&unbound);
+    assert!(
+        r["destination"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("0.0.0.0:")),
+        "{r}"
+    );
+    d.decide(&r, "approve");
+    listens(&mut unbound);
+    // Another thread keeps switching the descriptor between a loopback socket and one on the
+    // network while the program listens on it: a listen decided (or let go) for what the
+    // descriptor held when it was read must not make the other socket listen. Whatever is
+    // asked about is denied.
+    let wide = format!("0.0.0.0:{}", free_port());
+    let mut swap = d.labelled("agent", &[escape, "listen-swap", &wide]);
+    let pid = swap.pid().to_string();
+    let deadline = std::time::Instant::now() + WAIT;
+    while swap.child.try_wait().expect("try_wait").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "listen-swap did not end"
+        );
+        let _ = d.cli(&["requests", "deny", "--pid", &pid]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = swap.wait(WAIT);
+    assert_ne!(
+        swap.stdout().trim(),
+        "listening",
+        "the network socket listened"
+    );
     let log = d.decisions();
     assert!(
         log.iter().any(|e| e["decision"] == "auto-allowed"
             && e["request"]["kind"] == "listen"
             && e["by"].as_str().is_some_and(|b| b.contains("dev-server"))),
         "{log:?}"
+    );
+}
+
+/// A listen on the network of a process labelled by its cgroup (not started by `countersign
+/// exec`) is held too: in LSM mode before it listens; in fallback mode once it listens,
+/// stopped before it returns to its program (before it can accept anything), and killed if
+/// denied.
+#[test]
+fn labelled_by_cgroup_a_listen_is_held_too() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let cg = TestCgroup::new("countersign-e2e-listen");
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        cfg.path(),
+        format!("cgroup_labels:\n  - label: ci\n    path: {}\n", cg.name),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&[
+        "--config",
+        cfg.path().to_str().unwrap(),
+        "--request-timeout",
+        "60",
+    ]);
+    let listen = || {
+        let mut p = d.unlabelled_waiting(&[&probe(), "wait", "listen", "0.0.0.0:0"]);
+        TestCgroup::enter(&cg.path, p.pid());
+        p.go();
+        let r = d.wait_request("a listen from the cgroup", |r| {
+            r["pid"] == p.pid() && r["kind"] == "listen"
+        });
+        assert_eq!(r["label"], "ci");
+        (p, r)
+    };
+    let (mut denied, r) = listen();
+    d.decide(&r, "deny");
+    let status = denied.wait(WAIT);
+    if d.is_lsm() {
+        assert_eq!(status.code(), Some(1));
+        assert_eq!(denied.stdout().trim(), format!("error {EPERM}"));
+    } else {
+        // It listened before it was stopped: nothing to refuse any more, so it is killed.
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        assert_eq!(denied.stdout().trim(), "");
+    }
+    let (mut approved, r) = listen();
+    d.decide(&r, "approve");
+    assert!(approved.wait(WAIT).success());
+    assert_eq!(approved.stdout().trim(), "listening");
+    // A SIGCONT (from anyone allowed to signal it) does not let it go on undecided: in LSM
+    // mode its listen has not happened and the restarted call stops again; in fallback mode
+    // the daemon holds it in a ptrace stop as well, which a SIGCONT does not end.
+    let (mut continued, r) = listen();
+    // SAFETY: a signal to the test's own child.
+    unsafe { libc::kill(continued.pid() as i32, libc::SIGCONT) };
+    assert!(continued.still_running_after(Duration::from_secs(2)));
+    d.decide(&r, "deny");
+    let status = continued.wait(WAIT);
+    assert_eq!(status.code().is_some(), d.is_lsm(), "{status:?}");
+    let log = d.decisions();
+    let applied: Vec<_> = log
+        .iter()
+        .filter(|e| e["request"]["kind"] == "listen")
+        .map(|e| (e["decision"].clone(), e["applied"].clone()))
+        .collect();
+    let deny_applied = if d.is_lsm() { "eperm" } else { "sigkill" };
+    assert!(
+        applied.contains(&("denied".into(), deny_applied.into()))
+            && applied.contains(&("approved".into(), "released".into())),
+        "{applied:?}"
     );
 }
 

@@ -732,6 +732,10 @@ impl Daemon {
                 self.kernel_refused(ev, "killed", "sigkill",
                     "kernel: a connect reached a local socket the policy does not allow, without a decision for it (fallback mode checks local sockets once connected): killed before its connect returned");
             }
+            shared::KIND_ERROR if ev.detail == shared::ERROR_LISTEN_KILLED => {
+                self.kernel_refused(ev, "killed", "sigkill",
+                    "kernel: a listen left a socket on the network in its descriptor that was not decided (another thread put it there while the call waited), or could not be held (no room to ask): killed before its listen returned");
+            }
             shared::KIND_ERROR if ev.detail == shared::ERROR_UNIX_UNSEEN => {
                 self.kernel_refused(ev, "denied", "eperm",
                     "kernel: a local-socket connect made without connect(2) (io_uring, a 32-bit system call), or a datagram sent with an address to a local socket while the label restricts local sockets: fallback mode cannot tell which socket it names");
@@ -993,14 +997,19 @@ impl Daemon {
         let Some(held) = self.route(held) else {
             return;
         };
-        if kind == ActionKind::ExecLoaded
-            && let Err(why) = self.tracer.hold(ev.tgid)
-        {
-            // Without the ptrace stop a SIGCONT could let the image run: fail closed.
+        // Held after it was made (fallback mode): an exec that loaded, a listen that
+        // listens (one the notifier holds waits in the kernel instead).
+        let after = kind == ActionKind::ExecLoaded
+            || (kind == ActionKind::Listen
+                && self.kernel.mode() == ebpf::Mode::Fallback
+                && self.notified_connect(ev.tid, ev.request_id).is_none());
+        if after && let Err(why) = self.tracer.hold(ev.tgid) {
+            // Without the ptrace stop a SIGCONT could let it run: fail closed.
             tracing::error!(
                 pid = ev.tgid,
                 why,
-                "cannot hold the loaded exec; killing it"
+                %kind,
+                "cannot hold what was made; killing it"
             );
             self.apply(
                 held,
@@ -2087,17 +2096,19 @@ impl Daemon {
         approver_decision: Option<crate::sign::dsse::Envelope>,
     ) -> String {
         // (kernel state to write, signal, what the caller sees)
-        let (state, signal, applied) = match (held.kind, decision) {
-            // Held after loading: nothing restarts, the task is let go or killed.
-            (ActionKind::ExecLoaded, Decision::Approve) => {
-                (Some(shared::STATE_IDLE), Signal::SIGCONT, "released")
-            }
-            (ActionKind::ExecLoaded, Decision::Deny) | (_, Decision::Kill) => {
-                (None, Signal::SIGKILL, "sigkill")
-            }
+        // Held after it was made (fallback mode): an exec that loaded, a listen that listens.
+        let after = held.kind == ActionKind::ExecLoaded
+            || (held.kind == ActionKind::Listen
+                && self.kernel.mode() == ebpf::Mode::Fallback
+                && self.notified_connect(held.tid, held.kernel_id).is_none());
+        let (state, signal, applied) = match decision {
+            // Nothing restarts: the task is let go or killed.
+            Decision::Approve if after => (Some(shared::STATE_IDLE), Signal::SIGCONT, "released"),
+            Decision::Deny if after => (None, Signal::SIGKILL, "sigkill"),
+            Decision::Kill => (None, Signal::SIGKILL, "sigkill"),
             // Held before it happened: the restarted syscall consumes the decision.
-            (_, Decision::Approve) => (Some(shared::STATE_ALLOWED), Signal::SIGCONT, "released"),
-            (_, Decision::Deny) => (Some(shared::STATE_DENIED), Signal::SIGCONT, "eperm"),
+            Decision::Approve => (Some(shared::STATE_ALLOWED), Signal::SIGCONT, "released"),
+            Decision::Deny => (Some(shared::STATE_DENIED), Signal::SIGCONT, "eperm"),
         };
         let word = match decision {
             Decision::Approve => "approved",
@@ -2130,7 +2141,9 @@ impl Daemon {
         }
         let notified = match held.kind {
             ActionKind::Exec => self.notified_exec(held.tid, held.kernel_id).is_some(),
-            ActionKind::Unix => self.notified_connect(held.tid, held.kernel_id).is_some(),
+            ActionKind::Unix | ActionKind::Listen => {
+                self.notified_connect(held.tid, held.kernel_id).is_some()
+            }
             _ => false,
         };
         if notified {
@@ -2152,7 +2165,14 @@ impl Daemon {
                     approve,
                     kill_it,
                 );
-                ("connect", r)
+                (
+                    if held.kind == ActionKind::Listen {
+                        "listen"
+                    } else {
+                        "connect"
+                    },
+                    r,
+                )
             };
             if let Err(why) = applied_to {
                 tracing::warn!(
@@ -2304,13 +2324,12 @@ impl Daemon {
                 && self.kernel.task(held.tid).is_some_and(|t| {
                     t.request_id == held.kernel_id && t.state == shared::STATE_PENDING
                 });
+            let expired = now >= held.deadline;
             if !alive {
                 if let Some(h) = self.requests.remove(&id) {
                     self.log_or_warn("task-exited", "none", "daemon", &h.view);
                 }
-            } else if now >= held.deadline
-                && let Some(h) = self.requests.remove(&id)
-            {
+            } else if expired && let Some(h) = self.requests.remove(&id) {
                 let d = h.on_timeout;
                 self.apply(h, d, "timeout");
             }

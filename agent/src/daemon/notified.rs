@@ -3,6 +3,7 @@
 //! decision is the answer to the system call.
 use std::{
     collections::HashMap,
+    os::fd::OwnedFd,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -31,7 +32,7 @@ pub struct Notifier {
     live: Arc<AtomicUsize>,
     /// Held execs, by the thread that waits.
     pub execs: HashMap<u32, NotifiedExec>,
-    /// Held connects to local sockets, by the thread that waits.
+    /// Held connects to local sockets and listens, by the thread that waits.
     pub connects: HashMap<u32, NotifiedConnect>,
     /// Execs held so far (the kernel counts the other holds).
     pub holds: u64,
@@ -71,17 +72,124 @@ pub struct NotifiedExec {
     pub binding: ExecBinding,
 }
 
-/// A held `connect` of a notified task to a local socket: decided before it is made. The
-/// kernel checks after the connect that it reached the socket that was decided (the path in
-/// the agent's memory, and what it names, can change in between).
+/// A held `connect` of a notified task to a local socket, or its `listen` on the network:
+/// decided before it is made. The kernel checks after a connect that it reached the socket
+/// that was decided (the path in the agent's memory, and what it names, can change in
+/// between); a listen the daemon makes itself, on the socket it read.
 pub struct NotifiedConnect {
     pub n: Notification,
     /// The request id the daemon gave the kernel's task state (even).
     pub kernel_id: u64,
+    /// A listen's socket (a copy of the caller's descriptor as it was read): the daemon
+    /// makes the listen on it once approved.
+    pub socket: Option<OwnedFd>,
 }
 
 /// Why a notified exec is refused without asking anyone.
 type Refusal = String;
+
+/// What becomes of a notified `listen`.
+enum Listen {
+    /// Another family's (a local socket's): the call goes on in the kernel, whose check after
+    /// it judges what the descriptor then holds. (Made by the daemon, its peers would see the
+    /// daemon's credentials.)
+    InKernel,
+    /// On loopback: the daemon makes it on this socket.
+    Make(OwnedFd),
+    /// On the network: held as this event; once approved, the daemon makes it on the socket.
+    Hold(shared::Event, OwnedFd),
+}
+
+/// Reads the address the socket of a notified `listen` is bound to (from a copy of the
+/// caller's descriptor) and, for one on the network, the held event, filled as the kernel
+/// fills one: an IPv4-mapped address as IPv4, an unbound socket as every address with port 0.
+fn read_listen(n: &Notification, label: u32) -> Result<Listen, Refusal> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    use std::os::fd::AsRawFd as _;
+    let (tgid, uid) = super::tgid_uid(n.tid).ok_or("the caller is gone")?;
+    // The call's `int fd`: the low half of the register.
+    let fd = n.args[0] as u32 as i32;
+    let sock = notify::take_fd(tgid, fd).map_err(|e| format!("its descriptor {fd}: {e}"))?;
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut bound: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname into a live buffer of the length given.
+    if unsafe { libc::getsockname(sock.as_raw_fd(), (&raw mut bound).cast(), &raw mut len) } != 0 {
+        return Err(format!("its descriptor {fd} is not a socket"));
+    }
+    let sock_type = getsockopt(&sock, sockopt::SockType).map_or(0, |t| t as u16);
+    let (family, port, mut addr) = match i32::from(bound.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in (the family says so) into storage
+            // large enough and aligned for it.
+            let v4 = unsafe { &*(&raw const bound).cast::<libc::sockaddr_in>() };
+            let mut addr = [0u8; 16];
+            addr[..4].copy_from_slice(&v4.sin_addr.s_addr.to_ne_bytes());
+            (libc::AF_INET as u16, u16::from_be(v4.sin_port), addr)
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, a sockaddr_in6.
+            let v6 = unsafe { &*(&raw const bound).cast::<libc::sockaddr_in6>() };
+            (
+                libc::AF_INET6 as u16,
+                u16::from_be(v6.sin6_port),
+                v6.sin6_addr.s6_addr,
+            )
+        }
+        _ => return Ok(Listen::InKernel),
+    };
+    let mut family = family;
+    if family == libc::AF_INET6 as u16
+        && let Some(v4) = std::net::Ipv6Addr::from(addr).to_ipv4_mapped()
+    {
+        family = libc::AF_INET as u16;
+        addr = [0; 16];
+        addr[..4].copy_from_slice(&v4.octets());
+    }
+    let ip = if family == libc::AF_INET as u16 {
+        std::net::IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        std::net::IpAddr::from(addr)
+    };
+    if ip.is_loopback() {
+        return Ok(Listen::Make(sock));
+    }
+    // What was read belongs to the task that waits, not to one that took its pid over.
+    if !notify::still_waiting(&n.listener, n.id) {
+        return Err("the caller is gone".into());
+    }
+    let ev = shared::Event {
+        kind: shared::KIND_LISTEN,
+        label,
+        tgid,
+        tid: n.tid,
+        uid,
+        family,
+        port,
+        sock_type,
+        addr,
+        ..shared::Event::default()
+    };
+    Ok(Listen::Hold(ev, sock))
+}
+
+/// Makes a notified `listen` on `socket` (the caller's socket as the daemon read it), with
+/// the caller's backlog: the answer to give the call.
+fn listen_on(socket: &OwnedFd, n: &Notification) -> Reply {
+    use std::os::fd::AsRawFd as _;
+    // The call's `int backlog`: the low half of the register.
+    let backlog = n.args[1] as u32 as i32;
+    // SAFETY: plain system call on a descriptor the daemon owns.
+    if unsafe { libc::listen(socket.as_raw_fd(), backlog) } == 0 {
+        Reply::Done
+    } else {
+        Reply::Fail(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EPERM),
+        )
+    }
+}
 
 impl Daemon {
     /// `countersign exec` hands over the listener of the filter it installed on itself.
@@ -154,6 +262,9 @@ impl Daemon {
     pub(super) fn exec_notified(&mut self, n: Notification) {
         if notify::is_connect(n.arch, n.nr) {
             return self.connect_notified(n);
+        }
+        if notify::is_listen(n.arch, n.nr) {
+            return self.listen_notified(n);
         }
         if let Some(attempt) = notify::guarded(n.arch, n.nr) {
             return self.notified_tamper(&n, attempt);
@@ -303,7 +414,7 @@ impl Daemon {
             Ok(None) => {
                 let _ = notify::respond(&n.listener, n.id, Reply::Continue);
             }
-            Ok(Some(ev)) => self.hold_notified_connect(n, ev),
+            Ok(Some(ev)) => self.hold_notified_connect(n, ev, None),
             Err(why) => {
                 tracing::warn!(tid = n.tid, label = %self.label_name(state.label), why, "connect refused");
                 let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
@@ -426,13 +537,60 @@ impl Daemon {
         Ok(Some(ev))
     }
 
-    fn hold_notified_connect(&mut self, n: Notification, ev: shared::Event) {
+    /// A notified `listen`: let go at once unless its socket is bound to an IPv4 or IPv6
+    /// address other than loopback (or to none yet: every address), which is held as a
+    /// `listen` request; refused when the socket cannot be read. An IPv4/IPv6 one the daemon
+    /// makes itself, on the socket it read (see [`notify::is_listen`] and [`Listen`]).
+    fn listen_notified(&mut self, n: Notification) {
+        let Some(state) = self.kernel.task(n.tid) else {
+            tracing::warn!(
+                tid = n.tid,
+                "an unlabelled task under the notifier; its listen is refused"
+            );
+            let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
+            return;
+        };
+        // The same call again (a signal interrupted the wait): the request stands.
+        if state.state == shared::STATE_PENDING
+            && state.kind == shared::KIND_LISTEN
+            && let Some(c) = self
+                .notifier
+                .as_mut()
+                .and_then(|t| t.connects.get_mut(&n.tid))
+            && c.kernel_id == state.request_id
+        {
+            c.n = n;
+            return;
+        }
+        match read_listen(&n, state.label) {
+            Ok(Listen::InKernel) => {
+                let _ = notify::respond(&n.listener, n.id, Reply::Continue);
+            }
+            Ok(Listen::Make(socket)) => {
+                let _ = notify::respond(&n.listener, n.id, listen_on(&socket, &n));
+            }
+            Ok(Listen::Hold(ev, socket)) => self.hold_notified_connect(n, ev, Some(socket)),
+            Err(why) => {
+                tracing::warn!(tid = n.tid, label = %self.label_name(state.label), why, "listen refused");
+                let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
+            }
+        }
+    }
+
+    /// Holds a notified connect to a local socket ([`shared::KIND_UNIX`]) or listen
+    /// ([`shared::KIND_LISTEN`]) as `ev` describes it.
+    fn hold_notified_connect(
+        &mut self,
+        n: Notification,
+        ev: shared::Event,
+        socket: Option<OwnedFd>,
+    ) {
         let tid = n.tid;
         // Even, so never one of the kernel's (odd) request ids.
         let kernel_id = (super::monotonic_ns() & !1).max(2);
         let (id, listener) = (n.id, n.listener.clone());
         if !matches!(
-            self.kernel.hold_notified_unix(tid, kernel_id, ev.addr),
+            self.kernel.hold_notified_action(tid, kernel_id, &ev),
             Ok(true)
         ) {
             let _ = notify::respond(&listener, id, Reply::Fail(libc::EPERM));
@@ -443,10 +601,22 @@ impl Daemon {
             ..ev
         };
         if let Some(t) = self.notifier.as_mut() {
-            t.connects.insert(tid, NotifiedConnect { n, kernel_id });
+            t.connects.insert(
+                tid,
+                NotifiedConnect {
+                    n,
+                    kernel_id,
+                    socket,
+                },
+            );
             t.holds += 1;
         }
-        self.hold_notified_call(&ev, ActionKind::Unix);
+        let kind = if ev.kind == shared::KIND_LISTEN {
+            ActionKind::Listen
+        } else {
+            ActionKind::Unix
+        };
+        self.hold_notified_call(&ev, kind);
     }
 
     /// Holds a notified call whose waiting task the notifier now keeps: whatever did not end
@@ -507,6 +677,19 @@ impl Daemon {
             let _ = self.kernel.decide(tid, kernel_id, shared::STATE_IDLE);
             refuse(&c);
             return Ok(());
+        }
+        if let Some(socket) = &c.socket {
+            // A listen: made here, on the socket that was decided (the kernel's check after
+            // the call consumes the approval).
+            if !matches!(
+                self.kernel.decide(tid, kernel_id, shared::STATE_ALLOWED),
+                Ok(true)
+            ) {
+                refuse(&c);
+                return Err("its task state changed".into());
+            }
+            return notify::respond(&c.n.listener, c.n.id, listen_on(socket, &c.n))
+                .map_err(|e| format!("its call no longer waits ({e})"));
         }
         match self.kernel.decide(tid, kernel_id, shared::STATE_ALLOWED) {
             Ok(true) => {}

@@ -271,15 +271,39 @@ const NATIVE_CONNECTS: [u32; 1] = [203];
 /// `sizeof(struct sockaddr_in)` and `sizeof(struct sockaddr_in6)`.
 const IP_ADDRESS_LENGTHS: [u32; 2] = [16, 28];
 
+/// `listen` of the native ABI (and on x86_64 of x32), and of the 32-bit ABI's direct call
+/// (its `socketcall` carries the arguments in memory). A launched agent's listen is decided
+/// before it is made, and one on IPv4/IPv6 made by the daemon: it takes a copy of the
+/// descriptor, reads the address its socket is bound to, and, if the listen may go on, calls
+/// `listen` on that copy (the same socket) and answers 0 — the call never runs in the agent,
+/// so a socket another thread puts in the descriptor meanwhile is never the one that listens
+/// (the kernel's check after the call kills one left there).
+#[cfg(target_arch = "x86_64")]
+const NATIVE_LISTENS: [u32; 2] = [50, X32_BIT | 50];
+#[cfg(target_arch = "aarch64")]
+const NATIVE_LISTENS: [u32; 1] = [201];
+#[cfg(target_arch = "x86_64")]
+const COMPAT_LISTEN: u32 = 363;
+#[cfg(target_arch = "aarch64")]
+const COMPAT_LISTEN: u32 = 284;
+
+/// Whether a notified call is a `listen` (see [`NATIVE_LISTENS`]).
+#[must_use]
+pub fn is_listen(arch: u32, nr: i32) -> bool {
+    let nr = nr as u32;
+    (arch == NATIVE_ARCH && NATIVE_LISTENS.contains(&nr))
+        || (arch == COMPAT_ARCH && nr == COMPAT_LISTEN)
+}
+
 /// Whether a notified call is a `connect` (see [`NATIVE_CONNECTS`]).
 #[must_use]
 pub fn is_connect(arch: u32, nr: i32) -> bool {
     arch == NATIVE_ARCH && NATIVE_CONNECTS.contains(&(nr as u32))
 }
 
-/// The filter: every exec system call of every ABI, and every guarded one, goes to the
-/// listener, and so does a native `connect` whose address length is not an IP address's; the
-/// rest is allowed.
+/// The filter: every exec system call of every ABI, every guarded one and every `listen` go to
+/// the listener, and so does a native `connect` whose address length is not an IP address's;
+/// the rest is allowed.
 fn program() -> Vec<libc::sock_filter> {
     use libc::{
         BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, SECCOMP_RET_ALLOW,
@@ -338,6 +362,9 @@ fn program() -> Vec<libc::sock_filter> {
     for nr in NATIVE_CONNECTS {
         at(None, jeq(nr, To::At("connect"), To::Next));
     }
+    for nr in NATIVE_LISTENS {
+        at(None, jeq(nr, To::At("notify"), To::Next));
+    }
     for nr in NATIVE_IOCTLS {
         at(None, jeq(nr, To::At("ioctl"), To::Next));
     }
@@ -350,6 +377,7 @@ fn program() -> Vec<libc::sock_filter> {
     {
         at(None, jeq(nr, To::At("notify"), To::Next));
     }
+    at(None, jeq(COMPAT_LISTEN, To::At("notify"), To::Next));
     at(None, jeq(COMPAT_IOCTL, To::At("ioctl"), To::At("allow")));
     at(Some("ioctl"), load(ARG1));
     for request in TTY_INPUT_REQUESTS {
@@ -464,6 +492,22 @@ pub fn available() -> Result<(), String> {
 /// Takes descriptor `fd` of process `pid` (the launcher, which is waiting for the answer)
 /// and checks it is a seccomp listener.
 pub fn take_listener(pid: u32, fd: i32) -> io::Result<OwnedFd> {
+    let listener = take_fd(pid, fd)?;
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd()))?;
+    if target.as_os_str() != "anon_inode:seccomp notify" {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "descriptor {fd} of pid {pid} is {}, not a seccomp listener",
+                target.display()
+            ),
+        ));
+    }
+    Ok(listener)
+}
+
+/// A copy of descriptor `fd` of process `pid` (`pidfd_getfd`): the same open file.
+pub fn take_fd(pid: u32, fd: i32) -> io::Result<OwnedFd> {
     // SAFETY: plain system call; the result is checked.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
     if pidfd < 0 {
@@ -477,18 +521,7 @@ pub fn take_listener(pid: u32, fd: i32) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a new descriptor, with close-on-exec set by the kernel.
-    let listener = unsafe { OwnedFd::from_raw_fd(got as RawFd) };
-    let target = std::fs::read_link(format!("/proc/self/fd/{}", listener.as_raw_fd()))?;
-    if target.as_os_str() != "anon_inode:seccomp notify" {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "descriptor {fd} of pid {pid} is {}, not a seccomp listener",
-                target.display()
-            ),
-        ));
-    }
-    Ok(listener)
+    Ok(unsafe { OwnedFd::from_raw_fd(got as RawFd) })
 }
 
 /// One notified system call, waiting for [`respond`].
@@ -697,6 +730,9 @@ pub enum Reply {
     Continue,
     /// It fails with this errno, having done nothing.
     Fail(i32),
+    /// It returns 0: the daemon made the call itself (on the objects it checked, so that
+    /// nothing the caller changes in between counts).
+    Done,
 }
 
 /// Answers notification `id`. An error means the call is no longer waiting (its task died,
@@ -706,12 +742,12 @@ pub fn respond(listener: &OwnedFd, id: u64, reply: Reply) -> io::Result<()> {
         id,
         val: 0,
         error: match reply {
-            Reply::Continue => 0,
+            Reply::Continue | Reply::Done => 0,
             Reply::Fail(errno) => -errno,
         },
         flags: match reply {
             Reply::Continue => libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
-            Reply::Fail(_) => 0,
+            Reply::Fail(_) | Reply::Done => 0,
         },
     };
     // SAFETY: the ioctl reads `resp`.
@@ -829,6 +865,22 @@ mod tests {
             assert_eq!(run(&p, COMPAT_ARCH, nr), libc::SECCOMP_RET_ALLOW, "{nr}");
             assert!(Call::of(NATIVE_ARCH, nr as i32).is_none());
         }
+        for nr in NATIVE_LISTENS {
+            assert_eq!(
+                run(&p, NATIVE_ARCH, nr),
+                libc::SECCOMP_RET_USER_NOTIF,
+                "{nr}"
+            );
+            assert!(is_listen(NATIVE_ARCH, nr as i32));
+            assert!(Call::of(NATIVE_ARCH, nr as i32).is_none());
+            assert!(guarded(NATIVE_ARCH, nr as i32).is_none());
+        }
+        assert_eq!(
+            run(&p, COMPAT_ARCH, COMPAT_LISTEN),
+            libc::SECCOMP_RET_USER_NOTIF
+        );
+        assert!(is_listen(COMPAT_ARCH, COMPAT_LISTEN as i32));
+        assert!(!is_listen(NATIVE_ARCH, COMPAT_LISTEN as i32));
         // A native exec number under another architecture is not an exec there.
         assert_eq!(run(&p, 0x1234, NATIVE_EXECS[0]), libc::SECCOMP_RET_ALLOW);
     }

@@ -644,6 +644,7 @@ impl Kernel {
         for (name, tp) in [
             (shared::PROG_TP_SYS_ENTER_CONNECT, "sys_enter_connect"),
             (shared::PROG_TP_SYS_EXIT_CONNECT, "sys_exit_connect"),
+            (shared::PROG_TP_SYS_EXIT_LISTEN, "sys_exit_listen"),
             (shared::PROG_TP_SYS_ENTER_SENDTO, "sys_enter_sendto"),
             (shared::PROG_TP_SYS_ENTER_SENDMSG, "sys_enter_sendmsg"),
             (shared::PROG_TP_SYS_ENTER_SENDMMSG, "sys_enter_sendmmsg"),
@@ -1473,28 +1474,28 @@ impl Kernel {
         Ok(true)
     }
 
-    /// Marks a connect of notified thread `tid` to the local socket `addr` (a
-    /// [`shared::UnixPeer`]) as pending under `request_id` while its call waits for the
-    /// daemon: the kernel's check after the connect lets it through only once it is decided
-    /// allowed, and only to that socket. False if `tid` has no state (it is not labelled).
-    pub fn hold_notified_unix(
+    /// Marks the action `ev` of notified thread `tid` (a connect to a local socket, a
+    /// [`shared::UnixPeer`] in `addr`; a listen on `addr`/`port`) as pending under
+    /// `request_id` while its call waits for the daemon: the kernel's check after the call
+    /// lets it through only once it is decided allowed, and only for that socket or address.
+    /// False if `tid` has no state (it is not labelled).
+    pub fn hold_notified_action(
         &mut self,
         tid: u32,
         request_id: u64,
-        addr: [u8; 16],
+        ev: &shared::Event,
     ) -> Result<bool> {
         let Ok(mut state) = self.tasks.get(&tid, 0) else {
             return Ok(false);
         };
-        let family = libc::AF_UNIX as u16;
         state.state = shared::STATE_PENDING;
-        state.kind = shared::KIND_UNIX;
+        state.kind = ev.kind;
         state.request_id = request_id;
-        state.action_hash = shared::connect_hash(family, 0, &addr);
-        state.family = family;
-        state.port = 0;
-        state.sock_type = 0;
-        state.addr = addr;
+        state.action_hash = shared::connect_hash(ev.family, ev.port, &ev.addr);
+        state.family = ev.family;
+        state.port = ev.port;
+        state.sock_type = ev.sock_type;
+        state.addr = ev.addr;
         state.user_id = 0;
         self.tasks
             .insert(tid, state, 0)

@@ -43,6 +43,13 @@
 //!                                             between paths FIRST and SECOND; each connection
 //!                                             made gets the payload; prints `connected`
 //!                                             once the connects are done
+//!   cs-escape listen-unbound                  a TCP socket never bound listens (on every
+//!                                             address, a port the kernel picks); prints
+//!                                             `listening`
+//!   cs-escape listen-swap ADDR:PORT           up to 200 listens on one descriptor that a
+//!                                             second thread keeps switching between a socket
+//!                                             bound to loopback and one bound to ADDR:PORT;
+//!                                             prints `listening` if the second one listens
 //!   cs-escape raw-udp-on FD IPV4:PORT         the same on an inherited raw socket (descriptor FD)
 //!   cs-escape packet-lo IPV4:PORT             AF_PACKET/SOCK_DGRAM on `lo` with a hand-built
 //!                                             IPv4 + UDP packet from 127.0.0.1 (CAP_NET_RAW;
@@ -151,6 +158,8 @@ const SOURCE_PORT: u16 = 40_000;
 enum Done {
     Sent(usize),
     Connected,
+    /// A socket listens on the network.
+    Listening,
     /// An exec escape's marked program ran.
     Ran,
     /// An attempt on countersign itself succeeded.
@@ -215,6 +224,8 @@ fn main() {
             arg(2).expect("a FIRST argument"),
             arg(3).expect("a SECOND argument"),
         ),
+        Some("listen-unbound") => listen_unbound(),
+        Some("listen-swap") => listen_swap(target(2)),
         Some("raw-udp") => raw_udp(target(2)),
         Some("raw-udp-on") => raw_udp_on(
             arg(2).and_then(|a| a.parse().ok()).expect("an FD argument"),
@@ -304,6 +315,7 @@ fn main() {
     let (line, code) = match outcome {
         Ok(Done::Sent(n)) => (format!("sent {n}"), 0),
         Ok(Done::Connected) => ("connected".to_owned(), 0),
+        Ok(Done::Listening) => ("listening".to_owned(), 0),
         Ok(Done::Ran) => ("ran".to_owned(), 0),
         Ok(Done::Tampered) => ("tampered".to_owned(), 0),
         Err(errno) => (format!("error {errno}"), 1),
@@ -648,6 +660,99 @@ fn unix_connect_swap(first: &str, second: &str) -> Outcome {
         return Err(libc::ECONNREFUSED);
     }
     Ok(Done::Connected)
+}
+
+/// `listen` on a TCP socket that was never bound: the kernel binds it to every address.
+fn listen_unbound() -> Outcome {
+    let fd = socket(libc::AF_INET, libc::SOCK_STREAM, 0)?;
+    // SAFETY: plain syscall on an owned descriptor.
+    if unsafe { libc::listen(fd.as_raw_fd(), 8) } != 0 {
+        return Err(errno());
+    }
+    Ok(Done::Listening)
+}
+
+/// Whether `fd` is a listening socket (`SO_ACCEPTCONN`).
+fn accepts(fd: std::os::fd::RawFd) -> bool {
+    let mut on: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into a live int.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut on).cast(),
+            &raw mut len,
+        )
+    };
+    rc == 0 && on != 0
+}
+
+/// Listens on one descriptor number while another thread keeps putting a loopback socket and
+/// one bound to `to` in it (`dup2`): a decision made on what the descriptor held when the
+/// listen was asked about must not let the other socket listen.
+fn listen_swap(to: SocketAddr) -> Outcome {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    // Bound, not listening.
+    let bound = |at: SocketAddr| -> Result<OwnedFd, i32> {
+        let family = if at.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let fd = socket(family, libc::SOCK_STREAM, 0)?;
+        let addr = Sockaddr::new(at);
+        // SAFETY: bind with a live address of its length.
+        if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr.storage).cast(), addr.len) } != 0 {
+            return Err(errno());
+        }
+        Ok(fd)
+    };
+    let lo: SocketAddr = if to.is_ipv4() {
+        "127.0.0.1:0"
+    } else {
+        "[::1]:0"
+    }
+    .parse()
+    .expect("an address");
+    let (quiet, wide) = (bound(lo)?, bound(to)?);
+    let slot = socket(libc::AF_INET, libc::SOCK_STREAM, 0)?;
+    let n = slot.as_raw_fd();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flips = std::sync::Arc::new(AtomicU64::new(0));
+    let swapper = {
+        let (stop, flips) = (stop.clone(), flips.clone());
+        let (a, b) = (quiet.as_raw_fd(), wide.as_raw_fd());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let from = if i.is_multiple_of(2) { b } else { a };
+                // SAFETY: replaces descriptor `n`, which this program owns, with a copy.
+                unsafe { libc::dup2(from, n) };
+                i += 1;
+                flips.store(i, Ordering::Relaxed);
+            }
+        })
+    };
+    while flips.load(Ordering::Relaxed) < 1000 {
+        std::thread::yield_now();
+    }
+    for _ in 0..200 {
+        // SAFETY: plain syscall; the descriptor's socket changes under it.
+        unsafe { libc::listen(n, 8) };
+        std::thread::yield_now();
+        if accepts(wide.as_raw_fd()) {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = swapper.join();
+    if accepts(wide.as_raw_fd()) {
+        Ok(Done::Listening)
+    } else {
+        Err(libc::EPERM)
+    }
 }
 
 /// A datagram to a local socket, without connect.
