@@ -338,6 +338,65 @@ fn tcp_fast_open_is_held_as_nobody() {
     fast_open(As::Nobody);
 }
 
+/// Listening on the network (a peer could connect in): a socket never bound (every address),
+/// and one descriptor that another thread keeps switching between a loopback socket and one
+/// on the network. Unlabelled, each listens on the network; labelled, with every request
+/// denied, none does, and a `listen` was held (or the process killed for it).
+fn listens(who: As) {
+    use std::os::unix::process::CommandExt as _;
+    let d = Daemon::start();
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let techniques = [
+        vec!["listen-unbound".to_owned()],
+        vec!["listen-swap".to_owned(), format!("0.0.0.0:{port}")],
+    ];
+    for args in techniques {
+        let mut cmd = std::process::Command::new(escape_for(&d, who));
+        cmd.args(&args);
+        if who == As::Nobody {
+            cmd.uid(NOBODY).gid(NOBODY);
+        }
+        let out = cmd.output().expect("cs-escape unlabelled");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "listening",
+            "as {who:?}, `cs-escape {}` does not listen even unlabelled: the labelled run would prove nothing",
+            args.join(" ")
+        );
+        let a = labelled_attempt(&d, who, &args, |_| "deny");
+        let name = args.join(" ");
+        assert_ne!(
+            a.stdout, "listening",
+            "ESCAPE as {who:?}: {name} listens; requests {:?}",
+            a.requests
+        );
+        assert!(
+            a.killed || a.stdout.starts_with("error"),
+            "as {who:?}: {name} did not fail: {}",
+            a.stdout
+        );
+        assert!(
+            a.killed || a.requests.iter().any(|r| r["kind"] == "listen"),
+            "as {who:?}: {name} failed ({}) but no listen was held; requests {:?}",
+            a.stdout,
+            a.requests
+        );
+    }
+}
+
+#[test]
+fn listens_on_the_network_are_held_as_root() {
+    listens(As::Root);
+}
+
+#[test]
+fn listens_on_the_network_are_held_as_nobody() {
+    listens(As::Nobody);
+}
+
 /// io_uring in every submission mode: the kernel's own threads issue the operation (the
 /// labels must reach them) and nothing restarts there, so what the kernel does not allow is
 /// refused.
