@@ -50,6 +50,9 @@
 //!                                             second thread keeps switching between a socket
 //!                                             bound to loopback and one bound to ADDR:PORT;
 //!                                             prints `listening` if the second one listens
+//!   cs-escape uring-listen ADDR:PORT [MODE]   io_uring's listen (Linux 6.11+) on a socket
+//!                                             bound to ADDR:PORT, MODE as for uring-connect;
+//!                                             prints `listening`
 //!   cs-escape raw-udp-on FD IPV4:PORT         the same on an inherited raw socket (descriptor FD)
 //!   cs-escape packet-lo IPV4:PORT             AF_PACKET/SOCK_DGRAM on `lo` with a hand-built
 //!                                             IPv4 + UDP packet from 127.0.0.1 (CAP_NET_RAW;
@@ -226,6 +229,7 @@ fn main() {
         ),
         Some("listen-unbound") => listen_unbound(),
         Some("listen-swap") => listen_swap(target(2)),
+        Some("uring-listen") => uring_listen(target(2), Mode::parse(arg(3))),
         Some("raw-udp") => raw_udp(target(2)),
         Some("raw-udp-on") => raw_udp_on(
             arg(2).and_then(|a| a.parse().ok()).expect("an FD argument"),
@@ -672,6 +676,22 @@ fn listen_unbound() -> Outcome {
     Ok(Done::Listening)
 }
 
+/// A TCP socket bound to `at`, not listening.
+fn bound_socket(at: SocketAddr) -> Result<OwnedFd, i32> {
+    let family = if at.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let fd = socket(family, libc::SOCK_STREAM, 0)?;
+    let addr = Sockaddr::new(at);
+    // SAFETY: bind with a live address of its length.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr.storage).cast(), addr.len) } != 0 {
+        return Err(errno());
+    }
+    Ok(fd)
+}
+
 /// Whether `fd` is a listening socket (`SO_ACCEPTCONN`).
 fn accepts(fd: std::os::fd::RawFd) -> bool {
     let mut on: libc::c_int = 0;
@@ -694,21 +714,6 @@ fn accepts(fd: std::os::fd::RawFd) -> bool {
 /// listen was asked about must not let the other socket listen.
 fn listen_swap(to: SocketAddr) -> Outcome {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    // Bound, not listening.
-    let bound = |at: SocketAddr| -> Result<OwnedFd, i32> {
-        let family = if at.is_ipv4() {
-            libc::AF_INET
-        } else {
-            libc::AF_INET6
-        };
-        let fd = socket(family, libc::SOCK_STREAM, 0)?;
-        let addr = Sockaddr::new(at);
-        // SAFETY: bind with a live address of its length.
-        if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr.storage).cast(), addr.len) } != 0 {
-            return Err(errno());
-        }
-        Ok(fd)
-    };
     let lo: SocketAddr = if to.is_ipv4() {
         "127.0.0.1:0"
     } else {
@@ -716,7 +721,7 @@ fn listen_swap(to: SocketAddr) -> Outcome {
     }
     .parse()
     .expect("an address");
-    let (quiet, wide) = (bound(lo)?, bound(to)?);
+    let (quiet, wide) = (bound_socket(lo)?, bound_socket(to)?);
     let slot = socket(libc::AF_INET, libc::SOCK_STREAM, 0)?;
     let n = slot.as_raw_fd();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
@@ -741,7 +746,9 @@ fn listen_swap(to: SocketAddr) -> Outcome {
     for _ in 0..200 {
         // SAFETY: plain syscall; the descriptor's socket changes under it.
         unsafe { libc::listen(n, 8) };
-        std::thread::yield_now();
+        // Let the switching thread run between attempts: on one processor a yield may not
+        // (the scheduler prefers this thread, which ran less), a sleep does.
+        std::thread::sleep(std::time::Duration::from_micros(500));
         if accepts(wide.as_raw_fd()) {
             break;
         }
@@ -934,6 +941,20 @@ fn uring_connect(target: SocketAddr, mode: Mode) -> Outcome {
     unsafe { uring(entry, mode) }?;
     write(&fd, PAYLOAD)?;
     Ok(Done::Connected)
+}
+
+/// io_uring's `IORING_OP_LISTEN` (Linux 6.11+; before, `EINVAL`) on a socket bound to
+/// `target`.
+fn uring_listen(target: SocketAddr, mode: Mode) -> Outcome {
+    let fd = bound_socket(target)?;
+    let entry = opcode::Listen::new(Fd(fd.as_raw_fd()), 8).build();
+    // SAFETY: the entry points at nothing but the descriptor, alive until `uring` returns.
+    unsafe { uring(entry, mode) }?;
+    if accepts(fd.as_raw_fd()) {
+        Ok(Done::Listening)
+    } else {
+        Err(libc::EPERM)
+    }
 }
 
 fn uring_sendmsg(target: SocketAddr, mode: Mode) -> Outcome {
