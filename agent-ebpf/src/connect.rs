@@ -23,12 +23,13 @@ use aya_ebpf::{
     programs::{SockAddrContext, TracePointContext},
 };
 use countersign_ebpf::{
-    CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_LISTEN_KILLED, ERROR_UNHOLDABLE,
-    ERROR_UNIX_KILLED, ERROR_UNIX_UNSEEN, FLAG_GRANT_CHECK, FLAG_IN_CONNECT, FLAG_NOTIFIED,
-    GrantConnectKey, KIND_CANARY_CONNECT, KIND_CONNECT, KIND_LISTEN, KIND_SEND, KIND_UNIX,
-    LABEL_CANARY, MAX_PORT_SPANS, MODE_FALLBACK, MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED,
-    STAT_GRANT_ALLOWED, STAT_SEND_DECIDED, STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED,
-    STATE_IDLE, STATE_PENDING, SendDecided, SendKey, TaskState, connect_hash,
+    CONNECT_KEY_FIXED_BITS, ConnectKey, ERROR_GRANT_RECHECK, ERROR_LISTEN_KILLED,
+    ERROR_LISTEN_UNSEEN, ERROR_UNHOLDABLE, ERROR_UNIX_KILLED, ERROR_UNIX_UNSEEN, FLAG_GRANT_CHECK,
+    FLAG_IN_CONNECT, FLAG_IN_LISTEN, FLAG_NOTIFIED, GrantConnectKey, KIND_CANARY_CONNECT,
+    KIND_CONNECT, KIND_LISTEN, KIND_SEND, KIND_UNIX, LABEL_CANARY, MAX_PORT_SPANS, MODE_FALLBACK,
+    MODE_LSM, PROTO_TCP, PROTO_UDP, STAT_FAST_ALLOWED, STAT_GRANT_ALLOWED, STAT_SEND_DECIDED,
+    STAT_UNHOLDABLE, STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING, SendDecided, SendKey,
+    TaskState, connect_hash,
 };
 
 use crate::{
@@ -609,6 +610,7 @@ pub fn sys_exit_listen(ctx: &TracePointContext) {
     };
     // SAFETY: as above.
     let state = unsafe { &mut *state };
+    state.flags &= !FLAG_IN_LISTEN;
     let label = state.label;
     if maps::config().mode != MODE_FALLBACK || label == LABEL_CANARY {
         return;
@@ -666,6 +668,60 @@ pub fn sys_exit_listen(ctx: &TracePointContext) {
     fill(ev, &dest, sock_type);
     ev.action = KIND_LISTEN as u16;
     ev.detail = ERROR_LISTEN_KILLED;
+    if !maps::emit(ev) {
+        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
+    }
+}
+
+/// Fallback: `sys_enter_listen`. What `inet_listen` sees until `sys_exit_listen` came through
+/// the system call (the notifier or the exit check decides it).
+#[inline(always)]
+pub fn sys_enter_listen() {
+    let Task::Labelled(state) = label::current_task() else {
+        return;
+    };
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    if maps::config().mode == MODE_FALLBACK {
+        state.flags |= FLAG_IN_LISTEN;
+    }
+}
+
+/// Fallback, a kprobe on `inet_listen(struct socket *sock, int backlog)`: every IPv4/IPv6
+/// listen, whatever path it took. One of a labelled task on the network that did not come
+/// through `listen(2)` (io_uring's `IORING_OP_LISTEN`, inline or on its threads; the 32-bit
+/// entry's `socketcall`), or any of a task under the seccomp notifier, cannot be held: it is
+/// killed (the whole process, before it can accept), and reported.
+#[inline(always)]
+pub fn inet_listen(sock: *const u8) {
+    let Task::Labelled(state) = label::current_task() else {
+        return;
+    };
+    // SAFETY: as above.
+    let state = unsafe { &mut *state };
+    let label = state.label;
+    // Inside `listen(2)`, the notifier or the exit check decides it; but a task under the
+    // notifier never makes an IPv4/IPv6 listen itself (the daemon makes those), so one here
+    // came from a socket put in the descriptor after the daemon read it.
+    let in_syscall = state.flags & FLAG_IN_LISTEN != 0 && state.flags & FLAG_NOTIFIED == 0;
+    if maps::config().mode != MODE_FALLBACK || label == LABEL_CANARY || in_syscall {
+        return;
+    }
+    let Some(dest) = listen_address(sock) else {
+        return;
+    };
+    if dest.is_loopback() {
+        return;
+    }
+    hold::kill_current();
+    maps::count(STAT_UNHOLDABLE);
+    let Some(ev) = hold::event(countersign_ebpf::KIND_ERROR, label) else {
+        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
+        return;
+    };
+    fill(ev, &dest, socket_state_type(sock).1);
+    ev.action = KIND_LISTEN as u16;
+    ev.detail = ERROR_LISTEN_UNSEEN;
     if !maps::emit(ev) {
         maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
     }

@@ -188,7 +188,11 @@ pub const PROG_TP_TASK_NEWTASK: &str = "cs_tp_task_newtask";
 pub const PROG_TP_SCHED_EXIT: &str = "cs_tp_sched_exit";
 pub const PROG_TP_SYS_ENTER_CONNECT: &str = "cs_tp_sys_enter_connect";
 pub const PROG_TP_SYS_EXIT_CONNECT: &str = "cs_tp_sys_exit_connect";
+pub const PROG_TP_SYS_ENTER_LISTEN: &str = "cs_tp_sys_enter_listen";
 pub const PROG_TP_SYS_EXIT_LISTEN: &str = "cs_tp_sys_exit_listen";
+/// Fallback mode, where the kernel offers kprobes: `inet_listen`, every IPv4/IPv6 listen
+/// whatever path it took.
+pub const PROG_KP_INET_LISTEN: &str = "cs_kp_inet_listen";
 pub const PROG_CG_CONNECT4: &str = "cs_cg_connect4";
 pub const PROG_CG_CONNECT6: &str = "cs_cg_connect6";
 pub const PROG_LSM_SOCKET_SENDMSG: &str = "cs_lsm_socket_sendmsg";
@@ -505,6 +509,10 @@ pub const FLAG_NOTIFIED: u32 = 8;
 /// tracepoints), whose local-socket outcome `sys_exit_connect` checks. A local-socket connect
 /// of a labelled task without it came another way (io_uring, the 32-bit entry) and is refused.
 pub const FLAG_IN_CONNECT: u32 = 16;
+/// Fallback mode: the task is inside a native `listen(2)` (between its enter and exit
+/// tracepoints), which the seccomp notifier or `sys_exit_listen` decides. A labelled listen
+/// on the network without it came another way (io_uring, the 32-bit entry): it is killed.
+pub const FLAG_IN_LISTEN: u32 = 32;
 
 /// [`Event::detail`] of a [`KIND_ERROR`]: in fallback mode, a connect the tracepoint let
 /// through on a grant was not covered by it at the cgroup program (a grant for another socket
@@ -550,6 +558,10 @@ pub const ERROR_EXEC_RAN_EARLY: i32 = 8;
 /// the call waited), or one that could not be held (the event ring was full): it was killed
 /// before its `listen` returned. [`Event::action`] is [`KIND_LISTEN`], the rest as for a hold.
 pub const ERROR_LISTEN_KILLED: i32 = 9;
+/// Fallback mode: a labelled task listened on the network without `listen(2)` (io_uring's
+/// `IORING_OP_LISTEN`, the 32-bit entry), where nothing can hold it (seen by the kprobe on
+/// `inet_listen`): it was killed before it could accept. [`Event::action`] is [`KIND_LISTEN`].
+pub const ERROR_LISTEN_UNSEEN: i32 = 10;
 
 /// Longest argv (the bytes of the strings with their terminators) an approved exec can be
 /// verified against in the kernel (see [`ApprovedExec`]).

@@ -31,11 +31,12 @@ mod unix;
 mod programs {
     use aya_ebpf::{
         macros::{
-            cgroup_skb, cgroup_sock, cgroup_sock_addr, fentry, lsm, raw_tracepoint, tracepoint,
+            cgroup_skb, cgroup_sock, cgroup_sock_addr, fentry, kprobe, lsm, raw_tracepoint,
+            tracepoint,
         },
         programs::{
-            FEntryContext, LsmContext, RawTracePointContext, SkBuffContext, SockAddrContext,
-            SockContext, TracePointContext,
+            FEntryContext, LsmContext, ProbeContext, RawTracePointContext, SkBuffContext,
+            SockAddrContext, SockContext, TracePointContext,
         },
     };
 
@@ -508,6 +509,23 @@ mod programs {
     #[tracepoint(category = "syscalls", name = "sys_exit_connect")]
     pub fn cs_tp_sys_exit_connect(ctx: TracePointContext) -> u32 {
         connect::sys_exit_connect(&ctx);
+        0
+    }
+
+    /// Fallback mode: marks a labelled task's listen as made through the system call.
+    #[tracepoint(category = "syscalls", name = "sys_enter_listen")]
+    pub fn cs_tp_sys_enter_listen(_ctx: TracePointContext) -> u32 {
+        connect::sys_enter_listen();
+        0
+    }
+
+    /// Fallback mode, where kprobes work: a labelled task's listen on the network that did
+    /// not come through the system call (io_uring, the 32-bit entry) kills it.
+    #[kprobe]
+    pub fn cs_kp_inet_listen(ctx: ProbeContext) -> u32 {
+        if let Some(sock) = ctx.arg::<*const u8>(0) {
+            connect::inet_listen(sock);
+        }
         0
     }
 

@@ -198,6 +198,10 @@ pub struct StatusInfo {
     /// local sockets, Linux 6.7+, are attached).
     #[serde(default)]
     pub local_sockets: Option<String>,
+    /// Fallback mode: what becomes of a labelled listen on the network made without
+    /// `listen(2)` (io_uring, the 32-bit entry): killed where kprobes work, else not seen.
+    #[serde(default)]
+    pub other_listens: Option<String>,
     /// Fallback mode: the cgroup programs of local sockets are attached (they refuse what
     /// fallback mode cannot tell apart; see `local_sockets`).
     #[serde(default)]

@@ -15,8 +15,9 @@
 //!   still land in `COUNTERSIGN_E2E_MODE` (a fallback it chose says why).
 //! - `COUNTERSIGN_E2E_HOOKS`: where the LSM programs must run in LSM mode, as `status`
 //!   says (`bpf-lsm`, or `security-functions` on the VMs booted without BPF LSM).
-//! - `COUNTERSIGN_E2E_FENTRY=1`: the kernel runs `fentry` programs (the VMs' Debian kernels
-//!   do, the test host's does not): destination names are captured there in either mode.
+//! - `COUNTERSIGN_E2E_FENTRY=1`: the kernel runs `fentry` programs and kprobes (the VMs'
+//!   Debian kernels do, the test host's does not): destination names are captured there in
+//!   either mode, and fallback mode kills listens it cannot hold.
 //!
 //! Each daemon gets its own socket directory and bpffs pin directory, so tests run in
 //! parallel; a crashed daemon's pins are removed when its `Daemon` is dropped.

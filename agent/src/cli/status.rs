@@ -50,6 +50,9 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
     if let Some(l) = &s.local_sockets {
         println!("  local sockets:  {l}");
     }
+    if let Some(l) = &s.other_listens {
+        println!("  listens:        {l}");
+    }
     if let Some(g) = &s.self_protection {
         match (&g.reason, g.contained) {
             (_, true) => println!(

@@ -736,6 +736,10 @@ impl Daemon {
                 self.kernel_refused(ev, "killed", "sigkill",
                     "kernel: a listen left a socket on the network in its descriptor that was not decided (another thread put it there while the call waited), or could not be held (no room to ask): killed before its listen returned");
             }
+            shared::KIND_ERROR if ev.detail == shared::ERROR_LISTEN_UNSEEN => {
+                self.kernel_refused(ev, "killed", "sigkill",
+                    "kernel: a listen on the network made without listen(2) (io_uring, a 32-bit system call), where fallback mode cannot hold it: killed");
+            }
             shared::KIND_ERROR if ev.detail == shared::ERROR_UNIX_UNSEEN => {
                 self.kernel_refused(ev, "denied", "eperm",
                     "kernel: a local-socket connect made without connect(2) (io_uring, a 32-bit system call), or a datagram sent with an address to a local socket while the label restricts local sockets: fallback mode cannot tell which socket it names");
@@ -2030,6 +2034,7 @@ impl Daemon {
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
             exec_hold: self.exec_hold.clone(),
             local_sockets: self.kernel.local_sockets().map(str::to_owned),
+            other_listens: self.kernel.other_listens(),
             local_socket_programs: self.kernel.local_socket_programs(),
             loaded_exec_watched: self.kernel.loaded_exec_watched(),
             exec_notifiers: self.notifier.as_ref().map_or(0, notified::Notifier::live),

@@ -18,9 +18,10 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
     programs::{
-        CgroupAttachMode, CgroupSock, CgroupSockAddr, Lsm, RawTracePoint, TracePoint,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, KProbe, Lsm, RawTracePoint, TracePoint,
         cgroup_sock::CgroupSockLinkId,
         cgroup_sock_addr::CgroupSockAddrLinkId,
+        kprobe::KProbeLinkId,
         links::{FdLink, PinnedLink},
         lsm::LsmLinkId,
         raw_trace_point::RawTracePointLinkId,
@@ -211,6 +212,8 @@ pub struct Kernel {
     /// Fallback mode: the check of images held after loading at their first page fault is
     /// attached (x86: `page_fault_user`).
     loaded_exec_tripwire: bool,
+    /// Fallback mode: the kprobe on `inet_listen` is attached (or why not).
+    listen_kprobe: std::result::Result<(), String>,
 }
 
 /// A link attached by this daemon, by program type.
@@ -222,6 +225,7 @@ enum AttachedLink {
     /// A link this daemon made itself (see `unix_cgroup`).
     Raw(std::os::fd::OwnedFd),
     RawTracePoint(RawTracePointLinkId),
+    KProbe(KProbeLinkId),
 }
 
 impl Kernel {
@@ -365,6 +369,7 @@ impl Kernel {
             map_fds,
             local_socket_programs: false,
             loaded_exec_tripwire: false,
+            listen_kprobe: Err("not in fallback mode".into()),
         };
         // An earlier daemon's programs may still be attached: from now on they must not hold
         // this daemon. Its mode stays in force until ours is proven.
@@ -644,6 +649,7 @@ impl Kernel {
         for (name, tp) in [
             (shared::PROG_TP_SYS_ENTER_CONNECT, "sys_enter_connect"),
             (shared::PROG_TP_SYS_EXIT_CONNECT, "sys_exit_connect"),
+            (shared::PROG_TP_SYS_ENTER_LISTEN, "sys_enter_listen"),
             (shared::PROG_TP_SYS_EXIT_LISTEN, "sys_exit_listen"),
             (shared::PROG_TP_SYS_ENTER_SENDTO, "sys_enter_sendto"),
             (shared::PROG_TP_SYS_ENTER_SENDMSG, "sys_enter_sendmsg"),
@@ -682,7 +688,48 @@ impl Kernel {
             .map_err(|error| KernelError::Program { name, error })?;
         self.attached.push((name, AttachedLink::CgroupSock(id)));
         self.attach_loaded_exec_tripwire();
+        self.attach_listen_kprobe();
         self.attach_unix_cgroup(&cgroup)
+    }
+
+    /// Fallback mode: kills a labelled listen on the network that did not come through
+    /// `listen(2)` (io_uring, the 32-bit entry; see `connect::inet_listen` in the eBPF
+    /// object), where the kernel offers kprobes. Without them such a listen is not seen
+    /// (`status` says so).
+    fn attach_listen_kprobe(&mut self) {
+        let name = shared::PROG_KP_INET_LISTEN;
+        let attached = program_as::<KProbe>(&mut self.ebpf, name).and_then(|prog| {
+            prog.load()
+                .map_err(|error| KernelError::Program { name, error })?;
+            prog.attach("inet_listen", 0)
+                .map_err(|error| KernelError::Program { name, error })
+        });
+        match attached {
+            Ok(id) => {
+                self.attached.push((name, AttachedLink::KProbe(id)));
+                self.listen_kprobe = Ok(());
+            }
+            Err(e) => {
+                let why = error_chain(&e);
+                tracing::warn!(error = %why,
+                    "no kprobe on inet_listen: a labelled listen through io_uring or the 32-bit entry is not seen");
+                self.listen_kprobe = Err(why);
+            }
+        }
+    }
+
+    /// Fallback mode: what becomes of a labelled listen on the network that does not come
+    /// through `listen(2)` (`None` in LSM mode, which holds every listen).
+    pub fn other_listens(&self) -> Option<String> {
+        (self.mode == Mode::Fallback).then(|| match &self.listen_kprobe {
+            Ok(()) => {
+                "listens through io_uring or the 32-bit entry: killed (kprobe on inet_listen)"
+                    .to_owned()
+            }
+            Err(why) => {
+                format!("listens through io_uring or the 32-bit entry: not seen (no kprobe: {why})")
+            }
+        })
     }
 
     /// Fallback mode: kills an image held after loading at its first page fault if it was let
@@ -1076,6 +1123,15 @@ impl Kernel {
             }
             AttachedLink::CgroupSock(id) => {
                 let p: &mut CgroupSock = prog
+                    .try_into()
+                    .map_err(|error| KernelError::Program { name, error })?;
+                let link = p
+                    .take_link(id)
+                    .map_err(|error| KernelError::Program { name, error })?;
+                FdLink::try_from(link).map_err(|e| invalid(&e))?
+            }
+            AttachedLink::KProbe(id) => {
+                let p: &mut KProbe = prog
                     .try_into()
                     .map_err(|error| KernelError::Program { name, error })?;
                 let link = p

@@ -46,10 +46,14 @@
 //!   cs-escape listen-unbound                  a TCP socket never bound listens (on every
 //!                                             address, a port the kernel picks); prints
 //!                                             `listening`
-//!   cs-escape listen-swap ADDR:PORT           up to 200 listens on one descriptor that a
+//!   cs-escape listen-swap ADDR:PORT [local]   up to 200 listens on one descriptor that a
 //!                                             second thread keeps switching between a socket
-//!                                             bound to loopback and one bound to ADDR:PORT;
-//!                                             prints `listening` if the second one listens
+//!                                             bound to loopback (`local`: a local socket)
+//!                                             and one bound to ADDR:PORT; prints
+//!                                             `listening` if the second one listens
+//!   cs-escape listen-compat ADDR:PORT [socketcall]
+//!                                             socket, bind and listen through `int $0x80`
+//!                                             (as for udp-sendto-compat); prints `listening`
 //!   cs-escape uring-listen ADDR:PORT [MODE]   io_uring's listen (Linux 6.11+) on a socket
 //!                                             bound to ADDR:PORT, MODE as for uring-connect;
 //!                                             prints `listening`
@@ -228,7 +232,8 @@ fn main() {
             arg(3).expect("a SECOND argument"),
         ),
         Some("listen-unbound") => listen_unbound(),
-        Some("listen-swap") => listen_swap(target(2)),
+        Some("listen-compat") => compat::listen(target(2), arg(3)),
+        Some("listen-swap") => listen_swap(target(2), arg(3) == Some("local")),
         Some("uring-listen") => uring_listen(target(2), Mode::parse(arg(3))),
         Some("raw-udp") => raw_udp(target(2)),
         Some("raw-udp-on") => raw_udp_on(
@@ -712,7 +717,7 @@ fn accepts(fd: std::os::fd::RawFd) -> bool {
 /// Listens on one descriptor number while another thread keeps putting a loopback socket and
 /// one bound to `to` in it (`dup2`): a decision made on what the descriptor held when the
 /// listen was asked about must not let the other socket listen.
-fn listen_swap(to: SocketAddr) -> Outcome {
+fn listen_swap(to: SocketAddr, local: bool) -> Outcome {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let lo: SocketAddr = if to.is_ipv4() {
         "127.0.0.1:0"
@@ -721,7 +726,19 @@ fn listen_swap(to: SocketAddr) -> Outcome {
     }
     .parse()
     .expect("an address");
-    let (quiet, wide) = (bound_socket(lo)?, bound_socket(to)?);
+    let quiet = if local {
+        // A local socket bound to an abstract name of its own.
+        let fd = socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)?;
+        let addr = Sockaddr::unix(&format!("@cs-escape-listen-{}", std::process::id()));
+        // SAFETY: bind with a live address of its length.
+        if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr.storage).cast(), addr.len) } != 0 {
+            return Err(errno());
+        }
+        fd
+    } else {
+        bound_socket(lo)?
+    };
+    let wide = bound_socket(to)?;
     let slot = socket(libc::AF_INET, libc::SOCK_STREAM, 0)?;
     let n = slot.as_raw_fd();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
@@ -1197,7 +1214,9 @@ mod compat {
     #[derive(Clone, Copy)]
     enum Call {
         Socket,
+        Bind,
         Connect,
+        Listen,
         Sendto,
     }
 
@@ -1205,7 +1224,9 @@ mod compat {
         fn numbers(self) -> (u32, u32) {
             match self {
                 Self::Socket => (359, 1),
+                Self::Bind => (361, 2),
                 Self::Connect => (362, 3),
+                Self::Listen => (363, 4),
                 Self::Sendto => (369, 11),
             }
         }
@@ -1245,6 +1266,27 @@ mod compat {
         let (payload, len) = (page.addr(PAYLOAD_AT), PAYLOAD.len() as u32);
         let sent = page.call(Call::Sendto, &[fd, payload, len, 0, addr, to.len])?;
         Ok(Done::Sent(sent as usize))
+    }
+
+    /// A TCP socket of `target`'s family, bound to `target` and listening, all through the
+    /// ia32 entry (`mode` as for [`run`]).
+    pub fn listen(target: SocketAddr, mode: Option<&str>) -> Outcome {
+        let to = Sockaddr::new(target);
+        let page = LowPage::map(mode == Some("socketcall"))?;
+        let fd = page.call(
+            Call::Socket,
+            &[to.family() as u32, libc::SOCK_STREAM as u32, 0],
+        )?;
+        // SAFETY: the descriptor the socket call just returned; nothing else owns it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let addr = page.put_sockaddr(&to);
+        page.call(Call::Bind, &[fd, addr, to.len])?;
+        page.call(Call::Listen, &[fd, 8])?;
+        if super::accepts(std::os::fd::AsRawFd::as_raw_fd(&owned)) {
+            Ok(Done::Listening)
+        } else {
+            Err(libc::EPERM)
+        }
     }
 
     /// A page below 4 GiB, where the 32-bit pointers that the ia32 calls take can point, with
