@@ -300,18 +300,33 @@ fn kernel_answer(label: u32, kind: u32, d: &Dest, sock_type: u16) -> Option<Verd
 /// daemon.
 #[inline(always)]
 fn refuse_unholdable(label: u32, kind: u32, d: &Dest, sock_type: u16) -> Verdict {
+    report_refusal(label, kind, d, sock_type, ERROR_UNHOLDABLE, |_| {});
+    Verdict::Deny
+}
+
+/// Counts an action the kernel refused or killed by itself (where it could not be held) and
+/// tells the daemon: `action` on `d`, `detail` says why, `more` fills the rest of the event.
+#[inline(always)]
+fn report_refusal(
+    label: u32,
+    action: u32,
+    d: &Dest,
+    sock_type: u16,
+    detail: i32,
+    more: impl FnOnce(&mut countersign_ebpf::Event),
+) {
     maps::count(STAT_UNHOLDABLE);
     let Some(ev) = hold::event(countersign_ebpf::KIND_ERROR, label) else {
         maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
-        return Verdict::Deny;
+        return;
     };
     fill(ev, d, sock_type);
-    ev.action = kind as u16;
-    ev.detail = ERROR_UNHOLDABLE;
+    ev.action = action as u16;
+    ev.detail = detail;
+    more(ev);
     if !maps::emit(ev) {
         maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
     }
-    Verdict::Deny
 }
 
 /// LSM mode: decides a labelled task's connect or send to `dest` (or its listen on `dest`).
@@ -477,18 +492,16 @@ pub fn sys_exit_connect(ctx: &TracePointContext) {
         }
     }
     hold::kill_current();
-    maps::count(STAT_UNHOLDABLE);
-    let Some(ev) = hold::event(countersign_ebpf::KIND_ERROR, label) else {
-        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
-        return;
-    };
-    fill(ev, &dest, sock_type);
-    ev.action = KIND_UNIX as u16;
-    ev.detail = ERROR_UNIX_KILLED;
-    ev.unix_name_len = crate::unix::read_name(peer_sk, &mut ev.unix_name);
-    if !maps::emit(ev) {
-        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
-    }
+    report_refusal(
+        label,
+        KIND_UNIX,
+        &dest,
+        sock_type,
+        ERROR_UNIX_KILLED,
+        |ev| {
+            ev.unix_name_len = crate::unix::read_name(peer_sk, &mut ev.unix_name);
+        },
+    );
 }
 
 /// Fallback mode, kernels 6.7+: the cgroup `connect_unix` (`send` false) and `sendmsg_unix`
@@ -660,17 +673,14 @@ pub fn sys_exit_listen(ctx: &TracePointContext) {
         // Nobody can be asked (the ring is full): not let go undecided.
     }
     hold::kill_current();
-    maps::count(STAT_UNHOLDABLE);
-    let Some(ev) = hold::event(countersign_ebpf::KIND_ERROR, label) else {
-        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
-        return;
-    };
-    fill(ev, &dest, sock_type);
-    ev.action = KIND_LISTEN as u16;
-    ev.detail = ERROR_LISTEN_KILLED;
-    if !maps::emit(ev) {
-        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
-    }
+    report_refusal(
+        label,
+        KIND_LISTEN,
+        &dest,
+        sock_type,
+        ERROR_LISTEN_KILLED,
+        |_| {},
+    );
 }
 
 /// Fallback: `sys_enter_listen`. What `inet_listen` sees until `sys_exit_listen` came through
@@ -714,17 +724,15 @@ pub fn inet_listen(sock: *const u8) {
         return;
     }
     hold::kill_current();
-    maps::count(STAT_UNHOLDABLE);
-    let Some(ev) = hold::event(countersign_ebpf::KIND_ERROR, label) else {
-        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
-        return;
-    };
-    fill(ev, &dest, socket_state_type(sock).1);
-    ev.action = KIND_LISTEN as u16;
-    ev.detail = ERROR_LISTEN_UNSEEN;
-    if !maps::emit(ev) {
-        maps::count(countersign_ebpf::STAT_EVENTS_DROPPED);
-    }
+    let sock_type = socket_state_type(sock).1;
+    report_refusal(
+        label,
+        KIND_LISTEN,
+        &dest,
+        sock_type,
+        ERROR_LISTEN_UNSEEN,
+        |_| {},
+    );
 }
 
 /// The address an IPv4/IPv6 socket is bound to (`None`: another family, which no peer on the

@@ -440,16 +440,16 @@ fn unknown_request_id_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no held request #424242"));
 }
 
-/// A cgroup label holds tasks in that cgroup and below it, also ones moved in after the
-/// daemon started.
-#[test]
-fn cgroup_label_holds_tasks_in_the_cgroup_and_below() {
-    let cg = TestCgroup::new("countersign-e2e");
-    let job = cg.child("job");
+/// A daemon that labels `cg` (and below it) `label`, with a minute for each request; the
+/// configuration file lives as long as the second value.
+fn daemon_labelling_cgroup(cg: &TestCgroup, label: &str) -> (Daemon, tempfile::NamedTempFile) {
     let cfg = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         cfg.path(),
-        format!("cgroup_labels:\n  - label: ci\n    path: {}\n", cg.name),
+        format!(
+            "cgroup_labels:\n  - label: {label}\n    path: {}\n",
+            cg.name
+        ),
     )
     .unwrap();
     let d = Daemon::start_with(&[
@@ -458,6 +458,16 @@ fn cgroup_label_holds_tasks_in_the_cgroup_and_below() {
         "--request-timeout",
         "60",
     ]);
+    (d, cfg)
+}
+
+/// A cgroup label holds tasks in that cgroup and below it, also ones moved in after the
+/// daemon started.
+#[test]
+fn cgroup_label_holds_tasks_in_the_cgroup_and_below() {
+    let cg = TestCgroup::new("countersign-e2e");
+    let job = cg.child("job");
+    let (d, _cfg) = daemon_labelling_cgroup(&cg, "ci");
     let l = Listener::new();
     let mut p = d.unlabelled_waiting(&[&probe(), "wait", "connect", &l.addr()]);
     TestCgroup::enter(&job, p.pid());
@@ -989,18 +999,7 @@ labels:
 fn labelled_by_cgroup_a_listen_is_held_too() {
     use std::os::unix::process::ExitStatusExt as _;
     let cg = TestCgroup::new("countersign-e2e-listen");
-    let cfg = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        cfg.path(),
-        format!("cgroup_labels:\n  - label: ci\n    path: {}\n", cg.name),
-    )
-    .unwrap();
-    let d = Daemon::start_with(&[
-        "--config",
-        cfg.path().to_str().unwrap(),
-        "--request-timeout",
-        "60",
-    ]);
+    let (d, _cfg) = daemon_labelling_cgroup(&cg, "ci");
     let listen = || {
         let mut p = d.unlabelled_waiting(&[&probe(), "wait", "listen", "0.0.0.0:0"]);
         TestCgroup::enter(&cg.path, p.pid());

@@ -1001,13 +1001,9 @@ impl Daemon {
         let Some(held) = self.route(held) else {
             return;
         };
-        // Held after it was made (fallback mode): an exec that loaded, a listen that
-        // listens (one the notifier holds waits in the kernel instead).
-        let after = kind == ActionKind::ExecLoaded
-            || (kind == ActionKind::Listen
-                && self.kernel.mode() == ebpf::Mode::Fallback
-                && self.notified_connect(ev.tid, ev.request_id).is_none());
-        if after && let Err(why) = self.tracer.hold(ev.tgid) {
+        if self.held_after(kind, ev.tid, ev.request_id)
+            && let Err(why) = self.tracer.hold(ev.tgid)
+        {
             // Without the ptrace stop a SIGCONT could let it run: fail closed.
             tracing::error!(
                 pid = ev.tgid,
@@ -2101,11 +2097,7 @@ impl Daemon {
         approver_decision: Option<crate::sign::dsse::Envelope>,
     ) -> String {
         // (kernel state to write, signal, what the caller sees)
-        // Held after it was made (fallback mode): an exec that loaded, a listen that listens.
-        let after = held.kind == ActionKind::ExecLoaded
-            || (held.kind == ActionKind::Listen
-                && self.kernel.mode() == ebpf::Mode::Fallback
-                && self.notified_connect(held.tid, held.kernel_id).is_none());
+        let after = self.held_after(held.kind, held.tid, held.kernel_id);
         let (state, signal, applied) = match decision {
             // Nothing restarts: the task is let go or killed.
             Decision::Approve if after => (Some(shared::STATE_IDLE), Signal::SIGCONT, "released"),
@@ -2242,6 +2234,16 @@ impl Daemon {
         }
         tracing::info!(id = held.view.id, pid = held.tgid, decision = %word, applied, by, "decided");
         format!("{word} ({applied})")
+    }
+
+    /// Whether a held action was held after it was made (fallback mode): an exec that
+    /// loaded, a listen that listens — nothing restarts, so it is let go or killed, and it
+    /// waits in a ptrace stop. A listen the notifier holds waits in the kernel instead.
+    fn held_after(&self, kind: ActionKind, tid: u32, kernel_id: u64) -> bool {
+        kind == ActionKind::ExecLoaded
+            || (kind == ActionKind::Listen
+                && self.kernel.mode() == ebpf::Mode::Fallback
+                && self.notified_connect(tid, kernel_id).is_none())
     }
 
     fn timeout_decision(&self) -> Decision {

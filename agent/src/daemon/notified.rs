@@ -386,21 +386,25 @@ impl Daemon {
         }))
     }
 
-    /// A notified `connect` (one whose address is not an IP address's length): let go at once
-    /// unless it names a local socket its label's rules hold or deny, which is held as a
-    /// request (or refused when it cannot be read).
-    fn connect_notified(&mut self, n: Notification) {
+    /// The notified connect or listen `n` (of kind `kind`), with its task's label, if it is a
+    /// new one to decide: a task without a label is refused; the same call again (a signal
+    /// interrupted the wait) takes over the request that stands, answered through `n`.
+    fn fresh_notified_call(
+        &mut self,
+        n: Notification,
+        kind: u32,
+        call: &str,
+    ) -> Option<(Notification, u32)> {
         let Some(state) = self.kernel.task(n.tid) else {
             tracing::warn!(
                 tid = n.tid,
-                "an unlabelled task under the notifier; its connect is refused"
+                "an unlabelled task under the notifier; its {call} is refused"
             );
             let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
-            return;
+            return None;
         };
-        // The same call again (a signal interrupted the wait): the request stands.
         if state.state == shared::STATE_PENDING
-            && state.kind == shared::KIND_UNIX
+            && state.kind == kind
             && let Some(c) = self
                 .notifier
                 .as_mut()
@@ -408,15 +412,25 @@ impl Daemon {
             && c.kernel_id == state.request_id
         {
             c.n = n;
-            return;
+            return None;
         }
-        match self.read_connect(&n, state.label) {
+        Some((n, state.label))
+    }
+
+    /// A notified `connect` (one whose address is not an IP address's length): let go at once
+    /// unless it names a local socket its label's rules hold or deny, which is held as a
+    /// request (or refused when it cannot be read).
+    fn connect_notified(&mut self, n: Notification) {
+        let Some((n, label)) = self.fresh_notified_call(n, shared::KIND_UNIX, "connect") else {
+            return;
+        };
+        match self.read_connect(&n, label) {
             Ok(None) => {
                 let _ = notify::respond(&n.listener, n.id, Reply::Continue);
             }
             Ok(Some(ev)) => self.hold_notified_connect(n, ev, None),
             Err(why) => {
-                tracing::warn!(tid = n.tid, label = %self.label_name(state.label), why, "connect refused");
+                tracing::warn!(tid = n.tid, label = %self.label_name(label), why, "connect refused");
                 let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
             }
         }
@@ -542,27 +556,10 @@ impl Daemon {
     /// `listen` request; refused when the socket cannot be read. An IPv4/IPv6 one the daemon
     /// makes itself, on the socket it read (see [`notify::is_listen`] and [`Listen`]).
     fn listen_notified(&mut self, n: Notification) {
-        let Some(state) = self.kernel.task(n.tid) else {
-            tracing::warn!(
-                tid = n.tid,
-                "an unlabelled task under the notifier; its listen is refused"
-            );
-            let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
+        let Some((n, label)) = self.fresh_notified_call(n, shared::KIND_LISTEN, "listen") else {
             return;
         };
-        // The same call again (a signal interrupted the wait): the request stands.
-        if state.state == shared::STATE_PENDING
-            && state.kind == shared::KIND_LISTEN
-            && let Some(c) = self
-                .notifier
-                .as_mut()
-                .and_then(|t| t.connects.get_mut(&n.tid))
-            && c.kernel_id == state.request_id
-        {
-            c.n = n;
-            return;
-        }
-        match read_listen(&n, state.label) {
+        match read_listen(&n, label) {
             Ok(Listen::InKernel) => {
                 let _ = notify::respond(&n.listener, n.id, Reply::Continue);
             }
@@ -571,7 +568,7 @@ impl Daemon {
             }
             Ok(Listen::Hold(ev, socket)) => self.hold_notified_connect(n, ev, Some(socket)),
             Err(why) => {
-                tracing::warn!(tid = n.tid, label = %self.label_name(state.label), why, "listen refused");
+                tracing::warn!(tid = n.tid, label = %self.label_name(label), why, "listen refused");
                 let _ = notify::respond(&n.listener, n.id, Reply::Fail(libc::EPERM));
             }
         }

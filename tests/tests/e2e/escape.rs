@@ -113,13 +113,7 @@ fn spawn(d: &Daemon, who: As, args: &[String]) -> Proc {
 
 /// Runs a technique unlabelled: it must deliver (positive control).
 fn unlabelled_delivers(d: &Daemon, who: As, args: &[String], sink: &Sink) {
-    use std::os::unix::process::CommandExt as _;
-    let mut cmd = std::process::Command::new(escape_for(d, who));
-    cmd.args(args);
-    if who == As::Nobody {
-        cmd.uid(NOBODY).gid(NOBODY);
-    }
-    let out = cmd.output().expect("cs-escape unlabelled");
+    let out = run_unlabelled(d, who, args);
     let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(
         out.status.success() && sink.arrived(&stdout),
@@ -127,6 +121,24 @@ fn unlabelled_delivers(d: &Daemon, who: As, args: &[String], sink: &Sink) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr).trim()
     );
+}
+
+/// Runs a technique unlabelled, as `who`, to its end.
+fn run_unlabelled(d: &Daemon, who: As, args: &[String]) -> std::process::Output {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new(escape_for(d, who));
+    cmd.args(args);
+    if who == As::Nobody {
+        cmd.uid(NOBODY).gid(NOBODY);
+    }
+    cmd.output().expect("cs-escape unlabelled")
+}
+
+/// What a technique printed, run unlabelled as `who`.
+fn unlabelled_stdout(d: &Daemon, who: As, args: &[String]) -> String {
+    String::from_utf8_lossy(&run_unlabelled(d, who, args).stdout)
+        .trim()
+        .to_owned()
 }
 
 /// Runs a technique labelled. Its own exec is approved; every other request it raises is
@@ -343,7 +355,6 @@ fn tcp_fast_open_is_held_as_nobody() {
 /// on the network. Unlabelled, each listens on the network; labelled, with every request
 /// denied, none does, and a `listen` was held (or the process killed for it).
 fn listens(who: As) {
-    use std::os::unix::process::CommandExt as _;
     let d = Daemon::start();
     let port = std::net::TcpListener::bind("0.0.0.0:0")
         .and_then(|l| l.local_addr())
@@ -376,14 +387,9 @@ fn listens(who: As) {
         );
     }
     for args in techniques {
-        let mut cmd = std::process::Command::new(escape_for(&d, who));
-        cmd.args(&args);
-        if who == As::Nobody {
-            cmd.uid(NOBODY).gid(NOBODY);
-        }
-        let out = cmd.output().expect("cs-escape unlabelled");
+        let control = unlabelled_stdout(&d, who, &args);
         assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
+            control,
             "listening",
             "as {who:?}, `cs-escape {}` does not listen even unlabelled: the labelled run would prove nothing",
             args.join(" ")
@@ -414,13 +420,7 @@ fn listens(who: As) {
         let mut args = vec!["listen-compat".to_owned(), format!("0.0.0.0:{port}")];
         args.extend(mode.map(str::to_owned));
         let name = args.join(" ");
-        let mut cmd = std::process::Command::new(escape_for(&d, who));
-        cmd.args(&args);
-        if who == As::Nobody {
-            cmd.uid(NOBODY).gid(NOBODY);
-        }
-        let out = cmd.output().expect("cs-escape unlabelled");
-        let control = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let control = unlabelled_stdout(&d, who, &args);
         if control == format!("error {}", libc::ENOSYS) {
             eprintln!("not tried: this kernel has no 32-bit entry: {name}");
             continue;
@@ -455,13 +455,7 @@ fn listens(who: As) {
         let mut args = vec!["uring-listen".to_owned(), format!("0.0.0.0:{port}")];
         args.extend(mode.map(str::to_owned));
         let name = args.join(" ");
-        let mut cmd = std::process::Command::new(escape_for(&d, who));
-        cmd.args(&args);
-        if who == As::Nobody {
-            cmd.uid(NOBODY).gid(NOBODY);
-        }
-        let out = cmd.output().expect("cs-escape unlabelled");
-        let control = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let control = unlabelled_stdout(&d, who, &args);
         if control == format!("error {}", libc::EINVAL) {
             eprintln!("not tried: this kernel has no IORING_OP_LISTEN (Linux 6.11+): {name}");
             continue;
