@@ -30,12 +30,13 @@ use aya_ebpf::helpers::bpf_probe_read_kernel;
 use aya_ebpf::programs::TracePointContext;
 use countersign_ebpf::{
     CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC, EPERM, FileKey, GUARD_ANCESTOR, GUARD_CAPABILITIES,
-    GUARD_CAPABILITIES_HOST, GUARD_CGROUP, GUARD_DIR, GUARD_FILE, GUARD_RAW_MAJOR, GUARD_SECRET,
-    KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, PROC_SUPER_MAGIC, RAW_MAJOR_KEY_DEV,
-    STAT_EVENTS_DROPPED, TAMPER_BPF, TAMPER_CAPABILITY, TAMPER_CGROUP, TAMPER_CGROUP_MOVE,
-    TAMPER_DEVICE, TAMPER_DNS, TAMPER_FILE_GATE, TAMPER_FILE_LOCK, TAMPER_FILE_PASSED,
-    TAMPER_FILE_READ, TAMPER_FILE_WRITE, TAMPER_MODULE, TAMPER_MOUNT, TAMPER_PERF, TAMPER_PROCESS,
-    TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL, TAMPER_TTY, TTY_INPUT_REQUESTS,
+    GUARD_CAPABILITIES_HOST, GUARD_CGROUP, GUARD_DIR, GUARD_FILE, GUARD_NAME_LEN, GUARD_NAMES,
+    GUARD_RAW_MAJOR, GUARD_SECRET, KIND_TAMPER, LABEL_CANARY, LABEL_UNCLASSIFIED, NAME_KEY_DEV,
+    PROC_SUPER_MAGIC, RAW_MAJOR_KEY_DEV, STAT_EVENTS_DROPPED, TAMPER_BPF, TAMPER_CAPABILITY,
+    TAMPER_CGROUP, TAMPER_CGROUP_MOVE, TAMPER_DEVICE, TAMPER_DNS, TAMPER_FILE_GATE,
+    TAMPER_FILE_LOCK, TAMPER_FILE_PASSED, TAMPER_FILE_READ, TAMPER_FILE_WRITE, TAMPER_MODULE,
+    TAMPER_MOUNT, TAMPER_PERF, TAMPER_PROCESS, TAMPER_PTRACE, TAMPER_SIGNAL, TAMPER_SYSCTL,
+    TAMPER_TTY, TTY_INPUT_REQUESTS,
 };
 
 use crate::{
@@ -655,7 +656,7 @@ fn countersign_file(file: *const u8) -> Option<(u64, u64)> {
     let o = maps::kernel_offsets();
     let inode = read_ptr(file, o.file_inode)?;
     let (flags, dev, ino) = inode_flags(inode);
-    if flags & !GUARD_ANCESTOR != 0 {
+    if flags & !(GUARD_ANCESTOR | GUARD_NAMES) != 0 {
         return Some((dev, ino));
     }
     let parent = read_ptr(file, o.file_dentry).and_then(|d| read_ptr(d, o.dentry_parent));
@@ -716,15 +717,60 @@ fn parse_pid(bytes: &[u8; 11]) -> Option<u32> {
 /// The directory hooks that create in `dir` (`inode_create`, `inode_mkdir`, `inode_mknod`,
 /// `inode_symlink`): nothing new in countersign's directories.
 #[inline(always)]
-pub fn inode_create(dir: *const u8) -> i32 {
+pub fn inode_create(dir: *const u8, dentry: *const u8) -> i32 {
     let Some(label) = guarded() else {
         return 0;
     };
     let (flags, dev, ino) = inode_flags(dir);
-    if flags & GUARD_DIR != 0 {
+    if flags & GUARD_DIR != 0 || (flags & GUARD_NAMES != 0 && guarded_name(dev, ino, dentry)) {
         return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
     }
     0
+}
+
+/// Whether `dentry`'s name may not be made in the directory (`dev`, `ino`): a name entry
+/// exists for it (see [`GUARD_NAMES`]). Names longer than [`GUARD_NAME_LEN`] have none.
+#[inline(always)]
+fn guarded_name(dev: u64, ino: u64, dentry: *const u8) -> bool {
+    if !offsets_known() {
+        return false;
+    }
+    let Some(name) = read_ptr(dentry, maps::kernel_offsets().dentry_name) else {
+        return false;
+    };
+    // Hashed 8 bytes at a time as read (a buffer of the whole name would not fit the
+    // stack of the hooks this is inlined in). A name shorter than 32 bytes is kept in the
+    // dentry's inline buffer, so the reads stay in it; bytes after the NUL count as NULs.
+    let mut h = countersign_ebpf::name_key_start(dev, ino);
+    let mut ended = false;
+    let mut word = 0;
+    while word < (GUARD_NAME_LEN + 1) / 8 {
+        // SAFETY: the checked helper.
+        let Ok(bytes) = (unsafe { bpf_probe_read_kernel(name.add(word * 8).cast::<u64>()) }) else {
+            return false;
+        };
+        let mut i = 0;
+        while i < 8 {
+            let mut b = ((bytes >> (i * 8)) & 0xff) as u8;
+            if ended {
+                b = 0;
+            } else if b == 0 {
+                ended = true;
+            }
+            h = countersign_ebpf::name_key_byte(h, b);
+            i += 1;
+        }
+        word += 1;
+    }
+    if !ended {
+        return false;
+    }
+    let key = FileKey {
+        dev: NAME_KEY_DEV,
+        ino: h,
+    };
+    // SAFETY: reading a plain value out of the map.
+    unsafe { GUARD_FILES.get(&key) }.is_some()
 }
 
 /// `inode_unlink(dir, dentry)` and `inode_rmdir(dir, dentry)`: nothing of countersign's is
@@ -769,13 +815,17 @@ pub fn inode_rename(
             return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
         }
     }
+    let (flags, dev, ino) = inode_flags(new_dir);
+    if flags & GUARD_NAMES != 0 && guarded_name(dev, ino, new_dentry) {
+        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+    }
     0
 }
 
 /// `inode_link(old_dentry, dir, new_dentry)`: no new name for countersign's files, and no
 /// new entry in its directories.
 #[inline(always)]
-pub fn inode_link(old_dentry: *const u8, dir: *const u8) -> i32 {
+pub fn inode_link(old_dentry: *const u8, dir: *const u8, new_dentry: *const u8) -> i32 {
     let Some(label) = guarded() else {
         return 0;
     };
@@ -783,8 +833,18 @@ pub fn inode_link(old_dentry: *const u8, dir: *const u8) -> i32 {
     if flags & (GUARD_FILE | GUARD_SECRET) != 0 {
         return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
     }
+    // A file of a guarded directory is guarded by its place: a second name elsewhere would
+    // open it for writing from a directory that is not.
+    let parent = offsets_known()
+        .then(|| read_ptr(old_dentry, maps::kernel_offsets().dentry_parent))
+        .flatten();
+    if parent.is_some_and(|p| dentry_flags(p).0 & GUARD_DIR != 0) {
+        return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
+    }
     let (dflags, ddev, dino) = inode_flags(dir);
-    if dflags & GUARD_DIR != 0 {
+    if dflags & GUARD_DIR != 0
+        || (dflags & GUARD_NAMES != 0 && guarded_name(ddev, dino, new_dentry))
+    {
         return refuse(label, TAMPER_FILE_WRITE, Target::File(ddev, dino), 0);
     }
     0
@@ -812,7 +872,7 @@ pub fn dentry_change(dentry: *const u8) -> i32 {
         return 0;
     };
     let (flags, dev, ino) = dentry_flags(dentry);
-    if flags & !GUARD_ANCESTOR != 0 {
+    if flags & !(GUARD_ANCESTOR | GUARD_NAMES) != 0 {
         return refuse(label, TAMPER_FILE_WRITE, Target::File(dev, ino), 0);
     }
     0

@@ -114,6 +114,56 @@ pub const GUARD_CGROUP: u32 = 16;
 pub const GUARD_RAW_MAJOR: u32 = 32;
 /// [`FileKey::dev`] of a [`GUARD_RAW_MAJOR`] entry (no device has it).
 pub const RAW_MAJOR_KEY_DEV: u64 = u64::MAX;
+/// A directory in which some names may not be made (created, linked or renamed to): the
+/// entries keyed ([`NAME_KEY_DEV`], [`name_key`]) say which. For files that do not exist yet
+/// and that a program reads if they appear (`/etc/ld.so.preload`), which no inode can stand
+/// for.
+pub const GUARD_NAMES: u32 = 64;
+/// [`FileKey::dev`] of a name entry (no device has it).
+pub const NAME_KEY_DEV: u64 = u64::MAX - 1;
+/// The longest name guarded before it exists, in bytes (the NUL makes 32; a dentry keeps
+/// names of up to 32 bytes inline, so reading 32 never passes its end).
+pub const GUARD_NAME_LEN: usize = 31;
+
+/// [`FileKey::ino`] of the name entry for `name` (NUL-padded to 32 bytes) in the directory
+/// (`dev`, `ino`): FNV-1a over the three. The daemon and the kernel side compute it alike (the
+/// kernel side byte by byte, with [`name_key_start`] and [`name_key_byte`]).
+#[inline(always)]
+#[must_use]
+pub fn name_key(dev: u64, ino: u64, name: &[u8; GUARD_NAME_LEN + 1]) -> u64 {
+    let mut h = name_key_start(dev, ino);
+    let mut i = 0;
+    while i < GUARD_NAME_LEN + 1 {
+        h = name_key_byte(h, name[i]);
+        i += 1;
+    }
+    h
+}
+
+/// [`name_key`] before the name's bytes.
+#[inline(always)]
+#[must_use]
+pub fn name_key_start(dev: u64, ino: u64) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < 8 {
+        h = name_key_byte(h, ((dev >> (i * 8)) & 0xff) as u8);
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 8 {
+        h = name_key_byte(h, ((ino >> (i * 8)) & 0xff) as u8);
+        i += 1;
+    }
+    h
+}
+
+/// [`name_key`] after one more byte.
+#[inline(always)]
+#[must_use]
+pub fn name_key_byte(h: u64, byte: u8) -> u64 {
+    (h ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+}
 
 /// Every map above but the DNS ones and the guard's is pinned by name in the daemon's pin
 /// directory, so that holds and labels survive a daemon restart.

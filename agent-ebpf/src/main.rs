@@ -307,27 +307,29 @@ mod programs {
 
     #[lsm(hook = "inode_create")]
     pub fn cs_lsm_inode_create(ctx: LsmContext) -> i32 {
-        keep(ctx.arg(3), || guard::inode_create(ctx.arg(0)))
+        keep(ctx.arg(3), || guard::inode_create(ctx.arg(0), ctx.arg(1)))
     }
 
     #[lsm(hook = "inode_mkdir")]
     pub fn cs_lsm_inode_mkdir(ctx: LsmContext) -> i32 {
-        keep(ctx.arg(3), || guard::inode_create(ctx.arg(0)))
+        keep(ctx.arg(3), || guard::inode_create(ctx.arg(0), ctx.arg(1)))
     }
 
     #[lsm(hook = "inode_mknod")]
     pub fn cs_lsm_inode_mknod(ctx: LsmContext) -> i32 {
-        keep(ctx.arg(4), || guard::inode_create(ctx.arg(0)))
+        keep(ctx.arg(4), || guard::inode_create(ctx.arg(0), ctx.arg(1)))
     }
 
     #[lsm(hook = "inode_symlink")]
     pub fn cs_lsm_inode_symlink(ctx: LsmContext) -> i32 {
-        keep(ctx.arg(3), || guard::inode_create(ctx.arg(0)))
+        keep(ctx.arg(3), || guard::inode_create(ctx.arg(0), ctx.arg(1)))
     }
 
     #[lsm(hook = "inode_link")]
     pub fn cs_lsm_inode_link(ctx: LsmContext) -> i32 {
-        keep(ctx.arg(3), || guard::inode_link(ctx.arg(0), ctx.arg(1)))
+        keep(ctx.arg(3), || {
+            guard::inode_link(ctx.arg(0), ctx.arg(1), ctx.arg(2))
+        })
     }
 
     #[lsm(hook = "inode_unlink")]

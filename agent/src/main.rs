@@ -42,6 +42,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Turn enforcement off when no daemon runs (root): what a daemon stopped with
+    /// `on_stop: keep` (the default) or killed left in the kernel is removed; a process still
+    /// waiting for a decision is killed, never let go.
+    Off {
+        /// Configuration file (default /etc/countersign/daemon.yaml if it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        socket_dir: Option<PathBuf>,
+        #[arg(long)]
+        bpf_pin_dir: Option<PathBuf>,
+    },
     /// Run CMD labelled as an agent: its execs and connects (and its children's) are held.
     Exec {
         /// The label (letters, digits, - _ .).
@@ -143,6 +155,9 @@ struct DaemonArgs {
     /// What a labelled task's attempt on countersign itself gets besides a refusal.
     #[arg(long, value_enum)]
     on_tamper: Option<daemon::config::OnTamper>,
+    /// What a stop leaves in the kernel: keep (labelled processes stay held; default) or off.
+    #[arg(long, value_enum)]
+    on_stop: Option<daemon::config::OnStop>,
 }
 
 /// How to reach a remote approver (instead of this host's daemon).
@@ -478,6 +493,11 @@ fn main() {
             action: RecordsCmd::RotateKey { socket_dir },
         } => report(cli::records::rotate_key(&paths::socket_dir(socket_dir))),
         Cmd::Collector { config } => report(collector(config)),
+        Cmd::Off {
+            config,
+            socket_dir,
+            bpf_pin_dir,
+        } => report(off(config, socket_dir, bpf_pin_dir)),
         Cmd::Status { socket_dir, json } => {
             report(cli::status::run(&paths::socket_dir(socket_dir), json))
         }
@@ -545,6 +565,21 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+fn off(
+    config: Option<PathBuf>,
+    socket_dir: Option<PathBuf>,
+    bpf_pin_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut config = DaemonConfig::load(config.as_deref())?;
+    if let Some(d) = socket_dir {
+        config.socket_dir = d;
+    }
+    if let Some(d) = bpf_pin_dir {
+        config.bpf_pin_dir = d;
+    }
+    cli::off::run(&config)
 }
 
 fn report(result: anyhow::Result<()>) -> i32 {
@@ -629,6 +664,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     if let Some(t) = args.on_tamper {
         config.on_tamper = t;
+    }
+    if let Some(s) = args.on_stop {
+        config.on_stop = s;
     }
     config
         .validate(std::path::Path::new("command line"))

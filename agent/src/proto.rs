@@ -144,7 +144,7 @@ pub struct StatusInfo {
     pub host_id: String,
     pub uptime_secs: u64,
     pub pending: usize,
-    /// Held requests taken over from a daemon that did not stop cleanly.
+    /// Held requests taken over from an earlier daemon (stopped with `on_stop: keep`, or killed).
     pub adopted: usize,
     /// Label names known to the daemon.
     pub labels: Vec<String>,
@@ -238,6 +238,10 @@ pub struct SelfProtection {
     pub on_tamper: String,
     /// countersign's files and the directories on the way to them, as given to the kernel.
     pub protected_files: usize,
+    /// The places the system starts programs from later (`run_later`) guarded, and the
+    /// directories directly inside them.
+    #[serde(default)]
+    pub run_later_guarded: usize,
     /// The daemon's memory is locked (never in swap) and not dumpable (no core file).
     #[serde(default)]
     pub memory_locked: bool,

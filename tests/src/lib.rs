@@ -123,6 +123,21 @@ impl Proc {
         self.child.try_wait().expect("try_wait").is_none()
     }
 
+    /// Returns once it waits on its stdin (a `cs-probe wait …` that came that far).
+    pub fn wait_reading_stdin(&self) {
+        let syscall = format!("/proc/{}/syscall", self.pid());
+        let reading = format!("{} 0x0 ", libc::SYS_read);
+        let deadline = Instant::now() + WAIT;
+        while !std::fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with(&reading)) {
+            assert!(
+                Instant::now() < deadline,
+                "pid {} did not come to read its stdin within {WAIT:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Lets a `cs-probe wait …` go on.
     pub fn go(&mut self) {
         use std::io::Write as _;
@@ -471,11 +486,21 @@ impl Daemon {
     /// Starts `cmd` under `label` (through `countersign exec`), stdout and stderr piped.
     #[must_use]
     pub fn labelled(&self, label: &str, cmd: &[&str]) -> Proc {
+        self.labelled_with(label, cmd, Stdio::null())
+    }
+
+    /// [`Daemon::labelled`] with stdin piped (see `cs-probe wait`, [`Proc::go`]).
+    #[must_use]
+    pub fn labelled_piped(&self, label: &str, cmd: &[&str]) -> Proc {
+        self.labelled_with(label, cmd, Stdio::piped())
+    }
+
+    fn labelled_with(&self, label: &str, cmd: &[&str], stdin: Stdio) -> Proc {
         let child = Command::new(countersign_bin())
             .args(["exec", "--label", label, "--"])
             .args(cmd)
             .env("COUNTERSIGN_SOCKET_DIR", self.dir.path())
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -490,16 +515,7 @@ impl Daemon {
     #[must_use]
     pub fn unlabelled_waiting(&self, cmd: &[&str]) -> Proc {
         let p = spawn_unlabelled(cmd, Stdio::piped());
-        let syscall = format!("/proc/{}/syscall", p.pid());
-        let reading = format!("{} 0x0 ", libc::SYS_read);
-        let deadline = Instant::now() + WAIT;
-        while !std::fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with(&reading)) {
-            assert!(
-                Instant::now() < deadline,
-                "{cmd:?} did not come to read its stdin within {WAIT:?}"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        p.wait_reading_stdin();
         p
     }
 

@@ -803,7 +803,7 @@ fn policy_test_names_rule_and_outcome() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("rule `git-push`") && text.contains("coding-agent.yaml:39"),
+        text.contains("rule `git-push`") && text.contains("coding-agent.yaml:43"),
         "{text}"
     );
     assert!(

@@ -28,7 +28,7 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
     println!("  held requests:  {}", s.pending);
     if s.adopted > 0 {
         println!(
-            "  adopted:        {} (taken over from a daemon that did not stop cleanly)",
+            "  adopted:        {} (taken over from an earlier daemon: stopped with on_stop: keep, or killed)",
             s.adopted
         );
     }
@@ -61,6 +61,12 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
             ),
             (Some(why), false) => println!("  labelled root contained: no, because {why}"),
             (None, false) => println!("  labelled root contained: no"),
+        }
+        if g.contained {
+            println!(
+                "  run later:      {} places the system starts programs from later guarded (run_later)",
+                g.run_later_guarded
+            );
         }
         println!(
             "  daemon memory:  {}",

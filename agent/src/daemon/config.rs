@@ -52,6 +52,19 @@ pub enum OnTamper {
     Kill,
 }
 
+/// What a stop (`SIGTERM`, `SIGINT`) leaves in the kernel once every held request is denied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStop {
+    /// The hooks, labels and their state stay pinned, as after a crash: labelled processes
+    /// stay labelled and their next actions wait for the next daemon, which takes them over
+    /// (a restart for an upgrade is no way out). `countersign off` turns enforcement off.
+    #[default]
+    Keep,
+    /// Enforcement is turned off and the pins removed: labelled processes go on unchecked.
+    Off,
+}
+
 /// Where the daemon ships its records.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -103,9 +116,19 @@ pub struct DaemonConfig {
     pub policy: Vec<PathBuf>,
     /// What a labelled task's attempt on countersign itself gets besides a refusal.
     pub on_tamper: OnTamper,
+    /// What a stop leaves in the kernel.
+    pub on_stop: OnStop,
     /// Directories that are countersign's alone: labelled tasks create, remove, rename or
     /// write nothing in them (those that exist at start and at each reload).
     pub protected_dirs: Vec<PathBuf>,
+    /// Where the system finds programs it starts later, as root and unlabelled: scheduled
+    /// jobs (cron, `at`), service units and generators, boot scripts, udev rules, the dynamic
+    /// linker's preload and search paths, login hooks. Labelled tasks create, remove, rename
+    /// or write nothing in these directories (nor in the directories directly inside them:
+    /// `*.wants`, drop-ins, a user's crontab) or files (those that exist at start and at each
+    /// reload). Default: [`crate::daemon::guard::RUN_LATER`]; `[]` where agents install
+    /// software as root (a package's unit or cron file is then refused).
+    pub run_later: Vec<PathBuf>,
     /// The file this configuration was read from (not a setting: protected like the rest).
     #[serde(skip)]
     pub config_file: Option<PathBuf>,
@@ -143,6 +166,8 @@ impl Default for DaemonConfig {
             policy: Vec::new(),
             approver: None,
             on_tamper: OnTamper::Deny,
+            // A stop is no way out for a labelled process.
+            on_stop: OnStop::Keep,
             protected_dirs: [
                 paths::DEFAULT_CONFIG_DIR,
                 paths::DEFAULT_STATE_DIR,
@@ -151,6 +176,10 @@ impl Default for DaemonConfig {
             ]
             .map(PathBuf::from)
             .to_vec(),
+            run_later: crate::daemon::guard::RUN_LATER
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
             config_file: None,
             dns: crate::daemon::names::DnsConfig::default(),
         }

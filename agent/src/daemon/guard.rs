@@ -2,7 +2,7 @@
 //! labelled task's changes to them, see `agent-ebpf/src/guard.rs`), and how the attempts the
 //! kernel reports read in the records.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
 };
 
@@ -34,6 +34,76 @@ const SYSTEMD_UNIT_DIRS: [&str; 5] = [
     "/lib/systemd/system",
 ];
 
+/// Where the system finds programs it starts later, as root (or as the user who asked) and
+/// unlabelled, from files a labelled task could write: the default of `run_later`. A file
+/// dropped in one of these runs outside every hold — a minute later (cron), at the next
+/// login, package run, device event or boot. Directories are guarded with the directories
+/// directly inside them (`multi-user.target.wants`, `ssh.service.d`, cron's `crontabs`).
+pub const RUN_LATER: [&str; 49] = [
+    // Scheduled jobs: cron's tables and spools (`crontab` writes a user's there), `at`'s
+    // spools, anacron.
+    "/etc/crontab",
+    "/etc/cron.d",
+    "/etc/cron.hourly",
+    "/etc/cron.daily",
+    "/etc/cron.weekly",
+    "/etc/cron.monthly",
+    "/etc/cron.yearly",
+    "/etc/anacrontab",
+    "/var/spool/cron",
+    "/var/spool/at",
+    // The service manager: units (timers, paths, `*.wants`, drop-ins), for the system and
+    // for every user's manager, and the generators it runs at each reload and boot.
+    "/etc/systemd/system",
+    "/run/systemd/system",
+    "/usr/local/lib/systemd/system",
+    "/usr/lib/systemd/system",
+    "/lib/systemd/system",
+    "/etc/systemd/user",
+    "/run/systemd/user",
+    "/usr/lib/systemd/user",
+    "/lib/systemd/user",
+    "/etc/systemd/system-generators",
+    "/usr/local/lib/systemd/system-generators",
+    "/usr/lib/systemd/system-generators",
+    "/lib/systemd/system-generators",
+    "/etc/systemd/user-generators",
+    "/usr/lib/systemd/user-generators",
+    // Boot scripts.
+    "/etc/init.d",
+    "/etc/rc.local",
+    // The dynamic linker: a library named there is loaded into every program started
+    // afterwards, root's services included.
+    "/etc/ld.so.preload",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/ld.so.cache",
+    // Device events: a udev rule's `RUN` runs as root.
+    "/etc/udev/rules.d",
+    "/run/udev/rules.d",
+    "/usr/lib/udev/rules.d",
+    "/lib/udev/rules.d",
+    // Modules loaded at boot (`install` lines run commands).
+    "/etc/modprobe.d",
+    "/usr/lib/modprobe.d",
+    "/lib/modprobe.d",
+    "/etc/modules-load.d",
+    "/etc/modules",
+    // Logins: PAM (`pam_exec` runs a program at every login and `sudo`), the login shells'
+    // scripts, the message of the day's scripts.
+    "/etc/pam.d",
+    "/etc/profile",
+    "/etc/profile.d",
+    "/etc/bash.bashrc",
+    "/etc/update-motd.d",
+    // Programs other root jobs run: the package manager's hooks (run by the next `apt`,
+    // unattended upgrades included), log rotation's scripts, network hooks.
+    "/etc/apt/apt.conf.d",
+    "/etc/logrotate.d",
+    "/etc/network/if-up.d",
+    "/etc/NetworkManager/dispatcher.d",
+];
+
 /// Local services that act as root for whoever reaches them and can stop countersign or run
 /// anything unlabelled: systemd (its private socket and the system bus, through which
 /// `systemctl stop countersign` goes) and the container runtimes. A labelled task's connect
@@ -48,12 +118,41 @@ pub const DEPUTY_SOCKETS: [&str; 7] = [
     "/run/crio/crio.sock",
 ];
 
+/// Where each user's service manager listens, under `/run/user/UID`: its private socket and
+/// the user's bus. `systemd-run --user` and `systemctl --user` go there and start anything
+/// as that user, unlabelled; an unprivileged agent needs no root for that.
+const USER_DEPUTY_SOCKETS: [&str; 2] = ["systemd/private", "bus"];
+
+/// Users' runtime directories read, at most.
+const MAX_USER_RUNTIME_DIRS: usize = 256;
+
+/// The deputy sockets' paths: [`DEPUTY_SOCKETS`] and, for every user with a runtime
+/// directory now, [`USER_DEPUTY_SOCKETS`] (whether they exist or not).
+#[must_use]
+pub fn deputy_paths() -> Vec<PathBuf> {
+    deputy_paths_in(Path::new("/run/user"))
+}
+
+fn deputy_paths_in(run_user: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = DEPUTY_SOCKETS.iter().map(PathBuf::from).collect();
+    let users = std::fs::read_dir(run_user).into_iter().flatten().flatten();
+    let users = users.filter(|e| {
+        e.file_name()
+            .to_str()
+            .is_some_and(|n| n.parse::<u32>().is_ok())
+    });
+    for user in users.take(MAX_USER_RUNTIME_DIRS) {
+        out.extend(USER_DEPUTY_SOCKETS.iter().map(|s| user.path().join(s)));
+    }
+    out
+}
+
 /// The deputy sockets that exist now, as the kernel knows them: (device, inode).
 #[must_use]
 pub fn deputies() -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = DEPUTY_SOCKETS
+    let mut out: Vec<(u64, u64)> = deputy_paths()
         .iter()
-        .filter_map(|p| enrich::file_id(Path::new(p)))
+        .filter_map(|p| enrich::file_id(p))
         .map(|f| (f.kernel_dev(), f.ino))
         .collect();
     out.sort_unstable();
@@ -137,7 +236,15 @@ pub struct Guarded {
     paths: HashMap<FileKey, PathBuf>,
     /// The raw disk majors given to the kernel (see [`raw_majors`]).
     raw_majors: Vec<u32>,
+    /// The entries that are there only as `run_later` places (not countersign's own).
+    later: HashSet<FileKey>,
+    /// The `run_later` places that did not exist when last looked at.
+    missing: Vec<PathBuf>,
 }
+
+/// Directories read inside one `run_later` directory, at most (the map holds 1,024 entries
+/// in all).
+const MAX_RUN_LATER_SUBDIRS: usize = 128;
 
 impl Guarded {
     /// Everything of `config`'s that exists now: the configuration and policy files, the
@@ -196,6 +303,7 @@ impl Guarded {
         for d in &config.protected_dirs {
             g.add(d, GUARD_DIR);
         }
+        g.add_run_later(&config.run_later);
         // Where destination names are learnt, the answers of the host's resolvers are
         // trusted: the files that say which resolvers those are may not change either (a
         // labelled root could point the host at a resolver of its own). A symlink is guarded
@@ -228,6 +336,91 @@ impl Guarded {
             }
         }
         g
+    }
+
+    /// The places of `run_later` that exist: a file as a file, a directory with the
+    /// directories directly inside it (not those a symlink names). Counted apart, and given
+    /// to the kernel after countersign's own files when the map cannot hold every entry.
+    fn add_run_later(&mut self, places: &[PathBuf]) {
+        for place in places {
+            let Ok(m) = std::fs::metadata(place) else {
+                self.add_name(place);
+                self.missing.push(place.clone());
+                continue;
+            };
+            let add = |g: &mut Self, path: &Path, flag: u32| {
+                if let Some(id) = enrich::file_id(path) {
+                    let key = FileKey {
+                        dev: id.kernel_dev(),
+                        ino: id.ino,
+                    };
+                    if !g.flags.contains_key(&key) {
+                        g.later.insert(key);
+                    }
+                    g.add_id(path, id, flag);
+                }
+            };
+            if !m.is_dir() {
+                add(self, place, GUARD_FILE);
+                continue;
+            }
+            add(self, place, GUARD_DIR);
+            let inside = std::fs::read_dir(place).into_iter().flatten().flatten();
+            for entry in inside.take(MAX_RUN_LATER_SUBDIRS) {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    add(self, &entry.path(), GUARD_DIR);
+                }
+            }
+        }
+    }
+
+    /// A `run_later` file that does not exist (yet): its name may not be made in its
+    /// directory (the directory gets [`GUARD_NAMES`], and a name entry). Names longer than
+    /// [`shared::GUARD_NAME_LEN`] bytes, and files whose directory is missing too, are not
+    /// guarded.
+    fn add_name(&mut self, path: &Path) {
+        use std::os::unix::ffi::OsStrExt as _;
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return;
+        };
+        let name = name.as_bytes();
+        let Some(dir_id) = enrich::file_id(dir) else {
+            return;
+        };
+        if name.len() > shared::GUARD_NAME_LEN || name.contains(&0) {
+            tracing::warn!(path = %path.display(), "a run_later name longer than 31 bytes is guarded only once it exists");
+            return;
+        }
+        let mut padded = [0_u8; shared::GUARD_NAME_LEN + 1];
+        padded[..name.len()].copy_from_slice(name);
+        let key = FileKey {
+            dev: shared::NAME_KEY_DEV,
+            ino: shared::name_key(dir_id.kernel_dev(), dir_id.ino, &padded),
+        };
+        self.flags.insert(key, GUARD_FILE);
+        self.paths.insert(key, path.to_path_buf());
+        self.later.insert(key);
+        let dir_key = FileKey {
+            dev: dir_id.kernel_dev(),
+            ino: dir_id.ino,
+        };
+        if !self.flags.contains_key(&dir_key) {
+            self.later.insert(dir_key);
+        }
+        self.add_id(dir, dir_id, shared::GUARD_NAMES);
+    }
+
+    /// Whether a `run_later` place that did not exist does now (it is to be guarded as
+    /// itself).
+    #[must_use]
+    pub fn run_later_appeared(&self) -> bool {
+        self.missing.iter().any(|p| p.metadata().is_ok())
+    }
+
+    /// How many of the `run_later` places (and the directories in them) are guarded.
+    #[must_use]
+    pub fn run_later_len(&self) -> usize {
+        self.later.len()
     }
 
     /// Adds `path` itself (a symlink, not what it names) with `flag`, and its ancestors.
@@ -282,7 +475,9 @@ impl Guarded {
     #[must_use]
     pub fn entries(&self) -> (Vec<(FileKey, u32)>, usize) {
         let mut all: Vec<(FileKey, u32)> = self.flags.iter().map(|(k, f)| (*k, *f)).collect();
-        all.sort_by_key(|(k, f)| (*f == GUARD_ANCESTOR, k.dev, k.ino));
+        // countersign's own files first, then the places programs are started from later,
+        // then the directories on the way.
+        all.sort_by_key(|(k, f)| (*f == GUARD_ANCESTOR, self.later.contains(k), k.dev, k.ino));
         let max = shared::MAX_GUARD_FILES as usize;
         let dropped = all.len().saturating_sub(max);
         all.truncate(max);
@@ -305,7 +500,7 @@ impl Guarded {
     /// How many files and directories are guarded (the raw disk majors are not counted).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.flags.len() - self.raw_majors.len()
+        self.flags.len() - self.raw_majors.len() - self.later.len()
     }
 }
 
@@ -666,10 +861,119 @@ mod tests {
                 "major {m} is not an entry: {entries:?}"
             );
         }
-        assert_eq!(g.len(), g.flags.len() - majors.len());
+        assert_eq!(g.len(), g.flags.len() - majors.len() - g.later.len());
         assert!(!g.raw_majors_changed());
         g.raw_majors.push(4095);
         assert!(g.raw_majors_changed(), "a changed set of majors is noticed");
+    }
+
+    /// A `run_later` directory is guarded with the directories in it (a user's crontab
+    /// directory, a unit's `*.wants`), a file as a file; they come after countersign's own
+    /// files when the map is short, and are not counted as countersign's.
+    #[test]
+    fn places_programs_are_started_from_later_are_guarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cron = dir.path().join("cron");
+        std::fs::create_dir_all(cron.join("crontabs")).unwrap();
+        std::fs::write(cron.join("crontabs/alice"), b"* * * * * true\n").unwrap();
+        let preload = dir.path().join("ld.so.preload");
+        std::fs::write(&preload, b"").unwrap();
+        let own = dir.path().join("own");
+        std::fs::create_dir(&own).unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        let config = DaemonConfig {
+            socket_dir: dir.path().join("none"),
+            protected_dirs: vec![own.clone()],
+            run_later: vec![cron.clone(), preload.clone(), etc.join("missing")],
+            ..DaemonConfig::default()
+        };
+        let g = Guarded::of(&config, &[]);
+        let key = |p: &Path| {
+            let id = enrich::file_id(p).unwrap();
+            FileKey {
+                dev: id.kernel_dev(),
+                ino: id.ino,
+            }
+        };
+        let flags = |p: &Path| g.flags.get(&key(p)).copied();
+        assert!(flags(&cron).is_some_and(|f| f & GUARD_DIR != 0));
+        assert_eq!(flags(&cron.join("crontabs")), Some(GUARD_DIR));
+        assert_eq!(
+            flags(&cron.join("crontabs/alice")),
+            None,
+            "its directory guards it"
+        );
+        assert_eq!(flags(&preload), Some(GUARD_FILE));
+        // A missing file: its name may not be made in its directory.
+        assert_eq!(flags(&etc), Some(shared::GUARD_NAMES));
+        let etc_key = key(&etc);
+        let mut name = [0_u8; shared::GUARD_NAME_LEN + 1];
+        name[..7].copy_from_slice(b"missing");
+        let name_key = FileKey {
+            dev: shared::NAME_KEY_DEV,
+            ino: shared::name_key(etc_key.dev, etc_key.ino, &name),
+        };
+        assert_eq!(g.flags.get(&name_key), Some(&GUARD_FILE));
+        assert_eq!(
+            g.run_later_len(),
+            5,
+            "cron, crontabs, the preload, etc and the name"
+        );
+        assert!(!g.run_later_appeared());
+        std::fs::write(etc.join("missing"), b"").unwrap();
+        assert!(
+            g.run_later_appeared(),
+            "a file guarded by name that appears is noticed"
+        );
+        std::fs::remove_file(etc.join("missing")).unwrap();
+        let without = Guarded::of(
+            &DaemonConfig {
+                run_later: Vec::new(),
+                ..config
+            },
+            &[],
+        );
+        assert_eq!(g.len(), without.len(), "not counted as countersign's");
+        // countersign's own directory comes before the places, the places before ancestors.
+        let entries = g.entries().0;
+        let at = |p: &Path| entries.iter().position(|(k, _)| *k == key(p)).unwrap();
+        assert!(
+            at(&own) < at(&cron) && at(&cron) < at(dir.path()),
+            "{entries:?}"
+        );
+        // The defaults name where cron, at, systemd and the dynamic linker look.
+        let defaults = DaemonConfig::default().run_later;
+        for p in [
+            "/var/spool/cron",
+            "/etc/cron.d",
+            "/etc/systemd/system",
+            "/etc/ld.so.preload",
+        ] {
+            assert!(
+                defaults.contains(&PathBuf::from(p)),
+                "{p} not in {defaults:?}"
+            );
+        }
+    }
+
+    /// Every user's service manager is a deputy (`systemd-run --user`), whoever the user.
+    #[test]
+    fn users_service_managers_are_deputies() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["1000", "0", "not-a-user"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let paths = deputy_paths_in(dir.path());
+        for p in ["1000/bus", "1000/systemd/private", "0/bus"] {
+            assert!(paths.contains(&dir.path().join(p)), "{p}: {paths:?}");
+        }
+        assert!(
+            !paths
+                .iter()
+                .any(|p| p.starts_with(dir.path().join("not-a-user")))
+        );
+        assert!(paths.contains(&PathBuf::from("/run/dbus/system_bus_socket")));
     }
 
     #[test]

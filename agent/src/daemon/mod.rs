@@ -6,7 +6,7 @@
 //! socket handlers talk to it through [`control::Command`] messages.
 mod cgroups;
 pub mod config;
-mod control;
+pub mod control;
 pub mod enrich;
 pub mod grants;
 mod guard;
@@ -129,7 +129,7 @@ struct Daemon {
     requests: BTreeMap<u64, Held>,
     next_id: u64,
     started: Instant,
-    /// Requests taken over from a daemon that did not stop cleanly.
+    /// Requests taken over from an earlier daemon (stopped with on_stop: keep, or killed).
     adopted: usize,
     /// Refusals the kernel reported lately, by (process, what): the first of a storm is
     /// recorded, its repeats within [`REFUSAL_RECORD_EVERY`] only counted by the kernel.
@@ -526,7 +526,8 @@ fn policy_stamp(
         paths.extend(policy::compile::unix_paths(p));
     }
     // A deputy started after the daemon (the system bus at boot) is held once it appears.
-    paths.extend(guard::DEPUTY_SOCKETS.iter().map(std::path::PathBuf::from));
+    // So is a user's service manager once the user has a session (`/run/user/UID`).
+    paths.extend(guard::deputy_paths());
     paths.sort();
     paths.dedup();
     paths
@@ -600,7 +601,7 @@ fn tgid_uid(tid: u32) -> Option<(u32, u32)> {
 }
 
 impl Daemon {
-    /// Takes over what a daemon that did not stop cleanly left held: pending requests come
+    /// Takes over what an earlier daemon (stopped with `on_stop: keep`, or killed) left held: pending requests come
     /// back with their original deadlines; decisions written but not yet taken are released
     /// (they were logged before they were written).
     fn adopt(&mut self) {
@@ -652,7 +653,10 @@ impl Daemon {
             self.hold_as(
                 &ev,
                 kind,
-                Some("taken over from a daemon that did not stop cleanly".into()),
+                Some(
+                    "taken over from an earlier daemon (stopped with on_stop: keep, or killed)"
+                        .into(),
+                ),
                 st.user_id,
             );
             // The deadline counts from when the kernel raised the request.
@@ -670,7 +674,7 @@ impl Daemon {
         }
         tracing::warn!(
             adopted = self.adopted,
-            "an earlier daemon did not stop cleanly; its held requests were taken over"
+            "an earlier daemon left enforcement in place (on_stop: keep, or killed); its held requests were taken over"
         );
         let orphaned = self.kernel.notified_processes();
         if !orphaned.is_empty() {
@@ -1983,6 +1987,7 @@ impl Daemon {
                 config::OnTamper::Kill => "kill".into(),
             },
             protected_files: self.guarded.len(),
+            run_later_guarded: self.guarded.run_later_len(),
             memory_locked: self.memory.is_ok(),
             refused: self
                 .tampers
@@ -2317,6 +2322,13 @@ impl Daemon {
                 tracing::info!("a disk driver registered a character device major: guarded");
                 self.install_guard();
             }
+            if self.guarded.run_later_appeared() {
+                // A `run_later` place that did not exist was made (by someone unlabelled,
+                // or, where its directory was missing too, by anyone): guarded as what it
+                // now is.
+                tracing::info!("a run_later place appeared: guarded");
+                self.install_guard();
+            }
             if policy_stamp(&self.config, self.policy.as_ref()) != self.policy_stamp {
                 self.reload("policy files changed");
             }
@@ -2450,7 +2462,8 @@ impl Daemon {
     }
 
     /// Denies everything held, waits briefly for the denials to be consumed, kills what is
-    /// still held, then turns the hooks off.
+    /// still held, then leaves the hooks and their state pinned for the next daemon
+    /// (`on_stop: keep`) or turns them off (`off`).
     fn shutdown(&mut self, ring: &mut RingBuf<MapData>, reason: &str) {
         let held: Vec<Held> = std::mem::take(&mut self.requests).into_values().collect();
         let mut waiting = Vec::new();
@@ -2491,10 +2504,20 @@ impl Daemon {
         for (_, tgid, _) in waiting {
             let _ = kill(Pid::from_raw(tgid as i32), Signal::SIGKILL);
         }
-        self.kernel.teardown();
-        self.append(Body::DaemonStop {
-            reason: reason.to_owned(),
-        });
+        let reason = match self.config.on_stop {
+            config::OnStop::Off => {
+                self.kernel.teardown();
+                format!("{reason}; enforcement off (on_stop: off)")
+            }
+            config::OnStop::Keep => {
+                tracing::warn!(
+                    pins = %self.config.bpf_pin_dir.display(),
+                    "enforcement stays while no daemon runs (on_stop: keep): labelled processes stay labelled and their actions wait for the next daemon; `countersign off` turns it off"
+                );
+                format!("{reason}; enforcement kept (on_stop: keep)")
+            }
+        };
+        self.append(Body::DaemonStop { reason });
         let _ = std::fs::remove_file(self.config.socket_dir.join(crate::paths::CONTROL_SOCKET));
         let _ = std::fs::remove_file(self.config.socket_dir.join(crate::paths::LAUNCH_SOCKET));
         eprintln!("countersign: stopped");

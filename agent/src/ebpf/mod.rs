@@ -6,7 +6,7 @@ mod btf;
 mod canary;
 pub mod dns;
 mod format;
-mod pin;
+pub mod pin;
 mod unix_cgroup;
 
 use std::{
@@ -148,6 +148,11 @@ pub enum KernelError {
         path: PathBuf,
         error: std::io::Error,
     },
+    /// The pin directory holds another version's kernel state: it cannot be taken over.
+    #[error(
+        "{dir}: kernel state pinned by a countersign of another version cannot be taken over ({why}); its hooks stay in force (labelled processes stay held): run `countersign off` (processes waiting for a decision are killed), then start the daemon"
+    )]
+    Incompatible { dir: PathBuf, why: String },
     /// The canary did not prove enforcement.
     #[error("the hooks did not prove they run: {0}")]
     Canary(CanaryError),
@@ -182,7 +187,7 @@ pub struct Kernel {
     pinned: Vec<PinnedLink>,
     /// The mode an earlier daemon left in the (pinned) config, `MODE_OFF` if none.
     previous_mode: u32,
-    /// An earlier daemon did not stop cleanly: its state was adopted.
+    /// An earlier daemon left its state pinned (`on_stop: keep`, or killed): adopted.
     adopted: bool,
     /// Whether the kernel can decide execs (its struct offsets were found), or why not.
     exec_fast_path: std::result::Result<(), String>,
@@ -238,6 +243,14 @@ impl Kernel {
     ) -> Result<(Self, RingBuf<MapData>)> {
         raise_memlock();
         pin::prepare(pin_dir)?;
+        // Never reused blind: a map read with another layout would be misread, or the programs
+        // refused; the earlier hooks stay until the operator turns them off.
+        if let Some(why) = pin::incompatible(pin_dir, EBPF_OBJECT) {
+            return Err(KernelError::Incompatible {
+                dir: pin_dir.to_path_buf(),
+                why,
+            });
+        }
         let adopted = pin::has_previous_links(pin_dir);
         format::ensure_tracefs().map_err(KernelError::Format)?;
         let newtask_pid_offset =
@@ -1142,7 +1155,7 @@ impl Kernel {
         })
     }
 
-    /// Stops all enforcement and removes every pin: only at a clean stop, after every held
+    /// Stops all enforcement and removes every pin: only at a stop with `on_stop: off`, after every held
     /// task was decided.
     pub fn teardown(&mut self) {
         let _ = self.set_config(shared::MODE_OFF);

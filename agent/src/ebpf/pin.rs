@@ -1,7 +1,7 @@
 //! The pin directory on bpffs: maps pinned by name (aya does that at load), and the links,
 //! so that the hooks and the held tasks' state outlive the daemon process. A daemon killed
 //! with SIGKILL leaves enforcement in place and held tasks held; the next daemon adopts
-//! them. Only a clean stop removes the pins.
+//! them. Only a stop with `on_stop: off` (or `countersign off`) removes the pins.
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
@@ -50,7 +50,37 @@ fn links_dir(dir: &Path) -> PathBuf {
     dir.join("links")
 }
 
-/// Whether an earlier daemon left pinned links behind (it did not stop cleanly).
+/// Why the maps pinned in `dir` cannot be taken over by a daemon loading `object`: one that
+/// exists there with another type, key or value size (an earlier version with another kernel
+/// state layout). `None`: nothing pinned, or every pinned map fits.
+#[must_use]
+pub fn incompatible(dir: &Path, object: &[u8]) -> Option<String> {
+    let obj = aya_obj::Object::parse(object).ok()?;
+    for name in countersign_ebpf::PINNED_MAPS {
+        let Ok(data) = aya::maps::MapData::from_pin(dir.join(name)) else {
+            continue;
+        };
+        let (Ok(info), Some(want)) = (data.info(), obj.maps.get(name)) else {
+            continue;
+        };
+        let (got_type, got_key, got_value) = (
+            info.map_type().map_or(u32::MAX, |t| t as u32),
+            info.key_size(),
+            info.value_size(),
+        );
+        if (got_type, got_key, got_value) != (want.map_type(), want.key_size(), want.value_size()) {
+            return Some(format!(
+                "{name} is pinned with type {got_type}, {got_key}-byte keys and {got_value}-byte values; this version's has type {}, {}-byte keys and {}-byte values",
+                want.map_type(),
+                want.key_size(),
+                want.value_size()
+            ));
+        }
+    }
+    None
+}
+
+/// Whether an earlier daemon left pinned links behind (`on_stop: keep`, or killed).
 pub fn has_previous_links(dir: &Path) -> bool {
     std::fs::read_dir(links_dir(dir)).is_ok_and(|mut d| d.next().is_some())
 }
@@ -126,7 +156,14 @@ pub fn remove_other_links(dir: &Path, keep: &[&str]) {
     }
 }
 
-/// Removes every pin: the links (detaching the programs) and the maps. Only for a clean stop.
+/// Removes what a daemon pinned in `dir` without its link handles (`countersign off`, no
+/// daemon running): the links' pins (detaching the programs, which nothing else holds) and
+/// the maps'.
+pub fn remove_pins(dir: &Path) {
+    remove_all(dir, Vec::new());
+}
+
+/// Removes every pin: the links (detaching the programs) and the maps (`on_stop: off`).
 pub fn remove_all(dir: &Path, links: Vec<PinnedLink>) {
     for link in links {
         if let Ok(fd) = link.unpin() {

@@ -73,7 +73,8 @@ pub enum Body {
         mode: String,
         pid: u32,
     },
-    /// The daemon stopped cleanly (after denying what it held).
+    /// The daemon stopped on a signal (after denying what it held); the reason says whether
+    /// enforcement stayed.
     DaemonStop { reason: String },
     /// A held request that waits for a human (written before anyone is asked).
     Request(RequestRecord),

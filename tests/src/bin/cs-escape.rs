@@ -106,6 +106,10 @@
 //!   cs-escape tamper-read PATH                PATH opened for reading
 //!   cs-escape tamper-rename PATH              PATH renamed aside (and back)
 //!   cs-escape tamper-create DIR               a new file in DIR (removed again)
+//!   cs-escape tamper-make PATH HOW            PATH, which does not exist, made by HOW:
+//!                                             create, link, rename or symlink (removed again)
+//!   cs-escape tamper-link PATH DIR            a hard link to PATH made in DIR, opened for
+//!                                             writing (removed again)
 //!   cs-escape tamper-mount DIR                a tmpfs on DIR (unmounted again)
 //!   cs-escape tamper-module                   init_module of 64 bytes that are no module
 //!                                             (`tampered` unless the load is refused: EPERM)
@@ -297,6 +301,14 @@ fn main() {
         Some("tamper-lock") => tamper::lock(arg(2).expect("a PATH argument"), false),
         Some("tamper-lease") => tamper::lock(arg(2).expect("a PATH argument"), true),
         Some("net-admin-own-namespace") => tamper::net_admin(true),
+        Some("tamper-make") => tamper::make(
+            arg(2).expect("a PATH argument"),
+            arg(3).expect("create, link, rename or symlink"),
+        ),
+        Some("tamper-link") => tamper::link(
+            arg(2).expect("a PATH argument"),
+            arg(3).expect("a DIR argument"),
+        ),
         Some("tamper-create") => tamper::create_in(arg(2).expect("a DIR argument")),
         Some("tamper-mount") => tamper::mount(arg(2).expect("a DIR argument")),
         Some("tamper-module") => tamper::module(),

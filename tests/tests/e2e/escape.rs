@@ -682,6 +682,259 @@ fn a_held_send_outlives_the_daemon() {
     assert_eq!(sink.received(), 0);
 }
 
+/// A stop is no way out either (`SIGTERM`, as `systemctl stop` and a restart for an upgrade
+/// send): the labels and the hooks stay while no daemon runs (`on_stop: keep`), so a labelled
+/// process's next connect waits for the next daemon, which takes it over. `countersign off`
+/// turns enforcement off only while no daemon runs, and kills what still waits rather than
+/// letting it go; with `on_stop: off` the stop itself turns it off.
+#[test]
+fn a_stop_is_no_way_out() {
+    let mut d = Daemon::start();
+    let listener = Listener::new();
+    let probe = countersign_tests::probe_bin();
+    let probe = probe.to_str().expect("utf-8 path");
+    let addr = listener.addr();
+    let waiting_connect = |d: &Daemon| {
+        let p = d.labelled_piped("agent", &[probe, "wait", "connect", &addr]);
+        let exec = d.wait_exec(p.pid(), "wait");
+        d.decide(&exec, "approve");
+        p.wait_reading_stdin();
+        p
+    };
+    let off = |d: &Daemon| {
+        std::process::Command::new(countersign_tests::countersign_bin())
+            .arg("off")
+            .arg("--socket-dir")
+            .arg(d.dir())
+            .arg("--bpf-pin-dir")
+            .arg(d.pin_dir())
+            .output()
+            .expect("countersign off")
+    };
+    let tasks_pin = d.pin_dir().join("CS_TASKS");
+
+    let mut p = waiting_connect(&d);
+    let out = off(&d);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("a daemon runs"),
+        "`countersign off` beside a running daemon: {out:?}"
+    );
+    d.stop();
+    assert!(
+        tasks_pin.exists(),
+        "the stop removed the pins:\n{}",
+        d.log()
+    );
+    p.go();
+    assert!(
+        p.still_running_after(Duration::from_millis(500)),
+        "the connect went on without a daemon: {}",
+        p.stdout()
+    );
+    assert!(!listener.accepted(), "nothing connected without a daemon");
+    d.restart();
+    let adopted = d.wait_request("the adopted connect", |r| {
+        r["pid"] == p.pid() && r["kind"] == "connect"
+    });
+    assert_eq!(adopted["destination"], addr.as_str(), "{adopted}");
+    assert!(d.status()["adopted"].as_u64().is_some_and(|n| n >= 1));
+    d.decide(&adopted, "deny");
+    assert_eq!(p.wait(WAIT).code(), Some(1));
+    assert_eq!(p.stdout().trim(), format!("error {}", libc::EPERM));
+
+    // `countersign off` after a stop: what waits is killed, then the hooks go.
+    let mut p = waiting_connect(&d);
+    d.stop();
+    p.go();
+    assert!(p.still_running_after(Duration::from_millis(300)));
+    let out = off(&d);
+    assert!(out.status.success(), "countersign off: {out:?}");
+    let status = p.wait(WAIT);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "the waiting connect was not killed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!tasks_pin.exists(), "`countersign off` left the pins");
+    assert!(!listener.accepted(), "nothing connected");
+
+    // `on_stop: off`.
+    let mut d = Daemon::start_with(&["--on-stop", "off"]);
+    let tasks_pin = d.pin_dir().join("CS_TASKS");
+    assert!(tasks_pin.exists());
+    d.stop();
+    assert!(!tasks_pin.exists(), "on_stop: off left the pins");
+}
+
+/// A pinned hash map of `value_size`-byte values under 4-byte keys, holding `keys`, as another
+/// version's `CS_TASKS` would be; pinned at `path`.
+fn pin_foreign_tasks_map(path: &std::path::Path, value_size: u32, keys: &[u32]) {
+    use std::os::unix::ffi::OsStrExt as _;
+    #[repr(C)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct Elem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> libc::c_long {
+        // SAFETY: `attr` is the command's `bpf_attr` prefix; its pointers are live for the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                std::ptr::from_mut(attr),
+                size_of::<T>() as libc::c_uint,
+            )
+        };
+        assert!(r >= 0, "bpf({cmd}): {}", std::io::Error::last_os_error());
+        r
+    }
+    let fd = bpf(
+        0,
+        &mut Create {
+            map_type: 1,
+            key_size: 4,
+            value_size,
+            max_entries: 64,
+            map_flags: 0,
+        },
+    ) as u32;
+    let value = vec![0_u8; value_size as usize];
+    for key in keys {
+        bpf(
+            2,
+            &mut Elem {
+                map_fd: fd,
+                _pad: 0,
+                key: std::ptr::from_ref(key) as u64,
+                value: value.as_ptr() as u64,
+                flags: 0,
+            },
+        );
+    }
+    let name = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("no NUL");
+    bpf(
+        6,
+        &mut Pin {
+            pathname: name.as_ptr() as u64,
+            bpf_fd: fd,
+            file_flags: 0,
+        },
+    );
+    // SAFETY: the map's descriptor, ours alone; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// Whether `path` is on a bpf file system.
+fn on_bpffs(path: &str) -> bool {
+    const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
+    let p = std::ffi::CString::new(path).expect("no NUL");
+    // SAFETY: a NUL-terminated path and a zeroed buffer the call fills.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::statfs(p.as_ptr(), &mut st) } == 0) && st.f_type as libc::c_long == BPF_FS_MAGIC
+}
+
+/// State another version of countersign pinned (another layout of its task map) is never
+/// read as this version's: the daemon refuses to start and says why, leaving it in force;
+/// `countersign off` then kills every process it labelled (which of them wait cannot be
+/// read) and removes it, and the daemon starts.
+#[test]
+fn another_versions_state_is_never_misread() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // (bpffs takes no dots in names.)
+    let pins =
+        PathBuf::from("/sys/fs/bpf").join(format!("countersign-foreign-{}", std::process::id()));
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    // bpffs where the daemon puts its pins (it mounts it there too when nothing is).
+    let bpffs = on_bpffs("/sys/fs/bpf");
+    if !bpffs {
+        let (src, target, fs) = (c"bpffs", c"/sys/fs/bpf", c"bpf");
+        // SAFETY: NUL-terminated strings, no data.
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fs.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "mounting bpffs: {}", std::io::Error::last_os_error());
+    }
+    std::fs::create_dir_all(&pins).expect("the pin directory");
+    let _remove = Remove(pins.clone());
+    let mut labelled = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .expect("sleep");
+    pin_foreign_tasks_map(&pins.join("CS_TASKS"), 8, &[labelled.id()]);
+    let daemon = |extra: &[&str]| {
+        let mut c = std::process::Command::new(countersign_tests::countersign_bin());
+        c.arg(extra[0])
+            .arg("--socket-dir")
+            .arg(dir.path())
+            .arg("--bpf-pin-dir")
+            .arg(&pins)
+            .args(&extra[1..]);
+        c
+    };
+    let out = daemon(&[
+        "daemon",
+        "--decision-log",
+        dir.path().join("log").to_str().expect("utf-8"),
+        "--host-key",
+        dir.path().join("key").to_str().expect("utf-8"),
+        "--spool-dir",
+        dir.path().join("spool").to_str().expect("utf-8"),
+    ])
+    .output()
+    .expect("countersign daemon");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("CS_TASKS is pinned with")
+            && stderr.contains("countersign off"),
+        "a daemon started on another version's state: {out:?}"
+    );
+    assert!(pins.join("CS_TASKS").exists(), "the earlier state stays");
+    assert!(
+        labelled.try_wait().expect("try_wait").is_none(),
+        "its process lives on"
+    );
+    let out = daemon(&["off"]).output().expect("countersign off");
+    assert!(out.status.success(), "countersign off: {out:?}");
+    let status = labelled.wait().expect("wait");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "the process of another version's labelled task was not killed: {out:?}"
+    );
+    assert!(!pins.join("CS_TASKS").exists(), "`countersign off` left it");
+}
+
 /// LSM mode: a raw socket the process did not create under the hold (inherited, or passed in
 /// by another process) sends nothing. Fallback mode cannot see sends on raw sockets (no cgroup
 /// program runs for them): a documented limit (README "Not held yet").

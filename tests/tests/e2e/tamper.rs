@@ -808,6 +808,123 @@ impl Drop for V1Hierarchy {
     }
 }
 
+/// Paths this test made (removed again, also on failure).
+struct Made(Vec<PathBuf>);
+
+impl Made {
+    /// `dir` made if missing.
+    fn dir(&mut self, dir: &Path) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+            self.0.push(dir.to_path_buf());
+        }
+    }
+
+    /// `file` made with `content`, if missing.
+    fn file(&mut self, file: &Path, content: &str) {
+        if !file.exists() {
+            std::fs::write(file, content).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            self.0.push(file.to_path_buf());
+        }
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
+        }
+    }
+}
+
+/// What the system starts later (cron and `at` jobs, units, the dynamic linker's preload, ...)
+/// runs unlabelled, so a labelled root leaves nothing there (`run_later`): no new file in
+/// cron's directories or in the directories inside them (a user's crontab), no write to a
+/// job, no second name for a job made elsewhere to write it through, no `ld.so.preload` made
+/// (created, linked, renamed or symlinked there) while it does not exist, nor written once
+/// it does.
+/// In LSM mode the daemon's defaults are tried (the places are made where missing, as in
+/// the test VMs); in fallback mode places of the test's own (a host's real ones are not
+/// written), which get through as documented.
+#[test]
+fn a_labelled_root_leaves_nothing_to_run_later() {
+    let lsm = countersign_tests::expected_mode().as_deref() == Some("lsm");
+    let own = tempfile::tempdir().expect("tempdir");
+    let mut made = Made(Vec::new());
+    let (cron, crontabs, preload) = if lsm {
+        let cron = PathBuf::from("/etc/cron.d");
+        let crontabs = PathBuf::from("/var/spool/cron/crontabs");
+        made.dir(&cron);
+        made.dir(&crontabs);
+        (cron, crontabs, PathBuf::from("/etc/ld.so.preload"))
+    } else {
+        let cron = own.path().join("cron.d");
+        let crontabs = own.path().join("spool/cron/crontabs");
+        std::fs::create_dir_all(&cron).expect("cron.d");
+        std::fs::create_dir_all(&crontabs).expect("crontabs");
+        (cron, crontabs, own.path().join("ld.so.preload"))
+    };
+    // The dynamic linker's preload list usually does not exist: guarded by its name.
+    assert!(
+        !preload.exists(),
+        "{} exists on this machine: the attempt to make it cannot be tried",
+        preload.display()
+    );
+    let job = crontabs.join("cs-escape-job");
+    made.file(&job, "* * * * * true\n");
+    let config = own.path().join("daemon.yaml");
+    let places = if lsm {
+        String::new()
+    } else {
+        format!(
+            "run_later: [{}, {}, {}]\n",
+            cron.display(),
+            crontabs.parent().expect("spool/cron").display(),
+            preload.display()
+        )
+    };
+    std::fs::write(&config, places).expect("the configuration");
+    let (d, _dir) = start(&["--config", config.to_str().expect("utf-8 path")]);
+    if lsm {
+        let guarded = d.status()["self_protection"]["run_later_guarded"].as_u64();
+        assert!(
+            guarded.is_some_and(|n| n >= 4),
+            "run_later_guarded: {guarded:?}"
+        );
+    }
+    let expect = if lsm {
+        Expect::Refused("file-write")
+    } else {
+        Expect::GetsThrough
+    };
+    // Somewhere unguarded on the same file system as the job, for the hard link.
+    let elsewhere = tempfile::tempdir_in(
+        crontabs
+            .parent()
+            .expect("spool/cron")
+            .parent()
+            .expect("spool"),
+    )
+    .expect("a directory beside the spool");
+    let s = |p: &Path| p.to_str().expect("utf-8 path").to_owned();
+    attempt(&d, &["tamper-create", &s(&cron)], expect);
+    attempt(&d, &["tamper-create", &s(&crontabs)], expect);
+    attempt(&d, &["tamper-write", &s(&job)], expect);
+    attempt(&d, &["tamper-rename", &s(&job)], expect);
+    attempt(&d, &["tamper-link", &s(&job), &s(elsewhere.path())], expect);
+    for how in ["create", "link", "rename", "symlink"] {
+        attempt(&d, &["tamper-make", &s(&preload), how], expect);
+    }
+    // Made by someone unlabelled (here the test), it is guarded as the file it is now,
+    // within a second.
+    made.file(&preload, "");
+    if lsm {
+        std::thread::sleep(std::time::Duration::from_millis(2_500));
+    }
+    attempt(&d, &["tamper-write", &s(&preload)], expect);
+    attempt(&d, &["tamper-rename", &s(&preload)], expect);
+}
+
 /// `on_tamper: kill`: the attempt is refused and the agent killed.
 #[test]
 fn on_tamper_kill_kills_the_agent() {
@@ -850,6 +967,18 @@ fn deputies_that_could_stop_countersign_are_held_for_a_human() {
         }
     }
     let _unbind = Unbind;
+    // A user's service manager (`systemd-run --user` starts anything as that user).
+    let user_run = Path::new("/run/user/4242");
+    assert!(
+        !user_run.exists(),
+        "the test machine has a user 4242 session"
+    );
+    let mut made = Made(Vec::new());
+    made.dir(&user_run.join("systemd"));
+    made.0.insert(0, user_run.to_path_buf());
+    let user_bus = user_run.join("systemd/private");
+    let user_listener = UnixListener::bind(&user_bus).expect("a stand-in user manager");
+    user_listener.set_nonblocking(true).expect("non-blocking");
     let other_dir = tempfile::tempdir().expect("tempdir");
     let other = other_dir.path().join("service.sock");
     let other_listener = UnixListener::bind(&other).expect("another local service");
@@ -895,4 +1024,21 @@ fn deputies_that_could_stop_countersign_are_held_for_a_human() {
     assert!(!p.wait(WAIT).success());
     assert_eq!(p.stdout().trim(), format!("error {}", libc::EPERM));
     assert!(listener.accept().is_err(), "nothing reached the bus");
+
+    // A user's service manager: the same.
+    let user_bus = user_bus.to_str().expect("utf-8 path");
+    let mut p = d.labelled("agent", &[&bin, "unix-connect", user_bus]);
+    let r = d.wait_request("a connect to a user's service manager", |r| {
+        r["pid"] == p.pid() && r["kind"] == "unix"
+    });
+    assert_eq!(r["destination"], format!("unix:{user_bus}"), "{r}");
+    assert!(
+        r["rule"]
+            .as_str()
+            .is_some_and(|x| x.starts_with("built in")),
+        "{r}"
+    );
+    d.decide(&r, "deny");
+    assert!(!p.wait(WAIT).success());
+    assert!(user_listener.accept().is_err(), "nothing reached it");
 }

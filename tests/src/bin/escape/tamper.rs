@@ -295,6 +295,62 @@ pub fn rename(path: &str) -> Outcome {
     Ok(Done::Tampered)
 }
 
+/// A second name for `PATH` in `DIR` (a hard link) opened for writing there, then removed.
+pub fn link(path: &str, dir: &str) -> Outcome {
+    let name = format!("{dir}/cs-escape-link");
+    let (from, to) = (cstr(path), cstr(&name));
+    // SAFETY: NUL-terminated paths.
+    if unsafe { libc::link(from.as_ptr(), to.as_ptr()) } != 0 {
+        return Err(errno());
+    }
+    let opened = open(&name, libc::O_WRONLY | libc::O_APPEND);
+    // SAFETY: as above.
+    unsafe { libc::unlink(to.as_ptr()) };
+    opened
+}
+
+/// `PATH`, which does not exist, made by `how` — `create` (an `O_CREAT` open), `link` (a
+/// hard link to a file made beside it), `rename` (such a file renamed to it) or `symlink` —
+/// and removed again.
+pub fn make(path: &str, how: &str) -> Outcome {
+    let target = cstr(path);
+    let scratch_name = format!("{path}-cs-escape");
+    let scratch = cstr(&scratch_name);
+    let with_scratch = |op: &dyn Fn() -> libc::c_int| {
+        open(&scratch_name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL)?;
+        let r = op();
+        let error = errno();
+        // SAFETY: a NUL-terminated path.
+        unsafe { libc::unlink(scratch.as_ptr()) };
+        if r == 0 {
+            Ok(Done::Tampered)
+        } else {
+            Err(error)
+        }
+    };
+    let made = match how {
+        "create" => open(path, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL),
+        // SAFETY (all three): NUL-terminated paths.
+        "link" => with_scratch(&|| unsafe { libc::link(scratch.as_ptr(), target.as_ptr()) }),
+        "rename" => with_scratch(&|| unsafe { libc::rename(scratch.as_ptr(), target.as_ptr()) }),
+        "symlink" => {
+            let to = cstr("/dev/null");
+            // SAFETY: as above.
+            if unsafe { libc::symlink(to.as_ptr(), target.as_ptr()) } == 0 {
+                Ok(Done::Tampered)
+            } else {
+                Err(errno())
+            }
+        }
+        other => panic!("tamper-make: {other}: create, link, rename or symlink"),
+    };
+    if made.is_ok() {
+        // SAFETY: as above.
+        unsafe { libc::unlink(target.as_ptr()) };
+    }
+    made
+}
+
 /// A new file in `DIR`, removed again.
 pub fn create_in(dir: &str) -> Outcome {
     let path = format!("{dir}/cs-escape");
