@@ -39,7 +39,7 @@ const SYSTEMD_UNIT_DIRS: [&str; 5] = [
 /// dropped in one of these runs outside every hold — a minute later (cron), at the next
 /// login, package run, device event or boot. Directories are guarded with the directories
 /// directly inside them (`multi-user.target.wants`, `ssh.service.d`, cron's `crontabs`).
-pub const RUN_LATER: [&str; 49] = [
+pub const RUN_LATER: [&str; 62] = [
     // Scheduled jobs: cron's tables and spools (`crontab` writes a user's there), `at`'s
     // spools, anacron.
     "/etc/crontab",
@@ -92,10 +92,26 @@ pub const RUN_LATER: [&str; 49] = [
     // Logins: PAM (`pam_exec` runs a program at every login and `sudo`), the login shells'
     // scripts, the message of the day's scripts.
     "/etc/pam.d",
+    "/etc/environment",
+    "/etc/security/pam_env.conf",
     "/etc/profile",
     "/etc/profile.d",
     "/etc/bash.bashrc",
     "/etc/update-motd.d",
+    "/etc/xdg/autostart",
+    // root's own: the next time a person logs in or opens a shell as root.
+    "/root/.bashrc",
+    "/root/.profile",
+    "/root/.bash_profile",
+    "/root/.bash_login",
+    "/root/.config/systemd/user",
+    // The service manager's environment for every service (`DefaultEnvironment=LD_PRELOAD`)
+    // and every user's.
+    "/etc/systemd/system.conf",
+    "/etc/systemd/system.conf.d",
+    "/etc/systemd/user.conf",
+    "/etc/systemd/user.conf.d",
+    "/etc/environment.d",
     // Programs other root jobs run: the package manager's hooks (run by the next `apt`,
     // unattended upgrades included), log rotation's scripts, network hooks.
     "/etc/apt/apt.conf.d",
