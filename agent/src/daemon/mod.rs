@@ -129,7 +129,7 @@ struct Daemon {
     requests: BTreeMap<u64, Held>,
     next_id: u64,
     started: Instant,
-    /// Requests taken over from an earlier daemon (stopped with on_stop: keep, or killed).
+    /// Requests taken over from an earlier daemon (stopped with `on_stop: keep`, or killed).
     adopted: usize,
     /// Refusals the kernel reported lately, by (process, what): the first of a storm is
     /// recorded, its repeats within [`REFUSAL_RECORD_EVERY`] only counted by the kernel.
@@ -601,9 +601,9 @@ fn tgid_uid(tid: u32) -> Option<(u32, u32)> {
 }
 
 impl Daemon {
-    /// Takes over what an earlier daemon (stopped with `on_stop: keep`, or killed) left held: pending requests come
-    /// back with their original deadlines; decisions written but not yet taken are released
-    /// (they were logged before they were written).
+    /// Takes over what an earlier daemon (stopped with `on_stop: keep`, or killed) left held:
+    /// pending requests come back with their original deadlines; decisions written but not
+    /// yet taken are released (they were logged before they were written).
     fn adopt(&mut self) {
         if !self.kernel.adopted() {
             return;

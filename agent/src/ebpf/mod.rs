@@ -1155,8 +1155,8 @@ impl Kernel {
         })
     }
 
-    /// Stops all enforcement and removes every pin: only at a stop with `on_stop: off`, after every held
-    /// task was decided.
+    /// Stops all enforcement and removes every pin: only at a stop with `on_stop: off`, after
+    /// every held task was decided.
     pub fn teardown(&mut self) {
         let _ = self.set_config(shared::MODE_OFF);
         pin::remove_all(&self.pin_dir, std::mem::take(&mut self.pinned));
