@@ -103,23 +103,12 @@ fn map_keys_u32(map: &MapData) -> anyhow::Result<Vec<u32>> {
             next_key: std::ptr::from_mut(&mut next) as u64,
             flags: 0,
         };
-        // SAFETY: `attr` is the element commands' `bpf_attr` prefix; the kernel reads `key`
-        // (4 bytes, or none on the first call) and writes 4 bytes to `next_key`, both live
-        // for the call.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_GET_NEXT_KEY,
-                std::ptr::from_mut(&mut attr),
-                size_of::<Attr>() as libc::c_uint,
-            )
-        };
-        if r < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENOENT) {
-                break;
-            }
-            return Err(e).context("listing the labelled tasks");
+        // (`key`: 4 bytes, or none on the first call; `next_key`: 4 bytes written; both live
+        // for the call.)
+        match crate::ebpf::sys_bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e).context("listing the labelled tasks"),
         }
         first = false;
         keys.push(next);

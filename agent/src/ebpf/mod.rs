@@ -8,6 +8,7 @@ pub mod dns;
 mod format;
 pub mod pin;
 mod unix_cgroup;
+pub(crate) use unix_cgroup::sys_bpf;
 
 use std::{
     fs::File,

@@ -172,7 +172,7 @@ struct ObjPinAttr {
 }
 
 /// `bpf(cmd, attr)`: the new descriptor, or the error.
-fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+pub(crate) fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a `bpf_attr` prefix of the command's layout, valid for the call; the
     // kernel reads (and for a load writes the log through) the pointers it holds.
     let r = unsafe {
