@@ -89,13 +89,12 @@ fn map_keys_u32(map: &MapData) -> anyhow::Result<Vec<u32>> {
     let fd = map.fd().as_fd().as_raw_fd() as u32;
     let mut keys = Vec::new();
     let mut next = 0_u32;
-    let mut first = true;
     while keys.len() < 1_000_000 {
         let key = *keys.last().unwrap_or(&0);
         let mut attr = Attr {
             map_fd: fd,
             _pad: 0,
-            key: if first {
+            key: if keys.is_empty() {
                 0
             } else {
                 std::ptr::from_ref(&key) as u64
@@ -110,7 +109,6 @@ fn map_keys_u32(map: &MapData) -> anyhow::Result<Vec<u32>> {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
             Err(e) => return Err(e).context("listing the labelled tasks"),
         }
-        first = false;
         keys.push(next);
     }
     Ok(keys)
