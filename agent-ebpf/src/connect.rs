@@ -663,10 +663,12 @@ pub fn sys_exit_listen(ctx: &TracePointContext) {
             return;
         }
     } else {
-        let requested = hold::event(KIND_LISTEN, label).is_some_and(|ev| {
-            fill(ev, &dest, sock_type);
-            hold::request(state, KIND_LISTEN, dest.hash(), ev)
-        });
+        let requested = hold::event(KIND_LISTEN, label)
+            .map(|ev| {
+                fill(ev, &dest, sock_type);
+                hold::request(state, KIND_LISTEN, dest.hash(), ev);
+            })
+            .is_some();
         if requested {
             return;
         }
@@ -901,10 +903,12 @@ pub fn sys_enter_connect(ctx: &TracePointContext) {
         state.flags |= FLAG_GRANT_CHECK;
         return;
     }
-    let requested = hold::event(KIND_CONNECT, state.label).is_some_and(|ev| {
-        fill(ev, &dest, 0);
-        hold::request(state, KIND_CONNECT, hash, ev)
-    });
+    let requested = hold::event(KIND_CONNECT, state.label)
+        .map(|ev| {
+            fill(ev, &dest, 0);
+            hold::request(state, KIND_CONNECT, hash, ev);
+        })
+        .is_some();
     if !requested {
         // The cgroup program refuses what is not pending or decided.
         state.state = STATE_IDLE;
@@ -1058,10 +1062,12 @@ pub fn sys_enter_send(ctx: &TracePointContext, call: SendCall) {
     {
         return;
     }
-    let requested = hold::event(KIND_SEND, label).is_some_and(|ev| {
-        fill(ev, &dest, 0);
-        hold::request(state, KIND_SEND, hash, ev)
-    });
+    let requested = hold::event(KIND_SEND, label)
+        .map(|ev| {
+            fill(ev, &dest, 0);
+            hold::request(state, KIND_SEND, hash, ev);
+        })
+        .is_some();
     if !requested {
         state.state = STATE_IDLE;
         state.kind = 0;

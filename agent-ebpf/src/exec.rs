@@ -238,15 +238,17 @@ pub fn bprm_check(bprm: *const u8) -> Verdict {
     }
     record_exec_args(state);
     let file = bprm_file(bprm).and_then(file_id);
-    let requested = hold::event(KIND_EXEC, state.label).is_some_and(|ev| {
-        // The file the kernel opened: the daemon binds the approval to it, whatever name
-        // (or descriptor) the caller used.
-        if let Some((dev, ino)) = file {
-            ev.addr[..8].copy_from_slice(&dev.to_le_bytes());
-            ev.addr[8..].copy_from_slice(&ino.to_le_bytes());
-        }
-        hold::request(state, KIND_EXEC, 0, ev)
-    });
+    let requested = hold::event(KIND_EXEC, state.label)
+        .map(|ev| {
+            // The file the kernel opened: the daemon binds the approval to it, whatever name
+            // (or descriptor) the caller used.
+            if let Some((dev, ino)) = file {
+                ev.addr[..8].copy_from_slice(&dev.to_le_bytes());
+                ev.addr[8..].copy_from_slice(&ino.to_le_bytes());
+            }
+            hold::request(state, KIND_EXEC, 0, ev);
+        })
+        .is_some();
     if requested {
         Verdict::Held
     } else {
@@ -366,7 +368,8 @@ pub fn sched_exec(ctx: &TracePointContext, looped: bool) {
         return;
     }
     let requested = hold::event(KIND_EXEC_LOADED, state.label)
-        .is_some_and(|ev| hold::request(state, KIND_EXEC_LOADED, 0, ev));
+        .map(|ev| hold::request(state, KIND_EXEC_LOADED, 0, ev))
+        .is_some();
     if requested {
         // Watched from now until its first fault in user mode (see `user_fault`); a hold
         // that cannot be watched could be let run early: killed instead.

@@ -4,8 +4,8 @@ use aya_ebpf::helpers::{
     generated::bpf_send_signal,
 };
 use countersign_ebpf::{
-    Event, KIND_ERROR, STAT_EVENTS_DROPPED, STAT_HOLDS, STATE_ALLOWED, STATE_DENIED, STATE_IDLE,
-    STATE_PENDING, TaskState,
+    Event, FLAG_UNREPORTED, KIND_ERROR, STAT_DEFERRED, STAT_EVENTS_DROPPED, STAT_HOLDS,
+    STATE_ALLOWED, STATE_DENIED, STATE_IDLE, STATE_PENDING, TaskState,
 };
 
 use crate::{
@@ -15,7 +15,6 @@ use crate::{
 
 pub const SIGKILL: u32 = 9;
 pub const SIGSTOP: u32 = 19;
-pub const SIGCONT: u32 = 18;
 
 /// What a hook does with the action in front of it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -56,13 +55,6 @@ pub fn stop_current() {
     unsafe { bpf_send_signal(SIGSTOP) };
 }
 
-/// Takes back a stop this program queued (a `SIGCONT` drops pending stop signals).
-#[inline(always)]
-pub fn resume_current() {
-    // SAFETY: as above.
-    unsafe { bpf_send_signal(SIGCONT) };
-}
-
 #[inline(always)]
 pub fn kill_current() {
     // SAFETY: as above.
@@ -101,16 +93,20 @@ pub fn decide(
             _ => {}
         }
     }
-    if event().is_some_and(|ev| request(state, kind, hash, ev)) {
-        Verdict::Held
-    } else {
-        Verdict::Deny
+    match event() {
+        Some(ev) => {
+            request(state, kind, hash, ev);
+            Verdict::Held
+        }
+        // No scratch slot for the event: nobody could ever decide it.
+        None => Verdict::Deny,
     }
 }
 
-/// Records a new pending request in `state`, stops the task and reports the request. Returns
-/// false (the state idle, the stop taken back) when the report cannot be delivered: the
-/// caller must refuse the action, since nobody would ever decide it.
+/// Records a new pending request in `state`, stops the task and reports the request. A report
+/// the ring has no room for is left in the state ([`FLAG_UNREPORTED`]): the task stays held
+/// and the daemon picks it up from the task map, so that no burst turns requests into silent
+/// refusals.
 ///
 /// The state and the stop come before the report: on a preemptible kernel the daemon can
 /// read the report, decide and continue the task before this program goes on. It then finds
@@ -119,7 +115,7 @@ pub fn decide(
 /// not yet pending (and give up the request), or continue the task before its stop, which
 /// then held it for good.
 #[inline(always)]
-pub fn request(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) -> bool {
+pub fn request(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) {
     // SAFETY: helper without arguments.
     let id = unsafe { bpf_ktime_get_ns() } | 1;
     ev.request_id = id;
@@ -135,17 +131,16 @@ pub fn request(state: &mut TaskState, kind: u32, hash: u64, ev: &mut Event) -> b
     state.addr = ev.addr;
     // The daemon writes its id for the request once it has seen it.
     state.user_id = 0;
+    state.flags &= !FLAG_UNREPORTED;
     state.state = STATE_PENDING;
     stop_current();
     if !maps::emit(ev) {
-        maps::count(STAT_EVENTS_DROPPED);
-        state.state = STATE_IDLE;
-        // A `SIGCONT` drops the pending stop.
-        resume_current();
-        return false;
+        // The ring is full: the request stays held, and the daemon takes it from the task
+        // map (everything it needs is in the state), so that a burst loses nothing.
+        state.flags |= FLAG_UNREPORTED;
+        maps::count(STAT_DEFERRED);
     }
     maps::count(STAT_HOLDS);
-    true
 }
 
 /// Reports a kernel-side failure to the daemon (best effort).

@@ -563,6 +563,10 @@ pub const FLAG_IN_CONNECT: u32 = 16;
 /// tracepoints), which the seccomp notifier or `sys_exit_listen` decides. A labelled listen
 /// on the network without it came another way (io_uring, the 32-bit entry): it is killed.
 pub const FLAG_IN_LISTEN: u32 = 32;
+/// The task's pending request could not be reported: the event ring was full (a burst of
+/// held actions faster than the daemon drains). The task stays held; the daemon finds it in
+/// [`MAP_TASKS`] (it watches [`STAT_DEFERRED`]), takes it as a request and clears the flag.
+pub const FLAG_UNREPORTED: u32 = 64;
 
 /// [`Event::detail`] of a [`KIND_ERROR`]: in fallback mode, a connect the tracepoint let
 /// through on a grant was not covered by it at the cgroup program (a grant for another socket
@@ -657,7 +661,10 @@ pub const STAT_UNHOLDABLE: u32 = 6;
 /// Datagrams let through (or refused) by a decision already made for their process and
 /// destination ([`MAP_SEND_DECIDED`]).
 pub const STAT_SEND_DECIDED: u32 = 7;
-pub const STAT_COUNT: u32 = 8;
+/// Held requests the event ring had no room for ([`FLAG_UNREPORTED`]): still held, picked up
+/// by the daemon from the task map.
+pub const STAT_DEFERRED: u32 = 8;
+pub const STAT_COUNT: u32 = 9;
 
 /// `-ERESTARTNOINTR`: the syscall restarts after the stop, whatever the signal disposition.
 pub const ERESTARTNOINTR: i32 = 513;

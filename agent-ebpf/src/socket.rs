@@ -240,7 +240,8 @@ pub fn sys_enter_socket(ctx: &TracePointContext) {
     }
     let requested = s
         .event(KIND_SOCKET, state.label)
-        .is_some_and(|ev| hold::request(state, KIND_SOCKET, hash, ev));
+        .map(|ev| hold::request(state, KIND_SOCKET, hash, ev))
+        .is_some();
     if requested {
         hold::stop_current();
     } else {

@@ -158,6 +158,9 @@ struct DaemonArgs {
     /// What a stop leaves in the kernel: keep (labelled processes stay held; default) or off.
     #[arg(long, value_enum)]
     on_stop: Option<daemon::config::OnStop>,
+    /// Held requests at once; past it new ones are refused, recorded and counted.
+    #[arg(long)]
+    max_held_requests: Option<usize>,
 }
 
 /// How to reach a remote approver (instead of this host's daemon).
@@ -667,6 +670,9 @@ fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     }
     if let Some(s) = args.on_stop {
         config.on_stop = s;
+    }
+    if let Some(n) = args.max_held_requests {
+        config.max_held_requests = n;
     }
     config
         .validate(std::path::Path::new("command line"))

@@ -188,6 +188,16 @@ pub struct StatusInfo {
     /// (io_uring threads and submissions, 32-bit system calls in fallback mode).
     #[serde(default)]
     pub unholdable_refused: u64,
+    /// Held requests the kernel's event ring had no room for (a burst): still held, taken
+    /// by the daemon from the kernel's task table.
+    #[serde(default)]
+    pub events_deferred: u64,
+    /// The most requests held at once (`max_held_requests`).
+    #[serde(default)]
+    pub max_held_requests: usize,
+    /// Requests refused because that many were held already (recorded, reason given).
+    #[serde(default)]
+    pub refused_over_bound: u64,
     pub events_dropped: u64,
     pub label_inherit_failed: u64,
     /// Fallback mode: how a launched agent's execs are held — `before` they start (the

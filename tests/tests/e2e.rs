@@ -12,6 +12,8 @@ mod cgmatch;
 mod escape;
 #[path = "e2e/kgrants.rs"]
 mod kgrants;
+#[path = "e2e/load.rs"]
+mod load;
 
 const EPERM: i32 = 1;
 

@@ -191,9 +191,10 @@ fn run_native(bins: &E2eBins) -> Result<String> {
 
 /// The scenarios that enforce (holds, escapes) against the release build too: the binary
 /// users run, whose timing differs from the debug one.
-const RELEASE_SCENARIOS: [&str; 6] = [
+const RELEASE_SCENARIOS: [&str; 7] = [
     "escape::",
     "tamper::",
+    "load::",
     "labelled_",
     "spurious_sigcont",
     "changed_",
@@ -324,9 +325,10 @@ const HOLDS: &[&str] = &[
 ];
 
 /// The same in the fallback, with the escape attempts whose names begin `a_` (those of a
-/// held exec and a held send: tracing, signals, the daemon's death).
+/// held exec and a held send: tracing, signals, the daemon's death) and the burst.
 const FALLBACK_HOLDS: &[&str] = &[
     "escape::a_",
+    "load::",
     "labelled_",
     "spurious_sigcont",
     "changed_",

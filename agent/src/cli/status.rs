@@ -25,7 +25,10 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!("  host id:        {}", s.host_id);
     println!("  uptime:         {}s", s.uptime_secs);
-    println!("  held requests:  {}", s.pending);
+    println!(
+        "  held requests:  {} (at most {})",
+        s.pending, s.max_held_requests
+    );
     if s.adopted > 0 {
         println!(
             "  adopted:        {} (taken over from an earlier daemon: stopped with on_stop: keep, or killed)",
@@ -174,6 +177,18 @@ pub fn run(socket_dir: &Path, json: bool) -> anyhow::Result<()> {
         println!(
             "  refused where no hold is possible (io_uring, 32-bit calls): {}",
             s.unholdable_refused
+        );
+    }
+    if s.events_deferred > 0 {
+        println!(
+            "  held in a burst faster than the event ring: {} (taken from the kernel's task table; none lost)",
+            s.events_deferred
+        );
+    }
+    if s.refused_over_bound > 0 {
+        println!(
+            "  ALARM: {} requests refused because max_held_requests ({}) were held already (recorded)",
+            s.refused_over_bound, s.max_held_requests
         );
     }
     if s.events_dropped > 0 || s.label_inherit_failed > 0 {

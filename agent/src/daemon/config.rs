@@ -109,6 +109,9 @@ pub struct DaemonConfig {
     pub mode: ModeRequest,
     pub request_timeout_secs: u64,
     pub timeout_action: TimeoutAction,
+    /// Held requests waiting for a decision at once; past it a new one is refused at once,
+    /// recorded and counted. The kernel's event ring is sized from it.
+    pub max_held_requests: usize,
     /// Fallback mode: how launched agents' execs are held.
     pub fallback_exec_hold: FallbackExecHold,
     pub cgroup_labels: Vec<CgroupLabel>,
@@ -160,6 +163,8 @@ impl Default for DaemonConfig {
             request_timeout_secs: 120,
             // Fail closed.
             timeout_action: TimeoutAction::Deny,
+            // A burst of ten thousand is taken in whole (about 2 MiB of event ring).
+            max_held_requests: 10_000,
             // Nothing runs early.
             fallback_exec_hold: FallbackExecHold::Notify,
             cgroup_labels: Vec::new(),
@@ -188,6 +193,8 @@ impl Default for DaemonConfig {
 
 /// Longest accepted request timeout: nothing is held for more than a day.
 pub const MAX_REQUEST_TIMEOUT_SECS: u64 = 24 * 3600;
+/// Most held requests at once: one per labelled task the kernel can track.
+pub const MAX_HELD_REQUESTS: usize = countersign_ebpf::MAX_LABELLED_TASKS as usize;
 /// Longest heartbeat interval: an hour.
 pub const MAX_HEARTBEAT_SECS: u64 = 3600;
 /// Label names: short, printable, safe in logs and chat messages.
@@ -252,6 +259,15 @@ impl DaemonConfig {
                 format!(
                     "must be between 1 and {MAX_REQUEST_TIMEOUT_SECS}, not {}",
                     self.request_timeout_secs
+                ),
+            ));
+        }
+        if !(1..=MAX_HELD_REQUESTS).contains(&self.max_held_requests) {
+            return Err(invalid(
+                "max_held_requests".into(),
+                format!(
+                    "must be between 1 and {MAX_HELD_REQUESTS}, not {}",
+                    self.max_held_requests
                 ),
             ));
         }
@@ -371,6 +387,11 @@ mod tests {
         let (_d, p) = write("request_timeout_secs: 0\n");
         let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("request_timeout_secs"), "{e}");
+        for bad in ["0", "65537"] {
+            let (_d, p) = write(&format!("max_held_requests: {bad}\n"));
+            let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
+            assert!(e.contains("max_held_requests"), "{e}");
+        }
         let (_d, p) = write("cgroup_labels:\n  - label: 'a b'\n    path: /x\n");
         let e = DaemonConfig::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("cgroup_labels[0].label"), "{e}");

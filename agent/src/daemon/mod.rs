@@ -58,8 +58,9 @@ const IDLE_TICK: Duration = Duration::from_secs(1);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// How often the policy files (and the resolvers) are checked for changes.
 const POLICY_CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Most requests held at once; beyond it new ones are denied at once.
-const MAX_PENDING: usize = 4096;
+/// Events taken from the ring in one go: between two such batches the daemon answers its
+/// socket (a burst of thousands of held actions must not make `status` wait).
+const DRAIN_BATCH: usize = 64;
 /// How often the same refusal in the kernel (same process, same action) is recorded.
 const REFUSAL_RECORD_EVERY: Duration = Duration::from_secs(60);
 /// Most distinct refusals remembered for that.
@@ -131,6 +132,11 @@ struct Daemon {
     started: Instant,
     /// Requests taken over from an earlier daemon (stopped with `on_stop: keep`, or killed).
     adopted: usize,
+    /// The kernel's count of requests it held without room in the event ring, as last
+    /// looked at (`None`: an earlier daemon's statistics map has no such count).
+    deferred_seen: Option<u64>,
+    /// Requests refused because `max_held_requests` were held already.
+    over_bound: u64,
     /// Refusals the kernel reported lately, by (process, what): the first of a storm is
     /// recorded, its repeats within [`REFUSAL_RECORD_EVERY`] only counted by the kernel.
     refusals: HashMap<(u32, String), Instant>,
@@ -248,9 +254,13 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     if let Err(e) = std::fs::write("/proc/self/oom_score_adj", "-1000") {
         tracing::warn!(error = %e, "could not exempt the daemon from the OOM killer");
     }
-    let (mut kernel, ring) =
-        Kernel::load(config.mode, &config.bpf_pin_dir, guard::settings(&config))
-            .context("loading the eBPF hooks")?;
+    let (mut kernel, ring) = Kernel::load(
+        config.mode,
+        &config.bpf_pin_dir,
+        guard::settings(&config),
+        ebpf::events_ring_bytes(config.max_held_requests),
+    )
+    .context("loading the eBPF hooks")?;
     // Label ids are kept in the kernel with their names, so that a restarted daemon reads
     // the same table.
     let mut labels: Vec<String> = Vec::new();
@@ -351,6 +361,8 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         next_id,
         started: Instant::now(),
         adopted: 0,
+        deferred_seen: Some(0),
+        over_bound: 0,
         refusals: HashMap::new(),
         tracer: trace::Tracer::default(),
         verifying: HashMap::new(),
@@ -414,8 +426,10 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the event ring buffer")?;
-                drain(guard.get_inner_mut(), &mut daemon);
-                guard.clear_ready();
+                if drain(guard.get_inner_mut(), &mut daemon) {
+                    guard.clear_ready();
+                }
+                daemon.pick_up_unreported();
             }
             Some(d) = async {
                 match decisions.as_mut() {
@@ -445,14 +459,19 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn drain(ring: &mut RingBuf<MapData>, daemon: &mut Daemon) {
-    while let Some(item) = ring.next() {
+/// Takes up to [`DRAIN_BATCH`] events from the ring; whether it is empty.
+fn drain(ring: &mut RingBuf<MapData>, daemon: &mut Daemon) -> bool {
+    for _ in 0..DRAIN_BATCH {
+        let Some(item) = ring.next() else {
+            return true;
+        };
         let event = ebpf::parse_event(&item);
         drop(item);
         if let Some(event) = event {
             daemon.event(&event);
         }
     }
+    false
 }
 
 /// Why a labelled root is not contained in fallback mode, with launched agents' filter.
@@ -683,6 +702,68 @@ impl Daemon {
                 "these launched agents had their execs decided by the earlier daemon's notifier, which ended with it: their execs fail (ENOSYS) until they are started again"
             );
         }
+    }
+
+    /// Takes the requests the kernel held while its event ring was full
+    /// (`shared::FLAG_UNREPORTED`) from the task map, as if the ring had carried them; looked
+    /// for whenever the kernel's count of them moved.
+    fn pick_up_unreported(&mut self) {
+        let deferred = self.kernel.stat(shared::STAT_DEFERRED);
+        if deferred.is_some() && deferred == self.deferred_seen {
+            return;
+        }
+        self.deferred_seen = deferred;
+        for (ev, kind) in self.unreported() {
+            if ev.label == shared::LABEL_UNCLASSIFIED {
+                self.unclassified_held(&ev, kind);
+                continue;
+            }
+            let mut note = "reported while the kernel's event ring was full (a burst), taken from its task table".to_owned();
+            if kind == ActionKind::Unix
+                && shared::UnixPeer::from_addr(&ev.addr).dev == shared::UNIX_ABSTRACT_DEV
+            {
+                note.push_str("; the abstract socket's name was not kept");
+            }
+            self.hold(&ev, kind, Some(note));
+        }
+    }
+
+    /// The pending requests of the task map that no event reported, as the events would
+    /// have (without a local socket's name); taken (their flag cleared).
+    fn unreported(&mut self) -> Vec<(shared::Event, ActionKind)> {
+        let mut out = Vec::new();
+        for (tid, st) in self.kernel.held_tasks() {
+            if st.state != shared::STATE_PENDING || st.flags & shared::FLAG_UNREPORTED == 0 {
+                continue;
+            }
+            let Some((tgid, uid)) = tgid_uid(tid) else {
+                continue;
+            };
+            self.kernel.clear_unreported(tid, st.request_id);
+            let Some(kind) = ActionKind::from_kernel(st.kind) else {
+                continue;
+            };
+            out.push((
+                shared::Event {
+                    kind: st.kind,
+                    label: st.label,
+                    tgid,
+                    tid,
+                    uid,
+                    family: st.family,
+                    sock_type: st.sock_type,
+                    port: st.port,
+                    request_id: st.request_id,
+                    action_hash: st.action_hash,
+                    addr: st.addr,
+                    exec_filename: st.exec_filename,
+                    exec_argv: st.exec_argv,
+                    ..shared::Event::default()
+                },
+                kind,
+            ));
+        }
+        out
     }
 
     fn label_name(&self, id: u32) -> String {
@@ -988,13 +1069,19 @@ impl Daemon {
             self.names.drain();
         }
         let (view, binding) = self.describe(id, ev, kind, note);
-        if self.requests.len() >= MAX_PENDING {
+        if self.requests.len() >= self.config.max_held_requests {
+            self.over_bound += 1;
             tracing::error!(
                 pending = self.requests.len(),
-                "too many held requests; denying"
+                max_held_requests = self.config.max_held_requests,
+                "too many held requests; refusing a new one"
             );
             let held = self.held(view, kind, ev, binding);
-            self.apply(held, Decision::Deny, "daemon (too many pending)");
+            let by = format!(
+                "daemon (max_held_requests: {} requests were held already)",
+                self.config.max_held_requests
+            );
+            self.apply(held, Decision::Deny, &by);
             return;
         }
         tracing::info!(id, pid = ev.tgid, label = %view.label, kind = %view.kind,
@@ -2031,6 +2118,9 @@ impl Daemon {
             grant_allowed: stats[shared::STAT_GRANT_ALLOWED as usize],
             send_decided: stats[shared::STAT_SEND_DECIDED as usize],
             unholdable_refused: stats[shared::STAT_UNHOLDABLE as usize],
+            events_deferred: stats[shared::STAT_DEFERRED as usize],
+            max_held_requests: self.config.max_held_requests,
+            refused_over_bound: self.over_bound,
             events_dropped: stats[shared::STAT_EVENTS_DROPPED as usize],
             label_inherit_failed: stats[shared::STAT_LABEL_INHERIT_FAILED as usize],
             exec_hold: self.exec_hold.clone(),
@@ -2280,6 +2370,8 @@ impl Daemon {
 
     fn tick(&mut self) {
         self.tracer.reap();
+        // Held after the last drain looked (the ring filled between the two).
+        self.pick_up_unreported();
         // Answers left by a drain that stopped at its bound.
         self.names.drain();
         self.cgroup_tick();
@@ -2484,16 +2576,22 @@ impl Daemon {
                     .task(tid)
                     .is_some_and(|t| t.request_id == id && t.state == shared::STATE_DENIED)
             });
-            // Requests raised meanwhile are denied at once too.
+            // Requests raised meanwhile (reported, or left in the task map by a full ring)
+            // are ended at once too.
+            let mut raised = Vec::new();
             while let Some(item) = ring.next() {
                 if let Some(ev) = ebpf::parse_event(&item)
                     && let Some(kind) = ActionKind::from_kernel(ev.kind)
                 {
-                    if ev.label == shared::LABEL_UNCLASSIFIED {
-                        self.let_go_or_kill(&ev, kind);
-                    } else {
-                        let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
-                    }
+                    raised.push((ev, kind));
+                }
+            }
+            raised.extend(self.unreported());
+            for (ev, kind) in raised {
+                if ev.label == shared::LABEL_UNCLASSIFIED {
+                    self.let_go_or_kill(&ev, kind);
+                } else {
+                    let _ = kill(Pid::from_raw(ev.tgid as i32), Signal::SIGKILL);
                 }
             }
             if waiting.is_empty() {

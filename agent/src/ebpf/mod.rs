@@ -234,6 +234,16 @@ enum AttachedLink {
     KProbe(KProbeLinkId),
 }
 
+/// Bytes of event ring for `held` requests at once: room for each one's event (with the
+/// ring's 8-byte record header), a power of two of at least 64 KiB (a multiple of any page
+/// size). Events the ring has no room for are not lost (see `shared::FLAG_UNREPORTED`).
+#[must_use]
+pub fn events_ring_bytes(held: usize) -> u32 {
+    let record = size_of::<shared::Event>() + 8;
+    let bytes = held.saturating_mul(record).clamp(64 << 10, 1 << 30);
+    u32::try_from(bytes.next_power_of_two()).unwrap_or(1 << 30)
+}
+
 impl Kernel {
     /// Loads everything, picks the mode, and proves the hooks run with the canary.
     /// Maps and links are pinned in `pin_dir`; state an earlier daemon left there is adopted.
@@ -241,6 +251,7 @@ impl Kernel {
         request: ModeRequest,
         pin_dir: &Path,
         guard: shared::GuardSettings,
+        events_ring_bytes: u32,
     ) -> Result<(Self, RingBuf<MapData>)> {
         raise_memlock();
         pin::prepare(pin_dir)?;
@@ -297,6 +308,8 @@ impl Kernel {
                 &cgroup_attach_pid_offset,
                 true,
             )
+            // A ring an earlier daemon pinned keeps its size (its events are still in it).
+            .map_max_entries(shared::MAP_EVENTS, events_ring_bytes)
             .default_map_pin_directory(pin_dir)
             .load(EBPF_OBJECT)
             .map_err(KernelError::Load)?;
@@ -1488,6 +1501,18 @@ impl Kernel {
 
     /// Records the daemon's id for the pending request `request_id` of `tid` (best effort:
     /// only a restarted daemon reads it).
+    /// Clears `shared::FLAG_UNREPORTED` of `tid`'s pending request `request_id` (the daemon
+    /// has taken it from the task map).
+    pub fn clear_unreported(&mut self, tid: u32, request_id: u64) {
+        if let Ok(mut state) = self.tasks.get(&tid, 0)
+            && state.request_id == request_id
+            && state.flags & shared::FLAG_UNREPORTED != 0
+        {
+            state.flags &= !shared::FLAG_UNREPORTED;
+            let _ = self.tasks.insert(tid, state, 0);
+        }
+    }
+
     pub fn set_user_id(&mut self, tid: u32, request_id: u64, user_id: u64) {
         if let Ok(mut state) = self.tasks.get(&tid, 0)
             && state.request_id == request_id
@@ -1631,6 +1656,13 @@ impl Kernel {
     /// Removes a thread's entry (the canary, once done).
     pub fn forget_task(&mut self, tid: u32) {
         let _ = self.tasks.remove(&tid);
+    }
+
+    /// One of the kernel's counts (`None`: the statistics map, pinned by an earlier version,
+    /// has no such entry).
+    #[must_use]
+    pub fn stat(&self, index: u32) -> Option<u64> {
+        self.stats.get(&index, 0).ok()
     }
 
     /// Counter values by `STAT_*` index.
@@ -1952,5 +1984,20 @@ mod tests {
         // Minors above 255 are split in the user-space encoding, whole in the kernel's.
         assert_eq!(kernel_dev(libc::makedev(259, 300)), (259 << 20) | 300);
         assert_eq!(kernel_dev(libc::makedev(0, 45)), 45);
+    }
+
+    #[test]
+    fn the_event_ring_holds_the_bound() {
+        let record = size_of::<shared::Event>() + 8;
+        for held in [1, 40, 315, 316, 10_000, 65_536] {
+            let bytes = events_ring_bytes(held) as usize;
+            assert!(
+                bytes.is_power_of_two() && bytes >= 64 << 10,
+                "{held}: {bytes}"
+            );
+            assert!(bytes / record >= held, "{held}: {bytes}");
+        }
+        assert_eq!(events_ring_bytes(40), 64 << 10);
+        assert_eq!(events_ring_bytes(10_000), 2 << 20);
     }
 }

@@ -65,6 +65,7 @@ fn main() {
             say(&format!("exec-error {errno}"));
             exec(&args[3..], None)
         }
+        Some("burst") => burst(args[2].parse().expect("a COUNT argument"), &args[3]),
         Some("double-fork") => double_fork(&args[2..]),
         Some("resolve-connect") => resolve_connect(&args[2], &args[3], &args[4]),
         Some("answer-self") => answer_self(&args[2], &args[3], &args[4]),
@@ -290,6 +291,72 @@ fn udp_connect(target: &str) -> i32 {
             1
         }
     }
+}
+
+/// A burst of `count` processes that connect to `target` at once: forks them, says
+/// `ready PID...` and waits for a line on stdin, lets them all go, waits for them and says
+/// `burst connected C refused R` (`R` by errno: `refused 13:4 1:396`).
+fn burst(count: usize, target: &str) -> i32 {
+    let addr: std::net::SocketAddrV4 = target.parse().expect("an IPv4 ADDR:PORT");
+    let mut go = [0i32; 2];
+    // SAFETY: a pipe into a two-element array.
+    assert_eq!(unsafe { libc::pipe(go.as_mut_ptr()) }, 0, "pipe");
+    let mut pids = Vec::with_capacity(count);
+    for _ in 0..count {
+        // SAFETY: the child only reads, connects and exits (no allocation).
+        match unsafe { libc::fork() } {
+            0 => unsafe {
+                libc::close(go[1]);
+                let mut b = 0u8;
+                // Returns at end of file: when the parent closes its end.
+                libc::read(go[0], (&raw mut b).cast(), 1);
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+                let mut sa: libc::sockaddr_in = std::mem::zeroed();
+                sa.sin_family = libc::AF_INET as libc::sa_family_t;
+                sa.sin_port = addr.port().to_be();
+                sa.sin_addr.s_addr = u32::from_ne_bytes(addr.ip().octets());
+                let rc = libc::connect(
+                    fd,
+                    (&raw const sa).cast(),
+                    size_of::<libc::sockaddr_in>() as u32,
+                );
+                let code = if rc == 0 {
+                    0
+                } else {
+                    (*libc::__errno_location()).clamp(1, 255)
+                };
+                libc::_exit(code);
+            },
+            pid if pid > 0 => pids.push(pid),
+            _ => panic!("fork: {}", std::io::Error::last_os_error()),
+        }
+    }
+    // SAFETY: closing our read end.
+    unsafe { libc::close(go[0]) };
+    let list: Vec<String> = pids.iter().map(ToString::to_string).collect();
+    say(&format!("ready {}", list.join(" ")));
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    // SAFETY: closing the write end wakes every child at once.
+    unsafe { libc::close(go[1]) };
+    let mut connected = 0;
+    let mut refused = std::collections::BTreeMap::<i32, usize>::new();
+    for pid in pids {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+        match (libc::WIFEXITED(status), libc::WEXITSTATUS(status)) {
+            (true, 0) => connected += 1,
+            (true, errno) => *refused.entry(errno).or_default() += 1,
+            _ => *refused.entry(-libc::WTERMSIG(status)).or_default() += 1,
+        }
+    }
+    let refused: Vec<String> = refused.iter().map(|(e, n)| format!("{e}:{n}")).collect();
+    say(&format!(
+        "burst connected {connected} refused {}",
+        refused.join(" ")
+    ));
+    0
 }
 
 fn connect_std(addr: SocketAddr) -> i32 {
