@@ -1,7 +1,7 @@
 //! The hold itself: the per-task state machine shared by the exec and connect hooks.
 use aya_ebpf::helpers::{
     bpf_get_current_uid_gid, bpf_ktime_get_ns, generated::bpf_get_current_cgroup_id,
-    generated::bpf_send_signal,
+    generated::bpf_send_signal, generated::bpf_send_signal_thread,
 };
 use countersign_ebpf::{
     Event, FLAG_UNREPORTED, KIND_ERROR, STAT_DEFERRED, STAT_EVENTS_DROPPED, STAT_HOLDS,
@@ -49,15 +49,24 @@ pub fn event(kind: u32, label: u32) -> Option<&'static mut Event> {
     Some(ev)
 }
 
+/// Stops the current thread's process (a stop of one thread stops its whole group).
+///
+/// Sent to the thread, not the group: the call it is in returns `-ERESTARTNOINTR`, which is
+/// restarted only if the thread goes back to user space with a signal pending. A stop sent
+/// to the group while another thread's stop is still pending there is merged with it and
+/// wakes nobody; a `SIGCONT` (the daemon releasing another thread) then discards that stop,
+/// and this thread would return `ERESTARTNOINTR` (513) to its program. Its own stop always
+/// marks it as having a signal pending, which a `SIGCONT` does not take back: the call then
+/// restarts and meets its state again (held again, or decided).
 #[inline(always)]
 pub fn stop_current() {
-    // SAFETY: helper call with a plain integer; it signals the current thread group.
-    unsafe { bpf_send_signal(SIGSTOP) };
+    // SAFETY: helper call with a plain integer; it signals the current thread.
+    unsafe { bpf_send_signal_thread(SIGSTOP) };
 }
 
 #[inline(always)]
 pub fn kill_current() {
-    // SAFETY: as above.
+    // SAFETY: helper call with a plain integer; it signals the current thread group.
     unsafe { bpf_send_signal(SIGKILL) };
 }
 

@@ -359,8 +359,9 @@ async fn shipped_once_in_order_after_the_collector_comes_up_and_exported() {
         key: c.public_key(),
         ca_pem: None,
     };
+    let mut next = None;
     assert!(matches!(
-        ship::round(&client, &dir, &target).await,
+        ship::round(&client, &dir, &target, &mut next).await,
         Err(ship::ShipError::Http { .. })
     ));
     assert_eq!(spool::read_cursor(&dir).unwrap(), None, "nothing receipted");
@@ -368,11 +369,26 @@ async fn shipped_once_in_order_after_the_collector_comes_up_and_exported() {
         .await
         .unwrap();
     let server = tokio::spawn(axum::serve(listener, router(c.clone())).into_future());
-    assert_eq!(ship::round(&client, &dir, &target).await.unwrap(), 7);
+    assert_eq!(
+        ship::round(&client, &dir, &target, &mut next)
+            .await
+            .unwrap(),
+        7
+    );
     assert_eq!(spool::read_cursor(&dir).unwrap().unwrap().seq, 7);
-    assert_eq!(ship::round(&client, &dir, &target).await.unwrap(), 0);
+    assert_eq!(
+        ship::round(&client, &dir, &target, &mut next)
+            .await
+            .unwrap(),
+        0
+    );
     s.append(heartbeat()).unwrap();
-    assert_eq!(ship::round(&client, &dir, &target).await.unwrap(), 1);
+    assert_eq!(
+        ship::round(&client, &dir, &target, &mut next)
+            .await
+            .unwrap(),
+        1
+    );
     // A receipt by another key moves nothing.
     s.append(heartbeat()).unwrap();
     let wrong = Target {
@@ -380,12 +396,14 @@ async fn shipped_once_in_order_after_the_collector_comes_up_and_exported() {
         ..target.clone()
     };
     assert!(matches!(
-        ship::round(&client, &dir, &wrong).await,
+        ship::round(&client, &dir, &wrong, &mut next).await,
         Err(ship::ShipError::Receipt(_))
     ));
     assert_eq!(spool::read_cursor(&dir).unwrap().unwrap().seq, 8);
     assert_eq!(
-        ship::round(&client, &dir, &target).await.unwrap(),
+        ship::round(&client, &dir, &target, &mut next)
+            .await
+            .unwrap(),
         1,
         "resent, stored once"
     );
@@ -499,13 +517,19 @@ async fn shipped_over_https_to_a_collector_the_host_trusts() {
     };
     // A certificate nobody vouched for is refused.
     let untrusted = ship::client(&target).unwrap();
+    let mut next = None;
     assert!(matches!(
-        ship::round(&untrusted, &dir, &target).await,
+        ship::round(&untrusted, &dir, &target, &mut next).await,
         Err(ship::ShipError::Http { .. })
     ));
     target.ca_pem = Some(std::fs::read(testdata.join("cert.pem")).unwrap());
     let trusted = ship::client(&target).unwrap();
-    assert_eq!(ship::round(&trusted, &dir, &target).await.unwrap(), 3);
+    assert_eq!(
+        ship::round(&trusted, &dir, &target, &mut next)
+            .await
+            .unwrap(),
+        3
+    );
     assert_eq!(spool::read_cursor(&dir).unwrap().unwrap().seq, 3);
     server.abort();
 }

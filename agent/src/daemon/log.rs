@@ -96,6 +96,9 @@ pub struct DecisionLog {
     path: PathBuf,
     file: File,
     host: String,
+    /// Group commit: writes leave the flush to [`DecisionLog::commit`].
+    group: bool,
+    dirty: bool,
 }
 
 impl DecisionLog {
@@ -119,6 +122,25 @@ impl DecisionLog {
             path: path.to_path_buf(),
             file,
             host,
+            group: false,
+            dirty: false,
+        })
+    }
+
+    /// Starts (or ends) a group commit (see `Spool::group_commit`).
+    pub fn group_commit(&mut self, on: bool) {
+        self.group = on;
+    }
+
+    /// Makes every entry written so far durable.
+    pub fn commit(&mut self) -> Result<(), LogError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        self.dirty = false;
+        self.file.sync_data().map_err(|source| LogError {
+            path: self.path.clone(),
+            source,
         })
     }
 
@@ -176,6 +198,10 @@ impl DecisionLog {
             source,
         };
         self.file.write_all(&line).map_err(err)?;
+        if self.group {
+            self.dirty = true;
+            return Ok(());
+        }
         self.file.sync_data().map_err(err)
     }
 }

@@ -82,6 +82,21 @@ struct ExecBinding {
     unverifiable: Option<String>,
 }
 
+/// A decision recorded and not yet applied (see [`Daemon::end_batch`]).
+struct Decided {
+    held: Held,
+    decision: Decision,
+    /// The kernel state to write (none: the task is let go or killed by the signal).
+    state: Option<u32>,
+    signal: Signal,
+    /// What the caller sees (`eperm`, `released`, `sigkill`).
+    applied: &'static str,
+    /// The decision as recorded (`approved`, `auto-denied`, ...).
+    word: String,
+    by: String,
+    view: RequestView,
+}
+
 struct Held {
     view: RequestView,
     kind: ActionKind,
@@ -137,6 +152,8 @@ struct Daemon {
     deferred_seen: Option<u64>,
     /// Requests refused because `max_held_requests` were held already.
     over_bound: u64,
+    /// Decisions of the current batch, recorded and waiting for its flush.
+    batch: Option<Vec<Decided>>,
     /// Refusals the kernel reported lately, by (process, what): the first of a storm is
     /// recorded, its repeats within [`REFUSAL_RECORD_EVERY`] only counted by the kernel.
     refusals: HashMap<(u32, String), Instant>,
@@ -363,6 +380,7 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         adopted: 0,
         deferred_seen: Some(0),
         over_bound: 0,
+        batch: None,
         refusals: HashMap::new(),
         tracer: trace::Tracer::default(),
         verifying: HashMap::new(),
@@ -426,10 +444,12 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting on the event ring buffer")?;
+                daemon.begin_batch();
                 if drain(guard.get_inner_mut(), &mut daemon) {
                     guard.clear_ready();
                 }
                 daemon.pick_up_unreported();
+                daemon.end_batch();
             }
             Some(d) = async {
                 match decisions.as_mut() {
@@ -443,7 +463,11 @@ async fn run_async(config: DaemonConfig) -> anyhow::Result<()> {
             }
             Some(n) = notify_rx.recv() => daemon.exec_notified(n),
             () = names::readable(dns_ready.as_ref()) => daemon.names.drain(),
-            () = &mut tick => daemon.tick(),
+            () = &mut tick => {
+                daemon.begin_batch();
+                daemon.tick();
+                daemon.end_batch();
+            }
             _ = hup.recv() => daemon.reload("SIGHUP"),
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -2231,6 +2255,75 @@ impl Daemon {
             self.requests.insert(id, held);
             return format!("not applied: {e}");
         }
+        let decided = Decided {
+            held,
+            decision,
+            state,
+            signal,
+            applied,
+            word,
+            by: by.to_owned(),
+            view,
+        };
+        match self.batch.as_mut() {
+            // Applied once the batch's records are durable (`end_batch`).
+            Some(batch) => {
+                let said = format!("{} ({})", decided.word, decided.applied);
+                batch.push(decided);
+                said
+            }
+            None => self.release(decided),
+        }
+    }
+
+    /// Starts a batch: the records of the decisions made until [`Daemon::end_batch`] are
+    /// made durable with one flush, and only then are the decisions applied (group commit).
+    fn begin_batch(&mut self) {
+        self.batch = Some(Vec::new());
+        self.spool.group_commit(true);
+        self.log.group_commit(true);
+    }
+
+    /// Ends a batch: one flush of the spool and of the decision log, then the batch's
+    /// decisions are applied. If the records cannot be made durable, nothing is applied and
+    /// the requests stay held (as when a single record cannot be written).
+    fn end_batch(&mut self) {
+        let Some(batch) = self.batch.take() else {
+            return;
+        };
+        self.spool.group_commit(false);
+        self.log.group_commit(false);
+        let durable = self
+            .spool
+            .commit()
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.log.commit().map_err(|e| e.to_string()));
+        if let Err(e) = durable {
+            tracing::error!(error = %e, decisions = batch.len(), "cannot make the records of a batch of decisions durable; none is applied, the requests stay held");
+            self.spool_error = Some(format!("cannot make records durable: {e}"));
+            for d in batch {
+                self.requests.insert(d.held.view.id, d.held);
+            }
+            return;
+        }
+        for d in batch {
+            self.release(d);
+        }
+    }
+
+    /// Applies a recorded decision: the kernel's state, the signal, the notifier's answer.
+    fn release(&mut self, d: Decided) -> String {
+        let Decided {
+            held,
+            decision,
+            state,
+            signal,
+            applied,
+            word,
+            by,
+            view,
+        } = d;
+        let by = by.as_str();
         let notified = match held.kind {
             ActionKind::Exec => self.notified_exec(held.tid, held.kernel_id).is_some(),
             ActionKind::Unix | ActionKind::Listen => {

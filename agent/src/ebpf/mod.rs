@@ -235,12 +235,20 @@ enum AttachedLink {
 }
 
 /// Bytes of event ring for `held` requests at once: room for each one's event (with the
-/// ring's 8-byte record header), a power of two of at least 64 KiB (a multiple of any page
-/// size). Events the ring has no room for are not lost (see `shared::FLAG_UNREPORTED`).
+/// ring's 8-byte record header), a power of two of at least 16 KiB and a page (the kernel
+/// wants a multiple of the page size). Events the ring has no room for are not lost (see
+/// `shared::FLAG_UNREPORTED`).
 #[must_use]
 pub fn events_ring_bytes(held: usize) -> u32 {
     let record = size_of::<shared::Event>() + 8;
-    let bytes = held.saturating_mul(record).clamp(64 << 10, 1 << 30);
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|p| usize::try_from(p).ok())
+        .unwrap_or(64 << 10);
+    let bytes = held
+        .saturating_mul(record)
+        .clamp((16 << 10).max(page), 1 << 30);
     u32::try_from(bytes.next_power_of_two()).unwrap_or(1 << 30)
 }
 
@@ -1992,12 +2000,16 @@ mod tests {
         for held in [1, 40, 315, 316, 10_000, 65_536] {
             let bytes = events_ring_bytes(held) as usize;
             assert!(
-                bytes.is_power_of_two() && bytes >= 64 << 10,
+                bytes.is_power_of_two() && bytes >= 16 << 10,
                 "{held}: {bytes}"
             );
             assert!(bytes / record >= held, "{held}: {bytes}");
         }
-        assert_eq!(events_ring_bytes(40), 64 << 10);
+        // The smallest: 16 KiB where pages are 4 KiB (about 78 events), else a page.
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .unwrap()
+            .unwrap() as u32;
+        assert_eq!(events_ring_bytes(40), (16 << 10).max(page));
         assert_eq!(events_ring_bytes(10_000), 2 << 20);
     }
 }

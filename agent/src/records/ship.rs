@@ -86,13 +86,15 @@ pub async fn run(dir: PathBuf, target: Target) {
     // The spool's size when everything in it was receipted: no need to read it again until
     // it grows.
     let mut idle_size = None;
+    // Where the record after the receipted one begins: each round reads forward from there.
+    let mut next = None;
     loop {
         if idle_size.is_some() && idle_size == Some(spool::size(&dir)) {
             tokio::time::sleep(IDLE).await;
             continue;
         }
         let size = spool::size(&dir);
-        match round(&client, &dir, &target).await {
+        match round(&client, &dir, &target, &mut next).await {
             Ok(0) => {
                 backoff = MIN_BACKOFF;
                 idle_size = Some(size);
@@ -135,16 +137,31 @@ async fn blocking<T: Send + 'static>(
         .map_err(ShipError::from)
 }
 
-/// Sends one batch; how many records the collector now holds from it.
+/// Sends one batch; how many records the collector now holds from it. `next` is where the
+/// record after the receipted one begins, if known (kept up to date here): the batch is read
+/// from there, never from the spool's start again.
 pub async fn round(
     client: &reqwest::Client,
     dir: &Path,
     target: &Target,
+    next: &mut Option<spool::Position>,
 ) -> Result<usize, ShipError> {
     let d = dir.to_path_buf();
+    let at = next.clone();
     let batch = blocking(move || {
         let cursor = spool::read_cursor(&d)?;
-        spool::after_cursor(&d, cursor.as_ref(), MAX_BATCH)
+        let batch = spool::after_cursor_at(&d, cursor.as_ref(), at.as_ref(), MAX_BATCH)?;
+        // Read forward, the batch must begin with the receipted record's successor (or a new
+        // chain); anything else and the spool is read from its start.
+        let follows = match (&cursor, batch.first()) {
+            (Some(c), Some(first)) => super::peek(&first.envelope)
+                .is_ok_and(|r| r.chain_id != c.chain_id || r.seq == c.seq + 1),
+            _ => true,
+        };
+        if at.is_some() && !follows {
+            return spool::after_cursor(&d, cursor.as_ref(), MAX_BATCH);
+        }
+        Ok(batch)
     })
     .await?;
     if batch.is_empty() {
@@ -170,18 +187,21 @@ pub async fn round(
         let a: Accepted = serde_json::from_slice(&bytes)
             .map_err(|e| http(format!("not an answer to a batch: {e}")))?;
         let n = advance(dir, target, &batch, &a.receipt).await?;
+        *next = Some(batch[n - 1].next());
         return Ok(n);
     }
     if status == reqwest::StatusCode::CONFLICT {
         let r: Refused = serde_json::from_slice(&bytes)
             .map_err(|e| http(format!("not an answer to a batch: {e}")))?;
         if let Some(receipt) = &r.receipt {
-            advance(dir, target, &batch, receipt).await?;
+            let n = advance(dir, target, &batch, receipt).await?;
+            *next = Some(batch[n - 1].next());
         }
         if let Some(expected) = r.expected {
             // The collector lacks records before the ones sent: go back to them.
             let d = dir.to_path_buf();
             let e = expected.clone();
+            *next = None;
             let rewound = blocking(move || rewind(&d, &e.chain_id, e.seq)).await?;
             tracing::warn!(
                 chain_id = expected.chain_id,
@@ -230,9 +250,11 @@ async fn advance(
         seq: r.seq,
     };
     let d = dir.to_path_buf();
+    // The segments before the receipted record's are receipted whole.
+    let holder = batch[at].segment.clone();
     blocking(move || {
         spool::write_cursor(&d, &cursor)?;
-        if let Err(e) = spool::prune(&d, &cursor) {
+        if let Err(e) = spool::prune_before(&d, &holder) {
             tracing::warn!(error = %e, "removing receipted segments failed");
         }
         Ok(())

@@ -147,6 +147,8 @@ pub struct Stored {
     pub segment: PathBuf,
     /// Byte offset of the frame in its segment.
     pub offset: usize,
+    /// Byte offset just after the frame (where the next record of the segment begins).
+    pub end: usize,
     pub envelope: Envelope,
     /// [`super::record_hash`] of `envelope` (the SHA-256 of the stored bytes).
     pub hash: String,
@@ -174,12 +176,13 @@ fn read_segment(seg: &Path, out: &mut Contents) -> Result<(), RecordError> {
     let bytes = fs::read(seg).map_err(io(seg))?;
     let (frames, tail) = scan(&bytes);
     for r in frames {
-        let offset = r.start - HEADER_BYTES;
+        let (offset, end) = (r.start - HEADER_BYTES, r.end);
         let payload = &bytes[r];
         match serde_json::from_slice::<Envelope>(payload) {
             Ok(envelope) => out.records.push(Stored {
                 segment: seg.to_path_buf(),
                 offset,
+                end,
                 envelope,
                 hash: sign::sha256_hex(payload),
             }),
@@ -288,23 +291,123 @@ pub fn after_cursor(
     Ok(out)
 }
 
-/// Removes the segments wholly before the one holding the cursor's record (they are all
-/// receipted). The last segment is never removed: it carries the chain's head.
-pub fn prune(dir: &Path, cursor: &Cursor) -> Result<usize, RecordError> {
-    let segs = segments(dir)?;
-    let mut holder = None;
-    for (i, seg) in segs.iter().enumerate() {
-        let mut c = Contents::default();
-        read_segment(seg, &mut c)?;
-        if c.records.iter().any(|s| {
-            super::peek(&s.envelope)
-                .is_ok_and(|r| r.chain_id == cursor.chain_id && r.seq == cursor.seq)
-        }) {
-            holder = Some(i);
-            break;
+/// Where the record after a receipted one begins: the shipper reads forward from here instead
+/// of reading the spool again from its first segment (see [`after_cursor_at`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub segment: PathBuf,
+    pub offset: usize,
+}
+
+impl Stored {
+    /// Where the record after this one begins.
+    #[must_use]
+    pub fn next(&self) -> Position {
+        Position {
+            segment: self.segment.clone(),
+            offset: self.end,
         }
     }
-    let Some(holder) = holder else {
+}
+
+/// [`after_cursor`], reading forward from `at` (where the record after the cursor's begins,
+/// as the shipper remembers it): only the records sent next are read and parsed, never what
+/// was shipped before, so a large backlog ships in memory proportional to `max`. Without a
+/// position, or with one the spool no longer has (its segment removed, or shorter than the
+/// offset), the spool is read from its start as by [`after_cursor`].
+pub fn after_cursor_at(
+    dir: &Path,
+    cursor: Option<&Cursor>,
+    at: Option<&Position>,
+    max: usize,
+) -> Result<Vec<Stored>, RecordError> {
+    let usable = at.filter(|p| fs::metadata(&p.segment).is_ok_and(|m| m.len() >= p.offset as u64));
+    let Some(at) = usable else {
+        return after_cursor(dir, cursor, max);
+    };
+    let segs = segments(dir)?;
+    let Some(first) = segs.iter().position(|s| *s == at.segment) else {
+        return after_cursor(dir, cursor, max);
+    };
+    let mut out = Vec::new();
+    let mut offset = at.offset;
+    for seg in &segs[first..] {
+        if !read_forward(seg, offset, max, &mut out)? || out.len() >= max {
+            break;
+        }
+        offset = 0;
+    }
+    Ok(out)
+}
+
+/// Reads whole frames of `seg` from `offset` into `out` until it holds `max`; whether the
+/// segment was read to its end (false: stopped at `max`, or at a frame that is damaged or
+/// still being written, after which nothing is read).
+fn read_forward(
+    seg: &Path,
+    offset: usize,
+    max: usize,
+    out: &mut Vec<Stored>,
+) -> Result<bool, RecordError> {
+    use sha2::Digest as _;
+    use std::io::{BufReader, Read as _, Seek as _, SeekFrom};
+    let mut file = File::open(seg).map_err(io(seg))?;
+    file.seek(SeekFrom::Start(offset as u64)).map_err(io(seg))?;
+    let mut r = BufReader::with_capacity(256 * 1024, file);
+    let mut at = offset;
+    while out.len() < max {
+        let mut header = [0u8; HEADER_BYTES];
+        let got = read_full(&mut r, &mut header).map_err(io(seg))?;
+        if got == 0 {
+            return Ok(true);
+        }
+        let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
+        if got < HEADER_BYTES || &header[..4] != MAGIC || len > MAX_RECORD_BYTES {
+            return Ok(false);
+        }
+        let mut payload = vec![0u8; len];
+        if read_full(&mut r, &mut payload).map_err(io(seg))? < len
+            || sha2::Sha256::digest(&payload).as_slice() != &header[8..40]
+        {
+            return Ok(false);
+        }
+        let Ok(envelope) = serde_json::from_slice::<Envelope>(&payload) else {
+            return Ok(false);
+        };
+        let end = at + HEADER_BYTES + len;
+        out.push(Stored {
+            segment: seg.to_path_buf(),
+            offset: at,
+            end,
+            envelope,
+            hash: sign::sha256_hex(&payload),
+        });
+        at = end;
+    }
+    // Stopped at `max`: the end is reached only if nothing follows.
+    let mut probe = [0u8; 1];
+    Ok(r.read(&mut probe).map_err(io(seg))? == 0)
+}
+
+/// Reads until `buf` is full or the end of the file; how many bytes were read.
+fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// Removes the segments before `segment` (the one holding the receipted record: those before
+/// are all receipted), without reading any; never the last. Returns how many.
+pub fn prune_before(dir: &Path, segment: &Path) -> Result<usize, RecordError> {
+    let segs = segments(dir)?;
+    let Some(holder) = segs.iter().position(|s| s == segment) else {
         return Ok(0);
     };
     let mut removed = 0;
@@ -342,6 +445,10 @@ pub struct Spool {
     len: u64,
     /// A failed write could not be undone: recover before the next append.
     poisoned: bool,
+    /// Group commit: appends leave the flush to [`Spool::commit`].
+    group: bool,
+    /// Written since the last flush.
+    dirty: bool,
 }
 
 impl std::fmt::Debug for Spool {
@@ -411,7 +518,30 @@ impl Spool {
             file,
             len,
             poisoned: false,
+            group: false,
+            dirty: false,
         })
+    }
+
+    /// Starts (or ends) a group commit: until [`Spool::commit`], appends write without
+    /// waiting for the disk, so that the decisions of one batch cost one flush. Whatever was
+    /// appended in the group is durable only once `commit` returned `Ok`.
+    pub fn group_commit(&mut self, on: bool) {
+        self.group = on;
+    }
+
+    /// Makes everything appended so far durable (nothing to do if it is).
+    pub fn commit(&mut self) -> Result<(), RecordError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        self.dirty = false;
+        if let Err(e) = self.file.sync_data() {
+            // What reached the disk is unknown: the next append reads the chain again.
+            self.poisoned = true;
+            return Err(io(&segment_path(&self.dir, self.segment))(e));
+        }
+        Ok(())
     }
 
     #[must_use]
@@ -434,7 +564,8 @@ impl Spool {
     /// returning its seq. On error nothing was appended (a partial write is cut off again).
     pub fn append(&mut self, body: Body) -> Result<u64, RecordError> {
         if self.poisoned {
-            let reopened = Self::open(&self.dir, self.key.clone(), &self.host_name)?;
+            let mut reopened = Self::open(&self.dir, self.key.clone(), &self.host_name)?;
+            reopened.group = self.group;
             *self = reopened;
         }
         let record = Record {
@@ -454,6 +585,8 @@ impl Spool {
         }
         let framed = frame(&bytes);
         if self.len > 0 && self.len + framed.len() as u64 > SEGMENT_BYTES {
+            // The segment left behind is complete and durable before the next one begins.
+            self.commit()?;
             let path = segment_path(&self.dir, self.segment + 1);
             self.file = open_append(&path)?;
             sync_dir(&self.dir)?;
@@ -461,10 +594,11 @@ impl Spool {
             self.len = 0;
         }
         let path = segment_path(&self.dir, self.segment);
+        let group = self.group;
         let written = self
             .file
             .write_all(&framed)
-            .and_then(|()| self.file.sync_data());
+            .and_then(|()| if group { Ok(()) } else { self.file.sync_data() });
         if let Err(e) = written {
             // Cut what may have been written, so the next record does not follow garbage.
             if self
@@ -478,6 +612,7 @@ impl Spool {
             return Err(io(&path)(e));
         }
         self.len += framed.len() as u64;
+        self.dirty |= group;
         self.prev = Some(record_hash(&env)?);
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -764,8 +899,69 @@ mod tests {
         };
         assert!(after_cursor(dir.path(), Some(&bogus), 100).is_err());
         // One segment only: nothing is removed.
-        assert_eq!(prune(dir.path(), &c).unwrap(), 0);
+        let holder = &left[0].segment;
+        assert_eq!(prune_before(dir.path(), holder).unwrap(), 0);
         assert_eq!(records(dir.path()).len(), 5);
+    }
+
+    #[test]
+    fn shipping_reads_forward_from_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), key(1), "h").unwrap();
+        for i in 1..=5 {
+            s.append(decision(i)).unwrap();
+        }
+        let seqs = |v: &[Stored]| -> Vec<u64> {
+            v.iter().map(|s| peek(&s.envelope).unwrap().seq).collect()
+        };
+        let first = after_cursor_at(dir.path(), None, None, 2).unwrap();
+        assert_eq!(seqs(&first), [1, 2]);
+        let c = Cursor {
+            chain_id: s.chain_id().into(),
+            seq: 2,
+        };
+        // From where the receipted record ends: the same as reading the whole spool.
+        let at = first[1].next();
+        let forward = after_cursor_at(dir.path(), Some(&c), Some(&at), 100).unwrap();
+        assert_eq!(seqs(&forward), [3, 4, 5]);
+        assert_eq!(
+            forward.iter().map(|s| s.hash.clone()).collect::<Vec<_>>(),
+            after_cursor(dir.path(), Some(&c), 100)
+                .unwrap()
+                .iter()
+                .map(|s| s.hash.clone())
+                .collect::<Vec<_>>()
+        );
+        // At the end, nothing; a record appended later is found from there.
+        let end = forward[2].next();
+        assert!(
+            after_cursor_at(dir.path(), None, Some(&end), 100)
+                .unwrap()
+                .is_empty()
+        );
+        s.append(decision(6)).unwrap();
+        assert_eq!(
+            seqs(&after_cursor_at(dir.path(), None, Some(&end), 100).unwrap()),
+            [6]
+        );
+        // A frame still being written (a torn tail) is not read past.
+        drop(s);
+        let seg = forward[0].segment.clone();
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&frame(b"{}")[..10]).unwrap();
+        assert_eq!(
+            seqs(&after_cursor_at(dir.path(), None, Some(&end), 100).unwrap()),
+            [6]
+        );
+        // A position the spool no longer has: read from the start.
+        let gone = Position {
+            segment: dir.path().join("seg-999999999999.log"),
+            offset: 0,
+        };
+        assert_eq!(
+            seqs(&after_cursor_at(dir.path(), Some(&c), Some(&gone), 100).unwrap()),
+            [3, 4, 5, 6]
+        );
     }
 
     #[test]

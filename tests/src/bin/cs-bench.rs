@@ -17,6 +17,11 @@
 //! to other work on a shared machine; wall time also shows waiting (e.g. for the daemon).
 //!
 //! Usage: cs-bench suite COUNTERSIGN POLICY_DIR_OUT ROUNDS EXECS CONNECTS SENDS OPENS
+//!        cs-bench decisions COUNTERSIGN WORK_DIR WORKERS EACH
+//!                                 (daemon-made decisions: WORKERS labelled processes each
+//!                                 make EACH connects the policy refuses in the daemon, held
+//!                                 and decided one by one; prints one JSON object: decisions
+//!                                 per second, hold → release latency)
 //!        cs-bench exec N          (prints wall and CPU ns per exec)
 //!        cs-bench connect N       (prints wall and CPU ns per connect)
 //!        cs-bench send N          (prints wall and CPU ns per datagram sent)
@@ -33,6 +38,7 @@
 use std::{
     io::Read as _,
     net::{TcpListener, TcpStream},
+    os::fd::FromRawFd as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -68,6 +74,17 @@ fn main() {
             println!("{wall} {cpu}");
             0
         }
+        Some("decide-loop") => decide_loop(
+            args[2].parse().expect("WORKERS"),
+            args[3].parse().expect("EACH"),
+            &args[4],
+        ),
+        Some("decisions") => decisions(
+            Path::new(&args[2]),
+            Path::new(&args[3]),
+            args[4].parse().expect("WORKERS"),
+            args[5].parse().expect("EACH"),
+        ),
         Some("suite") => suite(
             Path::new(&args[2]),
             Path::new(&args[3]),
@@ -385,5 +402,131 @@ labels:
         },
     });
     println!("{json}");
+    0
+}
+
+/// `workers` labelled processes connecting where the policy refuses in the daemon (each
+/// connect held, decided, recorded durably, released with `EPERM`), `each` connects apiece:
+/// prints `{"decisions": N, "secs": S, "per_sec": R, "p50_us": .., "p99_us": .., "max_us":
+/// ..}` (latency: the connect call, hold to release).
+fn decide_loop(workers: usize, each: usize, target: &str) -> i32 {
+    use std::io::Write as _;
+    let addr: std::net::SocketAddr = target.parse().expect("ADDR:PORT");
+    let start = Instant::now();
+    let mut readers = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let mut fds = [0i32; 2];
+        // SAFETY: a pipe into a two-element array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+        // SAFETY: the child connects, writes its latencies and exits.
+        match unsafe { libc::fork() } {
+            0 => {
+                // SAFETY: our pipe's ends.
+                let mut out = unsafe {
+                    libc::close(fds[0]);
+                    std::fs::File::from_raw_fd(fds[1])
+                };
+                let mut took = Vec::with_capacity(each * 8);
+                for _ in 0..each {
+                    let t = Instant::now();
+                    let e = TcpStream::connect(addr).expect_err("the policy refuses it");
+                    assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}");
+                    took.extend_from_slice(&(t.elapsed().as_nanos() as u64).to_le_bytes());
+                }
+                out.write_all(&took).expect("the latencies");
+                // SAFETY: leaving the forked child without the parent's exit handlers.
+                unsafe { libc::_exit(0) };
+            }
+            pid if pid > 0 => {
+                // SAFETY: our pipe's ends.
+                readers.push((pid, unsafe {
+                    libc::close(fds[1]);
+                    std::fs::File::from_raw_fd(fds[0])
+                }));
+            }
+            _ => panic!("fork: {}", std::io::Error::last_os_error()),
+        }
+    }
+    let mut took = Vec::with_capacity(workers * each);
+    for (pid, mut r) in readers {
+        let mut bytes = Vec::new();
+        r.read_to_end(&mut bytes).expect("a worker's latencies");
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &raw mut status, 0) };
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "a worker failed: {status:#x}"
+        );
+        took.extend(
+            bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
+        );
+    }
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(took.len(), workers * each, "every worker's latencies");
+    took.sort_unstable();
+    let at = |q: f64| took[((took.len() as f64 * q) as usize).min(took.len() - 1)] / 1000;
+    println!(
+        "{}",
+        serde_json::json!({
+            "decisions": took.len(),
+            "secs": secs,
+            "per_sec": took.len() as f64 / secs,
+            "p50_us": at(0.50),
+            "p99_us": at(0.99),
+            "max_us": took.last().copied().unwrap_or(0) / 1000,
+        })
+    );
+    0
+}
+
+/// Starts a daemon whose policy refuses connects to 127.0.0.1:9 by a `deny` rule (decided
+/// in the daemon, recorded), runs [`decide_loop`] labelled, and prints its JSON.
+fn decisions(countersign: &Path, work: &Path, workers: usize, each: usize) -> i32 {
+    std::fs::create_dir_all(work).expect("work dir");
+    let me = std::env::current_exe().expect("current_exe");
+    let policy = work.join("decisions-policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: bench
+    default: {{outcome: deny}}
+    rules:
+      - name: the-loop
+        exec: {{binary: [{}]}}
+        outcome: allow
+      - name: discard
+        connect: {{cidr: [127.0.0.1/32], ports: [9]}}
+        outcome: deny
+",
+            me.display()
+        ),
+    )
+    .expect("policy");
+    let daemon = Daemon::start(countersign, &policy, &work.join("daemon"));
+    let out = Command::new(countersign)
+        .args(["exec", "--label", "bench", "--"])
+        .arg(&me)
+        .args([
+            "decide-loop",
+            &workers.to_string(),
+            &each.to_string(),
+            "127.0.0.1:9",
+        ])
+        .env("COUNTERSIGN_SOCKET_DIR", &daemon.dir)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run the loop");
+    drop(daemon);
+    assert!(
+        out.status.success(),
+        "the decide loop failed: {}",
+        out.status
+    );
+    print!("{}", String::from_utf8_lossy(&out.stdout));
     0
 }

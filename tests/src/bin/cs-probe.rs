@@ -66,6 +66,11 @@ fn main() {
             exec(&args[3..], None)
         }
         Some("burst") => burst(args[2].parse().expect("a COUNT argument"), &args[3]),
+        Some("threads-connect") => threads_connect(
+            args[2].parse().expect("a THREADS argument"),
+            args[3].parse().expect("an EACH argument"),
+            &args[4],
+        ),
         Some("double-fork") => double_fork(&args[2..]),
         Some("resolve-connect") => resolve_connect(&args[2], &args[3], &args[4]),
         Some("answer-self") => answer_self(&args[2], &args[3], &args[4]),
@@ -291,6 +296,44 @@ fn udp_connect(target: &str) -> i32 {
             1
         }
     }
+}
+
+/// `threads` threads of this process connecting to `target` at once, `each` times apiece:
+/// says `threads connected C errors E` (`E` by errno: `errors 1:400`).
+fn threads_connect(threads: usize, each: usize, target: &str) -> i32 {
+    let addr: SocketAddr = target.parse().expect("ADDR:PORT");
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                (0..each)
+                    .map(|_| {
+                        std::net::TcpStream::connect(addr)
+                            .map_or_else(|e| e.raw_os_error().unwrap_or(-1), |_| 0)
+                    })
+                    .collect::<Vec<i32>>()
+            })
+        })
+        .collect();
+    let mut connected = 0;
+    let mut errors = std::collections::BTreeMap::<i32, usize>::new();
+    for h in handles {
+        for e in h.join().expect("a connecting thread") {
+            if e == 0 {
+                connected += 1;
+            } else {
+                *errors.entry(e).or_default() += 1;
+            }
+        }
+    }
+    let errors: Vec<String> = errors.iter().map(|(e, n)| format!("{e}:{n}")).collect();
+    say(&format!(
+        "threads connected {connected} errors {}",
+        errors.join(" ")
+    ));
+    0
 }
 
 /// A burst of `count` processes that connect to `target` at once: forks them, says

@@ -9,9 +9,9 @@ use serde_json::Value;
 
 /// Held requests at once in the burst scenario.
 const BOUND: usize = 40;
-/// Processes in the burst: more than the kernel's event ring holds (its smallest size, 64 KiB,
-/// which `BOUND` gives, holds about 315 events).
-const BURST: usize = 400;
+/// Processes in the burst: more than the kernel's event ring holds (its smallest size, 16 KiB
+/// with 4 KiB pages, which `BOUND` gives, holds about 78 events).
+const BURST: usize = 150;
 /// How long the daemon may take to take the whole burst in (an emulated VM is slow).
 const TAKE_IN: Duration = Duration::from_secs(240);
 
@@ -174,4 +174,69 @@ fn a_burst_past_the_ring_loses_nothing() {
         "every connect refused with EPERM"
     );
     assert!(!l.accepted(), "nothing reached the listener");
+}
+
+/// Threads of one process held at once, each decided by the daemon (a `deny` rule): every
+/// connect meets its own decision (`EPERM`). A thread whose stop was merged with another
+/// thread's, then discarded by the `SIGCONT` that released a third, once returned the
+/// kernel's internal `ERESTARTNOINTR` (513) to its program instead of waiting.
+#[test]
+fn threads_held_at_once_each_meet_their_decision() {
+    const THREADS: usize = 8;
+    const EACH: usize = 40;
+    let l = Listener::new();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("threads.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "apiVersion: countersign.dev/v1
+labels:
+  - name: agent
+    default: {{outcome: escalate}}
+    rules:
+      - name: the-probe
+        exec: {{binary: [{probe}]}}
+        outcome: allow
+      - name: not-there
+        connect: {{cidr: [127.0.0.1/32], ports: [{port}]}}
+        outcome: deny
+",
+            probe = super::probe(),
+            port = l.port(),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with(&["--policy", policy.to_str().unwrap()]);
+    let mut p = d.labelled(
+        "agent",
+        &[
+            &super::probe(),
+            "threads-connect",
+            &THREADS.to_string(),
+            &EACH.to_string(),
+            &l.addr(),
+        ],
+    );
+    assert!(p.wait(TAKE_IN).success());
+    assert_eq!(
+        p.stdout().trim(),
+        format!(
+            "threads connected 0 errors {}:{}",
+            super::EPERM,
+            THREADS * EACH
+        ),
+        "each connect refused by its decision\n{}",
+        d.log()
+    );
+    assert!(!l.accepted(), "nothing reached the listener");
+    let denied = d
+        .decisions()
+        .iter()
+        .filter(|e| e["decision"] == "auto-denied")
+        .count();
+    assert!(
+        denied >= THREADS * EACH,
+        "each one decided and recorded: {denied}"
+    );
 }
