@@ -143,6 +143,10 @@ pub fn run_bench(only: Option<&str>) -> Result<()> {
         std::fs::write(out_dir.join(file), serde_json::to_string_pretty(&all)?)?;
         rows.extend(summary.into_iter().map(|r| (env.as_str(), r)));
     }
+    if rows.is_empty() {
+        println!("results: {}", out_dir.display());
+        return Ok(());
+    }
     println!();
     println!(
         "{:<30} {:>11} {:>11} {:>24} {:>24}",
