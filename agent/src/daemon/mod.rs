@@ -631,6 +631,27 @@ fn monotonic_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// The event the kernel reports for a pending request, rebuilt from the task's state (which
+/// keeps everything but a local socket's name and the cgroup id).
+fn state_event(tid: u32, tgid: u32, uid: u32, st: &shared::TaskState) -> shared::Event {
+    shared::Event {
+        kind: st.kind,
+        label: st.label,
+        tgid,
+        tid,
+        uid,
+        family: st.family,
+        sock_type: st.sock_type,
+        port: st.port,
+        request_id: st.request_id,
+        action_hash: st.action_hash,
+        addr: st.addr,
+        exec_filename: st.exec_filename,
+        exec_argv: st.exec_argv,
+        ..shared::Event::default()
+    }
+}
+
 /// Thread-group id and uid of a thread, from `/proc/TID/status`.
 fn tgid_uid(tid: u32) -> Option<(u32, u32)> {
     let text = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
@@ -666,27 +687,11 @@ impl Daemon {
                 let _ = kill(Pid::from_raw(tgid as i32), Signal::SIGCONT);
                 continue;
             }
-            let ev = shared::Event {
-                kind: st.kind,
-                label: st.label,
-                tgid,
-                tid,
-                uid,
-                family: st.family,
-                sock_type: st.sock_type,
-                port: st.port,
-                request_id: st.request_id,
-                action_hash: st.action_hash,
-                // An exec's file is not in the state: resolved by name.
-                addr: if st.kind == shared::KIND_EXEC {
-                    [0; 16]
-                } else {
-                    st.addr
-                },
-                exec_filename: st.exec_filename,
-                exec_argv: st.exec_argv,
-                ..shared::Event::default()
-            };
+            let mut ev = state_event(tid, tgid, uid, &st);
+            if st.kind == shared::KIND_EXEC {
+                // An earlier daemon's exec: its file is resolved by name.
+                ev.addr = [0; 16];
+            }
             let kind = ActionKind::from_kernel(st.kind).unwrap_or(ActionKind::ExecLoaded);
             if st.label == shared::LABEL_UNCLASSIFIED {
                 // Never recorded: resolved against the cgroup labels installed at start.
@@ -767,25 +772,7 @@ impl Daemon {
             let Some(kind) = ActionKind::from_kernel(st.kind) else {
                 continue;
             };
-            out.push((
-                shared::Event {
-                    kind: st.kind,
-                    label: st.label,
-                    tgid,
-                    tid,
-                    uid,
-                    family: st.family,
-                    sock_type: st.sock_type,
-                    port: st.port,
-                    request_id: st.request_id,
-                    action_hash: st.action_hash,
-                    addr: st.addr,
-                    exec_filename: st.exec_filename,
-                    exec_argv: st.exec_argv,
-                    ..shared::Event::default()
-                },
-                kind,
-            ));
+            out.push((state_event(tid, tgid, uid, &st), kind));
         }
         out
     }
